@@ -1,0 +1,125 @@
+// Agent, Peer, Send, Recv. Every call that can block or spin releases the GIL; status reads are O(1) atomics.
+#include <chrono>
+
+#include "bindings/bindings.h"
+#include "core/agent.h"
+
+namespace kvxfer {
+namespace {
+
+struct Ids {
+  py::array_t<int32_t, py::array::c_style> arr;
+  const int32_t* ptr;
+  size_t n;
+};
+Ids take_ids(py::array_t<int32_t, py::array::c_style> a, const char* what) {
+  const int32_t* p = ids_ptr(a, what);
+  return {a, p, static_cast<size_t>(a.size())};
+}
+
+template <typename T>
+void bind_transfer(py::class_<T, std::shared_ptr<T>>& c) {
+  c.def_readonly("xfer_id", &T::xfer_id)
+      .def_readonly("first_layer", &T::first_layer)
+      .def_readonly("num_layers", &T::num_layers)
+      .def_property_readonly("state", [](const T& t) { return static_cast<int>(t.state()); })
+      .def_property_readonly("layers_done", &T::layers_done)
+      .def_property_readonly("error_kind", [](const T& t) { return t.error_kind(); })
+      .def_property_readonly("error", [](const T& t) { return t.error(); })
+      .def("layer_done", &T::layer_done)
+      .def("wait", [](T& t, int layer, double timeout_s) { return static_cast<int>(t.wait(layer, timeout_s)); },
+           py::arg("layer"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace
+
+void register_agent(py::module_& m) {
+  py::class_<AgentOptions>(m, "AgentOptions")
+      .def(py::init<>())
+      .def_readwrite("name", &AgentOptions::name)
+      .def_readwrite("transport", &AgentOptions::transport)
+      .def_readwrite("interface", &AgentOptions::interface)
+      .def_readwrite("default_timeout_s", &AgentOptions::default_timeout_s);
+
+  py::class_<LocalRegion>(m, "LocalRegion")
+      .def(py::init<uint64_t, uint64_t, int>(), py::arg("addr"), py::arg("nbytes"), py::arg("device") = -1)
+      .def_readonly("addr", &LocalRegion::addr)
+      .def_readonly("nbytes", &LocalRegion::nbytes)
+      .def_readonly("device", &LocalRegion::device);
+
+  py::class_<PeerState, std::shared_ptr<PeerState>>(m, "PeerState")
+      .def_property_readonly("name", [](const PeerState& p) { return p.info.name; })
+      .def_property_readonly("epoch", [](const PeerState& p) { return p.info.epoch; })
+      .def_property_readonly("pid", [](const PeerState& p) { return p.info.pid; })
+      .def_property_readonly("hostname", [](const PeerState& p) { return p.info.hostname; })
+      .def_property_readonly("path", [](const PeerState& p) { return p.path; })
+      .def_property_readonly("path_reason", [](const PeerState& p) { return p.path_reason; })
+      .def_property_readonly("same_host", [](const PeerState& p) { return p.same_host; })
+      .def_property_readonly("connected", [](const PeerState& p) { return p.connected.load(); })
+      .def_property_readonly("lost", [](const PeerState& p) { return p.lost.load(); })
+      .def_property_readonly("fingerprint", [](const PeerState& p) { return p.info.fingerprint(); })
+      .def_property_readonly("pools", [](const PeerState& p) {
+        py::list out;
+        for (const auto& pool : p.info.pools) out.append(py::make_tuple(pool.name, pool.layout));
+        return out;
+      });
+
+  py::class_<SendState, std::shared_ptr<SendState>> send(m, "SendState");
+  bind_transfer(send);
+  send.def_property_readonly("num_writes", [](const SendState& s) { return s.plan.writes.size(); })
+      .def_property_readonly("nbytes", [](const SendState& s) { return s.plan.total_bytes(); })
+      .def_property_readonly("slot", [](const SendState& s) { return s.slot; });
+  py::class_<RecvState, std::shared_ptr<RecvState>> recv(m, "RecvState");
+  bind_transfer(recv);
+  recv.def_readonly("granules_per_layer", &RecvState::granules_per_layer);
+
+  py::class_<Agent>(m, "Agent")
+      .def(py::init<AgentOptions>(), py::call_guard<py::gil_scoped_release>())
+      .def("metadata", [](const Agent& a) {
+        auto b = a.metadata();
+        return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());
+      })
+      .def("register_pool", &Agent::register_pool, py::call_guard<py::gil_scoped_release>())
+      .def("add_peer", [](Agent& a, py::bytes b) {
+        std::string s = b;
+        py::gil_scoped_release nogil;
+        return a.add_peer(reinterpret_cast<const uint8_t*>(s.data()), s.size());
+      })
+      .def("remove_peer", &Agent::remove_peer, py::call_guard<py::gil_scoped_release>())
+      .def("wait_connected", &Agent::wait_connected, py::call_guard<py::gil_scoped_release>())
+      .def("send",
+           [](Agent& a, const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t src_pool,
+              const std::string& dst_pool, py::array_t<int32_t, py::array::c_style> src_ids,
+              py::array_t<int32_t, py::array::c_style> dst_ids, int first_layer, int num_layers, double timeout_s) {
+             Ids s = take_ids(src_ids, "src_ids"), d = take_ids(dst_ids, "dst_ids");
+             KVXFER_CHECK(s.n == d.n, InvalidArgument,
+                          "src_ids has " << s.n << " block ids but dst_ids has " << d.n << "; pass one destination per source");
+             py::gil_scoped_release nogil;
+             return a.send(peer, xfer_id, src_pool, dst_pool, s.ptr, d.ptr, s.n, first_layer, num_layers, timeout_s);
+           })
+      .def("layer_ready", &Agent::layer_ready)  // microseconds, never blocks: keep the GIL (cheaper than dropping it)
+      .def("recv",
+           [](Agent& a, const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
+              py::array_t<int32_t, py::array::c_style> dst_ids, int first_layer, int num_layers, double timeout_s) {
+             Ids d = take_ids(dst_ids, "dst_ids");
+             py::gil_scoped_release nogil;
+             return a.recv(peer, xfer_id, dst_pool, d.ptr, d.n, first_layer, num_layers, timeout_s);
+           })
+      .def_property_readonly("name", [](const Agent& a) { return a.info().name; })
+      .def_property_readonly("epoch", [](const Agent& a) { return a.info().epoch; })
+      .def_property_readonly("transport", [](const Agent& a) { return a.capabilities().name; })
+      .def_property_readonly("provider", [](const Agent& a) { return a.capabilities().provider; })
+      .def_property_readonly("max_inflight", [](const Agent& a) { return a.capabilities().max_inflight; })
+      .def("stats", [](const Agent& a) {
+        AgentStats s = a.stats();
+        py::dict d;
+        d["writes_posted"] = s.writes_posted;
+        d["imms_received"] = s.imms_received;
+        d["eagain"] = s.eagain;
+        d["dropped_messages"] = s.dropped_messages;
+        d["unknown_imms"] = s.unknown_imms;
+        return d;
+      });
+}
+
+}  // namespace kvxfer

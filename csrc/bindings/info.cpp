@@ -1,0 +1,59 @@
+// Build features and runtime probes for `python -m kvxfer info`, plus the same-run CMA limit for benchmarks.
+#include <sys/uio.h>
+
+#include <chrono>
+
+#include "bindings/bindings.h"
+#include "transports/host_ipc/cma.h"
+#ifdef KVXFER_HAVE_LIBFABRIC
+#include "transports/fabric/fabric_transport.h"
+#endif
+
+namespace kvxfer {
+
+void register_info(py::module_& m) {
+  m.attr("build_info") = KVXFER_BUILD_INFO;
+  m.attr("__version__") = KVXFER_VERSION;
+#ifdef KVXFER_HAVE_LIBFABRIC
+  m.attr("have_libfabric") = true;
+  m.def("fabric_version", &fabric_version);
+  m.def("probe_providers", [] {
+    std::vector<ProviderProbe> probes;
+    {
+      py::gil_scoped_release nogil;
+      probes = probe_fabric_providers();
+    }
+    py::list out;
+    for (const auto& p : probes) out.append(py::make_tuple(p.name, p.usable, p.detail));
+    return out;
+  });
+#else
+  m.attr("have_libfabric") = false;
+#endif
+#ifdef KVXFER_HAVE_CUDA
+  m.attr("have_cuda") = true;
+#else
+  m.attr("have_cuda") = false;
+#endif
+
+  m.def("cma_probe", [](int pid, uint64_t addr, uint64_t cookie) {
+    std::string why;
+    bool ok = cma_probe(pid, addr, cookie, &why);
+    return py::make_tuple(ok, why);
+  });
+
+  // The same-host limit kvxfer's cma path is measured against: one thread, process_vm_writev of the same chunks
+  // (src addr, remote addr, nbytes) into `pid`, batched IOV_MAX at a time. Returns seconds.
+  m.def("cma_copy_seconds", [](int pid, py::array_t<uint64_t, py::array::c_style> src,
+                               py::array_t<uint64_t, py::array::c_style> dst, py::array_t<uint64_t, py::array::c_style> n) {
+    std::vector<CmaOp> ops(src.size());
+    for (py::ssize_t i = 0; i < src.size(); ++i)
+      ops[i] = {reinterpret_cast<const void*>(src.at(i)), dst.at(i), static_cast<size_t>(n.at(i))};
+    py::gil_scoped_release nogil;
+    const auto t0 = std::chrono::steady_clock::now();
+    CmaCopier(pid).copy(ops.data(), ops.size());
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  });
+}
+
+}  // namespace kvxfer

@@ -1,0 +1,372 @@
+// Agent: the caller-thread half (construction, registration, peers, send/recv). The progress thread is in
+// agent_progress.cpp.
+#include "core/agent.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "core/plan.h"
+#include "transports/host_ipc/cma.h"
+#ifdef KVXFER_HAVE_LIBFABRIC
+#include "transports/fabric/fabric_transport.h"
+#endif
+
+namespace kvxfer {
+
+namespace {
+
+std::string read_first_line(const char* path) {
+  std::ifstream f(path);
+  std::string line;
+  std::getline(f, line);
+  return line;
+}
+
+std::string fabric_provider_for(const AgentOptions& o) {
+  const std::string& t = o.transport;
+  std::string provider;
+  if (t == "auto" || t == "shm" || t == "cma") provider = "";
+  else if (t == "fi_shm") provider = "shm";
+  else if (t == "tcp" || t == "efa" || t == "verbs") provider = t;
+  else
+    KVXFER_THROW(InvalidArgument, "unknown transport '" << t
+                                                        << "'; choose auto, shm, cma, tcp, fi_shm, efa or verbs "
+                                                           "(`python -m kvxfer info` lists what works here)");
+  if (!o.interface.empty()) provider += "@" + o.interface;
+  return provider;
+}
+
+uint64_t random_u64() {
+  std::random_device rd;
+  const uint64_t t = static_cast<uint64_t>(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+  return ((static_cast<uint64_t>(rd()) << 32) ^ rd() ^ (t * 0x9e3779b97f4a7c15ull)) | 1;
+}
+
+}  // namespace
+
+Agent::Agent(AgentOptions options) : options_(std::move(options)) {
+  KVXFER_CHECK(options_.default_timeout_s > 0, InvalidArgument, "timeout_s must be > 0");
+#ifdef KVXFER_HAVE_LIBFABRIC
+  transport_ = make_fabric_transport(fabric_provider_for(options_));
+#else
+  fabric_provider_for(options_);
+  KVXFER_THROW(TransportUnavailable, "this kvxfer build has no libfabric (apt-get install libfabric-dev "
+                                     "pkg-config, then pip install -e . again); every transport needs it");
+#endif
+  const auto& caps = transport_->capabilities();
+  info_.name = options_.name;
+  info_.epoch = random_u64();
+  info_.pid = static_cast<uint32_t>(getpid());
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  info_.hostname = host;
+  info_.boot_id = read_first_line("/proc/sys/kernel/random/boot_id");
+  info_.transport = caps.name;
+  info_.fabric_address = transport_->address();
+  info_.remote_virt_addr = caps.remote_virt_addr;
+  cma_cookie_ = std::make_unique<uint64_t>(random_u64());
+  info_.cma_probe_addr = reinterpret_cast<uint64_t>(cma_cookie_.get());
+  info_.cma_probe_cookie = *cma_cookie_;
+
+  const size_t n_ctx = caps.max_inflight + 64;
+  for (size_t i = 0; i < n_ctx; ++i) {
+    contexts_.push_back(std::make_unique<OpContext>());
+    free_contexts_.push_back(contexts_.back().get());
+  }
+  progress_ = std::thread([this] { progress_loop(); });
+}
+
+Agent::~Agent() {
+  stop_.store(true);
+  cmd_cv_.notify_all();
+  if (progress_.joinable()) progress_.join();
+  std::lock_guard<std::mutex> lock(peers_mu_);
+  for (auto& [epoch, peer] : peers_by_epoch_) {
+    std::lock_guard<std::mutex> pl(peer->mu);
+    for (auto& [id, s] : peer->live_sends) s->fail(ErrorKind::PeerLost, "the local agent was closed");
+    for (auto& [id, r] : peer->live_recvs) r->fail(ErrorKind::PeerLost, "the local agent was closed");
+  }
+  for (auto& pool : pools_)
+    for (auto& key : pool->keys) transport_->deregister_memory(key);
+}
+
+std::vector<uint8_t> Agent::metadata() const {
+  std::lock_guard<std::mutex> lock(pools_mu_);
+  return encode_agent_info(info_);
+}
+
+AgentStats Agent::stats() const {
+  AgentStats s;
+  s.writes_posted = counters_.writes_posted;
+  s.imms_received = counters_.imms_received;
+  s.eagain = counters_.eagain;
+  s.dropped_messages = counters_.dropped_messages;
+  s.unknown_imms = counters_.unknown_imms;
+  return s;
+}
+
+uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
+                              const std::vector<LocalRegion>& regions) {
+  KVXFER_CHECK(!regions.empty(), InvalidArgument, "pool '" << name << "' has no memory regions");
+  std::vector<uint64_t> sizes;
+  for (const auto& r : regions) {
+    KVXFER_CHECK(r.device < 0, TransportUnavailable,
+                 "pool '" << name << "': GPU memory (device " << r.device
+                          << ") is not supported by this build yet; register host memory (numpy or CPU tensors)");
+    KVXFER_CHECK(r.addr != 0 && r.nbytes > 0, InvalidArgument, "pool '" << name << "': empty or null region");
+    sizes.push_back(r.nbytes);
+  }
+  validate_layout(layout, sizes);
+  std::lock_guard<std::mutex> lock(pools_mu_);
+  for (const auto& p : pools_)
+    KVXFER_CHECK(p->name != name, InvalidArgument, "a pool named '" << name << "' is already registered");
+  KVXFER_CHECK(pools_.size() < 64, InvalidArgument, "at most 64 pools per agent");
+  auto pool = std::make_unique<LocalPool>();
+  pool->name = name;
+  pool->layout = layout;
+  pool->regions = regions;
+  PoolInfo exposed{name, layout, {}};
+  for (size_t i = 0; i < regions.size(); ++i) {
+    const uint64_t key = (static_cast<uint64_t>(pools_.size() + 1) << 16) | i;
+    try {
+      pool->keys.push_back(transport_->register_memory(reinterpret_cast<void*>(regions[i].addr), regions[i].nbytes, key));
+    } catch (...) {
+      for (auto& k : pool->keys) transport_->deregister_memory(k);
+      throw;
+    }
+    exposed.regions.push_back({regions[i].addr, regions[i].nbytes, pool->keys.back().rkey});
+  }
+  info_.pools.push_back(std::move(exposed));
+  pools_.push_back(std::move(pool));
+  return static_cast<uint32_t>(pools_.size() - 1);
+}
+
+std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
+  AgentInfo peer_info = decode_agent_info(data, nbytes);
+  KVXFER_CHECK(peer_info.epoch != info_.epoch, InvalidArgument, "an agent cannot add itself as a peer");
+  KVXFER_CHECK(peer_info.transport == info_.transport, TransportUnavailable,
+               "peer '" << peer_info.name << "' runs transport " << peer_info.transport << " but this agent runs "
+                        << info_.transport << "; create both agents with the same transport");
+  std::shared_ptr<PeerState> restarted;
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    auto it = peers_by_epoch_.find(peer_info.epoch);
+    if (it != peers_by_epoch_.end() && !it->second->lost) return it->second;  // idempotent
+    for (auto& [epoch, p] : peers_by_epoch_)
+      if (p->info.name == peer_info.name && p->info.hostname == peer_info.hostname && !p->lost) restarted = p;
+  }
+  if (restarted) {
+    // A new incarnation under the same name: the old one's transfers can never complete.
+    mark_peer_lost(*restarted, ErrorKind::PeerRestarted,
+                   "peer '" + peer_info.name + "' restarted (new epoch); its transfers were abandoned");
+  }
+
+  auto peer = std::make_shared<PeerState>();
+  peer->info = std::move(peer_info);
+  peer->same_host = peer->info.boot_id == info_.boot_id && peer->info.hostname == info_.hostname;
+  const bool want_cma = options_.transport == "auto" || options_.transport == "shm" || options_.transport == "cma";
+  peer->path = transport_->capabilities().name;
+  if (want_cma) {
+    std::string why = "peer is on another host";
+    if (peer->same_host &&
+        cma_probe(static_cast<pid_t>(peer->info.pid), peer->info.cma_probe_addr, peer->info.cma_probe_cookie, &why)) {
+      peer->path = "cma";
+      why = "same host, CMA probe succeeded";
+    }
+    peer->path_reason = why;
+    KVXFER_CHECK(peer->path == "cma" || options_.transport != "cma", TransportUnavailable,
+                 "transport 'cma' cannot reach peer '" << peer->info.name << "': " << why);
+  } else {
+    peer->path_reason = "transport '" + options_.transport + "' requested";
+  }
+  peer->addr = transport_->insert_peer(peer->info.fabric_address);
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    if (restarted) {
+      peers_by_epoch_.erase(restarted->info.epoch);
+    }
+    peers_by_epoch_[peer->info.epoch] = peer;
+    peers_by_addr_[peer->addr] = peer;
+    auto early = early_hellos_.find(peer->info.epoch);
+    if (early != early_hellos_.end()) {
+      peer->connected = true;
+      early_hellos_.erase(early);
+    }
+  }
+  Command c{Command::Kind::Control, nullptr, 0, peer, {}};
+  c.msg.type = static_cast<uint16_t>(ControlType::Hello);
+  {
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    commands_.push_back(std::move(c));
+    has_commands_ = true;
+  }
+  cmd_cv_.notify_one();
+  return peer;
+}
+
+void Agent::remove_peer(const std::shared_ptr<PeerState>& peer) {
+  mark_peer_lost(*peer, ErrorKind::PeerUnknown, "peer '" + peer->info.name + "' was removed");
+}
+
+void Agent::wait_connected(const std::shared_ptr<PeerState>& peer, double timeout_s) {
+  const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+  while (!peer->connected) {
+    KVXFER_CHECK(!peer->lost, PeerLost, "peer '" << peer->info.name << "' is lost: " << peer->lost_reason);
+    KVXFER_CHECK(Clock::now() < until, TransferTimeout,
+                 "peer '" << peer->info.name << "' did not answer within " << timeout_s
+                          << " s; it must add this agent's metadata too (agent.add_peer) and be running");
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t src_pool,
+                                       const std::string& dst_pool, const int32_t* src_ids, const int32_t* dst_ids,
+                                       size_t num_ids, int first_layer, int num_layers, double timeout_s) {
+  KVXFER_CHECK(!peer->lost, PeerLost, "peer '" << peer->info.name << "' is lost: " << peer->lost_reason);
+  const LocalPool* src = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(pools_mu_);
+    KVXFER_CHECK(src_pool < pools_.size(), InvalidArgument, "no local pool with index " << src_pool);
+    src = pools_[src_pool].get();
+  }
+  uint32_t dst_index = UINT32_MAX;
+  std::string names;
+  for (uint32_t i = 0; i < peer->info.pools.size(); ++i) {
+    if (dst_pool.empty() || peer->info.pools[i].name == dst_pool) {
+      dst_index = i;
+      break;
+    }
+    names += (names.empty() ? "" : ", ") + peer->info.pools[i].name;
+  }
+  KVXFER_CHECK(dst_index != UINT32_MAX, PeerUnknown,
+               "peer '" << peer->info.name << "' exposes no pool"
+                        << (dst_pool.empty() ? "" : " named '" + dst_pool + "'") << " (it exposes: "
+                        << (names.empty() ? "none" : names) << "); register the pool before taking its metadata");
+  const PoolInfo& dst = peer->info.pools[dst_index];
+  const uint32_t first = first_layer < 0 ? 0 : static_cast<uint32_t>(first_layer);
+  const uint32_t count = num_layers < 0 ? (first < src->layout.num_layers ? src->layout.num_layers - first : 0)
+                                        : static_cast<uint32_t>(num_layers);
+  const uint64_t max_write = peer->path == "cma" ? (64ull << 20) : transport_->capabilities().max_write_bytes;
+  WritePlan plan = build_plan(src->layout, dst.layout, src_ids, dst_ids, num_ids, first, count, max_write);
+
+  auto send = std::make_shared<SendState>(xfer_id, std::move(plan), timeout_s > 0 ? timeout_s : options_.default_timeout_s);
+  send->peer = peer;
+  send->src_pool = src_pool;
+  send->src = src;
+  send->dst_pool = dst_index;
+  send->marked.reset(new std::atomic<uint8_t>[count]);
+  for (uint32_t i = 0; i < count; ++i) send->marked[i].store(0, std::memory_order_relaxed);
+  const uint32_t signals_per_layer = (send->plan.granules_per_layer + ImmCode::kMaxGranules - 1) / ImmCode::kMaxGranules;
+  send->ops_expected = peer->path == "cma" ? static_cast<uint64_t>(signals_per_layer) * count : send->plan.writes.size();
+  {
+    std::lock_guard<std::mutex> lock(peer->mu);
+    KVXFER_CHECK(!peer->live_sends.count(xfer_id), DuplicateTransfer,
+                 "transfer id " << xfer_id << " is already live towards peer '" << peer->info.name
+                                << "'; ids are the engine's request keys and must be unique per peer while live");
+    KVXFER_CHECK(!peer->free_slots.empty(), TransferFailed,
+                 ImmCode::kMaxSlots << " transfers are already in flight to peer '" << peer->info.name
+                                    << "'; wait for some to finish");
+    send->slot = peer->free_slots.back();
+    peer->free_slots.pop_back();
+    peer->send_by_slot[send->slot] = send;
+    peer->live_sends[xfer_id] = send;
+  }
+  {
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    commands_.push_back(Command{Command::Kind::NewSend, send, 0, nullptr, {}});
+    has_commands_ = true;
+  }
+  cmd_cv_.notify_one();
+  return send;
+}
+
+void Agent::layer_ready(const std::shared_ptr<SendState>& send, int layer) {
+  if (send->state() == TransferState::Failed)
+    throw Error(send->error_kind(), "transfer " + std::to_string(send->xfer_id) + " already failed: " + send->error());
+  std::vector<Command> cmds;
+  auto mark = [&](uint32_t i) {
+    if (send->marked[i].exchange(1) == 0) cmds.push_back(Command{Command::Kind::LayerReady, send, i, nullptr, {}});
+    else if (layer >= 0)
+      KVXFER_THROW(InvalidArgument, "layer " << layer << " of transfer " << send->xfer_id << " is already marked ready");
+  };
+  if (layer < 0) {
+    for (uint32_t i = 0; i < send->num_layers; ++i) mark(i);
+  } else {
+    const uint32_t l = static_cast<uint32_t>(layer);
+    KVXFER_CHECK(l >= send->first_layer && l < send->first_layer + send->num_layers, InvalidArgument,
+                 "layer " << layer << " is not part of transfer " << send->xfer_id << " (layers " << send->first_layer
+                          << ".." << send->first_layer + send->num_layers - 1 << ")");
+    mark(l - send->first_layer);
+  }
+  if (cmds.empty()) return;
+  {
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    for (auto& c : cmds) commands_.push_back(std::move(c));
+    has_commands_ = true;
+  }
+  cmd_cv_.notify_one();
+}
+
+std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
+                                       const int32_t* dst_ids, size_t num_ids, int first_layer, int num_layers,
+                                       double timeout_s) {
+  KVXFER_CHECK(!peer->lost, PeerLost, "peer '" << peer->info.name << "' is lost: " << peer->lost_reason);
+  LayoutSpec layout;
+  {
+    std::lock_guard<std::mutex> lock(pools_mu_);
+    KVXFER_CHECK(dst_pool < pools_.size(), InvalidArgument, "no local pool with index " << dst_pool);
+    layout = pools_[dst_pool]->layout;
+  }
+  const uint32_t granules = expected_granules(layout, dst_ids, num_ids);
+  const uint32_t first = first_layer < 0 ? 0 : static_cast<uint32_t>(first_layer);
+  const uint32_t count = num_layers < 0 ? (first < layout.num_layers ? layout.num_layers - first : 0)
+                                        : static_cast<uint32_t>(num_layers);
+  KVXFER_CHECK(count >= 1 && first < layout.num_layers && count <= layout.num_layers - first, InvalidArgument,
+               "layer range [" << first << ", " << first + count << ") is outside the pool's " << layout.num_layers
+                               << " layers");
+  auto recv = std::make_shared<RecvState>(xfer_id, first, count, granules,
+                                          timeout_s > 0 ? timeout_s : options_.default_timeout_s);
+  std::lock_guard<std::mutex> lock(peer->mu);
+  KVXFER_CHECK(!peer->live_recvs.count(xfer_id), DuplicateTransfer,
+               "transfer id " << xfer_id << " from peer '" << peer->info.name << "' already has a live recv");
+  auto mismatch = [&](uint32_t f, uint32_t n, uint32_t g) {
+    return f != first || n != count || g != granules;
+  };
+  auto describe = [&](uint32_t f, uint32_t n, uint32_t g) {
+    return "the sender writes layers [" + std::to_string(f) + ", " + std::to_string(f + n) + ") with " +
+           std::to_string(g) + " chunks per layer; this recv expects layers [" + std::to_string(first) + ", " +
+           std::to_string(first + count) + ") with " + std::to_string(granules) +
+           " (block count or layer range differs between send and recv)";
+  };
+  if (auto it = peer->arrived.find(xfer_id); it != peer->arrived.end()) {
+    const auto a = it->second;
+    peer->arrived.erase(it);
+    if (mismatch(a.first_layer, a.num_layers, a.granules_per_layer)) {
+      recv->fail(ErrorKind::TransferFailed, describe(a.first_layer, a.num_layers, a.granules_per_layer));
+    } else {
+      for (uint32_t l = first; l < first + count; ++l) recv->mark_layer_done(l);
+      recv->finish();
+    }
+    return recv;
+  }
+  if (auto it = peer->slot_of_xfer.find(xfer_id); it != peer->slot_of_xfer.end()) {
+    SlotCounter& s = peer->slots[it->second];
+    if (mismatch(s.first_layer, s.num_layers, s.granules_per_layer)) {
+      recv->fail(ErrorKind::TransferFailed, describe(s.first_layer, s.num_layers, s.granules_per_layer));
+      return recv;
+    }
+    s.recv = recv;
+    for (uint32_t l = first; l < first + count; ++l)
+      if (s.counts[l] == granules) recv->mark_layer_done(l);
+  } else {
+    peer->waiting_recvs[xfer_id] = recv;
+  }
+  peer->live_recvs[xfer_id] = recv;
+  return recv;
+}
+
+}  // namespace kvxfer

@@ -1,0 +1,149 @@
+// Agent: one per process. Owns the transport, registered pools, peers and the progress thread.
+//
+//   metadata()            caller thread; bytes for the peer (never blocks)
+//   register_pool()       caller thread; registers once per pool, errors here and not at the first transfer
+//   add_peer(bytes)       caller thread; parses defensively, picks the path (cma or fabric), sends HELLO
+//   send(...)             caller thread; builds the WritePlan in C++, takes a slot; posts nothing yet
+//   layer_ready(send, l)  caller thread; queues layer l for posting and returns in microseconds
+//   recv(...)             caller thread; registers the expectation; may come before or after the data
+//   progress thread       posts writes within a bounded window, polls the CQ, counts immediates, handles control
+//                         messages, enforces deadlines and peer liveness. Never touches Python.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "core/control.h"
+#include "core/metadata.h"
+#include "core/peer.h"
+#include "core/transfer.h"
+#include "transports/transport.h"
+
+namespace kvxfer {
+
+struct AgentOptions {
+  std::string name = "kvxfer";
+  std::string transport = "auto";  // auto | shm | cma | tcp | fi_shm | efa | verbs
+  std::string interface;           // network interface for IP providers ("lo" in tests); empty = any
+  double default_timeout_s = 60.0;
+};
+
+struct LocalRegion {
+  uint64_t addr = 0;
+  uint64_t nbytes = 0;
+  int device = -1;  // -1 host; >= 0 CUDA device (not supported by this build's paths yet)
+};
+
+struct LocalPool {
+  std::string name;
+  LayoutSpec layout;
+  std::vector<LocalRegion> regions;
+  std::vector<MemoryKey> keys;  // [regions] fabric registrations
+};
+
+struct AgentStats {
+  uint64_t writes_posted = 0, imms_received = 0, eagain = 0, dropped_messages = 0, unknown_imms = 0;
+};
+
+class Agent {
+ public:
+  explicit Agent(AgentOptions options);
+  ~Agent();
+  Agent(const Agent&) = delete;
+  Agent& operator=(const Agent&) = delete;
+
+  std::vector<uint8_t> metadata() const;
+  uint32_t register_pool(const std::string& name, const LayoutSpec& layout, const std::vector<LocalRegion>& regions);
+  std::shared_ptr<PeerState> add_peer(const uint8_t* data, size_t nbytes);
+  void remove_peer(const std::shared_ptr<PeerState>& peer);
+  // Blocks (without the GIL) until the peer's HELLO arrived; throws TransferTimeout.
+  void wait_connected(const std::shared_ptr<PeerState>& peer, double timeout_s);
+
+  std::shared_ptr<SendState> send(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t src_pool,
+                                  const std::string& dst_pool, const int32_t* src_ids, const int32_t* dst_ids,
+                                  size_t num_ids, int first_layer, int num_layers, double timeout_s);
+  void layer_ready(const std::shared_ptr<SendState>& send, int layer);   // layer < 0: every layer not yet marked
+  std::shared_ptr<RecvState> recv(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
+                                  const int32_t* dst_ids, size_t num_ids, int first_layer, int num_layers,
+                                  double timeout_s);
+
+  const AgentInfo& info() const { return info_; }
+  const Capabilities& capabilities() const { return transport_->capabilities(); }
+  const AgentOptions& options() const { return options_; }
+  AgentStats stats() const;
+
+ private:
+  struct OpContext {
+    alignas(16) uint8_t transport[Transport::kContextBytes];  // the provider's per-op space (fi_context2)
+    SendState* send = nullptr;
+  };
+  struct Command {
+    enum class Kind { NewSend, LayerReady, Control } kind;
+    std::shared_ptr<SendState> send;
+    uint32_t layer_index = 0;  // LayerReady: index within the send's layer range
+    std::shared_ptr<PeerState> peer;
+    ControlMessage msg;
+  };
+
+  // progress thread (agent_progress.cpp)
+  void progress_loop();
+  bool run_commands();
+  bool post_pending_writes();
+  bool post_send_ops(SendState& send, size_t& budget);
+  bool post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budget);
+  bool poll_completions();
+  void on_write_done(OpContext* ctx, const std::string* error);
+  void on_remote_data(PeerAddr source, uint32_t imm);
+  void on_message(const uint8_t* data, size_t nbytes);
+  void on_begin(PeerState& peer, const ControlMessage& m);
+  void on_release(PeerState& peer, const ControlMessage& m);
+  void on_abort(PeerState& peer, const ControlMessage& m);
+  void check_deadlines();
+  void check_slot(PeerState& peer, uint32_t slot);  // called with peer.mu held
+  void fail_send(SendState& send, ErrorKind kind, const std::string& why);
+  void mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why);
+  void queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, uint32_t slot, uint32_t first_layer = 0,
+                     uint32_t num_layers = 0, uint32_t granules = 0);
+  bool flush_control();
+  void maybe_finish_send(SendState& send);
+  PeerState* peer_by_epoch(uint64_t epoch);
+  OpContext* take_context();
+  void return_context(OpContext* ctx);
+
+  AgentOptions options_;
+  std::unique_ptr<Transport> transport_;
+  AgentInfo info_;
+  std::unique_ptr<uint64_t> cma_cookie_;
+  std::vector<std::unique_ptr<LocalPool>> pools_;
+  mutable std::mutex pools_mu_;
+
+  std::mutex peers_mu_;
+  std::unordered_map<uint64_t, std::shared_ptr<PeerState>> peers_by_epoch_;
+  std::unordered_map<PeerAddr, std::shared_ptr<PeerState>> peers_by_addr_;
+  std::unordered_map<uint64_t, bool> early_hellos_;  // HELLOs from peers not added yet (epoch -> named us)
+
+  std::mutex cmd_mu_;
+  std::condition_variable cmd_cv_;
+  std::vector<Command> commands_;
+  std::atomic<bool> has_commands_{false};
+
+  // progress-thread-only
+  std::vector<std::shared_ptr<SendState>> active_sends_;
+  std::vector<std::unique_ptr<OpContext>> contexts_;
+  std::vector<OpContext*> free_contexts_;
+  std::vector<std::pair<std::shared_ptr<PeerState>, ControlMessage>> outbox_;
+  Clock::time_point next_deadline_check_;
+  struct Counters {
+    std::atomic<uint64_t> writes_posted{0}, imms_received{0}, eagain{0}, dropped_messages{0}, unknown_imms{0};
+  } counters_;
+
+  std::atomic<bool> stop_{false};
+  std::thread progress_;
+};
+
+}  // namespace kvxfer

@@ -1,0 +1,541 @@
+// Agent: the progress-thread half. Posts writes within a bounded window, polls completions, counts immediates,
+// handles control messages and enforces deadlines and peer liveness. Never holds the GIL, never calls Python.
+#include <signal.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "core/agent.h"
+#include "transports/host_ipc/cma.h"
+
+namespace kvxfer {
+
+namespace {
+constexpr size_t kArrivedMemory = 65536;    // completed-but-unclaimed transfers remembered per peer
+constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step before polling again
+}  // namespace
+
+void Agent::progress_loop() {
+  uint32_t idle = 0;
+  while (!stop_.load(std::memory_order_relaxed)) {
+    bool busy = false;
+    try {
+      busy |= run_commands();
+      busy |= flush_control();
+      busy |= post_pending_writes();
+      busy |= poll_completions();
+      if (Clock::now() >= next_deadline_check_) check_deadlines();
+    } catch (const std::exception& e) {
+      // A failure we could not attribute to one transfer; keep the thread alive, the deadlines still hold.
+      busy = false;
+    }
+    if (busy) {
+      idle = 0;
+      continue;
+    }
+    // Spin briefly (latency), then back off to short sleeps (2-core machines). Manual-progress providers
+    // still need us to poll, so the sleep is bounded.
+    if (++idle < 4000) continue;
+    std::unique_lock<std::mutex> lock(cmd_mu_);
+    if (!has_commands_) cmd_cv_.wait_for(lock, std::chrono::microseconds(idle < 20000 ? 20 : 200));
+  }
+}
+
+bool Agent::run_commands() {
+  if (!has_commands_.load(std::memory_order_acquire)) return false;
+  std::vector<Command> cmds;
+  {
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    cmds.swap(commands_);
+    has_commands_ = false;
+  }
+  for (auto& c : cmds) {
+    switch (c.kind) {
+      case Command::Kind::NewSend:
+        active_sends_.push_back(c.send);
+        queue_control(*c.send->peer, ControlType::Begin, c.send->xfer_id, c.send->slot, c.send->first_layer,
+                      c.send->num_layers, c.send->plan.granules_per_layer);
+        break;
+      case Command::Kind::LayerReady:
+        c.send->ready.push_back({c.layer_index, 0});
+        break;
+      case Command::Kind::Control:
+        queue_control(*c.peer, static_cast<ControlType>(c.msg.type), c.msg.xfer_id, c.msg.slot);
+        break;
+    }
+  }
+  return !cmds.empty();
+}
+
+void Agent::queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, uint32_t slot, uint32_t first_layer,
+                          uint32_t num_layers, uint32_t granules) {
+  ControlMessage m;
+  m.type = static_cast<uint16_t>(type);
+  m.sender_epoch = info_.epoch;
+  m.receiver_epoch = peer.info.epoch;
+  m.xfer_id = xfer_id;
+  m.slot = slot;
+  m.first_layer = first_layer;
+  m.num_layers = num_layers;
+  m.granules_per_layer = granules;
+  std::shared_ptr<PeerState> owner;
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    auto it = peers_by_epoch_.find(peer.info.epoch);
+    if (it == peers_by_epoch_.end()) return;
+    owner = it->second;
+  }
+  outbox_.emplace_back(owner, m);
+}
+
+bool Agent::flush_control() {
+  bool any = false;
+  size_t keep = 0;
+  for (size_t i = 0; i < outbox_.size(); ++i) {
+    auto& [peer, msg] = outbox_[i];
+    if (peer->lost) continue;
+    const bool hello = msg.type == static_cast<uint16_t>(ControlType::Hello);
+    if (!hello && !peer->connected) {
+      outbox_[keep++] = outbox_[i];
+      continue;
+    }
+    int rc = -EAGAIN;
+    try {
+      rc = transport_->post_message(&msg, sizeof(msg), peer->addr, nullptr);
+    } catch (const Error& e) {
+      mark_peer_lost(*peer, ErrorKind::PeerLost, e.what());
+      continue;
+    }
+    if (rc == -EAGAIN) {
+      outbox_[keep++] = outbox_[i];
+      continue;
+    }
+    any = true;
+  }
+  outbox_.resize(keep);
+  return any;
+}
+
+Agent::OpContext* Agent::take_context() {
+  if (free_contexts_.empty()) return nullptr;
+  OpContext* c = free_contexts_.back();
+  free_contexts_.pop_back();
+  return c;
+}
+
+void Agent::return_context(OpContext* ctx) {
+  ctx->send = nullptr;
+  free_contexts_.push_back(ctx);
+}
+
+bool Agent::post_pending_writes() {
+  bool any = false;
+  size_t budget = free_contexts_.size();
+  size_t keep = 0;
+  for (size_t i = 0; i < active_sends_.size(); ++i) {
+    auto& send = active_sends_[i];
+    const bool live = send->state() == TransferState::Pending && !send->aborted;
+    if (live && budget > 0 && send->peer->connected && !send->ready.empty()) any |= post_send_ops(*send, budget);
+    // Keep a send until nothing of it is in flight and it can post nothing more.
+    const bool drained = send->ops_completed == send->ops_posted;
+    if (!drained || (live && (send->layers_posted < send->num_layers || !send->released ||
+                              send->ops_completed < send->ops_expected)))
+      active_sends_[keep++] = std::move(active_sends_[i]);
+  }
+  active_sends_.resize(keep);
+  return any;
+}
+
+bool Agent::post_send_ops(SendState& send, size_t& budget) {
+  PeerState& peer = *send.peer;
+  const LocalPool& src = *send.src;
+  const PoolInfo& dst = peer.info.pools[send.dst_pool];
+  bool any = false;
+  try {
+    while (!send.ready.empty() && budget > 0) {
+      SendState::Cursor& cur = send.ready.front();
+      if (peer.path == "cma") {
+        if (!post_cma_layer(send, cur, budget)) return true;
+      } else {
+        const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
+        while (begin + cur.next < end && budget > 0) {
+          const Write& w = send.plan.writes[begin + cur.next];
+          OpContext* ctx = take_context();
+          ctx->send = &send;
+          const auto& dreg = dst.regions[w.dst_region];
+          const uint64_t raddr = (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset;
+          const uint32_t imm = ImmCode::encode(send.slot, w.layer, w.granules);
+          int rc = transport_->post_write(reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset),
+                                          w.nbytes, src.keys[w.src_region].desc, imm, peer.addr, raddr, dreg.rkey, ctx);
+          if (rc == -EAGAIN) {
+            return_context(ctx);
+            counters_.eagain++;
+            return any;  // the window is full in the provider; poll, then come back
+          }
+          ++cur.next;
+          ++send.ops_posted;
+          --budget;
+          counters_.writes_posted++;
+          any = true;
+        }
+        if (begin + cur.next < end) return any;
+      }
+      send.ready.erase(send.ready.begin());
+      ++send.layers_posted;
+    }
+  } catch (const Error& e) {
+    fail_send(send, e.kind(), e.what());
+  }
+  return any;
+}
+
+// Copy phase: cur.next in [0, nwrites) counts chunks copied. Signal phase: [nwrites, nwrites + nsignals) counts
+// zero-byte immediates posted. Returns true when the layer is fully posted.
+bool Agent::post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budget) {
+  PeerState& peer = *send.peer;
+  const LocalPool& src = *send.src;
+  const PoolInfo& dst = peer.info.pools[send.dst_pool];
+  const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
+  const uint32_t nwrites = end - begin;
+  if (cur.next < nwrites) {
+    const uint32_t n = std::min<uint32_t>(nwrites - cur.next, kCmaOpsPerStep);
+    CmaOp ops[kCmaOpsPerStep];
+    for (uint32_t k = 0; k < n; ++k) {
+      const Write& w = send.plan.writes[begin + cur.next + k];
+      ops[k] = {reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset),
+                dst.regions[w.dst_region].addr + w.dst_offset, w.nbytes};
+    }
+    CmaCopier(static_cast<pid_t>(peer.info.pid)).copy(ops, n);
+    cur.next += n;
+    if (cur.next < nwrites) return false;
+  }
+  const uint32_t layer = send.first_layer + cur.layer_index;
+  const uint32_t total = send.plan.granules_per_layer;
+  const uint32_t nsignals = (total + ImmCode::kMaxGranules - 1) / ImmCode::kMaxGranules;
+  const auto& dreg = dst.regions[dst.layout.layer_region[layer]];
+  const uint64_t raddr = peer.info.remote_virt_addr ? dreg.addr : 0;
+  while (cur.next - nwrites < nsignals && budget > 0) {
+    const uint32_t i = cur.next - nwrites;
+    const uint32_t g = std::min<uint32_t>(ImmCode::kMaxGranules, total - i * ImmCode::kMaxGranules);
+    OpContext* ctx = take_context();
+    ctx->send = &send;
+    int rc = transport_->post_write(nullptr, 0, nullptr, ImmCode::encode(send.slot, layer, g), peer.addr, raddr,
+                                    dreg.rkey, ctx);
+    if (rc == -EAGAIN) {
+      return_context(ctx);
+      counters_.eagain++;
+      return false;
+    }
+    ++cur.next;
+    ++send.ops_posted;
+    --budget;
+  }
+  return cur.next - nwrites == nsignals;
+}
+
+bool Agent::poll_completions() {
+  Event events[64];
+  const size_t n = transport_->poll(events, 64);
+  for (size_t i = 0; i < n; ++i) {
+    Event& e = events[i];
+    switch (e.kind) {
+      case Event::Kind::WriteDone:
+      case Event::Kind::SendDone:
+        if (e.context) on_write_done(static_cast<OpContext*>(e.context), nullptr);
+        break;
+      case Event::Kind::OpError:
+        if (e.context) on_write_done(static_cast<OpContext*>(e.context), &e.error);
+        break;
+      case Event::Kind::RemoteData:
+        on_remote_data(e.source, e.imm);
+        break;
+      case Event::Kind::Message:
+        on_message(e.msg, e.msg_len);
+        break;
+    }
+  }
+  return n > 0;
+}
+
+void Agent::on_write_done(OpContext* ctx, const std::string* error) {
+  SendState* send = ctx->send;
+  return_context(ctx);
+  if (!send) return;
+  ++send->ops_completed;
+  if (error) {
+    mark_peer_lost(*send->peer, ErrorKind::PeerLost,
+                   "a write to peer '" + send->peer->info.name + "' failed (" + *error + ")");
+    return;
+  }
+  maybe_finish_send(*send);
+}
+
+void Agent::maybe_finish_send(SendState& send) {
+  if (send.released && send.ops_completed == send.ops_expected && send.layers_posted == send.num_layers) {
+    for (uint32_t l = send.first_layer; l < send.first_layer + send.num_layers; ++l) send.mark_layer_done(l);
+    send.finish();
+  }
+}
+
+PeerState* Agent::peer_by_epoch(uint64_t epoch) {
+  std::lock_guard<std::mutex> lock(peers_mu_);
+  auto it = peers_by_epoch_.find(epoch);
+  return it == peers_by_epoch_.end() ? nullptr : it->second.get();
+}
+
+void Agent::on_remote_data(PeerAddr source, uint32_t imm) {
+  counters_.imms_received++;
+  std::shared_ptr<PeerState> peer;
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    auto it = peers_by_addr_.find(source);
+    if (it != peers_by_addr_.end()) peer = it->second;
+  }
+  if (!peer) {
+    counters_.unknown_imms++;  // a writer we never added: its writes cannot be attributed, so nothing counts them
+    return;
+  }
+  const uint32_t slot = ImmCode::slot(imm), layer = ImmCode::layer(imm), g = ImmCode::granules(imm);
+  std::lock_guard<std::mutex> lock(peer->mu);
+  SlotCounter& s = peer->slots[slot];
+  if (s.aborted) return;
+  if (!s.in_use) {
+    s.in_use = true;
+    if (s.counts.empty()) s.counts.assign(ImmCode::kMaxLayers, 0);
+  }
+  s.counts[layer] += g;
+  if (s.begun) check_slot(*peer, slot);
+}
+
+// Re-evaluates a begun slot after its counts changed (peer.mu held). Counts above the expectation, or outside the
+// announced layers, are a protocol violation: the transfer fails rather than ever reporting a wrong completion.
+void Agent::check_slot(PeerState& peer, uint32_t slot) {
+  SlotCounter& s = peer.slots[slot];
+  uint32_t complete = 0;
+  std::string violation;
+  for (uint32_t l = 0; l < ImmCode::kMaxLayers; ++l) {
+    const uint32_t c = s.counts[l];
+    if (l < s.first_layer || l >= s.first_layer + s.num_layers) {
+      if (c) violation = "granules arrived for layer " + std::to_string(l) + " outside the announced range";
+      continue;
+    }
+    if (c > s.granules_per_layer) violation = "layer " + std::to_string(l) + " received more chunks than announced";
+    if (c == s.granules_per_layer) {
+      ++complete;
+      if (s.recv) s.recv->mark_layer_done(l);
+    }
+  }
+  s.layers_complete = complete;
+  const uint64_t xfer = s.xfer_id;
+  if (!violation.empty()) {
+    if (s.recv) s.recv->fail(ErrorKind::TransferFailed, "transfer " + std::to_string(xfer) + ": " + violation);
+    peer.live_recvs.erase(xfer);
+    peer.waiting_recvs.erase(xfer);
+    peer.slot_of_xfer.erase(xfer);
+    s.aborted = true;
+    return;
+  }
+  if (complete < s.num_layers) return;
+  if (s.recv) {
+    s.recv->finish();
+    peer.live_recvs.erase(xfer);
+  } else {
+    peer.arrived[xfer] = {s.first_layer, s.num_layers, s.granules_per_layer};
+    peer.arrived_order.push_back(xfer);
+    if (peer.arrived_order.size() > kArrivedMemory) {
+      peer.arrived.erase(peer.arrived_order.front());
+      peer.arrived_order.pop_front();
+    }
+  }
+  peer.slot_of_xfer.erase(xfer);
+  std::fill(s.counts.begin(), s.counts.end(), 0);
+  s.in_use = s.begun = false;
+  s.recv.reset();
+  queue_control(peer, ControlType::Release, xfer, slot);
+}
+
+void Agent::on_message(const uint8_t* data, size_t nbytes) {
+  ControlMessage m;
+  if (nbytes != sizeof(m)) {
+    counters_.dropped_messages++;
+    return;
+  }
+  std::memcpy(&m, data, sizeof(m));
+  if (m.magic != ControlMessage::kMagic || m.version != ControlMessage::kVersion || m.receiver_epoch != info_.epoch ||
+      m.slot >= ImmCode::kMaxSlots) {
+    counters_.dropped_messages++;
+    return;
+  }
+  const auto type = static_cast<ControlType>(m.type);
+  if (type == ControlType::Hello) {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    auto it = peers_by_epoch_.find(m.sender_epoch);
+    if (it != peers_by_epoch_.end()) it->second->connected = true;
+    else early_hellos_[m.sender_epoch] = true;
+    return;
+  }
+  PeerState* peer = peer_by_epoch(m.sender_epoch);
+  if (!peer || peer->lost) {
+    counters_.dropped_messages++;
+    return;
+  }
+  switch (type) {
+    case ControlType::Begin: on_begin(*peer, m); break;
+    case ControlType::Release: on_release(*peer, m); break;
+    case ControlType::Abort: on_abort(*peer, m); break;
+    default: counters_.dropped_messages++;
+  }
+}
+
+void Agent::on_begin(PeerState& peer, const ControlMessage& m) {
+  if (m.num_layers == 0 || m.first_layer + m.num_layers > ImmCode::kMaxLayers || m.granules_per_layer == 0) {
+    counters_.dropped_messages++;
+    return;
+  }
+  std::lock_guard<std::mutex> lock(peer.mu);
+  SlotCounter& s = peer.slots[m.slot];
+  if (s.begun || s.aborted) {
+    counters_.dropped_messages++;  // the sender never reuses a slot before RELEASE; drop a duplicate
+    return;
+  }
+  if (s.counts.empty()) s.counts.assign(ImmCode::kMaxLayers, 0);
+  s.in_use = s.begun = true;
+  s.xfer_id = m.xfer_id;
+  s.first_layer = m.first_layer;
+  s.num_layers = m.num_layers;
+  s.granules_per_layer = m.granules_per_layer;
+  peer.slot_of_xfer[m.xfer_id] = m.slot;
+  if (auto it = peer.waiting_recvs.find(m.xfer_id); it != peer.waiting_recvs.end()) {
+    auto recv = it->second;
+    peer.waiting_recvs.erase(it);
+    if (recv->first_layer != m.first_layer || recv->num_layers != m.num_layers ||
+        recv->granules_per_layer != m.granules_per_layer) {
+      recv->fail(ErrorKind::TransferFailed,
+                 "the sender writes layers [" + std::to_string(m.first_layer) + ", " +
+                     std::to_string(m.first_layer + m.num_layers) + ") with " + std::to_string(m.granules_per_layer) +
+                     " chunks per layer; this recv expects layers [" + std::to_string(recv->first_layer) + ", " +
+                     std::to_string(recv->first_layer + recv->num_layers) + ") with " +
+                     std::to_string(recv->granules_per_layer) + " (block count or layer range differs)");
+      peer.live_recvs.erase(m.xfer_id);
+    } else {
+      s.recv = recv;
+    }
+  }
+  check_slot(peer, m.slot);
+}
+
+void Agent::on_release(PeerState& peer, const ControlMessage& m) {
+  std::shared_ptr<SendState> send;
+  {
+    std::lock_guard<std::mutex> lock(peer.mu);
+    send = peer.send_by_slot[m.slot];
+    if (!send || send->xfer_id != m.xfer_id) {
+      counters_.dropped_messages++;
+      return;
+    }
+    peer.send_by_slot[m.slot].reset();
+    peer.live_sends.erase(m.xfer_id);
+    peer.free_slots.push_back(m.slot);
+  }
+  send->released = true;
+  maybe_finish_send(*send);
+}
+
+void Agent::on_abort(PeerState& peer, const ControlMessage& m) {
+  std::lock_guard<std::mutex> lock(peer.mu);
+  SlotCounter& s = peer.slots[m.slot];
+  s.aborted = true;
+  const std::string why = "the sender abandoned transfer " + std::to_string(m.xfer_id) +
+                          " (it failed or timed out on the sending side); its blocks may be partly written";
+  if (s.recv) s.recv->fail(ErrorKind::TransferFailed, why);
+  if (auto it = peer.waiting_recvs.find(m.xfer_id); it != peer.waiting_recvs.end()) it->second->fail(ErrorKind::TransferFailed, why);
+  peer.waiting_recvs.erase(m.xfer_id);
+  peer.live_recvs.erase(m.xfer_id);
+  peer.slot_of_xfer.erase(m.xfer_id);
+  s.recv.reset();
+}
+
+void Agent::fail_send(SendState& send, ErrorKind kind, const std::string& why) {
+  if (!send.fail(kind, why)) return;
+  send.aborted = true;
+  PeerState& peer = *send.peer;
+  {
+    // The slot stays quarantined: writes already posted may still land, so it is never handed out again.
+    std::lock_guard<std::mutex> lock(peer.mu);
+    if (peer.send_by_slot[send.slot].get() == &send) peer.send_by_slot[send.slot].reset();
+    peer.live_sends.erase(send.xfer_id);
+  }
+  if (!peer.lost) queue_control(peer, ControlType::Abort, send.xfer_id, send.slot);
+}
+
+void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why) {
+  std::vector<std::shared_ptr<SendState>> sends;
+  std::vector<std::shared_ptr<RecvState>> recvs;
+  {
+    std::lock_guard<std::mutex> lock(peer.mu);
+    if (peer.lost.exchange(true)) return;
+    peer.lost_reason = why;
+    for (auto& [id, s] : peer.live_sends) sends.push_back(s);
+    for (auto& [id, r] : peer.live_recvs) recvs.push_back(r);
+    for (auto& [id, r] : peer.waiting_recvs) recvs.push_back(r);
+    peer.live_sends.clear();
+    peer.live_recvs.clear();
+    peer.waiting_recvs.clear();
+  }
+  for (auto& s : sends) {
+    s->aborted = true;
+    s->fail(kind, why);
+  }
+  for (auto& r : recvs) r->fail(kind, why);
+}
+
+void Agent::check_deadlines() {
+  const auto now = Clock::now();
+  next_deadline_check_ = now + std::chrono::milliseconds(2);
+  for (auto& send : active_sends_) {
+    if (send->state() == TransferState::Pending && now >= send->deadline) {
+      fail_send(*send, ErrorKind::TransferTimeout,
+                "transfer " + std::to_string(send->xfer_id) + " to peer '" + send->peer->info.name +
+                    "' missed its deadline: " + std::to_string(send->layers_posted) + "/" +
+                    std::to_string(send->num_layers) + " layers posted, " + std::to_string(send->ops_completed) + "/" +
+                    std::to_string(send->ops_expected) + " writes complete, receiver confirmation " +
+                    (send->released ? "received" : "missing") +
+                    (send->layers_posted < send->num_layers ? " (were all layers marked ready?)" : ""));
+    }
+  }
+  std::vector<std::shared_ptr<PeerState>> peers;
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    for (auto& [epoch, p] : peers_by_epoch_) peers.push_back(p);
+  }
+  for (auto& p : peers) {
+    if (p->lost) continue;
+    // A same-host peer whose process is gone is lost now, not at its transfers' deadlines.
+    if (p->same_host && kill(static_cast<pid_t>(p->info.pid), 0) != 0 && errno == ESRCH) {
+      mark_peer_lost(*p, ErrorKind::PeerLost, "peer '" + p->info.name + "' (pid " + std::to_string(p->info.pid) +
+                                                  ") exited; transfers with it can never complete");
+      continue;
+    }
+    std::vector<std::shared_ptr<RecvState>> expired;
+    {
+      std::lock_guard<std::mutex> lock(p->mu);
+      for (auto it = p->live_recvs.begin(); it != p->live_recvs.end();) {
+        if (now >= it->second->deadline) {
+          expired.push_back(it->second);
+          p->waiting_recvs.erase(it->first);
+          if (auto s = p->slot_of_xfer.find(it->first); s != p->slot_of_xfer.end()) p->slots[s->second].recv.reset();
+          it = p->live_recvs.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (auto& r : expired)
+      r->fail(ErrorKind::TransferTimeout,
+              "transfer " + std::to_string(r->xfer_id) + " from peer '" + p->info.name + "' did not fully arrive by its deadline (" +
+                  std::to_string(r->layers_done()) + "/" + std::to_string(r->num_layers) + " layers complete)");
+  }
+}
+
+}  // namespace kvxfer

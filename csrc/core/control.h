@@ -1,0 +1,33 @@
+// Control messages between two agents, sent with fi_inject on the fabric endpoint (<= 64 bytes).
+//
+//   HELLO   both ways, once each side has added the other: "my epoch is E, I know you as epoch F". A peer is
+//           connected (writes may be posted) once we added it and its HELLO naming our epoch arrived.
+//   BEGIN   sender -> receiver: slot S now carries transfer X (layers, granules per layer). May arrive after the
+//           first writes of S; counts accumulate per slot until then.
+//   RELEASE receiver -> sender: every granule of slot S arrived; S may be reused, and the send is DONE.
+//   ABORT   sender -> receiver: transfer X in slot S failed on the sender; S is never reused.
+// Every field is checked on receipt (magic, version, size, epochs, ranges); anything else is dropped and counted.
+#pragma once
+#include <cstdint>
+
+namespace kvxfer {
+
+enum class ControlType : uint16_t { Hello = 1, Begin = 2, Release = 3, Abort = 4 };
+
+struct ControlMessage {
+  static constexpr uint32_t kMagic = 0x4b584331;  // "1CXK"
+  static constexpr uint16_t kVersion = 1;
+  uint32_t magic = kMagic;
+  uint16_t version = kVersion;
+  uint16_t type = 0;
+  uint64_t sender_epoch = 0;     // the agent that sent this message
+  uint64_t receiver_epoch = 0;   // the agent it is for, as the sender knows it
+  uint64_t xfer_id = 0;
+  uint32_t slot = 0;
+  uint32_t first_layer = 0;
+  uint32_t num_layers = 0;
+  uint32_t granules_per_layer = 0;
+};
+static_assert(sizeof(ControlMessage) == 48, "control message must stay within a 64-byte inject");
+
+}  // namespace kvxfer

@@ -1,0 +1,218 @@
+#include "core/metadata.h"
+
+#include <cstring>
+
+#include "core/errors.h"
+
+namespace kvxfer {
+namespace {
+
+constexpr char kMagic[4] = {'K', 'V', 'X', 'F'};
+constexpr size_t kHeaderBytes = 16;
+constexpr uint32_t kMaxString = 4096, kMaxPools = 64, kMaxRegions = 4096, kMaxAddress = 1024;
+constexpr uint32_t kMaxPayload = 64u << 20;
+
+uint32_t fnv1a32(const uint8_t* p, size_t n) {
+  uint32_t h = 2166136261u;
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 16777619u;
+  return h;
+}
+
+class Writer {
+ public:
+  template <typename T>
+  void put(T v) {
+    const size_t at = buf.size();
+    buf.resize(at + sizeof(T));
+    std::memcpy(buf.data() + at, &v, sizeof(T));
+  }
+  void bytes(const void* p, size_t n) {
+    put<uint32_t>(static_cast<uint32_t>(n));
+    const auto* b = static_cast<const uint8_t*>(p);
+    buf.insert(buf.end(), b, b + n);
+  }
+  void str(const std::string& s) { bytes(s.data(), s.size()); }
+  std::vector<uint8_t> buf;
+};
+
+class Reader {
+ public:
+  Reader(const uint8_t* p, size_t n) : p_(p), n_(n) {}
+  template <typename T>
+  T get(const char* what) {
+    need(sizeof(T), what);
+    T v;
+    std::memcpy(&v, p_ + at_, sizeof(T));
+    at_ += sizeof(T);
+    return v;
+  }
+  uint32_t count(const char* what, uint32_t limit) {
+    const uint32_t n = get<uint32_t>(what);
+    KVXFER_CHECK(n <= limit, MetadataError,
+                 "peer metadata: " << what << " count " << n << " exceeds the limit " << limit
+                                   << " (corrupt bytes or an incompatible kvxfer)");
+    return n;
+  }
+  std::vector<uint8_t> bytes(const char* what, uint32_t limit) {
+    const uint32_t n = count(what, limit);
+    need(n, what);
+    std::vector<uint8_t> out(p_ + at_, p_ + at_ + n);
+    at_ += n;
+    return out;
+  }
+  std::string str(const char* what) {
+    auto b = bytes(what, kMaxString);
+    return std::string(b.begin(), b.end());
+  }
+  bool done() const { return at_ == n_; }
+  size_t offset() const { return at_; }
+
+ private:
+  void need(size_t k, const char* what) {
+    KVXFER_CHECK(k <= n_ - at_, MetadataError,
+                 "peer metadata truncated: reading " << what << " needs " << k << " bytes at offset " << at_
+                                                     << " of " << n_ << "; pass the exact bytes agent.metadata() returned");
+  }
+  const uint8_t* p_;
+  size_t n_, at_ = 0;
+};
+
+void write_layout(Writer& w, const LayoutSpec& l) {
+  w.str(l.kind);
+  for (uint32_t v : {l.num_layers, l.num_blocks, l.num_planes, l.block_size, l.num_kv_heads, l.head_dim}) w.put(v);
+  w.str(l.dtype);
+  for (uint64_t v : {l.chunk_bytes, l.plane_stride, l.block_stride}) w.put(v);
+  for (uint32_t i = 0; i < l.num_layers; ++i) {
+    w.put(l.layer_region[i]);
+    w.put(l.layer_offset[i]);
+  }
+}
+
+LayoutSpec read_layout(Reader& r) {
+  LayoutSpec l;
+  l.kind = r.str("layout kind");
+  l.num_layers = r.get<uint32_t>("num_layers");
+  KVXFER_CHECK(l.num_layers <= 256, MetadataError, "peer metadata: num_layers " << l.num_layers << " > 256");
+  l.num_blocks = r.get<uint32_t>("num_blocks");
+  l.num_planes = r.get<uint32_t>("num_planes");
+  l.block_size = r.get<uint32_t>("block_size");
+  l.num_kv_heads = r.get<uint32_t>("num_kv_heads");
+  l.head_dim = r.get<uint32_t>("head_dim");
+  l.dtype = r.str("dtype");
+  l.chunk_bytes = r.get<uint64_t>("chunk_bytes");
+  l.plane_stride = r.get<uint64_t>("plane_stride");
+  l.block_stride = r.get<uint64_t>("block_stride");
+  for (uint32_t i = 0; i < l.num_layers; ++i) {
+    l.layer_region.push_back(r.get<uint32_t>("layer region"));
+    l.layer_offset.push_back(r.get<uint64_t>("layer offset"));
+  }
+  return l;
+}
+
+}  // namespace
+
+uint64_t AgentInfo::fingerprint() const {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (const auto& p : pools) h = (h ^ p.layout.fingerprint()) * 0x100000001b3ull;
+  return h;
+}
+
+std::vector<uint8_t> encode_agent_info(const AgentInfo& a) {
+  Writer w;
+  w.str(a.name);
+  w.put(a.epoch);
+  w.put(a.pid);
+  w.str(a.hostname);
+  w.str(a.boot_id);
+  w.str(a.transport);
+  w.bytes(a.fabric_address.data(), a.fabric_address.size());
+  w.put<uint8_t>(a.remote_virt_addr ? 1 : 0);
+  w.put(a.cma_probe_addr);
+  w.put(a.cma_probe_cookie);
+  w.put<uint32_t>(static_cast<uint32_t>(a.pools.size()));
+  for (const auto& p : a.pools) {
+    w.str(p.name);
+    write_layout(w, p.layout);
+    w.put<uint32_t>(static_cast<uint32_t>(p.regions.size()));
+    for (const auto& r : p.regions) {
+      w.put(r.addr);
+      w.put(r.nbytes);
+      w.put(r.rkey);
+    }
+  }
+  w.put(a.fingerprint());
+
+  std::vector<uint8_t> out(kHeaderBytes);
+  std::memcpy(out.data(), kMagic, 4);
+  const uint16_t version = kMetadataVersion, flags = 0;
+  const uint32_t len = static_cast<uint32_t>(w.buf.size()), sum = fnv1a32(w.buf.data(), w.buf.size());
+  std::memcpy(out.data() + 4, &version, 2);
+  std::memcpy(out.data() + 6, &flags, 2);
+  std::memcpy(out.data() + 8, &len, 4);
+  std::memcpy(out.data() + 12, &sum, 4);
+  out.insert(out.end(), w.buf.begin(), w.buf.end());
+  return out;
+}
+
+AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes) {
+  KVXFER_CHECK(nbytes >= kHeaderBytes, MetadataError,
+               "peer metadata is " << nbytes << " bytes, shorter than the " << kHeaderBytes
+                                   << "-byte header; pass the exact bytes agent.metadata() returned");
+  KVXFER_CHECK(std::memcmp(data, kMagic, 4) == 0, MetadataError,
+               "peer metadata does not start with the kvxfer magic 'KVXF'; these bytes are not kvxfer metadata");
+  uint16_t version;
+  uint32_t len, sum;
+  std::memcpy(&version, data + 4, 2);
+  std::memcpy(&len, data + 8, 4);
+  std::memcpy(&sum, data + 12, 4);
+  KVXFER_CHECK(version == kMetadataVersion, MetadataError,
+               "peer metadata version " << version << " is not supported (this kvxfer speaks version "
+                                        << kMetadataVersion << "); run the same kvxfer release on both sides");
+  KVXFER_CHECK(len <= kMaxPayload && len == nbytes - kHeaderBytes, MetadataError,
+               "peer metadata length mismatch: header says " << len << " payload bytes, got "
+                                                             << nbytes - kHeaderBytes << " (truncated or padded)");
+  KVXFER_CHECK(fnv1a32(data + kHeaderBytes, len) == sum, MetadataError,
+               "peer metadata checksum mismatch: the bytes were corrupted in transit");
+
+  Reader r(data + kHeaderBytes, len);
+  AgentInfo a;
+  a.name = r.str("agent name");
+  a.epoch = r.get<uint64_t>("epoch");
+  a.pid = r.get<uint32_t>("pid");
+  a.hostname = r.str("hostname");
+  a.boot_id = r.str("boot id");
+  a.transport = r.str("transport");
+  a.fabric_address = r.bytes("fabric address", kMaxAddress);
+  a.remote_virt_addr = r.get<uint8_t>("address mode") != 0;
+  a.cma_probe_addr = r.get<uint64_t>("cma probe address");
+  a.cma_probe_cookie = r.get<uint64_t>("cma probe cookie");
+  const uint32_t num_pools = r.count("pool", kMaxPools);
+  for (uint32_t i = 0; i < num_pools; ++i) {
+    PoolInfo p;
+    p.name = r.str("pool name");
+    p.layout = read_layout(r);
+    const uint32_t num_regions = r.count("region", kMaxRegions);
+    std::vector<uint64_t> sizes;
+    for (uint32_t k = 0; k < num_regions; ++k) {
+      RemoteRegion reg;
+      reg.addr = r.get<uint64_t>("region address");
+      reg.nbytes = r.get<uint64_t>("region size");
+      reg.rkey = r.get<uint64_t>("region key");
+      KVXFER_CHECK(reg.addr + reg.nbytes >= reg.addr, MetadataError, "peer metadata: region " << k << " wraps around");
+      sizes.push_back(reg.nbytes);
+      p.regions.push_back(reg);
+    }
+    try {
+      validate_layout(p.layout, sizes);
+    } catch (const Error& e) {
+      KVXFER_THROW(MetadataError, "peer metadata: pool '" << p.name << "' is inconsistent: " << e.what());
+    }
+    a.pools.push_back(std::move(p));
+  }
+  const uint64_t fp = r.get<uint64_t>("fingerprint");
+  KVXFER_CHECK(fp == a.fingerprint(), MetadataError, "peer metadata: fingerprint does not match its pools");
+  KVXFER_CHECK(r.done(), MetadataError, "peer metadata has " << len - r.offset() << " unexpected trailing bytes");
+  return a;
+}
+
+}  // namespace kvxfer

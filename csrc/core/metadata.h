@@ -1,0 +1,50 @@
+// AgentInfo and its wire format. Peers exchange these bytes over the engine's own channel; nothing here is ever
+// unpickled or trusted: the reader checks magic, version, total length, checksum, every count against a limit and
+// every read against the end of the buffer, then validates each pool's layout against its regions.
+//
+// Layout (little-endian):  "KVXF" | u16 version | u16 flags | u32 payload_len | u32 fnv1a32(payload) | payload
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/layout.h"
+
+namespace kvxfer {
+
+constexpr uint16_t kMetadataVersion = 1;
+
+struct RemoteRegion {
+  uint64_t addr = 0;    // virtual address in the owner's process
+  uint64_t nbytes = 0;
+  uint64_t rkey = 0;    // fabric remote key (0 when not registered with a fabric)
+};
+
+struct PoolInfo {
+  std::string name;
+  LayoutSpec layout;
+  std::vector<RemoteRegion> regions;
+};
+
+struct AgentInfo {
+  std::string name;
+  uint64_t epoch = 0;            // random per Agent incarnation: a restarted peer is a new epoch
+  uint32_t pid = 0;
+  std::string hostname;
+  std::string boot_id;           // /proc/sys/kernel/random/boot_id: same host <=> same boot id
+  std::string transport;         // kvxfer transport name of the fabric endpoint ("tcp", "fi_shm", "efa", ...)
+  std::vector<uint8_t> fabric_address;
+  bool remote_virt_addr = false; // writes address the owner's virtual addresses (else region offsets)
+  uint64_t cma_probe_addr = 0;   // address of an 8-byte cookie a same-host peer reads to prove CMA works
+  uint64_t cma_probe_cookie = 0;
+  std::vector<PoolInfo> pools;
+
+  // Hash over every pool's layout fingerprint: a quick "same model shard" check for engines.
+  uint64_t fingerprint() const;
+};
+
+std::vector<uint8_t> encode_agent_info(const AgentInfo& info);
+// Throws MetadataError naming what is wrong (truncated at offset N, bad magic, version V unsupported, ...).
+AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes);
+
+}  // namespace kvxfer

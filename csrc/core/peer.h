@@ -1,0 +1,63 @@
+// PeerState: a remote agent as this agent knows it, with both directions' bookkeeping.
+//   sender side  : free slots, the live send per slot, live transfer ids (duplicates refused).
+//   receiver side: one SlotCounter per slot the peer uses towards us, transfer id -> slot, recvs waiting for
+//                  their BEGIN, and transfers that completed before anyone asked for them.
+// Everything mutable is guarded by mu (taken by the caller's thread in send()/recv() and by the progress thread).
+#pragma once
+#include <atomic>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/imm.h"
+#include "core/metadata.h"
+#include "core/transfer.h"
+#include "transports/transport.h"
+
+namespace kvxfer {
+
+struct SlotCounter {
+  bool in_use = false;      // a granule or a BEGIN arrived and the slot was not released since
+  bool begun = false;       // BEGIN arrived: the fields below are known
+  bool aborted = false;     // the sender gave up on this slot; it is never reused
+  uint64_t xfer_id = 0;
+  uint32_t first_layer = 0, num_layers = 0, granules_per_layer = 0;
+  uint32_t layers_complete = 0;
+  std::vector<uint32_t> counts;  // [ImmCode::kMaxLayers] granules seen per absolute layer
+  std::shared_ptr<RecvState> recv;
+};
+
+struct PeerState {
+  AgentInfo info;
+  PeerAddr addr = kUnknownPeer;
+  std::string path;               // "cma" or the fabric transport name: how we write to this peer
+  bool same_host = false;
+  std::string path_reason;        // why this path (e.g. why not cma)
+  std::atomic<bool> connected{false};
+  std::atomic<bool> lost{false};
+  std::string lost_reason;
+
+  std::mutex mu;
+  // sender side
+  std::vector<uint32_t> free_slots;
+  std::vector<std::shared_ptr<SendState>> send_by_slot;          // [kMaxSlots]
+  std::unordered_map<uint64_t, std::shared_ptr<SendState>> live_sends;
+  // receiver side
+  std::vector<SlotCounter> slots;                                // [kMaxSlots], counts allocated lazily
+  std::unordered_map<uint64_t, uint32_t> slot_of_xfer;
+  std::unordered_map<uint64_t, std::shared_ptr<RecvState>> waiting_recvs;   // recv() before BEGIN
+  std::unordered_map<uint64_t, std::shared_ptr<RecvState>> live_recvs;
+  struct Arrived { uint32_t first_layer, num_layers, granules_per_layer; };
+  std::unordered_map<uint64_t, Arrived> arrived;                 // complete before recv() was called
+  std::deque<uint64_t> arrived_order;                            // bounds `arrived` (oldest evicted)
+
+  PeerState() : send_by_slot(ImmCode::kMaxSlots), slots(ImmCode::kMaxSlots) {
+    free_slots.reserve(ImmCode::kMaxSlots);
+    for (uint32_t s = ImmCode::kMaxSlots; s-- > 0;) free_slots.push_back(s);
+  }
+};
+
+}  // namespace kvxfer

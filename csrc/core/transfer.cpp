@@ -1,0 +1,68 @@
+#include "core/transfer.h"
+
+namespace kvxfer {
+
+TransferBase::TransferBase(uint64_t xfer_id, uint32_t first_layer, uint32_t num_layers, double timeout_s)
+    : xfer_id(xfer_id),
+      first_layer(first_layer),
+      num_layers(num_layers),
+      deadline(Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s))),
+      layer_flags_(new std::atomic<uint8_t>[num_layers]) {
+  for (uint32_t i = 0; i < num_layers; ++i) layer_flags_[i].store(0, std::memory_order_relaxed);
+}
+
+bool TransferBase::layer_done(uint32_t layer) const {
+  KVXFER_CHECK(layer >= first_layer && layer < first_layer + num_layers, InvalidArgument,
+               "layer " << layer << " is not part of transfer " << xfer_id << " (layers " << first_layer << ".."
+                        << first_layer + num_layers - 1 << ")");
+  return layer_flags_[layer - first_layer].load(std::memory_order_acquire) != 0;
+}
+
+void TransferBase::notify() {
+  std::lock_guard<std::mutex> lock(mu_);
+  cv_.notify_all();
+}
+
+void TransferBase::mark_layer_done(uint32_t layer) {
+  const uint32_t i = layer - first_layer;
+  if (layer_flags_[i].exchange(1, std::memory_order_acq_rel) == 0) {
+    layers_done_.fetch_add(1, std::memory_order_acq_rel);
+    notify();
+  }
+}
+
+bool TransferBase::finish() {
+  if (finishing_.exchange(true)) return false;
+  state_.store(static_cast<int>(TransferState::Done), std::memory_order_release);
+  notify();
+  return true;
+}
+
+bool TransferBase::fail(ErrorKind kind, const std::string& message) {
+  if (finishing_.exchange(true)) return false;
+  error_kind_ = kind;
+  error_ = message;
+  state_.store(static_cast<int>(TransferState::Failed), std::memory_order_release);
+  notify();
+  return true;
+}
+
+TransferState TransferBase::wait(int layer, double timeout_s) {
+  if (layer >= 0) layer_done(static_cast<uint32_t>(layer));  // validates the index
+  auto ready = [&] {
+    if (state() != TransferState::Pending) return true;
+    return layer >= 0 && layer_flags_[layer - first_layer].load(std::memory_order_acquire) != 0;
+  };
+  std::unique_lock<std::mutex> lock(mu_);
+  const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+  if (!cv_.wait_until(lock, until, ready)) {
+    KVXFER_THROW(TransferTimeout, "transfer " << xfer_id << (layer >= 0 ? " layer " + std::to_string(layer) : "")
+                                              << " not complete after " << timeout_s << " s ("
+                                              << layers_done() << "/" << num_layers
+                                              << " layers arrived); the peer may be slow, stalled or gone");
+  }
+  if (layer >= 0 && layer_flags_[layer - first_layer].load(std::memory_order_acquire)) return TransferState::Done;
+  return state();
+}
+
+}  // namespace kvxfer

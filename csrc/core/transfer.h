@@ -1,0 +1,92 @@
+// Send / Recv state shared between the caller's thread (Python, GIL released) and the progress thread.
+//
+// Lifecycle of both: PENDING -> DONE | FAILED, exactly once; state() and layer_done() are O(1) atomic reads and
+// never block. The progress thread is the only writer of counts; fail() may also be called by the caller's thread
+// (a refused transfer), so finishing is guarded by a compare-exchange.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "core/errors.h"
+#include "core/plan.h"
+
+namespace kvxfer {
+
+enum class TransferState : int { Pending = 0, Done = 1, Failed = 2 };
+using Clock = std::chrono::steady_clock;
+
+class TransferBase {
+ public:
+  TransferBase(uint64_t xfer_id, uint32_t first_layer, uint32_t num_layers, double timeout_s);
+  virtual ~TransferBase() = default;
+
+  const uint64_t xfer_id;
+  const uint32_t first_layer, num_layers;
+  const Clock::time_point deadline;
+
+  TransferState state() const { return static_cast<TransferState>(state_.load(std::memory_order_acquire)); }
+  bool layer_done(uint32_t layer) const;  // absolute layer index
+  uint32_t layers_done() const { return layers_done_.load(std::memory_order_acquire); }
+  ErrorKind error_kind() const { return error_kind_; }   // valid once state() == Failed
+  const std::string& error() const { return error_; }
+
+  // Blocks (call without the GIL) until the transfer (layer < 0) or one layer is done or failed. Returns the
+  // state; throws TransferTimeout when timeout_s passes first (the transfer itself goes on).
+  TransferState wait(int layer, double timeout_s);
+
+  // Progress-thread side.
+  void mark_layer_done(uint32_t layer);
+  bool finish();                                             // -> Done; false if already finished
+  bool fail(ErrorKind kind, const std::string& message);     // -> Failed; false if already finished
+
+ protected:
+  void notify();
+
+  std::atomic<int> state_{0};
+  std::atomic<uint32_t> layers_done_{0};
+  std::unique_ptr<std::atomic<uint8_t>[]> layer_flags_;  // [num_layers]
+  ErrorKind error_kind_ = ErrorKind::Internal;
+  std::string error_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<bool> finishing_{false};
+};
+
+struct PeerState;
+struct LocalPool;
+
+// Sender side of one transfer. The plan is immutable after construction; cursors belong to the progress thread.
+class SendState : public TransferBase {
+ public:
+  SendState(uint64_t xfer_id, WritePlan plan, double timeout_s)
+      : TransferBase(xfer_id, plan.first_layer, plan.num_layers, timeout_s), plan(std::move(plan)) {}
+  const WritePlan plan;
+  std::shared_ptr<PeerState> peer;
+  uint32_t slot = 0;
+  uint32_t src_pool = 0, dst_pool = 0;
+  const LocalPool* src = nullptr;   // stable: pools are never freed while the agent lives
+  std::unique_ptr<std::atomic<uint8_t>[]> marked;  // [num_layers] layer_ready() called (caller thread)
+
+  // Progress-thread state.
+  struct Cursor { uint32_t layer_index; uint32_t next; };
+  std::vector<Cursor> ready;        // layers marked and not yet fully posted, in marking order
+  uint64_t ops_posted = 0, ops_completed = 0, ops_expected = 0;
+  uint32_t layers_posted = 0;
+  bool begin_sent = false, released = false, aborted = false;
+};
+
+// Receiver side of one transfer.
+class RecvState : public TransferBase {
+ public:
+  RecvState(uint64_t xfer_id, uint32_t first_layer, uint32_t num_layers, uint32_t granules_per_layer,
+            double timeout_s)
+      : TransferBase(xfer_id, first_layer, num_layers, timeout_s), granules_per_layer(granules_per_layer) {}
+  const uint32_t granules_per_layer;
+};
+
+}  // namespace kvxfer

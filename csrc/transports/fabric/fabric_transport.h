@@ -1,0 +1,25 @@
+// FabricTransport: libfabric RDM endpoint with FI_RMA writes carrying remote CQ data, plus FI_MSG control
+// messages on the same endpoint. One CQ (FI_CQ_FORMAT_DATA) bound for transmit and receive; remote CQ data entries
+// are matched by flags & FI_REMOTE_CQ_DATA only (rxm omits FI_RMA; see shared/research/libfabric-imm.md).
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "transports/transport.h"
+
+namespace kvxfer {
+
+// provider: "tcp", "shm", "efa", "verbs", or "" for the best available (efa > verbs > tcp).
+std::unique_ptr<Transport> make_fabric_transport(const std::string& provider);
+
+// Which providers this machine can open right now, with the reason for those it cannot.
+struct ProviderProbe {
+  std::string name;
+  bool usable;
+  std::string detail;  // the provider string when usable, the reason otherwise
+};
+std::vector<ProviderProbe> probe_fabric_providers();
+std::string fabric_version();
+
+}  // namespace kvxfer

@@ -1,0 +1,67 @@
+#include "transports/fabric/provider.h"
+
+#include <rdma/fi_domain.h>
+#include <rdma/fi_errno.h>
+
+#include <cstring>
+
+namespace kvxfer {
+
+const std::vector<ProviderName>& provider_order() {
+  static const std::vector<ProviderName> order = {
+      {"efa", "efa"}, {"verbs", "verbs;ofi_rxm"}, {"tcp", "tcp;ofi_rxm"}, {"shm", "shm"}};
+  return order;
+}
+
+namespace {
+
+fi_info* make_hints(const char* prov_name, const std::string& interface, bool want_source) {
+  fi_info* hints = fi_allocinfo();
+  hints->caps = FI_MSG | FI_RMA | FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV | (want_source ? FI_SOURCE : 0);
+  // FI_REMOTE_CQ_DATA is an op flag, not a capability (ENODATA on every provider); cq_data_size is checked below.
+  hints->mode = FI_CONTEXT | FI_CONTEXT2 | FI_RX_CQ_DATA;
+  hints->ep_attr->type = FI_EP_RDM;
+  hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY;
+  hints->domain_attr->threading = FI_THREAD_DOMAIN;
+  hints->domain_attr->data_progress = FI_PROGRESS_MANUAL;
+  hints->fabric_attr->prov_name = strdup(prov_name);
+  if (!interface.empty() && std::strncmp(prov_name, "shm", 3) != 0) hints->domain_attr->name = strdup(interface.c_str());
+  return hints;
+}
+
+}  // namespace
+
+fi_info* get_provider_info(const std::string& kvxfer_name, const std::string& interface, std::string* why) {
+  const ProviderName* found = nullptr;
+  for (const auto& p : provider_order())
+    if (kvxfer_name == p.kvxfer_name) found = &p;
+  if (!found) {
+    *why = "unknown provider '" + kvxfer_name + "' (choose efa, verbs, tcp or shm)";
+    return nullptr;
+  }
+  fi_info* info = nullptr;
+  int rc = -FI_ENODATA;
+  {
+    // FI_SOURCE is required: slots in the immediate are scoped per sender, so the receiver must know who wrote.
+    fi_info* hints = make_hints(found->prov_name, interface, true);
+    rc = fi_getinfo(FI_VERSION(1, 14), nullptr, nullptr, 0, hints, &info);
+    fi_freeinfo(hints);
+  }
+  if (rc != 0) {
+    *why = std::string("fi_getinfo found no ") + found->prov_name + " RDM endpoint with FI_RMA and FI_SOURCE" +
+           (interface.empty() ? "" : " on interface " + interface) + ": " + fi_strerror(-rc);
+    return nullptr;
+  }
+  for (fi_info* cur = info; cur; cur = cur->next) {
+    if (cur->domain_attr->cq_data_size >= 4) {
+      fi_info* chosen = fi_dupinfo(cur);
+      fi_freeinfo(info);
+      return chosen;
+    }
+  }
+  fi_freeinfo(info);
+  *why = std::string(found->prov_name) + " offers no remote CQ data (cq_data_size < 4), which kvxfer's counters need";
+  return nullptr;
+}
+
+}  // namespace kvxfer

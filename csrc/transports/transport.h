@@ -1,0 +1,62 @@
+// Transport: what the Agent needs from a wire. FabricTransport (libfabric: efa, verbs, tcp, shm) implements it.
+// The same-host CMA path (host_ipc/) moves bytes itself and signals through this interface's zero-byte writes.
+//
+// Threading: every method except the constructor, address() and register_memory() is called from the Agent's
+// progress thread only, so implementations need no locks (libfabric FI_THREAD_DOMAIN).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace kvxfer {
+
+using PeerAddr = uint64_t;  // transport-local handle of a peer (fi_addr_t for libfabric)
+constexpr PeerAddr kUnknownPeer = ~0ull;
+
+struct MemoryKey {
+  void* handle = nullptr;   // transport-owned registration (fid_mr*)
+  void* desc = nullptr;     // local descriptor to pass with writes from this memory (FI_MR_LOCAL)
+  uint64_t rkey = 0;        // remote key the peer puts in its writes
+};
+
+struct Capabilities {
+  std::string provider;       // "tcp;ofi_rxm", "shm", "efa", "verbs;ofi_rxm", ...
+  std::string name;           // kvxfer's transport name: "tcp", "fi_shm", "efa", "verbs"
+  bool remote_virt_addr;      // remote addresses are virtual addresses (FI_MR_VIRT_ADDR), else MR offsets
+  uint64_t max_write_bytes;   // largest single write we post
+  size_t max_inflight;        // bounded in-flight window (<= provider tx size)
+};
+
+// One completion-queue event, decoded.
+struct Event {
+  enum class Kind { WriteDone, SendDone, Message, RemoteData, OpError } kind;
+  void* context = nullptr;     // the op context the write/send was posted with
+  PeerAddr source = kUnknownPeer;  // for Message / RemoteData
+  uint32_t imm = 0;            // for RemoteData
+  const uint8_t* msg = nullptr;    // for Message: valid until the next poll()
+  size_t msg_len = 0;
+  std::string error;           // for OpError: call, rc, fi_strerror, provider
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual const Capabilities& capabilities() const = 0;
+  virtual std::vector<uint8_t> address() const = 0;
+  virtual MemoryKey register_memory(void* addr, size_t nbytes, uint64_t requested_key) = 0;
+  virtual void deregister_memory(MemoryKey& key) = 0;
+  virtual PeerAddr insert_peer(const std::vector<uint8_t>& address) = 0;
+  virtual void remove_peer(PeerAddr peer) = 0;
+  // Return 0 when posted, or -EAGAIN (the caller polls and retries). Other failures throw TransferFailed.
+  // context must point to storage that begins with kContextBytes the transport may use until the completion.
+  virtual int post_write(const void* src, size_t nbytes, void* desc, uint32_t imm, PeerAddr peer,
+                         uint64_t remote_addr, uint64_t rkey, void* context) = 0;
+  virtual int post_message(const void* msg, size_t nbytes, PeerAddr peer, void* context) = 0;
+  // Fills up to max events; never blocks.
+  virtual size_t poll(Event* events, size_t max) = 0;
+  static constexpr size_t kContextBytes = 64;  // >= sizeof(struct fi_context2)
+  static constexpr size_t kMaxMessageBytes = 256;
+};
+
+}  // namespace kvxfer

@@ -1,0 +1,183 @@
+"""Agent: one per process. Owns the transport, registered pools, peers and a C++ progress thread.
+
+    decode = Agent("decode-0"); pool = decode.register_pool(kv_tensors, layout)    # exposes the pool
+    peer = prefill.add_peer(decode.metadata())          # bytes travel over the engine's own channel
+    send = prefill.send(peer, request_id, src_ids, dst_ids)   # WritePlan built in C++
+    for layer in range(layout.num_layers): run_layer(layer); send.layer_ready(layer)
+    decode.recv(prefill_peer, request_id, dst_ids).wait(timeout_s=5.0)
+
+Both sides add each other (agent.add_peer(other.metadata())): writes start once both have. Transfer ids are the
+engine's request keys, scoped per peer. Python never loops per block: ids go to C++ as int32 arrays.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from kvxfer import _C, envs
+from kvxfer.errors import InvalidArgument
+from kvxfer.layout import KVLayout
+from kvxfer.memory import as_region
+from kvxfer.transfer import Recv, Send
+
+
+class Peer:
+    """A remote agent: name, epoch, the pools it exposes, and the path used to write to it ("cma", "tcp", ...)."""
+
+    def __init__(self, handle):
+        self._h = handle
+
+    name = property(lambda self: self._h.name)
+    epoch = property(lambda self: self._h.epoch)
+    path = property(lambda self: self._h.path)
+    path_reason = property(lambda self: self._h.path_reason)
+    connected = property(lambda self: self._h.connected)
+    lost = property(lambda self: self._h.lost)
+    same_host = property(lambda self: self._h.same_host)
+    pools = property(lambda self: [name for name, _ in self._h.pools])
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.name} path={self.path} connected={self.connected}>"
+
+
+class Pool:
+    """A registered paged pool: its layout, the memory behind it, and its index in the agent."""
+
+    def __init__(self, index: int, name: str, layout: KVLayout, memory):
+        self.index, self.name, self.layout, self._memory = index, name, layout, memory
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name} {self.layout.kind} layers={self.layout.num_layers} blocks={self.layout.num_blocks}>"
+
+
+def _ids(ids, what: str) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise InvalidArgument(f"{what} must be a 1-D integer array of block ids, got {arr.dtype} with shape {arr.shape}")
+    if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
+        raise InvalidArgument(f"{what} holds ids beyond int32; block ids are indexes into the pool")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def _layers(layers) -> tuple[int, int]:
+    if layers is None:
+        return 0, -1
+    layers = range(layers, layers + 1) if isinstance(layers, int) else layers
+    if not isinstance(layers, range) or layers.step != 1 or len(layers) == 0:
+        raise InvalidArgument(f"layers must be a non-empty range with step 1, got {layers!r}")
+    return layers.start, len(layers)
+
+
+class Agent:
+    def __init__(self, name: str | None = None, *, transport: str | None = None, interface: str | None = None,
+                 timeout_s: float | None = None):
+        opts = _C.AgentOptions()
+        opts.name = name or f"kvxfer-{os.getpid()}"
+        transport = transport or envs.get("KVXFER_TRANSPORT")
+        provider = envs.get("KVXFER_PROVIDER")
+        if transport == "auto" and provider:
+            transport = {"shm": "fi_shm"}.get(provider, provider)
+        opts.transport = transport
+        opts.interface = interface if interface is not None else envs.get("KVXFER_IFACE")
+        opts.default_timeout_s = float(timeout_s if timeout_s is not None else envs.get("KVXFER_TIMEOUT_S"))
+        self._c = _C.Agent(opts)
+        self._pools: dict[str, Pool] = {}
+        self._peers: dict[int, Peer] = {}
+
+    name = property(lambda self: self._c.name)
+    epoch = property(lambda self: self._c.epoch)
+    transport = property(lambda self: self._c.transport)
+    provider = property(lambda self: self._c.provider)
+
+    def register_pool(self, memory, layout: KVLayout, name: str = "kv") -> Pool:
+        """Register a paged pool once: a list of per-layer tensors/arrays, one stacked tensor, or one blocks-first
+        tensor. Raises (RegistrationFailed, PoolTooSmall, ...) here, never at the first transfer."""
+        items = list(memory) if isinstance(memory, (list, tuple)) and not _is_raw_range(memory) else [memory]
+        regions = [as_region(m) for m in items]
+        if layout.per_layer and len(regions) == layout.num_layers:
+            layer_regions, offsets = list(range(len(regions))), [0] * layout.num_layers
+        elif len(regions) == 1:
+            layer_regions = [0] * layout.num_layers
+            offsets = [i * layout.layer_stride for i in range(layout.num_layers)] if layout.per_layer else \
+                      [i * layout.layer_stride for i in range(layout.num_layers)]
+        else:
+            raise InvalidArgument(f"a {layout.kind} layout with {layout.num_layers} layers takes one tensor per layer "
+                                  f"or one tensor for all layers, got {len(regions)}")
+        spec = layout.spec(layer_regions, offsets)
+        index = self._c.register_pool(name, spec, [_C.LocalRegion(r.addr, r.nbytes, r.device) for r in regions])
+        pool = Pool(index, name, layout, items)
+        self._pools[name] = pool
+        return pool
+
+    def metadata(self) -> bytes:
+        """Versioned, length-checked bytes for the peer's add_peer(). Take them after registering pools."""
+        return self._c.metadata()
+
+    def add_peer(self, metadata: bytes) -> Peer:
+        if not isinstance(metadata, (bytes, bytearray, memoryview)):
+            raise InvalidArgument(f"add_peer takes the bytes from agent.metadata(), got {type(metadata).__name__}")
+        peer = Peer(self._c.add_peer(bytes(metadata)))
+        self._peers[peer.epoch] = peer
+        return peer
+
+    def remove_peer(self, peer: Peer) -> None:
+        self._c.remove_peer(peer._h)
+
+    def wait_connected(self, peer: Peer, timeout_s: float = 10.0) -> None:
+        self._c.wait_connected(peer._h, timeout_s)
+
+    def _pool(self, pool) -> Pool:
+        if pool is None:
+            if not self._pools:
+                raise InvalidArgument("no pool registered; call agent.register_pool(tensors, layout) first")
+            return next(iter(self._pools.values()))
+        if isinstance(pool, Pool):
+            return pool
+        if pool not in self._pools:
+            raise InvalidArgument(f"no pool named {pool!r}; registered: {list(self._pools)}")
+        return self._pools[pool]
+
+    def send(self, peer: Peer, xfer_id: int, src_ids, dst_ids, *, pool=None, dst_pool: str = "", layers=None,
+             timeout_s: float | None = None) -> Send:
+        """Open a send of src blocks into the peer's dst blocks. Nothing is posted until layer_ready/all_ready."""
+        first, count = _layers(layers)
+        h = self._c.send(peer._h, _xfer(xfer_id), self._pool(pool).index, dst_pool, _ids(src_ids, "src_ids"),
+                         _ids(dst_ids, "dst_ids"), first, count, timeout_s or 0.0)
+        return Send(self, peer, h)
+
+    def recv(self, peer: Peer, xfer_id: int, dst_ids, *, pool=None, layers=None, timeout_s: float | None = None) -> Recv:
+        """Expect transfer xfer_id from peer into dst_ids of a local pool; may be called before or after the data."""
+        first, count = _layers(layers)
+        h = self._c.recv(peer._h, _xfer(xfer_id), self._pool(pool).index, _ids(dst_ids, "dst_ids"), first, count,
+                         timeout_s or 0.0)
+        return Recv(self, peer, h)
+
+    def stats(self) -> dict:
+        return self._c.stats()
+
+    def close(self) -> None:
+        """Stop the progress thread; live transfers fail with PeerLost."""
+        self._c = _Closed()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Closed:
+    def __getattr__(self, name):
+        raise InvalidArgument("this Agent is closed")
+
+
+def _xfer(xfer_id) -> int:
+    x = int(xfer_id)
+    if not 0 <= x < 2**64:
+        raise InvalidArgument(f"transfer id {xfer_id} must be in [0, 2**64)")
+    return x
+
+
+def _is_raw_range(obj) -> bool:
+    return isinstance(obj, tuple) and len(obj) == 3 and all(isinstance(v, int) for v in obj)

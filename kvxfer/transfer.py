@@ -1,0 +1,83 @@
+"""Send and Recv handles.
+
+Send side: Agent.send() -> Send. Send.layer_ready(l) queues layer l's writes and returns in microseconds (never
+blocks); Send.all_ready() marks every remaining layer. Send.state is O(1). A send is DONE once every write
+completed locally and the receiver confirmed that every chunk arrived.
+Recv side: Agent.recv() -> Recv. Recv.layer_done(l) and Recv.state are O(1) and never block; Recv.wait() blocks
+(GIL released) with a timeout. DONE means every chunk of every layer arrived, counted exactly from immediates.
+"""
+from __future__ import annotations
+
+import enum
+
+from kvxfer import errors
+
+
+class TransferState(enum.IntEnum):
+    PENDING = 0
+    DONE = 1
+    FAILED = 2
+
+
+def _raise_failure(handle) -> None:
+    cls = getattr(errors, handle.error_kind.name, errors.TransferFailed)
+    raise cls(handle.error)
+
+
+class _Transfer:
+    def __init__(self, agent, peer, handle):
+        self._agent, self.peer, self._h = agent, peer, handle
+
+    @property
+    def xfer_id(self) -> int:
+        return self._h.xfer_id
+
+    @property
+    def state(self) -> TransferState:
+        return TransferState(self._h.state)
+
+    @property
+    def done(self) -> bool:
+        return self._h.state == TransferState.DONE
+
+    @property
+    def error(self) -> errors.KvxferError | None:
+        if self._h.state != TransferState.FAILED:
+            return None
+        return getattr(errors, self._h.error_kind.name, errors.TransferFailed)(self._h.error)
+
+    @property
+    def layers_done(self) -> int:
+        return self._h.layers_done
+
+    def layer_done(self, layer: int) -> bool:
+        return self._h.layer_done(layer)
+
+    def wait(self, layer: int | None = None, timeout_s: float = 30.0) -> None:
+        """Block until done (or `layer` done). Raises the transfer's typed error, or TransferTimeout."""
+        state = self._h.wait(-1 if layer is None else layer, timeout_s)
+        if state == TransferState.FAILED:
+            _raise_failure(self._h)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id={self.xfer_id} {self.state.name} layers {self.layers_done}/{self._h.num_layers}>"
+
+
+class Send(_Transfer):
+    def layer_ready(self, layer: int) -> None:
+        self._agent._c.layer_ready(self._h, layer)
+
+    def all_ready(self) -> None:
+        self._agent._c.layer_ready(self._h, -1)
+
+    @property
+    def num_writes(self) -> int:
+        return self._h.num_writes
+
+    @property
+    def nbytes(self) -> int:
+        return self._h.nbytes
+
+
+class Recv(_Transfer):
+    pass

@@ -1,0 +1,51 @@
+"""Build kvxfer._C with CMake (csrc/CMakeLists.txt). Options: KVXFER_BUILD_CUDA=0/1, KVXFER_BUILD_TYPE."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, source_dir: Path):
+        super().__init__(name, sources=[])
+        self.source_dir = str(source_dir)
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: CMakeExtension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        build_type = os.environ.get("KVXFER_BUILD_TYPE", "Release")
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={build_type}",
+            f"-DKVXFER_VERSION={self.distribution.get_version()}",
+        ]
+        if "KVXFER_BUILD_CUDA" in os.environ:
+            args.append(f"-DKVXFER_BUILD_CUDA={'ON' if os.environ['KVXFER_BUILD_CUDA'] == '1' else 'OFF'}")
+        try:
+            import ninja  # noqa: F401
+
+            args.append("-GNinja")
+        except ImportError:
+            pass
+        subprocess.run(["cmake", ext.source_dir, *args], cwd=build_dir, check=True)
+        jobs = str(os.cpu_count() or 2)
+        subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
+
+
+setup(
+    ext_modules=[CMakeExtension("kvxfer._C", ROOT / "csrc")],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)
