@@ -1,0 +1,67 @@
+"""Agent pairs across two real processes: the test process receives, a spawned peer process sends."""
+import multiprocessing as mp
+import os
+
+import pytest
+
+os.environ.setdefault("FI_TCP_IFACE", "lo")  # libfabric's tcp provider: loopback only
+
+TRANSPORTS = ["tcp", "fi_shm", "cma"]
+
+
+class RemoteSender:
+    def __init__(self):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        from tests.peer import serve
+
+        self.proc = ctx.Process(target=serve, args=(child,), daemon=True)
+        self.proc.start()
+
+    def call(self, cmd, *args, timeout_s=120):
+        self.conn.send((cmd, args[0] if len(args) == 1 else args))
+        if not self.conn.poll(timeout_s):
+            raise TimeoutError(f"peer did not answer {cmd} within {timeout_s}s")
+        reply = self.conn.recv()
+        if reply[0] == "err":
+            raise RemoteError(reply[1], reply[2])
+        return reply[1]
+
+    def close(self):
+        if self.proc.is_alive():
+            try:
+                self.call("exit", None, timeout_s=10)
+            except Exception:
+                pass
+            self.proc.join(5)
+            if self.proc.is_alive():
+                self.proc.kill()
+
+
+class RemoteError(Exception):
+    def __init__(self, kind, message):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+@pytest.fixture
+def remote():
+    r = RemoteSender()
+    yield r
+    r.close()
+
+
+def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0):
+    """Receiver agent here with a seeded destination pool; sender agent in `remote`. Returns (agent, peer, pool)."""
+    import kvxfer
+    from tests.reference import PRESETS, make_pool
+
+    layout = PRESETS[layout_kind]() if layout_kind in PRESETS else getattr(kvxfer.KVLayout, layout_kind)(*layout_args)
+    agent = kvxfer.Agent("test-receiver", transport=transport, interface="lo", timeout_s=timeout_s)
+    dst = make_pool(layout, seed + 1000)  # not zeros: untouched blocks must keep these exact bytes
+    agent.register_pool(dst, layout)
+    sender_md = remote.call("init", (transport, layout_kind, seed, list(layout_args)))
+    peer = agent.add_peer(sender_md)
+    path = remote.call("add_peer", agent.metadata())
+    agent.wait_connected(peer, 20)
+    return agent, peer, layout, dst, path

@@ -1,0 +1,57 @@
+"""The remote side of a test: a sender agent in its own process, driven over a multiprocessing pipe.
+
+Commands are (name, args) tuples of plain values; replies are ("ok", value) or ("err", class_name, message).
+Source pools are regenerated from a seed by reference.make_pool, so the test can compute the expected image.
+"""
+import os
+import traceback
+
+os.environ.setdefault("FI_TCP_IFACE", "lo")
+
+
+def serve(conn):
+    import kvxfer
+    from tests.reference import PRESETS, make_pool
+    from kvxfer import KVLayout
+
+    agent = pool = None
+    peers, sends = {}, {}
+    while True:
+        cmd, args = conn.recv()
+        try:
+            if cmd == "init":
+                transport, kind, seed, layout_args = args
+                layout = PRESETS[kind]() if kind in PRESETS else getattr(KVLayout, kind)(*layout_args)
+                agent = kvxfer.Agent("peer-sender", transport=transport, interface="lo")
+                pool = make_pool(layout, seed)
+                agent.register_pool(pool, layout)
+                result = agent.metadata()
+            elif cmd == "add_peer":
+                p = agent.add_peer(args)
+                peers[0] = p
+                result = p.path
+            elif cmd == "send":
+                xfer, src, dst, layers, mark = args
+                s = agent.send(peers[0], xfer, src, dst, layers=layers)
+                sends[xfer] = s
+                if mark == "all":
+                    s.all_ready()
+                result = s.num_writes
+            elif cmd == "mark":
+                xfer, layer = args
+                sends[xfer].layer_ready(layer)
+                result = None
+            elif cmd == "wait":
+                xfer, timeout_s = args
+                sends[xfer].wait(timeout_s=timeout_s)
+                result = sends[xfer].state.name
+            elif cmd == "exit":
+                conn.send(("ok", None))
+                return
+            elif cmd == "crash":
+                os._exit(17)
+            else:
+                raise ValueError(cmd)
+            conn.send(("ok", result))
+        except Exception as e:  # reply with the typed error; the test asserts on it
+            conn.send(("err", type(e).__name__, str(e) + "\n" + traceback.format_exc(limit=2)))

@@ -1,0 +1,41 @@
+"""Numpy reference for layouts: views each pool by its logical shape and copies blocks with fancy indexing.
+Independent of the C++ offset arithmetic it checks."""
+import numpy as np
+
+from kvxfer import KVLayout
+
+PRESETS = {
+    "vllm_flash": lambda: KVLayout.vllm_flash(4, 32, 16, 2, 32, "float16"),
+    "flashinfer": lambda: KVLayout.flashinfer(4, 32, 16, 2, 32, "float16"),
+    "mla": lambda: KVLayout.mla(3, 40, 16, 72, "bfloat16"),
+    "vllm_cpu": lambda: KVLayout.vllm_cpu(2, 24, 16, 2, 32, "float32"),
+    "blocks_first": lambda: KVLayout.blocks_first(4, 24, 8, 2, 32, "float16"),
+    "contiguous": lambda: KVLayout.contiguous(64, 4096),
+}
+
+
+def make_pool(layout: KVLayout, seed: int):
+    """Per-layer uint8 arrays (or one array for blocks_first) filled from seed."""
+    rng = np.random.default_rng(seed)
+    if layout.per_layer:
+        return [rng.integers(0, 256, layout.tensor_layer_bytes, dtype=np.uint8) for _ in range(layout.num_layers)]
+    return [rng.integers(0, 256, layout.tensor_layer_bytes, dtype=np.uint8)]
+
+
+def block_view(layout: KVLayout, pool, layer: int) -> np.ndarray:
+    """A [num_planes, num_blocks, chunk_bytes] view of one layer (strided views, no copies)."""
+    c, nb = layout.chunk_bytes, layout.num_blocks
+    if layout.kind in ("vllm_flash",):
+        return pool[layer].reshape(2, nb, c)
+    if layout.kind == "flashinfer":
+        return pool[layer].reshape(nb, 2, c).transpose(1, 0, 2)
+    if layout.kind in ("mla", "vllm_cpu", "contiguous"):
+        return pool[layer].reshape(1, nb, c)
+    if layout.kind == "blocks_first":
+        return pool[0].reshape(nb, layout.num_layers, 2, c)[:, layer].transpose(1, 0, 2)
+    raise ValueError(layout.kind)
+
+
+def apply(layout: KVLayout, src_pool, dst_pool, src_ids, dst_ids, layers) -> None:
+    for layer in layers:
+        block_view(layout, dst_pool, layer)[:, dst_ids] = block_view(layout, src_pool, layer)[:, src_ids]
