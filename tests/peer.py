@@ -32,7 +32,7 @@ def serve(conn):
                 result = p.path
             elif cmd == "send":
                 xfer, src, dst, layers, mark = args
-                s = agent.send(peers[0], xfer, src, dst, layers=layers)
+                s = agent.send(peers[0], xfer, src, dst, layers=range(*layers) if layers else None)
                 sends[xfer] = s
                 if mark == "all":
                     s.all_ready()

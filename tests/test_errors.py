@@ -1,0 +1,164 @@
+"""Bad input gets a typed error naming the cause, and nothing is corrupted."""
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer import errors
+from tests.conftest import RemoteError, connect
+from tests.reference import make_pool
+
+
+def local_pair(kind_src="vllm_flash", kind_dst="vllm_flash", transport="tcp"):
+    from tests.reference import PRESETS
+
+    a = kvxfer.Agent("a", transport=transport, interface="lo")
+    b = kvxfer.Agent("b", transport=transport, interface="lo")
+    la, lb = PRESETS[kind_src](), PRESETS[kind_dst]()
+    pa, pb = make_pool(la, 1), make_pool(lb, 2)
+    a.register_pool(pa, la)
+    b.register_pool(pb, lb)
+    peer_b = a.add_peer(b.metadata())
+    peer_a = b.add_peer(a.metadata())
+    return a, b, peer_a, peer_b, pa, pb
+
+
+def test_block_out_of_range_both_sides():
+    a, b, _, peer_b, _, pb = local_pair()
+    before = [x.copy() for x in pb]
+    with pytest.raises(errors.BlockOutOfRange, match="destination block id 32"):
+        a.send(peer_b, 1, [0], [32])
+    with pytest.raises(errors.BlockOutOfRange, match="source block id -1"):
+        a.send(peer_b, 1, [-1], [0])
+    for x, y in zip(pb, before):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_layout_mismatch_names_the_field():
+    a, b, _, peer_b, _, _ = local_pair("vllm_flash", "mla")
+    with pytest.raises(errors.LayoutMismatch, match="num_layers is 4 on the sender but 3"):
+        a.send(peer_b, 1, [0], [0])
+    l1 = kvxfer.KVLayout.vllm_flash(4, 8, 16, 2, 32, "float16")
+    with pytest.raises(errors.LayoutMismatch, match="block_size"):
+        l1.check_compatible(kvxfer.KVLayout.vllm_flash(4, 8, 32, 2, 32, "float16"))
+    with pytest.raises(errors.LayoutMismatch, match="dtype"):
+        l1.check_compatible(kvxfer.KVLayout.vllm_flash(4, 8, 16, 2, 32, "bfloat16"))
+
+
+def test_pool_too_small_at_registration():
+    a = kvxfer.Agent("a", transport="tcp", interface="lo")
+    layout = kvxfer.KVLayout.vllm_flash(2, 8, 16, 2, 32, "float16")
+    with pytest.raises(errors.PoolTooSmall, match="needs 32768 bytes but its memory has 100"):
+        a.register_pool([np.zeros(100, np.uint8), np.zeros(100, np.uint8)], layout)
+
+
+def test_duplicate_live_transfer_and_mismatched_counts():
+    a, b, peer_a, peer_b, _, _ = local_pair()
+    a.send(peer_b, 5, [0, 1], [2, 3])
+    with pytest.raises(errors.DuplicateTransfer, match="transfer id 5"):
+        a.send(peer_b, 5, [4], [5])
+    with pytest.raises(errors.InvalidArgument, match="appears twice"):
+        a.send(peer_b, 6, [0, 1], [3, 3])
+    b.recv(peer_a, 8, [1])
+    with pytest.raises(errors.DuplicateTransfer):
+        b.recv(peer_a, 8, [1])
+
+
+def test_recv_count_mismatch_fails_not_completes():
+    a, b, peer_a, peer_b, _, _ = local_pair()
+    a.wait_connected(peer_b)
+    recv = b.recv(peer_a, 3, [1, 2, 3])           # expects 3 blocks
+    a.send(peer_b, 3, [0, 1], [1, 2]).all_ready()  # sender writes 2
+    with pytest.raises(errors.TransferFailed, match="block count or layer range differs"):
+        recv.wait(timeout_s=10)
+
+
+def test_unknown_pool_and_wait_timeout():
+    a, b, peer_a, peer_b, _, _ = local_pair()
+    with pytest.raises(errors.PeerUnknown, match="exposes no pool named 'nope'"):
+        a.send(peer_b, 1, [0], [0], dst_pool="nope")
+    recv = b.recv(peer_a, 99, [0])
+    with pytest.raises(errors.TransferTimeout, match="not complete after 0.2 s"):
+        recv.wait(timeout_s=0.2)
+    assert recv.state == kvxfer.TransferState.PENDING  # a wait timeout does not fail the transfer
+
+
+def test_metadata_rejected_when_malformed():
+    a = kvxfer.Agent("a", transport="tcp", interface="lo")
+    layout = kvxfer.KVLayout.contiguous(4, 64)
+    a.register_pool(np.zeros(256, np.uint8), layout)
+    md = a.metadata()
+    b = kvxfer.Agent("b", transport="tcp", interface="lo")
+    with pytest.raises(errors.MetadataError, match="shorter than"):
+        b.add_peer(md[:10])
+    with pytest.raises(errors.MetadataError, match="length mismatch"):
+        b.add_peer(md[:-1])
+    with pytest.raises(errors.MetadataError, match="magic"):
+        b.add_peer(b"XXXX" + md[4:])
+    bad_version = md[:4] + (9).to_bytes(2, "little") + md[6:]
+    with pytest.raises(errors.MetadataError, match="version 9"):
+        b.add_peer(bad_version)
+    flipped = bytearray(md)
+    flipped[40] ^= 0xFF
+    with pytest.raises(errors.MetadataError, match="checksum"):
+        b.add_peer(bytes(flipped))
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # random garbage with a valid header must never crash or be accepted
+        body = rng.integers(0, 256, rng.integers(0, 300), dtype=np.uint8).tobytes()
+        with pytest.raises(errors.MetadataError):
+            b.add_peer(body)
+
+
+def test_bad_ids_arguments():
+    a, b, _, peer_b, _, _ = local_pair()
+    with pytest.raises(errors.InvalidArgument, match="1-D integer array"):
+        a.send(peer_b, 1, np.array([0.5]), [0])
+    with pytest.raises(errors.InvalidArgument, match="src_ids has 2 block ids but dst_ids has 1"):
+        a.send(peer_b, 1, [0, 1], [0])
+    with pytest.raises(errors.InvalidArgument, match="unknown transport"):
+        kvxfer.Agent("x", transport="carrier-pigeon")
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])
+def test_sender_killed_mid_transfer_fails_receiver(transport, remote):
+    """The sender dies after some layers: the recv fails with a typed error within its timeout, never completes,
+    and blocks the transfer did not address stay byte-identical."""
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed=2, timeout_s=5.0)
+    ids = np.array([1, 2, 3], dtype=np.int32)
+    before = [x.copy() for x in dst]
+    recv = agent.recv(peer, 4, ids)
+    remote.call("send", (4, ids.tolist(), ids.tolist(), None, "none"))
+    remote.call("mark", (4, 0))
+    recv.wait(layer=0, timeout_s=10)
+    remote.conn.send(("crash", None))
+    remote.proc.join(10)
+    with pytest.raises((errors.PeerLost, errors.TransferTimeout)):
+        recv.wait(timeout_s=20)
+    assert recv.state == kvxfer.TransferState.FAILED and recv.layers_done == 1
+    untouched = np.ones(layout.num_blocks, bool)
+    untouched[ids] = False
+    from tests.reference import block_view
+    for layer in range(layout.num_layers):
+        np.testing.assert_array_equal(block_view(layout, dst, layer)[:, untouched],
+                                      block_view(layout, before, layer)[:, untouched])
+
+
+def test_send_to_dead_receiver_fails(remote):
+    """The receiver process is gone: the send fails with PeerLost or TransferTimeout, never hangs."""
+    from tests.reference import PRESETS
+
+    layout = PRESETS["vllm_flash"]()
+    md = remote.call("init", ("cma", "vllm_flash", 1, []))
+    a = kvxfer.Agent("a", transport="cma", interface="lo", timeout_s=3.0)
+    a.register_pool(make_pool(layout, 9), layout)
+    peer = a.add_peer(md)
+    remote.call("add_peer", a.metadata())
+    a.wait_connected(peer, 10)
+    remote.conn.send(("crash", None))
+    remote.proc.join(10)
+    with pytest.raises((errors.PeerLost, errors.TransferTimeout)):
+        s = a.send(peer, 1, [0, 1], [0, 1])
+        s.all_ready()
+        s.wait(timeout_s=20)

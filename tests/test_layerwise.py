@@ -1,0 +1,46 @@
+"""Layer-wise arrival: layer L is complete on the receiver only after the sender marked it, and all layers arrive."""
+import numpy as np
+import pytest
+
+from tests.conftest import TRANSPORTS, connect
+from tests.reference import apply, block_view, make_pool
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_layers_arrive_only_after_marked(transport, remote):
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed=4)
+    src_ids = np.array([5, 9, 2, 30], dtype=np.int32)
+    dst_ids = np.array([1, 17, 6, 8], dtype=np.int32)
+    src_pool = make_pool(layout, 4)
+    before = [a.copy() for a in dst]
+    recv = agent.recv(peer, 77, dst_ids)
+    remote.call("send", (77, src_ids.tolist(), dst_ids.tolist(), None, "none"))
+    order = [2, 0, 3, 1]
+    for i, layer in enumerate(order):
+        remote.call("mark", (77, layer))
+        recv.wait(layer=layer, timeout_s=30)
+        assert recv.layer_done(layer)
+        for later in order[i + 1:]:  # not marked yet: cannot be complete, and its bytes are untouched
+            assert not recv.layer_done(later)
+            np.testing.assert_array_equal(block_view(layout, dst, later), block_view(layout, before, later))
+        got = block_view(layout, dst, layer)[:, dst_ids]
+        np.testing.assert_array_equal(got, block_view(layout, src_pool, layer)[:, src_ids])
+    recv.wait(timeout_s=30)
+    expected = [a.copy() for a in before]
+    apply(layout, src_pool, expected, src_ids, dst_ids, range(layout.num_layers))
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])
+def test_layer_range_subset(transport, remote):
+    agent, peer, layout, dst, _ = connect(transport, remote, "flashinfer", seed=6)
+    ids = np.array([0, 1, 2], dtype=np.int32)
+    before = [a.copy() for a in dst]
+    recv = agent.recv(peer, 5, ids, layers=range(1, 3))
+    remote.call("send", (5, ids.tolist(), ids.tolist(), [1, 3], "all"))
+    recv.wait(timeout_s=30)
+    expected = [a.copy() for a in before]
+    apply(layout, make_pool(layout, 6), expected, ids, ids, range(1, 3))
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
