@@ -125,6 +125,8 @@ def run_transport(transport, reps):
 
     L = layout()
     dst = [np.zeros(L.tensor_layer_bytes, np.uint8) for _ in range(NUM_LAYERS)]
+    for a in dst:
+        a.fill(0)  # fault the pages in now, so neither the limit nor kvxfer pays first-touch costs
     agent = kvxfer.Agent("bench-receiver", transport=transport, interface="lo", timeout_s=120)
     agent.register_pool(dst, L)
     ctx = mp.get_context("spawn")
