@@ -9,6 +9,7 @@
 #include <random>
 #include <thread>
 
+#include "core/imm.h"
 #include "core/plan.h"
 #include "transports/host_ipc/cma.h"
 #ifdef KVXFER_HAVE_LIBFABRIC
@@ -38,6 +39,24 @@ std::string fabric_provider_for(const AgentOptions& o) {
                                                            "(`python -m kvxfer info` lists what works here)");
   if (!o.interface.empty()) provider += "@" + o.interface;
   return provider;
+}
+
+// How many writes post_send_ops will post for this plan when gathering up to max_iov pieces (same rule).
+uint64_t count_gathered_writes(const WritePlan& plan, size_t max_iov) {
+  uint64_t ops = 0;
+  for (uint32_t li = 0; li < plan.num_layers; ++li) {
+    uint32_t i = plan.layer_begin[li];
+    const uint32_t end = plan.layer_begin[li + 1];
+    while (i < end) {
+      size_t n = 0;
+      uint32_t granules = 0;
+      while (n < max_iov && i + n < end && granules + plan.writes[i + n].granules <= ImmCode::kMaxGranules)
+        granules += plan.writes[i + n++].granules;
+      i += static_cast<uint32_t>(n);
+      ++ops;
+    }
+  }
+  return ops;
 }
 
 uint64_t random_u64() {
@@ -261,7 +280,8 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
   send->marked.reset(new std::atomic<uint8_t>[count]);
   for (uint32_t i = 0; i < count; ++i) send->marked[i].store(0, std::memory_order_relaxed);
   const uint32_t signals_per_layer = (send->plan.granules_per_layer + ImmCode::kMaxGranules - 1) / ImmCode::kMaxGranules;
-  send->ops_expected = peer->path == "cma" ? static_cast<uint64_t>(signals_per_layer) * count : send->plan.writes.size();
+  send->ops_expected = peer->path == "cma" ? static_cast<uint64_t>(signals_per_layer) * count
+                                           : count_gathered_writes(send->plan, transport_->capabilities().max_iov);
   {
     std::lock_guard<std::mutex> lock(peer->mu);
     KVXFER_CHECK(!peer->live_sends.count(xfer_id), DuplicateTransfer,

@@ -159,21 +159,32 @@ bool Agent::post_send_ops(SendState& send, size_t& budget) {
         if (!post_cma_layer(send, cur, budget)) return true;
       } else {
         const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
+        // Gather up to max_iov consecutive chunks-runs into one write whose immediate carries their granule sum.
+        const size_t max_iov = transport_->capabilities().max_iov;
         while (begin + cur.next < end && budget > 0) {
-          const Write& w = send.plan.writes[begin + cur.next];
+          WriteIov iov[16];
+          size_t n = 0;
+          uint32_t granules = 0;
+          while (n < max_iov && begin + cur.next + n < end) {
+            const Write& w = send.plan.writes[begin + cur.next + n];
+            if (granules + w.granules > ImmCode::kMaxGranules) break;
+            const auto& dreg = dst.regions[w.dst_region];
+            iov[n] = {reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset), w.nbytes,
+                      src.keys[w.src_region].desc, (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset,
+                      dreg.rkey};
+            granules += w.granules;
+            ++n;
+          }
+          const uint32_t layer = send.plan.writes[begin + cur.next].layer;
           OpContext* ctx = take_context();
           ctx->send = &send;
-          const auto& dreg = dst.regions[w.dst_region];
-          const uint64_t raddr = (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset;
-          const uint32_t imm = ImmCode::encode(send.slot, w.layer, w.granules);
-          int rc = transport_->post_write(reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset),
-                                          w.nbytes, src.keys[w.src_region].desc, imm, peer.addr, raddr, dreg.rkey, ctx);
+          int rc = transport_->post_writev(iov, n, ImmCode::encode(send.slot, layer, granules), peer.addr, ctx);
           if (rc == -EAGAIN) {
             return_context(ctx);
             counters_.eagain++;
             return any;  // the window is full in the provider; poll, then come back
           }
-          ++cur.next;
+          cur.next += static_cast<uint32_t>(n);
           ++send.ops_posted;
           --budget;
           counters_.writes_posted++;

@@ -26,6 +26,16 @@ struct Capabilities {
   bool remote_virt_addr;      // remote addresses are virtual addresses (FI_MR_VIRT_ADDR), else MR offsets
   uint64_t max_write_bytes;   // largest single write we post
   size_t max_inflight;        // bounded in-flight window (<= provider tx size)
+  size_t max_iov = 1;         // chunks one write may gather (min of the provider's iov and rma_iov limits)
+};
+
+// One piece of a gathered write: local source and remote destination of the same length.
+struct WriteIov {
+  const void* src;
+  size_t nbytes;
+  void* desc;
+  uint64_t remote_addr;
+  uint64_t rkey;
 };
 
 // One completion-queue event, decoded.
@@ -52,6 +62,8 @@ class Transport {
   // context must point to storage that begins with kContextBytes the transport may use until the completion.
   virtual int post_write(const void* src, size_t nbytes, void* desc, uint32_t imm, PeerAddr peer,
                          uint64_t remote_addr, uint64_t rkey, void* context) = 0;
+  // A gathered write: n pieces, one completion, one immediate (fi_writemsg with FI_REMOTE_CQ_DATA).
+  virtual int post_writev(const WriteIov* iov, size_t n, uint32_t imm, PeerAddr peer, void* context) = 0;
   virtual int post_message(const void* msg, size_t nbytes, PeerAddr peer, void* context) = 0;
   // Fills up to max events; never blocks.
   virtual size_t poll(Event* events, size_t max) = 0;

@@ -5,6 +5,7 @@
 #include <rdma/fi_endpoint.h>
 #include <rdma/fi_rma.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -35,6 +36,7 @@ class FabricTransport final : public Transport {
     caps_.max_write_bytes = std::min<uint64_t>(info_->ep_attr->max_msg_size, 8ull << 20);
     caps_.max_inflight = std::max<size_t>(16, std::min<size_t>(info_->tx_attr->size, 1024));
     inject_size_ = info_->tx_attr->inject_size;
+    caps_.max_iov = std::max<size_t>(1, std::min<size_t>({static_cast<size_t>(info_->tx_attr->iov_limit), static_cast<size_t>(info_->tx_attr->rma_iov_limit), size_t{16}}));
     open_endpoint();
     post_initial_receives();
   }
@@ -96,6 +98,33 @@ class FabricTransport final : public Transport {
     KVXFER_CHECK(rc == 0, TransferFailed,
                  "fi_writedata(" << nbytes << " bytes) failed: rc=" << rc << " (" << fi_strerror(-rc)
                                  << ") on provider " << caps_.provider);
+    return 0;
+  }
+
+  int post_writev(const WriteIov* w, size_t n, uint32_t imm, PeerAddr peer, void* context) override {
+    iovec iov[16];
+    void* desc[16];
+    fi_rma_iov rma[16];
+    KVXFER_ASSERT(n >= 1 && n <= caps_.max_iov);
+    for (size_t i = 0; i < n; ++i) {
+      iov[i] = {const_cast<void*>(w[i].src), w[i].nbytes};
+      desc[i] = w[i].desc;
+      rma[i] = {w[i].remote_addr, w[i].nbytes, w[i].rkey};
+    }
+    fi_msg_rma msg{};
+    msg.msg_iov = iov;
+    msg.desc = desc;
+    msg.iov_count = n;
+    msg.addr = peer;
+    msg.rma_iov = rma;
+    msg.rma_iov_count = n;
+    msg.context = context;
+    msg.data = imm;
+    ssize_t rc = fi_writemsg(ep_, &msg, FI_REMOTE_CQ_DATA | FI_COMPLETION);
+    if (rc == -FI_EAGAIN) return -EAGAIN;
+    KVXFER_CHECK(rc == 0, TransferFailed,
+                 "fi_writemsg(" << n << " iovs) failed: rc=" << rc << " (" << fi_strerror(-rc) << ") on provider "
+                                << caps_.provider);
     return 0;
   }
 
