@@ -83,3 +83,22 @@ def test_many_concurrent_requests_counters_exact(transport, remote):
     for got, want in zip(dst, expected):
         np.testing.assert_array_equal(got, want)
     assert agent.stats()["unknown_imms"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["cma", "tcp"])
+def test_512mib_request(transport, remote):
+    """The reference request: 256 random blocks x 32 layers x K/V of 32 KiB = 512 MiB, verified byte for byte."""
+    args = (32, 256, 16, 8, 128, "bfloat16")
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed=13, layout_args=args, timeout_s=120)
+    assert layout.num_layers * 2 * 256 * layout.chunk_bytes == 512 << 20
+    rng = np.random.default_rng(2)
+    src_ids, dst_ids = rng.permutation(256).astype(np.int32), rng.permutation(256).astype(np.int32)
+    recv = agent.recv(peer, 512, dst_ids)
+    remote.call("send", (512, src_ids.tolist(), dst_ids.tolist(), None, "all"))
+    recv.wait(timeout_s=120)
+    assert remote.call("wait", (512, 120)) == "DONE"
+    src = make_pool(layout, 13)
+    for layer in range(layout.num_layers):
+        d, s = dst[layer].reshape(2, 256, -1), src[layer].reshape(2, 256, -1)
+        np.testing.assert_array_equal(d[:, dst_ids], s[:, src_ids])
