@@ -56,7 +56,7 @@ def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0
     import kvxfer
     from tests.reference import PRESETS, make_pool
 
-    layout = PRESETS[layout_kind]() if layout_kind in PRESETS else getattr(kvxfer.KVLayout, layout_kind)(*layout_args)
+    layout = getattr(kvxfer.KVLayout, layout_kind)(*layout_args) if layout_args else PRESETS[layout_kind]()
     agent = kvxfer.Agent("test-receiver", transport=transport, interface="lo", timeout_s=timeout_s)
     dst = make_pool(layout, seed + 1000)  # not zeros: untouched blocks must keep these exact bytes
     agent.register_pool(dst, layout)

@@ -21,7 +21,7 @@ def serve(conn):
         try:
             if cmd == "init":
                 transport, kind, seed, layout_args = args
-                layout = PRESETS[kind]() if kind in PRESETS else getattr(KVLayout, kind)(*layout_args)
+                layout = getattr(KVLayout, kind)(*layout_args) if layout_args else PRESETS[kind]()
                 agent = kvxfer.Agent("peer-sender", transport=transport, interface="lo")
                 pool = make_pool(layout, seed)
                 agent.register_pool(pool, layout)
