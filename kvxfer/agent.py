@@ -99,8 +99,7 @@ class Agent:
             layer_regions, offsets = list(range(len(regions))), [0] * layout.num_layers
         elif len(regions) == 1:
             layer_regions = [0] * layout.num_layers
-            offsets = [i * layout.layer_stride for i in range(layout.num_layers)] if layout.per_layer else \
-                      [i * layout.layer_stride for i in range(layout.num_layers)]
+            offsets = [i * layout.layer_stride for i in range(layout.num_layers)]  # stacked or blocks-first
         else:
             raise InvalidArgument(f"a {layout.kind} layout with {layout.num_layers} layers takes one tensor per layer "
                                   f"or one tensor for all layers, got {len(regions)}")

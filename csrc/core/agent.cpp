@@ -357,10 +357,7 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
     return f != first || n != count || g != granules;
   };
   auto describe = [&](uint32_t f, uint32_t n, uint32_t g) {
-    return "the sender writes layers [" + std::to_string(f) + ", " + std::to_string(f + n) + ") with " +
-           std::to_string(g) + " chunks per layer; this recv expects layers [" + std::to_string(first) + ", " +
-           std::to_string(first + count) + ") with " + std::to_string(granules) +
-           " (block count or layer range differs between send and recv)";
+    return describe_count_mismatch(f, n, g, first, count, granules);
   };
   if (auto it = peer->arrived.find(xfer_id); it != peer->arrived.end()) {
     const auto a = it->second;

@@ -423,11 +423,8 @@ void Agent::on_begin(PeerState& peer, const ControlMessage& m) {
     if (recv->first_layer != m.first_layer || recv->num_layers != m.num_layers ||
         recv->granules_per_layer != m.granules_per_layer) {
       recv->fail(ErrorKind::TransferFailed,
-                 "the sender writes layers [" + std::to_string(m.first_layer) + ", " +
-                     std::to_string(m.first_layer + m.num_layers) + ") with " + std::to_string(m.granules_per_layer) +
-                     " chunks per layer; this recv expects layers [" + std::to_string(recv->first_layer) + ", " +
-                     std::to_string(recv->first_layer + recv->num_layers) + ") with " +
-                     std::to_string(recv->granules_per_layer) + " (block count or layer range differs)");
+                 describe_count_mismatch(m.first_layer, m.num_layers, m.granules_per_layer, recv->first_layer,
+                                         recv->num_layers, recv->granules_per_layer));
       peer.live_recvs.erase(m.xfer_id);
     } else {
       s.recv = recv;

@@ -65,4 +65,11 @@ TransferState TransferBase::wait(int layer, double timeout_s) {
   return state();
 }
 
+std::string describe_count_mismatch(uint32_t sf, uint32_t sn, uint32_t sg, uint32_t rf, uint32_t rn, uint32_t rg) {
+  return "the sender writes layers [" + std::to_string(sf) + ", " + std::to_string(sf + sn) + ") with " +
+         std::to_string(sg) + " chunks per layer; this recv expects layers [" + std::to_string(rf) + ", " +
+         std::to_string(rf + rn) + ") with " + std::to_string(rg) +
+         " (block count or layer range differs between send and recv)";
+}
+
 }  // namespace kvxfer

@@ -80,6 +80,10 @@ class SendState : public TransferBase {
   bool begin_sent = false, released = false, aborted = false;
 };
 
+// The message for a recv whose expectation differs from what the sender announced (layers, chunks per layer).
+std::string describe_count_mismatch(uint32_t sender_first, uint32_t sender_num, uint32_t sender_granules,
+                                    uint32_t recv_first, uint32_t recv_num, uint32_t recv_granules);
+
 // Receiver side of one transfer.
 class RecvState : public TransferBase {
  public:
