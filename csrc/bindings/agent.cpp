@@ -105,6 +105,8 @@ void register_agent(py::module_& m) {
              py::gil_scoped_release nogil;
              return a.recv(peer, xfer_id, dst_pool, d.ptr, d.n, first_layer, num_layers, timeout_s);
            })
+      .def("_inject_imm", &Agent::inject_imm)
+      .def("_inject_begin", &Agent::inject_begin)
       .def_property_readonly("name", [](const Agent& a) { return a.info().name; })
       .def_property_readonly("epoch", [](const Agent& a) { return a.info().epoch; })
       .def_property_readonly("transport", [](const Agent& a) { return a.capabilities().name; })

@@ -386,4 +386,27 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
   return recv;
 }
 
+void Agent::inject_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
+  Command c{Command::Kind::InjectImm, nullptr, imm, peer, {}};
+  std::lock_guard<std::mutex> lock(cmd_mu_);
+  commands_.push_back(std::move(c));
+  has_commands_ = true;
+}
+
+void Agent::inject_begin(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t slot, uint32_t first_layer,
+                         uint32_t num_layers, uint32_t granules_per_layer) {
+  Command c{Command::Kind::InjectMessage, nullptr, 0, peer, {}};
+  c.msg.type = static_cast<uint16_t>(ControlType::Begin);
+  c.msg.sender_epoch = peer->info.epoch;
+  c.msg.receiver_epoch = info_.epoch;
+  c.msg.xfer_id = xfer_id;
+  c.msg.slot = slot;
+  c.msg.first_layer = first_layer;
+  c.msg.num_layers = num_layers;
+  c.msg.granules_per_layer = granules_per_layer;
+  std::lock_guard<std::mutex> lock(cmd_mu_);
+  commands_.push_back(std::move(c));
+  has_commands_ = true;
+}
+
 }  // namespace kvxfer

@@ -72,6 +72,12 @@ class Agent {
                                   const int32_t* dst_ids, size_t num_ids, int first_layer, int num_layers,
                                   double timeout_s);
 
+  // Testing: deliver an immediate or a control message as if `peer` had sent it, on the progress thread. Lets
+  // tests force orders the loopback providers never produce (BEGIN after data, reversed and split granules).
+  void inject_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm);
+  void inject_begin(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t slot, uint32_t first_layer,
+                    uint32_t num_layers, uint32_t granules_per_layer);
+
   const AgentInfo& info() const { return info_; }
   const Capabilities& capabilities() const { return transport_->capabilities(); }
   const AgentOptions& options() const { return options_; }
@@ -83,7 +89,7 @@ class Agent {
     SendState* send = nullptr;
   };
   struct Command {
-    enum class Kind { NewSend, LayerReady, Control } kind;
+    enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage } kind;
     std::shared_ptr<SendState> send;
     uint32_t layer_index = 0;  // LayerReady: index within the send's layer range
     std::shared_ptr<PeerState> peer;

@@ -63,6 +63,12 @@ bool Agent::run_commands() {
       case Command::Kind::Control:
         queue_control(*c.peer, static_cast<ControlType>(c.msg.type), c.msg.xfer_id, c.msg.slot);
         break;
+      case Command::Kind::InjectImm:
+        on_remote_data(c.peer->addr, c.layer_index);
+        break;
+      case Command::Kind::InjectMessage:
+        on_message(reinterpret_cast<const uint8_t*>(&c.msg), sizeof(c.msg));
+        break;
     }
   }
   return !cmds.empty();
