@@ -41,18 +41,15 @@ std::string fabric_provider_for(const AgentOptions& o) {
   return provider;
 }
 
-// How many writes post_send_ops will post for this plan when gathering up to max_iov pieces (same rule).
+// How many writes post_send_ops will post for this plan (the same gather_run rule).
 uint64_t count_gathered_writes(const WritePlan& plan, size_t max_iov) {
   uint64_t ops = 0;
   for (uint32_t li = 0; li < plan.num_layers; ++li) {
     uint32_t i = plan.layer_begin[li];
     const uint32_t end = plan.layer_begin[li + 1];
+    uint32_t granules;
     while (i < end) {
-      size_t n = 0;
-      uint32_t granules = 0;
-      while (n < max_iov && i + n < end && granules + plan.writes[i + n].granules <= ImmCode::kMaxGranules)
-        granules += plan.writes[i + n++].granules;
-      i += static_cast<uint32_t>(n);
+      i += static_cast<uint32_t>(gather_run(plan, i, end, max_iov, &granules));
       ++ops;
     }
   }

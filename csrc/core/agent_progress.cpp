@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "core/agent.h"
+#include "core/plan.h"
 #include "transports/host_ipc/cma.h"
 
 namespace kvxfer {
@@ -168,18 +169,15 @@ bool Agent::post_send_ops(SendState& send, size_t& budget) {
         // Gather up to max_iov consecutive chunks-runs into one write whose immediate carries their granule sum.
         const size_t max_iov = transport_->capabilities().max_iov;
         while (begin + cur.next < end && budget > 0) {
+          uint32_t granules;
+          const size_t n = gather_run(send.plan, begin + cur.next, end, max_iov, &granules);
           WriteIov iov[16];
-          size_t n = 0;
-          uint32_t granules = 0;
-          while (n < max_iov && begin + cur.next + n < end) {
-            const Write& w = send.plan.writes[begin + cur.next + n];
-            if (granules + w.granules > ImmCode::kMaxGranules) break;
+          for (size_t k = 0; k < n; ++k) {
+            const Write& w = send.plan.writes[begin + cur.next + k];
             const auto& dreg = dst.regions[w.dst_region];
-            iov[n] = {reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset), w.nbytes,
+            iov[k] = {reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset), w.nbytes,
                       src.keys[w.src_region].desc, (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset,
                       dreg.rkey};
-            granules += w.granules;
-            ++n;
           }
           const uint32_t layer = send.plan.writes[begin + cur.next].layer;
           OpContext* ctx = take_context();

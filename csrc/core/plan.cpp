@@ -31,6 +31,15 @@ void check_layer_range(const LayoutSpec& l, uint32_t first, uint32_t count) {
 
 }  // namespace
 
+size_t gather_run(const WritePlan& plan, uint32_t i, uint32_t end, size_t max_iov, uint32_t* granules) {
+  size_t n = 0;
+  uint32_t sum = 0;
+  while (n < max_iov && i + n < end && sum + plan.writes[i + n].granules <= ImmCode::kMaxGranules)
+    sum += plan.writes[i + n++].granules;
+  *granules = sum;
+  return n;
+}
+
 uint32_t expected_granules(const LayoutSpec& dst, const int32_t* dst_ids, size_t n) {
   KVXFER_CHECK(n >= 1, InvalidArgument, "a transfer needs at least one destination block");
   check_ids("destination", "the receiving pool", dst_ids, n, dst.num_blocks, true);

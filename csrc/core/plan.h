@@ -40,6 +40,11 @@ struct WritePlan {
 WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t* src_ids, const int32_t* dst_ids,
                      size_t num_ids, uint32_t first_layer, uint32_t num_layers, uint64_t max_write_bytes);
 
+// How many writes starting at index i (and before end, within one layer) one gathered write takes: at most
+// max_iov, and never more than ImmCode::kMaxGranules granules together (*granules receives their sum). The agent
+// posts with this rule and counts its expected completions with it, so the two can never disagree.
+size_t gather_run(const WritePlan& plan, uint32_t i, uint32_t end, size_t max_iov, uint32_t* granules);
+
 // The receiver's expectation for one layer of dst_ids: granules it must count. Validates dst ids as above.
 uint32_t expected_granules(const LayoutSpec& dst, const int32_t* dst_ids, size_t num_ids);
 
