@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine (root, Python 3.11) lacks and builds kvxfer in .venv:
-# libfabric-dev + pkg-config (apt), a venv, numpy/pytest, and an editable build (CUDA compiled when nvcc exists).
+# libfabric-dev + pkg-config (apt), a venv, numpy/pytest/torch, and an editable build (CUDA compiled when nvcc exists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
@@ -16,6 +16,13 @@ fi
 . .venv/bin/activate
 pip install -q --upgrade pip >/dev/null 2>&1 || true
 pip install -q numpy pytest pytest-benchmark pytest-timeout pybind11 cmake ninja "setuptools>=64" wheel
+# torch is optional for the library but the tests and the engine use it. Pinned: this version's CPU build is on
+# disk on our machines, while an unpinned torch would download GBs of CUDA wheels. KVXFER_SKIP_TORCH=1 skips it.
+if [ "${KVXFER_SKIP_TORCH:-0}" != 1 ] && ! python -c "import torch" 2>/dev/null; then
+  echo "kvxfer setup: pip install torch==2.13.0"
+  pip install -q torch==2.13.0 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+  python -c "import torch" || { echo "kvxfer setup: torch==2.13.0 did not install" >&2; exit 1; }
+fi
 echo "kvxfer setup: building (pip install -e .)"
 pip install -q --no-build-isolation -e . 
 python -m kvxfer info

@@ -1,6 +1,7 @@
 // Agent: the caller-thread half (construction, registration, peers, send/recv). The progress thread is in
 // agent_progress.cpp.
 #include "core/agent.h"
+#include "core/host_range.h"
 
 #include <unistd.h>
 
@@ -134,6 +135,7 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
                  "pool '" << name << "': GPU memory (device " << r.device
                           << ") is not supported by this build yet; register host memory (numpy or CPU tensors)");
     KVXFER_CHECK(r.addr != 0 && r.nbytes > 0, InvalidArgument, "pool '" << name << "': empty or null region");
+    check_host_range(r.addr, r.nbytes, "pool '" + name + "' region " + std::to_string(sizes.size()));
     sizes.push_back(r.nbytes);
   }
   validate_layout(layout, sizes);
