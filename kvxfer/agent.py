@@ -35,6 +35,7 @@ class Peer:
     connected = property(lambda self: self._h.connected)
     lost = property(lambda self: self._h.lost)
     same_host = property(lambda self: self._h.same_host)
+    rails = property(lambda self: self._h.rails)
     pools = property(lambda self: [name for name, _ in self._h.pools])
 
     def __repr__(self) -> str:
@@ -71,7 +72,7 @@ def _layers(layers) -> tuple[int, int]:
 
 class Agent:
     def __init__(self, name: str | None = None, *, transport: str | None = None, interface: str | None = None,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, rails: int | None = None):
         opts = _C.AgentOptions()
         opts.name = name or f"kvxfer-{os.getpid()}"
         transport = transport or envs.get("KVXFER_TRANSPORT")
@@ -81,6 +82,10 @@ class Agent:
         opts.transport = transport
         opts.interface = interface if interface is not None else envs.get("KVXFER_IFACE")
         opts.default_timeout_s = float(timeout_s if timeout_s is not None else envs.get("KVXFER_TIMEOUT_S"))
+        rails = int(rails if rails is not None else envs.get("KVXFER_RAILS"))
+        if not 1 <= rails <= 16:
+            raise InvalidArgument(f"rails={rails}: an agent spreads writes over 1 to 16 fabric endpoints")
+        opts.rails = rails
         self._c = _C.Agent(opts)
         self._pools: dict[str, Pool] = {}
         self._peers: dict[int, Peer] = {}
@@ -89,6 +94,7 @@ class Agent:
     epoch = property(lambda self: self._c.epoch)
     transport = property(lambda self: self._c.transport)
     provider = property(lambda self: self._c.provider)
+    rails = property(lambda self: self._c.rails)
 
     def register_pool(self, memory, layout: KVLayout, name: str = "kv") -> Pool:
         """Register a paged pool once: a list of per-layer tensors/arrays, one stacked tensor, or one blocks-first

@@ -6,10 +6,16 @@ ENV_VARS = {
     "KVXFER_PROVIDER": ("str", "", "libfabric provider override for transport=auto (efa|verbs|tcp|shm)"),
     "KVXFER_IFACE": ("str", "", "network interface for IP providers, e.g. 'lo' (empty: any)"),
     "KVXFER_TIMEOUT_S": ("float", "60", "default transfer deadline in seconds"),
+    "KVXFER_RAILS": ("int", "1", "fabric endpoints per agent to spread writes over (multi-rail, 1-16)"),
 }
 
 
 def get(name: str):
     kind, default, _ = ENV_VARS[name]
     raw = os.environ.get(name, default)
-    return float(raw) if kind == "float" else raw
+    try:
+        return {"float": float, "int": int}.get(kind, str)(raw)
+    except ValueError:
+        from kvxfer.errors import InvalidArgument
+
+        raise InvalidArgument(f"{name}={raw!r} is not a valid {kind}; unset it or fix it") from None

@@ -51,16 +51,17 @@ def remote():
     r.close()
 
 
-def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0):
+def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0, rails=1, remote_rails=None):
     """Receiver agent here with a seeded destination pool; sender agent in `remote`. Returns (agent, peer, pool)."""
     import kvxfer
     from tests.reference import PRESETS, make_pool
 
     layout = getattr(kvxfer.KVLayout, layout_kind)(*layout_args) if layout_args else PRESETS[layout_kind]()
-    agent = kvxfer.Agent("test-receiver", transport=transport, interface="lo", timeout_s=timeout_s)
+    agent = kvxfer.Agent("test-receiver", transport=transport, interface="lo", timeout_s=timeout_s, rails=rails)
     dst = make_pool(layout, seed + 1000)  # not zeros: untouched blocks must keep these exact bytes
     agent.register_pool(dst, layout)
-    sender_md = remote.call("init", (transport, layout_kind, seed, list(layout_args)))
+    sender_md = remote.call("init", (transport, layout_kind, seed, list(layout_args),
+                                     rails if remote_rails is None else remote_rails))
     peer = agent.add_peer(sender_md)
     path = remote.call("add_peer", agent.metadata())
     agent.wait_connected(peer, 20)

@@ -20,9 +20,9 @@ def serve(conn):
         cmd, args = conn.recv()
         try:
             if cmd == "init":
-                transport, kind, seed, layout_args = args
+                transport, kind, seed, layout_args, rails = args
                 layout = getattr(KVLayout, kind)(*layout_args) if layout_args else PRESETS[kind]()
-                agent = kvxfer.Agent("peer-sender", transport=transport, interface="lo")
+                agent = kvxfer.Agent("peer-sender", transport=transport, interface="lo", rails=rails)
                 pool = make_pool(layout, seed)
                 agent.register_pool(pool, layout)
                 result = agent.metadata()
@@ -45,6 +45,8 @@ def serve(conn):
                 xfer, timeout_s = args
                 sends[xfer].wait(timeout_s=timeout_s)
                 result = sends[xfer].state.name
+            elif cmd == "stats":
+                result = (agent.stats(), peers[0].rails)
             elif cmd == "exit":
                 conn.send(("ok", None))
                 return

@@ -150,7 +150,7 @@ def test_send_to_dead_receiver_fails(remote):
     from tests.reference import PRESETS
 
     layout = PRESETS["vllm_flash"]()
-    md = remote.call("init", ("cma", "vllm_flash", 1, []))
+    md = remote.call("init", ("cma", "vllm_flash", 1, [], 1))
     a = kvxfer.Agent("a", transport="cma", interface="lo", timeout_s=3.0)
     a.register_pool(make_pool(layout, 9), layout)
     peer = a.add_peer(md)

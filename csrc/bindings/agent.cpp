@@ -39,7 +39,8 @@ void register_agent(py::module_& m) {
       .def_readwrite("name", &AgentOptions::name)
       .def_readwrite("transport", &AgentOptions::transport)
       .def_readwrite("interface", &AgentOptions::interface)
-      .def_readwrite("default_timeout_s", &AgentOptions::default_timeout_s);
+      .def_readwrite("default_timeout_s", &AgentOptions::default_timeout_s)
+      .def_readwrite("rails", &AgentOptions::rails);
 
   py::class_<LocalRegion>(m, "LocalRegion")
       .def(py::init<uint64_t, uint64_t, int>(), py::arg("addr"), py::arg("nbytes"), py::arg("device") = -1)
@@ -55,6 +56,7 @@ void register_agent(py::module_& m) {
       .def_property_readonly("path", [](const PeerState& p) { return p.path; })
       .def_property_readonly("path_reason", [](const PeerState& p) { return p.path_reason; })
       .def_property_readonly("same_host", [](const PeerState& p) { return p.same_host; })
+      .def_property_readonly("rails", [](const PeerState& p) { return p.rails; })
       .def_property_readonly("connected", [](const PeerState& p) { return p.connected.load(); })
       .def_property_readonly("lost", [](const PeerState& p) { return p.lost.load(); })
       .def_property_readonly("fingerprint", [](const PeerState& p) { return p.info.fingerprint(); })
@@ -112,6 +114,7 @@ void register_agent(py::module_& m) {
       .def_property_readonly("transport", [](const Agent& a) { return a.capabilities().name; })
       .def_property_readonly("provider", [](const Agent& a) { return a.capabilities().provider; })
       .def_property_readonly("max_inflight", [](const Agent& a) { return a.capabilities().max_inflight; })
+      .def_property_readonly("rails", [](const Agent& a) { return a.capabilities().num_rails; })
       .def("stats", [](const Agent& a) {
         AgentStats s = a.stats();
         py::dict d;
@@ -120,6 +123,14 @@ void register_agent(py::module_& m) {
         d["eagain"] = s.eagain;
         d["dropped_messages"] = s.dropped_messages;
         d["unknown_imms"] = s.unknown_imms;
+        py::list rails;
+        for (const auto& r : s.rails) {
+          py::dict rd;
+          rd["writes"] = r.writes;
+          rd["imms"] = r.imms;
+          rails.append(rd);
+        }
+        d["rails"] = rails;
         return d;
       });
 }

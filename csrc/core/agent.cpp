@@ -1,15 +1,16 @@
 // Agent: the caller-thread half (construction, registration, peers, send/recv). The progress thread is in
 // agent_progress.cpp.
 #include "core/agent.h"
-#include "core/host_range.h"
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <random>
 #include <thread>
 
+#include "core/host_range.h"
 #include "core/imm.h"
 #include "core/plan.h"
 #include "transports/host_ipc/cma.h"
@@ -68,7 +69,7 @@ uint64_t random_u64() {
 Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   KVXFER_CHECK(options_.default_timeout_s > 0, InvalidArgument, "timeout_s must be > 0");
 #ifdef KVXFER_HAVE_LIBFABRIC
-  transport_ = make_fabric_transport(fabric_provider_for(options_));
+  transport_ = make_fabric_transport(fabric_provider_for(options_), options_.rails);
 #else
   fabric_provider_for(options_);
   KVXFER_THROW(TransportUnavailable, "this kvxfer build has no libfabric (apt-get install libfabric-dev "
@@ -123,6 +124,7 @@ AgentStats Agent::stats() const {
   s.eagain = counters_.eagain;
   s.dropped_messages = counters_.dropped_messages;
   s.unknown_imms = counters_.unknown_imms;
+  s.rails = transport_->rail_stats();
   return s;
 }
 
@@ -202,6 +204,7 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
     peer->path_reason = "transport '" + options_.transport + "' requested";
   }
   peer->addr = transport_->insert_peer(peer->info.fabric_address);
+  peer->rails = std::max<uint32_t>(1, transport_->peer_rails(peer->addr));
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     if (restarted) {
@@ -211,7 +214,8 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
     peers_by_addr_[peer->addr] = peer;
     auto early = early_hellos_.find(peer->info.epoch);
     if (early != early_hellos_.end()) {
-      peer->connected = true;
+      peer->hello_rails = early->second;
+      peer->connected = peer->hello_rails == (1u << peer->rails) - 1;
       early_hellos_.erase(early);
     }
   }

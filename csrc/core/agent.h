@@ -31,6 +31,7 @@ struct AgentOptions {
   std::string transport = "auto";  // auto | shm | cma | tcp | fi_shm | efa | verbs
   std::string interface;           // network interface for IP providers ("lo" in tests); empty = any
   double default_timeout_s = 60.0;
+  uint32_t rails = 1;              // fabric endpoints to spread writes over (multi-rail; 1-16)
 };
 
 struct LocalRegion {
@@ -48,6 +49,7 @@ struct LocalPool {
 
 struct AgentStats {
   uint64_t writes_posted = 0, imms_received = 0, eagain = 0, dropped_messages = 0, unknown_imms = 0;
+  std::vector<RailStats> rails;
 };
 
 class Agent {
@@ -131,7 +133,7 @@ class Agent {
   std::mutex peers_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<PeerState>> peers_by_epoch_;
   std::unordered_map<PeerAddr, std::shared_ptr<PeerState>> peers_by_addr_;
-  std::unordered_map<uint64_t, bool> early_hellos_;  // HELLOs from peers not added yet (epoch -> named us)
+  std::unordered_map<uint64_t, uint32_t> early_hellos_;  // HELLOs from peers not added yet (epoch -> rail bits)
 
   std::mutex cmd_mu_;
   std::condition_variable cmd_cv_;

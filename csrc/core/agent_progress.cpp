@@ -62,7 +62,11 @@ bool Agent::run_commands() {
         c.send->ready.push_back({c.layer_index, 0});
         break;
       case Command::Kind::Control:
-        queue_control(*c.peer, static_cast<ControlType>(c.msg.type), c.msg.xfer_id, c.msg.slot);
+        if (static_cast<ControlType>(c.msg.type) == ControlType::Hello) {
+          for (uint32_t rail = 0; rail < c.peer->rails; ++rail) queue_control(*c.peer, ControlType::Hello, 0, 0, rail);
+        } else {
+          queue_control(*c.peer, static_cast<ControlType>(c.msg.type), c.msg.xfer_id, c.msg.slot);
+        }
         break;
       case Command::Kind::InjectImm:
         on_remote_data(c.peer->addr, c.layer_index);
@@ -109,7 +113,7 @@ bool Agent::flush_control() {
     }
     int rc = -EAGAIN;
     try {
-      rc = transport_->post_message(&msg, sizeof(msg), peer->addr, nullptr);
+      rc = transport_->post_message(&msg, sizeof(msg), peer->addr, nullptr, hello ? msg.first_layer : 0);
     } catch (const Error& e) {
       mark_peer_lost(*peer, ErrorKind::PeerLost, e.what());
       continue;
@@ -182,7 +186,13 @@ bool Agent::post_send_ops(SendState& send, size_t& budget) {
           const uint32_t layer = send.plan.writes[begin + cur.next].layer;
           OpContext* ctx = take_context();
           ctx->send = &send;
-          int rc = transport_->post_writev(iov, n, ImmCode::encode(send.slot, layer, granules), peer.addr, ctx);
+          // Spread over the rails round-robin: the receiver's counters do not care which endpoint a write used. A
+          // rail whose window is full (EAGAIN) passes its turn to the next one.
+          int rc = -EAGAIN;
+          for (uint32_t tries = 0; tries < peer.rails && rc == -EAGAIN; ++tries) {
+            const uint32_t rail = peer.next_rail++ % peer.rails;
+            rc = transport_->post_writev(iov, n, ImmCode::encode(send.slot, layer, granules), peer.addr, ctx, rail);
+          }
           if (rc == -EAGAIN) {
             return_context(ctx);
             counters_.eagain++;
@@ -384,10 +394,19 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
   }
   const auto type = static_cast<ControlType>(m.type);
   if (type == ControlType::Hello) {
+    if (m.first_layer >= 32) {
+      counters_.dropped_messages++;
+      return;
+    }
     std::lock_guard<std::mutex> lock(peers_mu_);
     auto it = peers_by_epoch_.find(m.sender_epoch);
-    if (it != peers_by_epoch_.end()) it->second->connected = true;
-    else early_hellos_[m.sender_epoch] = true;
+    if (it == peers_by_epoch_.end()) {
+      early_hellos_[m.sender_epoch] |= 1u << m.first_layer;
+      return;
+    }
+    PeerState& peer = *it->second;
+    peer.hello_rails |= 1u << m.first_layer;
+    if ((peer.hello_rails & ((1u << peer.rails) - 1)) == (1u << peer.rails) - 1) peer.connected = true;
     return;
   }
   PeerState* peer = peer_by_epoch(m.sender_epoch);

@@ -1,7 +1,8 @@
 // Control messages between two agents, sent with fi_inject on the fabric endpoint (<= 64 bytes).
 //
-//   HELLO   both ways, once each side has added the other: "my epoch is E, I know you as epoch F". A peer is
-//           connected (writes may be posted) once we added it and its HELLO naming our epoch arrived.
+//   HELLO   both ways, once each side has added the other, on every rail (first_layer carries the rail index):
+//           "my epoch is E, I know you as epoch F". A peer is connected (writes may be posted) once we added it and
+//           its HELLO naming our epoch arrived on every rail we share, so no write waits on a rail still connecting.
 //   BEGIN   sender -> receiver: slot S now carries transfer X (layers, granules per layer). May arrive after the
 //           first writes of S; counts accumulate per slot until then.
 //   RELEASE receiver -> sender: every granule of slot S arrived; S may be reused, and the send is DONE.

@@ -33,10 +33,13 @@ struct SlotCounter {
 struct PeerState {
   AgentInfo info;
   PeerAddr addr = kUnknownPeer;
+  uint32_t rails = 1;             // fabric rails usable towards this peer
+  uint32_t next_rail = 0;         // progress thread only: round-robin cursor
   std::string path;               // "cma" or the fabric transport name: how we write to this peer
   bool same_host = false;
   std::string path_reason;        // why this path (e.g. why not cma)
-  std::atomic<bool> connected{false};
+  std::atomic<bool> connected{false};   // HELLO arrived on every common rail
+  uint32_t hello_rails = 0;             // bit r: HELLO arrived on rail r (guarded by the agent's peers_mu_)
   std::atomic<bool> lost{false};
   std::string lost_reason;
 

@@ -27,6 +27,12 @@ struct Capabilities {
   uint64_t max_write_bytes;   // largest single write we post
   size_t max_inflight;        // bounded in-flight window (<= provider tx size)
   size_t max_iov = 1;         // chunks one write may gather (min of the provider's iov and rma_iov limits)
+  uint32_t num_rails = 1;     // endpoints writes can be spread over (control messages use rail 0)
+};
+
+struct RailStats {
+  uint64_t writes = 0;  // writes posted on this rail
+  uint64_t imms = 0;    // remote CQ data entries that arrived on this rail
 };
 
 // One piece of a gathered write: local source and remote destination of the same length.
@@ -58,15 +64,20 @@ class Transport {
   virtual void deregister_memory(MemoryKey& key) = 0;
   virtual PeerAddr insert_peer(const std::vector<uint8_t>& address) = 0;
   virtual void remove_peer(PeerAddr peer) = 0;
+  // Rails usable towards this peer: min(ours, the peer's). Rail r of ours writes to rail r of the peer.
+  virtual uint32_t peer_rails(PeerAddr peer) const = 0;
   // Return 0 when posted, or -EAGAIN (the caller polls and retries). Other failures throw TransferFailed.
   // context must point to storage that begins with kContextBytes the transport may use until the completion.
   virtual int post_write(const void* src, size_t nbytes, void* desc, uint32_t imm, PeerAddr peer,
-                         uint64_t remote_addr, uint64_t rkey, void* context) = 0;
+                         uint64_t remote_addr, uint64_t rkey, void* context, uint32_t rail = 0) = 0;
   // A gathered write: n pieces, one completion, one immediate (fi_writemsg with FI_REMOTE_CQ_DATA).
-  virtual int post_writev(const WriteIov* iov, size_t n, uint32_t imm, PeerAddr peer, void* context) = 0;
-  virtual int post_message(const void* msg, size_t nbytes, PeerAddr peer, void* context) = 0;
-  // Fills up to max events; never blocks.
+  virtual int post_writev(const WriteIov* iov, size_t n, uint32_t imm, PeerAddr peer, void* context,
+                          uint32_t rail = 0) = 0;
+  virtual int post_message(const void* msg, size_t nbytes, PeerAddr peer, void* context, uint32_t rail = 0) = 0;
+  // Fills up to max events from every rail; never blocks. RemoteData sources are insert_peer handles.
   virtual size_t poll(Event* events, size_t max) = 0;
+  // Safe to call from any thread (atomics).
+  virtual std::vector<RailStats> rail_stats() const = 0;
   static constexpr size_t kContextBytes = 64;  // >= sizeof(struct fi_context2)
   static constexpr size_t kMaxMessageBytes = 256;
 };

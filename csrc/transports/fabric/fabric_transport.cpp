@@ -6,6 +6,8 @@
 #include <rdma/fi_rma.h>
 
 #include <algorithm>
+#include <atomic>
+#include <unordered_map>
 #include <cstring>
 #include <vector>
 
@@ -15,18 +17,31 @@
 namespace kvxfer {
 namespace {
 
-constexpr size_t kRecvBuffers = 64;
+constexpr size_t kRecvBuffers = 64;  // per rail
 constexpr size_t kSendBuffers = 64;
 constexpr size_t kCqSize = 4096;
+constexpr uint32_t kMaxRails = 16;
 
 struct MsgBuffer {
   alignas(16) uint8_t context[Transport::kContextBytes];  // fi_context2 while posted
   uint8_t data[Transport::kMaxMessageBytes];
 };
 
+// One endpoint with its own CQ and AV. Rails share the fabric and the domain, so one memory registration (and
+// one remote key) serves every rail.
+struct Rail {
+  fid_cq* cq = nullptr;
+  fid_av* av = nullptr;
+  fid_ep* ep = nullptr;
+  std::unordered_map<fi_addr_t, PeerAddr> peer_of;  // this rail's AV entries -> our peer handle
+  std::atomic<uint64_t> writes{0}, imms{0};
+};
+
 class FabricTransport final : public Transport {
  public:
-  FabricTransport(fi_info* info, const std::string& kvxfer_name) : info_(info) {
+  FabricTransport(fi_info* info, const std::string& kvxfer_name, uint32_t rails) : info_(info) {
+    KVXFER_CHECK(rails >= 1 && rails <= kMaxRails, InvalidArgument,
+                 "rails=" << rails << " is out of range; use 1 to " << kMaxRails << " endpoints");
     caps_.provider = info_->fabric_attr->prov_name;
     caps_.name = kvxfer_name == "shm" ? "fi_shm" : kvxfer_name;
     const int mr_mode = info_->domain_attr->mr_mode;
@@ -34,18 +49,26 @@ class FabricTransport final : public Transport {
     mr_local_ = (mr_mode & FI_MR_LOCAL) != 0;
     prov_key_ = (mr_mode & FI_MR_PROV_KEY) != 0;
     caps_.max_write_bytes = std::min<uint64_t>(info_->ep_attr->max_msg_size, 8ull << 20);
-    caps_.max_inflight = std::max<size_t>(16, std::min<size_t>(info_->tx_attr->size, 1024));
+    caps_.max_inflight = std::max<size_t>(16, std::min<size_t>(info_->tx_attr->size, 1024)) * rails;
+    caps_.num_rails = rails;
     inject_size_ = info_->tx_attr->inject_size;
     caps_.max_iov = std::max<size_t>(1, std::min<size_t>({static_cast<size_t>(info_->tx_attr->iov_limit), static_cast<size_t>(info_->tx_attr->rma_iov_limit), size_t{16}}));
-    open_endpoint();
+    const auto& prov = caps_.provider;
+    KVXFER_FI_CALL(TransportUnavailable, fi_fabric(info_->fabric_attr, &fabric_, nullptr), prov);
+    KVXFER_FI_CALL(TransportUnavailable, fi_domain(fabric_, info_, &domain_, nullptr), prov);
+    rails_ = std::vector<Rail>(rails);
+    for (auto& rail : rails_) open_endpoint(rail);
     post_initial_receives();
   }
 
   ~FabricTransport() override {
-    if (ep_) fi_close(&ep_->fid);
+    for (auto& rail : rails_) {
+      if (rail.ep) fi_close(&rail.ep->fid);
+      if (rail.av) fi_close(&rail.av->fid);
+      if (rail.cq) fi_close(&rail.cq->fid);
+    }
     if (msg_mr_) fi_close(&msg_mr_->fid);
-    if (av_) fi_close(&av_->fid);
-    if (cq_) fi_close(&cq_->fid);
+    if (send_mr_key_.handle) fi_close(&static_cast<fid_mr*>(send_mr_key_.handle)->fid);
     if (domain_) fi_close(&domain_->fid);
     if (fabric_) fi_close(&fabric_->fid);
     fi_freeinfo(info_);
@@ -53,12 +76,18 @@ class FabricTransport final : public Transport {
 
   const Capabilities& capabilities() const override { return caps_; }
 
+  // u8 rail count, then per rail: u16 length | endpoint name.
   std::vector<uint8_t> address() const override {
-    std::vector<uint8_t> addr(256);
-    size_t len = addr.size();
-    KVXFER_FI_CALL(TransportUnavailable, fi_getname(&ep_->fid, addr.data(), &len), caps_.provider);
-    addr.resize(len);
-    return addr;
+    std::vector<uint8_t> out{static_cast<uint8_t>(rails_.size())};
+    for (const auto& rail : rails_) {
+      std::vector<uint8_t> name(256);
+      size_t len = name.size();
+      KVXFER_FI_CALL(TransportUnavailable, fi_getname(&rail.ep->fid, name.data(), &len), caps_.provider);
+      out.push_back(static_cast<uint8_t>(len & 0xff));
+      out.push_back(static_cast<uint8_t>(len >> 8));
+      out.insert(out.end(), name.begin(), name.begin() + len);
+    }
+    return out;
   }
 
   MemoryKey register_memory(void* addr, size_t nbytes, uint64_t requested_key) override {
@@ -78,30 +107,49 @@ class FabricTransport final : public Transport {
   }
 
   PeerAddr insert_peer(const std::vector<uint8_t>& address) override {
-    fi_addr_t addr = FI_ADDR_UNSPEC;
-    int n = fi_av_insert(av_, address.data(), 1, &addr, 0, nullptr);
-    KVXFER_CHECK(n == 1, PeerUnknown,
-                 "fi_av_insert of the peer's " << caps_.provider << " address failed (" << n
-                                               << "); the peer may use another provider or network");
-    return addr;
+    std::vector<std::vector<uint8_t>> names = parse_address(address);
+    const PeerAddr handle = peers_.size();
+    std::vector<fi_addr_t> addrs;
+    for (size_t r = 0; r < std::min(names.size(), rails_.size()); ++r) {
+      fi_addr_t addr = FI_ADDR_UNSPEC;
+      int n = fi_av_insert(rails_[r].av, names[r].data(), 1, &addr, 0, nullptr);
+      KVXFER_CHECK(n == 1, PeerUnknown,
+                   "fi_av_insert of the peer's " << caps_.provider << " address (rail " << r << ") failed (" << n
+                                                 << "); the peer may use another provider or network");
+      rails_[r].peer_of[addr] = handle;
+      addrs.push_back(addr);
+    }
+    peers_.push_back(std::move(addrs));
+    return handle;
   }
 
   void remove_peer(PeerAddr peer) override {
-    fi_addr_t addr = peer;
-    fi_av_remove(av_, &addr, 1, 0);
+    if (peer >= peers_.size()) return;
+    for (size_t r = 0; r < peers_[peer].size(); ++r) {
+      fi_addr_t addr = peers_[peer][r];
+      fi_av_remove(rails_[r].av, &addr, 1, 0);
+      rails_[r].peer_of.erase(addr);
+    }
+    peers_[peer].clear();
+  }
+
+  uint32_t peer_rails(PeerAddr peer) const override {
+    return peer < peers_.size() ? static_cast<uint32_t>(peers_[peer].size()) : 0;
   }
 
   int post_write(const void* src, size_t nbytes, void* desc, uint32_t imm, PeerAddr peer, uint64_t remote_addr,
-                 uint64_t rkey, void* context) override {
-    ssize_t rc = fi_writedata(ep_, src, nbytes, desc, imm, peer, remote_addr, rkey, context);
+                 uint64_t rkey, void* context, uint32_t rail) override {
+    Rail& r = rails_[rail];
+    ssize_t rc = fi_writedata(r.ep, src, nbytes, desc, imm, fi_peer(peer, rail), remote_addr, rkey, context);
     if (rc == -FI_EAGAIN) return -EAGAIN;
     KVXFER_CHECK(rc == 0, TransferFailed,
                  "fi_writedata(" << nbytes << " bytes) failed: rc=" << rc << " (" << fi_strerror(-rc)
                                  << ") on provider " << caps_.provider);
+    r.writes.fetch_add(1, std::memory_order_relaxed);
     return 0;
   }
 
-  int post_writev(const WriteIov* w, size_t n, uint32_t imm, PeerAddr peer, void* context) override {
+  int post_writev(const WriteIov* w, size_t n, uint32_t imm, PeerAddr peer, void* context, uint32_t rail) override {
     iovec iov[16];
     void* desc[16];
     fi_rma_iov rma[16];
@@ -115,28 +163,32 @@ class FabricTransport final : public Transport {
     msg.msg_iov = iov;
     msg.desc = desc;
     msg.iov_count = n;
-    msg.addr = peer;
+    msg.addr = fi_peer(peer, rail);
     msg.rma_iov = rma;
     msg.rma_iov_count = n;
     msg.context = context;
     msg.data = imm;
-    ssize_t rc = fi_writemsg(ep_, &msg, FI_REMOTE_CQ_DATA | FI_COMPLETION);
+    Rail& r = rails_[rail];
+    ssize_t rc = fi_writemsg(r.ep, &msg, FI_REMOTE_CQ_DATA | FI_COMPLETION);
     if (rc == -FI_EAGAIN) return -EAGAIN;
     KVXFER_CHECK(rc == 0, TransferFailed,
                  "fi_writemsg(" << n << " iovs) failed: rc=" << rc << " (" << fi_strerror(-rc) << ") on provider "
                                 << caps_.provider);
+    r.writes.fetch_add(1, std::memory_order_relaxed);
     return 0;
   }
 
-  int post_message(const void* msg, size_t nbytes, PeerAddr peer, void* context) override {
+  // Control messages travel on rail 0, but for the HELLO each rail sends to connect itself.
+  int post_message(const void* msg, size_t nbytes, PeerAddr peer, void* context, uint32_t rail) override {
     KVXFER_ASSERT(nbytes <= kMaxMessageBytes);
+    fid_ep* ep = rails_[rail].ep;
     ssize_t rc;
     if (nbytes <= inject_size_) {
-      rc = fi_inject(ep_, msg, nbytes, peer);
+      rc = fi_inject(ep, msg, nbytes, fi_peer(peer, rail));
     } else {
       MsgBuffer& b = send_buffers_[next_send_++ % kSendBuffers];
       std::memcpy(b.data, msg, nbytes);
-      rc = fi_send(ep_, b.data, nbytes, msg_desc_, peer, b.context);
+      rc = fi_send(ep, b.data, nbytes, send_mr_key_.desc, fi_peer(peer, rail), b.context);
     }
     if (rc == -FI_EAGAIN) return -EAGAIN;
     KVXFER_CHECK(rc == 0, TransferFailed,
@@ -147,57 +199,84 @@ class FabricTransport final : public Transport {
 
   size_t poll(Event* events, size_t max) override {
     repost_consumed_receives();
-    fi_cq_data_entry entries[64];
-    fi_addr_t sources[64];
-    const size_t want = std::min<size_t>(max, 64);
-    ssize_t n = fi_cq_readfrom(cq_, entries, want, sources);
-    if (n == -FI_EAGAIN) return 0;
-    if (n == -FI_EAVAIL) return read_error(events);
-    KVXFER_CHECK(n > 0, TransferFailed,
-                 "fi_cq_readfrom failed: rc=" << n << " (" << fi_strerror(-n) << ") on " << caps_.provider);
     size_t out = 0;
-    for (ssize_t i = 0; i < n; ++i) out += decode(entries[i], sources[i], &events[out]);
+    for (size_t k = 0; k < rails_.size() && out < max; ++k) {
+      const size_t r = (next_poll_ + k) % rails_.size();
+      out += poll_rail(r, events + out, max - out);
+    }
+    next_poll_ = (next_poll_ + 1) % rails_.size();
+    return out;
+  }
+
+  std::vector<RailStats> rail_stats() const override {
+    std::vector<RailStats> out;
+    for (const auto& r : rails_) out.push_back({r.writes.load(), r.imms.load()});
     return out;
   }
 
  private:
-  void open_endpoint() {
+  fi_addr_t fi_peer(PeerAddr peer, uint32_t rail) const {
+    KVXFER_CHECK(peer < peers_.size() && rail < peers_[peer].size(), PeerUnknown,
+                 "no rail " << rail << " towards this peer (it was removed or exposes fewer endpoints)");
+    return peers_[peer][rail];
+  }
+
+  static std::vector<std::vector<uint8_t>> parse_address(const std::vector<uint8_t>& a) {
+    KVXFER_CHECK(!a.empty() && a[0] >= 1 && a[0] <= kMaxRails, MetadataError,
+                 "peer fabric address names " << (a.empty() ? 0 : a[0]) << " endpoints; expected 1 to " << kMaxRails);
+    std::vector<std::vector<uint8_t>> names;
+    size_t at = 1;
+    for (uint32_t r = 0; r < a[0]; ++r) {
+      KVXFER_CHECK(at + 2 <= a.size(), MetadataError, "peer fabric address truncated in endpoint " << r);
+      const size_t len = a[at] | (static_cast<size_t>(a[at + 1]) << 8);
+      at += 2;
+      KVXFER_CHECK(len > 0 && at + len <= a.size(), MetadataError,
+                   "peer fabric address: endpoint " << r << " claims " << len << " bytes, " << a.size() - at
+                                                    << " remain");
+      names.emplace_back(a.begin() + at, a.begin() + at + len);
+      at += len;
+    }
+    KVXFER_CHECK(at == a.size(), MetadataError, "peer fabric address has " << a.size() - at << " trailing bytes");
+    return names;
+  }
+
+  void open_endpoint(Rail& rail) {
     const auto& prov = caps_.provider;
-    KVXFER_FI_CALL(TransportUnavailable, fi_fabric(info_->fabric_attr, &fabric_, nullptr), prov);
-    KVXFER_FI_CALL(TransportUnavailable, fi_domain(fabric_, info_, &domain_, nullptr), prov);
     fi_cq_attr cq_attr{};
     cq_attr.format = FI_CQ_FORMAT_DATA;
     cq_attr.size = kCqSize;
     cq_attr.wait_obj = FI_WAIT_NONE;
-    KVXFER_FI_CALL(TransportUnavailable, fi_cq_open(domain_, &cq_attr, &cq_, nullptr), prov);
+    KVXFER_FI_CALL(TransportUnavailable, fi_cq_open(domain_, &cq_attr, &rail.cq, nullptr), prov);
     fi_av_attr av_attr{};
     av_attr.type = FI_AV_TABLE;
-    KVXFER_FI_CALL(TransportUnavailable, fi_av_open(domain_, &av_attr, &av_, nullptr), prov);
-    KVXFER_FI_CALL(TransportUnavailable, fi_endpoint(domain_, info_, &ep_, nullptr), prov);
-    KVXFER_FI_CALL(TransportUnavailable, fi_ep_bind(ep_, &cq_->fid, FI_TRANSMIT | FI_RECV), prov);
-    KVXFER_FI_CALL(TransportUnavailable, fi_ep_bind(ep_, &av_->fid, 0), prov);
-    KVXFER_FI_CALL(TransportUnavailable, fi_enable(ep_), prov);
+    KVXFER_FI_CALL(TransportUnavailable, fi_av_open(domain_, &av_attr, &rail.av, nullptr), prov);
+    KVXFER_FI_CALL(TransportUnavailable, fi_endpoint(domain_, info_, &rail.ep, nullptr), prov);
+    KVXFER_FI_CALL(TransportUnavailable, fi_ep_bind(rail.ep, &rail.cq->fid, FI_TRANSMIT | FI_RECV), prov);
+    KVXFER_FI_CALL(TransportUnavailable, fi_ep_bind(rail.ep, &rail.av->fid, 0), prov);
+    KVXFER_FI_CALL(TransportUnavailable, fi_enable(rail.ep), prov);
   }
 
+  // Every rail gets receives: control messages use rail 0, but providers that keep FI_RX_CQ_DATA consume a
+  // receive for each remote CQ data entry on whichever rail the write arrives.
   void post_initial_receives() {
-    recv_buffers_.resize(kRecvBuffers);
+    recv_buffers_.resize(kRecvBuffers * rails_.size());
     send_buffers_.resize(kSendBuffers);
     if (mr_local_) {
-      // Control buffers live in two vectors; register each once (FI_MR_LOCAL providers need a descriptor).
-      msg_mr_ = static_cast<fid_mr*>(register_memory(recv_buffers_.data(), sizeof(MsgBuffer) * kRecvBuffers,
+      msg_mr_ = static_cast<fid_mr*>(register_memory(recv_buffers_.data(), sizeof(MsgBuffer) * recv_buffers_.size(),
                                                      0xC0DE0001).handle);
       msg_desc_ = fi_mr_desc(msg_mr_);
       send_mr_key_ = register_memory(send_buffers_.data(), sizeof(MsgBuffer) * kSendBuffers, 0xC0DE0002);
     }
-    for (size_t i = 0; i < kRecvBuffers; ++i) post_receive(i);
+    for (size_t i = 0; i < recv_buffers_.size(); ++i) post_receive(i);
   }
 
   void post_receive(size_t i) {
     MsgBuffer& b = recv_buffers_[i];
+    Rail& rail = rails_[i / kRecvBuffers];
     ssize_t rc;
     do {
-      rc = fi_recv(ep_, b.data, kMaxMessageBytes, msg_desc_, FI_ADDR_UNSPEC, b.context);
-      if (rc == -FI_EAGAIN) fi_cq_read(cq_, nullptr, 0);  // drive progress, then retry
+      rc = fi_recv(rail.ep, b.data, kMaxMessageBytes, msg_desc_, FI_ADDR_UNSPEC, b.context);
+      if (rc == -FI_EAGAIN) fi_cq_read(rail.cq, nullptr, 0);  // drive progress, then retry
     } while (rc == -FI_EAGAIN);
     KVXFER_CHECK(rc == 0, TransportUnavailable,
                  "fi_recv failed: rc=" << rc << " (" << fi_strerror(-rc) << ") on " << caps_.provider);
@@ -219,21 +298,44 @@ class FabricTransport final : public Transport {
     return p >= send_buffers_.data() && p < send_buffers_.data() + send_buffers_.size();
   }
 
-  size_t decode(const fi_cq_data_entry& e, fi_addr_t source, Event* ev) {
+  size_t poll_rail(size_t r, Event* events, size_t max) {
+    Rail& rail = rails_[r];
+    fi_cq_data_entry entries[64];
+    fi_addr_t sources[64];
+    const size_t want = std::min<size_t>(max, 64);
+    ssize_t n = fi_cq_readfrom(rail.cq, entries, want, sources);
+    if (n == -FI_EAGAIN) return 0;
+    if (n == -FI_EAVAIL) return read_error(rail, events);
+    KVXFER_CHECK(n > 0, TransferFailed,
+                 "fi_cq_readfrom failed: rc=" << n << " (" << fi_strerror(-n) << ") on " << caps_.provider);
+    size_t out = 0;
+    for (ssize_t i = 0; i < n; ++i) out += decode(rail, entries[i], sources[i], &events[out]);
+    return out;
+  }
+
+  PeerAddr source_of(const Rail& rail, fi_addr_t source) const {
+    if (source == FI_ADDR_NOTAVAIL) return kUnknownPeer;
+    auto it = rail.peer_of.find(source);
+    return it == rail.peer_of.end() ? kUnknownPeer : it->second;
+  }
+
+  size_t decode(Rail& rail, const fi_cq_data_entry& e, fi_addr_t source, Event* ev) {
+    const size_t ri = recv_index(e.op_context);
     if (e.flags & FI_REMOTE_CQ_DATA) {
       // Match on FI_REMOTE_CQ_DATA alone: rxm leaves FI_RMA out of these flags.
+      if (ri != SIZE_MAX) consumed_.push_back(ri);  // FI_RX_CQ_DATA providers used up a receive
       ev->kind = Event::Kind::RemoteData;
       ev->imm = static_cast<uint32_t>(e.data);
-      ev->source = source == FI_ADDR_NOTAVAIL ? kUnknownPeer : source;
+      ev->source = source_of(rail, source);
+      rail.imms.fetch_add(1, std::memory_order_relaxed);
       return 1;
     }
-    const size_t ri = recv_index(e.op_context);
     if (ri != SIZE_MAX) {
       consumed_.push_back(ri);
       ev->kind = Event::Kind::Message;
       ev->msg = recv_buffers_[ri].data;
       ev->msg_len = e.len;
-      ev->source = source == FI_ADDR_NOTAVAIL ? kUnknownPeer : source;
+      ev->source = source_of(rail, source);
       return 1;
     }
     if (is_send_buffer(e.op_context)) return 0;  // a control message left; nothing to report
@@ -242,9 +344,9 @@ class FabricTransport final : public Transport {
     return 1;
   }
 
-  size_t read_error(Event* ev) {
+  size_t read_error(Rail& rail, Event* ev) {
     fi_cq_err_entry err{};
-    ssize_t rc = fi_cq_readerr(cq_, &err, 0);
+    ssize_t rc = fi_cq_readerr(rail.cq, &err, 0);
     if (rc < 0) return 0;
     const size_t ri = recv_index(err.op_context);
     if (ri != SIZE_MAX) {  // a receive failed (peer gone mid-message): repost it and go on
@@ -255,7 +357,7 @@ class FabricTransport final : public Transport {
     ev->kind = Event::Kind::OpError;
     ev->context = err.op_context;
     char buf[256];
-    const char* prov_err = fi_cq_strerror(cq_, err.prov_errno, err.err_data, buf, sizeof(buf));
+    const char* prov_err = fi_cq_strerror(rail.cq, err.prov_errno, err.err_data, buf, sizeof(buf));
     ev->error = std::string("write failed on provider ") + caps_.provider + ": " + fi_strerror(err.err) +
                 " (err=" + std::to_string(err.err) + ", provider: " + (prov_err ? prov_err : "?") + ")";
     return 1;
@@ -267,20 +369,19 @@ class FabricTransport final : public Transport {
   size_t inject_size_ = 0;
   fid_fabric* fabric_ = nullptr;
   fid_domain* domain_ = nullptr;
-  fid_cq* cq_ = nullptr;
-  fid_av* av_ = nullptr;
-  fid_ep* ep_ = nullptr;
+  std::vector<Rail> rails_;
+  std::vector<std::vector<fi_addr_t>> peers_;  // [PeerAddr][rail]
   fid_mr* msg_mr_ = nullptr;
   void* msg_desc_ = nullptr;
   MemoryKey send_mr_key_;
   std::vector<MsgBuffer> recv_buffers_, send_buffers_;
   std::vector<size_t> consumed_;
-  size_t next_send_ = 0;
+  size_t next_send_ = 0, next_poll_ = 0;
 };
 
 }  // namespace
 
-std::unique_ptr<Transport> make_fabric_transport(const std::string& provider) {
+std::unique_ptr<Transport> make_fabric_transport(const std::string& provider, uint32_t rails) {
   // provider may carry an interface: "tcp@lo".
   std::string name = provider, interface;
   if (auto at = provider.find('@'); at != std::string::npos) {
@@ -292,7 +393,7 @@ std::unique_ptr<Transport> make_fabric_transport(const std::string& provider) {
     if (name.empty() ? std::string(p.kvxfer_name) == "shm" : name != p.kvxfer_name) continue;
     std::string why;
     if (fi_info* info = get_provider_info(p.kvxfer_name, interface, &why))
-      return std::make_unique<FabricTransport>(info, p.kvxfer_name);
+      return std::make_unique<FabricTransport>(info, p.kvxfer_name, rails);
     reasons += std::string(reasons.empty() ? "" : "; ") + p.kvxfer_name + ": " + why;
   }
   KVXFER_THROW(TransportUnavailable,

@@ -1,6 +1,7 @@
-// FabricTransport: libfabric RDM endpoint with FI_RMA writes carrying remote CQ data, plus FI_MSG control
-// messages on the same endpoint. One CQ (FI_CQ_FORMAT_DATA) bound for transmit and receive; remote CQ data entries
-// are matched by flags & FI_REMOTE_CQ_DATA only (rxm omits FI_RMA; see shared/research/libfabric-imm.md).
+// FabricTransport: libfabric RDM endpoints ("rails") with FI_RMA writes carrying remote CQ data, plus FI_MSG control
+// messages on rail 0. Each rail has its own CQ (FI_CQ_FORMAT_DATA, bound for transmit and receive) and AV; rails
+// share one domain, so one registration and one remote key serve all of them. Remote CQ data entries are matched by
+// flags & FI_REMOTE_CQ_DATA only (rxm omits FI_RMA; see shared/research/libfabric-imm.md).
 #pragma once
 #include <memory>
 #include <string>
@@ -10,8 +11,9 @@
 
 namespace kvxfer {
 
-// provider: "tcp", "shm", "efa", "verbs", or "" for the best available (efa > verbs > tcp).
-std::unique_ptr<Transport> make_fabric_transport(const std::string& provider);
+// provider: "tcp", "shm", "efa", "verbs", or "" for the best available (efa > verbs > tcp); rails: endpoints to
+// spread writes over (1-16).
+std::unique_ptr<Transport> make_fabric_transport(const std::string& provider, uint32_t rails = 1);
 
 // Which providers this machine can open right now, with the reason for those it cannot.
 struct ProviderProbe {
