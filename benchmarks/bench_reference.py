@@ -194,12 +194,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--transports", default="cma,tcp")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rails", type=int, default=1,
+                    help="fabric endpoints per agent (tcp: >1 means that many TCP connections, while the limit "
+                         "stays one socket)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    os.environ["KVXFER_RAILS"] = str(args.rails)  # both agents (the sender is spawned) read it
     rows = []
     for t in args.transports.split(","):
         print(f"running the 512 MiB reference request over {t} ...", file=sys.stderr, flush=True)
-        rows.append(summarize(run_transport(t, args.reps)))
+        rows.append({**summarize(run_transport(t, args.reps)), "rails": args.rails})
     print(f"{'transport':9} {'path':6} {'GB/s':>7} {'limit GB/s':>10} {'ratio':>6} {'plan ms':>8} "
           f"{'ready p50/p99 us':>17} verified  limit")
     for s in rows:

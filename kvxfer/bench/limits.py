@@ -1,0 +1,99 @@
+"""Same-run limits: what the bytes of a workload cost to move without kvxfer, between the same two processes.
+
+    same host, host memory : one thread's process_vm_writev of the same chunks into the same destination addresses
+    tcp (and other wires)  : raw TCP, one sendall of the same bytes to the peer process, acked after the last byte
+
+Small transfers are repeated until about 64 MiB moved, so one timing is not a single syscall. The limit is the
+best of 5 timings: a limit is what the machine can do, and the best run is the least disturbed one.
+"""
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+
+from kvxfer import _C
+from kvxfer.bench.workloads import Workload, chunk_rows
+
+TARGET_BYTES = 64 << 20
+REPS = 5
+
+
+def repeats(workload: Workload) -> int:
+    return max(1, TARGET_BYTES // max(1, workload.nbytes))
+
+
+def cma_limit_gbps(workload: Workload, src: list[np.ndarray], peer_pid: int, dst_bases: list[int], reps: int = REPS) -> float:
+    """process_vm_writev of the same chunks (the rotating sweep: the same block, repeated)."""
+    lay = workload.kv_layout
+    src_ids, dst_ids = workload.ids_for(0)
+    s_addr, d_addr = [], []
+    for (sr, srows), (dr, drows) in zip(chunk_rows(lay, src_ids), chunk_rows(lay, dst_ids)):
+        s_addr.append(np.uint64(src[sr].ctypes.data) + srows.astype(np.uint64) * np.uint64(lay.chunk_bytes))
+        d_addr.append(np.uint64(dst_bases[dr]) + drows.astype(np.uint64) * np.uint64(lay.chunk_bytes))
+    k = repeats(workload)
+    s = np.ascontiguousarray(np.tile(np.concatenate(s_addr), k))
+    d = np.ascontiguousarray(np.tile(np.concatenate(d_addr), k))
+    n = np.full(s.size, lay.chunk_bytes, np.uint64)
+    seconds = min(_C.cma_copy_seconds(peer_pid, s, d, n) for _ in range(reps))
+    return workload.nbytes * k / seconds / 1e9
+
+
+def tcp_limit_gbps(workload: Workload, host: str, port: int, reps: int = REPS) -> float:
+    """sendall of the same bytes (repeated for small ones) to the peer's sink, which acks the last byte. One
+    connection for every rep, so the later reps run on a warmed-up socket, as kvxfer's long-lived one does."""
+    total = workload.nbytes * repeats(workload)
+    buf = np.ones(min(total, 256 << 20), np.uint8)
+    times = []
+    with socket.create_connection((host, port), timeout=60) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            s.sendall(total.to_bytes(8, "little"))
+            left = total
+            while left:
+                n = min(left, buf.nbytes)
+                s.sendall(memoryview(buf)[:n])
+                left -= n
+            if s.recv(1) != b"k":
+                raise ConnectionError("the peer's TCP sink did not ack")
+            times.append(time.perf_counter() - t0)
+    return total / min(times) / 1e9
+
+
+class TcpSink:
+    """The peer's side of tcp_limit_gbps: one connection, `reps` length-prefixed messages, each acked."""
+
+    def __init__(self, host: str):
+        self._sock = socket.create_server((host, 0))
+        self.port = self._sock.getsockname()[1]
+        self._buf = bytearray(8 << 20)
+
+    def drain(self, reps: int, timeout_s: float) -> None:
+        self._sock.settimeout(timeout_s)
+        conn, _ = self._sock.accept()
+        with conn:
+            conn.settimeout(timeout_s)
+            view = memoryview(self._buf)
+            for _ in range(reps):
+                total = int.from_bytes(_read_exact(conn, 8), "little")
+                while total:
+                    n = conn.recv_into(view, min(total, len(self._buf)))
+                    if not n:
+                        raise ConnectionError("the driver closed the TCP limit connection early")
+                    total -= n
+                conn.sendall(b"k")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _read_exact(conn: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = conn.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("the driver closed the TCP limit connection early")
+        out += chunk
+    return out

@@ -1,0 +1,142 @@
+"""kvxfer-bench end to end: real processes, real transports on loopback; arguments, schema, modes and failures."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kvxfer.bench import cli, report, workloads
+
+SMALL = ["--model", "llama3-8b", "--tokens", "64", "--sweep", "4K,1M", "--iters", "3", "--quiet", "--timeout", "30"]
+ENV = {**os.environ, "FI_TCP_IFACE": "lo"}
+
+
+def bench(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "kvxfer.bench.cli", *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, cause", [
+    (["--rails", "0"], "--rails 0 must be >= 1"),
+    (["--src-mem", "gpu0"], "--src-mem 'gpu0': use cpu or cuda:N"),
+    (["--block-bytes", "4K"], "--block-bytes and --blocks go together"),
+    (["--sweep", "4Q"], "'4Q' is not a size"),
+    (["--iters", "3", "--duration", "1"], "not both"),
+    (["--transport", "carrier-pigeon"], "invalid choice"),
+    (["--model", "gpt-9"], "invalid choice"),
+    (["--listen", "--connect", "h:1"], "not allowed with"),
+])
+def test_bad_arguments_exit_2_naming_the_problem(args, cause, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    assert exc.value.code == 2
+    assert cause in capsys.readouterr().err
+
+
+def test_workload_shapes_from_model_presets():
+    w = workloads.model_workload("paged", "llama3-8b", 4096)
+    assert (w.blocks, w.nbytes) == (256, 512 << 20)  # the reference request
+    assert workloads.kv_bytes_per_token("llama3-70b") == 80 * 2 * 8 * 128 * 2
+    mla = workloads.model_workload("contiguous", "deepseek-v3", 32)
+    assert mla.kv_layout.kind == "mla" and mla.nbytes == 61 * 576 * 2 * 32
+    assert mla.src_ids == mla.dst_ids == [0, 1]
+    assert [report.parse_size(s) for s in ("4096", "64K", "1M", "16MiB")] == [4096, 65536, 1 << 20, 16 << 20]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_short_run_json_schema_verified_and_ratios(transport, tmp_path):
+    out = tmp_path / "r.json"
+    r = bench("--transport", transport, *SMALL, "--json", str(out), "--csv", str(tmp_path / "r.csv"))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == 1 and len(doc["records"]) == 3
+    for rec in doc["records"]:
+        assert set(report.REQUIRED) <= set(rec)
+        assert rec["transport"] == transport and rec["verified"] is True
+        assert 0 < rec["ratio"] <= 1.5, rec
+        assert rec["gbps"] > 0 and rec["p99_us"] >= rec["p50_us"] > 0
+    paged, small, big = doc["records"]
+    assert (paged["pattern"], paged["blocks"], paged["nbytes"]) == ("paged", 4, 4 * 32 * 2 * 32768)
+    assert (small["nbytes"], big["nbytes"]) == (4096, 1 << 20)
+    assert paged["path"] == ("tcp" if transport == "tcp" else "cma")
+    assert "process_vm_writev" in paged["limit"] if transport == "shm" else "TCP" in paged["limit"]
+    assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("transport,path,provider")
+    assert re.search(r"paged\s+llama3-8b", r.stdout) and "% limit" in r.stdout
+
+
+def test_layerwise_reports_exposed_time(tmp_path):
+    out = tmp_path / "l.json"
+    r = bench("--transport", "tcp", "--pattern", "layerwise", "--model", "qwen2-7b", "--tokens", "64",
+              "--layer-delay-ms", "2", "--iters", "2", "--quiet", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["pattern"] == "layerwise" and rec["compute_ms"] == 2 * 28 and rec["verified"] is True
+    assert 0 < rec["exposed_p50_us"] < rec["p50_us"]  # the part not hidden is less than the whole transfer
+
+
+def test_plot_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (scripts/setup.sh installs it)")
+    png = tmp_path / "sweep.png"
+    r = bench("--transport", "shm", "--sweep", "4K,64K", "--tokens", "16", "--iters", "2", "--quiet", "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_host_mode_over_loopback():
+    listener = subprocess.Popen([sys.executable, "-m", "kvxfer.bench.cli", "--listen", "127.0.0.1:0", "--timeout", "60"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        port = re.search(r"listening on 127\.0\.0\.1:(\d+)", listener.stderr.readline()).group(1)
+        r = bench("--connect", f"127.0.0.1:{port}", "--transport", "tcp", *SMALL)
+        assert r.returncode == 0, r.stderr
+        out, _ = listener.communicate(timeout=60)
+        assert listener.returncode == 0
+        for text in (r.stdout, out):  # results printed on both sides
+            assert re.search(r"paged\s+llama3-8b\s+tcp", text) and text.count(" yes") == 3
+    finally:
+        listener.kill()
+
+
+@pytest.mark.parametrize("args, cause", [
+    (["--transport", "efa"], "no usable libfabric provider 'efa'"),
+    (["--transport", "cuda_ipc"], "not implemented"),
+    (["--dst-mem", "cuda:0"], "not implemented"),
+])
+def test_unusable_transport_one_line_exit_1(args, cause):
+    r = bench(*args, *SMALL)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and cause in r.stderr, r.stderr
+
+
+def test_peer_that_never_connects():
+    t0 = time.monotonic()
+    r = bench("--connect", "127.0.0.1:1", "--timeout", "1", "--quiet")
+    assert r.returncode == 1 and "could not connect to 127.0.0.1:1 within 1.0s" in r.stderr
+    assert time.monotonic() - t0 < 30
+    r = bench("--listen", "127.0.0.1:0", "--timeout", "1")
+    assert r.returncode == 1 and "no peer connected" in r.stderr
+
+
+def test_peer_dying_mid_run_ends_with_a_reason_not_a_hang():
+    listener = subprocess.Popen([sys.executable, "-m", "kvxfer.bench.cli", "--listen", "127.0.0.1:0", "--timeout", "60"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    port = re.search(r"listening on 127\.0\.0\.1:(\d+)", listener.stderr.readline()).group(1)
+    # a long run: 200 transfers x 32 layers x 20 ms of "compute"; the peer is killed early in it
+    driver = subprocess.Popen([sys.executable, "-m", "kvxfer.bench.cli", "--connect", f"127.0.0.1:{port}",
+                               "--transport", "tcp", "--pattern", "layerwise", "--tokens", "64", "--layer-delay-ms",
+                               "20", "--iters", "200", "--timeout", "10", "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        time.sleep(3)  # not a correctness condition: killing at any moment of the run must give the same outcome
+        listener.send_signal(signal.SIGKILL)
+        _, err = driver.communicate(timeout=90)
+        assert driver.returncode == 1
+        assert err.startswith("kvxfer-bench: error: ") and err.strip().count("\n") == 0, err
+        assert re.search(r"Peer|peer|closed|timed out|did not", err), err
+    finally:
+        listener.kill()
+        driver.kill()
