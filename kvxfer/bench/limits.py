@@ -27,14 +27,18 @@ def repeats(workload: Workload) -> int:
 def cma_limit_gbps(workload: Workload, src: list[np.ndarray], peer_pid: int, dst_bases: list[int], reps: int = REPS) -> float:
     """process_vm_writev of the same chunks (the rotating sweep: the same block, repeated)."""
     lay = workload.kv_layout
-    src_ids, dst_ids = workload.ids_for(0)
-    s_addr, d_addr = [], []
-    for (sr, srows), (dr, drows) in zip(chunk_rows(lay, src_ids), chunk_rows(lay, dst_ids)):
-        s_addr.append(np.uint64(src[sr].ctypes.data) + srows.astype(np.uint64) * np.uint64(lay.chunk_bytes))
-        d_addr.append(np.uint64(dst_bases[dr]) + drows.astype(np.uint64) * np.uint64(lay.chunk_bytes))
     k = repeats(workload)
-    s = np.ascontiguousarray(np.tile(np.concatenate(s_addr), k))
-    d = np.ascontiguousarray(np.tile(np.concatenate(d_addr), k))
+    s_addr, d_addr = [], []
+    # Transfer i of the run addresses ids_for(i): the sweep rotates over `depth` buffers, so the limit does too
+    # (copying one small buffer k times would run from cache and overstate the limit).
+    for i in range(k if workload.rotate else 1):
+        src_ids, dst_ids = workload.ids_for(i)
+        for (sr, srows), (dr, drows) in zip(chunk_rows(lay, src_ids), chunk_rows(lay, dst_ids)):
+            s_addr.append(np.uint64(src[sr].ctypes.data) + srows.astype(np.uint64) * np.uint64(lay.chunk_bytes))
+            d_addr.append(np.uint64(dst_bases[dr]) + drows.astype(np.uint64) * np.uint64(lay.chunk_bytes))
+    reps = 1 if workload.rotate else k
+    s = np.ascontiguousarray(np.tile(np.concatenate(s_addr), reps))
+    d = np.ascontiguousarray(np.tile(np.concatenate(d_addr), reps))
     n = np.full(s.size, lay.chunk_bytes, np.uint64)
     seconds = min(_C.cma_copy_seconds(peer_pid, s, d, n) for _ in range(reps))
     return workload.nbytes * k / seconds / 1e9

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ class Peer:
                                                      "kvxfer version on both hosts"})
             raise TransferFailed(f"driver speaks bench protocol {hello.get('protocol')}, this peer {PROTOCOL}")
         self.sink = limits.TcpSink(self.ch._sock.getsockname()[0])
-        self.ch.send_json({"ok": True, "pid": os.getpid(), "sink_port": self.sink.port})
+        self.ch.send_json({"ok": True, "pid": os.getpid(), "sink_port": self.sink.port, "host": _host_identity()})
         try:
             # The driver's longest silence is one timed run, itself bounded by its own timeouts; a driver that dies
             # closes the socket, which ends this wait at once.
@@ -69,8 +70,10 @@ class Peer:
     def _step(self, msg: dict) -> bool:
         cmd = msg.get("cmd")
         try:
-            if cmd == "setup":
-                self._setup(msg)
+            if cmd == "prepare":
+                self._prepare(msg)
+            elif cmd == "connect":
+                self._connect(msg)
             elif cmd == "tcp_limit":
                 self.sink.drain(int(msg["reps"]), self.timeout_s)
                 self.ch.send_json({"ok": True})
@@ -90,18 +93,23 @@ class Peer:
             self.ch.send_json({"ok": False, "error": f"{type(e).__name__}: {e}"})
         return True
 
-    def _setup(self, msg: dict) -> None:
+    def _prepare(self, msg: dict) -> None:
+        """Destination memory first, with no agent yet: the driver measures the limit on quiet cores."""
         self._teardown()
         self.count += 1
         self.workload = Workload.from_json(msg["workload"])
-        lay = self.workload.kv_layout
-        self.agent = kvxfer.Agent(f"bench-peer-{self.count}", transport=msg["transport"], interface=msg["interface"],
-                                  timeout_s=self.timeout_s, rails=msg["rails"])
-        self.dst = allocate(lay)
+        self.dst = allocate(self.workload.kv_layout)
         for a in self.dst:
             a.fill(FILL)
-        self.agent.register_pool(self.dst, lay)
         self.ch.send_json({"ok": True, "dst_bases": [a.ctypes.data for a in self.dst]})
+
+    def _connect(self, msg: dict) -> None:
+        for a in self.dst:  # the limit copied into this memory; start the transfers from FILL again
+            a.fill(FILL)
+        self.agent = kvxfer.Agent(f"bench-peer-{self.count}", transport=msg["transport"], interface=msg["interface"],
+                                  timeout_s=self.timeout_s, rails=msg["rails"])
+        self.agent.register_pool(self.dst, self.workload.kv_layout)
+        self.ch.send_json({"ok": True})
         self.ch.send(self.agent.metadata())
         peer = self.agent.add_peer(self.ch.recv(self.timeout_s))
         self.agent.wait_connected(peer, self.timeout_s)
@@ -120,6 +128,7 @@ class Driver:
         self.ch.send_json({"cmd": "hello", "protocol": PROTOCOL})
         hello = _expect_ok(self.ch.recv_json(cfg.timeout_s))
         self.peer_pid, self.sink_port = hello["pid"], hello["sink_port"]
+        self.same_host = hello.get("host") == _host_identity()
         self.peer_host = ch.peer.rpartition(":")[0]
         self.count = 0
 
@@ -127,22 +136,28 @@ class Driver:
         cfg = self.cfg
         self.count += 1
         lay = workload.kv_layout
-        self.ch.send_json({"cmd": "setup", "workload": workload.to_json(), "transport": cfg.transport,
-                           "interface": cfg.interface, "rails": cfg.rails})
-        dst_bases = _expect_ok(self.ch.recv_json(cfg.timeout_s))["dst_bases"]
+        self.ch.send_json({"cmd": "prepare", "workload": workload.to_json()})
+        dst_bases = _expect_ok(self.ch.recv_json(max(cfg.timeout_s, 120)))["dst_bases"]
+        src = allocate(lay)
+        fill_source(src, workload.seed)
+        # The limit first, before either agent's progress thread exists to share the cores with it.
+        same_host_copy = self.same_host and cfg.transport in ("auto", "shm", "cma", "fi_shm")
+        limit_gbps, limit_name = self._limit(workload, src, same_host_copy, dst_bases)
+        self.ch.send_json({"cmd": "connect", "transport": cfg.transport, "interface": cfg.interface,
+                           "rails": cfg.rails})
+        _expect_ok(self.ch.recv_json(cfg.timeout_s))
         peer_md = self.ch.recv(cfg.timeout_s)
         agent = kvxfer.Agent(f"bench-driver-{self.count}", transport=cfg.transport, interface=cfg.interface,
                              timeout_s=cfg.timeout_s, rails=cfg.rails)
         try:
-            src = allocate(lay)
-            fill_source(src, workload.seed)
             agent.register_pool(src, lay)
             self.ch.send(agent.metadata())
             peer = agent.add_peer(peer_md)
             agent.wait_connected(peer, cfg.timeout_s)
             _expect_ok(self.ch.recv_json(cfg.timeout_s))
             provider = agent.provider if peer.path != "cma" else f"process_vm_writev + {agent.provider} signals"
-            limit_gbps, limit_name = self._limit(workload, src, peer, dst_bases)
+            if same_host_copy != (peer.path in ("cma", "fi_shm")):  # auto found no CMA: the wire's limit applies
+                limit_gbps, limit_name = self._limit(workload, src, False, dst_bases)
             timing = self._timed(agent, peer, workload)
             verified, detail = None, "skipped (--no-verify)"
             if cfg.verify:
@@ -166,8 +181,8 @@ class Driver:
         self.ch.send_json({"cmd": "bye"})
         _expect_ok(self.ch.recv_json(self.cfg.timeout_s))
 
-    def _limit(self, workload, src, peer, dst_bases) -> tuple[float, str]:
-        if peer.same_host and peer.path in ("cma", "fi_shm"):
+    def _limit(self, workload, src, same_host_copy: bool, dst_bases) -> tuple[float, str]:
+        if same_host_copy:
             try:
                 return (limits.cma_limit_gbps(workload, src, self.peer_pid, dst_bases),
                         "process_vm_writev, one thread, same chunks, best of 5")
@@ -239,6 +254,16 @@ class Driver:
             out["exposed_p50_us"] = _pct(exposed, 50) * 1e6
             out["compute_ms"] = workload.layer_delay_ms * workload.kv_layout.num_layers
         return out
+
+
+def _host_identity() -> str:
+    """hostname + boot id: equal on both sides exactly when they share a kernel (so CMA can work)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 def _pct(values, p) -> float:

@@ -140,3 +140,15 @@ def test_peer_dying_mid_run_ends_with_a_reason_not_a_hang():
     finally:
         listener.kill()
         driver.kill()
+
+
+@pytest.mark.slow
+def test_no_arguments_runs_the_default(tmp_path):
+    """No flags: the reference request (512 MiB) and the 8-size sweep on the best transport, all verified."""
+    out = tmp_path / "d.json"
+    r = bench("--quiet", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    recs = json.loads(out.read_text())["records"]
+    assert [r["model"] for r in recs] == ["llama3-8b"] + ["sweep"] * 8
+    assert recs[0]["nbytes"] == 512 << 20 and recs[0]["path"] == "cma"
+    assert all(r["verified"] is True for r in recs)
