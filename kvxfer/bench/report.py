@@ -98,7 +98,7 @@ def plot(path: str, records: list[dict]) -> None:
     ax.set_ylabel("GB/s")
     ax.set_title(f"kvxfer-bench, depth {sweep[0]['depth']}, {socket.gethostname()}")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
