@@ -111,6 +111,31 @@ def test_metadata_rejected_when_malformed():
             b.add_peer(body)
 
 
+def _reseal(md: bytes, payload: bytes) -> bytes:
+    """Header with a valid length and fnv1a32 checksum around a tampered payload, as a hostile peer would send."""
+    h = 2166136261
+    for byte in payload:
+        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
+    return md[:8] + len(payload).to_bytes(4, "little") + h.to_bytes(4, "little") + payload
+
+
+def test_peer_metadata_exposing_less_than_its_layout_is_refused():
+    """A peer cannot get us to write beyond what it exposed: metadata whose pool layout needs more bytes than its
+    regions hold is refused when parsed, before any write could be planned against it."""
+    a = kvxfer.Agent("a", transport="tcp", interface="lo")
+    layout = kvxfer.KVLayout.contiguous(4, 4096)
+    a.register_pool(np.zeros(4 * 4096, np.uint8), layout)
+    md = a.metadata()
+    payload = md[16:]
+    size = (4 * 4096).to_bytes(8, "little")
+    at = payload.rindex(size)  # the region's nbytes field
+    shrunk = payload[:at] + (4096).to_bytes(8, "little") + payload[at + 8:]
+    b = kvxfer.Agent("b", transport="tcp", interface="lo")
+    with pytest.raises(errors.MetadataError, match="pool 'kv' is inconsistent.*needs 16384 bytes"):
+        b.add_peer(_reseal(md, shrunk))
+    b.add_peer(_reseal(md, payload))  # the untampered payload, resealed the same way, is accepted
+
+
 def test_bad_ids_arguments():
     a, b, _, peer_b, _, _ = local_pair()
     with pytest.raises(errors.InvalidArgument, match="1-D integer array"):
