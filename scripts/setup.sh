@@ -23,6 +23,11 @@ if [ "${KVXFER_SKIP_TORCH:-0}" != 1 ] && ! python -c "import torch" 2>/dev/null;
   pip install -q torch==2.13.0 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
   python -c "import torch" || { echo "kvxfer setup: torch==2.13.0 did not install" >&2; exit 1; }
 fi
+# The engine loads HF checkpoints (safetensors, tokenizers); its tests compare against transformers' Llama. Installed
+# after torch, so they reuse it instead of pulling another build.
+if [ "${KVXFER_SKIP_TORCH:-0}" != 1 ]; then
+  pip install -q transformers safetensors tokenizers 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+fi
 echo "kvxfer setup: building (pip install -e .)"
 pip install -q --no-build-isolation -e . 
 python -m kvxfer info
