@@ -67,6 +67,11 @@ class Send(_Transfer):
     def layer_ready(self, layer: int) -> None:
         self._agent._c.layer_ready(self._h, layer)
 
+    def abort(self, reason: str = "aborted") -> None:
+        """Post nothing more; this send and the peer's recv fail with TransferFailed naming `reason`. No-op once the
+        send ended. Writes already posted may still complete after this returns (there is no drain handshake yet)."""
+        self._agent._c.abort_send(self._h, reason)
+
     def all_ready(self) -> None:
         self._agent._c.layer_ready(self._h, -1)
 

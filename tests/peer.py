@@ -45,6 +45,14 @@ def serve(conn):
                 xfer, timeout_s = args
                 sends[xfer].wait(timeout_s=timeout_s)
                 result = sends[xfer].state.name
+            elif cmd == "abort":
+                xfer, reason = args
+                sends[xfer].abort(reason)
+                try:
+                    sends[xfer].wait(timeout_s=30)
+                except kvxfer.KvxferError:
+                    pass
+                result = (sends[xfer].state.name, str(sends[xfer].error))
             elif cmd == "stats":
                 result = (agent.stats(), peers[0].rails)
             elif cmd == "exit":

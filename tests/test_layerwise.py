@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from kvxfer import errors
+
 from tests.conftest import TRANSPORTS, connect
 from tests.reference import apply, block_view, make_pool
 
@@ -44,3 +46,18 @@ def test_layer_range_subset(transport, remote):
     apply(layout, make_pool(layout, 6), expected, ids, ids, range(1, 3))
     for got, want in zip(dst, expected):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])
+def test_abort_fails_both_sides_with_the_reason(transport, remote):
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed=4)
+    ids = np.array([1, 5, 9], np.int32)
+    recv = agent.recv(peer, 77, ids)
+    remote.call("send", (77, ids.tolist(), ids.tolist(), None, "none"))
+    remote.call("mark", (77, 0))
+    recv.wait(layer=0, timeout_s=30)  # layer 0 arrived; the rest never will
+    state, why = remote.call("abort", (77, "model failed at layer 1"))
+    assert state == "FAILED" and "aborted by the sender: model failed at layer 1" in why
+    with pytest.raises(errors.TransferFailed, match="the sender abandoned transfer 77"):
+        recv.wait(timeout_s=30)
+    assert recv.layers_done == 1

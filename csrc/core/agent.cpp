@@ -307,6 +307,18 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
   return send;
 }
 
+void Agent::abort_send(const std::shared_ptr<SendState>& send, const std::string& why) {
+  if (send->state() != TransferState::Pending) return;
+  Command c{Command::Kind::AbortSend, send, 0, nullptr, {}};
+  c.reason = why;
+  {
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    commands_.push_back(std::move(c));
+    has_commands_ = true;
+  }
+  cmd_cv_.notify_one();
+}
+
 void Agent::layer_ready(const std::shared_ptr<SendState>& send, int layer) {
   if (send->state() == TransferState::Failed)
     throw Error(send->error_kind(), "transfer " + std::to_string(send->xfer_id) + " already failed: " + send->error());

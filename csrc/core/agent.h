@@ -70,6 +70,10 @@ class Agent {
                                   const std::string& dst_pool, const int32_t* src_ids, const int32_t* dst_ids,
                                   size_t num_ids, int first_layer, int num_layers, double timeout_s);
   void layer_ready(const std::shared_ptr<SendState>& send, int layer);   // layer < 0: every layer not yet marked
+  // Gives up on a send (the model failed mid-prefill, the request was cancelled): nothing more is posted, the send
+  // fails with TransferFailed and the receiver's recv fails too (ABORT). No-op on a send that already ended. Writes
+  // already posted may still complete afterwards: there is no drain handshake yet.
+  void abort_send(const std::shared_ptr<SendState>& send, const std::string& why);
   std::shared_ptr<RecvState> recv(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
                                   const int32_t* dst_ids, size_t num_ids, int first_layer, int num_layers,
                                   double timeout_s);
@@ -91,11 +95,12 @@ class Agent {
     SendState* send = nullptr;
   };
   struct Command {
-    enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage } kind;
+    enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage, AbortSend } kind;
     std::shared_ptr<SendState> send;
     uint32_t layer_index = 0;  // LayerReady: index within the send's layer range
     std::shared_ptr<PeerState> peer;
     ControlMessage msg;
+    std::string reason;  // AbortSend
   };
 
   // progress thread (agent_progress.cpp)

@@ -74,6 +74,10 @@ bool Agent::run_commands() {
       case Command::Kind::InjectMessage:
         on_message(reinterpret_cast<const uint8_t*>(&c.msg), sizeof(c.msg));
         break;
+      case Command::Kind::AbortSend:
+        fail_send(*c.send, ErrorKind::TransferFailed,
+                  "transfer " + std::to_string(c.send->xfer_id) + " was aborted by the sender: " + c.reason);
+        break;
     }
   }
   return !cmds.empty();

@@ -8,6 +8,9 @@ After layer l of the whole batch is in the local cache, every request's send mar
 returns in microseconds); kvxfer posts those writes while layer l+1 computes. Local blocks are freed only once a
 send is DONE (the decode side counted every byte), so no write can still read them.
 
+If the batch fails, its unfinished sends are aborted (the decode side's recvs fail at once). Writes posted before
+the abort may still be in flight when the blocks are freed: kvxfer has no drain handshake yet (see README).
+
 `python -m kvxfer.engine.prefill --connect HOST:PORT` serves jobs from a driver over a bootstrap channel.
 """
 from __future__ import annotations
@@ -55,12 +58,8 @@ class PrefillWorker:
                 s.wait(timeout_s=self.timeout_s)
             t_exposed = time.perf_counter() - t0 - t_compute
         finally:
-            for s, table in zip(sends, tables):
-                if s.state.name == "PENDING":  # a failed batch: the send must end before its blocks are reused
-                    try:
-                        s.wait(timeout_s=self.timeout_s)
-                    except KvxferError:
-                        pass
+            for s in sends:
+                s.abort("the prefill batch failed")  # no-op for sends that completed
             for table in tables:
                 self.cache.allocator.free(table)
         stats = {"compute_s": t_compute, "exposed_s": t_exposed, "kv_bytes": sum(s.nbytes for s in sends)}
