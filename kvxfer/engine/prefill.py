@@ -62,7 +62,8 @@ class PrefillWorker:
                 s.abort("the prefill batch failed")  # no-op for sends that completed
             for table in tables:
                 self.cache.allocator.free(table)
-        stats = {"compute_s": t_compute, "exposed_s": t_exposed, "kv_bytes": sum(s.nbytes for s in sends)}
+        stats = {"compute_s": t_compute, "exposed_s": t_exposed, "kv_bytes": sum(s.nbytes for s in sends),
+                 "kv_bytes_each": [s.nbytes for s in sends]}
         return logits.argmax(-1).tolist(), stats
 
 

@@ -1,0 +1,384 @@
+"""Router: the OpenAI-compatible front end. It owns no model; it tokenizes, assigns each request to the nodes and
+streams the decode side's tokens back.
+
+    POST /v1/completions   {"prompt": str, "max_tokens": int, "stream": bool}  (greedy decoding only)
+    GET  /v1/models, /health, /metrics (Prometheus), /stats (per-request timings, JSON)
+
+Disaggregated flow per batch (push model): the decode node allocates blocks and returns their ids ("admit"); the
+prefill node runs the batch and writes each request's KV into those blocks layer by layer with kvxfer; its first
+tokens stream to the client at once; the decode node joins each request to its running batch when the KV has
+arrived. Colocated flow: one node does both. Nodes connect to the router's node port (`--nodes`); with `--spawn`
+the router starts them itself on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from kvxfer import bootstrap
+from kvxfer.engine.metrics import Registry, RequestTiming
+from kvxfer.engine.tokenizer import ByteTokenizer
+from kvxfer.errors import KvxferError
+
+MAX_BATCH_REQUESTS, MAX_BATCH_TOKENS = 8, 4096
+
+
+class Request:
+    def __init__(self, rid: int, prompt: list[int], max_tokens: int):
+        self.id, self.prompt, self.max_tokens = rid, prompt, max_tokens
+        self.events: queue.Queue = queue.Queue()  # (token | None, finished, error)
+        self.timing = RequestTiming(arrival=time.perf_counter())
+        self.skip_decode_first = False
+        self.done = False
+
+
+class Router:
+    def __init__(self, mode: str, model_name: str, timeout_s: float = 30.0):
+        self.mode, self.model_name, self.timeout_s = mode, model_name, timeout_s
+        self.tokenizer = ByteTokenizer()
+        self.requests: dict[int, Request] = {}
+        self.finished: list[Request] = []
+        self.registry = Registry()
+        self._ids = itertools.count(1)
+        self._waiting: queue.Queue = queue.Queue()
+        self._admitted: dict[int, queue.Queue] = {}
+        self._lock = threading.Lock()
+        self.healthy, self.unhealthy_reason = False, "nodes not connected yet"
+
+    # ---- nodes ----------------------------------------------------------------------------------------
+    def attach(self, lst: bootstrap.Listener) -> None:
+        want = {"prefill", "decode"} if self.mode == "disagg" else {"colocated"}
+        self.nodes: dict[str, bootstrap.Channel] = {}
+        while set(self.nodes) != want:
+            ch = lst.accept(timeout_s=120)
+            role = ch.recv_json(timeout_s=self.timeout_s).get("role")
+            if role not in want or role in self.nodes:
+                ch.close()
+                continue
+            self.nodes[role] = ch
+        if self.mode == "disagg":
+            md_p = self.nodes["prefill"].recv(timeout_s=120)
+            md_d = self.nodes["decode"].recv(timeout_s=120)
+            self.nodes["prefill"].send(md_d)
+            self.nodes["decode"].send(md_p)
+            threading.Thread(target=self._prefill_loop, daemon=True).start()
+        stream_node = self.nodes["decode" if self.mode == "disagg" else "colocated"]
+        threading.Thread(target=self._token_reader, args=(stream_node,), daemon=True).start()
+        self.healthy, self.unhealthy_reason = True, ""
+
+    def close(self) -> None:
+        for ch in getattr(self, "nodes", {}).values():
+            try:
+                ch.send_json({"cmd": "bye"})
+            except KvxferError:
+                pass
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], max_tokens: int) -> Request:
+        req = Request(next(self._ids), prompt, max_tokens)
+        with self._lock:
+            self.requests[req.id] = req
+            self.registry.requests += 1
+        if not self.healthy:
+            self._fail(req, f"router unhealthy: {self.unhealthy_reason}")
+        elif self.mode == "disagg":
+            self._waiting.put(req)
+        else:
+            self._send("colocated", {"cmd": "submit", "id": req.id, "prompt": prompt, "max_tokens": max_tokens}, req)
+        return req
+
+    def cancel(self, req: Request, reason: str) -> None:
+        if not req.done:
+            self._send("decode" if self.mode == "disagg" else "colocated",
+                       {"cmd": "cancel", "id": req.id, "reason": reason}, req)
+
+    def _send(self, role: str, msg: dict, req: Request | None = None) -> bool:
+        try:
+            self.nodes[role].send_json(msg)
+            return True
+        except KvxferError as e:
+            self._node_lost(role, e)
+            if req is not None:
+                self._fail(req, f"{role} node unreachable: {e}")
+            return False
+
+    def _node_lost(self, role: str, e: Exception) -> None:
+        self.healthy, self.unhealthy_reason = False, f"{role} node lost ({e})"
+        with self._lock:
+            live = [r for r in self.requests.values() if not r.done]
+        for r in live:
+            self._fail(r, f"{role} node lost: {e}")
+
+    def _fail(self, req: Request, error: str) -> None:
+        req.timing.error = error
+        self._finish(req)
+        req.events.put((None, True, error))
+
+    def _finish(self, req: Request) -> None:
+        with self._lock:
+            if req.done:
+                return
+            req.done = True
+            self.requests.pop(req.id, None)
+            self.finished.append(req)
+            self.registry.failed += req.timing.error is not None
+            if req.timing.ttft is not None:
+                self.registry.ttft.append(req.timing.ttft)
+
+    def _token(self, req: Request, token: int, finished: bool) -> None:
+        now = time.perf_counter()
+        t = req.timing
+        if t.first_token is None:
+            t.first_token = now
+        t.last_token, t.tokens = now, t.tokens + 1
+        with self._lock:
+            self.registry.tokens += 1
+        if finished:
+            self._finish(req)
+        req.events.put((token, finished, None))
+
+    def _token_reader(self, ch: bootstrap.Channel) -> None:
+        role = "decode" if self.mode == "disagg" else "colocated"
+        try:
+            while True:
+                msg = ch.recv_json(timeout_s=24 * 3600)
+                if msg.get("type") == "admitted":
+                    self._admitted.pop(msg["id"]).put(msg)
+                    continue
+                req = self.requests.get(msg["id"])
+                if req is None:
+                    continue
+                if msg["token"] is None:
+                    self._fail(req, msg.get("error") or "failed")
+                elif req.skip_decode_first:
+                    # The decode node's first event repeats the prefill's token, which was streamed already.
+                    req.skip_decode_first = False
+                    if msg["finished"]:
+                        self._finish(req)
+                        req.events.put((None, True, None))
+                else:
+                    self._token(req, msg["token"], msg["finished"])
+        except KvxferError as e:
+            self._node_lost(role, e)
+
+    def _prefill_loop(self) -> None:
+        while True:
+            batch = [self._waiting.get()]
+            tokens = len(batch[0].prompt)
+            while len(batch) < MAX_BATCH_REQUESTS and not self._waiting.empty():
+                nxt = self._waiting.queue[0]
+                if tokens + len(nxt.prompt) > MAX_BATCH_TOKENS:
+                    break
+                batch.append(self._waiting.get())
+                tokens += len(nxt.prompt)
+            try:
+                self._prefill_batch(batch)
+            except KvxferError as e:
+                self._node_lost("prefill", e)
+                return
+
+    def _prefill_batch(self, batch: list[Request]) -> None:
+        jobs, admitted = [], []
+        for req in batch:
+            box: queue.Queue = queue.Queue()
+            self._admitted[req.id] = box
+            if not self._send("decode", {"cmd": "admit", "id": req.id, "prompt_len": len(req.prompt),
+                                         "max_tokens": req.max_tokens}, req):
+                continue
+            try:
+                reply = box.get(timeout=self.timeout_s)
+            except queue.Empty:
+                self._fail(req, "decode node did not admit the request in time")
+                continue
+            if reply.get("error"):
+                self._fail(req, reply["error"])
+                continue
+            jobs.append({"xfer_id": req.id, "prompt": req.prompt, "dst_blocks": reply["dst_blocks"]})
+            admitted.append(req)
+        if not jobs:
+            return
+        ch = self.nodes["prefill"]
+        ch.send_json({"cmd": "prefill", "jobs": jobs})
+        reply = ch.recv_json(timeout_s=max(120.0, self.timeout_s))
+        if not reply.get("ok"):
+            for req in admitted:
+                self.cancel(req, reply.get("error", "prefill failed"))
+                self._fail(req, f"prefill failed: {reply.get('error')}")
+            return
+        stats = reply["stats"]
+        for req, token, nbytes in zip(admitted, reply["first_tokens"], stats["kv_bytes_each"]):
+            req.timing.kv_bytes, req.timing.kv_exposed_s = nbytes, stats["exposed_s"]
+            with self._lock:
+                self.registry.kv_bytes += nbytes
+            req.skip_decode_first = True
+            self._token(req, token, False)  # decode ends the request, even at max_tokens == 1 (frees its blocks)
+            self._send("decode", {"cmd": "first_token", "id": req.id, "token": token}, req)
+
+
+# ---- HTTP -------------------------------------------------------------------------------------------------
+def make_handler(router: Router):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # quiet: the demo prints its own summary
+            pass
+
+        def _json(self, status: int, obj) -> None:
+            body = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+            self._json(status, {"error": {"message": message, "type": kind}})
+
+        def do_GET(self):
+            if self.path == "/health":
+                ok = router.healthy
+                self._json(200 if ok else 503, {"status": "ok" if ok else router.unhealthy_reason, "mode": router.mode})
+            elif self.path == "/v1/models":
+                self._json(200, {"object": "list", "data": [{"id": router.model_name, "object": "model",
+                                                             "owned_by": "kvxfer"}]})
+            elif self.path == "/metrics":
+                body = router.registry.prometheus().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path == "/stats":
+                with router._lock:
+                    done = list(router.finished)
+                self._json(200, {"mode": router.mode, "requests": [vars(r.timing) | {"id": r.id} for r in done]})
+            else:
+                self._error(404, f"no route {self.path}; try /v1/completions, /v1/models, /health, /metrics")
+
+        def do_POST(self):
+            if self.path != "/v1/completions":
+                return self._error(404, f"no route {self.path}; POST /v1/completions")
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            except ValueError as e:
+                return self._error(400, f"request body is not JSON: {e}")
+            prompt, max_tokens = body.get("prompt"), body.get("max_tokens", 16)
+            if not isinstance(prompt, str) or not prompt:
+                return self._error(400, "'prompt' must be a non-empty string")
+            if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
+                return self._error(400, "'max_tokens' must be an integer in [1, 4096]")
+            if body.get("temperature") not in (None, 0, 0.0):
+                return self._error(400, "only greedy decoding is supported: omit temperature or set it to 0")
+            ids = router.tokenizer.encode(prompt)
+            req = router.submit(ids, max_tokens)
+            if body.get("stream"):
+                return self._stream(req, ids)
+            out = []
+            while True:
+                token, finished, error = req.events.get(timeout=300)
+                if error:
+                    return self._error(503, error, "server_error")
+                if token is not None:
+                    out.append(token)
+                if finished:
+                    break
+            self._json(200, self._completion(req, out, len(ids)))
+
+        def _completion(self, req: Request, out: list[int], prompt_tokens: int) -> dict:
+            return {"id": f"cmpl-{req.id}", "object": "text_completion", "created": int(time.time()),
+                    "model": router.model_name,
+                    "choices": [{"index": 0, "text": router.tokenizer.decode(out), "logprobs": None,
+                                 "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(out),
+                              "total_tokens": prompt_tokens + len(out)},
+                    "kvxfer": {"token_ids": out}}
+
+        def _stream(self, req: Request, ids: list[int]) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            try:
+                while True:
+                    token, finished, error = req.events.get(timeout=300)
+                    if error:
+                        self._sse({"error": {"message": error, "type": "server_error"}})
+                        break
+                    chunk = {"id": f"cmpl-{req.id}", "object": "text_completion", "model": router.model_name,
+                             "choices": [{"index": 0, "text": "" if token is None else router.tokenizer.decode([token]),
+                                          "finish_reason": "length" if finished else None,
+                                          "token_ids": [] if token is None else [token]}]}
+                    self._sse(chunk)
+                    if finished:
+                        break
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                router.cancel(req, "client disconnected")  # frees its blocks on the nodes
+
+        def _sse(self, obj) -> None:
+            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            self.wfile.flush()
+
+    return Handler
+
+
+def spawn_nodes(mode: str, node_port: int, args) -> list[subprocess.Popen]:
+    env = {**os.environ, "FI_TCP_IFACE": os.environ.get("FI_TCP_IFACE", "lo")}
+    common = ["--connect", f"127.0.0.1:{node_port}", "--model", args.model, "--seed", str(args.seed),
+              "--transport", args.transport, "--timeout", str(args.timeout)]
+    if mode == "disagg":  # the same total CPU threads as the colocated node: one each
+        roles = [("prefill", args.threads // 2 or 1), ("decode", args.threads - args.threads // 2 or 1)]
+    else:
+        roles = [("colocated", args.threads)]
+    return [subprocess.Popen([sys.executable, "-m", "kvxfer.engine.node", role, *common, "--threads", str(n)],
+                             env=env) for role, n in roles]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvxfer.engine.router")
+    ap.add_argument("--mode", choices=["disagg", "colocated"], default="disagg")
+    ap.add_argument("--http", default="127.0.0.1:8000", help="HOST:PORT for the OpenAI API (port 0: any)")
+    ap.add_argument("--nodes", default="127.0.0.1:0", help="HOST:PORT where nodes connect")
+    ap.add_argument("--spawn", action="store_true", help="start the nodes on this machine")
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--transport", default="auto")
+    ap.add_argument("--threads", type=int, default=2, help="total torch threads across the spawned nodes")
+    ap.add_argument("--timeout", type=float, default=30.0)
+    a = ap.parse_args(argv)
+    router = Router(a.mode, f"kvxfer-{a.model}", a.timeout)
+    lst = bootstrap.listen(*bootstrap.parse_hostport(a.nodes))
+    procs = spawn_nodes(a.mode, lst.address[1], a) if a.spawn else []
+    if not a.spawn:
+        print(f"router: waiting for nodes on {lst.address[0]}:{lst.address[1]}", file=sys.stderr, flush=True)
+    try:
+        router.attach(lst)
+        server = ThreadingHTTPServer(bootstrap.parse_hostport(a.http), make_handler(router))
+        host, port = server.server_address[:2]
+        print(f"router: ready http://{host}:{port} mode={a.mode}", flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        router.close()
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
