@@ -1,13 +1,11 @@
 """Bad input gets a typed error naming the cause, and nothing is corrupted."""
-import os
-import signal
 
 import numpy as np
 import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import RemoteError, connect
+from tests.conftest import connect
 from tests.reference import make_pool
 
 

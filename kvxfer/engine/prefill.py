@@ -11,11 +11,10 @@ send is DONE (the decode side counted every byte), so no write can still read th
 If the batch fails, its unfinished sends are aborted (the decode side's recvs fail at once). Writes posted before
 the abort may still be in flight when the blocks are freed: kvxfer has no drain handshake yet (see README).
 
-`python -m kvxfer.engine.prefill --connect HOST:PORT` serves jobs from a driver over a bootstrap channel.
+serve() answers jobs from the router over a bootstrap channel (the node process: kvxfer/engine/node.py).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import dataclass
@@ -86,29 +85,3 @@ def serve(ch, model, num_blocks: int, block_size: int, transport: str, interface
             ch.send_json({"ok": True, "first_tokens": first, "stats": stats})
         except KvxferError as e:
             ch.send_json({"ok": False, "error": f"{type(e).__name__}: {e}"})
-
-
-def main(argv=None) -> int:
-    from kvxfer import bootstrap
-    from kvxfer.engine.model import PRESETS, LlamaModel
-
-    ap = argparse.ArgumentParser(prog="python -m kvxfer.engine.prefill")
-    ap.add_argument("--connect", required=True, help="HOST:PORT of the driver (router or test)")
-    ap.add_argument("--model", default="small", help=f"size preset ({', '.join(PRESETS)}) or a HF model directory")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-blocks", type=int, default=1024)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--transport", default="auto")
-    ap.add_argument("--iface")
-    ap.add_argument("--timeout", type=float, default=30.0)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    model = LlamaModel.random(PRESETS[a.model], a.seed) if a.model in PRESETS else LlamaModel.from_pretrained(a.model)
-    host, port = bootstrap.parse_hostport(a.connect)
-    serve(bootstrap.connect(host, port, a.timeout), model, a.num_blocks, a.block_size, a.transport,
-          a.iface or ("lo" if host.startswith("127.") else None), a.timeout)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -360,6 +360,9 @@ def main(argv=None) -> int:
     router = Router(a.mode, f"kvxfer-{a.model}", a.timeout)
     lst = bootstrap.listen(*bootstrap.parse_hostport(a.nodes))
     procs = spawn_nodes(a.mode, lst.address[1], a) if a.spawn else []
+    if procs:
+        roles = ["prefill", "decode"] if a.mode == "disagg" else ["colocated"]
+        print("router: spawned " + " ".join(f"{r}={p.pid}" for r, p in zip(roles, procs)), flush=True)
     if not a.spawn:
         print(f"router: waiting for nodes on {lst.address[0]}:{lst.address[1]}", file=sys.stderr, flush=True)
     try:

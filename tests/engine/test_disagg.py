@@ -41,10 +41,11 @@ def colocated(model, batch):
 @pytest.fixture
 def prefill_node():
     lst = bootstrap.listen("127.0.0.1", 0)
-    proc = subprocess.Popen([sys.executable, "-m", "kvxfer.engine.prefill", "--connect", f"127.0.0.1:{lst.address[1]}",
+    proc = subprocess.Popen([sys.executable, "-m", "kvxfer.engine.node", "prefill", "--connect", f"127.0.0.1:{lst.address[1]}",
                              "--model", "tiny", "--seed", str(SEED), "--transport", "tcp", "--num-blocks", "256",
                              "--block-size", str(BS), "--timeout", "30"], env={**os.environ, "FI_TCP_IFACE": "lo"})
     ch = lst.accept(timeout_s=60)
+    assert ch.recv_json(timeout_s=60) == {"role": "prefill"}
     yield ch, proc
     try:
         ch.send_json({"cmd": "bye"})
