@@ -20,7 +20,7 @@ import time
 import urllib.request
 
 from kvxfer.engine import workload as wl
-from kvxfer.engine.metrics import RequestTiming, percentile, summarize
+from kvxfer.engine.metrics import RequestTiming, summarize
 from kvxfer.errors import InvalidArgument
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -232,7 +232,3 @@ class LlamaModel:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._norm(x, "model.norm.weight"), self.w["lm_head.weight"]).to(torch.float32)
-
-
-def with_vocab(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
-    return replace(cfg, vocab_size=vocab_size)
