@@ -14,6 +14,7 @@ parsed with json.loads, never unpickled. Every read is bounded by a timeout.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import time
@@ -139,6 +140,19 @@ def connect(host: str, port: int, timeout_s: float = 30.0) -> Channel:
                 raise TransferTimeout(f"could not connect to {host}:{port} within {timeout_s}s ({e}); is the other "
                                       "side listening (--listen) and reachable?") from None
             time.sleep(0.1)
+
+
+def default_interface(host: str) -> str | None:
+    """The network interface libfabric's IP providers should use to reach `host`: lo for loopback, else any."""
+    return "lo" if host.startswith("127.") or host == "localhost" else None
+
+
+def loopback_env(environ=None) -> dict:
+    """Environment for child processes on this machine: libfabric's tcp provider pinned to lo unless told otherwise
+    (left alone it wanders onto the machine's other interfaces)."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("FI_TCP_IFACE", "lo")
+    return env
 
 
 def parse_hostport(text: str, default_host: str = "127.0.0.1", default_port: int = 0) -> tuple[str, int]:

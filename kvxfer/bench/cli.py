@@ -10,7 +10,6 @@ Exit status: 0 success, 1 a run failed (one line says why), 2 bad arguments.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -153,7 +152,7 @@ def emit(a, records: list[dict]) -> None:
 
 def local(a) -> list[dict]:
     lst = bootstrap.listen("127.0.0.1", 0)
-    env = {**os.environ, "FI_TCP_IFACE": os.environ.get("FI_TCP_IFACE", "lo")}
+    env = bootstrap.loopback_env()
     cmd = [sys.executable, "-m", "kvxfer.bench.cli", "--peer-of", f"127.0.0.1:{lst.address[1]}",
            "--timeout", str(a.timeout)]
     proc = subprocess.Popen(cmd, env=env)
@@ -166,10 +165,6 @@ def local(a) -> list[dict]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-def _loopback(host: str) -> bool:
-    return host.startswith("127.") or host == "localhost"
 
 
 def main(argv=None) -> int:
@@ -193,7 +188,7 @@ def main(argv=None) -> int:
         if a.connect:
             host, port = bootstrap.parse_hostport(a.connect, "127.0.0.1", DEFAULT_PORT)
             records = run_driver(a, bootstrap.connect(host, port, a.timeout),
-                                 a.iface or ("lo" if _loopback(host) else None))
+                                 a.iface or bootstrap.default_interface(host))
         else:
             records = local(a)
         emit(a, records)

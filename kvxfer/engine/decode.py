@@ -73,7 +73,7 @@ class DecodeWorker:
             nxt = self.model.decode(tokens, positions, tables, self.cache).argmax(-1).tolist()
             for s, t in zip(running, nxt):
                 s.tokens.append(t)
-                done = len(s.tokens) >= s.max_tokens or t == self.eos_id
+                done = self._is_done(s)
                 if done:
                     self._end(s, "finished")
                 events.append((s.seq_id, t, done))
@@ -90,10 +90,14 @@ class DecodeWorker:
                 events.append((s.seq_id, None, True))
             elif s.recv.done and s.tokens:
                 s.state = "running"
-                events.append((s.seq_id, s.tokens[0], len(s.tokens) >= s.max_tokens))
-                if len(s.tokens) >= s.max_tokens or s.tokens[0] == self.eos_id:
+                done = self._is_done(s)
+                events.append((s.seq_id, s.tokens[0], done))
+                if done:
                     self._end(s, "finished")
         return events
+
+    def _is_done(self, seq: Sequence) -> bool:
+        return len(seq.tokens) >= seq.max_tokens or seq.tokens[-1] == self.eos_id
 
     def _end(self, seq: Sequence, state: str, error: str | None = None) -> None:
         seq.state, seq.error = state, error

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import threading
 import time
 import urllib.request
 
+from kvxfer import bootstrap
 from kvxfer.engine import workload as wl
 from kvxfer.engine.metrics import RequestTiming, summarize
 from kvxfer.errors import InvalidArgument
@@ -28,7 +28,7 @@ def start_router(mode: str, a) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "kvxfer.engine.router", "--mode", mode, "--spawn", "--http",
                              "127.0.0.1:0", "--model", a.model, "--transport", a.transport, "--threads",
                              str(a.threads)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "FI_TCP_IFACE": os.environ.get("FI_TCP_IFACE", "lo")})
+                            env=bootstrap.loopback_env())
     for line in proc.stdout:
         if line.startswith("router: ready"):
             return proc, line.split()[2]

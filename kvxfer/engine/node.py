@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     model = LlamaModel.random(PRESETS[a.model], a.seed) if a.model in PRESETS else LlamaModel.from_pretrained(a.model)
     host, port = bootstrap.parse_hostport(a.connect)
     ch = bootstrap.connect(host, port, a.timeout)
-    iface = a.iface or ("lo" if host.startswith("127.") else None)
+    iface = a.iface or bootstrap.default_interface(host)
     try:
         if a.role == "prefill":
             run_prefill(ch, model, a.num_blocks, a.block_size, a.transport, iface, a.timeout)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -334,7 +333,7 @@ def make_handler(router: Router):
 
 
 def spawn_nodes(mode: str, node_port: int, args) -> list[subprocess.Popen]:
-    env = {**os.environ, "FI_TCP_IFACE": os.environ.get("FI_TCP_IFACE", "lo")}
+    env = bootstrap.loopback_env()
     common = ["--connect", f"127.0.0.1:{node_port}", "--model", args.model, "--seed", str(args.seed),
               "--transport", args.transport, "--timeout", str(args.timeout)]
     if mode == "disagg":  # the same total CPU threads as the colocated node: one each
