@@ -72,7 +72,11 @@ def _layers(layers) -> tuple[int, int]:
 
 class Agent:
     def __init__(self, name: str | None = None, *, transport: str | None = None, interface: str | None = None,
-                 timeout_s: float | None = None, rails: int | None = None):
+                 timeout_s: float | None = None, rails: int | None = None, staging: str = "auto",
+                 staging_slot_bytes: int = 4 << 20, staging_slots: int = 16):
+        """transport: auto | shm | cma | cuda_ipc | tcp | fi_shm | efa | verbs (see `python -m kvxfer info`).
+        staging: "auto" stages only GPU sources the fabric cannot read (GPU -> pinned bounce slots -> network);
+        "always" sends every transfer through the bounce slots (to test or measure the staged pipeline)."""
         opts = _C.AgentOptions()
         opts.name = name or f"kvxfer-{os.getpid()}"
         transport = transport or envs.get("KVXFER_TRANSPORT")
@@ -86,6 +90,11 @@ class Agent:
         if not 1 <= rails <= 16:
             raise InvalidArgument(f"rails={rails}: an agent spreads writes over 1 to 16 fabric endpoints")
         opts.rails = rails
+        if staging not in ("auto", "always"):
+            raise InvalidArgument(f"staging={staging!r}: choose 'auto' (stage GPU sources only when needed) or 'always'")
+        if staging_slots < 2 or staging_slot_bytes < 4096:
+            raise InvalidArgument(f"staging needs >= 2 slots of >= 4096 bytes, got {staging_slots} x {staging_slot_bytes}")
+        opts.staging, opts.staging_slot_bytes, opts.staging_slots = staging, int(staging_slot_bytes), int(staging_slots)
         self._c = _C.Agent(opts)
         self._pools: dict[str, Pool] = {}
         self._peers: dict[int, Peer] = {}
@@ -95,6 +104,20 @@ class Agent:
     transport = property(lambda self: self._c.transport)
     provider = property(lambda self: self._c.provider)
     rails = property(lambda self: self._c.rails)
+    gpu_direct = property(lambda self: self._c.hmem, doc="the fabric registers GPU memory (FI_HMEM): no staging")
+
+    def path_to(self, peer: Peer, *, pool=None, dst_pool: str = "") -> tuple[str, str]:
+        """(path, reason) that send() from `pool` to the peer's `dst_pool` would take: "cma", "fabric", "cuda_ipc"
+        or "staged", and why, with its expected cost. Raises TransportUnavailable when nothing reaches that pool."""
+        names = peer.pools
+        if dst_pool and dst_pool not in names:
+            raise InvalidArgument(f"peer {peer.name} exposes no pool {dst_pool!r} (it exposes {names})")
+        return tuple(self._c.choose_path(peer._h, self._pool(pool).index, names.index(dst_pool) if dst_pool else 0))
+
+    def staging(self) -> dict:
+        """The bounce ring of the staged path: slot_bytes, slots, pinned (zeros before the first staged send)."""
+        slot_bytes, slots, pinned = self._c.staging_info()
+        return {"slot_bytes": slot_bytes, "slots": slots, "pinned": bool(pinned)}
 
     def register_pool(self, memory, layout: KVLayout, name: str = "kv") -> Pool:
         """Register a paged pool once: a list of per-layer tensors/arrays, one stacked tensor, or one blocks-first

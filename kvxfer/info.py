@@ -26,11 +26,40 @@ def _cma_status() -> tuple[bool, str]:
 def _cuda_status() -> tuple[bool, str]:
     if not _C.have_cuda:
         return False, "this build has no CUDA (nvcc was not found at build time)"
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False, "built with CUDA, but no NVIDIA driver (libcuda.so.1) on this machine"
-    return False, "driver present; GPU memory paths (cuda_ipc, staged, GPU-direct) are not implemented yet"
+    ok, why = _C.gpu_status()
+    if not ok:
+        return False, f"built with CUDA, but {why}"
+    return True, f"{len(_C.gpu_devices())} GPU(s) usable"
+
+
+def _gpu_paths(transports: dict) -> dict:
+    """Which GPU path each peer placement takes here, and its cost, or why it cannot be used."""
+    cuda_ok, cuda_why = _cuda_status()
+    fabric = [n for n in ("efa", "verbs", "tcp") if transports.get(n, (False,))[0]]
+    paths = {}
+    paths["cuda_ipc"] = (cuda_ok, "same host, GPU pool: copy engines over NVLink/PCIe into the peer's CUDA IPC "
+                         "mapping" if cuda_ok else cuda_why)
+    gdr = [n for n in fabric if n in ("efa", "verbs")]
+    paths["gpu_direct"] = (False, "no efa/verbs provider here; GPU-direct RDMA needs one with FI_HMEM") if not gdr else \
+        (cuda_ok, f"{gdr[0]} is asked for FI_HMEM; an agent reports agent.gpu_direct once created")
+    paths["staged"] = (cuda_ok and bool(fabric or transports.get("cma", (False,))[0]),
+                       "GPU -> pinned host bounce slots -> network or cma: one extra device-to-host copy per byte, "
+                       "pipelined (16 x 4 MiB slots by default)" if cuda_ok else cuda_why)
+    return paths
+
+
+def _topology() -> dict:
+    from kvxfer import topology
+
+    gpus, why = topology.gpus()
+    nics = topology.nics()
+    rows = []
+    for g in gpus:
+        near = topology.nearest_nic(g.pci, nics)
+        links = {o.index: topology.link(g, o) for o in gpus if o.index != g.index}
+        rows.append({"gpu": g.index, "name": g.name, "pci": g.pci, "numa": g.numa_node,
+                     "nearest_nic": near.name if near else None, "links": links})
+    return {"gpus": rows, "gpus_why": why, "nics": [(n.name, n.kind, n.pci, n.numa_node) for n in nics]}
 
 
 def collect() -> dict:
@@ -44,9 +73,11 @@ def collect() -> dict:
             transports[name] = (False, "this build has no libfabric (apt-get install libfabric-dev pkg-config; rebuild)")
     cma = _cma_status()
     transports["cma"] = cma if _C.have_libfabric else (False, "needs libfabric for its completion signals")
-    transports["cuda_ipc"] = (False, _cuda_status()[1])
+    gpu_paths = _gpu_paths(transports)
+    transports["cuda_ipc"] = gpu_paths["cuda_ipc"]
     return {"version": _C.__version__, "build": _C.build_info,
-            "libfabric": _C.fabric_version() if _C.have_libfabric else None, "transports": transports}
+            "libfabric": _C.fabric_version() if _C.have_libfabric else None, "transports": transports,
+            "gpu_paths": gpu_paths, "topology": _topology()}
 
 
 def main(argv=None) -> int:
@@ -60,5 +91,17 @@ def main(argv=None) -> int:
     print("transports (usable now on this machine):")
     for name, (usable, detail) in info["transports"].items():
         print(f"  {'yes' if usable else 'no ':3}  {name:8}  {detail}")
-    print("default: transport=auto -> cma for same-host peers (when usable), else the best of efa > verbs > tcp")
+    print("GPU memory paths (chosen per send from where both pools live; Send.path says which):")
+    for name, (usable, detail) in info["gpu_paths"].items():
+        print(f"  {'yes' if usable else 'no ':3}  {name:10}  {detail}")
+    topo = info["topology"]
+    if topo["gpus"]:
+        for g in topo["gpus"]:
+            links = ", ".join(f"gpu{k}:{v}" for k, v in g["links"].items()) or "no other GPU"
+            print(f"  gpu{g['gpu']} {g['name']} {g['pci']} numa {g['numa']}: nearest NIC {g['nearest_nic']}; {links}")
+    else:
+        print(f"  topology: no GPUs listed ({topo['gpus_why'] or 'none found'})")
+    print(f"  NICs with a PCI position: {', '.join(n[0] + ' (' + n[1] + ')' for n in topo['nics']) or 'none'}")
+    print("default: transport=auto -> cma for same-host peers (when usable), else the best of efa > verbs > tcp;"
+          " GPU pools: cuda_ipc on one host, GPU-direct where the provider has FI_HMEM, else staged")
     return 0

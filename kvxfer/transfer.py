@@ -65,6 +65,8 @@ class _Transfer:
 
 class Send(_Transfer):
     def layer_ready(self, layer: int) -> None:
+        """Layer `layer`'s KV is in the source pool: post its writes. For a GPU pool the layer's kernels must have
+        finished (synchronize the model's stream first, or use kvxfer.LayerSignal, which fires from the GPU)."""
         self._agent._c.layer_ready(self._h, layer)
 
     def abort(self, reason: str = "aborted") -> None:
@@ -82,6 +84,15 @@ class Send(_Transfer):
     @property
     def nbytes(self) -> int:
         return self._h.nbytes
+
+    @property
+    def path(self) -> str:
+        """How the bytes travel: "fabric", "cma", "cuda_ipc" or "staged" (see path_reason for why and the cost)."""
+        return self._h.path
+
+    @property
+    def path_reason(self) -> str:
+        return self._h.path_reason
 
 
 class Recv(_Transfer):

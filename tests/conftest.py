@@ -51,7 +51,8 @@ def remote():
     r.close()
 
 
-def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0, rails=1, remote_rails=None):
+def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0, rails=1, remote_rails=None,
+            sender_kwargs=None):
     """Receiver agent here with a seeded destination pool; sender agent in `remote`. Returns (agent, peer, pool)."""
     import kvxfer
     from tests.reference import PRESETS, make_pool
@@ -61,7 +62,7 @@ def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0
     dst = make_pool(layout, seed + 1000)  # not zeros: untouched blocks must keep these exact bytes
     agent.register_pool(dst, layout)
     sender_md = remote.call("init", (transport, layout_kind, seed, list(layout_args),
-                                     rails if remote_rails is None else remote_rails))
+                                     rails if remote_rails is None else remote_rails, sender_kwargs or {}))
     peer = agent.add_peer(sender_md)
     path = remote.call("add_peer", agent.metadata())
     agent.wait_connected(peer, 20)

@@ -20,9 +20,10 @@ def serve(conn):
         cmd, args = conn.recv()
         try:
             if cmd == "init":
-                transport, kind, seed, layout_args, rails = args
+                transport, kind, seed, layout_args, rails, *extra = args
+                agent_kwargs = extra[0] if extra else {}  # e.g. staging options
                 layout = getattr(KVLayout, kind)(*layout_args) if layout_args else PRESETS[kind]()
-                agent = kvxfer.Agent("peer-sender", transport=transport, interface="lo", rails=rails)
+                agent = kvxfer.Agent("peer-sender", transport=transport, interface="lo", rails=rails, **agent_kwargs)
                 pool = make_pool(layout, seed)
                 agent.register_pool(pool, layout)
                 result = agent.metadata()
@@ -37,6 +38,8 @@ def serve(conn):
                 if mark == "all":
                     s.all_ready()
                 result = s.num_writes
+            elif cmd == "path":
+                result = (sends[args].path, sends[args].path_reason, agent.staging())
             elif cmd == "mark":
                 xfer, layer = args
                 sends[xfer].layer_ready(layer)

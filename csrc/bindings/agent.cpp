@@ -40,7 +40,10 @@ void register_agent(py::module_& m) {
       .def_readwrite("transport", &AgentOptions::transport)
       .def_readwrite("interface", &AgentOptions::interface)
       .def_readwrite("default_timeout_s", &AgentOptions::default_timeout_s)
-      .def_readwrite("rails", &AgentOptions::rails);
+      .def_readwrite("rails", &AgentOptions::rails)
+      .def_readwrite("staging", &AgentOptions::staging)
+      .def_readwrite("staging_slot_bytes", &AgentOptions::staging_slot_bytes)
+      .def_readwrite("staging_slots", &AgentOptions::staging_slots);
 
   py::class_<LocalRegion>(m, "LocalRegion")
       .def(py::init<uint64_t, uint64_t, int>(), py::arg("addr"), py::arg("nbytes"), py::arg("device") = -1)
@@ -70,7 +73,9 @@ void register_agent(py::module_& m) {
   bind_transfer(send);
   send.def_property_readonly("num_writes", [](const SendState& s) { return s.plan.writes.size(); })
       .def_property_readonly("nbytes", [](const SendState& s) { return s.plan.total_bytes(); })
-      .def_property_readonly("slot", [](const SendState& s) { return s.slot; });
+      .def_property_readonly("slot", [](const SendState& s) { return s.slot; })
+      .def_property_readonly("path", [](const SendState& s) { return std::string(send_path_name(s.path)); })
+      .def_property_readonly("path_reason", [](const SendState& s) { return s.path_reason; });
   py::class_<RecvState, std::shared_ptr<RecvState>> recv(m, "RecvState");
   bind_transfer(recv);
   recv.def_readonly("granules_per_layer", &RecvState::granules_per_layer);
@@ -108,6 +113,13 @@ void register_agent(py::module_& m) {
              py::gil_scoped_release nogil;
              return a.recv(peer, xfer_id, dst_pool, d.ptr, d.n, first_layer, num_layers, timeout_s);
            })
+      .def("choose_path",
+           [](const Agent& a, const std::shared_ptr<PeerState>& peer, uint32_t src_pool, uint32_t dst_pool) {
+             PathChoice c = a.choose_path(*peer, src_pool, dst_pool);
+             return py::make_tuple(std::string(send_path_name(c.path)), c.reason);
+           })
+      .def("staging_info", &Agent::staging_info)
+      .def_property_readonly("hmem", [](const Agent& a) { return a.capabilities().hmem; })
       .def("_inject_imm", &Agent::inject_imm)
       .def("_inject_begin", &Agent::inject_begin)
       .def_property_readonly("name", [](const Agent& a) { return a.info().name; })

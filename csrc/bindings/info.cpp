@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "bindings/bindings.h"
+#include "gpu/cuda_device.h"
 #include "transports/host_ipc/cma.h"
 #ifdef KVXFER_HAVE_LIBFABRIC
 #include "transports/fabric/fabric_transport.h"
@@ -35,6 +36,22 @@ void register_info(py::module_& m) {
 #else
   m.attr("have_cuda") = false;
 #endif
+
+  m.def("gpu_status", [] {
+    std::string why;
+    bool ok;
+    {
+      py::gil_scoped_release nogil;
+      ok = gpu::available(&why);
+    }
+    return py::make_tuple(ok, why);
+  });
+  m.def("gpu_devices", [] {
+    py::list out;
+    const int n = gpu::device_count();
+    for (int d = 0; d < n; ++d) out.append(py::make_tuple(d, gpu::pci_bus_id(d)));
+    return out;
+  });
 
   m.def("cma_probe", [](int pid, uint64_t addr, uint64_t cookie) {
     std::string why;

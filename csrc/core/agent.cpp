@@ -29,15 +29,20 @@ std::string read_first_line(const char* path) {
   return line;
 }
 
+// Same-host peers are reached directly (CMA for host pools, CUDA IPC for GPU pools) unless a fabric was named.
+bool wants_direct_path(const std::string& transport) {
+  return transport == "auto" || transport == "shm" || transport == "cma" || transport == "cuda_ipc";
+}
+
 std::string fabric_provider_for(const AgentOptions& o) {
   const std::string& t = o.transport;
   std::string provider;
-  if (t == "auto" || t == "shm" || t == "cma") provider = "";
+  if (t == "auto" || t == "shm" || t == "cma" || t == "cuda_ipc") provider = "";
   else if (t == "fi_shm") provider = "shm";
   else if (t == "tcp" || t == "efa" || t == "verbs") provider = t;
   else
     KVXFER_THROW(InvalidArgument, "unknown transport '" << t
-                                                        << "'; choose auto, shm, cma, tcp, fi_shm, efa or verbs "
+                                                        << "'; choose auto, shm, cma, cuda_ipc, tcp, fi_shm, efa or verbs "
                                                            "(`python -m kvxfer info` lists what works here)");
   if (!o.interface.empty()) provider += "@" + o.interface;
   return provider;
@@ -68,6 +73,13 @@ uint64_t random_u64() {
 
 Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   KVXFER_CHECK(options_.default_timeout_s > 0, InvalidArgument, "timeout_s must be > 0");
+  KVXFER_CHECK(options_.staging == "auto" || options_.staging == "always", InvalidArgument,
+               "staging='" << options_.staging << "': choose auto or always");
+  if (options_.transport == "cuda_ipc") {
+    std::string why;
+    KVXFER_CHECK(gpu::available(&why), TransportUnavailable,
+                 "transport 'cuda_ipc' needs a usable GPU, but " << why << "; use auto, shm or tcp on this machine");
+  }
 #ifdef KVXFER_HAVE_LIBFABRIC
   transport_ = make_fabric_transport(fabric_provider_for(options_), options_.rails);
 #else
@@ -131,13 +143,28 @@ AgentStats Agent::stats() const {
 uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
                               const std::vector<LocalRegion>& regions) {
   KVXFER_CHECK(!regions.empty(), InvalidArgument, "pool '" << name << "' has no memory regions");
+  const bool on_gpu = regions.front().device >= 0;
   std::vector<uint64_t> sizes;
+  std::vector<gpu::DeviceRange> ranges;
   for (const auto& r : regions) {
-    KVXFER_CHECK(r.device < 0, TransportUnavailable,
-                 "pool '" << name << "': GPU memory (device " << r.device
-                          << ") is not supported by this build yet; register host memory (numpy or CPU tensors)");
+    const std::string what = "pool '" + name + "' region " + std::to_string(sizes.size());
     KVXFER_CHECK(r.addr != 0 && r.nbytes > 0, InvalidArgument, "pool '" << name << "': empty or null region");
-    check_host_range(r.addr, r.nbytes, "pool '" + name + "' region " + std::to_string(sizes.size()));
+    KVXFER_CHECK((r.device >= 0) == on_gpu && r.device == regions.front().device, InvalidArgument,
+                 what << " is on " << (r.device < 0 ? "the host" : "cuda:" + std::to_string(r.device))
+                      << " but region 0 is on "
+                      << (on_gpu ? "cuda:" + std::to_string(regions.front().device) : "the host")
+                      << "; register one pool per device");
+    if (on_gpu) {
+      ranges.push_back(gpu::describe_device_range(r.addr, r.nbytes, r.device, what));
+      // Refuse now what the same-host path could never share, rather than at the first transfer.
+      KVXFER_CHECK(ranges.back().ipc_capable || !wants_direct_path(options_.transport), RegistrationFailed,
+                   what << " is GPU memory that cannot take a CUDA IPC handle (a cuMem/VMM allocation, such as "
+                           "PyTorch's PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); same-host peers reach GPU "
+                           "pools through CUDA IPC. Allocate the KV cache with expandable_segments:False (or "
+                           "cudaMalloc), or create the agent with transport='tcp'/'efa'/'verbs'");
+    } else {
+      check_host_range(r.addr, r.nbytes, what);
+    }
     sizes.push_back(r.nbytes);
   }
   validate_layout(layout, sizes);
@@ -149,20 +176,115 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
   pool->name = name;
   pool->layout = layout;
   pool->regions = regions;
+  pool->on_gpu = on_gpu;
+  pool->device = on_gpu ? regions.front().device : -1;
+  // GPU memory goes to the fabric only when the provider can register it (GPU-direct RDMA); otherwise the
+  // staged path reads it and peers reach it by CUDA IPC.
+  const bool fabric_registers = !on_gpu || transport_->capabilities().hmem;
   PoolInfo exposed{name, layout, {}};
   for (size_t i = 0; i < regions.size(); ++i) {
     const uint64_t key = (static_cast<uint64_t>(pools_.size() + 1) << 16) | i;
     try {
-      pool->keys.push_back(transport_->register_memory(reinterpret_cast<void*>(regions[i].addr), regions[i].nbytes, key));
+      pool->keys.push_back(fabric_registers ? transport_->register_memory(reinterpret_cast<void*>(regions[i].addr),
+                                                                          regions[i].nbytes, key, regions[i].device)
+                                            : MemoryKey{});
     } catch (...) {
       for (auto& k : pool->keys) transport_->deregister_memory(k);
       throw;
     }
-    exposed.regions.push_back({regions[i].addr, regions[i].nbytes, pool->keys.back().rkey});
+    RemoteRegion rr{regions[i].addr, regions[i].nbytes, pool->keys.back().rkey};
+    if (on_gpu) {
+      rr.device = regions[i].device;
+      rr.pci_bus_id = gpu::pci_bus_id(regions[i].device);
+      rr.has_ipc = ranges[i].ipc_capable;
+      if (rr.has_ipc) rr.ipc_handle.assign(ranges[i].ipc.begin(), ranges[i].ipc.end());
+      rr.ipc_offset = regions[i].addr - ranges[i].alloc_base;
+    }
+    exposed.regions.push_back(std::move(rr));
   }
   info_.pools.push_back(std::move(exposed));
   pools_.push_back(std::move(pool));
   return static_cast<uint32_t>(pools_.size() - 1);
+}
+
+PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t dst_pool) const {
+  const LocalPool* src;
+  {
+    std::lock_guard<std::mutex> lock(pools_mu_);
+    KVXFER_CHECK(src_pool < pools_.size(), InvalidArgument, "no local pool with index " << src_pool);
+    src = pools_[src_pool].get();
+  }
+  KVXFER_CHECK(dst_pool < peer.info.pools.size(), InvalidArgument,
+               "peer '" << peer.info.name << "' has no pool with index " << dst_pool);
+  const PoolInfo& dst = peer.info.pools[dst_pool];
+  const auto& caps = transport_->capabilities();
+  const bool dst_gpu = dst.regions.front().device >= 0;
+  const bool src_readable = !src->on_gpu || src->keys.front().handle != nullptr;  // the fabric can read it
+  const bool always_stage = options_.staging == "always";
+  const std::string src_where = src->on_gpu ? "cuda:" + std::to_string(src->device) : "host memory";
+  const std::string slots = std::to_string(options_.staging_slots) + " x " +
+                            std::to_string(options_.staging_slot_bytes >> 10) + " KiB";
+  PathChoice c;
+  c.copy_device = src->on_gpu ? src->device : -1;
+  if (dst_gpu) {
+    std::string why_not_ipc;
+    bool ipc_handles = true;
+    for (const auto& r : dst.regions) ipc_handles &= r.has_ipc;
+    if (!wants_direct_path(options_.transport)) why_not_ipc = "transport '" + options_.transport + "' was requested";
+    else if (!peer.same_host) why_not_ipc = "the peer is on another host";
+    else if (!ipc_handles) why_not_ipc = "the peer's pool exported no CUDA IPC handle";
+    else if (!gpu::available(&why_not_ipc)) why_not_ipc = "this process has " + why_not_ipc;
+    if (why_not_ipc.empty()) {
+      const std::string& pci = dst.regions.front().pci_bus_id;
+      if (c.copy_device < 0) c.copy_device = gpu::device_by_pci_bus_id(pci);
+      if (c.copy_device >= 0) {
+        c.path = SendPath::CudaIpc;
+        c.reason = "cuda_ipc: the peer's pool on GPU " + pci + " is mapped with CUDA IPC and the copy engines of cuda:" +
+                   std::to_string(c.copy_device) + " copy from " + src_where +
+                   " (NVLink or PCIe peer-to-peer; no host copy, no network)";
+        return c;
+      }
+      why_not_ipc = "GPU " + pci + " is not visible to this process (CUDA_VISIBLE_DEVICES?)";
+    }
+    bool dst_registered = true;
+    for (const auto& r : dst.regions) dst_registered &= r.rkey != 0;
+    KVXFER_CHECK(dst_registered && caps.hmem, TransportUnavailable,
+                 "peer '" << peer.info.name << "' pool '" << dst.name << "' is GPU memory (cuda:"
+                          << dst.regions.front().device << " on " << peer.info.hostname
+                          << ") that no path reaches: not CUDA IPC (" << why_not_ipc << "), and provider "
+                          << caps.provider << " cannot write GPU memory (no FI_HMEM GPU-direct RDMA). Register a "
+                          << "host pool on the receiver, put both on one host, or use efa/verbs with GPU-direct RDMA");
+    if (src_readable && !always_stage) {
+      c.path = SendPath::Fabric;
+      c.reason = "GPU-direct RDMA: " + caps.provider + " writes from " + src_where + " into the peer's GPU memory";
+    } else {
+      c.path = SendPath::Staged;
+      c.reason = "staged: " + src_where + " -> pinned host bounce slots (" + slots + ") -> GPU-direct RDMA write over " +
+                 caps.provider + "; one device-to-host copy per byte, pipelined with the writes";
+    }
+    return c;
+  }
+  const bool cma = peer.path == "cma";
+  if (always_stage || !src_readable || (src->on_gpu && cma)) {
+    c.path = SendPath::Staged;
+    c.staged_to_cma = cma;
+    c.reason = "staged: " + src_where + " -> " + (src->on_gpu ? "pinned " : "") + "host bounce slots (" + slots +
+               ") -> " + (cma ? "cma" : caps.provider) +
+               (src->on_gpu ? "; one device-to-host copy per byte, pipelined with the writes"
+                            : " (staging='always'; host memory could be written directly)");
+    if (src->on_gpu && !cma) c.reason += "; provider " + caps.provider + " cannot read GPU memory (no FI_HMEM)";
+    return c;
+  }
+  c.path = cma ? SendPath::Cma : SendPath::Fabric;
+  c.reason = src->on_gpu ? "GPU-direct RDMA: " + caps.provider + " reads cuda:" + std::to_string(src->device)
+                         : peer.path + ": " + peer.path_reason;
+  return c;
+}
+
+std::vector<uint64_t> Agent::staging_info() const {
+  std::lock_guard<std::mutex> lock(staging_mu_);
+  if (!staging_) return {0, 0, 0};
+  return {staging_->slot_bytes(), staging_->num_slots(), staging_->pinned() ? 1u : 0u};
 }
 
 std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
@@ -188,7 +310,7 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   auto peer = std::make_shared<PeerState>();
   peer->info = std::move(peer_info);
   peer->same_host = peer->info.boot_id == info_.boot_id && peer->info.hostname == info_.hostname;
-  const bool want_cma = options_.transport == "auto" || options_.transport == "shm" || options_.transport == "cma";
+  const bool want_cma = wants_direct_path(options_.transport);
   peer->path = transport_->capabilities().name;
   if (want_cma) {
     std::string why = "peer is on another host";
@@ -272,7 +394,17 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
   const uint32_t first = first_layer < 0 ? 0 : static_cast<uint32_t>(first_layer);
   const uint32_t count = num_layers < 0 ? (first < src->layout.num_layers ? src->layout.num_layers - first : 0)
                                         : static_cast<uint32_t>(num_layers);
-  const uint64_t max_write = peer->path == "cma" ? (64ull << 20) : transport_->capabilities().max_write_bytes;
+  const PathChoice choice = choose_path(*peer, src_pool, dst_index);
+  uint64_t max_write = transport_->capabilities().max_write_bytes;
+  if (choice.path == SendPath::Cma || choice.path == SendPath::CudaIpc) max_write = 64ull << 20;
+  if (choice.path == SendPath::Staged) {
+    ensure_staging();
+    const uint64_t slot = options_.staging_slot_bytes;
+    KVXFER_CHECK(src->layout.chunk_bytes <= slot, InvalidArgument,
+                 "a chunk of pool '" << src->name << "' is " << src->layout.chunk_bytes << " bytes, larger than a "
+                                     << slot << "-byte staging slot; create the agent with a larger staging_slot_bytes");
+    max_write = choice.staged_to_cma ? slot : std::min<uint64_t>(slot, max_write);
+  }
   WritePlan plan = build_plan(src->layout, dst.layout, src_ids, dst_ids, num_ids, first, count, max_write);
 
   auto send = std::make_shared<SendState>(xfer_id, std::move(plan), timeout_s > 0 ? timeout_s : options_.default_timeout_s);
@@ -280,11 +412,22 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
   send->src_pool = src_pool;
   send->src = src;
   send->dst_pool = dst_index;
+  send->path = choice.path;
+  send->path_reason = choice.reason;
+  send->staged_to_cma = choice.staged_to_cma;
+  send->copy_device = choice.copy_device;
   send->marked.reset(new std::atomic<uint8_t>[count]);
   for (uint32_t i = 0; i < count; ++i) send->marked[i].store(0, std::memory_order_relaxed);
+  if (choice.path == SendPath::CudaIpc) open_ipc_mappings(*peer, *send, dst_index);
   const uint32_t signals_per_layer = (send->plan.granules_per_layer + ImmCode::kMaxGranules - 1) / ImmCode::kMaxGranules;
-  send->ops_expected = peer->path == "cma" ? static_cast<uint64_t>(signals_per_layer) * count
-                                           : count_gathered_writes(send->plan, transport_->capabilities().max_iov);
+  switch (choice.path) {
+    case SendPath::Cma:
+    case SendPath::CudaIpc: send->ops_expected = static_cast<uint64_t>(signals_per_layer) * count; break;
+    case SendPath::Staged: send->ops_expected = count_staged_ops(*send); break;
+    case SendPath::Fabric:
+      send->ops_expected = count_gathered_writes(send->plan, transport_->capabilities().max_iov);
+      break;
+  }
   {
     std::lock_guard<std::mutex> lock(peer->mu);
     KVXFER_CHECK(!peer->live_sends.count(xfer_id), DuplicateTransfer,

@@ -11,6 +11,7 @@
 #pragma once
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -22,6 +23,8 @@
 #include "core/metadata.h"
 #include "core/peer.h"
 #include "core/transfer.h"
+#include "gpu/cuda_device.h"
+#include "transports/staged/staging_ring.h"
 #include "transports/transport.h"
 
 namespace kvxfer {
@@ -32,19 +35,33 @@ struct AgentOptions {
   std::string interface;           // network interface for IP providers ("lo" in tests); empty = any
   double default_timeout_s = 60.0;
   uint32_t rails = 1;              // fabric endpoints to spread writes over (multi-rail; 1-16)
+  std::string staging = "auto";    // auto: stage only GPU sources the fabric cannot read; always: every send
+                                   // goes through the bounce slots (tests and benchmarks of the staged pipeline)
+  uint64_t staging_slot_bytes = StagingRing::kDefaultSlotBytes;
+  uint32_t staging_slots = StagingRing::kDefaultSlots;
+};
+
+// The path a send from one of our pools to one of a peer's pools would take, and why (what it costs).
+struct PathChoice {
+  SendPath path = SendPath::Fabric;
+  std::string reason;
+  bool staged_to_cma = false;
+  int copy_device = -1;
 };
 
 struct LocalRegion {
   uint64_t addr = 0;
   uint64_t nbytes = 0;
-  int device = -1;  // -1 host; >= 0 CUDA device (not supported by this build's paths yet)
+  int device = -1;  // -1 host; >= 0 CUDA device
 };
 
 struct LocalPool {
   std::string name;
   LayoutSpec layout;
   std::vector<LocalRegion> regions;
-  std::vector<MemoryKey> keys;  // [regions] fabric registrations
+  std::vector<MemoryKey> keys;  // [regions] fabric registrations (empty handle: GPU memory the fabric cannot register)
+  bool on_gpu = false;          // every region is CUDA memory (pools never mix host and device regions)
+  int device = -1;              // the CUDA device of a GPU pool
 };
 
 struct AgentStats {
@@ -88,11 +105,25 @@ class Agent {
   const Capabilities& capabilities() const { return transport_->capabilities(); }
   const AgentOptions& options() const { return options_; }
   AgentStats stats() const;
+  // The path send() would take from local pool src_pool to the peer's pool dst_pool; throws TransportUnavailable
+  // when no path can reach it, with what to change.
+  PathChoice choose_path(const PeerState& peer, uint32_t src_pool, uint32_t dst_pool) const;
+  // Staging ring state for info/tests: {slot_bytes, slots, pinned} or zeros before the first staged send.
+  std::vector<uint64_t> staging_info() const;
 
  private:
   struct OpContext {
     alignas(16) uint8_t transport[Transport::kContextBytes];  // the provider's per-op space (fi_context2)
     SendState* send = nullptr;
+    int staging_slot = -1;  // a staged write: the bounce slot to hand back when it completes
+  };
+  // A batch of one layer's writes in a bounce slot: copied in (ticket), then written out from the slot.
+  struct StagedOp {
+    std::shared_ptr<SendState> send;
+    int slot;
+    uint32_t layer, first_write, num_writes, granules;
+    uint64_t ticket;    // copy-in event (0: a host copy, already done)
+    bool copied_out;    // CMA destination: the bytes are in the peer, the zero-byte immediate is still to post
   };
   struct Command {
     enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage, AbortSend } kind;
@@ -107,8 +138,19 @@ class Agent {
   void progress_loop();
   bool run_commands();
   bool post_pending_writes();
-  bool post_send_ops(SendState& send, size_t& budget);
+  bool post_send_ops(const std::shared_ptr<SendState>& send, size_t& budget);
   bool post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budget);
+  bool post_signals(SendState& send, SendState::Cursor& cur, uint32_t done_before, size_t& budget);
+  // agent_gpu.cpp: the CUDA IPC and staged paths
+  bool post_ipc_layer(SendState& send, SendState::Cursor& cur, size_t& budget);
+  bool post_staged_layer(const std::shared_ptr<SendState>& send, SendState::Cursor& cur);
+  bool advance_staged(size_t& budget);
+  bool post_staged_op(StagedOp& op);
+  gpu::CopyQueue& copy_queue(int device);
+  void open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_pool);
+  uint64_t count_staged_ops(const SendState& send) const;
+  void ensure_staging();  // caller thread: creates and registers the bounce ring on the first staged send
+  size_t staged_pieces(const SendState& send) const;
   bool poll_completions();
   void on_write_done(OpContext* ctx, const std::string* error);
   void on_remote_data(PeerAddr source, uint32_t imm);
@@ -150,6 +192,10 @@ class Agent {
   std::vector<std::unique_ptr<OpContext>> contexts_;
   std::vector<OpContext*> free_contexts_;
   std::vector<std::pair<std::shared_ptr<PeerState>, ControlMessage>> outbox_;
+  mutable std::mutex staging_mu_;
+  std::unique_ptr<StagingRing> staging_;                    // created by the first staged send
+  std::deque<StagedOp> staged_;                             // in copy order
+  std::vector<std::unique_ptr<gpu::CopyQueue>> copy_queues_;  // [device], created on first use
   Clock::time_point next_deadline_check_;
   struct Counters {
     std::atomic<uint64_t> writes_posted{0}, imms_received{0}, eagain{0}, dropped_messages{0}, unknown_imms{0};

@@ -141,17 +141,19 @@ Agent::OpContext* Agent::take_context() {
 
 void Agent::return_context(OpContext* ctx) {
   ctx->send = nullptr;
+  ctx->staging_slot = -1;
   free_contexts_.push_back(ctx);
 }
 
 bool Agent::post_pending_writes() {
   bool any = false;
   size_t budget = free_contexts_.size();
+  if (!staged_.empty()) any |= advance_staged(budget);  // batches whose copy landed go out before new copies
   size_t keep = 0;
   for (size_t i = 0; i < active_sends_.size(); ++i) {
     auto& send = active_sends_[i];
     const bool live = send->state() == TransferState::Pending && !send->aborted;
-    if (live && budget > 0 && send->peer->connected && !send->ready.empty()) any |= post_send_ops(*send, budget);
+    if (live && budget > 0 && send->peer->connected && !send->ready.empty()) any |= post_send_ops(send, budget);
     // Keep a send until nothing of it is in flight and it can post nothing more.
     const bool drained = send->ops_completed == send->ops_posted;
     if (!drained || (live && (send->layers_posted < send->num_layers || !send->released ||
@@ -162,7 +164,8 @@ bool Agent::post_pending_writes() {
   return any;
 }
 
-bool Agent::post_send_ops(SendState& send, size_t& budget) {
+bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budget) {
+  SendState& send = *owner;
   PeerState& peer = *send.peer;
   const LocalPool& src = *send.src;
   const PoolInfo& dst = peer.info.pools[send.dst_pool];
@@ -170,8 +173,12 @@ bool Agent::post_send_ops(SendState& send, size_t& budget) {
   try {
     while (!send.ready.empty() && budget > 0) {
       SendState::Cursor& cur = send.ready.front();
-      if (peer.path == "cma") {
+      if (send.path == SendPath::Cma) {
         if (!post_cma_layer(send, cur, budget)) return true;
+      } else if (send.path == SendPath::CudaIpc) {
+        if (!post_ipc_layer(send, cur, budget)) return true;
+      } else if (send.path == SendPath::Staged) {
+        if (!post_staged_layer(owner, cur)) return true;
       } else {
         const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
         // Gather up to max_iov consecutive chunks-runs into one write whose immediate carries their granule sum.
@@ -239,13 +246,22 @@ bool Agent::post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budg
     cur.next += n;
     if (cur.next < nwrites) return false;
   }
+  return post_signals(send, cur, nwrites, budget);
+}
+
+// Signal phase of a layer whose bytes are already in the peer (CMA, CUDA IPC): cursor positions
+// [copied, copied + nsignals) count the zero-byte immediates posted, each carrying up to kMaxGranules granules.
+// Returns true when the layer is fully posted.
+bool Agent::post_signals(SendState& send, SendState::Cursor& cur, uint32_t copied, size_t& budget) {
+  PeerState& peer = *send.peer;
+  const PoolInfo& dst = peer.info.pools[send.dst_pool];
   const uint32_t layer = send.first_layer + cur.layer_index;
   const uint32_t total = send.plan.granules_per_layer;
   const uint32_t nsignals = (total + ImmCode::kMaxGranules - 1) / ImmCode::kMaxGranules;
   const auto& dreg = dst.regions[dst.layout.layer_region[layer]];
   const uint64_t raddr = peer.info.remote_virt_addr ? dreg.addr : 0;
-  while (cur.next - nwrites < nsignals && budget > 0) {
-    const uint32_t i = cur.next - nwrites;
+  while (cur.next - copied < nsignals && budget > 0) {
+    const uint32_t i = cur.next - copied;
     const uint32_t g = std::min<uint32_t>(ImmCode::kMaxGranules, total - i * ImmCode::kMaxGranules);
     OpContext* ctx = take_context();
     ctx->send = &send;
@@ -260,7 +276,7 @@ bool Agent::post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budg
     ++send.ops_posted;
     --budget;
   }
-  return cur.next - nwrites == nsignals;
+  return cur.next - copied == nsignals;
 }
 
 bool Agent::poll_completions() {
@@ -289,6 +305,7 @@ bool Agent::poll_completions() {
 
 void Agent::on_write_done(OpContext* ctx, const std::string* error) {
   SendState* send = ctx->send;
+  if (ctx->staging_slot >= 0) staging_->release(ctx->staging_slot);
   return_context(ctx);
   if (!send) return;
   ++send->ops_completed;

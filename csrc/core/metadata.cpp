@@ -11,6 +11,7 @@ constexpr char kMagic[4] = {'K', 'V', 'X', 'F'};
 constexpr size_t kHeaderBytes = 16;
 constexpr uint32_t kMaxString = 4096, kMaxPools = 64, kMaxRegions = 4096, kMaxAddress = 1024;
 constexpr uint32_t kMaxPayload = 64u << 20;
+constexpr uint32_t kIpcHandleBytes = 64;  // cudaIpcMemHandle_t
 
 uint32_t fnv1a32(const uint8_t* p, size_t n) {
   uint32_t h = 2166136261u;
@@ -138,6 +139,13 @@ std::vector<uint8_t> encode_agent_info(const AgentInfo& a) {
       w.put(r.addr);
       w.put(r.nbytes);
       w.put(r.rkey);
+      w.put(r.device);
+      if (r.device >= 0) {
+        w.str(r.pci_bus_id);
+        w.put<uint8_t>(r.has_ipc ? 1 : 0);
+        if (r.has_ipc) w.bytes(r.ipc_handle.data(), r.ipc_handle.size());
+        w.put(r.ipc_offset);
+      }
     }
   }
   w.put(a.fingerprint());
@@ -199,6 +207,20 @@ AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes) {
       reg.nbytes = r.get<uint64_t>("region size");
       reg.rkey = r.get<uint64_t>("region key");
       KVXFER_CHECK(reg.addr + reg.nbytes >= reg.addr, MetadataError, "peer metadata: region " << k << " wraps around");
+      reg.device = r.get<int32_t>("region device");
+      KVXFER_CHECK(reg.device >= -1 && reg.device < 1024, MetadataError,
+                   "peer metadata: region " << k << " names device " << reg.device);
+      if (reg.device >= 0) {
+        reg.pci_bus_id = r.str("region PCI bus id");
+        reg.has_ipc = r.get<uint8_t>("region IPC flag") != 0;
+        if (reg.has_ipc) {
+          reg.ipc_handle = r.bytes("region IPC handle", kIpcHandleBytes);
+          KVXFER_CHECK(reg.ipc_handle.size() == kIpcHandleBytes, MetadataError,
+                       "peer metadata: region " << k << " IPC handle is " << reg.ipc_handle.size() << " bytes, not "
+                                                << kIpcHandleBytes);
+        }
+        reg.ipc_offset = r.get<uint64_t>("region IPC offset");
+      }
       sizes.push_back(reg.nbytes);
       p.regions.push_back(reg);
     }

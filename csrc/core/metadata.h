@@ -12,12 +12,18 @@
 
 namespace kvxfer {
 
-constexpr uint16_t kMetadataVersion = 1;
+constexpr uint16_t kMetadataVersion = 2;  // 2: regions carry their device and CUDA IPC handle
 
 struct RemoteRegion {
   uint64_t addr = 0;    // virtual address in the owner's process
   uint64_t nbytes = 0;
   uint64_t rkey = 0;    // fabric remote key (0 when not registered with a fabric)
+  int32_t device = -1;  // -1 host memory; >= 0 the owner's CUDA device ordinal
+  std::string pci_bus_id;           // device regions: the GPU's PCI bus id (ordinals differ between processes)
+  bool has_ipc = false;             // device regions: a CUDA IPC handle is exported
+  std::vector<uint8_t> ipc_handle;  // [64] cudaIpcMemHandle_t of the allocation holding the region
+  uint64_t ipc_offset = 0;          // region start - allocation start
+  bool fabric_registered() const { return device < 0 || rkey != 0; }
 };
 
 struct PoolInfo {

@@ -15,6 +15,7 @@
 #include "core/imm.h"
 #include "core/metadata.h"
 #include "core/transfer.h"
+#include "gpu/cuda_device.h"
 #include "transports/transport.h"
 
 namespace kvxfer {
@@ -56,6 +57,10 @@ struct PeerState {
   struct Arrived { uint32_t first_layer, num_layers, granules_per_layer; };
   std::unordered_map<uint64_t, Arrived> arrived;                 // complete before recv() was called
   std::deque<uint64_t> arrived_order;                            // bounds `arrived` (oldest evicted)
+  // CUDA IPC: the peer's GPU pools mapped into this process by the first cuda_ipc send to each (kept while the
+  // peer state lives, so a copy in flight never outlives its mapping).
+  std::unordered_map<uint32_t, std::vector<uint64_t>> ipc_region_start;   // dst pool -> [regions] mapped start
+  std::vector<std::unique_ptr<gpu::IpcMapping>> ipc_mappings;
 
   PeerState() : send_by_slot(ImmCode::kMaxSlots), slots(ImmCode::kMaxSlots) {
     free_slots.reserve(ImmCode::kMaxSlots);

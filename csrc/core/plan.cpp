@@ -40,6 +40,22 @@ size_t gather_run(const WritePlan& plan, uint32_t i, uint32_t end, size_t max_io
   return n;
 }
 
+size_t staged_run(const WritePlan& plan, uint32_t i, uint32_t end, uint64_t slot_bytes, size_t max_pieces,
+                  uint32_t* granules) {
+  size_t n = 0;
+  uint32_t sum = 0;
+  uint64_t bytes = 0;
+  while (n < max_pieces && i + n < end) {
+    const Write& w = plan.writes[i + n];
+    if (sum + w.granules > ImmCode::kMaxGranules || bytes + w.nbytes > slot_bytes) break;
+    sum += w.granules;
+    bytes += w.nbytes;
+    ++n;
+  }
+  *granules = sum;
+  return n;
+}
+
 uint32_t expected_granules(const LayoutSpec& dst, const int32_t* dst_ids, size_t n) {
   KVXFER_CHECK(n >= 1, InvalidArgument, "a transfer needs at least one destination block");
   check_ids("destination", "the receiving pool", dst_ids, n, dst.num_blocks, true);

@@ -72,4 +72,14 @@ std::string describe_count_mismatch(uint32_t sf, uint32_t sn, uint32_t sg, uint3
          " (block count or layer range differs between send and recv)";
 }
 
+const char* send_path_name(SendPath p) {
+  switch (p) {
+    case SendPath::Fabric: return "fabric";
+    case SendPath::Cma: return "cma";
+    case SendPath::CudaIpc: return "cuda_ipc";
+    case SendPath::Staged: return "staged";
+  }
+  return "?";
+}
+
 }  // namespace kvxfer

@@ -60,6 +60,14 @@ class TransferBase {
 struct PeerState;
 struct LocalPool;
 
+// How a send's bytes reach the peer. Chosen once per send from where both pools live (Agent::choose_path).
+//   Fabric  : libfabric writes with immediates (host memory, or GPU memory the provider registered with FI_HMEM)
+//   Cma     : same-host host memory, process_vm_writev + zero-byte immediates
+//   CudaIpc : same-host GPU destination mapped with CUDA IPC; copy engines, then zero-byte immediates
+//   Staged  : source copied into pinned bounce slots, then written from there (over the fabric or CMA)
+enum class SendPath : uint8_t { Fabric = 0, Cma = 1, CudaIpc = 2, Staged = 3 };
+const char* send_path_name(SendPath p);
+
 // Sender side of one transfer. The plan is immutable after construction; cursors belong to the progress thread.
 class SendState : public TransferBase {
  public:
@@ -71,9 +79,14 @@ class SendState : public TransferBase {
   uint32_t src_pool = 0, dst_pool = 0;
   const LocalPool* src = nullptr;   // stable: pools are never freed while the agent lives
   std::unique_ptr<std::atomic<uint8_t>[]> marked;  // [num_layers] layer_ready() called (caller thread)
+  SendPath path = SendPath::Fabric;
+  std::string path_reason;           // why this path and what it costs (Send.path_reason)
+  bool staged_to_cma = false;        // Staged: the bounce slots are copied out with CMA (same-host host pool)
+  int copy_device = -1;              // CudaIpc / Staged from GPU: the device whose copy engines move the bytes
+  std::vector<uint64_t> dst_mapped;  // CudaIpc: [dst regions] the peer's region start mapped into this process
 
   // Progress-thread state.
-  struct Cursor { uint32_t layer_index; uint32_t next; };
+  struct Cursor { uint32_t layer_index; uint32_t next; uint64_t ticket = 0; };  // ticket: CudaIpc copy event
   std::vector<Cursor> ready;        // layers marked and not yet fully posted, in marking order
   uint64_t ops_posted = 0, ops_completed = 0, ops_expected = 0;
   uint32_t layers_posted = 0;

@@ -28,6 +28,7 @@ struct Capabilities {
   size_t max_inflight;        // bounded in-flight window (<= provider tx size)
   size_t max_iov = 1;         // chunks one write may gather (min of the provider's iov and rma_iov limits)
   uint32_t num_rails = 1;     // endpoints writes can be spread over (control messages use rail 0)
+  bool hmem = false;          // can register CUDA memory (FI_HMEM): GPU-direct RDMA, no staging needed
 };
 
 struct RailStats {
@@ -60,7 +61,8 @@ class Transport {
   virtual ~Transport() = default;
   virtual const Capabilities& capabilities() const = 0;
   virtual std::vector<uint8_t> address() const = 0;
-  virtual MemoryKey register_memory(void* addr, size_t nbytes, uint64_t requested_key) = 0;
+  // device < 0: host memory; >= 0: CUDA memory of that device (only when capabilities().hmem).
+  virtual MemoryKey register_memory(void* addr, size_t nbytes, uint64_t requested_key, int device = -1) = 0;
   virtual void deregister_memory(MemoryKey& key) = 0;
   virtual PeerAddr insert_peer(const std::vector<uint8_t>& address) = 0;
   virtual void remove_peer(PeerAddr peer) = 0;

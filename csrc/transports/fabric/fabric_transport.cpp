@@ -51,6 +51,7 @@ class FabricTransport final : public Transport {
     caps_.max_write_bytes = std::min<uint64_t>(info_->ep_attr->max_msg_size, 8ull << 20);
     caps_.max_inflight = std::max<size_t>(16, std::min<size_t>(info_->tx_attr->size, 1024)) * rails;
     caps_.num_rails = rails;
+    caps_.hmem = (info_->caps & FI_HMEM) != 0;
     inject_size_ = info_->tx_attr->inject_size;
     caps_.max_iov = std::max<size_t>(1, std::min<size_t>({static_cast<size_t>(info_->tx_attr->iov_limit), static_cast<size_t>(info_->tx_attr->rma_iov_limit), size_t{16}}));
     const auto& prov = caps_.provider;
@@ -90,13 +91,31 @@ class FabricTransport final : public Transport {
     return out;
   }
 
-  MemoryKey register_memory(void* addr, size_t nbytes, uint64_t requested_key) override {
+  MemoryKey register_memory(void* addr, size_t nbytes, uint64_t requested_key, int device) override {
     fid_mr* mr = nullptr;
     const uint64_t access = FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV;
-    int rc = fi_mr_reg(domain_, addr, nbytes, access, 0, prov_key_ ? 0 : requested_key, 0, &mr, nullptr);
+    int rc;
+    if (device < 0) {
+      rc = fi_mr_reg(domain_, addr, nbytes, access, 0, prov_key_ ? 0 : requested_key, 0, &mr, nullptr);
+    } else {
+      KVXFER_CHECK(caps_.hmem, TransportUnavailable,
+                   "provider " << caps_.provider << " cannot register GPU memory (no FI_HMEM); the agent stages "
+                               "GPU pools through pinned host buffers instead");
+      // GPU-direct RDMA: the NIC reads and writes the GPU's memory itself (FI_HMEM_CUDA; the provider picks
+      // dma-buf or peer memory).
+      iovec iov{addr, nbytes};
+      fi_mr_attr attr{};
+      attr.mr_iov = &iov;
+      attr.iov_count = 1;
+      attr.access = access;
+      attr.requested_key = prov_key_ ? 0 : requested_key;
+      attr.iface = FI_HMEM_CUDA;
+      attr.device.cuda = device;
+      rc = fi_mr_regattr(domain_, &attr, 0, &mr);
+    }
     KVXFER_CHECK(rc == 0, RegistrationFailed,
-                 "fi_mr_reg of " << nbytes << " bytes at " << addr << " failed: rc=" << rc << " ("
-                                 << fi_strerror(-rc) << ") on provider " << caps_.provider
+                 "fi_mr_reg of " << nbytes << " bytes at " << addr << (device >= 0 ? " (cuda:" + std::to_string(device) + ")" : "")
+                                 << " failed: rc=" << rc << " (" << fi_strerror(-rc) << ") on provider " << caps_.provider
                                  << "; check that the memory is allocated and not already registered");
     return MemoryKey{mr, fi_mr_desc(mr), fi_mr_key(mr)};
   }
@@ -263,9 +282,9 @@ class FabricTransport final : public Transport {
     send_buffers_.resize(kSendBuffers);
     if (mr_local_) {
       msg_mr_ = static_cast<fid_mr*>(register_memory(recv_buffers_.data(), sizeof(MsgBuffer) * recv_buffers_.size(),
-                                                     0xC0DE0001).handle);
+                                                     0xC0DE0001, -1).handle);
       msg_desc_ = fi_mr_desc(msg_mr_);
-      send_mr_key_ = register_memory(send_buffers_.data(), sizeof(MsgBuffer) * kSendBuffers, 0xC0DE0002);
+      send_mr_key_ = register_memory(send_buffers_.data(), sizeof(MsgBuffer) * kSendBuffers, 0xC0DE0002, -1);
     }
     for (size_t i = 0; i < recv_buffers_.size(); ++i) post_receive(i);
   }

@@ -15,13 +15,15 @@ const std::vector<ProviderName>& provider_order() {
 
 namespace {
 
-fi_info* make_hints(const char* prov_name, const std::string& interface, bool want_source) {
+fi_info* make_hints(const char* prov_name, const std::string& interface, bool want_source, bool want_hmem) {
   fi_info* hints = fi_allocinfo();
-  hints->caps = FI_MSG | FI_RMA | FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV | (want_source ? FI_SOURCE : 0);
+  hints->caps = FI_MSG | FI_RMA | FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV | (want_source ? FI_SOURCE : 0) |
+                (want_hmem ? FI_HMEM : 0);
   // FI_REMOTE_CQ_DATA is an op flag, not a capability (ENODATA on every provider); cq_data_size is checked below.
   hints->mode = FI_CONTEXT | FI_CONTEXT2 | FI_RX_CQ_DATA;
   hints->ep_attr->type = FI_EP_RDM;
-  hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY;
+  hints->domain_attr->mr_mode =
+      FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | (want_hmem ? FI_MR_HMEM : 0);
   hints->domain_attr->threading = FI_THREAD_DOMAIN;
   hints->domain_attr->data_progress = FI_PROGRESS_MANUAL;
   hints->fabric_attr->prov_name = strdup(prov_name);
@@ -41,11 +43,16 @@ fi_info* get_provider_info(const std::string& kvxfer_name, const std::string& in
   }
   fi_info* info = nullptr;
   int rc = -FI_ENODATA;
-  {
-    // FI_SOURCE is required: slots in the immediate are scoped per sender, so the receiver must know who wrote.
-    fi_info* hints = make_hints(found->prov_name, interface, true);
+  // FI_SOURCE is required: slots in the immediate are scoped per sender, so the receiver must know who wrote.
+  // FI_HMEM (GPU-direct RDMA) is asked of the RDMA providers first and dropped when they cannot do it; the agent
+  // then stages GPU memory through pinned host buffers and says so.
+  const bool rdma = kvxfer_name == "efa" || kvxfer_name == "verbs";
+  for (bool hmem : {true, false}) {
+    if (hmem && !rdma) continue;
+    fi_info* hints = make_hints(found->prov_name, interface, true, hmem);
     rc = fi_getinfo(FI_VERSION(1, 14), nullptr, nullptr, 0, hints, &info);
     fi_freeinfo(hints);
+    if (rc == 0) break;
   }
   if (rc != 0) {
     *why = std::string("fi_getinfo found no ") + found->prov_name + " RDM endpoint with FI_RMA and FI_SOURCE" +

@@ -1,0 +1,240 @@
+// Agent: the CUDA IPC and staged paths (progress thread, except ensure_staging / open_ipc_mappings, which run in
+// send() on the caller's thread so their errors reach the caller).
+//
+// CUDA IPC (same host, GPU destination): every ready layer's chunks are enqueued at once as one batch of copies on
+// our own stream of copy_device, with an event after each layer; when a layer's event has completed, its granules
+// are signalled through zero-byte immediates exactly as on the CMA path. The copies never wait on the network and
+// the model's stream never waits on them.
+//
+// Staged (source the fabric cannot read, or staging='always'): a layer's writes are cut into batches that fit one
+// bounce slot (plan.h staged_run); each batch is copied into a free slot (GPU copy engines, or memcpy for host
+// sources) and queued; once its copy has landed the batch is written from the slot over the fabric (one gathered
+// write, one immediate with the batch's granules) or, for a same-host host pool, copied out with CMA and signalled
+// with one zero-byte immediate. The slot returns when that write completes, so with several slots the copy of
+// batch i overlaps the write of batch i-1.
+#include <cstring>
+
+#include "core/agent.h"
+#include "core/imm.h"
+#include "core/plan.h"
+#include "transports/host_ipc/cma.h"
+
+namespace kvxfer {
+
+void Agent::ensure_staging() {
+  std::lock_guard<std::mutex> lock(staging_mu_);
+  if (staging_) return;
+  KVXFER_CHECK(options_.staging_slots >= 2 && options_.staging_slot_bytes >= 4096, InvalidArgument,
+               "staging needs at least 2 slots of at least 4096 bytes (got " << options_.staging_slots << " x "
+                                                                             << options_.staging_slot_bytes << ")");
+  staging_ = std::make_unique<StagingRing>(*transport_, options_.staging_slot_bytes, options_.staging_slots);
+}
+
+size_t Agent::staged_pieces(const SendState& send) const {
+  return send.staged_to_cma ? CmaCopier::kMaxIov : transport_->capabilities().max_iov;
+}
+
+uint64_t Agent::count_staged_ops(const SendState& send) const {
+  const WritePlan& plan = send.plan;
+  const size_t pieces = staged_pieces(send);
+  uint64_t ops = 0;
+  for (uint32_t li = 0; li < plan.num_layers; ++li) {
+    uint32_t granules;
+    for (uint32_t i = plan.layer_begin[li]; i < plan.layer_begin[li + 1]; ++ops)
+      i += static_cast<uint32_t>(staged_run(plan, i, plan.layer_begin[li + 1], options_.staging_slot_bytes, pieces, &granules));
+  }
+  return ops;
+}
+
+gpu::CopyQueue& Agent::copy_queue(int device) {
+  KVXFER_ASSERT(device >= 0 && device < 1024);
+  if (copy_queues_.size() <= static_cast<size_t>(device)) copy_queues_.resize(device + 1);
+  if (!copy_queues_[device]) copy_queues_[device] = std::make_unique<gpu::CopyQueue>(device);
+  return *copy_queues_[device];
+}
+
+void Agent::open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_pool) {
+  std::lock_guard<std::mutex> lock(peer.mu);
+  auto it = peer.ipc_region_start.find(dst_pool);
+  if (it == peer.ipc_region_start.end()) {
+    // One mapping per distinct allocation: a pool whose layers share one cudaMalloc maps it once.
+    std::vector<uint64_t> starts;
+    std::vector<std::pair<std::vector<uint8_t>, uint64_t>> opened;  // handle -> mapped base
+    for (const auto& r : peer.info.pools[dst_pool].regions) {
+      uint64_t base = 0;
+      for (const auto& [h, b] : opened)
+        if (h == r.ipc_handle) base = b;
+      if (!base) {
+        gpu::IpcHandle h;
+        std::memcpy(h.data(), r.ipc_handle.data(), h.size());
+        peer.ipc_mappings.push_back(std::make_unique<gpu::IpcMapping>(h, send.copy_device));
+        base = peer.ipc_mappings.back()->base();
+        opened.emplace_back(r.ipc_handle, base);
+      }
+      starts.push_back(base + r.ipc_offset);
+    }
+    it = peer.ipc_region_start.emplace(dst_pool, std::move(starts)).first;
+  }
+  send.dst_mapped = it->second;
+}
+
+// Enqueues the copies of every ready layer not enqueued yet, then signals the front layer once its copies landed.
+bool Agent::post_ipc_layer(SendState& send, SendState::Cursor& front, size_t& budget) {
+  gpu::CopyQueue& queue = copy_queue(send.copy_device);
+  const LocalPool& src = *send.src;
+  std::vector<void*> dsts;
+  std::vector<const void*> srcs;
+  std::vector<size_t> sizes;
+  for (auto& cur : send.ready) {
+    if (cur.ticket) continue;
+    const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
+    dsts.clear();
+    srcs.clear();
+    sizes.clear();
+    for (uint32_t i = begin; i < end; ++i) {
+      const Write& w = send.plan.writes[i];
+      dsts.push_back(reinterpret_cast<void*>(send.dst_mapped[w.dst_region] + w.dst_offset));
+      srcs.push_back(reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset));
+      sizes.push_back(w.nbytes);
+    }
+    queue.copy(dsts.data(), srcs.data(), sizes.data(), dsts.size());
+    cur.ticket = queue.record();
+    cur.next = end - begin;
+  }
+  if (!queue.done(front.ticket)) return false;
+  const uint32_t nwrites = send.plan.layer_begin[front.layer_index + 1] - send.plan.layer_begin[front.layer_index];
+  return post_signals(send, front, nwrites, budget);
+}
+
+// Copies batches of the cursor's layer into free bounce slots. Returns true once the whole layer is queued.
+bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState::Cursor& cur) {
+  SendState& send = *owner;
+  const LocalPool& src = *send.src;
+  const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
+  const size_t pieces = staged_pieces(send);
+  std::vector<void*> dsts;
+  std::vector<const void*> srcs;
+  std::vector<size_t> sizes;
+  while (begin + cur.next < end) {
+    const int slot = staging_->acquire();
+    if (slot < 0) return false;  // every slot is in flight: advance_staged hands them back
+    uint32_t granules;
+    const uint32_t first = begin + cur.next;
+    const size_t n = staged_run(send.plan, first, end, staging_->slot_bytes(), pieces, &granules);
+    KVXFER_ASSERT(n > 0);
+    uint8_t* at = staging_->slot_ptr(slot);
+    dsts.clear();
+    srcs.clear();
+    sizes.clear();
+    for (size_t k = 0; k < n; ++k) {
+      const Write& w = send.plan.writes[first + k];
+      dsts.push_back(at);
+      srcs.push_back(reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset));
+      sizes.push_back(w.nbytes);
+      at += w.nbytes;
+    }
+    uint64_t ticket = 0;
+    if (send.copy_device >= 0) {
+      gpu::CopyQueue& queue = copy_queue(send.copy_device);
+      queue.copy(dsts.data(), srcs.data(), sizes.data(), n);
+      ticket = queue.record();
+    } else {
+      for (size_t k = 0; k < n; ++k) std::memcpy(dsts[k], srcs[k], sizes[k]);
+    }
+    staged_.push_back(StagedOp{owner, slot, send.plan.writes[first].layer, first, static_cast<uint32_t>(n), granules,
+                               ticket, false});
+    ++send.ops_posted;
+    cur.next += static_cast<uint32_t>(n);
+  }
+  return true;
+}
+
+// Writes out queued batches whose copy-in has landed, in queue order.
+bool Agent::advance_staged(size_t& budget) {
+  bool any = false;
+  while (!staged_.empty() && budget > 0) {
+    StagedOp& op = staged_.front();
+    SendState& send = *op.send;
+    if (op.ticket && !copy_queue(send.copy_device).done(op.ticket)) break;
+    if (send.state() != TransferState::Pending || send.aborted || send.peer->lost) {
+      if (!op.copied_out) staging_->release(op.slot);
+      ++send.ops_completed;
+      staged_.pop_front();
+      any = true;
+      continue;
+    }
+    bool posted = false;
+    try {
+      posted = post_staged_op(op);
+    } catch (const Error& e) {
+      if (!op.copied_out) staging_->release(op.slot);
+      ++send.ops_completed;
+      fail_send(send, e.kind(), e.what());
+      staged_.pop_front();
+      any = true;
+      continue;
+    }
+    if (!posted) {
+      counters_.eagain++;
+      break;
+    }
+    --budget;
+    staged_.pop_front();
+    any = true;
+  }
+  return any;
+}
+
+// Posts one batch from its slot. Returns false on EAGAIN (retry later; a CMA copy already done is not redone).
+bool Agent::post_staged_op(StagedOp& op) {
+  SendState& send = *op.send;
+  PeerState& peer = *send.peer;
+  const PoolInfo& dst = peer.info.pools[send.dst_pool];
+  const uint8_t* at = staging_->slot_ptr(op.slot);
+  if (send.staged_to_cma) {
+    if (!op.copied_out) {
+      std::vector<CmaOp> ops(op.num_writes);
+      for (uint32_t k = 0; k < op.num_writes; ++k) {
+        const Write& w = send.plan.writes[op.first_write + k];
+        ops[k] = {at, dst.regions[w.dst_region].addr + w.dst_offset, w.nbytes};
+        at += w.nbytes;
+      }
+      CmaCopier(static_cast<pid_t>(peer.info.pid)).copy(ops.data(), ops.size());
+      op.copied_out = true;
+      staging_->release(op.slot);  // CMA is synchronous: the slot is free as soon as the copy returns
+    }
+    const auto& dreg = dst.regions[dst.layout.layer_region[op.layer]];
+    OpContext* ctx = take_context();
+    ctx->send = &send;
+    const int rc = transport_->post_write(nullptr, 0, nullptr, ImmCode::encode(send.slot, op.layer, op.granules),
+                                          peer.addr, peer.info.remote_virt_addr ? dreg.addr : 0, dreg.rkey, ctx);
+    if (rc == -EAGAIN) return_context(ctx);
+    return rc != -EAGAIN;
+  }
+  WriteIov iov[16];
+  KVXFER_ASSERT(op.num_writes <= 16);
+  for (uint32_t k = 0; k < op.num_writes; ++k) {
+    const Write& w = send.plan.writes[op.first_write + k];
+    const auto& dreg = dst.regions[w.dst_region];
+    iov[k] = {at, w.nbytes, staging_->desc(), (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset, dreg.rkey};
+    at += w.nbytes;
+  }
+  OpContext* ctx = take_context();
+  ctx->send = &send;
+  ctx->staging_slot = op.slot;
+  int rc = -EAGAIN;
+  for (uint32_t tries = 0; tries < peer.rails && rc == -EAGAIN; ++tries) {
+    const uint32_t rail = peer.next_rail++ % peer.rails;
+    rc = transport_->post_writev(iov, op.num_writes, ImmCode::encode(send.slot, op.layer, op.granules), peer.addr, ctx,
+                                 rail);
+  }
+  if (rc == -EAGAIN) {
+    ctx->staging_slot = -1;
+    return_context(ctx);
+    return false;
+  }
+  counters_.writes_posted++;
+  return true;
+}
+
+}  // namespace kvxfer

@@ -1,0 +1,287 @@
+// CUDA runtime calls behind gpu/cuda_device.h. cudart is linked statically, so this file loads with no driver
+// installed: the first call returns cudaErrorInsufficientDriver / cudaErrorNoDevice, which we turn into
+// TransportUnavailable with the reason. Two driver-API queries that the runtime lacks (the allocation range of a
+// pointer, and whether it can take a legacy IPC handle) go through libcuda.so.1 opened on first use.
+#include "gpu/cuda_device.h"
+
+#include "core/errors.h"
+
+#ifdef KVXFER_HAVE_CUDA
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#endif
+
+namespace kvxfer {
+namespace gpu {
+
+#ifdef KVXFER_HAVE_CUDA
+
+namespace {
+
+std::string cuda_error(cudaError_t rc) {
+  return std::string(cudaGetErrorName(rc)) + ": " + cudaGetErrorString(rc);
+}
+
+#define KVXFER_CUDA_CHECK(call, kind, what)                                                   \
+  do {                                                                                        \
+    cudaError_t kvxfer_rc_ = (call);                                                          \
+    KVXFER_CHECK(kvxfer_rc_ == cudaSuccess, kind, what << " failed (" << cuda_error(kvxfer_rc_) << ")"); \
+  } while (0)
+
+using PointerGetAttributeFn = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
+
+// cuPointerGetAttribute from libcuda.so.1, or nullptr when the driver library cannot be opened.
+PointerGetAttributeFn driver_pointer_attribute() {
+  static PointerGetAttributeFn fn = [] {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    return lib ? reinterpret_cast<PointerGetAttributeFn>(dlsym(lib, "cuPointerGetAttribute")) : nullptr;
+  }();
+  return fn;
+}
+
+template <typename T>
+T pointer_attribute(CUpointer_attribute attr, uint64_t addr, const std::string& what) {
+  PointerGetAttributeFn fn = driver_pointer_attribute();
+  KVXFER_CHECK(fn, TransportUnavailable, what << ": libcuda.so.1 (the CUDA driver) could not be loaded");
+  T value{};
+  CUresult rc = fn(&value, attr, static_cast<CUdeviceptr>(addr));
+  KVXFER_CHECK(rc == CUDA_SUCCESS, RegistrationFailed,
+               what << ": cuPointerGetAttribute(" << static_cast<int>(attr) << ") failed with CUresult " << rc);
+  return value;
+}
+
+}  // namespace
+
+bool built_with_cuda() { return true; }
+
+bool available(std::string* why) {
+  int n = 0;
+  cudaError_t rc = cudaGetDeviceCount(&n);
+  if (rc != cudaSuccess || n == 0) {
+    if (why) *why = rc != cudaSuccess ? "no usable CUDA driver or device (" + cuda_error(rc) + ")" : "no CUDA device";
+    cudaGetLastError();  // clear the sticky-free error so later probes start clean
+    return false;
+  }
+  return true;
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::string pci_bus_id(int device) {
+  char id[32] = {0};
+  if (cudaDeviceGetPCIBusId(id, sizeof(id), device) != cudaSuccess) {
+    cudaGetLastError();
+    return "";
+  }
+  return id;
+}
+
+int device_by_pci_bus_id(const std::string& id) {
+  int device = -1;
+  if (id.empty() || cudaDeviceGetByPCIBusId(&device, id.c_str()) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return device;
+}
+
+DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, const std::string& what) {
+  std::string why;
+  KVXFER_CHECK(available(&why), TransportUnavailable,
+               what << " is on cuda:" << device << " but " << why << "; register host memory on this machine");
+  KVXFER_CHECK(device < device_count(), InvalidArgument,
+               what << ": cuda:" << device << " does not exist (" << device_count() << " visible devices)");
+  cudaPointerAttributes attr{};
+  KVXFER_CUDA_CHECK(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(addr)), RegistrationFailed,
+                    what << ": cudaPointerGetAttributes");
+  KVXFER_CHECK(attr.type == cudaMemoryTypeDevice, RegistrationFailed,
+               what << " at " << std::hex << addr << std::dec << " is not device memory (cudaMemoryType "
+                    << static_cast<int>(attr.type)
+                    << "); managed and host memory cannot be registered as a GPU pool: allocate the KV cache with "
+                       "cudaMalloc / torch.empty(device='cuda'), or register host memory with device=-1");
+  KVXFER_CHECK(attr.device == device, RegistrationFailed,
+               what << " belongs to cuda:" << attr.device << ", not cuda:" << device << "; pass the tensor's own device");
+  DeviceRange r;
+  r.device = device;
+  r.alloc_base = pointer_attribute<CUdeviceptr>(CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, addr, what);
+  r.alloc_bytes = pointer_attribute<size_t>(CU_POINTER_ATTRIBUTE_RANGE_SIZE, addr, what);
+  KVXFER_CHECK(addr + nbytes <= r.alloc_base + r.alloc_bytes, RegistrationFailed,
+               what << ": " << nbytes << " bytes from offset " << addr - r.alloc_base << " run past the end of its "
+                    << r.alloc_bytes << "-byte allocation; register one range per allocation");
+  r.ipc_capable = pointer_attribute<int>(CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, addr, what) != 0;
+  if (r.ipc_capable) {
+    cudaIpcMemHandle_t h;
+    KVXFER_CUDA_CHECK(cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(r.alloc_base)), RegistrationFailed,
+                      what << ": cudaIpcGetMemHandle");
+    static_assert(sizeof(h) == kIpcHandleBytes, "cudaIpcMemHandle_t size changed");
+    std::memcpy(r.ipc.data(), &h, kIpcHandleBytes);
+  }
+  return r;
+}
+
+IpcMapping::IpcMapping(const IpcHandle& handle, int local_device) : device_(local_device) {
+  KVXFER_CUDA_CHECK(cudaSetDevice(local_device), TransportUnavailable, "cudaSetDevice(" << local_device << ")");
+  cudaIpcMemHandle_t h;
+  std::memcpy(&h, handle.data(), kIpcHandleBytes);
+  void* p = nullptr;
+  KVXFER_CUDA_CHECK(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess), TransportUnavailable,
+                    "opening the peer's CUDA IPC handle on cuda:"
+                        << local_device
+                        << " (the peer's GPU must be visible to this process and peer access possible; "
+                           "containers need a shared IPC namespace)");
+  base_ = reinterpret_cast<uint64_t>(p);
+}
+
+IpcMapping::~IpcMapping() {
+  if (!base_) return;
+  cudaSetDevice(device_);
+  cudaIpcCloseMemHandle(reinterpret_cast<void*>(base_));
+  cudaGetLastError();
+}
+
+struct CopyQueue::Impl {
+  cudaStream_t stream = nullptr;
+  std::deque<std::pair<uint64_t, cudaEvent_t>> pending;  // recorded, not yet seen complete, in record order
+  std::vector<cudaEvent_t> spare;
+  uint64_t next_ticket = 1, completed = 0;
+  bool batch_ok = true;  // cudaMemcpyBatchAsync works with this driver (else one cudaMemcpyAsync per copy)
+};
+
+CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
+  KVXFER_CUDA_CHECK(cudaSetDevice(device), TransportUnavailable, "cudaSetDevice(" << device << ")");
+  // Non-blocking: never ordered behind the legacy default stream, so the model's stream and ours never wait on
+  // each other except through the events the caller asks for.
+  KVXFER_CUDA_CHECK(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking), TransportUnavailable,
+                    "cudaStreamCreateWithFlags on cuda:" << device);
+}
+
+CopyQueue::~CopyQueue() {
+  cudaSetDevice(device_);
+  if (impl_->stream) cudaStreamSynchronize(impl_->stream);
+  for (auto& [t, ev] : impl_->pending) cudaEventDestroy(ev);
+  for (auto ev : impl_->spare) cudaEventDestroy(ev);
+  if (impl_->stream) cudaStreamDestroy(impl_->stream);
+  cudaGetLastError();
+}
+
+void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* nbytes, size_t n) {
+  if (n == 0) return;
+  KVXFER_CUDA_CHECK(cudaSetDevice(device_), TransferFailed, "cudaSetDevice(" << device_ << ")");
+  if (impl_->batch_ok) {
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+    size_t attr_index = 0;
+    constexpr size_t kMaxBatch = 4096;
+    for (size_t at = 0; at < n; at += kMaxBatch) {
+      const size_t k = std::min(kMaxBatch, n - at);
+      cudaError_t rc = cudaMemcpyBatchAsync(dsts + at, srcs + at, nbytes + at, k, &attr, &attr_index, 1, impl_->stream);
+      if (rc == cudaSuccess) continue;
+      KVXFER_CHECK(at == 0 && (rc == cudaErrorNotSupported || rc == cudaErrorInvalidValue), TransferFailed,
+                   "cudaMemcpyBatchAsync of " << k << " copies failed (" << cuda_error(rc) << ")");
+      cudaGetLastError();
+      impl_->batch_ok = false;  // an older driver: fall back once, for good
+      break;
+    }
+    if (impl_->batch_ok) return;
+  }
+  for (size_t i = 0; i < n; ++i)
+    KVXFER_CUDA_CHECK(cudaMemcpyAsync(dsts[i], srcs[i], nbytes[i], cudaMemcpyDefault, impl_->stream), TransferFailed,
+                      "cudaMemcpyAsync of " << nbytes[i] << " bytes");
+}
+
+uint64_t CopyQueue::record() {
+  cudaEvent_t ev;
+  if (impl_->spare.empty()) {
+    KVXFER_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), TransferFailed, "cudaEventCreate");
+  } else {
+    ev = impl_->spare.back();
+    impl_->spare.pop_back();
+  }
+  KVXFER_CUDA_CHECK(cudaEventRecord(ev, impl_->stream), TransferFailed, "cudaEventRecord");
+  const uint64_t ticket = impl_->next_ticket++;
+  impl_->pending.emplace_back(ticket, ev);
+  return ticket;
+}
+
+bool CopyQueue::done(uint64_t ticket) {
+  while (!impl_->pending.empty() && impl_->completed < ticket) {
+    auto [t, ev] = impl_->pending.front();
+    cudaError_t rc = cudaEventQuery(ev);
+    if (rc == cudaErrorNotReady) return false;
+    KVXFER_CHECK(rc == cudaSuccess, TransferFailed, "a copy on cuda:" << device_ << " failed (" << cuda_error(rc) << ")");
+    impl_->completed = t;
+    impl_->spare.push_back(ev);
+    impl_->pending.pop_front();
+  }
+  return impl_->completed >= ticket;
+}
+
+void CopyQueue::drain() {
+  cudaSetDevice(device_);
+  cudaStreamSynchronize(impl_->stream);
+}
+
+void* alloc_pinned(size_t nbytes) {
+  if (!available()) return nullptr;
+  void* p = nullptr;
+  if (cudaHostAlloc(&p, nbytes, cudaHostAllocPortable | cudaHostAllocMapped) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return p;
+}
+
+void free_pinned(void* p) {
+  if (p) cudaFreeHost(p);
+}
+
+#else  // no CUDA in this build
+
+namespace {
+[[noreturn]] void no_cuda(const std::string& what) {
+  KVXFER_THROW(TransportUnavailable, what << ": this kvxfer build has no CUDA (nvcc was not found when it was built); "
+                                             "install the CUDA toolkit and run pip install -e . again");
+}
+}  // namespace
+
+bool built_with_cuda() { return false; }
+bool available(std::string* why) {
+  if (why) *why = "this kvxfer build has no CUDA (nvcc was not found at build time)";
+  return false;
+}
+int device_count() { return 0; }
+std::string pci_bus_id(int) { return ""; }
+int device_by_pci_bus_id(const std::string&) { return -1; }
+DeviceRange describe_device_range(uint64_t, uint64_t, int device, const std::string& what) {
+  no_cuda(what + " on cuda:" + std::to_string(device));
+}
+IpcMapping::IpcMapping(const IpcHandle&, int) { no_cuda("CUDA IPC"); }
+IpcMapping::~IpcMapping() = default;
+struct CopyQueue::Impl {};
+CopyQueue::CopyQueue(int device) : device_(device) { no_cuda("a GPU copy queue"); }
+CopyQueue::~CopyQueue() = default;
+void CopyQueue::copy(void* const*, const void* const*, const size_t*, size_t) { no_cuda("a GPU copy"); }
+uint64_t CopyQueue::record() { no_cuda("a GPU copy"); }
+bool CopyQueue::done(uint64_t) { no_cuda("a GPU copy"); }
+void CopyQueue::drain() {}
+void* alloc_pinned(size_t) { return nullptr; }
+void free_pinned(void*) {}
+
+#endif
+
+}  // namespace gpu
+}  // namespace kvxfer

@@ -1,0 +1,87 @@
+// The CUDA runtime as the rest of kvxfer sees it: plain C++ types, no CUDA headers, so core/ and the transports
+// stay CUDA-header-free. Implemented in cuda_device.cpp; in a build without CUDA every call that needs a GPU
+// throws TransportUnavailable naming what is missing, and available() says why.
+//
+// Threading: the query functions are safe from any thread. A CopyQueue is used by one thread at a time (the
+// agent's progress thread); it sets its device before every call, so the caller's current device is irrelevant.
+#pragma once
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace kvxfer {
+namespace gpu {
+
+constexpr size_t kIpcHandleBytes = 64;  // sizeof(cudaIpcMemHandle_t)
+using IpcHandle = std::array<uint8_t, kIpcHandleBytes>;
+
+// True when this build has CUDA and a driver with at least one device answers now; *why says what is missing.
+bool available(std::string* why = nullptr);
+bool built_with_cuda();
+int device_count();
+// PCI bus id ("0000:1b:00.0") of a device, or "" when unknown.
+std::string pci_bus_id(int device);
+// The local ordinal of the GPU at this PCI bus id, or -1 when this process cannot see it.
+int device_by_pci_bus_id(const std::string& pci_bus_id);
+
+// What registration learned about a device range: the allocation holding it (IPC handles name allocations, so
+// the peer maps the allocation and adds offset) and whether it can be shared.
+struct DeviceRange {
+  int device = -1;
+  uint64_t alloc_base = 0;   // start of the cudaMalloc allocation containing the range
+  uint64_t alloc_bytes = 0;
+  bool ipc_capable = false;  // a legacy cudaIpc handle can be exported (false for cuMem/VMM memory)
+  IpcHandle ipc{};           // valid when ipc_capable
+};
+
+// Checks that [addr, addr + nbytes) is device memory of `device`, inside one allocation, and exports its IPC
+// handle when it can. Throws RegistrationFailed naming the cause (host pointer, wrong device, range crossing
+// allocations, VMM memory such as PyTorch expandable segments) and what to do.
+DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, const std::string& what);
+
+// A peer's allocation mapped into this process (cudaIpcOpenMemHandle); unmapped when destroyed.
+class IpcMapping {
+ public:
+  IpcMapping(const IpcHandle& handle, int local_device);
+  ~IpcMapping();
+  IpcMapping(const IpcMapping&) = delete;
+  IpcMapping& operator=(const IpcMapping&) = delete;
+  uint64_t base() const { return base_; }
+
+ private:
+  uint64_t base_ = 0;
+  int device_ = -1;
+};
+
+// Copies on one device's copy engines, on a stream of our own (never the model's), with completion tickets.
+class CopyQueue {
+ public:
+  explicit CopyQueue(int device);
+  ~CopyQueue();
+  CopyQueue(const CopyQueue&) = delete;
+  CopyQueue& operator=(const CopyQueue&) = delete;
+  int device() const { return device_; }
+  // Enqueues n copies (any direction: cudaMemcpyDefault, unified addressing). One batched call where the runtime
+  // has cudaMemcpyBatchAsync, else one cudaMemcpyAsync each. Never waits.
+  void copy(void* const* dsts, const void* const* srcs, const size_t* nbytes, size_t n);
+  // Marks everything enqueued so far; done(ticket) turns true once it has all landed.
+  uint64_t record();
+  bool done(uint64_t ticket);
+  // Blocks until the stream is idle (shutdown only).
+  void drain();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  int device_;
+};
+
+// Page-locked host memory (cudaHostAlloc, portable + mapped) when a GPU is usable, else nullptr.
+void* alloc_pinned(size_t nbytes);
+void free_pinned(void* p);
+
+}  // namespace gpu
+}  // namespace kvxfer

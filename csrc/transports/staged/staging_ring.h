@@ -1,0 +1,49 @@
+// StagingRing: the pinned host bounce buffers of the staged path (GPU memory -> pinned host -> network), for
+// fabrics that cannot read GPU memory (no FI_HMEM) and same-host peers whose pool is host memory.
+//
+// The ring is num_slots slots of slot_bytes each, registered once with the fabric transport. The progress thread
+// takes a slot, copies a batch of chunks into it (the GPU copy engines, or memcpy for host sources), and once the
+// copy has landed posts the network write from the slot; the slot comes back when that write completes. With
+// several slots in flight the copy of batch i overlaps the write of batch i-1.
+//
+// Memory: page-locked (cudaHostAlloc) when a GPU is usable, so device-to-host copies run at copy-engine speed;
+// otherwise page-aligned ordinary memory (host-source staging, which tests and benchmarks the same pipeline).
+// Threading: progress thread only, except the constructor.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "transports/transport.h"
+
+namespace kvxfer {
+
+class StagingRing {
+ public:
+  static constexpr size_t kDefaultSlotBytes = 4u << 20;
+  static constexpr size_t kDefaultSlots = 16;
+
+  StagingRing(Transport& transport, size_t slot_bytes, size_t num_slots);
+  ~StagingRing();
+  StagingRing(const StagingRing&) = delete;
+  StagingRing& operator=(const StagingRing&) = delete;
+
+  size_t slot_bytes() const { return slot_bytes_; }
+  size_t num_slots() const { return num_slots_; }
+  bool pinned() const { return pinned_; }
+  size_t free_slots() const { return free_.size(); }
+  int acquire();  // a free slot, or -1 when all are in flight
+  void release(int slot);
+  uint8_t* slot_ptr(int slot) const { return base_ + static_cast<size_t>(slot) * slot_bytes_; }
+  void* desc() const { return key_.desc; }
+
+ private:
+  Transport& transport_;
+  size_t slot_bytes_, num_slots_;
+  uint8_t* base_ = nullptr;
+  bool pinned_ = false;
+  MemoryKey key_;
+  std::vector<int> free_;
+};
+
+}  // namespace kvxfer
