@@ -29,11 +29,18 @@ def as_region(obj) -> MemoryRegion:
         if obj.device.type not in ("cpu", "cuda"):
             raise InvalidArgument(f"torch tensors on {obj.device} cannot be registered (cpu or cuda only)")
         return MemoryRegion(obj.data_ptr(), obj.numel() * obj.element_size(), device if device is not None else 0)
-    if hasattr(obj, "__cuda_array_interface__"):  # cupy and friends
+    if hasattr(obj, "__cuda_array_interface__"):  # cupy, numba and friends
         cai = obj.__cuda_array_interface__
-        if cai.get("strides") is not None:
-            raise InvalidArgument("CUDA array is not C-contiguous; register a contiguous array")
-        return MemoryRegion(cai["data"][0], int(obj.nbytes), int(obj.device.id))
+        shape, itemsize = tuple(cai["shape"]), _itemsize(cai["typestr"])
+        if cai.get("strides") is not None and tuple(cai["strides"]) != _c_strides(shape, itemsize):
+            raise InvalidArgument("CUDA array is not C-contiguous; register a contiguous array (cupy.ascontiguousarray)")
+        nbytes = itemsize
+        for d in shape:
+            nbytes *= d
+        device = getattr(getattr(obj, "device", None), "id", None)
+        if device is None:
+            raise InvalidArgument("CUDA array does not say its device (.device.id); pass (ptr, nbytes, device) instead")
+        return MemoryRegion(cai["data"][0], int(nbytes), int(device))
     if hasattr(obj, "__array_interface__"):  # numpy
         if not obj.flags["C_CONTIGUOUS"]:
             raise InvalidArgument("numpy array is not C-contiguous; use np.ascontiguousarray")
@@ -42,3 +49,15 @@ def as_region(obj) -> MemoryRegion:
         return MemoryRegion(obj.__array_interface__["data"][0], int(obj.nbytes), -1)
     raise InvalidArgument(f"cannot register {type(obj).__name__}: pass a numpy array, a torch tensor, a CUDA array "
                           "or a (ptr, nbytes, device) tuple")
+
+
+def _itemsize(typestr: str) -> int:
+    return int(typestr[2:])  # "<f2" -> 2, "|u1" -> 1
+
+
+def _c_strides(shape: tuple, itemsize: int) -> tuple:
+    strides, step = [], itemsize
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return tuple(reversed(strides))

@@ -10,10 +10,11 @@ TRANSPORTS = ["tcp", "fi_shm", "cma"]
 
 
 class RemoteSender:
-    def __init__(self):
+    def __init__(self, serve=None):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        from tests.peer import serve
+        if serve is None:
+            from tests.peer import serve
 
         self.proc = ctx.Process(target=serve, args=(child,), daemon=True)
         self.proc.start()

@@ -1,0 +1,115 @@
+"""GPU paths between two processes on one GPU (run on a machine with an NVIDIA GPU; skipped elsewhere with the
+reason): CUDA IPC into a GPU pool, GPU pool to host pool through the staged path, and host pool back into a GPU
+pool. Every test checks the destination byte for byte against tests/reference.py, including the untouched guard
+blocks, and that the receiver counted exactly every layer."""
+import numpy as np
+import pytest
+
+import kvxfer
+from tests.gpu.conftest import requires_gpu
+from tests.reference import apply, make_pool
+
+pytestmark = requires_gpu
+
+# 8 layers x 64 blocks of 16 tokens x 4 heads x 64 dims, fp16: 8 KiB chunks, 8 MiB per pool.
+ARGS = (8, 64, 16, 4, 64, "float16")
+
+
+def setup_pair(remote, transport, src_where, dst_where, seed, sender_kwargs=None):
+    import torch
+
+    layout = kvxfer.KVLayout.vllm_flash(*ARGS)
+    agent = kvxfer.Agent("gpu-receiver", transport=transport, interface="lo", timeout_s=30)
+    dst_host = make_pool(layout, seed + 1000)  # guard pattern: bytes nobody addressed must keep it
+    dst = [torch.from_numpy(a).to(dst_where) for a in dst_host] if dst_where != "cpu" else dst_host
+    agent.register_pool(dst, layout)
+    md = remote.call("init", (transport, "vllm_flash", seed, list(ARGS), src_where, sender_kwargs or {}))
+    peer = agent.add_peer(md)
+    remote.call("add_peer", agent.metadata())
+    agent.wait_connected(peer, 20)
+    return agent, peer, layout, dst, dst_host
+
+
+def run_and_check(remote, agent, peer, layout, dst, dst_host, seed, xfer):
+    rng = np.random.default_rng(seed)
+    n = layout.num_blocks // 2
+    src_ids = rng.choice(layout.num_blocks, n, replace=False).astype(np.int32)
+    dst_ids = rng.choice(layout.num_blocks, n, replace=False).astype(np.int32)
+    expected = [a.copy() for a in dst_host]
+    apply(layout, make_pool(layout, seed), expected, src_ids, dst_ids, range(layout.num_layers))
+    recv = agent.recv(peer, xfer, dst_ids)
+    path, reason = remote.call("send", (xfer, src_ids.tolist(), dst_ids.tolist()))
+    recv.wait(timeout_s=30)
+    assert remote.call("wait", (xfer, 30)) == "DONE"
+    assert recv.layers_done == layout.num_layers
+    got = [t.cpu().numpy() if hasattr(t, "cpu") else t for t in dst]
+    for g, w in zip(got, expected):
+        np.testing.assert_array_equal(g, w)
+    return path, reason
+
+
+@requires_gpu
+def test_cuda_ipc_gpu_to_gpu_byte_exact(gpu_remote):
+    agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "auto", "cuda:0", "cuda:0", seed=3)
+    path, reason = run_and_check(gpu_remote, agent, peer, layout, dst, dst_host, 3, 1)
+    assert path == "cuda_ipc" and "CUDA IPC" in reason
+
+
+@requires_gpu
+def test_cuda_ipc_many_requests_reuse_one_mapping(gpu_remote):
+    agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "auto", "cuda:0", "cuda:0", seed=4)
+    for xfer in range(5):  # the same destination pool: later sends reuse the mapping opened by the first
+        run_and_check(gpu_remote, agent, peer, layout, dst, dst_host, 4, 100 + xfer)
+        dst_host = [t.cpu().numpy() for t in dst]
+
+
+@requires_gpu
+def test_gpu_pool_to_host_pool_staged_over_cma(gpu_remote):
+    agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "auto", "cuda:0", "cpu", seed=5,
+                                                    sender_kwargs={"staging_slot_bytes": 1 << 16, "staging_slots": 4})
+    path, reason = run_and_check(gpu_remote, agent, peer, layout, dst, dst_host, 5, 2)
+    assert path == "staged" and "pinned" in reason and "-> cma" in reason
+
+
+@requires_gpu
+def test_gpu_pool_to_host_pool_staged_over_tcp(gpu_remote):
+    agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "tcp", "cuda:0", "cpu", seed=6,
+                                                    sender_kwargs={"staging_slot_bytes": 1 << 16, "staging_slots": 4})
+    path, reason = run_and_check(gpu_remote, agent, peer, layout, dst, dst_host, 6, 3)
+    assert path == "staged" and "tcp" in reason
+
+
+@requires_gpu
+def test_host_pool_back_into_gpu_pool(gpu_remote):
+    agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "auto", "cpu", "cuda:0", seed=7)
+    path, _ = run_and_check(gpu_remote, agent, peer, layout, dst, dst_host, 7, 4)
+    assert path == "cuda_ipc"  # host source, GPU destination on this host: copy engines write the IPC mapping
+
+
+@requires_gpu
+def test_gpu_pool_across_hosts_without_gpu_direct_is_refused_at_send(gpu_remote):
+    """tcp cannot write GPU memory, and transport='tcp' rules out CUDA IPC: send() says so before posting."""
+    agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "tcp", "cpu", "cuda:0", seed=8)
+    with pytest.raises(Exception, match="no path reaches"):
+        gpu_remote.call("send", (5, [0], [0]))
+
+
+@requires_gpu
+def test_expandable_segments_memory_is_refused_at_registration():
+    """cuMem/VMM memory cannot take a legacy IPC handle: refused when registered, with the fix named."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, kvxfer\n"
+        "t = torch.empty(1 << 20, dtype=torch.uint8, device='cuda')\n"
+        "a = kvxfer.Agent('vmm', interface='lo')\n"
+        "try:\n"
+        "    a.register_pool([t], kvxfer.KVLayout.contiguous(256, 4096))\n"
+        "    print('REGISTERED')\n"
+        "except kvxfer.errors.RegistrationFailed as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    env = {**__import__("os").environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "FI_TCP_IFACE": "lo"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "REFUSED" in out.stdout and "expandable_segments" in out.stdout, out.stdout + out.stderr

@@ -1,0 +1,79 @@
+"""GPU paths on a machine without a usable GPU: what must still hold here. Registration of GPU memory fails at
+registration (not at the first transfer) naming what is missing; pools that mix devices are refused; the cuda_ipc
+transport refuses to start without a GPU; `info` reports each GPU path with its reason; the topology helpers read
+this machine's real sysfs. The GPU paths themselves run in tests/gpu/ on a machine with an NVIDIA GPU."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer import _C, errors, topology
+
+NO_GPU = not _C.gpu_status()[0]
+pytestmark = pytest.mark.skipif(not NO_GPU, reason="checks the no-GPU behaviour; this machine has a usable GPU")
+
+
+def test_gpu_pool_without_a_usable_gpu_fails_at_registration():
+    agent = kvxfer.Agent("g", transport="tcp", interface="lo")
+    layout = kvxfer.KVLayout.contiguous(16, 4096)
+    with pytest.raises(errors.TransportUnavailable) as e:
+        agent.register_pool([(0x7F0000000000, 16 * 4096, 0)], layout)  # a raw range said to be on cuda:0
+    msg = str(e.value)
+    assert "cuda:0" in msg and ("no CUDA" in msg or "no usable CUDA driver" in msg) and "host memory" in msg
+
+
+def test_pool_mixing_host_and_gpu_regions_is_refused():
+    agent = kvxfer.Agent("g", transport="tcp", interface="lo")
+    layout = kvxfer.KVLayout.vllm_flash(2, 4, 16, 1, 32, "float16")
+    host = np.zeros(layout.tensor_layer_bytes, dtype=np.uint8)
+    with pytest.raises(errors.InvalidArgument, match="register one pool per device"):
+        agent.register_pool([host, (0x7F0000000000, layout.tensor_layer_bytes, 0)], layout)
+
+
+def test_cuda_ipc_transport_needs_a_gpu():
+    with pytest.raises(errors.TransportUnavailable, match="transport 'cuda_ipc' needs a usable GPU"):
+        kvxfer.Agent("g", transport="cuda_ipc", interface="lo")
+
+
+def test_info_reports_every_gpu_path_with_its_reason():
+    out = subprocess.run([sys.executable, "-m", "kvxfer", "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for path in ("cuda_ipc", "gpu_direct", "staged"):
+        line = next(l for l in out.stdout.splitlines() if l.split()[1:2] == [path] and l.startswith("  no"))
+        assert len(line.split(None, 2)[2]) > 10  # a reason, not a bare "no"
+    assert "GPU memory paths" in out.stdout and "topology:" in out.stdout
+
+
+def test_topology_reads_this_machines_nics_and_picks_the_nearest():
+    nics = topology.nics()
+    for n in nics:  # every NIC listed has a real PCI position ending at its own address
+        assert n.pci_path and n.pci_path[-1] == n.pci and n.kind in ("rdma", "net")
+    if not nics:
+        pytest.skip("this machine has no PCI network device")
+    # A device is nearest to itself: the full PCIe path is shared.
+    assert topology.nearest_nic(nics[0].pci, nics) == nics[0]
+    assert topology.nearest_nic(nics[0].pci, []) is None
+    gpus, why = topology.gpus()
+    assert gpus == [] and why  # no GPU here: an empty list and the reason, never an exception
+
+
+class _CudaArray:
+    """An object speaking __cuda_array_interface__ v3 (what cupy and numba expose); kvxfer reads the protocol,
+    never imports either library."""
+
+    def __init__(self, strides):
+        self.__cuda_array_interface__ = {"shape": (4, 8), "typestr": "<f2", "data": (0x1000, False),
+                                         "strides": strides, "version": 3}
+        self.device = type("Device", (), {"id": 1})()
+
+
+def test_cuda_array_interface_regions():
+    from kvxfer.memory import as_region
+
+    assert as_region(_CudaArray(None)) == as_region(_CudaArray((16, 2)))  # C strides spelled out or omitted
+    r = as_region(_CudaArray(None))
+    assert (r.addr, r.nbytes, r.device) == (0x1000, 64, 1)
+    with pytest.raises(errors.InvalidArgument, match="not C-contiguous"):
+        as_region(_CudaArray((2, 8)))  # a transposed view
