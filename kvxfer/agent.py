@@ -112,7 +112,10 @@ class Agent:
         names = peer.pools
         if dst_pool and dst_pool not in names:
             raise InvalidArgument(f"peer {peer.name} exposes no pool {dst_pool!r} (it exposes {names})")
-        return tuple(self._c.choose_path(peer._h, self._pool(pool).index, names.index(dst_pool) if dst_pool else 0))
+        path, reason = self._c.choose_path(peer._h, self._pool(pool).index, names.index(dst_pool) if dst_pool else 0)
+        if path == "cuda_ipc":
+            reason += _gpu_link_note(self._pool(pool), peer)
+        return path, reason
 
     def staging(self) -> dict:
         """The bounce ring of the staged path: slot_bytes, slots, pinned (zeros before the first staged send)."""
@@ -135,6 +138,7 @@ class Agent:
         spec = layout.spec(layer_regions, offsets)
         index = self._c.register_pool(name, spec, [_C.LocalRegion(r.addr, r.nbytes, r.device) for r in regions])
         pool = Pool(index, name, layout, items)
+        pool._regions = regions
         self._pools[name] = pool
         return pool
 
@@ -193,6 +197,18 @@ class Agent:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _gpu_link_note(pool: Pool, peer: Peer) -> str:
+    """'; link: nvlink' (or pcie / same-gpu) between our pool's GPU and the peer's, from NVML when it is there."""
+    from kvxfer import topology
+
+    gpus, _ = topology.gpus()
+    device = pool._regions[0].device
+    pci = {d: p.lower() for d, p in _C.gpu_devices()}.get(device, "")  # CUDA ordinals != NVML indexes in general
+    ours = next((g for g in gpus if g.pci == topology._norm_pci(pci)), None) if pci else None
+    theirs = next((g for g in gpus if g.pci in peer._h.gpu_pci_ids), None)
+    return f"; link: {topology.link(ours, theirs)}" if ours and theirs else ""
 
 
 class _Closed:

@@ -15,7 +15,8 @@ fi
 [ -d .venv ] || python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip >/dev/null 2>&1 || true
-pip install -q numpy pytest pytest-benchmark pytest-timeout pybind11 cmake ninja "setuptools>=64" wheel matplotlib
+pip install -q numpy pytest pytest-benchmark pytest-timeout pybind11 cmake ninja "setuptools>=64" wheel matplotlib \
+  nvidia-ml-py  # NVML bindings (pure Python): GPU topology in `kvxfer info`; harmless without a GPU
 # torch is optional for the library but the tests and the engine use it. Pinned: this version's CPU build is on
 # disk on our machines, while an unpinned torch would download GBs of CUDA wheels. KVXFER_SKIP_TORCH=1 skips it.
 if [ "${KVXFER_SKIP_TORCH:-0}" != 1 ] && ! python -c "import torch" 2>/dev/null; then

@@ -1,4 +1,5 @@
 // Agent, Peer, Send, Recv. Every call that can block or spin releases the GIL; status reads are O(1) atomics.
+#include <cctype>
 #include <chrono>
 
 #include "bindings/bindings.h"
@@ -63,6 +64,17 @@ void register_agent(py::module_& m) {
       .def_property_readonly("connected", [](const PeerState& p) { return p.connected.load(); })
       .def_property_readonly("lost", [](const PeerState& p) { return p.lost.load(); })
       .def_property_readonly("fingerprint", [](const PeerState& p) { return p.info.fingerprint(); })
+      .def_property_readonly("gpu_pci_ids", [](const PeerState& p) {
+        std::vector<std::string> ids;  // PCI bus ids of the GPUs behind the peer's pools (lower case, like sysfs)
+        for (const auto& pool : p.info.pools)
+          for (const auto& r : pool.regions)
+            if (r.device >= 0 && !r.pci_bus_id.empty()) {
+              std::string id = r.pci_bus_id;
+              for (auto& ch : id) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+              ids.push_back(id);
+            }
+        return ids;
+      })
       .def_property_readonly("pools", [](const PeerState& p) {
         py::list out;
         for (const auto& pool : p.info.pools) out.append(py::make_tuple(pool.name, pool.layout));

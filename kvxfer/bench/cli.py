@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: cma for same-host peers, else efa > verbs > tcp; shm: best same-host path for host "
                          "memory (default: auto)")
     ap.add_argument("--rails", type=int, default=1, help="fabric endpoints per agent (default: 1)")
+    ap.add_argument("--staging", choices=("auto", "always"), default="auto",
+                    help="always: the sender stages every transfer through its bounce slots (measures the staged "
+                         "pipeline against the same direct-path limit; default: auto)")
     ap.add_argument("--iface", help="network interface for IP providers (default: lo on loopback, else any)")
     ap.add_argument("--pattern", choices=workloads.PATTERNS,
                     help="KV workload pattern (default: paged, plus the message-size sweep)")
@@ -116,12 +119,13 @@ def iterations_for(a, w: workloads.Workload) -> int:
 
 def check_runnable(a) -> None:
     if a.transport == "cuda_ipc" or "cuda" in (a.src_mem + a.dst_mem):
-        raise TransportUnavailable("GPU memory and the cuda_ipc transport are not implemented in this kvxfer yet; "
-                                   "use --src-mem cpu --dst-mem cpu with a host transport (python -m kvxfer info)")
+        raise TransportUnavailable("kvxfer-bench does not allocate GPU pools yet (not implemented here); GPU paths "
+                                   "are measured by benchmarks/bench_gpu.py on a GPU machine. Use --src-mem cpu "
+                                   "--dst-mem cpu with a host transport (python -m kvxfer info)")
 
 
 def run_driver(a, ch: bootstrap.Channel, interface: str | None) -> list[dict]:
-    cfg = RunConfig(transport=a.transport, rails=a.rails, interface=interface, warmup=a.warmup,
+    cfg = RunConfig(transport=a.transport, rails=a.rails, staging=a.staging, interface=interface, warmup=a.warmup,
                     duration_s=a.duration, timeout_s=a.timeout, verify=not a.no_verify)
     plan = plan_workloads(a)
     bar = report.Progress(len(plan), enabled=not a.quiet)

@@ -28,6 +28,7 @@ PROTOCOL = 1
 class RunConfig:
     transport: str = "auto"
     rails: int = 1
+    staging: str = "auto"
     interface: str | None = None
     warmup: int = 1
     iterations: int = 5
@@ -148,7 +149,7 @@ class Driver:
         _expect_ok(self.ch.recv_json(cfg.timeout_s))
         peer_md = self.ch.recv(cfg.timeout_s)
         agent = kvxfer.Agent(f"bench-driver-{self.count}", transport=cfg.transport, interface=cfg.interface,
-                             timeout_s=cfg.timeout_s, rails=cfg.rails)
+                             timeout_s=cfg.timeout_s, rails=cfg.rails, staging=cfg.staging)
         try:
             agent.register_pool(src, lay)
             self.ch.send(agent.metadata())
@@ -166,7 +167,8 @@ class Driver:
                 verified, detail = rep["verified"], rep["detail"]
         finally:
             agent.close()
-        rec = {"transport": cfg.transport, "path": peer.path, "provider": provider,
+        path = peer.path if cfg.staging == "auto" else f"staged->{peer.path}"
+        rec = {"transport": cfg.transport, "path": path, "provider": provider,
                "rails": cfg.rails, "pattern": workload.pattern, "model": workload.label,
                "nbytes": workload.nbytes, "blocks": workload.blocks, "depth": workload.depth,
                "layer_delay_ms": workload.layer_delay_ms, "limit": limit_name, "limit_gbps": limit_gbps,
