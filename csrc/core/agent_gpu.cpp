@@ -57,19 +57,21 @@ void Agent::open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_poo
   std::lock_guard<std::mutex> lock(peer.mu);
   auto it = peer.ipc_region_start.find(dst_pool);
   if (it == peer.ipc_region_start.end()) {
-    // One mapping per distinct allocation: a pool whose layers share one cudaMalloc maps it once.
+    // One mapping per distinct allocation (the owner's allocation start identifies it): a pool whose layers
+    // share one cudaMalloc segment maps it once, since a process may not open the same allocation twice.
     std::vector<uint64_t> starts;
-    std::vector<std::pair<std::vector<uint8_t>, uint64_t>> opened;  // handle -> mapped base
+    std::vector<std::pair<uint64_t, uint64_t>> opened;  // owner's allocation start -> our mapped base
     for (const auto& r : peer.info.pools[dst_pool].regions) {
+      const uint64_t owner_base = r.addr - r.ipc_offset;
       uint64_t base = 0;
-      for (const auto& [h, b] : opened)
-        if (h == r.ipc_handle) base = b;
+      for (const auto& [ob, b] : opened)
+        if (ob == owner_base) base = b;
       if (!base) {
         gpu::IpcHandle h;
         std::memcpy(h.data(), r.ipc_handle.data(), h.size());
         peer.ipc_mappings.push_back(std::make_unique<gpu::IpcMapping>(h, send.copy_device));
         base = peer.ipc_mappings.back()->base();
-        opened.emplace_back(r.ipc_handle, base);
+        opened.emplace_back(owner_base, base);
       }
       starts.push_back(base + r.ipc_offset);
     }
