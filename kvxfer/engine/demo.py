@@ -288,7 +288,7 @@ def main(argv=None) -> int:
         return 1
 
 
-REF = {"requests": 48, "rate": 1.0, "scale": 0.1}
+REF = {"requests": 24, "rate": 0.5, "scale": 0.04}
 QUICK = {"requests": 12, "rate": 2.0, "scale": 0.03}
 
 
@@ -371,7 +371,16 @@ def run_in_netns(argv: list[str]) -> int:
                 raise InvalidArgument(f"{' '.join(cmd)} failed: {r.stderr.strip()}; use --net loopback")
         inner = ["ip", "netns", "exec", ns_a, sys.executable, "-m", "kvxfer.engine.demo", *argv,
                  "--netns-inside", f"{ns_b},{subnet}.1,{if_a},{if_b}"]
-        return subprocess.call(inner)
+        proc = subprocess.Popen(inner)
+        try:
+            return proc.wait()
+        except BaseException:  # interrupted: let the inner demo stop its routers and nodes before the namespaces go
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     except InvalidArgument as e:
         print(f"kvxfer-demo: error: {e}", file=sys.stderr)
         return 1

@@ -404,6 +404,11 @@ def make_handler(router: Router):
     return Handler
 
 
+class HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 256  # the default 5 resets clients when many streams open at once on a busy machine
+    daemon_threads = True
+
+
 def spawn_nodes(mode: str, node_port: int, args) -> list[subprocess.Popen]:
     env = bootstrap.loopback_env()
     common = ["--connect", f"127.0.0.1:{node_port}", "--model", args.model, "--seed", str(args.seed),
@@ -450,7 +455,7 @@ def main(argv=None) -> int:
         print(f"router: nodes on {lst.address[0]}:{lst.address[1]}", flush=True)
     try:
         router.attach(lst)
-        server = ThreadingHTTPServer(bootstrap.parse_hostport(a.http), make_handler(router))
+        server = HTTPServer(bootstrap.parse_hostport(a.http), make_handler(router))
         host, port = server.server_address[:2]
         print(f"router: ready http://{host}:{port} mode={a.mode}", flush=True)
         server.serve_forever()

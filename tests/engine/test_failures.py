@@ -19,7 +19,14 @@ from tests.engine.server import Server  # noqa: E402
 
 def post_in_background(server, body):
     out = {}
-    th = threading.Thread(target=lambda: out.update(reply=server.post(body, timeout=120)), daemon=True)
+
+    def run():
+        try:
+            out["reply"] = server.post(body, timeout=120)
+        except OSError as e:  # reported by the test's assertion, not lost in a thread
+            out["reply"] = (None, json.dumps({"error": {"message": f"client saw {e!r}"}}).encode())
+
+    th = threading.Thread(target=run, daemon=True)
     th.start()
     return th, out
 
@@ -76,7 +83,8 @@ def test_decode_node_dying_during_a_transfer():
 
 
 def test_transfer_timing_out_fails_only_that_request():
-    s = Server("disagg", "--prefill-layer-delay-ms", "300", timeout_s=2)
+    # Unstalled, a transfer takes ~2 s (2 layers x 1 s) of its 4 s deadline.
+    s = Server("disagg", "--prefill-layer-delay-ms", "1000", timeout_s=4)
     try:
         status, body = s.post({"prompt": "after the stall", "max_tokens": 4})
         assert status == 200
@@ -88,7 +96,7 @@ def test_transfer_timing_out_fails_only_that_request():
         s.wait_for(lambda: any(r["phase"] == "decode" for r in s.stats()["inflight"]), "the other request decoding")
         th, out = post_in_background(s, {"prompt": "the victim", "max_tokens": 4})
         s.wait_for(lambda: in_prefill(s), "victim reaches prefill")
-        os.kill(s.pids["prefill"], signal.SIGSTOP)  # the prefill node stalls mid-transfer
+        os.kill(s.pids["prefill"], signal.SIGSTOP)  # the prefill node stalls mid-transfer (well before its 2 s end)
         try:
             th.join(60)
             still_decoding = th_other.is_alive()
