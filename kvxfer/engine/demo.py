@@ -255,7 +255,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tpot-slo", type=float, default=0.1, help="seconds (default 0.1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--net", choices=["auto", "netns", "loopback"], default="auto",
-                    help="netns: two network namespaces joined by a veth pair (root); loopback; auto: netns if possible")
+                    help="netns: two network namespaces joined by a veth pair (root); loopback; "
+                         "auto: netns if possible")
     ap.add_argument("--role", choices=["router", "prefill", "decode"],
                     help="two real hosts: run only this part (router: the workload, waits for the nodes)")
     ap.add_argument("--nodes", default="0.0.0.0:7000", help="--role router: HOST:PORT the nodes connect to")

@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for this node")
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--layer-delay-ms", type=float, default=0.0,
-                    help="prefill: sleep after each layer (emulates a bigger model; tests use it to widen the transfer)")
+                    help="prefill: sleep after each layer (emulates a bigger model; tests widen a transfer with it)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = LlamaModel.random(PRESETS[a.model], a.seed) if a.model in PRESETS else LlamaModel.from_pretrained(a.model)

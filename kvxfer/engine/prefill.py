@@ -11,8 +11,9 @@ returns in microseconds); kvxfer posts those writes while layer l+1 computes. Th
 the compute ends; only then does the worker wait for the sends. Local blocks are freed only once a send ended
 (DONE: the decode side counted every byte), so no write can still read them.
 
-If the batch fails, or a send does not end within timeout_s, its unfinished sends are aborted (the decode side's recvs fail at once). Writes posted before
-the abort may still be in flight when the blocks are freed: kvxfer has no drain handshake yet (see README).
+If the batch fails, or a send does not end within timeout_s, its unfinished sends are aborted (the decode side's
+recvs fail at once). Writes posted before the abort may still be in flight when the blocks are freed: kvxfer has no
+drain handshake yet (see README); the decode side holds such blocks until the router relays that the send ended.
 
 serve() answers jobs from the router over a bootstrap channel (the node process: kvxfer/engine/node.py).
 """
