@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine (root, Python 3.11) lacks and builds kvxfer in .venv:
-# libfabric-dev + pkg-config (apt), a venv, numpy/pytest/torch, and an editable build (CUDA compiled when nvcc exists).
+# libfabric-dev + pkg-config + iproute2 (apt), a venv, numpy/pytest/torch, and an editable build (CUDA compiled when nvcc exists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
 pkg-config --exists libfabric 2>/dev/null || need_apt+=(libfabric-dev libfabric-bin)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+command -v ip >/dev/null || need_apt+=(iproute2)  # kvxfer-demo runs its nodes in two network namespaces when it can
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "kvxfer setup: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -29,6 +30,9 @@ fi
 if [ "${KVXFER_SKIP_TORCH:-0}" != 1 ]; then
   pip install -q transformers safetensors tokenizers 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 fi
+# The router's OpenAI API is tested with the official client; without it that one test skips, saying why.
+python -c "import openai" 2>/dev/null || pip install -q openai 2>&1 | grep -v "is ignored: it is neither" || true
+python -c "import openai" 2>/dev/null || echo "kvxfer setup: the openai client did not install; its test will skip"
 echo "kvxfer setup: building (pip install -e .)"
 pip install -q --no-build-isolation -e . 
 python -m kvxfer info

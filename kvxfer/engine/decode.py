@@ -1,23 +1,44 @@
-"""Decode worker: continuous batching over sequences whose KV arrived from a prefill worker.
+"""Decode worker: continuous batching over sequences whose KV arrived from a prefill worker (disaggregated) or was
+computed here (colocated).
 
     worker = DecodeWorker(model, num_blocks, agent=agent)
-    dst = worker.admit(seq_id, prompt_len, max_tokens, peer)   # allocates blocks, opens the kvxfer recv
+    dst = worker.admit(seq_id, prompt_len, max_tokens)         # allocates blocks
+    worker.expect(seq_id, peer)                                  # opens the kvxfer recv (or admit(..., peer))
     ... the prefill worker writes the prompt's KV into dst ...
     worker.set_first_token(seq_id, token)                        # the prefill's sampled token
-    events = worker.step()                                       # [(seq_id, token, finished)] for this step
+    events = worker.step()                                       # [(seq_id, token | None, finished)]
 
-A sequence joins the running batch only when its recv is complete (an O(1) poll each step). A recv that fails or
-times out ends that sequence with its error and frees its blocks; the others keep running. Blocks are freed on
-finish, cancel and failure.
+    events = worker.prefill_local([(seq_id, prompt_ids, max_tokens), ...])   # colocated: KV is already here
+
+Threads: admit() and expect() may run on another thread than step() (the decode node answers them on its channel
+reader, so they never wait for a decode step); `lock` guards the block allocator and the sequence table. Everything
+else runs on the stepping thread.
+
+A sequence joins the running batch only when its recv is complete (an O(1) poll each step) and its first token is
+known. A recv that fails or times out ends that sequence with its error; the others keep running.
+
+Blocks are freed on finish, cancel and failure — but never while the sender might still write into them. A
+sequence that ended before its KV fully arrived keeps its blocks in quarantine until one of: the recv completed (the
+sender counted every chunk: it writes nothing more), the sender process is gone (PeerLost), or the router said the
+sender's transfer ended (sender_done(), sent once the prefill side reported its send finished or failed).
 """
 from __future__ import annotations
 
+import enum
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from kvxfer.engine.kv_cache import blocks_for
-from kvxfer.errors import KvxferError
+from kvxfer.errors import InvalidArgument, KvxferError, PeerLost
+
+
+class SeqState(enum.Enum):
+    WAITING = "waiting"    # blocks allocated; KV or first token not here yet
+    RUNNING = "running"    # in the decode batch
+    FINISHED = "finished"  # max_tokens or EOS reached
+    FAILED = "failed"      # transfer failed, timed out or cancelled; `error` says which
 
 
 @dataclass
@@ -26,10 +47,12 @@ class Sequence:
     prompt_len: int
     max_tokens: int
     blocks: list[int]
-    recv: object = None
+    recv: object = None  # kvxfer Recv, once expect() opened it
+    local: bool = False  # the KV was computed in this process (colocated): no sender
     tokens: list[int] = field(default_factory=list)
-    state: str = "waiting"  # waiting -> running -> finished | failed
+    state: SeqState = SeqState.WAITING
     error: str | None = None
+    sender_done: bool = False  # the sender's transfer ended: no write into `blocks` can come any more
 
 
 class DecodeWorker:
@@ -39,33 +62,118 @@ class DecodeWorker:
         self.cache = model.new_cache(num_blocks, block_size)
         if agent is not None:
             agent.register_pool(self.cache.layers, self.cache.layout(), name="kv")
+        self.lock = threading.Lock()
         self.seqs: dict[int, Sequence] = {}
-        self._quarantine: list[tuple[object, list[int]]] = []  # (live recv, its blocks): freed when it ends
+        self._quarantine: dict[int, Sequence] = {}  # ended sequences whose blocks a sender may still write
 
-    def admit(self, seq_id: int, prompt_len: int, max_tokens: int, peer) -> list[int]:
-        blocks = self.cache.allocator.allocate(blocks_for(prompt_len + max_tokens, self.cache.block_size))
-        prompt_blocks = blocks[: blocks_for(prompt_len, self.cache.block_size)]
-        seq = Sequence(seq_id, prompt_len, max_tokens, blocks)
-        try:
-            seq.recv = self.agent.recv(peer, seq_id, prompt_blocks, timeout_s=self.timeout_s)
-        except KvxferError:
-            self.cache.allocator.free(blocks)
-            raise
-        self.seqs[seq_id] = seq
-        return prompt_blocks
+    @property
+    def num_free_blocks(self) -> int:
+        with self.lock:
+            return self.cache.allocator.num_free
+
+    # ---- admission ----------------------------------------------------------------------------------------
+    def admit(self, seq_id: int, prompt_len: int, max_tokens: int, peer=None) -> list[int]:
+        """Allocate blocks for prompt + output. Returns the prompt's block ids, in token order. With `peer`, also
+        opens the recv (else expect() does, once the prefill starts: the recv's deadline then times the transfer,
+        not the wait for a prefill slot)."""
+        bs = self.cache.block_size
+        with self.lock:
+            blocks = self.cache.allocator.allocate(blocks_for(prompt_len + max_tokens, bs))
+            self.seqs[seq_id] = Sequence(seq_id, prompt_len, max_tokens, blocks)
+        if peer is not None:
+            try:
+                self.expect(seq_id, peer)
+            except KvxferError:
+                with self.lock:
+                    self.cache.allocator.free(self.seqs.pop(seq_id).blocks)
+                raise
+        return blocks[: blocks_for(prompt_len, bs)]
+
+    def expect(self, seq_id: int, peer) -> None:
+        """Open the kvxfer recv of an admitted sequence's prompt KV (before or after the data arrives)."""
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.state is not SeqState.WAITING or seq.recv is not None:
+            raise InvalidArgument(f"sequence {seq_id} is not admitted and waiting for its KV; admit() it first")
+        prompt_blocks = seq.blocks[: blocks_for(seq.prompt_len, self.cache.block_size)]
+        seq.recv = self.agent.recv(peer, seq_id, prompt_blocks, timeout_s=self.timeout_s)
+
+    def prefill_local(self, items: list[tuple[int, list[int], int]]) -> list[tuple[int, int | None, bool]]:
+        """Colocated: allocate, run the prompts through the model into our own cache, and start decoding them.
+        A prompt that does not fit ends with its error event; the others run."""
+        events, batch = [], []
+        bs = self.cache.block_size
+        for seq_id, prompt, max_tokens in items:
+            with self.lock:
+                try:
+                    blocks = self.cache.allocator.allocate(blocks_for(len(prompt) + max_tokens, bs))
+                except KvxferError as e:
+                    events.append((seq_id, None, True))
+                    self.seqs[seq_id] = Sequence(seq_id, len(prompt), max_tokens, [], local=True,
+                                                 state=SeqState.FAILED, error=str(e))
+                    continue
+                seq = self.seqs[seq_id] = Sequence(seq_id, len(prompt), max_tokens, blocks, local=True)
+            batch.append((seq, prompt))
+        if batch:
+            logits = self.model.prefill([torch.tensor(p) for _, p in batch],
+                                        [torch.tensor(s.blocks) for s, _ in batch], self.cache)
+            for (seq, _), token in zip(batch, logits.argmax(-1).tolist()):
+                seq.tokens.append(token)
+                seq.state = SeqState.RUNNING
+                events.append(self._emit(seq, token))
+        return events
 
     def set_first_token(self, seq_id: int, token: int) -> None:
-        self.seqs[seq_id].tokens.append(int(token))
-
-    def cancel(self, seq_id: int, why: str = "cancelled") -> None:
         seq = self.seqs.get(seq_id)
-        if seq and seq.state in ("waiting", "running"):
-            self._end(seq, "failed", why)
+        if seq is not None and not seq.tokens:
+            seq.tokens.append(int(token))
 
-    def step(self) -> list[tuple[int, int | None, bool]]:
+    # ---- ending -------------------------------------------------------------------------------------------
+    def cancel(self, seq_id: int, why: str = "cancelled") -> bool:
+        """End a live sequence with `why`. Returns False if it had already ended (or never existed)."""
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.state not in (SeqState.WAITING, SeqState.RUNNING):
+            return False
+        self._end(seq, SeqState.FAILED, why)
+        return True
+
+    def sender_done(self, seq_id: int) -> None:
+        """The sender's transfer for seq_id ended (done, failed or never started): its blocks may be reused."""
+        with self.lock:
+            seq = self.seqs.get(seq_id) or self._quarantine.get(seq_id)
+            if seq is not None:
+                seq.sender_done = True
         self._release_quarantine()
-        events = self._admit_arrived()
-        running = [s for s in self.seqs.values() if s.state == "running"]
+
+    def _end(self, seq: Sequence, state: SeqState, error: str | None = None) -> None:
+        seq.state, seq.error = state, error
+        with self.lock:
+            if self._writes_over(seq):
+                self.cache.allocator.free(seq.blocks)
+                seq.blocks = []
+            else:
+                self._quarantine[seq.seq_id] = seq
+
+    @staticmethod
+    def _writes_over(seq: Sequence) -> bool:
+        r = seq.recv
+        return seq.local or seq.sender_done or (r is not None and (r.done or isinstance(r.error, PeerLost)))
+
+    def _release_quarantine(self) -> None:
+        with self.lock:
+            for seq_id, seq in list(self._quarantine.items()):
+                if self._writes_over(seq):
+                    self.cache.allocator.free(seq.blocks)
+                    seq.blocks = []
+                    del self._quarantine[seq_id]
+
+    # ---- stepping -----------------------------------------------------------------------------------------
+    def step(self) -> list[tuple[int, int | None, bool]]:
+        """Join arrived sequences, then one decode step for the running batch."""
+        self._release_quarantine()
+        with self.lock:
+            seqs = list(self.seqs.values())
+        events = self._join_arrived(seqs)
+        running = [s for s in seqs if s.state is SeqState.RUNNING]
         if running:
             tokens = torch.tensor([s.tokens[-1] for s in running])
             positions = torch.tensor([s.prompt_len + len(s.tokens) - 1 for s in running])
@@ -73,53 +181,32 @@ class DecodeWorker:
             nxt = self.model.decode(tokens, positions, tables, self.cache).argmax(-1).tolist()
             for s, t in zip(running, nxt):
                 s.tokens.append(t)
-                done = self._is_done(s)
-                if done:
-                    self._end(s, "finished")
-                events.append((s.seq_id, t, done))
+                events.append(self._emit(s, t))
         return events
 
-    def _admit_arrived(self) -> list[tuple[int, int | None, bool]]:
+    def _join_arrived(self, seqs: list[Sequence]) -> list[tuple[int, int | None, bool]]:
         events = []
-        for s in self.seqs.values():
-            if s.state != "waiting":
+        for s in seqs:
+            if s.state is not SeqState.WAITING or s.recv is None:
                 continue
             err = s.recv.error
             if err is not None:  # checked before the first token: a prefill that died never sends one
-                self._end(s, "failed", f"KV transfer failed: {type(err).__name__}: {err}")
+                self._end(s, SeqState.FAILED, f"KV transfer failed: {type(err).__name__}: {err}")
                 events.append((s.seq_id, None, True))
             elif s.recv.done and s.tokens:
-                s.state = "running"
-                done = self._is_done(s)
-                events.append((s.seq_id, s.tokens[0], done))
-                if done:
-                    self._end(s, "finished")
+                s.state = SeqState.RUNNING
+                events.append(self._emit(s, s.tokens[0]))
         return events
 
-    def _is_done(self, seq: Sequence) -> bool:
-        return len(seq.tokens) >= seq.max_tokens or seq.tokens[-1] == self.eos_id
-
-    def _end(self, seq: Sequence, state: str, error: str | None = None) -> None:
-        seq.state, seq.error = state, error
-        if seq.recv is not None and not seq.recv.done and seq.recv.error is None:
-            # Cancelled while its KV may still be arriving: a late write must not land in a block that was handed
-            # to another request, so the blocks wait until the transfer ends (done, failed or timed out).
-            self._quarantine.append((seq.recv, seq.blocks))
-        else:
-            self.cache.allocator.free(seq.blocks)
-        seq.blocks = []
-
-    def _release_quarantine(self) -> None:
-        keep = []
-        for recv, blocks in self._quarantine:
-            if recv.done or recv.error is not None:
-                self.cache.allocator.free(blocks)
-            else:
-                keep.append((recv, blocks))
-        self._quarantine = keep
+    def _emit(self, seq: Sequence, token: int) -> tuple[int, int, bool]:
+        done = len(seq.tokens) >= seq.max_tokens or token == self.eos_id
+        if done:
+            self._end(seq, SeqState.FINISHED)
+        return seq.seq_id, token, done
 
     def pop_finished(self) -> list[Sequence]:
-        done = [s for s in self.seqs.values() if s.state in ("finished", "failed")]
-        for s in done:
-            del self.seqs[s.seq_id]
+        with self.lock:
+            done = [s for s in self.seqs.values() if s.state in (SeqState.FINISHED, SeqState.FAILED)]
+            for s in done:
+                del self.seqs[s.seq_id]
         return done

@@ -13,7 +13,8 @@ class RequestTiming:
     last_token: float | None = None
     tokens: int = 0
     kv_bytes: int = 0
-    kv_exposed_s: float = 0.0
+    kv_exposed_s: float = 0.0  # KV transfer time not hidden behind prefill (0 when the KV was in place first)
+    kv_error: str | None = None  # the prefill side's send failed: why
     error: str | None = None
 
     @property

@@ -1,10 +1,15 @@
 """Worker nodes, each a process that connects to the router over a bootstrap channel (JSON frames).
 
-    prefill   : PrefillWorker; {"cmd": "prefill", "jobs": [...]} -> {"ok", "first_tokens", "stats"}
-    decode    : DecodeWorker; {"cmd": "admit"} -> {"type": "admitted", "dst_blocks"}; {"cmd": "first_token"};
-                {"cmd": "cancel"}; streams {"type": "token", "id", "token", "finished", "error"}
-    colocated : prefill and decode in one process with continuous batching (the baseline);
+    prefill   : PrefillWorker; {"cmd": "prefill", "jobs": [...]} -> {"type": "first", "first_tokens"} as soon as
+                they exist, then {"type": "kv", per-request exposed_s / errors / bytes} once every send ended
+    decode    : DecodeWorker; {"cmd": "admit", "reqs": [...]} -> {"type": "admitted", "reqs": [{"id",
+                "dst_blocks" | "error"}]}; {"cmd": "expect", "ids"} opens the recvs just before their prefill
+                (both answered on the reader thread, never behind a decode step);
+                {"cmd": "first_token", "items": [[id, token], ...]}; {"cmd": "cancel", "id", "sender_done"};
+                {"cmd": "sender_done", "ids"}; streams {"type": "token", "id", "token", "finished", "error"}
+    colocated : the same DecodeWorker, prompts prefilled in process between decode steps (the baseline);
                 {"cmd": "submit", "id", "prompt", "max_tokens"}; streams tokens like decode
+Every node reports {"type": "blocks", "free_blocks", "num_blocks"} when its free block count changed.
 
 Every node first sends {"role": ...}. prefill and decode then exchange kvxfer metadata through the router, which
 relays the bytes. `python -m kvxfer.engine.node ROLE --connect HOST:PORT [--model small|DIR] [--threads N]`.
@@ -18,25 +23,84 @@ import threading
 
 import torch
 
-from kvxfer.engine.decode import DecodeWorker
-from kvxfer.engine.kv_cache import blocks_for
+from kvxfer.engine.decode import DecodeWorker, SeqState
 from kvxfer.errors import KvxferError, PeerLost
 
 
-def _reader(ch, inbox: queue.Queue) -> None:
+class _Link:
+    """The node's channel to the router: sends from two threads (the reader admits) go out whole."""
+
+    def __init__(self, ch):
+        self.ch, self._lock = ch, threading.Lock()
+
+    def send(self, obj) -> None:
+        with self._lock:
+            self.ch.send_json(obj)
+
+
+def _reader(ch, inbox: queue.Queue, handle=None) -> None:
+    """Read the router's commands into `inbox`; handle(msg) may answer one on this thread (returns True)."""
     try:
         while True:
-            inbox.put(ch.recv_json(timeout_s=24 * 3600))
+            msg = ch.recv_json(timeout_s=24 * 3600)
+            if handle is None or not handle(msg):
+                inbox.put(msg)
     except KvxferError as e:  # the router went away: end the node
         inbox.put({"cmd": "bye", "reason": str(e)})
 
 
-def _send_events(ch, worker, events) -> None:
-    for seq_id, token, finished in events:
-        seq = worker.seqs.get(seq_id)
-        ch.send_json({"type": "token", "id": seq_id, "token": token, "finished": finished,
-                      "error": seq.error if seq and token is None else None})
-    worker.pop_finished()
+def _serve(link: _Link, worker: DecodeWorker, inbox: queue.Queue, on_msgs) -> None:
+    """The stepping loop shared by decode and colocated nodes: commands, one step, events, block counts."""
+    reported = None
+    while True:
+        msgs = []
+        while not inbox.empty():
+            msgs.append(inbox.get())
+        if any(m.get("cmd") == "bye" for m in msgs):
+            return
+        events, rest = [], []
+        for m in msgs:
+            if m.get("cmd") == "cancel":
+                if worker.cancel(m["id"], m.get("reason", "cancelled")):
+                    events.append((m["id"], None, True))
+                if m.get("sender_done"):
+                    worker.sender_done(m["id"])
+            elif m.get("cmd") == "sender_done":
+                for i in m["ids"]:
+                    worker.sender_done(i)
+            else:
+                rest.append(m)
+        events += on_msgs(rest)
+        events += worker.step()  # also frees quarantined blocks whose transfer ended
+        for seq_id, token, finished in events:
+            seq = worker.seqs.get(seq_id)
+            link.send({"type": "token", "id": seq_id, "token": token, "finished": finished,
+                       "error": seq.error if seq and token is None else None})
+        worker.pop_finished()
+        free = worker.num_free_blocks
+        if free != reported:
+            link.send({"type": "blocks", "free_blocks": free, "num_blocks": worker.cache.num_blocks})
+            reported = free
+        if not msgs and not events:
+            _idle(worker, inbox)
+
+
+def _idle(worker: DecodeWorker, inbox: queue.Queue) -> None:
+    """Nothing to step: sleep until a command comes, or (GIL released) until a sequence's KV lands."""
+    seqs = list(worker.seqs.values())
+    if any(s.state is SeqState.RUNNING for s in seqs):
+        return
+    ready = [s for s in seqs if s.state is SeqState.WAITING and s.tokens and s.recv is not None]
+    if ready:
+        try:
+            ready[0].recv.wait(timeout_s=0.005)
+        except KvxferError:
+            pass  # failed or not yet: the next step() reports or retries
+        return
+    try:
+        inbox.put(inbox.get(timeout=0.05))
+    except queue.Empty:
+        pass
 
 
 def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, interface, timeout_s: float) -> None:
@@ -46,98 +110,59 @@ def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, inte
     worker = DecodeWorker(model, num_blocks, block_size, agent, timeout_s=timeout_s)
     ch.send_json({"role": "decode"})
     peer = agent.add_peer(ch.exchange(agent.metadata(), timeout_s=120))
-    agent.wait_connected(peer, timeout_s)
-    inbox: queue.Queue = queue.Queue()
-    threading.Thread(target=_reader, args=(ch, inbox), daemon=True).start()
-    while True:
-        while not inbox.empty():
-            msg = inbox.get()
-            cmd = msg.get("cmd")
-            if cmd == "bye":
-                return
-            if cmd == "admit":
+    agent.wait_connected(peer, max(timeout_s, 30.0))
+    link = _Link(ch)
+
+    def admit(msg) -> bool:  # on the reader thread: admits and recvs never wait for a decode step
+        if msg.get("cmd") == "expect":
+            for seq_id in msg["ids"]:
                 try:
-                    dst = worker.admit(msg["id"], msg["prompt_len"], msg["max_tokens"], peer)
-                    ch.send_json({"type": "admitted", "id": msg["id"], "dst_blocks": dst})
-                except KvxferError as e:
-                    ch.send_json({"type": "admitted", "id": msg["id"], "error": f"{type(e).__name__}: {e}"})
-            elif cmd == "first_token":
-                worker.set_first_token(msg["id"], msg["token"])
-            elif cmd == "cancel":
-                worker.cancel(msg["id"], msg.get("reason", "cancelled"))
-                _send_events(ch, worker, [(msg["id"], None, True)])
-        if worker.seqs:
-            _send_events(ch, worker, worker.step())
-        else:
+                    worker.expect(seq_id, peer)
+                except KvxferError as e:  # the step loop reports it: the seq's recv stays None, so fail it here
+                    inbox.put({"cmd": "cancel", "id": seq_id, "reason": f"{type(e).__name__}: {e}"})
+            return True
+        if msg.get("cmd") != "admit":
+            return False
+        out = []
+        for r in msg["reqs"]:
             try:
-                inbox.put(inbox.get(timeout=0.05))
-            except queue.Empty:
-                pass
+                out.append({"id": r["id"], "dst_blocks": worker.admit(r["id"], r["prompt_len"], r["max_tokens"])})
+            except KvxferError as e:
+                out.append({"id": r["id"], "error": f"{type(e).__name__}: {e}"})
+        link.send({"type": "admitted", "reqs": out})
+        return True
+
+    def on_msgs(msgs) -> list:
+        for m in msgs:
+            if m.get("cmd") == "first_token":
+                for seq_id, token in m["items"]:
+                    worker.set_first_token(seq_id, token)
+        return []
+
+    inbox: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(ch, inbox, admit), daemon=True).start()
+    _serve(link, worker, inbox, on_msgs)
 
 
-def run_prefill(ch, model, num_blocks: int, block_size: int, transport: str, interface, timeout_s: float) -> None:
+def run_prefill(ch, model, num_blocks: int, block_size: int, transport: str, interface, timeout_s: float,
+                layer_delay_s: float = 0.0) -> None:
     from kvxfer.engine import prefill
 
     ch.send_json({"role": "prefill"})
-    prefill.serve(ch, model, num_blocks, block_size, transport, interface, timeout_s)
+    prefill.serve(ch, model, num_blocks, block_size, transport, interface, timeout_s, layer_delay_s)
 
 
-def run_colocated(ch, model, num_blocks: int, block_size: int, timeout_s: float, max_batch_tokens: int = 8192) -> None:
-    """Continuous batching in one process: new prompts are prefilled between decode steps, stalling them."""
-    cache = model.new_cache(num_blocks, block_size)
+def run_colocated(ch, model, num_blocks: int, block_size: int, timeout_s: float) -> None:
+    """The baseline: the same DecodeWorker, its prompts prefilled locally between decode steps (stalling them)."""
+    worker = DecodeWorker(model, num_blocks, block_size, timeout_s=timeout_s)
     ch.send_json({"role": "colocated"})
+
+    def on_msgs(msgs) -> list:  # every prompt that arrived since the last step, in one prefill
+        return worker.prefill_local([(m["id"], m["prompt"], m["max_tokens"]) for m in msgs if m.get("cmd") == "submit"])
+
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(ch, inbox), daemon=True).start()
-    seqs: dict[int, dict] = {}
-    while True:
-        new = []
-        while not inbox.empty():
-            msg = inbox.get()
-            if msg.get("cmd") == "bye":
-                return
-            if msg.get("cmd") == "submit":
-                new.append(msg)
-            elif msg.get("cmd") == "cancel" and msg["id"] in seqs:
-                cache.allocator.free(seqs.pop(msg["id"])["blocks"])
-                ch.send_json({"type": "token", "id": msg["id"], "token": None, "finished": True,
-                              "error": msg.get("reason", "cancelled")})
-        batch, tokens = [], 0
-        for msg in new:
-            try:
-                blocks = cache.allocator.allocate(blocks_for(len(msg["prompt"]) + msg["max_tokens"], block_size))
-            except KvxferError as e:
-                ch.send_json({"type": "token", "id": msg["id"], "token": None, "finished": True, "error": str(e)})
-                continue
-            seqs[msg["id"]] = {"prompt_len": len(msg["prompt"]), "max": msg["max_tokens"], "blocks": blocks, "out": []}
-            batch.append(msg)
-            tokens += len(msg["prompt"])
-        if batch:
-            logits = model.prefill([torch.tensor(m["prompt"]) for m in batch],
-                                   [torch.tensor(seqs[m["id"]]["blocks"]) for m in batch], cache)
-            for m, t in zip(batch, logits.argmax(-1).tolist()):
-                _colocated_token(ch, cache, seqs, m["id"], t)
-        running = [i for i, s in seqs.items() if s["out"]]
-        if running:
-            toks = torch.tensor([seqs[i]["out"][-1] for i in running])
-            pos = torch.tensor([seqs[i]["prompt_len"] + len(seqs[i]["out"]) - 1 for i in running])
-            nxt = model.decode(toks, pos, [torch.tensor(seqs[i]["blocks"]) for i in running], cache).argmax(-1)
-            for i, t in zip(running, nxt.tolist()):
-                _colocated_token(ch, cache, seqs, i, t)
-        elif not batch:
-            try:
-                inbox.put(inbox.get(timeout=0.05))
-            except queue.Empty:
-                pass
-
-
-def _colocated_token(ch, cache, seqs, seq_id, token) -> None:
-    s = seqs[seq_id]
-    s["out"].append(token)
-    done = len(s["out"]) >= s["max"]
-    ch.send_json({"type": "token", "id": seq_id, "token": token, "finished": done, "error": None})
-    if done:
-        cache.allocator.free(s["blocks"])
-        del seqs[seq_id]
+    _serve(_Link(ch), worker, inbox, on_msgs)
 
 
 def main(argv=None) -> int:
@@ -155,15 +180,17 @@ def main(argv=None) -> int:
     ap.add_argument("--iface")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for this node")
     ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--layer-delay-ms", type=float, default=0.0,
+                    help="prefill: sleep after each layer (emulates a bigger model; tests widen a transfer with it)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = LlamaModel.random(PRESETS[a.model], a.seed) if a.model in PRESETS else LlamaModel.from_pretrained(a.model)
     host, port = bootstrap.parse_hostport(a.connect)
-    ch = bootstrap.connect(host, port, a.timeout)
+    ch = bootstrap.connect(host, port, max(a.timeout, 30.0))
     iface = a.iface or bootstrap.default_interface(host)
     try:
         if a.role == "prefill":
-            run_prefill(ch, model, a.num_blocks, a.block_size, a.transport, iface, a.timeout)
+            run_prefill(ch, model, a.num_blocks, a.block_size, a.transport, iface, a.timeout, a.layer_delay_ms / 1000)
         elif a.role == "decode":
             run_decode(ch, model, a.num_blocks, a.block_size, a.transport, iface, a.timeout)
         else:

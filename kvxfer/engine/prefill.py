@@ -2,14 +2,18 @@
 layer by layer, while the following layers compute.
 
     worker = PrefillWorker(model, num_blocks, agent=agent)
-    first_tokens, stats = worker.run(jobs, decode_peer)     # jobs: PrefillJob(xfer_id, prompt ids, dst block ids)
+    batch = worker.compute(jobs, decode_peer)   # jobs: PrefillJob(xfer_id, prompt ids, dst block ids)
+    ... batch.first_tokens exist now: stream them ...
+    stats = worker.finish(batch)                # waits for the sends, frees the local blocks
 
 After layer l of the whole batch is in the local cache, every request's send marks layer l ready (a C++ call that
-returns in microseconds); kvxfer posts those writes while layer l+1 computes. Local blocks are freed only once a
-send is DONE (the decode side counted every byte), so no write can still read them.
+returns in microseconds); kvxfer posts those writes while layer l+1 computes. The first tokens leave as soon as
+the compute ends; only then does the worker wait for the sends. Local blocks are freed only once a send ended
+(DONE: the decode side counted every byte), so no write can still read them.
 
-If the batch fails, its unfinished sends are aborted (the decode side's recvs fail at once). Writes posted before
-the abort may still be in flight when the blocks are freed: kvxfer has no drain handshake yet (see README).
+If the batch fails, or a send does not end within timeout_s, its unfinished sends are aborted (the decode side's
+recvs fail at once). Writes posted before the abort may still be in flight when the blocks are freed: kvxfer has no
+drain handshake yet (see README); the decode side holds such blocks until the router relays that the send ended.
 
 serve() answers jobs from the router over a bootstrap channel (the node process: kvxfer/engine/node.py).
 """
@@ -33,13 +37,22 @@ class PrefillJob:
 
 
 class PrefillWorker:
-    def __init__(self, model, num_blocks: int, block_size: int = 16, agent=None, timeout_s: float = 30.0):
-        self.model, self.agent, self.timeout_s = model, agent, timeout_s
+    def __init__(self, model, num_blocks: int, block_size: int = 16, agent=None, timeout_s: float = 30.0,
+                 layer_delay_s: float = 0.0):
+        self.model, self.agent, self.timeout_s, self.layer_delay_s = model, agent, timeout_s, layer_delay_s
         self.cache = model.new_cache(num_blocks, block_size)
         if agent is not None:
             self.pool = agent.register_pool(self.cache.layers, self.cache.layout(), name="kv")
 
     def run(self, jobs: list[PrefillJob], peer) -> tuple[list[int], dict]:
+        """compute() then finish(): first tokens and the transfer stats, once every send ended."""
+        batch = self.compute(jobs, peer)
+        return batch.first_tokens, self.finish(batch)
+
+    def compute(self, jobs: list[PrefillJob], peer, on_layer=None) -> "Batch":
+        """Prefill the batch, marking each layer ready on every send as soon as it is in the cache. Returns when
+        the first tokens exist; the sends may still be moving the last layers (finish() waits for them).
+        on_layer(l), if given, runs after layer l was marked (tests use it to inject faults at a known point)."""
         bs = self.cache.block_size
         tables = [self.cache.allocator.allocate(blocks_for(len(j.prompt), bs)) for j in jobs]
         sends = []
@@ -49,39 +62,86 @@ class PrefillWorker:
                     raise KvxferError(f"request {job.xfer_id}: {len(job.prompt)} prompt tokens need {len(table)} "
                                       f"blocks, the decode side gave {len(job.dst_blocks)}")
                 sends.append(self.agent.send(peer, job.xfer_id, table, job.dst_blocks, timeout_s=self.timeout_s))
+
+            def layer_done(layer: int) -> None:
+                for s in sends:
+                    s.layer_ready(layer)
+                if on_layer is not None:
+                    on_layer(layer)
+                if self.layer_delay_s:
+                    time.sleep(self.layer_delay_s)
+
             t0 = time.perf_counter()
             logits = self.model.prefill([torch.tensor(j.prompt) for j in jobs], [torch.tensor(t) for t in tables],
-                                        self.cache, on_layer=lambda layer: [s.layer_ready(layer) for s in sends])
-            t_compute = time.perf_counter() - t0
-            for s in sends:
-                s.wait(timeout_s=self.timeout_s)
-            t_exposed = time.perf_counter() - t0 - t_compute
-        finally:
-            for s in sends:
-                s.abort("the prefill batch failed")  # no-op for sends that completed
-            for table in tables:
-                self.cache.allocator.free(table)
-        stats = {"compute_s": t_compute, "exposed_s": t_exposed, "kv_bytes": sum(s.nbytes for s in sends),
-                 "kv_bytes_each": [s.nbytes for s in sends]}
-        return logits.argmax(-1).tolist(), stats
+                                        self.cache, on_layer=layer_done)
+            t_end = time.perf_counter()
+        except BaseException:
+            self._release(sends, tables, "the prefill batch failed")
+            raise
+        return Batch(jobs, sends, tables, logits.argmax(-1).tolist(), t_end - t0, t_end)
+
+    def finish(self, batch: "Batch") -> dict:
+        """Wait for every send to end, then free the local blocks. Per request: KV bytes, and the KV time not hidden
+        behind prefill: from the end of the batch's compute (the first token exists) to the send being DONE — an
+        upper bound, DONE needs the decode side's confirmation to come back. A failed send reports its error."""
+        exposed, errors = [], []
+        deadline = batch.t_end + self.timeout_s
+        for s in batch.sends:  # in posting order: later sends are usually done by the time earlier ones are
+            try:
+                s.wait(timeout_s=max(0.0, deadline - time.perf_counter()))
+                exposed.append(max(0.0, time.perf_counter() - batch.t_end))
+                errors.append(None)
+            except KvxferError as e:
+                exposed.append(None)
+                errors.append(f"{type(e).__name__}: {e}")
+        self._release(batch.sends, batch.tables, "the prefill side gave up waiting for this send")
+        return {"compute_s": batch.compute_s, "exposed_s": exposed, "errors": errors,
+                "kv_bytes_each": [s.nbytes for s in batch.sends], "kv_bytes": sum(s.nbytes for s in batch.sends)}
+
+    def _release(self, sends, tables, reason: str) -> None:
+        for s in sends:
+            s.abort(reason)  # no-op for sends that ended
+        for table in tables:
+            self.cache.allocator.free(table)
 
 
-def serve(ch, model, num_blocks: int, block_size: int, transport: str, interface: str | None, timeout_s: float):
-    """Answer {"cmd": "prefill", "jobs": [...]} with first tokens, until {"cmd": "bye"} or the channel closes."""
+@dataclass
+class Batch:
+    jobs: list[PrefillJob]
+    sends: list
+    tables: list[list[int]]  # local block ids per job
+    first_tokens: list[int]
+    compute_s: float
+    t_end: float  # perf_counter() when the compute ended
+
+
+def serve(ch, model, num_blocks: int, block_size: int, transport: str, interface: str | None, timeout_s: float,
+          layer_delay_s: float = 0.0):
+    """Answer {"cmd": "prefill", "jobs": [...]} with {"type": "first", ...} as soon as the first tokens exist, then
+    {"type": "kv", ...} once every send ended; until {"cmd": "bye"} or the channel closes."""
     import kvxfer
 
     agent = kvxfer.Agent(f"prefill-{os.getpid()}", transport=transport, interface=interface, timeout_s=timeout_s)
-    worker = PrefillWorker(model, num_blocks, block_size, agent, timeout_s)
+    worker = PrefillWorker(model, num_blocks, block_size, agent, timeout_s, layer_delay_s)
     peer = agent.add_peer(ch.exchange(agent.metadata()))
-    agent.wait_connected(peer, timeout_s)
+    agent.wait_connected(peer, max(timeout_s, 30.0))
+    blocks = {"free_blocks": num_blocks, "num_blocks": num_blocks}
+    ch.send_json({"type": "blocks", **blocks})
     while True:
-        msg = ch.recv_json(timeout_s=3600)
+        msg = ch.recv_json(timeout_s=24 * 3600)
         if msg.get("cmd") == "bye":
             ch.send_json({"ok": True})
             return
         jobs = [PrefillJob(j["xfer_id"], j["prompt"], j["dst_blocks"]) for j in msg["jobs"]]
         try:
-            first, stats = worker.run(jobs, peer)
-            ch.send_json({"ok": True, "first_tokens": first, "stats": stats})
+            batch = worker.compute(jobs, peer)
         except KvxferError as e:
-            ch.send_json({"ok": False, "error": f"{type(e).__name__}: {e}"})
+            blocks["free_blocks"] = worker.cache.allocator.num_free
+            ch.send_json({"type": "first", "ok": False, "error": f"{type(e).__name__}: {e}", **blocks})
+            continue
+        blocks["free_blocks"] = worker.cache.allocator.num_free
+        ch.send_json({"type": "first", "ok": True, "first_tokens": batch.first_tokens, "compute_s": batch.compute_s,
+                      **blocks})
+        stats = worker.finish(batch)
+        blocks["free_blocks"] = worker.cache.allocator.num_free
+        ch.send_json({"type": "kv", **stats, **blocks})

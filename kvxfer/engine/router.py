@@ -13,6 +13,7 @@ the router starts them itself on this machine.
 from __future__ import annotations
 
 import argparse
+import enum
 import itertools
 import json
 import queue
@@ -25,18 +26,33 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from kvxfer import bootstrap
 from kvxfer.engine.metrics import Registry, RequestTiming
 from kvxfer.engine.tokenizer import ByteTokenizer
-from kvxfer.errors import KvxferError
+from kvxfer.errors import KvxferError, MetadataError
 
 MAX_BATCH_REQUESTS, MAX_BATCH_TOKENS = 8, 4096
+
+
+class Phase(enum.Enum):
+    ADMITTING = "admitting"  # waiting for the decode node's blocks
+    QUEUED = "queued"        # blocks known; waiting for a prefill batch
+    PREFILL = "prefill"      # in a prefill batch: its KV is moving
+    DECODE = "decode"        # first token streamed; the decode node has it (or, colocated, the one node)
 
 
 class Request:
     def __init__(self, rid: int, prompt: list[int], max_tokens: int):
         self.id, self.prompt, self.max_tokens = rid, prompt, max_tokens
-        self.events: queue.Queue = queue.Queue()  # (token | None, finished, error)
+        self.events: queue.Queue = queue.Queue()  # (token | None, finished, error | None, http_status)
         self.timing = RequestTiming(arrival=time.perf_counter())
+        self.phase = Phase.ADMITTING
+        self.dst_blocks: list[int] = []
         self.skip_decode_first = False
+        self.cancelled = False  # cancelled before its prefill: no batch may take it any more
         self.done = False
+
+
+def error_status(error: str) -> int:
+    """HTTP status for a failed request: 504 when a transfer or a node timed out, else 503 (a node failed)."""
+    return 504 if "TransferTimeout" in error or "timed out" in error else 503
 
 
 class Router:
@@ -46,10 +62,12 @@ class Router:
         self.requests: dict[int, Request] = {}
         self.finished: list[Request] = []
         self.registry = Registry()
+        self.node_blocks: dict[str, dict] = {}  # role -> {"free_blocks", "num_blocks"}, as the node last reported
         self._ids = itertools.count(1)
+        self._to_admit: queue.Queue = queue.Queue()
         self._waiting: queue.Queue = queue.Queue()
-        self._admitted: dict[int, queue.Queue] = {}
         self._lock = threading.Lock()
+        self._send_locks = {role: threading.Lock() for role in ("prefill", "decode", "colocated")}
         self.healthy, self.unhealthy_reason = False, "nodes not connected yet"
 
     # ---- nodes ----------------------------------------------------------------------------------------
@@ -57,8 +75,8 @@ class Router:
         want = {"prefill", "decode"} if self.mode == "disagg" else {"colocated"}
         self.nodes: dict[str, bootstrap.Channel] = {}
         while set(self.nodes) != want:
-            ch = lst.accept(timeout_s=120)
-            role = ch.recv_json(timeout_s=self.timeout_s).get("role")
+            ch = lst.accept(timeout_s=600)
+            role = ch.recv_json(timeout_s=max(self.timeout_s, 60.0)).get("role")
             if role not in want or role in self.nodes:
                 ch.close()
                 continue
@@ -68,17 +86,16 @@ class Router:
             md_d = self.nodes["decode"].recv(timeout_s=120)
             self.nodes["prefill"].send(md_d)
             self.nodes["decode"].send(md_p)
+            self.node_blocks["prefill"] = self._recv_prefill("blocks", 120)
             threading.Thread(target=self._prefill_loop, daemon=True).start()
+            threading.Thread(target=self._admit_loop, daemon=True).start()
         stream_node = self.nodes["decode" if self.mode == "disagg" else "colocated"]
-        threading.Thread(target=self._token_reader, args=(stream_node,), daemon=True).start()
+        threading.Thread(target=self._node_reader, args=(stream_node,), daemon=True).start()
         self.healthy, self.unhealthy_reason = True, ""
 
     def close(self) -> None:
-        for ch in getattr(self, "nodes", {}).values():
-            try:
-                ch.send_json({"cmd": "bye"})
-            except KvxferError:
-                pass
+        for role in getattr(self, "nodes", {}):
+            self._send(role, {"cmd": "bye"})
 
     # ---- requests -------------------------------------------------------------------------------------
     def submit(self, prompt: list[int], max_tokens: int) -> Request:
@@ -89,19 +106,27 @@ class Router:
         if not self.healthy:
             self._fail(req, f"router unhealthy: {self.unhealthy_reason}")
         elif self.mode == "disagg":
-            self._waiting.put(req)
+            self._to_admit.put(req)
         else:
+            req.phase = Phase.DECODE
             self._send("colocated", {"cmd": "submit", "id": req.id, "prompt": prompt, "max_tokens": max_tokens}, req)
         return req
 
     def cancel(self, req: Request, reason: str) -> None:
-        if not req.done:
-            self._send("decode" if self.mode == "disagg" else "colocated",
-                       {"cmd": "cancel", "id": req.id, "reason": reason}, req)
+        with self._lock:
+            if req.done:
+                return
+            # Never handed to the prefill node (and now never will be): no write can come, so the decode node may
+            # free the blocks at once.
+            never_sent = req.phase in (Phase.ADMITTING, Phase.QUEUED)
+            req.cancelled = req.cancelled or never_sent
+        self._send("decode" if self.mode == "disagg" else "colocated",
+                   {"cmd": "cancel", "id": req.id, "reason": reason, "sender_done": never_sent}, req)
 
     def _send(self, role: str, msg: dict, req: Request | None = None) -> bool:
         try:
-            self.nodes[role].send_json(msg)
+            with self._send_locks[role]:
+                self.nodes[role].send_json(msg)
             return True
         except KvxferError as e:
             self._node_lost(role, e)
@@ -116,10 +141,13 @@ class Router:
         for r in live:
             self._fail(r, f"{role} node lost: {e}")
 
-    def _fail(self, req: Request, error: str) -> None:
-        req.timing.error = error
+    def _fail(self, req: Request, error: str, status: int | None = None) -> None:
+        with self._lock:
+            if req.done:
+                return
+            req.timing.error = error
         self._finish(req)
-        req.events.put((None, True, error))
+        req.events.put((None, True, error, status or error_status(error)))
 
     def _finish(self, req: Request) -> None:
         with self._lock:
@@ -142,31 +170,62 @@ class Router:
             self.registry.tokens += 1
         if finished:
             self._finish(req)
-        req.events.put((token, finished, None))
+        req.events.put((token, finished, None, 200))
 
-    def _token_reader(self, ch: bootstrap.Channel) -> None:
+    # ---- the decode (or colocated) node's stream --------------------------------------------------------
+    def _node_reader(self, ch: bootstrap.Channel) -> None:
         role = "decode" if self.mode == "disagg" else "colocated"
         try:
             while True:
                 msg = ch.recv_json(timeout_s=24 * 3600)
-                if msg.get("type") == "admitted":
-                    self._admitted.pop(msg["id"]).put(msg)
-                    continue
-                req = self.requests.get(msg["id"])
-                if req is None:
-                    continue
-                if msg["token"] is None:
-                    self._fail(req, msg.get("error") or "failed")
-                elif req.skip_decode_first:
-                    # The decode node's first event repeats the prefill's token, which was streamed already.
-                    req.skip_decode_first = False
-                    if msg["finished"]:
-                        self._finish(req)
-                        req.events.put((None, True, None))
-                else:
-                    self._token(req, msg["token"], msg["finished"])
+                kind = msg.get("type")
+                if kind == "admitted":
+                    self._admitted(msg["reqs"])
+                elif kind == "blocks":
+                    self.node_blocks[role] = {"free_blocks": msg["free_blocks"], "num_blocks": msg["num_blocks"]}
+                elif kind == "token":
+                    self._node_token(msg)
         except KvxferError as e:
             self._node_lost(role, e)
+
+    def _node_token(self, msg: dict) -> None:
+        req = self.requests.get(msg["id"])
+        if req is None:
+            return
+        if msg["token"] is None:
+            self._fail(req, msg.get("error") or "failed")
+        elif req.skip_decode_first:
+            # The decode node's first event repeats the prefill's token, which was streamed already.
+            req.skip_decode_first = False
+            if msg["finished"]:
+                self._finish(req)
+                req.events.put((None, True, None, 200))
+        else:
+            self._token(req, msg["token"], msg["finished"])
+
+    # ---- disaggregated flow: admit at arrival, prefill in batches ---------------------------------------
+    def _admit_loop(self) -> None:
+        """Every request is admitted at the decode node as it arrives (one message for all that arrived together),
+        so its blocks are known before its prefill batch forms: no round trip stands before the prefill."""
+        while True:
+            reqs = [self._to_admit.get()]
+            while not self._to_admit.empty():
+                reqs.append(self._to_admit.get())
+            self._send("decode", {"cmd": "admit", "reqs": [{"id": r.id, "prompt_len": len(r.prompt),
+                                                           "max_tokens": r.max_tokens} for r in reqs]})
+
+    def _admitted(self, replies: list[dict]) -> None:
+        for rep in replies:
+            req = self.requests.get(rep["id"])
+            if req is None or req.done or req.cancelled:  # nothing will be sent into its blocks
+                if "dst_blocks" in rep:
+                    self._send("decode", {"cmd": "cancel", "id": rep["id"], "reason": "cancelled",
+                                          "sender_done": True})
+            elif "error" in rep:
+                self._fail(req, f"decode node could not admit the request: {rep['error']}")
+            else:
+                req.dst_blocks, req.phase = rep["dst_blocks"], Phase.QUEUED
+                self._waiting.put(req)
 
     def _prefill_loop(self) -> None:
         while True:
@@ -184,42 +243,52 @@ class Router:
                 self._node_lost("prefill", e)
                 return
 
+    def _recv_prefill(self, kind: str, timeout_s: float) -> dict:
+        msg = self.nodes["prefill"].recv_json(timeout_s=timeout_s)
+        if msg.get("type") != kind:
+            raise MetadataError(f"prefill node sent {msg.get('type')!r} where {kind!r} was due")
+        if "free_blocks" in msg:
+            self.node_blocks["prefill"] = {"free_blocks": msg["free_blocks"], "num_blocks": msg["num_blocks"]}
+        return msg
+
     def _prefill_batch(self, batch: list[Request]) -> None:
-        jobs, admitted = [], []
-        for req in batch:
-            box: queue.Queue = queue.Queue()
-            self._admitted[req.id] = box
-            if not self._send("decode", {"cmd": "admit", "id": req.id, "prompt_len": len(req.prompt),
-                                         "max_tokens": req.max_tokens}, req):
-                continue
-            try:
-                reply = box.get(timeout=self.timeout_s)
-            except queue.Empty:
-                self._fail(req, "decode node did not admit the request in time")
-                continue
-            if reply.get("error"):
-                self._fail(req, reply["error"])
-                continue
-            jobs.append({"xfer_id": req.id, "prompt": req.prompt, "dst_blocks": reply["dst_blocks"]})
-            admitted.append(req)
-        if not jobs:
+        with self._lock:
+            batch = [r for r in batch if not r.done and not r.cancelled]
+            for r in batch:
+                r.phase = Phase.PREFILL
+        if not batch:
             return
-        ch = self.nodes["prefill"]
-        ch.send_json({"cmd": "prefill", "jobs": jobs})
-        reply = ch.recv_json(timeout_s=max(120.0, self.timeout_s))
-        if not reply.get("ok"):
-            for req in admitted:
-                self.cancel(req, reply.get("error", "prefill failed"))
-                self._fail(req, f"prefill failed: {reply.get('error')}")
+        ids = [r.id for r in batch]
+        self._send("decode", {"cmd": "expect", "ids": ids})  # opens the recvs; may arrive after the data, that's fine
+        self._send("prefill", {"cmd": "prefill", "jobs": [{"xfer_id": r.id, "prompt": r.prompt,
+                                                         "dst_blocks": r.dst_blocks} for r in batch]})
+        first = self._recv_prefill("first", max(600.0, self.timeout_s))
+        if not first["ok"]:
+            for req in batch:
+                req.timing.kv_error = first["error"]
+                self._fail(req, f"prefill failed: {first['error']}", 503)
+                self._send("decode", {"cmd": "cancel", "id": req.id, "reason": first["error"], "sender_done": True})
             return
-        stats = reply["stats"]
-        for req, token, nbytes in zip(admitted, reply["first_tokens"], stats["kv_bytes_each"]):
-            req.timing.kv_bytes, req.timing.kv_exposed_s = nbytes, stats["exposed_s"]
+        # The first tokens stream now; the last layers' KV may still be on the wire.
+        items = []
+        for req, token in zip(batch, first["first_tokens"]):
+            req.phase = Phase.DECODE
+            if not req.done:
+                req.skip_decode_first = True
+                self._token(req, token, False)  # decode ends the request, even at max_tokens == 1 (frees blocks)
+                items.append([req.id, token])
+        self._send("decode", {"cmd": "first_token", "items": items})
+        kv = self._recv_prefill("kv", self.timeout_s + 60)
+        for req, nbytes, exposed, err in zip(batch, kv["kv_bytes_each"], kv["exposed_s"], kv["errors"]):
+            req.timing.kv_bytes, req.timing.kv_exposed_s, req.timing.kv_error = nbytes, exposed or 0.0, err
             with self._lock:
                 self.registry.kv_bytes += nbytes
-            req.skip_decode_first = True
-            self._token(req, token, False)  # decode ends the request, even at max_tokens == 1 (frees its blocks)
-            self._send("decode", {"cmd": "first_token", "id": req.id, "token": token}, req)
+            if err:
+                why = f"KV transfer to the decode node failed: {err}"
+                self._fail(req, why)
+                self._send("decode", {"cmd": "cancel", "id": req.id, "reason": why})
+        # Every send of the batch ended: the decode node may reuse blocks it held back for them.
+        self._send("decode", {"cmd": "sender_done", "ids": ids})
 
 
 # ---- HTTP -------------------------------------------------------------------------------------------------
@@ -258,7 +327,9 @@ def make_handler(router: Router):
             elif self.path == "/stats":
                 with router._lock:
                     done = list(router.finished)
-                self._json(200, {"mode": router.mode, "requests": [vars(r.timing) | {"id": r.id} for r in done]})
+                    live = [{"id": r.id, "phase": r.phase.value} for r in router.requests.values()]
+                self._json(200, {"mode": router.mode, "requests": [vars(r.timing) | {"id": r.id} for r in done],
+                                 "inflight": live, "nodes": router.node_blocks})
             else:
                 self._error(404, f"no route {self.path}; try /v1/completions, /v1/models, /health, /metrics")
 
@@ -282,9 +353,9 @@ def make_handler(router: Router):
                 return self._stream(req, ids)
             out = []
             while True:
-                token, finished, error = req.events.get(timeout=300)
+                token, finished, error, status = req.events.get(timeout=900)
                 if error:
-                    return self._error(503, error, "server_error")
+                    return self._error(status, error, "server_error")
                 if token is not None:
                     out.append(token)
                 if finished:
@@ -309,11 +380,12 @@ def make_handler(router: Router):
             self.close_connection = True
             try:
                 while True:
-                    token, finished, error = req.events.get(timeout=300)
+                    token, finished, error, _ = req.events.get(timeout=900)
                     if error:
                         self._sse({"error": {"message": error, "type": "server_error"}})
                         break
-                    chunk = {"id": f"cmpl-{req.id}", "object": "text_completion", "model": router.model_name,
+                    chunk = {"id": f"cmpl-{req.id}", "object": "text_completion", "created": int(time.time()),
+                             "model": router.model_name,
                              "choices": [{"index": 0, "text": "" if token is None else router.tokenizer.decode([token]),
                                           "finish_reason": "length" if finished else None,
                                           "token_ids": [] if token is None else [token]}]}
@@ -332,16 +404,31 @@ def make_handler(router: Router):
     return Handler
 
 
+class HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 256  # the default 5 resets clients when many streams open at once on a busy machine
+    daemon_threads = True
+
+
 def spawn_nodes(mode: str, node_port: int, args) -> list[subprocess.Popen]:
     env = bootstrap.loopback_env()
     common = ["--connect", f"127.0.0.1:{node_port}", "--model", args.model, "--seed", str(args.seed),
               "--transport", args.transport, "--timeout", str(args.timeout)]
     if mode == "disagg":  # the same total CPU threads as the colocated node: one each
-        roles = [("prefill", args.threads // 2 or 1), ("decode", args.threads - args.threads // 2 or 1)]
+        roles = [("prefill", args.threads // 2 or 1, ["--layer-delay-ms", str(args.prefill_layer_delay_ms)]),
+                 ("decode", args.threads - args.threads // 2 or 1, [])]
     else:
-        roles = [("colocated", args.threads)]
-    return [subprocess.Popen([sys.executable, "-m", "kvxfer.engine.node", role, *common, "--threads", str(n)],
-                             env=env) for role, n in roles]
+        roles = [("colocated", args.threads, [])]
+    procs = [subprocess.Popen([sys.executable, "-m", "kvxfer.engine.node", role, *common, "--threads", str(n), *extra],
+                              env=env) for role, n, extra in roles]
+    reap(procs)
+    return procs
+
+
+def reap(procs: list[subprocess.Popen]) -> None:
+    """Wait for each child in the background: a node that died must not linger as a zombie, since its peer
+    tells a dead same-host process from a live one by its pid (a zombie still answers kill(pid, 0))."""
+    for p in procs:
+        threading.Thread(target=p.wait, daemon=True).start()
 
 
 def main(argv=None) -> int:
@@ -354,7 +441,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--transport", default="auto")
     ap.add_argument("--threads", type=int, default=2, help="total torch threads across the spawned nodes")
-    ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds a KV transfer may take (and node replies)")
+    ap.add_argument("--prefill-layer-delay-ms", type=float, default=0.0,
+                    help="spawned prefill node sleeps after each layer (emulates a bigger model; used by tests)")
     a = ap.parse_args(argv)
     router = Router(a.mode, f"kvxfer-{a.model}", a.timeout)
     lst = bootstrap.listen(*bootstrap.parse_hostport(a.nodes))
@@ -363,10 +452,10 @@ def main(argv=None) -> int:
         roles = ["prefill", "decode"] if a.mode == "disagg" else ["colocated"]
         print("router: spawned " + " ".join(f"{r}={p.pid}" for r, p in zip(roles, procs)), flush=True)
     if not a.spawn:
-        print(f"router: waiting for nodes on {lst.address[0]}:{lst.address[1]}", file=sys.stderr, flush=True)
+        print(f"router: nodes on {lst.address[0]}:{lst.address[1]}", flush=True)
     try:
         router.attach(lst)
-        server = ThreadingHTTPServer(bootstrap.parse_hostport(a.http), make_handler(router))
+        server = HTTPServer(bootstrap.parse_hostport(a.http), make_handler(router))
         host, port = server.server_address[:2]
         print(f"router: ready http://{host}:{port} mode={a.mode}", flush=True)
         server.serve_forever()

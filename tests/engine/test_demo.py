@@ -1,6 +1,7 @@
 """kvxfer-demo end to end in reduced size: both deployments serve the same workload and agree token for token."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,10 +12,10 @@ pytest.importorskip("torch", reason="torch not installed (scripts/setup.sh insta
 from kvxfer.engine import workload  # noqa: E402
 
 
-def test_demo_reduced_run(tmp_path):
+def run_demo(tmp_path, *flags):
     out = tmp_path / "demo.json"
     r = subprocess.run([sys.executable, "-m", "kvxfer.engine.demo", "--requests", "4", "--rate", "4", "--model", "tiny",
-                        "--json", str(out)], capture_output=True, text=True, timeout=300,
+                        "--json", str(out), *flags], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "FI_TCP_IFACE": "lo"})
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
@@ -26,6 +27,34 @@ def test_demo_reduced_run(tmp_path):
     assert doc["disagg"]["kv_bytes"] > 0 and doc["colocated"]["kv_bytes"] == 0
     assert 0 <= doc["disagg"]["kv_exposed_share"] < 1
     assert "greedy outputs identical in both deployments: True" in r.stdout
+    assert f"network: {doc['network']['kind']}" in r.stdout
+    return doc, r
+
+
+def test_demo_reduced_run_on_loopback(tmp_path):
+    doc, _ = run_demo(tmp_path, "--net", "loopback")
+    assert doc["network"]["kind"] == "loopback" and doc["disagg"]["transport"] == "kvxfer tcp (loopback)"
+
+
+def netns_names():
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="network namespaces need root and iproute2")
+def test_demo_reduced_run_across_two_network_namespaces(tmp_path):
+    """The KV crosses a veth pair between two namespaces; both are gone afterwards."""
+    before = netns_names()
+    doc, r = run_demo(tmp_path, "--net", "netns")
+    assert doc["network"]["kind"] == "netns" and "veth" in doc["network"]["detail"]
+    assert doc["disagg"]["transport"] == "kvxfer tcp (netns)"
+    left = {n.split()[0] for n in netns_names().splitlines() if n} - {n.split()[0] for n in before.splitlines() if n}
+    assert not left, f"namespaces left behind: {left}"
+
+
+def test_demo_refuses_a_role_without_its_router():
+    r = subprocess.run([sys.executable, "-m", "kvxfer.engine.demo", "--role", "decode"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "--role decode needs --connect" in r.stderr
 
 
 def test_workload_generator_and_replay(tmp_path):

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch", reason="torch not installed (scripts/setup.
 
 import kvxfer  # noqa: E402
 from kvxfer import bootstrap  # noqa: E402
-from kvxfer.engine.decode import DecodeWorker  # noqa: E402
+from kvxfer.engine.decode import DecodeWorker, SeqState  # noqa: E402
 from kvxfer.engine.kv_cache import blocks_for  # noqa: E402
 from kvxfer.engine.model import PRESETS, LlamaModel  # noqa: E402
 
@@ -62,6 +62,7 @@ def connect_decode(ch):
     worker = DecodeWorker(model, 256, BS, agent)
     peer = agent.add_peer(ch.exchange(agent.metadata()))
     agent.wait_connected(peer, 30)
+    assert ch.recv_json(timeout_s=30) == {"type": "blocks", "free_blocks": 256, "num_blocks": 256}
     return model, worker, peer
 
 
@@ -69,11 +70,14 @@ def prefill_batch(ch, worker, peer, batch):
     jobs = [{"xfer_id": i, "prompt": p, "dst_blocks": worker.admit(i, len(p), MAX_TOKENS, peer)}
             for i, p in enumerate(batch)]
     ch.send_json({"cmd": "prefill", "jobs": jobs})
-    reply = ch.recv_json(timeout_s=60)
-    assert reply["ok"], reply
-    for i, t in enumerate(reply["first_tokens"]):
+    first = ch.recv_json(timeout_s=60)
+    assert first["type"] == "first" and first["ok"], first
+    for i, t in enumerate(first["first_tokens"]):
         worker.set_first_token(i, t)
-    return reply["stats"]
+    kv = ch.recv_json(timeout_s=60)
+    assert kv["type"] == "kv" and kv["errors"] == [None] * len(batch), kv
+    assert kv["free_blocks"] == kv["num_blocks"] == 256  # the prefill side freed its blocks once the sends ended
+    return kv
 
 
 def run_to_end(worker):
@@ -82,7 +86,7 @@ def run_to_end(worker):
         for seq_id, token, finished in worker.step():
             assert token is not None, worker.seqs[seq_id].error
             out.setdefault(seq_id, []).append(token)
-        if all(s.state == "finished" for s in worker.seqs.values()):
+        if all(s.state is SeqState.FINISHED for s in worker.seqs.values()):
             return [out[i] for i in sorted(out)]
     raise AssertionError("decode did not finish")
 
@@ -127,5 +131,5 @@ def test_prefill_node_dying_fails_its_requests_and_frees_blocks(prefill_node):
         time.sleep(0.05)
     assert events == [(0, None, True)]
     seq = worker.pop_finished()[0]
-    assert seq.state == "failed" and "PeerLost" in seq.error, seq.error
+    assert seq.state is SeqState.FAILED and "PeerLost" in seq.error, seq.error
     assert worker.cache.allocator.num_free == 256

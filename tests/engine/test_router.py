@@ -5,61 +5,16 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 
 import pytest
 
 pytest.importorskip("torch", reason="torch not installed (scripts/setup.sh installs torch==2.13.0)")
 
+from tests.engine.server import Server  # noqa: E402
+
 PROMPTS = ["Hi", "The KV cache of every request moves from prefill to decode", "x" * 150, "disaggregation " * 5]
-
-
-class Server:
-    def __init__(self, mode):
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvxfer.engine.router", "--mode", mode, "--spawn",
-                                      "--http", "127.0.0.1:0", "--model", "tiny", "--transport", "tcp",
-                                      "--timeout", "20"], stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "FI_TCP_IFACE": "lo"})
-        self.pids = {}
-        for line in self.proc.stdout:
-            if line.startswith("router: spawned"):
-                self.pids = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
-            if line.startswith("router: ready"):
-                self.url = line.split()[2]
-                return
-        raise RuntimeError("router exited before it was ready")
-
-    def post(self, body, timeout=120):
-        req = urllib.request.Request(self.url + "/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def get(self, path):
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=30) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def close(self):
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        for pid in self.pids.values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +100,21 @@ def test_prefill_node_dying_fails_requests_with_503():
         assert s.get("/health")[0] == 503
     finally:
         s.close()
+
+
+def test_openai_client_package(disagg):
+    """The official `openai` client against the router: models, a completion, streaming, and a 400 it raises."""
+    openai = pytest.importorskip("openai", reason="the openai client package is not installed (scripts/setup.sh "
+                                                  "installs it when PyPI is reachable)")
+    client = openai.OpenAI(base_url=disagg.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == ["kvxfer-tiny"]
+    want = token_ids(disagg, PROMPTS[3], 6)
+    done = client.completions.create(model="kvxfer-tiny", prompt=PROMPTS[3], max_tokens=6)
+    assert done.model_extra["kvxfer"]["token_ids"] == want
+    assert done.usage.completion_tokens == 6 and done.choices[0].finish_reason == "length"
+    assert done.choices[0].text == bytes(t for t in want if t < 256).decode("utf-8", errors="replace")
+    chunks = list(client.completions.create(model="kvxfer-tiny", prompt=PROMPTS[3], max_tokens=6, stream=True))
+    assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == want
+    assert len(chunks) == 6 and chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="only greedy decoding"):
+        client.completions.create(model="kvxfer-tiny", prompt="x", max_tokens=2, temperature=0.7)
