@@ -8,7 +8,8 @@ from kvxfer.errors import KvxferError
 from kvxfer.layout import KVLayout
 from kvxfer.transfer import Recv, Send, TransferState
 from kvxfer.agent import Agent, Peer, Pool
+from kvxfer.signals import DeviceCounter, LayerSignal
 
 __version__ = "0.1.0"
 
-__all__ = ["Agent", "Peer", "Pool", "KVLayout", "Send", "Recv", "TransferState", "KvxferError", "errors", "__version__"]
+__all__ = ["Agent", "Peer", "Pool", "KVLayout", "Send", "Recv", "TransferState", "LayerSignal", "DeviceCounter", "KvxferError", "errors", "__version__"]

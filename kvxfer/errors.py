@@ -67,3 +67,8 @@ class TransportUnavailable(KvxferError):
 
 class Internal(KvxferError):
     """A kvxfer bug. Please report it with the message."""
+
+
+class SignalOverflow(KvxferError):
+    """LayerSignal.bind() found max_bindings forwards bound ahead of the device: the graph is not replaying, or a
+    forward does not record every layer once. Nothing was lost; bind again once the device catches up."""

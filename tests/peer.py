@@ -15,7 +15,7 @@ def serve(conn):
     from kvxfer import KVLayout
 
     agent = pool = None
-    peers, sends = {}, {}
+    peers, sends, extra = {}, {}, {}
     while True:
         cmd, args = conn.recv()
         try:
@@ -64,7 +64,11 @@ def serve(conn):
             elif cmd == "crash":
                 os._exit(17)
             else:
-                raise ValueError(cmd)
+                from tests import signal_peer  # LayerSignal commands (tests/test_layer_signal.py)
+
+                handled, result = signal_peer.handle(cmd, args, agent, peers, extra)
+                if not handled:
+                    raise ValueError(cmd)
             conn.send(("ok", result))
         except Exception as e:  # reply with the typed error; the test asserts on it
             conn.send(("err", type(e).__name__, str(e) + "\n" + traceback.format_exc(limit=2)))

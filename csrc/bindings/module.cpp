@@ -6,4 +6,5 @@ PYBIND11_MODULE(_C, m) {
   kvxfer::register_layout(m);
   kvxfer::register_agent(m);
   kvxfer::register_info(m);
+  kvxfer::register_signals(m);
 }

@@ -25,10 +25,33 @@ void TransferBase::notify() {
 
 void TransferBase::mark_layer_done(uint32_t layer) {
   const uint32_t i = layer - first_layer;
+  // The mirror is written before the flag, so whoever sees the layer done (wait(), layer_done()) also sees the
+  // mirror; and again after it, with a seq_cst fence matching set_mirror's, so that a mirror attached in between is
+  // not missed by both sides. The same value twice is harmless.
+  if (layer_flags_[i].load(std::memory_order_acquire) != 0) return;
+  if (const LayerMirror* m = mirror_.load(std::memory_order_acquire))
+    m->words[layer].store(m->value, std::memory_order_release);
   if (layer_flags_[i].exchange(1, std::memory_order_acq_rel) == 0) {
     layers_done_.fetch_add(1, std::memory_order_acq_rel);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (const LayerMirror* m = mirror_.load(std::memory_order_acquire))
+      m->words[layer].store(m->value, std::memory_order_release);
     notify();
   }
+}
+
+void TransferBase::set_mirror(std::shared_ptr<const LayerMirror> mirror) {
+  std::lock_guard<std::mutex> lock(mirror_mu_);
+  KVXFER_CHECK(!mirror_owner_, InvalidArgument, "transfer " << xfer_id << " already has a device counter attached");
+  mirror_owner_ = std::move(mirror);
+  const LayerMirror* m = mirror_owner_.get();
+  mirror_.store(m, std::memory_order_release);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  // The progress thread may have marked layers (or failed) before it could see the mirror: write those now. Both
+  // sides store the same value, so writing twice is harmless.
+  for (uint32_t i = 0; i < num_layers; ++i)
+    if (layer_flags_[i].load(std::memory_order_acquire)) m->words[first_layer + i].store(m->value, std::memory_order_release);
+  if (state() == TransferState::Failed) m->fail_word->store(m->value, std::memory_order_release);
 }
 
 bool TransferBase::finish() {
@@ -42,7 +65,13 @@ bool TransferBase::fail(ErrorKind kind, const std::string& message) {
   if (finishing_.exchange(true)) return false;
   error_kind_ = kind;
   error_ = message;
+  // Mirror before and after the state, for the same reasons as in mark_layer_done.
+  if (const LayerMirror* m = mirror_.load(std::memory_order_acquire))
+    m->fail_word->store(m->value, std::memory_order_release);
   state_.store(static_cast<int>(TransferState::Failed), std::memory_order_release);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (const LayerMirror* m = mirror_.load(std::memory_order_acquire))
+    m->fail_word->store(m->value, std::memory_order_release);
   notify();
   return true;
 }

@@ -20,6 +20,17 @@ namespace kvxfer {
 enum class TransferState : int { Pending = 0, Done = 1, Failed = 2 };
 using Clock = std::chrono::steady_clock;
 
+// An optional copy of a transfer's layer completions in memory that something outside the process's locks can watch:
+// kvxfer.DeviceCounter points it at host-mapped words a GPU spin-waits on. Each layer that completes stores `value`
+// into words[layer] (absolute layer index) with release ordering; a failure stores `value` into *fail_word.
+// `owner` keeps the memory alive for as long as the transfer may write it.
+struct LayerMirror {
+  std::shared_ptr<void> owner;
+  std::atomic<uint32_t>* words = nullptr;
+  std::atomic<uint32_t>* fail_word = nullptr;
+  uint32_t value = 0;
+};
+
 class TransferBase {
  public:
   TransferBase(uint64_t xfer_id, uint32_t first_layer, uint32_t num_layers, double timeout_s);
@@ -34,6 +45,10 @@ class TransferBase {
   uint32_t layers_done() const { return layers_done_.load(std::memory_order_acquire); }
   ErrorKind error_kind() const { return error_kind_; }   // valid once state() == Failed
   const std::string& error() const { return error_; }
+
+  // Attaches a mirror (at most once per transfer; caller thread). Layers already done, or an earlier failure, are
+  // written to it at once, so attaching after the data arrived is fine.
+  void set_mirror(std::shared_ptr<const LayerMirror> mirror);
 
   // Blocks (call without the GIL) until the transfer (layer < 0) or one layer is done or failed. Returns the
   // state; throws TransferTimeout when timeout_s passes first (the transfer itself goes on).
@@ -55,6 +70,9 @@ class TransferBase {
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<bool> finishing_{false};
+  std::shared_ptr<const LayerMirror> mirror_owner_;           // written once, before mirror_ is published
+  std::atomic<const LayerMirror*> mirror_{nullptr};
+  std::mutex mirror_mu_;                                       // set_mirror vs set_mirror only
 };
 
 struct PeerState;

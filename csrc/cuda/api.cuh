@@ -1,4 +1,5 @@
 // The only header shared by .cu files and host code: raw pointers and cudaStream_t, nothing else.
+// Host code includes it only under KVXFER_HAVE_CUDA and reaches the runtime through the functions declared here.
 #pragma once
 #include <cstdint>
 
@@ -7,9 +8,33 @@
 namespace kvxfer {
 namespace cuda {
 
-// Enqueues on `stream` a device-side store of `seq` into `slot` (host-mapped memory a watcher thread polls).
-// Capturable in a CUDA graph: the kernel node replays with the same slot and seq.
-cudaError_t launch_layer_signal(volatile uint64_t* slot, uint64_t seq, cudaStream_t stream);
+// ---- layer signals (csrc/cuda/layer_signal.cu) --------------------------------------------------------------
+// Enqueues on `stream` a one-thread kernel that increments dev_counts[layer] (device memory) and stores the new
+// value into host_slots[layer] (host-mapped memory a watcher thread polls), fenced at system scope so the layer's
+// earlier writes are visible first. Capturable in a CUDA graph: the node's arguments are frozen, but each replay
+// reads and bumps the device-side count, so every replay publishes a new value.
+cudaError_t launch_layer_signal(volatile uint64_t* host_slots, uint64_t* dev_counts, uint32_t layer,
+                                cudaStream_t stream);
+
+// Enqueues on `stream` a one-thread kernel that bumps dev_waits[layer] to target and spins until
+// host_words[layer] >= target (a kvxfer.DeviceCounter generation) or *fail_word >= target or timeout_ns passes; on
+// the last two it adds 1 to *error_word and returns, so a failed transfer never hangs the stream. layer < 0 waits
+// for every layer in [0, num_layers). Capturable, for the same reason as launch_layer_signal.
+cudaError_t launch_counter_wait(const volatile uint32_t* host_words, const volatile uint32_t* fail_word,
+                                volatile uint32_t* error_word, uint32_t* dev_waits, int layer, uint32_t num_layers,
+                                uint64_t timeout_ns, cudaStream_t stream);
+
+// ---- memory (csrc/cuda/memory.cu) ---------------------------------------------------------------------------
+// Number of usable devices; an error (no driver, no device) is returned, never thrown.
+cudaError_t device_count(int* count);
+cudaError_t current_device(int* device);
+// Pinned, mapped, portable host memory, zeroed, and its device pointer.
+cudaError_t alloc_host_mapped(size_t nbytes, void** host, void** device);
+cudaError_t free_host_mapped(void* host);
+// Device memory on `device`, zeroed.
+cudaError_t alloc_device(int device, size_t nbytes, void** ptr);
+cudaError_t free_device(int device, void* ptr);
+const char* error_string(cudaError_t err);
 
 }  // namespace cuda
 }  // namespace kvxfer

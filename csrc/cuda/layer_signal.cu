@@ -1,19 +1,63 @@
-// The device half of LayerSignal.record(layer): a one-thread kernel that publishes a sequence number to
-// host-mapped memory after the layer's work on the same stream. The system-scope fence makes the layer's KV
-// writes visible before the value is; the host watcher (issue 3, not built yet) posts that layer's writes.
+// The device halves of LayerSignal.record(layer) and DeviceCounter.wait_on_stream(layer).
+//
+// Both are one-thread kernels whose per-replay state lives in device memory: a kernel node captured in a CUDA
+// graph replays with frozen arguments, so a sequence number passed as an argument would publish the same value on
+// every replay and the host could not tell replays apart. Instead the kernel bumps its own counter.
 #include "cuda/api.cuh"
 
 namespace kvxfer {
 namespace cuda {
 
-__global__ void layer_signal_kernel(volatile uint64_t* slot, uint64_t seq) {
+__global__ void layer_signal_kernel(volatile uint64_t* host_slots, uint64_t* dev_counts, uint32_t layer) {
+  // Stream order has finished the layer's kernels; the fence makes their writes visible system-wide (to the CPU
+  // and the NIC) before the slot value that tells the watcher to post them.
   __threadfence_system();
-  *slot = seq;
-  __threadfence_system();
+  const uint64_t v = dev_counts[layer] + 1;  // device memory: no PCIe read on the model's stream
+  dev_counts[layer] = v;
+  host_slots[layer] = v;
+  __threadfence_system();  // push the posted write out now rather than whenever the write buffer drains
 }
 
-cudaError_t launch_layer_signal(volatile uint64_t* slot, uint64_t seq, cudaStream_t stream) {
-  layer_signal_kernel<<<1, 1, 0, stream>>>(slot, seq);
+cudaError_t launch_layer_signal(volatile uint64_t* host_slots, uint64_t* dev_counts, uint32_t layer,
+                                cudaStream_t stream) {
+  layer_signal_kernel<<<1, 1, 0, stream>>>(host_slots, dev_counts, layer);
+  return cudaGetLastError();
+}
+
+__device__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__global__ void counter_wait_kernel(const volatile uint32_t* host_words, const volatile uint32_t* fail_word,
+                                    volatile uint32_t* error_word, uint32_t* dev_waits, int layer,
+                                    uint32_t num_layers, uint64_t timeout_ns) {
+  const uint32_t lo = layer < 0 ? 0 : static_cast<uint32_t>(layer);
+  const uint32_t hi = layer < 0 ? num_layers : lo + 1;
+  // Claim this execution's target on every layer first, so an early exit (failure, timeout) leaves the k-th-wait
+  // numbering of all layers intact for the next replay.
+  for (uint32_t l = lo; l < hi; ++l) dev_waits[l] += 1;  // the k-th wait on a layer waits for the k-th attached recv
+  const uint64_t start = globaltimer_ns();
+  for (uint32_t l = lo; l < hi; ++l) {
+    const uint32_t target = dev_waits[l];
+    while (static_cast<int32_t>(host_words[l] - target) < 0) {
+      if (static_cast<int32_t>(*fail_word - target) >= 0 || globaltimer_ns() - start > timeout_ns) {
+        *error_word = *error_word + 1;
+        __threadfence_system();
+        return;
+      }
+      __nanosleep(200);  // each poll is a PCIe read; do not flood the bus
+    }
+  }
+  __threadfence_system();  // later kernels on the stream read the received KV only after this point
+}
+
+cudaError_t launch_counter_wait(const volatile uint32_t* host_words, const volatile uint32_t* fail_word,
+                                volatile uint32_t* error_word, uint32_t* dev_waits, int layer, uint32_t num_layers,
+                                uint64_t timeout_ns, cudaStream_t stream) {
+  counter_wait_kernel<<<1, 1, 0, stream>>>(host_words, fail_word, error_word, dev_waits, layer, num_layers,
+                                           timeout_ns);
   return cudaGetLastError();
 }
 

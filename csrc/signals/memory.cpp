@@ -1,0 +1,82 @@
+#include "signals/memory.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "core/errors.h"
+#ifdef KVXFER_HAVE_CUDA
+#include "cuda/api.cuh"
+#endif
+
+namespace kvxfer {
+
+CudaStatus cuda_status() {
+  CudaStatus s;
+#ifdef KVXFER_HAVE_CUDA
+  int n = 0;
+  cudaError_t err = cuda::device_count(&n);
+  if (err != cudaSuccess) {
+    s.why = std::string("no usable CUDA driver or device (cudaGetDeviceCount: ") + cuda::error_string(err) + ")";
+  } else if (n == 0) {
+    s.why = "no CUDA device on this machine (cudaGetDeviceCount returned 0)";
+  } else if ((err = cuda::current_device(&s.device)) != cudaSuccess) {
+    s.why = std::string("cudaGetDevice failed: ") + cuda::error_string(err);
+  } else {
+    s.usable = true;
+  }
+#else
+  s.why = "this kvxfer build has no CUDA (nvcc was not found at build time; rebuild with nvcc on PATH)";
+#endif
+  return s;
+}
+
+MappedMemory::MappedMemory(size_t nbytes, bool want_device) : nbytes_(nbytes) {
+  KVXFER_ASSERT(nbytes > 0);
+  if (want_device) {
+    CudaStatus cs = cuda_status();
+    if (cs.usable) {
+#ifdef KVXFER_HAVE_CUDA
+      cudaError_t err = cuda::alloc_host_mapped(nbytes, &host_, &device_);
+      KVXFER_CHECK(err == cudaSuccess, RegistrationFailed,
+                   "cudaHostAlloc(Mapped) of " << nbytes << " bytes failed: " << cuda::error_string(err));
+      cuda_device_ = cs.device;
+      return;
+#endif
+    }
+    why_host_ = cs.why;
+  } else {
+    why_host_ = "host memory requested";
+  }
+  const size_t rounded = (nbytes + 4095) / 4096 * 4096;
+  host_ = std::aligned_alloc(4096, rounded);
+  KVXFER_CHECK(host_ != nullptr, RegistrationFailed, "could not allocate " << rounded << " bytes of host memory");
+  std::memset(host_, 0, rounded);
+}
+
+MappedMemory::~MappedMemory() {
+#ifdef KVXFER_HAVE_CUDA
+  if (device_) {
+    cuda::free_host_mapped(host_);  // an error at teardown (driver gone) leaves nothing to recover
+    return;
+  }
+#endif
+  std::free(host_);
+}
+
+DeviceMemory::DeviceMemory(int device, size_t nbytes) : device_(device) {
+#ifdef KVXFER_HAVE_CUDA
+  cudaError_t err = cuda::alloc_device(device, nbytes, &ptr_);
+  KVXFER_CHECK(err == cudaSuccess, TransportUnavailable,
+               "cudaMalloc of " << nbytes << " bytes on device " << device << " failed: " << cuda::error_string(err));
+#else
+  KVXFER_THROW(TransportUnavailable, "device memory needs a CUDA build of kvxfer");
+#endif
+}
+
+DeviceMemory::~DeviceMemory() {
+#ifdef KVXFER_HAVE_CUDA
+  if (ptr_) cuda::free_device(device_, ptr_);
+#endif
+}
+
+}  // namespace kvxfer
