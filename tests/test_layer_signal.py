@@ -45,11 +45,10 @@ def record_forward(sig, layers=range(LAYERS)):
         sig._host_record(layer)
 
 
-def assert_request_bytes(layout, src, dst, before, src_ids, dst_ids, layers=range(LAYERS)):
+def assert_request_bytes(layout, src, dst, src_ids, dst_ids, layers=range(LAYERS)):
     for layer in layers:
         got = block_view(layout, dst, layer)[:, dst_ids]
         np.testing.assert_array_equal(got, block_view(layout, src, layer)[:, src_ids])
-    del before
 
 
 def test_import_and_host_fallback_without_gpu(pair):
@@ -112,7 +111,7 @@ def test_records_before_bind_wait_and_apply_in_order(pair):
     sig.drain(timeout_s=30)
     assert sig.unbound_forwards == 0 and sig.stats()["forwards_delivered"] == 3
     for k in range(3):
-        assert_request_bytes(layout, src, dst, None, *request(k))
+        assert_request_bytes(layout, src, dst, *request(k))
     sig.close()
 
 
@@ -137,7 +136,7 @@ def test_partial_forward_posts_only_recorded_layers(pair):
     sig._host_record(3)
     recv.wait(timeout_s=30)
     sig.drain(timeout_s=30)
-    assert_request_bytes(layout, src, dst, None, s_ids, d_ids)
+    assert_request_bytes(layout, src, dst, s_ids, d_ids)
     sig.close()
 
 
@@ -158,7 +157,7 @@ def test_empty_binding_consumes_a_forward_and_many_sends_per_forward(pair):
     st = sig.stats()
     assert st["forwards_delivered"] == 2 and st["layers_posted"] == 3 * LAYERS and st["records_delivered"] == 2 * LAYERS
     for s, d in ids:
-        assert_request_bytes(layout, src, dst, None, s, d)
+        assert_request_bytes(layout, src, dst, s, d)
     sig.close()
 
 
@@ -195,7 +194,7 @@ def test_failed_send_is_reported_and_the_rest_of_the_forward_still_goes(pair):
     assert st["errors"] == LAYERS and st["layers_posted"] == LAYERS and st["forwards_delivered"] == 1
     assert len(sig.errors) == LAYERS
     assert all("transfer 500" in e and "model failed" in e for e in sig.errors)
-    assert_request_bytes(layout, src, dst, None, s1, d1)
+    assert_request_bytes(layout, src, dst, s1, d1)
     sig.close()
 
 
@@ -267,7 +266,6 @@ def test_device_thread_records_concurrently_with_binds(pair):
     recvs = [b.recv(peer_a, 900 + k, d) for k, (_, d) in enumerate(ids)]
     device = threading.Thread(target=lambda: [record_forward(sig) for _ in range(n)])
     device.start()
-    overflows = 0
     for k, (s, d) in enumerate(ids):
         send = a.send(peer_b, 900 + k, s, d)
         while True:
@@ -275,7 +273,6 @@ def test_device_thread_records_concurrently_with_binds(pair):
                 sig.bind([send])
                 break
             except errors.SignalOverflow:  # 4 forwards ahead of the device: wait for the oldest, as an engine would
-                overflows += 1
                 recvs[k - 4].wait(timeout_s=30)
     device.join()
     for r in recvs:
@@ -284,7 +281,7 @@ def test_device_thread_records_concurrently_with_binds(pair):
     st = sig.stats()
     assert st["forwards_delivered"] == n and st["layers_posted"] == n * LAYERS and st["errors"] == 0
     for s, d in ids:
-        assert_request_bytes(layout, src, dst, None, s, d)
+        assert_request_bytes(layout, src, dst, s, d)
     sig.close()
 
 

@@ -50,7 +50,7 @@ uint64_t SignalWatcher::bind(std::vector<std::shared_ptr<SendState>> sends) {
     if (fifo_.size() >= options_.max_bindings) {
       std::ostringstream os;
       os << "LayerSignal overflow: " << fifo_.size() << " forwards (max_bindings) are bound but not fully recorded by "
-         << "the device; " << describe_pending()
+         << "the device; " << describe_pending_locked()
          << ". Is the graph replaying, and does every forward record every layer once?";
       throw SignalOverflowError(os.str());
     }
@@ -69,7 +69,11 @@ bool SignalWatcher::drain(double timeout_s) {
 }
 
 std::string SignalWatcher::describe_pending() const {
-  // Called with mu_ held (from bind) or by drain's caller after it returned false; both are fine with a racy view.
+  std::lock_guard<std::mutex> lock(mu_);
+  return describe_pending_locked();
+}
+
+std::string SignalWatcher::describe_pending_locked() const {
   std::ostringstream os;
   if (fifo_.empty()) return "nothing pending";
   os << "forward " << base_ << " waits for layers [";

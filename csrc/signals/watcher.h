@@ -73,7 +73,7 @@ class SignalWatcher {
   uint64_t bind(std::vector<std::shared_ptr<SendState>> sends);
   // Blocks until every bound forward was delivered; false on timeout (describe_pending() says what is missing).
   bool drain(double timeout_s);
-  std::string describe_pending() const;
+  std::string describe_pending() const;  // which layers the oldest bound forward still waits for
   WatcherStats stats() const;
   std::vector<std::string> errors() const;
   void stop();
@@ -91,6 +91,7 @@ class SignalWatcher {
   bool poll_locked();  // with mu_ held; true when something was delivered
   void deliver_locked(Binding& b, uint64_t forward, uint32_t layer);
   void add_error_locked(const std::string& msg);
+  std::string describe_pending_locked() const;
 
   Agent& agent_;
   const std::atomic<uint64_t>* slots_;
