@@ -20,8 +20,8 @@ def serve(conn):
         cmd, args = conn.recv()
         try:
             if cmd == "init":
-                transport, kind, seed, layout_args, rails, *extra = args
-                agent_kwargs = extra[0] if extra else {}  # e.g. staging options
+                transport, kind, seed, layout_args, rails, *init_rest = args
+                agent_kwargs = init_rest[0] if init_rest else {}  # e.g. staging options
                 layout = getattr(KVLayout, kind)(*layout_args) if layout_args else PRESETS[kind]()
                 agent = kvxfer.Agent("peer-sender", transport=transport, interface="lo", rails=rails, **agent_kwargs)
                 pool = make_pool(layout, seed)

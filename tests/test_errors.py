@@ -185,3 +185,19 @@ def test_send_to_dead_receiver_fails(remote):
         s = a.send(peer, 1, [0, 1], [0, 1])
         s.all_ready()
         s.wait(timeout_s=20)
+
+
+def test_killed_unreaped_sender_is_lost_long_before_the_deadline(remote):
+    """A same-host peer killed and not yet reaped by its parent is a zombie: kill(pid, 0) still succeeds on it, so
+    liveness also reads the process state. The recv fails with PeerLost instead of waiting out its 120 s deadline."""
+    import os
+    import signal as sig
+
+    from tests.conftest import connect
+
+    agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", seed=1, timeout_s=120)
+    recv = agent.recv(peer, 5, np.array([0, 1], np.int32))
+    remote.call("send", (5, [0, 1], [0, 1], None, "none"))  # nothing marked ready: the transfer cannot finish
+    os.kill(remote.proc.pid, sig.SIGKILL)  # the parent (this process) does not reap it until teardown
+    with pytest.raises(errors.PeerLost, match="exited"):
+        recv.wait(timeout_s=30)

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 #include "core/agent.h"
@@ -15,6 +16,22 @@ namespace kvxfer {
 namespace {
 constexpr size_t kArrivedMemory = 65536;    // completed-but-unclaimed transfers remembered per peer
 constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step before polling again
+// True when pid no longer runs: gone (ESRCH) or a zombie its parent has not reaped yet. kill(pid, 0) alone
+// succeeds on a zombie, which left a dead, unreaped peer undetected until its transfers' deadlines.
+bool process_gone(pid_t pid) {
+  if (kill(pid, 0) != 0) return errno == ESRCH;
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
+  FILE* f = std::fopen(path, "r");
+  if (!f) return false;  // another PID namespace or no procfs: keep relying on kill()
+  char buf[512];
+  const size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
+  std::fclose(f);
+  buf[n] = 0;
+  const char* close = std::strrchr(buf, ')');  // the command name may itself contain ')'
+  return close && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X');
+}
+
 }  // namespace
 
 void Agent::progress_loop() {
@@ -564,7 +581,7 @@ void Agent::check_deadlines() {
   for (auto& p : peers) {
     if (p->lost) continue;
     // A same-host peer whose process is gone is lost now, not at its transfers' deadlines.
-    if (p->same_host && kill(static_cast<pid_t>(p->info.pid), 0) != 0 && errno == ESRCH) {
+    if (p->same_host && process_gone(static_cast<pid_t>(p->info.pid))) {
       mark_peer_lost(*p, ErrorKind::PeerLost, "peer '" + p->info.name + "' (pid " + std::to_string(p->info.pid) +
                                                   ") exited; transfers with it can never complete");
       continue;
