@@ -247,10 +247,11 @@ class KvxferConnector(KVConnectorBase_V1):
                 if reg is not None:
                     self._sends[rid] = self._open(rid, spec, reg)
                     self._layerwise.add(rid)
-        layer = self._layer_index[layer_name]
-        for rid in self._layerwise:
-            if self._sends[rid] is not None:
-                self._sends[rid].layer_ready(layer)
+        if self._layerwise:
+            layer = self._layer_index[layer_name]
+            for rid in self._layerwise:
+                if self._sends[rid] is not None:
+                    self._sends[rid].layer_ready(layer)
 
     def wait_for_save(self):
         self._step_started = False
