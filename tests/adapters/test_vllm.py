@@ -46,8 +46,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def _skip_reason() -> str | None:
     if os.environ.get("KVXFER_VLLM_E2E") != "1":
         return ("end-to-end vLLM tests are opt-in (KVXFER_VLLM_E2E=1) until they have passed once: on the loaded 2-core "
-                "dev VM the vLLM servers' worker process died at startup and an in-process engine hung in its first "
-                "generate, before any kvxfer transfer (README, section vLLM)")
+                "dev VM the vLLM servers' worker process died at startup and an in-process engine with the connector "
+                "hung in its first generate of a plain request; cause not established (README, section vLLM)")
     if os.environ.get("KVXFER_SKIP_VLLM") == "1":
         return "KVXFER_SKIP_VLLM=1: vLLM was not installed (scripts/setup_vllm.sh skipped)"
     if (VENV / ".kvxfer-vllm-failed").exists():
