@@ -80,6 +80,38 @@ class KVLayout:
         return cls("contiguous", 1, num_blocks, 1, block_bytes, 1, 1, "uint8", block_bytes, 0, block_bytes,
                    num_blocks * block_bytes, num_blocks * block_bytes, True)
 
+    # vLLM attention backend name -> (preset, logical per-layer shape as axis names). GPU backends may keep a
+    # permuted physical order (HND); only tensors contiguous in this logical order are described here.
+    VLLM_BACKENDS = {
+        "CPU_ATTN": ("vllm_cpu", ("blocks", "heads", "block_size", "2*head_dim")),
+        "FLASH_ATTN": ("vllm_flash", ("2", "blocks", "block_size", "heads", "head_dim")),
+        "FLASHINFER": ("flashinfer", ("blocks", "2", "block_size", "heads", "head_dim")),
+        "TRITON_ATTN": ("flashinfer", ("blocks", "2", "block_size", "heads", "head_dim")),
+        "TRITON_MLA": ("mla", ("blocks", "block_size", "latent_dim")),
+        "FLASHMLA": ("mla", ("blocks", "block_size", "latent_dim")),
+    }
+
+    @classmethod
+    def from_vllm(cls, backend: str, shape, dtype, num_layers: int) -> "KVLayout":
+        """The layout of a vLLM KV cache from its attention backend's name (e.g. "CPU_ATTN", "FLASH_ATTN") and the
+        shape of one layer's tensor, as passed to a KV connector's register_kv_caches."""
+        if backend not in cls.VLLM_BACKENDS:
+            raise InvalidArgument(f"vLLM attention backend {backend!r} has no kvxfer layout yet; supported: "
+                                  f"{sorted(cls.VLLM_BACKENDS)}")
+        kind, axes = cls.VLLM_BACKENDS[backend]
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != len(axes) or ("2" in axes and shape[axes.index("2")] != 2):
+            raise InvalidArgument(f"a {backend} KV cache layer is [{', '.join(axes)}], got shape {list(shape)}; "
+                                  "is the backend name right?")
+        dim = dict(zip(axes, shape))
+        if kind == "mla":
+            return cls.mla(num_layers, dim["blocks"], dim["block_size"], dim["latent_dim"], dtype)
+        head_dim = dim["head_dim"] if "head_dim" in dim else dim["2*head_dim"] // 2
+        if "2*head_dim" in dim and dim["2*head_dim"] % 2:
+            raise InvalidArgument(f"a {backend} KV cache layer's last axis holds K and V (2*head_dim); "
+                                  f"{dim['2*head_dim']} is odd")
+        return getattr(cls, kind)(num_layers, dim["blocks"], dim["block_size"], dim["heads"], head_dim, dtype)
+
     # ---- derived -------------------------------------------------------------------------------------------
     @property
     def block_bytes_per_layer(self) -> int:

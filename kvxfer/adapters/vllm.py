@@ -1,0 +1,340 @@
+"""vLLM KV connector on kvxfer: disaggregated prefill by push (the decode side allocates, the prefill side writes).
+
+Load it with
+    --kv-transfer-config '{"kv_connector": "KvxferConnector", "kv_connector_module_path": "kvxfer.adapters.vllm",
+                           "kv_role": "kv_both", "kv_connector_extra_config": {"push_port": 5600}}'
+(push_port only on prefill instances) and put kvxfer.adapters.vllm_proxy in front of a prefill and a decode server.
+
+Per request (the proxy sets kv_transfer_params; the transfer id is the proxy's, shared by both sides):
+  decode  {"do_remote_prefill": true, "xfer_id": X, "remote_host": H, "remote_port": P}
+    scheduler: get_num_new_matched_tokens -> (prompt tokens not computed locally, async); update_state_after_alloc
+      records the new block ids; build_connector_meta hands them to the worker.
+    worker: start_load_kv opens kvxfer recv(X) into those blocks and registers them with the prefill worker's
+      kvxfer.push.PushServer at H:P; get_finished reports X's request once the recv is DONE, or FAILED (its blocks
+      then come back from get_block_ids_with_load_errors, and vLLM's kv_load_failure_policy applies).
+  prefill {"do_remote_decode": true, "xfer_id": X}   (max_tokens=1)
+    scheduler: build_connector_meta emits a save (X, the prompt's blocks) in the step that completes the prompt;
+      request_finished returns delay_free=True for it; has_pending_push_work keeps the engine stepping until the
+      worker reported the send ended.
+    worker: if the decode side's registration is there at the step's first save_kv_layer, the send is opened and
+      every later save_kv_layer(l) marks layer l ready (writes overlap the remaining layers); otherwise the send is
+      opened with all layers ready as soon as the registration arrives (polled in get_finished). The request is
+      reported finished_sending (its blocks freed) only when the send is DONE (the decode side counted every byte),
+      FAILED, or no registration came within transfer_timeout_s.
+
+Threads: vLLM calls every method from its scheduler or worker thread; kvxfer's progress thread and the push
+server's threads never call back into vLLM. Layout arithmetic, plans, counters and failure detection are kvxfer's.
+Limits: one worker per engine (TP=1), CPU KV caches (kvxfer has no GPU memory path yet), no drain after a failed
+transfer (kvxfer's Send.abort has none: see README "Not done yet").
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                              KVConnectorRole)
+
+import kvxfer
+from kvxfer.errors import InvalidArgument, KvxferError
+from kvxfer.push import PushClient, PushServer
+
+log = logging.getLogger("kvxfer.adapters.vllm")
+
+
+@dataclass
+class LoadSpec:          # decode: receive X into dst_ids; the first skip_blocks blocks are already computed here
+    xfer_id: int
+    host: str
+    port: int
+    dst_ids: list[int]
+    skip_blocks: int
+
+
+@dataclass
+class SaveSpec:          # prefill: the prompt's blocks, in token order, to write to whoever registered X
+    xfer_id: int
+    src_ids: list[int]
+
+
+@dataclass
+class KvxferConnectorMetadata(KVConnectorMetadata):
+    loads: dict[str, LoadSpec] = field(default_factory=dict)
+    saves: dict[str, SaveSpec] = field(default_factory=dict)
+
+
+def _params(request) -> dict:
+    return request.kv_transfer_params if isinstance(request.kv_transfer_params, dict) else {}
+
+
+def _xfer_id(params: dict, request_id: str) -> int | None:
+    x = params.get("xfer_id")
+    if isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**64:
+        return x
+    log.warning("kvxfer: request %s has kv_transfer_params without a valid xfer_id (%r); it runs locally",
+                request_id, x)
+    return None
+
+
+def _source(params: dict, request_id: str) -> tuple[int, str, int] | None:
+    """(xfer_id, host, port) of a decode request's prefill side, or None (logged) when the params are unusable."""
+    x, host, port = _xfer_id(params, request_id), params.get("remote_host"), params.get("remote_port")
+    if x is None:
+        return None
+    if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
+        log.warning("kvxfer: request %s: remote_host/remote_port %r:%r are not a HOST and a port; it runs locally",
+                    request_id, host, port)
+        return None
+    return x, host, port
+
+
+class KvxferConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+        self.block_size = vllm_config.cache_config.block_size
+        self.timeout_s = float(extra.get("transfer_timeout_s", 30.0))
+        if vllm_config.parallel_config.world_size != 1:
+            raise InvalidArgument("kvxfer's vLLM connector supports one worker per engine (tensor/pipeline parallel "
+                                  f"size 1), got world size {vllm_config.parallel_config.world_size}")
+        self._extra = extra
+        # scheduler side
+        self._loads: dict[str, LoadSpec] = {}             # decode: registered this step, not yet in metadata
+        self._producing: dict[str, tuple[int, int, list[int]]] = {}  # prefill: id -> (X, prompt tokens, blocks)
+        self._saving: set[str] = set()                    # prefill: save issued, request still running
+        self._held: set[str] = set()                      # delay-freed, until the worker reports the id sent
+        # worker side
+        self.agent: kvxfer.Agent | None = None
+        self.server: PushServer | None = None
+        self._clients: dict[tuple[str, int], PushClient] = {}
+        self._layer_index: dict[str, int] = {}
+        self._recvs: dict[str, tuple[kvxfer.Recv | None, PushClient | None, list[int]]] = {}
+        self._load_errors: set[int] = set()
+        self._sends: dict[str, kvxfer.Send | None] = {}   # None: ended without a send (no registration, refused)
+        self._waiting: dict[str, tuple[SaveSpec, float]] = {}  # prefill: forward done, registration not yet here
+        self._layerwise: set[str] = set()                 # sends opened at this step's first save_kv_layer
+        self._step_started = False
+        self._idle_step = False
+        self._finished: set[str] = set()                  # ids vLLM finished; only these may be reported sent
+
+    # ---------------------------------------------------------------- scheduler side
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        params = _params(request)
+        if params.get("do_remote_prefill") and _source(params, request.request_id) is not None:
+            n = request.num_prompt_tokens - num_computed_tokens
+            if n > 0:
+                return n, True
+        return 0, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens):
+        params, rid = _params(request), request.request_id
+        if params.get("do_remote_decode"):
+            x = _xfer_id(params, rid)
+            if x is not None:
+                self._producing[rid] = (x, request.num_prompt_tokens, [])
+        if not params.get("do_remote_prefill"):
+            return
+        params["do_remote_prefill"] = False  # a preempted request recomputes instead of loading twice
+        if num_external_tokens <= 0:
+            return
+        x, host, port = _source(params, rid)  # checked in get_num_new_matched_tokens
+        all_ids = blocks.get_block_ids()[0]
+        new_ids = blocks.get_unhashed_block_ids()
+        num_blocks = -(-request.num_prompt_tokens // self.block_size)
+        skip = len(all_ids) - len(new_ids)
+        self._loads[rid] = LoadSpec(x, host, port, list(new_ids)[:num_blocks - skip], skip)
+
+    def build_connector_meta(self, scheduler_output):
+        meta = KvxferConnectorMetadata(loads=self._loads)
+        self._loads = {}
+        steps = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            if new.req_id in self._producing:
+                self._note_blocks(meta, new.req_id, new.block_ids, new.num_computed_tokens, steps, False)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            if rid in self._producing:
+                self._note_blocks(meta, rid, cached.new_block_ids[i], cached.num_computed_tokens[i], steps,
+                                  rid in cached.resumed_req_ids)
+        return meta
+
+    def _note_blocks(self, meta, rid, new_block_ids, num_computed, num_scheduled, resumed: bool):
+        x, num_prompt, ids = self._producing[rid]
+        if resumed:  # after a preemption vLLM hands the whole block list again
+            ids.clear()
+        if new_block_ids:
+            ids.extend(new_block_ids[0])
+        if num_computed + num_scheduled.get(rid, 0) >= num_prompt:  # this step completes the prompt
+            meta.saves[rid] = SaveSpec(x, ids[:-(-num_prompt // self.block_size)])
+            del self._producing[rid]
+            self._saving.add(rid)
+
+    def request_finished(self, request, block_ids):
+        rid = request.request_id
+        self._producing.pop(rid, None)
+        # A request finished while its load is live keeps its blocks without us: vLLM frees them only when the
+        # load is reported in finished_recving (Scheduler.finish_requests). Prefill blocks are ours to hold.
+        if rid in self._saving:  # the send may still read its blocks
+            self._saving.discard(rid)
+            self._held.add(rid)
+            return True, None
+        return False, None
+
+    def update_connector_output(self, connector_output):
+        for rid in connector_output.finished_sending or ():
+            self._held.discard(rid)
+
+    def has_pending_push_work(self) -> bool:
+        return bool(self._held)
+
+    # ---------------------------------------------------------------- worker side
+    def register_kv_caches(self, kv_caches):
+        names = list(kv_caches)
+        first = kv_caches[names[0]]
+        backend = self._extra.get("attn_backend") or ("CPU_ATTN" if first.device.type == "cpu" else None)
+        if backend is None:
+            raise kvxfer.errors.TransportUnavailable(
+                f"KV cache on {first.device}: kvxfer moves host memory only so far (GPU paths are not done)")
+        layout = kvxfer.KVLayout.from_vllm(backend, first.shape, str(first.dtype), len(names))
+        self._layer_index = {name: i for i, name in enumerate(names)}
+        self.agent = kvxfer.Agent(f"vllm-{os.getpid()}", transport=self._extra.get("transport"),
+                                  interface=self._extra.get("interface"), timeout_s=self.timeout_s)
+        self.agent.register_pool([kv_caches[n] for n in names], layout)
+        if self._extra.get("push_port") is not None:
+            self.server = PushServer(self.agent, self._extra.get("push_host", "127.0.0.1"),
+                                     int(self._extra["push_port"]), ttl_s=self.timeout_s)
+            log.info("kvxfer: %s pool of %d layers x %d blocks; push server on %s:%d", layout.kind,
+                     layout.num_layers, layout.num_blocks, *self.server.address)
+
+    def start_load_kv(self, forward_context, **kwargs):
+        meta = self._get_connector_metadata()
+        # vLLM steps without a forward while it waits on transfers only; get_finished then idles briefly
+        self._idle_step = getattr(forward_context, "attn_metadata", None) is None
+        for rid, spec in meta.loads.items():
+            recv, client = None, None
+            try:
+                client = self._client(spec.host, spec.port)
+                recv = self.agent.recv(client.peer, spec.xfer_id, spec.dst_ids, timeout_s=self.timeout_s)
+                client.register(spec.xfer_id, spec.dst_ids, spec.skip_blocks)
+            except (KvxferError, TypeError, ValueError) as e:
+                log.warning("kvxfer: load of request %s from %s:%s failed to start: %s", rid, spec.host,
+                            spec.port, e)
+                recv = None
+            self._recvs[rid] = (recv, client, spec.dst_ids)
+
+    def _client(self, host: str, port) -> PushClient:
+        client = self._clients.get((host, port))
+        if client is None or client.lost:
+            # first contact blocks this step for the handshake (bounded: a dead prefill fails the load fast)
+            client = self._clients[(host, port)] = PushClient(self.agent, host, port,
+                                                              timeout_s=min(5.0, self.timeout_s))
+        return client
+
+    def wait_for_layer_load(self, layer_name):
+        pass  # loads are asynchronous: a request is scheduled only after get_finished reported its recv DONE
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
+        if self.server is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not self._step_started:  # the step's first layer: open the sends whose registration is already here
+            self._step_started = True
+            for rid, spec in meta.saves.items():
+                reg = self.server.take(spec.xfer_id)
+                if reg is not None:
+                    self._sends[rid] = self._open(rid, spec, reg)
+                    self._layerwise.add(rid)
+        if self._layerwise:
+            layer = self._layer_index[layer_name]
+            for rid in self._layerwise:
+                if self._sends[rid] is not None:
+                    self._sends[rid].layer_ready(layer)
+
+    def wait_for_save(self):
+        self._step_started = False
+        if self.server is None or not self.has_connector_metadata():
+            return
+        now = time.monotonic()
+        for rid, spec in self._get_connector_metadata().saves.items():
+            if rid in self._layerwise:
+                if self._sends[rid] is not None:
+                    self._sends[rid].all_ready()  # no-op for layers already marked
+            else:
+                self._waiting[rid] = (spec, now)
+        self._layerwise.clear()
+        self._open_waiting()
+
+    def _open(self, rid: str, spec: SaveSpec, reg) -> kvxfer.Send | None:
+        src = spec.src_ids[reg.skip_blocks:]
+        if len(src) != len(reg.dst_ids):
+            log.error("kvxfer: request %s (xfer %d): the prompt has %d blocks to send but the decode side "
+                      "registered %d; nothing sent (its load fails at its timeout)", rid, spec.xfer_id, len(src),
+                      len(reg.dst_ids))
+            return None
+        try:
+            return self.agent.send(reg.peer, spec.xfer_id, np.asarray(src, np.int32), reg.dst_ids,
+                                   timeout_s=self.timeout_s)
+        except KvxferError as e:
+            log.error("kvxfer: request %s (xfer %d): send refused: %s", rid, spec.xfer_id, e)
+            return None
+
+    def _open_waiting(self):
+        now = time.monotonic()
+        for rid, (spec, t0) in list(self._waiting.items()):
+            reg = self.server.take(spec.xfer_id)
+            if reg is not None:
+                send = self._sends[rid] = self._open(rid, spec, reg)
+                if send is not None:
+                    send.all_ready()
+            elif self.server.cancelled(spec.xfer_id) or now - t0 > self.timeout_s:
+                log.warning("kvxfer: request %s (xfer %d): no decode registration within %.0f s (or cancelled); "
+                            "freeing its blocks", rid, spec.xfer_id, self.timeout_s)
+                self._sends[rid] = None
+            else:
+                continue
+            del self._waiting[rid]
+
+    def get_finished(self, finished_req_ids):
+        self._finished |= set(finished_req_ids)
+        sending, recving = set(), set()
+        for rid, (recv, client, dst) in list(self._recvs.items()):
+            state = recv.state if recv is not None else kvxfer.TransferState.FAILED
+            if state == kvxfer.TransferState.PENDING and not (client.lost or client.peer.lost):
+                continue
+            if state != kvxfer.TransferState.DONE:
+                why = (recv.error if recv is not None and state == kvxfer.TransferState.FAILED
+                       else "could not start" if recv is None else "the prefill side's push connection closed")
+                log.warning("kvxfer: load of request %s failed (%s); %d blocks reported to vLLM", rid, why, len(dst))
+                self._load_errors.update(dst)
+            recving.add(rid)
+            del self._recvs[rid]
+        if self.server is not None:
+            self._open_waiting()
+            self.server.expired()  # registrations for requests this engine never got: nothing to hold
+        if self._idle_step and not sending and not recving:  # do not spin a core on empty steps
+            if self._waiting:
+                self.server.wait(0.002)
+            elif self._recvs or self._sends:
+                time.sleep(0.001)
+        for rid, send in list(self._sends.items()):
+            if rid in self._finished and (send is None or send.state != kvxfer.TransferState.PENDING):
+                if send is not None and send.state == kvxfer.TransferState.FAILED:
+                    log.warning("kvxfer: send of request %s failed: %s", rid, send.error)
+                sending.add(rid)
+                del self._sends[rid]
+        # only prefill sends wait for their id here; forget finished ids that have nothing left to report
+        self._finished = {rid for rid in self._finished - sending if rid in self._sends or rid in self._waiting}
+        return (sending or None), (recving or None)
+
+    def get_block_ids_with_load_errors(self):
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self):
+        if self.server is not None:
+            self.server.close()
+        for client in self._clients.values():
+            client.close()

