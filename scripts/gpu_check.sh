@@ -14,11 +14,16 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build info tests)
-export PYTHONUNBUFFERED=1 FI_TCP_IFACE=lo UCX_NET_DEVICES=lo IPATH_NO_BACKTRACE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FI_TCP_IFACE=lo UCX_NET_DEVICES=lo IPATH_NO_BACKTRACE=1
 if [ -n "${KVXFER_FABRIC_PREFIX:-}" ]; then
   P=$(cd "$KVXFER_FABRIC_PREFIX" && pwd)
   export PKG_CONFIG="$P/bin/pkg-config" PKG_CONFIG_PATH="$P/lib/pkgconfig" LD_LIBRARY_PATH="$P/lib:${LD_LIBRARY_PATH:-}"
 fi
+# The system g++ links libstdc++ as a shared library, like torch; some images put first on PATH a g++ that links it
+# statically (csrc/CMakeLists.txt copes, but one libstdc++ per process is the safer build).
+for c in /usr/bin/g++ /usr/bin/g++-13 /usr/bin/g++-12; do
+  if [ -x "$c" ]; then export CXX=$c CUDAHOSTCXX=$c; break; fi
+done
 rc=0
 for step in "${steps[@]}"; do
   echo "=== $step ($(date -u +%H:%M:%S))"
@@ -26,20 +31,20 @@ for step in "${steps[@]}"; do
     build)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
       $PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, torch.cuda.get_device_name(0))'
-      cmake -S csrc -B build/gpu -GNinja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+      cmake -S csrc -B build/gpu -GNinja -DCMAKE_BUILD_TYPE=${KVXFER_BUILD_TYPE:-Release} -DCMAKE_CUDA_ARCHITECTURES=90 \
         -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" \
         -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/kvxfer" >"$OUT/build.log" 2>&1 &&
         cmake --build build/gpu -j "$(nproc)" >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-      grep "Build summary" "$OUT/build.log"
-      cp kvxfer/_C.cpython-*.so "$OUT/" 2>/dev/null || true ;;
+      grep "Build summary\|CXX compiler identification" "$OUT/build.log"
+      ldd kvxfer/_C.cpython-*.so | grep -E "stdc|fabric|cuda" ;;
     info) $PY -m kvxfer info 2>&1 | tee "$OUT/info.txt" ;;
     tests)
-      timeout 420 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rA --timeout 120 tests/gpu tests/test_gpu_paths.py \
+      timeout ${KVXFER_TEST_TIMEOUT:-420} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rA --timeout 120 ${KVXFER_XDIST:-} tests/gpu tests/test_gpu_paths.py \
         tests/test_staged.py 2>&1 | tee "$OUT/tests_gpu.log" | tail -60 || rc=1 ;;
     suite) timeout 560 $PY -m pytest -q -p no:cacheprovider -x --timeout 120 tests 2>&1 | tee "$OUT/suite.log" | tail -40 || rc=1 ;;
     bench)
-      timeout 240 $PY benchmarks/bench_gpu.py --reps 5 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" || rc=1
-      timeout 150 $PY benchmarks/bench_layer_signal.py graph 2>&1 |
+      timeout 200 $PY benchmarks/bench_gpu.py --reps 5 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" || rc=1
+      timeout 120 $PY benchmarks/bench_layer_signal.py graph 2>&1 |
         tee "$OUT/bench_signal.log" || rc=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -22,6 +22,9 @@ namespace kvxfer {
 
 namespace {
 
+// The signal pad's fabric key: pool regions use ((pool + 1) << 16) | region, so this one never collides.
+constexpr uint64_t kSignalPadKey = 0xFFFF;
+
 std::string read_first_line(const char* path) {
   std::ifstream f(path);
   std::string line;
@@ -101,6 +104,10 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   cma_cookie_ = std::make_unique<uint64_t>(random_u64());
   info_.cma_probe_addr = reinterpret_cast<uint64_t>(cma_cookie_.get());
   info_.cma_probe_cookie = *cma_cookie_;
+  signal_pad_.reset(new uint64_t[8]());
+  signal_key_ = transport_->register_memory(signal_pad_.get(), 8 * sizeof(uint64_t), kSignalPadKey);
+  info_.signal_addr = reinterpret_cast<uint64_t>(signal_pad_.get());
+  info_.signal_rkey = signal_key_.rkey;
 
   const size_t n_ctx = caps.max_inflight + 64;
   for (size_t i = 0; i < n_ctx; ++i) {
@@ -122,6 +129,7 @@ Agent::~Agent() {
   }
   for (auto& pool : pools_)
     for (auto& key : pool->keys) transport_->deregister_memory(key);
+  transport_->deregister_memory(signal_key_);
 }
 
 std::vector<uint8_t> Agent::metadata() const {

@@ -174,6 +174,8 @@ class Agent {
   std::unique_ptr<Transport> transport_;
   AgentInfo info_;
   std::unique_ptr<uint64_t> cma_cookie_;
+  std::unique_ptr<uint64_t[]> signal_pad_;  // AgentInfo::signal_addr: registered so zero-byte signals have a target
+  MemoryKey signal_key_;
   std::vector<std::unique_ptr<LocalPool>> pools_;
   mutable std::mutex pools_mu_;
 

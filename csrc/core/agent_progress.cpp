@@ -271,19 +271,18 @@ bool Agent::post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budg
 // Returns true when the layer is fully posted.
 bool Agent::post_signals(SendState& send, SendState::Cursor& cur, uint32_t copied, size_t& budget) {
   PeerState& peer = *send.peer;
-  const PoolInfo& dst = peer.info.pools[send.dst_pool];
   const uint32_t layer = send.first_layer + cur.layer_index;
   const uint32_t total = send.plan.granules_per_layer;
   const uint32_t nsignals = (total + ImmCode::kMaxGranules - 1) / ImmCode::kMaxGranules;
-  const auto& dreg = dst.regions[dst.layout.layer_region[layer]];
-  const uint64_t raddr = peer.info.remote_virt_addr ? dreg.addr : 0;
+  // Addressed to the peer's signal pad, not the pool: a GPU pool may not be registered with the fabric at all.
+  const uint64_t raddr = peer.info.remote_virt_addr ? peer.info.signal_addr : 0;
   while (cur.next - copied < nsignals && budget > 0) {
     const uint32_t i = cur.next - copied;
     const uint32_t g = std::min<uint32_t>(ImmCode::kMaxGranules, total - i * ImmCode::kMaxGranules);
     OpContext* ctx = take_context();
     ctx->send = &send;
     int rc = transport_->post_write(nullptr, 0, nullptr, ImmCode::encode(send.slot, layer, g), peer.addr, raddr,
-                                    dreg.rkey, ctx);
+                                    peer.info.signal_rkey, ctx);
     if (rc == -EAGAIN) {
       return_context(ctx);
       counters_.eagain++;

@@ -130,6 +130,8 @@ std::vector<uint8_t> encode_agent_info(const AgentInfo& a) {
   w.put<uint8_t>(a.remote_virt_addr ? 1 : 0);
   w.put(a.cma_probe_addr);
   w.put(a.cma_probe_cookie);
+  w.put(a.signal_addr);
+  w.put(a.signal_rkey);
   w.put<uint32_t>(static_cast<uint32_t>(a.pools.size()));
   for (const auto& p : a.pools) {
     w.str(p.name);
@@ -194,6 +196,8 @@ AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes) {
   a.remote_virt_addr = r.get<uint8_t>("address mode") != 0;
   a.cma_probe_addr = r.get<uint64_t>("cma probe address");
   a.cma_probe_cookie = r.get<uint64_t>("cma probe cookie");
+  a.signal_addr = r.get<uint64_t>("signal pad address");
+  a.signal_rkey = r.get<uint64_t>("signal pad key");
   const uint32_t num_pools = r.count("pool", kMaxPools);
   for (uint32_t i = 0; i < num_pools; ++i) {
     PoolInfo p;

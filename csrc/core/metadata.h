@@ -12,7 +12,7 @@
 
 namespace kvxfer {
 
-constexpr uint16_t kMetadataVersion = 2;  // 2: regions carry their device and CUDA IPC handle
+constexpr uint16_t kMetadataVersion = 3;  // 2: regions carry their device and CUDA IPC handle; 3: signal pad
 
 struct RemoteRegion {
   uint64_t addr = 0;    // virtual address in the owner's process
@@ -43,6 +43,10 @@ struct AgentInfo {
   bool remote_virt_addr = false; // writes address the owner's virtual addresses (else region offsets)
   uint64_t cma_probe_addr = 0;   // address of an 8-byte cookie a same-host peer reads to prove CMA works
   uint64_t cma_probe_cookie = 0;
+  // A small host buffer registered with the fabric that zero-byte signal writes (CMA and CUDA IPC completions)
+  // address: the destination pool itself may be GPU memory the fabric never registered.
+  uint64_t signal_addr = 0;
+  uint64_t signal_rkey = 0;
   std::vector<PoolInfo> pools;
 
   // Hash over every pool's layout fingerprint: a quick "same model shard" check for engines.

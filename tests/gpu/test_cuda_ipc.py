@@ -39,8 +39,9 @@ def run_and_check(remote, agent, peer, layout, dst, dst_host, seed, xfer):
     apply(layout, make_pool(layout, seed), expected, src_ids, dst_ids, range(layout.num_layers))
     recv = agent.recv(peer, xfer, dst_ids)
     path, reason = remote.call("send", (xfer, src_ids.tolist(), dst_ids.tolist()))
-    recv.wait(timeout_s=30)
+    # The sender first: when it failed, its error says why (the receiver would only see a timeout).
     assert remote.call("wait", (xfer, 30)) == "DONE"
+    recv.wait(timeout_s=30)
     assert recv.layers_done == layout.num_layers
     got = [t.cpu().numpy() if hasattr(t, "cpu") else t for t in dst]
     for g, w in zip(got, expected):
