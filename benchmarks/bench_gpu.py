@@ -115,7 +115,8 @@ def run_path(name, where, reps):
     best = min(times)
     return {"path": name, "send_path": path, "bytes": nbytes, "best_s": best, "median_s": float(np.median(times)),
             "gbps": nbytes / best / 1e9, "limit_gbps": nbytes / limit_s / 1e9, "ratio": limit_s / best,
-            "limit": "cudaMemcpy D2D 512 MiB" if where == "cuda" else "pinned D2H 512 MiB", "verified": True}
+            "limit": "cudaMemcpy D2D 512 MiB" if where == "cuda" else "pinned D2H 512 MiB", "verified": True,
+            "copy_mode": os.environ.get("KVXFER_GPU_COPY", "auto")}
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,10 @@ for step in "${steps[@]}"; do
         tests/test_staged.py 2>&1 | tee "$OUT/tests_gpu.log" | tail -60 || rc=1 ;;
     suite) timeout 560 $PY -m pytest -q -p no:cacheprovider -x --timeout 120 tests 2>&1 | tee "$OUT/suite.log" | tail -40 || rc=1 ;;
     bench)
-      timeout 200 $PY benchmarks/bench_gpu.py --reps 5 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" || rc=1
+      for mode in ${KVXFER_BENCH_COPY_MODES:-auto copy_engine}; do
+        KVXFER_GPU_COPY=$mode timeout 200 $PY benchmarks/bench_gpu.py --reps 5 --json "$OUT/bench_gpu_$mode.json" 2>&1 |
+          tee "$OUT/bench_gpu_$mode.log" || rc=1
+      done
       timeout 120 $PY benchmarks/bench_layer_signal.py graph 2>&1 |
         tee "$OUT/bench_signal.log" || rc=1 ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -99,7 +99,7 @@ bool Agent::post_ipc_layer(SendState& send, SendState::Cursor& front, size_t& bu
       srcs.push_back(reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset));
       sizes.push_back(w.nbytes);
     }
-    queue.copy(dsts.data(), srcs.data(), sizes.data(), dsts.size());
+    queue.copy(dsts.data(), srcs.data(), sizes.data(), dsts.size(), /*device_reachable=*/src.on_gpu);
     cur.ticket = queue.record();
     cur.next = end - begin;
   }
@@ -138,7 +138,7 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
     uint64_t ticket = 0;
     if (send.copy_device >= 0) {
       gpu::CopyQueue& queue = copy_queue(send.copy_device);
-      queue.copy(dsts.data(), srcs.data(), sizes.data(), n);
+      queue.copy(dsts.data(), srcs.data(), sizes.data(), n, /*device_reachable=*/staging_->pinned());
       ticket = queue.record();
     } else {
       for (size_t k = 0; k < n; ++k) std::memcpy(dsts[k], srcs[k], sizes[k]);

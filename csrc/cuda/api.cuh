@@ -24,6 +24,15 @@ cudaError_t launch_counter_wait(const volatile uint32_t* host_words, const volat
                                 volatile uint32_t* error_word, uint32_t* dev_waits, int layer, uint32_t num_layers,
                                 uint64_t timeout_ns, cudaStream_t stream);
 
+// ---- batched copies (csrc/cuda/gather_copy.cu) --------------------------------------------------------------
+struct CopyDesc {
+  uint64_t dst, src, nbytes;
+};
+// Enqueues on `stream` one kernel that performs n copies; descs must be readable by the device (device memory or
+// pinned mapped host memory) until the kernel completes, and every src/dst reachable from the device. At most
+// max_blocks blocks of 256 threads.
+cudaError_t launch_gather_copy(const CopyDesc* descs, uint32_t n, uint32_t max_blocks, cudaStream_t stream);
+
 // ---- memory (csrc/cuda/memory.cu) ---------------------------------------------------------------------------
 // Number of usable devices; an error (no driver, no device) is returned, never thrown.
 cudaError_t device_count(int* count);

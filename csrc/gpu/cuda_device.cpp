@@ -12,9 +12,12 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
+
+#include "cuda/api.cuh"
 #endif
 
 namespace kvxfer {
@@ -152,20 +155,87 @@ IpcMapping::~IpcMapping() {
   cudaGetLastError();
 }
 
+// The gather kernel's descriptors live in a ring of pinned mapped host memory that the kernel reads directly; a
+// batch's slice is reused once the ticket recorded after it has completed.
+struct DescRing {
+  cuda::CopyDesc* base = nullptr;
+  size_t capacity = 0, head = 0, tail = 0;      // in-use slices lie in [tail, head), possibly wrapped
+  std::deque<std::pair<uint64_t, size_t>> used;  // (ticket that frees it, slice start), oldest first
+
+  // A slice of n descriptors, or nullptr when the ring has no room now.
+  cuda::CopyDesc* take(size_t n, uint64_t ticket) {
+    size_t at;
+    if (used.empty()) {
+      head = tail = 0;
+    }
+    if (head >= tail && capacity - head >= n) {
+      at = head;
+    } else if (head >= tail && tail > n) {
+      at = 0;  // wrap: the end of the ring stays unused this turn
+    } else if (head < tail && tail - head > n) {
+      at = head;
+    } else {
+      return nullptr;
+    }
+    if (used.empty()) tail = at;
+    used.emplace_back(ticket, at);
+    head = at + n;
+    return base + at;
+  }
+  void release_through(uint64_t completed) {
+    while (!used.empty() && used.front().first <= completed) used.pop_front();
+    if (!used.empty()) tail = used.front().second;
+  }
+};
+
+enum class CopyMode { Auto, Kernel, CopyEngine };
+
+CopyMode copy_mode_from_env() {
+  const char* v = std::getenv("KVXFER_GPU_COPY");
+  if (!v || !*v || std::strcmp(v, "auto") == 0) return CopyMode::Auto;
+  if (std::strcmp(v, "kernel") == 0) return CopyMode::Kernel;
+  if (std::strcmp(v, "copy_engine") == 0) return CopyMode::CopyEngine;
+  KVXFER_THROW(InvalidArgument, "KVXFER_GPU_COPY='" << v << "' is not one of auto, kernel, copy_engine");
+}
+
 struct CopyQueue::Impl {
   cudaStream_t stream = nullptr;
   std::deque<std::pair<uint64_t, cudaEvent_t>> pending;  // recorded, not yet seen complete, in record order
   std::vector<cudaEvent_t> spare;
   uint64_t next_ticket = 1, completed = 0;
   bool batch_ok = true;  // cudaMemcpyBatchAsync works with this driver (else one cudaMemcpyAsync per copy)
+  CopyMode mode = CopyMode::Auto;
+  DescRing ring;
+  uint32_t max_blocks = 0;
+  uint64_t kernel_copies = 0;
 };
 
+namespace {
+constexpr size_t kDescRingEntries = size_t(1) << 16;  // 1.5 MiB: several layers of thousands of chunks in flight
+constexpr size_t kKernelMaxAverageBytes = size_t(4) << 20;  // larger copies run as well on the copy engines
+}  // namespace
+
 CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
+  impl_->mode = copy_mode_from_env();
   KVXFER_CUDA_CHECK(cudaSetDevice(device), TransportUnavailable, "cudaSetDevice(" << device << ")");
   // Non-blocking: never ordered behind the legacy default stream, so the model's stream and ours never wait on
   // each other except through the events the caller asks for.
   KVXFER_CUDA_CHECK(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking), TransportUnavailable,
                     "cudaStreamCreateWithFlags on cuda:" << device);
+  int sms = 0;
+  KVXFER_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), TransportUnavailable,
+                    "querying the multiprocessor count of cuda:" << device);
+  impl_->max_blocks = static_cast<uint32_t>(std::max(1, sms) * 4);
+  if (impl_->mode != CopyMode::CopyEngine) {
+    void* p = nullptr;
+    if (cudaHostAlloc(&p, kDescRingEntries * sizeof(cuda::CopyDesc), cudaHostAllocMapped | cudaHostAllocPortable) ==
+        cudaSuccess) {
+      impl_->ring.base = static_cast<cuda::CopyDesc*>(p);
+      impl_->ring.capacity = kDescRingEntries;
+    } else {
+      cudaGetLastError();  // no pinned memory to spare: every batch goes to the copy engines
+    }
+  }
 }
 
 CopyQueue::~CopyQueue() {
@@ -174,12 +244,30 @@ CopyQueue::~CopyQueue() {
   for (auto& [t, ev] : impl_->pending) cudaEventDestroy(ev);
   for (auto ev : impl_->spare) cudaEventDestroy(ev);
   if (impl_->stream) cudaStreamDestroy(impl_->stream);
+  if (impl_->ring.base) cudaFreeHost(impl_->ring.base);
   cudaGetLastError();
 }
 
-void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* nbytes, size_t n) {
+uint64_t CopyQueue::kernel_copies() const { return impl_->kernel_copies; }
+
+void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* nbytes, size_t n, bool device_reachable) {
   if (n == 0) return;
   KVXFER_CUDA_CHECK(cudaSetDevice(device_), TransferFailed, "cudaSetDevice(" << device_ << ")");
+  if (device_reachable && impl_->mode != CopyMode::CopyEngine && impl_->ring.base && n <= impl_->ring.capacity / 2) {
+    size_t total = 0;
+    for (size_t i = 0; i < n; ++i) total += nbytes[i];
+    if (impl_->mode == CopyMode::Kernel || total / n <= kKernelMaxAverageBytes) {
+      // The slice is freed by the next ticket recorded: callers record() after every copy().
+      if (cuda::CopyDesc* d = impl_->ring.take(n, impl_->next_ticket)) {
+        for (size_t i = 0; i < n; ++i)
+          d[i] = {reinterpret_cast<uint64_t>(dsts[i]), reinterpret_cast<uint64_t>(srcs[i]), nbytes[i]};
+        KVXFER_CUDA_CHECK(cuda::launch_gather_copy(d, static_cast<uint32_t>(n), impl_->max_blocks, impl_->stream),
+                          TransferFailed, "launching the gather-copy kernel for " << n << " copies");
+        ++impl_->kernel_copies;
+        return;
+      }
+    }
+  }
   if (impl_->batch_ok) {
     cudaMemcpyAttributes attr{};
     attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
@@ -227,6 +315,7 @@ bool CopyQueue::done(uint64_t ticket) {
     impl_->spare.push_back(ev);
     impl_->pending.pop_front();
   }
+  impl_->ring.release_through(impl_->completed);
   return impl_->completed >= ticket;
 }
 
@@ -274,7 +363,8 @@ IpcMapping::~IpcMapping() = default;
 struct CopyQueue::Impl {};
 CopyQueue::CopyQueue(int device) : device_(device) { no_cuda("a GPU copy queue"); }
 CopyQueue::~CopyQueue() = default;
-void CopyQueue::copy(void* const*, const void* const*, const size_t*, size_t) { no_cuda("a GPU copy"); }
+void CopyQueue::copy(void* const*, const void* const*, const size_t*, size_t, bool) { no_cuda("a GPU copy"); }
+uint64_t CopyQueue::kernel_copies() const { return 0; }
 uint64_t CopyQueue::record() { no_cuda("a GPU copy"); }
 bool CopyQueue::done(uint64_t) { no_cuda("a GPU copy"); }
 void CopyQueue::drain() {}

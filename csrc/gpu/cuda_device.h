@@ -64,9 +64,13 @@ class CopyQueue {
   CopyQueue(const CopyQueue&) = delete;
   CopyQueue& operator=(const CopyQueue&) = delete;
   int device() const { return device_; }
-  // Enqueues n copies (any direction: cudaMemcpyDefault, unified addressing). One batched call where the runtime
-  // has cudaMemcpyBatchAsync, else one cudaMemcpyAsync each. Never waits.
-  void copy(void* const* dsts, const void* const* srcs, const size_t* nbytes, size_t n);
+  // Enqueues n copies (any direction: cudaMemcpyDefault, unified addressing). Never waits. When every source and
+  // destination is reachable from the device (device_reachable: device memory, a CUDA IPC mapping, pinned mapped
+  // host memory) and the copies are small, one gather-copy kernel does them all (copy engines pay microseconds per
+  // copy); otherwise one batched copy-engine call (cudaMemcpyBatchAsync), or one cudaMemcpyAsync each. The
+  // environment variable KVXFER_GPU_COPY=kernel|copy_engine overrides the choice (auto by default).
+  void copy(void* const* dsts, const void* const* srcs, const size_t* nbytes, size_t n, bool device_reachable = false);
+  uint64_t kernel_copies() const;  // batches done by the gather kernel (the rest went to the copy engines)
   // Marks everything enqueued so far; done(ticket) turns true once it has all landed.
   uint64_t record();
   bool done(uint64_t ticket);

@@ -49,11 +49,30 @@ def run_and_check(remote, agent, peer, layout, dst, dst_host, seed, xfer):
     return path, reason
 
 
+@pytest.fixture(params=["kernel", "copy_engine"])
+def remote_copy_mode(request, monkeypatch):
+    """A sender whose GPU copies run as the gather kernel, or on the copy engines (KVXFER_GPU_COPY)."""
+    from tests.conftest import RemoteSender
+    from tests.gpu.gpu_peer import serve
+
+    monkeypatch.setenv("KVXFER_GPU_COPY", request.param)  # the spawned sender inherits it
+    r = RemoteSender(serve)
+    yield r
+    r.close()
+
+
 @requires_gpu
-def test_cuda_ipc_gpu_to_gpu_byte_exact(gpu_remote):
-    agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "auto", "cuda:0", "cuda:0", seed=3)
-    path, reason = run_and_check(gpu_remote, agent, peer, layout, dst, dst_host, 3, 1)
+def test_cuda_ipc_gpu_to_gpu_byte_exact(remote_copy_mode):
+    agent, peer, layout, dst, dst_host = setup_pair(remote_copy_mode, "auto", "cuda:0", "cuda:0", seed=3)
+    path, reason = run_and_check(remote_copy_mode, agent, peer, layout, dst, dst_host, 3, 1)
     assert path == "cuda_ipc" and "CUDA IPC" in reason
+
+
+@requires_gpu
+def test_gpu_pool_to_host_pool_staged_byte_exact_in_both_copy_modes(remote_copy_mode):
+    agent, peer, layout, dst, dst_host = setup_pair(remote_copy_mode, "auto", "cuda:0", "cpu", seed=5)
+    path, _ = run_and_check(remote_copy_mode, agent, peer, layout, dst, dst_host, 5, 2)
+    assert path == "staged"
 
 
 @requires_gpu
