@@ -191,7 +191,7 @@ class DecodeWorker:
                 continue
             err = s.recv.error
             if err is not None:  # checked before the first token: a prefill that died never sends one
-                self._end(s, SeqState.FAILED, f"KV transfer failed: {type(err).__name__}: {err}")
+                self._end(s, SeqState.FAILED, f"KV transfer from the prefill node failed: {type(err).__name__}: {err}")
                 events.append((s.seq_id, None, True))
             elif s.recv.done and s.tokens:
                 s.state = SeqState.RUNNING

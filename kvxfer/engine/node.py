@@ -119,7 +119,8 @@ def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, inte
                 try:
                     worker.expect(seq_id, peer)
                 except KvxferError as e:  # the step loop reports it: the seq's recv stays None, so fail it here
-                    inbox.put({"cmd": "cancel", "id": seq_id, "reason": f"{type(e).__name__}: {e}"})
+                    inbox.put({"cmd": "cancel", "id": seq_id,
+                               "reason": f"KV transfer from the prefill node cannot start: {type(e).__name__}: {e}"})
             return True
         if msg.get("cmd") != "admit":
             return False
