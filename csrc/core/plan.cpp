@@ -80,7 +80,8 @@ WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t
   plan.granules_per_layer = granules;
   plan.bytes_per_layer = static_cast<uint64_t>(granules) * src.chunk_bytes;
   plan.layer_begin.reserve(num_layers + 1);
-  plan.writes.reserve(static_cast<size_t>(granules) * num_layers / 4 + num_layers);
+  // Random block ids (the common case) rarely coalesce: reserve every chunk up front rather than regrow 3 times.
+  plan.writes.reserve(static_cast<size_t>(granules) * num_layers);
 
   const bool planes_inner = dst.num_planes == 1 || dst.plane_stride < dst.block_stride;
   const uint32_t P = src.num_planes;

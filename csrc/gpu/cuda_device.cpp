@@ -253,19 +253,29 @@ uint64_t CopyQueue::kernel_copies() const { return impl_->kernel_copies; }
 void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* nbytes, size_t n, bool device_reachable) {
   if (n == 0) return;
   KVXFER_CUDA_CHECK(cudaSetDevice(device_), TransferFailed, "cudaSetDevice(" << device_ << ")");
-  if (device_reachable && impl_->mode != CopyMode::CopyEngine && impl_->ring.base && n <= impl_->ring.capacity / 2) {
+  if (device_reachable && impl_->mode != CopyMode::CopyEngine && impl_->ring.base) {
     size_t total = 0;
     for (size_t i = 0; i < n; ++i) total += nbytes[i];
     if (impl_->mode == CopyMode::Kernel || total / n <= kKernelMaxAverageBytes) {
-      // The slice is freed by the next ticket recorded: callers record() after every copy().
-      if (cuda::CopyDesc* d = impl_->ring.take(n, impl_->next_ticket)) {
-        for (size_t i = 0; i < n; ++i)
+      // Launches of at most a quarter of the ring each; a slice is freed by the next ticket recorded (callers
+      // record() after every copy()). Whatever finds no room in the ring goes to the copy engines below, on the
+      // same stream, so the caller's event still orders after all of it.
+      const size_t per_launch = impl_->ring.capacity / 4;
+      while (n > 0) {
+        const size_t k = std::min(n, per_launch);
+        cuda::CopyDesc* d = impl_->ring.take(k, impl_->next_ticket);
+        if (!d) break;
+        for (size_t i = 0; i < k; ++i)
           d[i] = {reinterpret_cast<uint64_t>(dsts[i]), reinterpret_cast<uint64_t>(srcs[i]), nbytes[i]};
-        KVXFER_CUDA_CHECK(cuda::launch_gather_copy(d, static_cast<uint32_t>(n), impl_->max_blocks, impl_->stream),
-                          TransferFailed, "launching the gather-copy kernel for " << n << " copies");
+        KVXFER_CUDA_CHECK(cuda::launch_gather_copy(d, static_cast<uint32_t>(k), impl_->max_blocks, impl_->stream),
+                          TransferFailed, "launching the gather-copy kernel for " << k << " copies");
         ++impl_->kernel_copies;
-        return;
+        dsts += k;
+        srcs += k;
+        nbytes += k;
+        n -= k;
       }
+      if (n == 0) return;
     }
   }
   if (impl_->batch_ok) {

@@ -15,15 +15,15 @@ pytestmark = requires_gpu
 ARGS = (8, 64, 16, 4, 64, "float16")
 
 
-def setup_pair(remote, transport, src_where, dst_where, seed, sender_kwargs=None):
+def setup_pair(remote, transport, src_where, dst_where, seed, sender_kwargs=None, args=ARGS):
     import torch
 
-    layout = kvxfer.KVLayout.vllm_flash(*ARGS)
+    layout = kvxfer.KVLayout.vllm_flash(*args)
     agent = kvxfer.Agent("gpu-receiver", transport=transport, interface="lo", timeout_s=30)
     dst_host = make_pool(layout, seed + 1000)  # guard pattern: bytes nobody addressed must keep it
     dst = [torch.from_numpy(a).to(dst_where) for a in dst_host] if dst_where != "cpu" else dst_host
     agent.register_pool(dst, layout)
-    md = remote.call("init", (transport, "vllm_flash", seed, list(ARGS), src_where, sender_kwargs or {}))
+    md = remote.call("init", (transport, "vllm_flash", seed, list(args), src_where, sender_kwargs or {}))
     peer = agent.add_peer(md)
     remote.call("add_peer", agent.metadata())
     agent.wait_connected(peer, 20)
@@ -66,6 +66,17 @@ def test_cuda_ipc_gpu_to_gpu_byte_exact(remote_copy_mode):
     agent, peer, layout, dst, dst_host = setup_pair(remote_copy_mode, "auto", "cuda:0", "cuda:0", seed=3)
     path, reason = run_and_check(remote_copy_mode, agent, peer, layout, dst, dst_host, 3, 1)
     assert path == "cuda_ipc" and "CUDA IPC" in reason
+
+
+@requires_gpu
+def test_cuda_ipc_request_larger_than_one_kernel_launch(gpu_remote):
+    """64 layers x 256 blocks x K,V = 32,768 chunks of 2 KiB, all ready at once: more descriptors than one
+    gather-copy launch takes, so the batch is split across launches under one completion event."""
+    big = (64, 512, 16, 1, 64, "float16")
+    agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "auto", "cuda:0", "cuda:0", seed=9, args=big)
+    assert layout.num_layers * 2 * (layout.num_blocks // 2) == 32768
+    path, _ = run_and_check(gpu_remote, agent, peer, layout, dst, dst_host, 9, 3)
+    assert path == "cuda_ipc"
 
 
 @requires_gpu
