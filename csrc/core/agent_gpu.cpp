@@ -80,32 +80,31 @@ void Agent::open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_poo
   send.dst_mapped = it->second;
 }
 
-// Enqueues the copies of every ready layer not enqueued yet, then signals the front layer once its copies landed.
-// Layers that became ready together go as one batch with one event: a layer-wise sender enqueues one layer per
-// batch, while all_ready() puts a whole request into one launch (one kernel instead of one per layer).
+// Enqueues the copies of every ready layer not enqueued yet, one batch and one event per layer, then signals the
+// front layer once its copies landed. Per-layer events let layer L's signal go out while later layers still copy;
+// one batch for all the layers of an all_ready() (one event) measured slower end to end on an H200 (median 1.47 ms
+// vs 1.01 ms for the 512 MiB reference request): every signal then waits for the last copy.
 bool Agent::post_ipc_layer(SendState& send, SendState::Cursor& front, size_t& budget) {
   gpu::CopyQueue& queue = copy_queue(send.copy_device);
   const LocalPool& src = *send.src;
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<size_t> sizes;
-  std::vector<SendState::Cursor*> batch;
   for (auto& cur : send.ready) {
     if (cur.ticket) continue;
     const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
+    dsts.clear();
+    srcs.clear();
+    sizes.clear();
     for (uint32_t i = begin; i < end; ++i) {
       const Write& w = send.plan.writes[i];
       dsts.push_back(reinterpret_cast<void*>(send.dst_mapped[w.dst_region] + w.dst_offset));
       srcs.push_back(reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset));
       sizes.push_back(w.nbytes);
     }
-    cur.next = end - begin;
-    batch.push_back(&cur);
-  }
-  if (!batch.empty()) {
     queue.copy(dsts.data(), srcs.data(), sizes.data(), dsts.size(), /*device_reachable=*/src.on_gpu);
-    const uint64_t ticket = queue.record();
-    for (SendState::Cursor* cur : batch) cur->ticket = ticket;
+    cur.ticket = queue.record();
+    cur.next = end - begin;
   }
   if (!queue.done(front.ticket)) return false;
   const uint32_t nwrites = send.plan.layer_begin[front.layer_index + 1] - send.plan.layer_begin[front.layer_index];
