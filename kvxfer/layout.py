@@ -14,11 +14,28 @@ from kvxfer.errors import InvalidArgument
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1, "int8": 1}
 
 
-def _dtype_bytes(dtype: str) -> int:
-    dtype = str(dtype).replace("torch.", "")
-    if dtype not in DTYPE_BYTES:
+def _dtype_name(dtype) -> str:
+    """'float32' for "float32", torch.float32, numpy.float32 or numpy.dtype('float32'): the two sides of a transfer
+    compare layouts by this name, so an engine passing its tensors' torch dtype must match a peer passing a string."""
+    if isinstance(dtype, str):
+        name = dtype
+    elif type(dtype).__module__.startswith("torch"):
+        name = str(dtype)
+    else:
+        import numpy as np
+
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+    name = name.replace("torch.", "")
+    if name not in DTYPE_BYTES:
         raise InvalidArgument(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
-    return DTYPE_BYTES[dtype]
+    return name
+
+
+def _dtype_bytes(dtype) -> int:
+    return DTYPE_BYTES[_dtype_name(dtype)]
 
 
 @dataclass(frozen=True)
@@ -43,35 +60,35 @@ class KVLayout:
     def vllm_flash(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="bfloat16"):
         """vLLM FlashAttention, per layer [2, num_blocks, block_size, kv_heads, head_dim]."""
         chunk = block_size * num_kv_heads * head_dim * _dtype_bytes(dtype)
-        return cls("vllm_flash", num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim, str(dtype), chunk,
+        return cls("vllm_flash", num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim, _dtype_name(dtype), chunk,
                    num_blocks * chunk, chunk, 2 * num_blocks * chunk, 2 * num_blocks * chunk, True)
 
     @classmethod
     def flashinfer(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="bfloat16"):
         """FlashInfer, per layer [num_blocks, 2, block_size, kv_heads, head_dim]."""
         chunk = block_size * num_kv_heads * head_dim * _dtype_bytes(dtype)
-        return cls("flashinfer", num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim, str(dtype), chunk,
+        return cls("flashinfer", num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim, _dtype_name(dtype), chunk,
                    chunk, 2 * chunk, 2 * num_blocks * chunk, 2 * num_blocks * chunk, True)
 
     @classmethod
     def mla(cls, num_layers, num_blocks, block_size, latent_dim, dtype="bfloat16"):
         """MLA latent cache, per layer [num_blocks, block_size, latent_dim] (no K/V split)."""
         chunk = block_size * latent_dim * _dtype_bytes(dtype)
-        return cls("mla", num_layers, num_blocks, 1, block_size, 0, latent_dim, str(dtype), chunk, 0, chunk,
+        return cls("mla", num_layers, num_blocks, 1, block_size, 0, latent_dim, _dtype_name(dtype), chunk, 0, chunk,
                    num_blocks * chunk, num_blocks * chunk, True)
 
     @classmethod
     def vllm_cpu(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="bfloat16"):
         """vLLM CPU backend, per layer [num_blocks, kv_heads, block_size, 2 * head_dim] (K and V in one chunk)."""
         chunk = num_kv_heads * block_size * 2 * head_dim * _dtype_bytes(dtype)
-        return cls("vllm_cpu", num_layers, num_blocks, 1, block_size, num_kv_heads, head_dim, str(dtype), chunk, 0,
+        return cls("vllm_cpu", num_layers, num_blocks, 1, block_size, num_kv_heads, head_dim, _dtype_name(dtype), chunk, 0,
                    chunk, num_blocks * chunk, num_blocks * chunk, True)
 
     @classmethod
     def blocks_first(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="bfloat16"):
         """One tensor [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]: a block holds every layer."""
         chunk = block_size * num_kv_heads * head_dim * _dtype_bytes(dtype)
-        return cls("blocks_first", num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim, str(dtype), chunk,
+        return cls("blocks_first", num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim, _dtype_name(dtype), chunk,
                    chunk, num_layers * 2 * chunk, 2 * chunk, num_blocks * num_layers * 2 * chunk, False)
 
     @classmethod

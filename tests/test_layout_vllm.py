@@ -24,3 +24,18 @@ def test_bad_backend_or_shape_is_named():
         KVLayout.from_vllm("CPU_ATTN", (8, 2, 32, 63), "float32", 1)
     with pytest.raises(errors.InvalidArgument, match="dtype 'int4'"):
         KVLayout.from_vllm("CPU_ATTN", (8, 2, 32, 64), "int4", 1)
+
+
+def test_dtype_spellings_give_one_layout():
+    """vLLM hands the connector torch dtypes while a peer may pass a string: the layouts must compare equal, or the
+    core refuses the transfer as a layout mismatch (seen end to end: 'float32 on the sender but torch.float32')."""
+    import numpy as np
+
+    want = KVLayout.vllm_cpu(2, 8, 16, 2, 32, "float32")
+    assert want.dtype == "float32"
+    assert KVLayout.vllm_cpu(2, 8, 16, 2, 32, "torch.float32") == want
+    assert KVLayout.vllm_cpu(2, 8, 16, 2, 32, np.float32) == want
+    assert KVLayout.vllm_cpu(2, 8, 16, 2, 32, np.dtype("float32")) == want
+    torch = pytest.importorskip("torch")
+    assert KVLayout.from_vllm("CPU_ATTN", (8, 2, 16, 64), torch.float32, 2) == want
+    assert KVLayout.vllm_flash(2, 8, 16, 2, 32, torch.bfloat16).dtype == "bfloat16"
