@@ -23,7 +23,9 @@ def serve(conn):
                 transport, kind, seed, layout_args, rails, *init_rest = args
                 agent_kwargs = init_rest[0] if init_rest else {}  # e.g. staging options
                 layout = getattr(KVLayout, kind)(*layout_args) if layout_args else PRESETS[kind]()
-                agent = kvxfer.Agent("peer-sender", transport=transport, interface="lo", rails=rails, **agent_kwargs)
+                agent_kwargs = dict(agent_kwargs)
+                name = agent_kwargs.pop("name", "peer-sender")  # distinct names: same-named peers are restarts
+                agent = kvxfer.Agent(name, transport=transport, interface="lo", rails=rails, **agent_kwargs)
                 pool = make_pool(layout, seed)
                 agent.register_pool(pool, layout)
                 result = agent.metadata()

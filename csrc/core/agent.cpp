@@ -340,17 +340,23 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
     if (restarted) {
       peers_by_epoch_.erase(restarted->info.epoch);
     }
+    peer->rx_window = assign_window(peer);
     peers_by_epoch_[peer->info.epoch] = peer;
     peers_by_addr_[peer->addr] = peer;
     auto early = early_hellos_.find(peer->info.epoch);
     if (early != early_hellos_.end()) {
-      peer->hello_rails = early->second;
+      if (early->second.window) {
+        std::lock_guard<std::mutex> pl(peer->mu);
+        peer->take_window(early->second.window_base);
+      }
+      peer->hello_rails = early->second.rails;
       peer->connected = peer->hello_rails == (1u << peer->rails) - 1;
       early_hellos_.erase(early);
     }
   }
   Command c{Command::Kind::Control, nullptr, 0, peer, {}};
   c.msg.type = static_cast<uint16_t>(ControlType::Hello);
+  c.msg.slot = peer->rx_window * ImmCode::kSlotWindow;
   {
     std::lock_guard<std::mutex> lock(cmd_mu_);
     commands_.push_back(std::move(c));
@@ -360,8 +366,40 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   return peer;
 }
 
+// A free window of slots for a new peer: never used, or left by a peer that is gone (lost or replaced), so a late
+// immediate of a live peer is never counted for another one.
+uint32_t Agent::assign_window(const std::shared_ptr<PeerState>& peer) {
+  for (uint32_t pass = 0; pass < 2; ++pass) {
+    for (uint32_t w = 0; w < ImmCode::kMaxWindows; ++w) {
+      auto owner = window_owner_[w].lock();
+      if (owner && (pass == 0 || !owner->lost)) continue;
+      window_owner_[w] = peer;
+      return w;
+    }
+  }
+  KVXFER_THROW(InvalidArgument, "this agent already has " << ImmCode::kMaxWindows << " live peers, the most one "
+                                                          << "agent can receive from; remove peers it no longer uses");
+}
+
 void Agent::remove_peer(const std::shared_ptr<PeerState>& peer) {
   mark_peer_lost(*peer, ErrorKind::PeerUnknown, "peer '" + peer->info.name + "' was removed");
+}
+
+// A send needs a slot from the window the receiver names in its HELLO: the first send to a new peer may wait for
+// that handshake (one round trip, once per peer).
+void Agent::wait_for_window(PeerState& peer, double timeout_s) {
+  const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(peer.mu);
+      if (peer.have_window) return;
+    }
+    KVXFER_CHECK(!peer.lost, PeerLost, "peer '" << peer.info.name << "' is lost: " << peer.lost_reason);
+    KVXFER_CHECK(Clock::now() < until, TransferTimeout,
+                 "peer '" << peer.info.name << "' did not complete its handshake within " << timeout_s
+                          << " s; it must add this agent's metadata too (agent.add_peer) and be running");
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
 }
 
 void Agent::wait_connected(const std::shared_ptr<PeerState>& peer, double timeout_s) {
@@ -436,14 +474,15 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
       send->ops_expected = count_gathered_writes(send->plan, transport_->capabilities().max_iov);
       break;
   }
+  wait_for_window(*peer, timeout_s > 0 ? timeout_s : options_.default_timeout_s);
   {
     std::lock_guard<std::mutex> lock(peer->mu);
     KVXFER_CHECK(!peer->live_sends.count(xfer_id), DuplicateTransfer,
                  "transfer id " << xfer_id << " is already live towards peer '" << peer->info.name
                                 << "'; ids are the engine's request keys and must be unique per peer while live");
     KVXFER_CHECK(!peer->free_slots.empty(), TransferFailed,
-                 ImmCode::kMaxSlots << " transfers are already in flight to peer '" << peer->info.name
-                                    << "'; wait for some to finish");
+                 ImmCode::kSlotWindow << " transfers are already in flight to peer '" << peer->info.name
+                                      << "'; wait for some to finish");
     send->slot = peer->free_slots.back();
     peer->free_slots.pop_back();
     peer->send_by_slot[send->slot] = send;

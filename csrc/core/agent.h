@@ -154,6 +154,7 @@ class Agent {
   bool poll_completions();
   void on_write_done(OpContext* ctx, const std::string* error);
   void on_remote_data(PeerAddr source, uint32_t imm);
+  void count_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm);
   void on_message(const uint8_t* data, size_t nbytes);
   void on_begin(PeerState& peer, const ControlMessage& m);
   void on_release(PeerState& peer, const ControlMessage& m);
@@ -182,7 +183,12 @@ class Agent {
   std::mutex peers_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<PeerState>> peers_by_epoch_;
   std::unordered_map<PeerAddr, std::shared_ptr<PeerState>> peers_by_addr_;
-  std::unordered_map<uint64_t, uint32_t> early_hellos_;  // HELLOs from peers not added yet (epoch -> rail bits)
+  struct EarlyHello { uint32_t rails = 0, window_base = 0; bool window = false; };
+  std::unordered_map<uint64_t, EarlyHello> early_hellos_;  // HELLOs from peers not added yet, by epoch
+  // Receiver side: which peer owns each window of slots (an immediate's slot names its sender), guarded by peers_mu_.
+  std::vector<std::weak_ptr<PeerState>> window_owner_ = std::vector<std::weak_ptr<PeerState>>(ImmCode::kMaxWindows);
+  uint32_t assign_window(const std::shared_ptr<PeerState>& peer);  // peers_mu_ held
+  void wait_for_window(PeerState& peer, double timeout_s);
 
   std::mutex cmd_mu_;
   std::condition_variable cmd_cv_;

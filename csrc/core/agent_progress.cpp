@@ -80,13 +80,15 @@ bool Agent::run_commands() {
         break;
       case Command::Kind::Control:
         if (static_cast<ControlType>(c.msg.type) == ControlType::Hello) {
-          for (uint32_t rail = 0; rail < c.peer->rails; ++rail) queue_control(*c.peer, ControlType::Hello, 0, 0, rail);
+          // Every rail's HELLO names the window of slots the peer is to use towards us.
+          for (uint32_t rail = 0; rail < c.peer->rails; ++rail)
+            queue_control(*c.peer, ControlType::Hello, 0, c.msg.slot, rail, ImmCode::kSlotWindow);
         } else {
           queue_control(*c.peer, static_cast<ControlType>(c.msg.type), c.msg.xfer_id, c.msg.slot);
         }
         break;
       case Command::Kind::InjectImm:
-        on_remote_data(c.peer->addr, c.layer_index);
+        count_imm(c.peer, c.layer_index);
         break;
       case Command::Kind::InjectMessage:
         on_message(reinterpret_cast<const uint8_t*>(&c.msg), sizeof(c.msg));
@@ -346,18 +348,23 @@ PeerState* Agent::peer_by_epoch(uint64_t epoch) {
   return it == peers_by_epoch_.end() ? nullptr : it->second.get();
 }
 
-void Agent::on_remote_data(PeerAddr source, uint32_t imm) {
+// The sender of an immediate is the owner of its slot's window, not the completion's source address: rxm-based
+// providers (tcp, verbs) report no source for remote writes, and the first peer would be credited with all of them.
+void Agent::on_remote_data(PeerAddr /*source*/, uint32_t imm) {
   counters_.imms_received++;
   std::shared_ptr<PeerState> peer;
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
-    auto it = peers_by_addr_.find(source);
-    if (it != peers_by_addr_.end()) peer = it->second;
+    peer = window_owner_[ImmCode::slot(imm) / ImmCode::kSlotWindow].lock();
   }
   if (!peer) {
-    counters_.unknown_imms++;  // a writer we never added: its writes cannot be attributed, so nothing counts them
+    counters_.unknown_imms++;  // no peer owns that window: its writes cannot be attributed, so nothing counts them
     return;
   }
+  count_imm(peer, imm);
+}
+
+void Agent::count_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
   const uint32_t slot = ImmCode::slot(imm), layer = ImmCode::layer(imm), g = ImmCode::granules(imm);
   std::lock_guard<std::mutex> lock(peer->mu);
   SlotCounter& s = peer->slots[slot];
@@ -431,17 +438,24 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
   }
   const auto type = static_cast<ControlType>(m.type);
   if (type == ControlType::Hello) {
-    if (m.first_layer >= 32) {
+    if (m.first_layer >= 32 || m.num_layers != ImmCode::kSlotWindow || m.slot % ImmCode::kSlotWindow != 0) {
       counters_.dropped_messages++;
       return;
     }
     std::lock_guard<std::mutex> lock(peers_mu_);
     auto it = peers_by_epoch_.find(m.sender_epoch);
     if (it == peers_by_epoch_.end()) {
-      early_hellos_[m.sender_epoch] |= 1u << m.first_layer;
+      EarlyHello& e = early_hellos_[m.sender_epoch];
+      e.rails |= 1u << m.first_layer;
+      e.window = true;
+      e.window_base = m.slot;
       return;
     }
     PeerState& peer = *it->second;
+    {
+      std::lock_guard<std::mutex> pl(peer.mu);
+      peer.take_window(m.slot);
+    }
     peer.hello_rails |= 1u << m.first_layer;
     if ((peer.hello_rails & ((1u << peer.rails) - 1)) == (1u << peer.rails) - 1) peer.connected = true;
     return;

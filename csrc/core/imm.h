@@ -25,6 +25,10 @@ namespace kvxfer {
 struct ImmCode {
   static constexpr uint32_t kSlotBits = 12, kLayerBits = 8, kGranuleBits = 12;
   static constexpr uint32_t kMaxSlots = 1u << kSlotBits;            // 4096
+  // A receiver gives each peer its own window of slots (in its HELLO), so the slot alone says which peer an
+  // immediate came from: rxm-based providers (tcp, verbs) report no source for remote-write completions.
+  static constexpr uint32_t kSlotWindow = 64;                       // transfers in flight per (sender, receiver)
+  static constexpr uint32_t kMaxWindows = kMaxSlots / kSlotWindow;  // 64 peers per agent
   static constexpr uint32_t kMaxLayers = 1u << kLayerBits;          // 256
   static constexpr uint32_t kMaxGranules = (1u << kGranuleBits) - 1;  // 4095 chunks per write
 

@@ -45,11 +45,13 @@ struct PeerState {
   std::string lost_reason;
 
   std::mutex mu;
-  // sender side
+  // sender side: the slots of the window the peer gave us in its HELLO (empty until then)
+  bool have_window = false;
   std::vector<uint32_t> free_slots;
   std::vector<std::shared_ptr<SendState>> send_by_slot;          // [kMaxSlots]
   std::unordered_map<uint64_t, std::shared_ptr<SendState>> live_sends;
-  // receiver side
+  // receiver side: the window of slots we gave the peer (ImmCode::kSlotWindow from rx_window * kSlotWindow)
+  uint32_t rx_window = 0;
   std::vector<SlotCounter> slots;                                // [kMaxSlots], counts allocated lazily
   std::unordered_map<uint64_t, uint32_t> slot_of_xfer;
   std::unordered_map<uint64_t, std::shared_ptr<RecvState>> waiting_recvs;   // recv() before BEGIN
@@ -62,9 +64,14 @@ struct PeerState {
   std::unordered_map<uint32_t, std::vector<uint64_t>> ipc_region_start;   // dst pool -> [regions] mapped start
   std::vector<std::unique_ptr<gpu::IpcMapping>> ipc_mappings;
 
-  PeerState() : send_by_slot(ImmCode::kMaxSlots), slots(ImmCode::kMaxSlots) {
-    free_slots.reserve(ImmCode::kMaxSlots);
-    for (uint32_t s = ImmCode::kMaxSlots; s-- > 0;) free_slots.push_back(s);
+  PeerState() : send_by_slot(ImmCode::kMaxSlots), slots(ImmCode::kMaxSlots) {}
+
+  // The peer's HELLO named our window [base, base + kSlotWindow) (mu held).
+  void take_window(uint32_t base) {
+    if (have_window) return;
+    have_window = true;
+    free_slots.reserve(ImmCode::kSlotWindow);
+    for (uint32_t s = base + ImmCode::kSlotWindow; s-- > base;) free_slots.push_back(s);
   }
 };
 
