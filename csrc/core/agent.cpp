@@ -481,8 +481,9 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
                  "transfer id " << xfer_id << " is already live towards peer '" << peer->info.name
                                 << "'; ids are the engine's request keys and must be unique per peer while live");
     KVXFER_CHECK(!peer->free_slots.empty(), TransferFailed,
-                 ImmCode::kSlotWindow << " transfers are already in flight to peer '" << peer->info.name
-                                      << "'; wait for some to finish");
+                 "no free transfer slot towards peer '" << peer->info.name << "': " << ImmCode::kSlotWindow
+                     << " slots per peer, in flight or quarantined by failed transfers (a failed transfer's slot is "
+                        "never reused); wait for transfers to finish, or re-create the agents once many have failed");
     send->slot = peer->free_slots.back();
     peer->free_slots.pop_back();
     peer->send_by_slot[send->slot] = send;

@@ -27,8 +27,10 @@ struct ImmCode {
   static constexpr uint32_t kMaxSlots = 1u << kSlotBits;            // 4096
   // A receiver gives each peer its own window of slots (in its HELLO), so the slot alone says which peer an
   // immediate came from: rxm-based providers (tcp, verbs) report no source for remote-write completions.
-  static constexpr uint32_t kSlotWindow = 64;                       // transfers in flight per (sender, receiver)
-  static constexpr uint32_t kMaxWindows = kMaxSlots / kSlotWindow;  // 64 peers per agent
+  // A failed send's slot stays quarantined (a write posted before the failure may still land), so a window also
+  // bounds the failed transfers a (sender, receiver) pair can have over its life.
+  static constexpr uint32_t kSlotWindow = 128;                      // transfers in flight per (sender, receiver)
+  static constexpr uint32_t kMaxWindows = kMaxSlots / kSlotWindow;  // 32 peers per agent
   static constexpr uint32_t kMaxLayers = 1u << kLayerBits;          // 256
   static constexpr uint32_t kMaxGranules = (1u << kGranuleBits) - 1;  // 4095 chunks per write
 

@@ -99,6 +99,8 @@ def plan_workloads(a) -> list[workloads.Workload]:
     out = []
     pattern = a.pattern or "paged"
     depth = a.depth or 1
+    if not 1 <= depth <= 128:
+        raise InvalidArgument(f"--depth {depth}: between 1 and 128 transfers can be in flight to one peer")
     if a.block_bytes:
         out.append(workloads.raw_workload(pattern, report.parse_size(a.block_bytes), a.blocks, depth,
                                           a.layer_delay_ms))
