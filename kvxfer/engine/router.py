@@ -193,7 +193,11 @@ class Router:
         if req is None:
             return
         if msg["token"] is None:
-            self._fail(req, msg.get("error") or "failed")
+            error = msg.get("error") or "failed"
+            if "from the prefill node" in error and "PeerLost" in error:
+                # The decode node saw the prefill process gone before this router's channel to it did.
+                self.healthy, self.unhealthy_reason = False, f"prefill node lost ({error})"
+            self._fail(req, error)
         elif req.skip_decode_first:
             # The decode node's first event repeats the prefill's token, which was streamed already.
             req.skip_decode_first = False
