@@ -342,7 +342,6 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
     }
     peer->rx_window = assign_window(peer);
     peers_by_epoch_[peer->info.epoch] = peer;
-    peers_by_addr_[peer->addr] = peer;
     auto early = early_hellos_.find(peer->info.epoch);
     if (early != early_hellos_.end()) {
       if (early->second.window) {
@@ -385,32 +384,36 @@ void Agent::remove_peer(const std::shared_ptr<PeerState>& peer) {
   mark_peer_lost(*peer, ErrorKind::PeerUnknown, "peer '" + peer->info.name + "' was removed");
 }
 
-// A send needs a slot from the window the receiver names in its HELLO: the first send to a new peer may wait for
-// that handshake (one round trip, once per peer).
-void Agent::wait_for_window(PeerState& peer, double timeout_s) {
+namespace {
+
+// Polls until ready(), or throws PeerLost when the peer is lost and TransferTimeout (naming `what` the peer failed
+// to do) after timeout_s.
+template <typename Ready>
+void wait_for_peer(const PeerState& peer, double timeout_s, const char* what, std::chrono::microseconds poll,
+                   Ready ready) {
   const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
-  for (;;) {
-    {
-      std::lock_guard<std::mutex> lock(peer.mu);
-      if (peer.have_window) return;
-    }
+  while (!ready()) {
     KVXFER_CHECK(!peer.lost, PeerLost, "peer '" << peer.info.name << "' is lost: " << peer.lost_reason);
     KVXFER_CHECK(Clock::now() < until, TransferTimeout,
-                 "peer '" << peer.info.name << "' did not complete its handshake within " << timeout_s
+                 "peer '" << peer.info.name << "' " << what << " within " << timeout_s
                           << " s; it must add this agent's metadata too (agent.add_peer) and be running");
-    std::this_thread::sleep_for(std::chrono::microseconds(100));
+    std::this_thread::sleep_for(poll);
   }
 }
 
+}  // namespace
+
+// A send needs a slot from the window the receiver names in its HELLO: the first send to a new peer may wait for
+// that handshake (one round trip, once per peer).
+void Agent::wait_for_window(PeerState& peer, double timeout_s) {
+  wait_for_peer(peer, timeout_s, "did not complete its handshake", std::chrono::microseconds(100), [&] {
+    std::lock_guard<std::mutex> lock(peer.mu);
+    return peer.have_window;
+  });
+}
+
 void Agent::wait_connected(const std::shared_ptr<PeerState>& peer, double timeout_s) {
-  const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
-  while (!peer->connected) {
-    KVXFER_CHECK(!peer->lost, PeerLost, "peer '" << peer->info.name << "' is lost: " << peer->lost_reason);
-    KVXFER_CHECK(Clock::now() < until, TransferTimeout,
-                 "peer '" << peer->info.name << "' did not answer within " << timeout_s
-                          << " s; it must add this agent's metadata too (agent.add_peer) and be running");
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
+  wait_for_peer(*peer, timeout_s, "did not answer", std::chrono::microseconds(200), [&] { return peer->connected.load(); });
 }
 
 std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t src_pool,

@@ -153,7 +153,7 @@ class Agent {
   size_t staged_pieces(const SendState& send) const;
   bool poll_completions();
   void on_write_done(OpContext* ctx, const std::string* error);
-  void on_remote_data(PeerAddr source, uint32_t imm);
+  void on_remote_data(uint32_t imm);
   void count_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm);
   void on_message(const uint8_t* data, size_t nbytes);
   void on_begin(PeerState& peer, const ControlMessage& m);
@@ -182,7 +182,6 @@ class Agent {
 
   std::mutex peers_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<PeerState>> peers_by_epoch_;
-  std::unordered_map<PeerAddr, std::shared_ptr<PeerState>> peers_by_addr_;
   struct EarlyHello { uint32_t rails = 0, window_base = 0; bool window = false; };
   std::unordered_map<uint64_t, EarlyHello> early_hellos_;  // HELLOs from peers not added yet, by epoch
   // Receiver side: which peer owns each window of slots (an immediate's slot names its sender), guarded by peers_mu_.

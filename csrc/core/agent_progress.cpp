@@ -311,7 +311,7 @@ bool Agent::poll_completions() {
         if (e.context) on_write_done(static_cast<OpContext*>(e.context), &e.error);
         break;
       case Event::Kind::RemoteData:
-        on_remote_data(e.source, e.imm);
+        on_remote_data(e.imm);
         break;
       case Event::Kind::Message:
         on_message(e.msg, e.msg_len);
@@ -350,7 +350,7 @@ PeerState* Agent::peer_by_epoch(uint64_t epoch) {
 
 // The sender of an immediate is the owner of its slot's window, not the completion's source address: rxm-based
 // providers (tcp, verbs) report no source for remote writes, and the first peer would be credited with all of them.
-void Agent::on_remote_data(PeerAddr /*source*/, uint32_t imm) {
+void Agent::on_remote_data(uint32_t imm) {
   counters_.imms_received++;
   std::shared_ptr<PeerState> peer;
   {

@@ -177,7 +177,6 @@ struct DescRing {
     } else {
       return nullptr;
     }
-    if (used.empty()) tail = at;
     used.emplace_back(ticket, at);
     head = at + n;
     return base + at;
@@ -207,7 +206,6 @@ struct CopyQueue::Impl {
   CopyMode mode = CopyMode::Auto;
   DescRing ring;
   uint32_t max_blocks = 0;
-  uint64_t kernel_copies = 0;
 };
 
 namespace {
@@ -227,14 +225,9 @@ CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
                     "querying the multiprocessor count of cuda:" << device);
   impl_->max_blocks = static_cast<uint32_t>(std::max(1, sms) * 4);
   if (impl_->mode != CopyMode::CopyEngine) {
-    void* p = nullptr;
-    if (cudaHostAlloc(&p, kDescRingEntries * sizeof(cuda::CopyDesc), cudaHostAllocMapped | cudaHostAllocPortable) ==
-        cudaSuccess) {
-      impl_->ring.base = static_cast<cuda::CopyDesc*>(p);
-      impl_->ring.capacity = kDescRingEntries;
-    } else {
-      cudaGetLastError();  // no pinned memory to spare: every batch goes to the copy engines
-    }
+    // No pinned memory to spare (nullptr): every batch goes to the copy engines.
+    impl_->ring.base = static_cast<cuda::CopyDesc*>(alloc_pinned(kDescRingEntries * sizeof(cuda::CopyDesc)));
+    impl_->ring.capacity = impl_->ring.base ? kDescRingEntries : 0;
   }
 }
 
@@ -244,11 +237,9 @@ CopyQueue::~CopyQueue() {
   for (auto& [t, ev] : impl_->pending) cudaEventDestroy(ev);
   for (auto ev : impl_->spare) cudaEventDestroy(ev);
   if (impl_->stream) cudaStreamDestroy(impl_->stream);
-  if (impl_->ring.base) cudaFreeHost(impl_->ring.base);
+  free_pinned(impl_->ring.base);
   cudaGetLastError();
 }
-
-uint64_t CopyQueue::kernel_copies() const { return impl_->kernel_copies; }
 
 void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* nbytes, size_t n, bool device_reachable) {
   if (n == 0) return;
@@ -269,7 +260,6 @@ void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* n
           d[i] = {reinterpret_cast<uint64_t>(dsts[i]), reinterpret_cast<uint64_t>(srcs[i]), nbytes[i]};
         KVXFER_CUDA_CHECK(cuda::launch_gather_copy(d, static_cast<uint32_t>(k), impl_->max_blocks, impl_->stream),
                           TransferFailed, "launching the gather-copy kernel for " << k << " copies");
-        ++impl_->kernel_copies;
         dsts += k;
         srcs += k;
         nbytes += k;
@@ -374,7 +364,6 @@ struct CopyQueue::Impl {};
 CopyQueue::CopyQueue(int device) : device_(device) { no_cuda("a GPU copy queue"); }
 CopyQueue::~CopyQueue() = default;
 void CopyQueue::copy(void* const*, const void* const*, const size_t*, size_t, bool) { no_cuda("a GPU copy"); }
-uint64_t CopyQueue::kernel_copies() const { return 0; }
 uint64_t CopyQueue::record() { no_cuda("a GPU copy"); }
 bool CopyQueue::done(uint64_t) { no_cuda("a GPU copy"); }
 void CopyQueue::drain() {}

@@ -70,7 +70,6 @@ class CopyQueue {
   // copy); otherwise one batched copy-engine call (cudaMemcpyBatchAsync), or one cudaMemcpyAsync each. The
   // environment variable KVXFER_GPU_COPY=kernel|copy_engine overrides the choice (auto by default).
   void copy(void* const* dsts, const void* const* srcs, const size_t* nbytes, size_t n, bool device_reachable = false);
-  uint64_t kernel_copies() const;  // batches done by the gather kernel (the rest went to the copy engines)
   // Marks everything enqueued so far; done(ticket) turns true once it has all landed.
   uint64_t record();
   bool done(uint64_t ticket);
