@@ -71,7 +71,8 @@ class Send(_Transfer):
 
     def abort(self, reason: str = "aborted") -> None:
         """Post nothing more; this send and the peer's recv fail with TransferFailed naming `reason`. No-op once the
-        send ended. Writes already posted may still complete after this returns (there is no drain handshake yet)."""
+        send ended. Writes already posted may still land in the peer's blocks after this returns; the transfer's slot
+        is reused only once the receiver has counted every one of them, so none can be credited to a later transfer."""
         self._agent._c.abort_send(self._h, reason)
 
     def all_ready(self) -> None:

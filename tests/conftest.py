@@ -52,6 +52,24 @@ def remote():
     r.close()
 
 
+def local_pair(layout, transport="tcp", names=("sender", "receiver"), seeds=(11, 12), timeout_s=60.0):
+    """Two connected agents in this process, each with a seeded pool of `layout`.
+    Returns (sender, receiver, peer_of_receiver, peer_of_sender, src_pool, dst_pool)."""
+    import kvxfer
+    from tests.reference import make_pool
+
+    a = kvxfer.Agent(names[0], transport=transport, interface="lo", timeout_s=timeout_s)
+    b = kvxfer.Agent(names[1], transport=transport, interface="lo", timeout_s=timeout_s)
+    src, dst = make_pool(layout, seeds[0]), make_pool(layout, seeds[1])
+    a.register_pool(src, layout)
+    b.register_pool(dst, layout)
+    peer_b = a.add_peer(b.metadata())
+    peer_a = b.add_peer(a.metadata())
+    b.wait_connected(peer_a, 20)
+    a.wait_connected(peer_b, 20)
+    return a, b, peer_b, peer_a, src, dst
+
+
 def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0, rails=1, remote_rails=None,
             sender_kwargs=None):
     """Receiver agent here with a seeded destination pool; sender agent in `remote`. Returns (agent, peer, pool)."""

@@ -13,7 +13,7 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import TRANSPORTS, connect
+from tests.conftest import TRANSPORTS, connect, local_pair
 from tests.reference import PRESETS, apply, block_view, make_pool
 
 LAYERS = 4  # the vllm_flash preset
@@ -23,15 +23,7 @@ LAYERS = 4  # the vllm_flash preset
 def pair():
     """Sender and receiver agents in this process over tcp (the watcher's logic does not depend on the path)."""
     layout = PRESETS["vllm_flash"]()
-    a = kvxfer.Agent("sig-sender", transport="tcp", interface="lo", timeout_s=60)
-    b = kvxfer.Agent("sig-receiver", transport="tcp", interface="lo", timeout_s=60)
-    src, dst = make_pool(layout, 11), make_pool(layout, 12)
-    a.register_pool(src, layout)
-    b.register_pool(dst, layout)
-    peer_b = a.add_peer(b.metadata())
-    peer_a = b.add_peer(a.metadata())
-    b.wait_connected(peer_a, 20)
-    a.wait_connected(peer_b, 20)
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, names=("sig-sender", "sig-receiver"))
     return a, b, peer_b, peer_a, layout, src, dst
 
 

@@ -27,7 +27,7 @@ def pair():
     decode = kvxfer.Agent("push-decode", transport="tcp", interface="lo", timeout_s=10)
     src, dst = make_pool(layout, 1), make_pool(layout, 2)
     prefill.register_pool(src, layout)
-    decode.register_pool(dst, layout)
+    decode.register_pool(dst, layout)  # not connected here: the PushServer/PushClient handshake adds the peers
     server = PushServer(prefill, "127.0.0.1", 0, ttl_s=0.5)
     client = PushClient(decode, *server.address)
     yield layout, prefill, decode, src, dst, server, client

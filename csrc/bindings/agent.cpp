@@ -148,6 +148,8 @@ void register_agent(py::module_& m) {
         d["eagain"] = s.eagain;
         d["dropped_messages"] = s.dropped_messages;
         d["unknown_imms"] = s.unknown_imms;
+        d["slots_reclaimed"] = s.slots_reclaimed;
+        d["slot_violations"] = s.slot_violations;
         py::list rails;
         for (const auto& r : s.rails) {
           py::dict rd;

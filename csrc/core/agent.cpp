@@ -144,6 +144,8 @@ AgentStats Agent::stats() const {
   s.eagain = counters_.eagain;
   s.dropped_messages = counters_.dropped_messages;
   s.unknown_imms = counters_.unknown_imms;
+  s.slots_reclaimed = counters_.slots_reclaimed;
+  s.slot_violations = counters_.slot_violations;
   s.rails = transport_->rail_stats();
   return s;
 }
@@ -484,9 +486,11 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
                  "transfer id " << xfer_id << " is already live towards peer '" << peer->info.name
                                 << "'; ids are the engine's request keys and must be unique per peer while live");
     KVXFER_CHECK(!peer->free_slots.empty(), TransferFailed,
-                 "no free transfer slot towards peer '" << peer->info.name << "': " << ImmCode::kSlotWindow
-                     << " slots per peer, in flight or quarantined by failed transfers (a failed transfer's slot is "
-                        "never reused); wait for transfers to finish, or re-create the agents once many have failed");
+                 "no free transfer slot towards peer '" << peer->info.name << "': all " << ImmCode::kSlotWindow
+                     << " are taken (" << peer->live_sends.size() << " transfers in flight, "
+                     << peer->quarantined.size()
+                     << " failed ones whose posted writes the receiver has not all counted yet); wait for "
+                        "transfers to finish or fail, then retry");
     send->slot = peer->free_slots.back();
     peer->free_slots.pop_back();
     peer->send_by_slot[send->slot] = send;

@@ -66,6 +66,8 @@ struct LocalPool {
 
 struct AgentStats {
   uint64_t writes_posted = 0, imms_received = 0, eagain = 0, dropped_messages = 0, unknown_imms = 0;
+  uint64_t slots_reclaimed = 0;   // sender: slots of failed transfers handed back by the receiver
+  uint64_t slot_violations = 0;   // receiver: an aborted slot got more granules than its sender posted
   std::vector<RailStats> rails;
 };
 
@@ -159,6 +161,8 @@ class Agent {
   void on_begin(PeerState& peer, const ControlMessage& m);
   void on_release(PeerState& peer, const ControlMessage& m);
   void on_abort(PeerState& peer, const ControlMessage& m);
+  void on_abort_ack(PeerState& peer, const ControlMessage& m);
+  void maybe_reclaim_aborted(PeerState& peer, uint32_t slot);
   void check_deadlines();
   void check_slot(PeerState& peer, uint32_t slot);  // called with peer.mu held
   void fail_send(SendState& send, ErrorKind kind, const std::string& why);
@@ -206,6 +210,7 @@ class Agent {
   Clock::time_point next_deadline_check_;
   struct Counters {
     std::atomic<uint64_t> writes_posted{0}, imms_received{0}, eagain{0}, dropped_messages{0}, unknown_imms{0};
+    std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0};
   } counters_;
 
   std::atomic<bool> stop_{false};

@@ -213,8 +213,12 @@ bool Agent::post_staged_op(StagedOp& op) {
     const int rc = transport_->post_write(nullptr, 0, nullptr, ImmCode::encode(send.slot, op.layer, op.granules),
                                           peer.addr, peer.info.remote_virt_addr ? peer.info.signal_addr : 0,
                                           peer.info.signal_rkey, ctx);
-    if (rc == -EAGAIN) return_context(ctx);
-    return rc != -EAGAIN;
+    if (rc == -EAGAIN) {
+      return_context(ctx);
+      return false;
+    }
+    send.granules_posted += op.granules;
+    return true;
   }
   WriteIov iov[16];
   KVXFER_ASSERT(op.num_writes <= 16);
@@ -238,6 +242,7 @@ bool Agent::post_staged_op(StagedOp& op) {
     return_context(ctx);
     return false;
   }
+  send.granules_posted += op.granules;
   counters_.writes_posted++;
   return true;
 }

@@ -230,6 +230,7 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
           }
           cur.next += static_cast<uint32_t>(n);
           ++send.ops_posted;
+          send.granules_posted += granules;
           --budget;
           counters_.writes_posted++;
           any = true;
@@ -292,6 +293,7 @@ bool Agent::post_signals(SendState& send, SendState::Cursor& cur, uint32_t copie
     }
     ++cur.next;
     ++send.ops_posted;
+    send.granules_posted += g;
     --budget;
   }
   return cur.next - copied == nsignals;
@@ -368,7 +370,11 @@ void Agent::count_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
   const uint32_t slot = ImmCode::slot(imm), layer = ImmCode::layer(imm), g = ImmCode::granules(imm);
   std::lock_guard<std::mutex> lock(peer->mu);
   SlotCounter& s = peer->slots[slot];
-  if (s.aborted) return;
+  s.seen += g;
+  if (s.aborted) {  // nothing counts towards a transfer any more; the slot waits for the sender's last writes
+    maybe_reclaim_aborted(*peer, slot);
+    return;
+  }
   if (!s.in_use) {
     s.in_use = true;
     if (s.counts.empty()) s.counts.assign(ImmCode::kMaxLayers, 0);
@@ -418,10 +424,25 @@ void Agent::check_slot(PeerState& peer, uint32_t slot) {
     }
   }
   peer.slot_of_xfer.erase(xfer);
-  std::fill(s.counts.begin(), s.counts.end(), 0);
-  s.in_use = s.begun = false;
-  s.recv.reset();
+  s.reset();
   queue_control(peer, ControlType::Release, xfer, slot);
+}
+
+// An aborted slot is handed back to its sender (ABORT_ACK) once exactly the granules the sender said it posted have
+// arrived: after that no write of the failed transfer is in flight, so the next transfer's counts start clean. More
+// than announced is a sender bug: the slot then stays quarantined for good (peer.mu held).
+void Agent::maybe_reclaim_aborted(PeerState& peer, uint32_t slot) {
+  SlotCounter& s = peer.slots[slot];
+  if (!s.aborted || !s.abort_total_known) return;
+  if (s.seen > s.abort_total) {
+    counters_.slot_violations++;
+    s.abort_total_known = false;
+    return;
+  }
+  if (s.seen < s.abort_total) return;
+  const uint64_t xfer = s.xfer_id;
+  s.reset();
+  queue_control(peer, ControlType::AbortAck, xfer, slot);
 }
 
 void Agent::on_message(const uint8_t* data, size_t nbytes) {
@@ -469,6 +490,7 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     case ControlType::Begin: on_begin(*peer, m); break;
     case ControlType::Release: on_release(*peer, m); break;
     case ControlType::Abort: on_abort(*peer, m); break;
+    case ControlType::AbortAck: on_abort_ack(*peer, m); break;
     default: counters_.dropped_messages++;
   }
 }
@@ -513,7 +535,9 @@ void Agent::on_release(PeerState& peer, const ControlMessage& m) {
     std::lock_guard<std::mutex> lock(peer.mu);
     send = peer.send_by_slot[m.slot];
     if (!send || send->xfer_id != m.xfer_id) {
-      counters_.dropped_messages++;
+      // The transfer completed on the receiver just as it failed here (a deadline): RELEASE frees the slot too.
+      if (peer.reclaim(m.slot, m.xfer_id)) counters_.slots_reclaimed++;
+      else counters_.dropped_messages++;
       return;
     }
     peer.send_by_slot[m.slot].reset();
@@ -527,7 +551,19 @@ void Agent::on_release(PeerState& peer, const ControlMessage& m) {
 void Agent::on_abort(PeerState& peer, const ControlMessage& m) {
   std::lock_guard<std::mutex> lock(peer.mu);
   SlotCounter& s = peer.slots[m.slot];
+  if (!s.in_use && !s.begun && !s.aborted) {
+    // Nothing of it is pending here: it completed (our RELEASE is on its way) or never wrote. Hand the slot back.
+    queue_control(peer, ControlType::AbortAck, m.xfer_id, m.slot);
+    return;
+  }
+  if (s.begun && s.xfer_id != m.xfer_id) {
+    counters_.dropped_messages++;  // names another transfer than the one bound to the slot
+    return;
+  }
   s.aborted = true;
+  s.xfer_id = m.xfer_id;
+  s.abort_total_known = true;
+  s.abort_total = (static_cast<uint64_t>(m.num_layers) << 32) | m.granules_per_layer;
   const std::string why = "the sender abandoned transfer " + std::to_string(m.xfer_id) +
                           " (it failed or timed out on the sending side); its blocks may be partly written";
   if (s.recv) s.recv->fail(ErrorKind::TransferFailed, why);
@@ -536,19 +572,31 @@ void Agent::on_abort(PeerState& peer, const ControlMessage& m) {
   peer.live_recvs.erase(m.xfer_id);
   peer.slot_of_xfer.erase(m.xfer_id);
   s.recv.reset();
+  maybe_reclaim_aborted(peer, m.slot);
+}
+
+void Agent::on_abort_ack(PeerState& peer, const ControlMessage& m) {
+  std::lock_guard<std::mutex> lock(peer.mu);
+  if (peer.reclaim(m.slot, m.xfer_id)) counters_.slots_reclaimed++;
+  else counters_.dropped_messages++;  // not quarantined (a RELEASE reclaimed it first) or a stale id
 }
 
 void Agent::fail_send(SendState& send, ErrorKind kind, const std::string& why) {
   if (!send.fail(kind, why)) return;
   send.aborted = true;
   PeerState& peer = *send.peer;
+  // A released slot is already free (the receiver counted everything). Otherwise it stays quarantined: writes
+  // already posted may still land, so it is handed out again only after the receiver counted all of them.
+  const bool quarantine = !send.released && !peer.lost;
   {
-    // The slot stays quarantined: writes already posted may still land, so it is never handed out again.
     std::lock_guard<std::mutex> lock(peer.mu);
     if (peer.send_by_slot[send.slot].get() == &send) peer.send_by_slot[send.slot].reset();
     peer.live_sends.erase(send.xfer_id);
+    if (quarantine) peer.quarantined[send.slot] = send.xfer_id;
   }
-  if (!peer.lost) queue_control(peer, ControlType::Abort, send.xfer_id, send.slot);
+  if (quarantine)
+    queue_control(peer, ControlType::Abort, send.xfer_id, send.slot, 0,
+                  static_cast<uint32_t>(send.granules_posted >> 32), static_cast<uint32_t>(send.granules_posted));
 }
 
 void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why) {

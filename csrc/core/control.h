@@ -6,18 +6,21 @@
 //   BEGIN   sender -> receiver: slot S now carries transfer X (layers, granules per layer). May arrive after the
 //           first writes of S; counts accumulate per slot until then.
 //   RELEASE receiver -> sender: every granule of slot S arrived; S may be reused, and the send is DONE.
-//   ABORT   sender -> receiver: transfer X in slot S failed on the sender; S is never reused.
+//   ABORT   sender -> receiver: transfer X in slot S failed on the sender. granules_per_layer carries the total
+//           granules the sender posted for S (final: a failed send posts nothing more). The receiver fails X and
+//           keeps S quarantined until it has counted exactly that many, so no late write can land in a reused slot.
+//   ABORT_ACK receiver -> sender: every write the sender posted for aborted slot S has arrived; S may be reused.
 // Every field is checked on receipt (magic, version, size, epochs, ranges); anything else is dropped and counted.
 #pragma once
 #include <cstdint>
 
 namespace kvxfer {
 
-enum class ControlType : uint16_t { Hello = 1, Begin = 2, Release = 3, Abort = 4 };
+enum class ControlType : uint16_t { Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5 };
 
 struct ControlMessage {
   static constexpr uint32_t kMagic = 0x4b584331;  // "1CXK"
-  static constexpr uint16_t kVersion = 1;
+  static constexpr uint16_t kVersion = 2;  // 2: ABORT carries the posted total; ABORT_ACK
   uint32_t magic = kMagic;
   uint16_t version = kVersion;
   uint16_t type = 0;

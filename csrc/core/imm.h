@@ -27,8 +27,8 @@ struct ImmCode {
   static constexpr uint32_t kMaxSlots = 1u << kSlotBits;            // 4096
   // A receiver gives each peer its own window of slots (in its HELLO), so the slot alone says which peer an
   // immediate came from: rxm-based providers (tcp, verbs) report no source for remote-write completions.
-  // A failed send's slot stays quarantined (a write posted before the failure may still land), so a window also
-  // bounds the failed transfers a (sender, receiver) pair can have over its life.
+  // A failed send's slot stays quarantined until the receiver has counted every granule the sender posted for it
+  // (ABORT carries the total, ABORT_ACK hands the slot back), so a late write can never land in a reused slot.
   static constexpr uint32_t kSlotWindow = 128;                      // transfers in flight per (sender, receiver)
   static constexpr uint32_t kMaxWindows = kMaxSlots / kSlotWindow;  // 32 peers per agent
   static constexpr uint32_t kMaxLayers = 1u << kLayerBits;          // 256

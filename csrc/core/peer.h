@@ -4,6 +4,7 @@
 //                  their BEGIN, and transfers that completed before anyone asked for them.
 // Everything mutable is guarded by mu (taken by the caller's thread in send()/recv() and by the progress thread).
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <deque>
 #include <memory>
@@ -23,12 +24,24 @@ namespace kvxfer {
 struct SlotCounter {
   bool in_use = false;      // a granule or a BEGIN arrived and the slot was not released since
   bool begun = false;       // BEGIN arrived: the fields below are known
-  bool aborted = false;     // the sender gave up on this slot; it is never reused
+  bool aborted = false;     // the transfer failed (sender's ABORT or a protocol violation); wait for its writes
+  bool abort_total_known = false;  // the sender's ABORT said how many granules it posted: abort_total
+  uint64_t abort_total = 0;
+  uint64_t seen = 0;        // granules counted for this slot since it was last reset (also while aborted)
   uint64_t xfer_id = 0;
   uint32_t first_layer = 0, num_layers = 0, granules_per_layer = 0;
   uint32_t layers_complete = 0;
   std::vector<uint32_t> counts;  // [ImmCode::kMaxLayers] granules seen per absolute layer
   std::shared_ptr<RecvState> recv;
+
+  // Ready for the next transfer the sender binds to this slot.
+  void reset() {
+    if (!counts.empty()) std::fill(counts.begin(), counts.end(), 0);
+    in_use = begun = aborted = abort_total_known = false;
+    abort_total = seen = 0;
+    layers_complete = 0;
+    recv.reset();
+  }
 };
 
 struct PeerState {
@@ -50,6 +63,7 @@ struct PeerState {
   std::vector<uint32_t> free_slots;
   std::vector<std::shared_ptr<SendState>> send_by_slot;          // [kMaxSlots]
   std::unordered_map<uint64_t, std::shared_ptr<SendState>> live_sends;
+  std::unordered_map<uint32_t, uint64_t> quarantined;            // slot -> failed transfer id, until ABORT_ACK
   // receiver side: the window of slots we gave the peer (ImmCode::kSlotWindow from rx_window * kSlotWindow)
   uint32_t rx_window = 0;
   std::vector<SlotCounter> slots;                                // [kMaxSlots], counts allocated lazily
@@ -65,6 +79,15 @@ struct PeerState {
   std::vector<std::unique_ptr<gpu::IpcMapping>> ipc_mappings;
 
   PeerState() : send_by_slot(ImmCode::kMaxSlots), slots(ImmCode::kMaxSlots) {}
+
+  // A slot returns to the free list once (RELEASE or ABORT_ACK for a quarantined slot, whichever comes first).
+  bool reclaim(uint32_t slot, uint64_t xfer_id) {
+    auto it = quarantined.find(slot);
+    if (it == quarantined.end() || it->second != xfer_id) return false;
+    quarantined.erase(it);
+    free_slots.push_back(slot);
+    return true;
+  }
 
   // The peer's HELLO named our window [base, base + kSlotWindow) (mu held).
   void take_window(uint32_t base) {

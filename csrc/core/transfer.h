@@ -107,6 +107,7 @@ class SendState : public TransferBase {
   struct Cursor { uint32_t layer_index; uint32_t next; uint64_t ticket = 0; };  // ticket: CudaIpc copy event
   std::vector<Cursor> ready;        // layers marked and not yet fully posted, in marking order
   uint64_t ops_posted = 0, ops_completed = 0, ops_expected = 0;
+  uint64_t granules_posted = 0;  // sum of the immediates' granules posted so far (an ABORT reports it)
   uint32_t layers_posted = 0;
   bool begin_sent = false, released = false, aborted = false;
 };

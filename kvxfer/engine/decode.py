@@ -65,6 +65,7 @@ class DecodeWorker:
         self.lock = threading.Lock()
         self.seqs: dict[int, Sequence] = {}
         self._quarantine: dict[int, Sequence] = {}  # ended sequences whose blocks a sender may still write
+        self.last_step_batch = 0  # sequences the last step() decoded (for traces)
 
     @property
     def num_free_blocks(self) -> int:
@@ -174,6 +175,7 @@ class DecodeWorker:
             seqs = list(self.seqs.values())
         events = self._join_arrived(seqs)
         running = [s for s in seqs if s.state is SeqState.RUNNING]
+        self.last_step_batch = len(running)
         if running:
             tokens = torch.tensor([s.tokens[-1] for s in running])
             positions = torch.tensor([s.prompt_len + len(s.tokens) - 1 for s in running])

@@ -133,11 +133,15 @@ def _stream(url: str, item: wl.WorkItem, timing: RequestTiming, out: list) -> No
                     out.append(t)
                     timing.first_token = timing.first_token or now
                     timing.last_token, timing.tokens = now, timing.tokens + 1
+                    timing.token_times.append(now)
     except OSError as e:
         timing.error = str(e)
 
 
 def run_mode(mode: str, items: list[wl.WorkItem], a, net: Net) -> tuple[dict, list[list[int]], list[RequestTiming]]:
+    if a.trace:  # the nodes inherit it: each writes TRACE/MODE/ROLE.jsonl, one line per decode step
+        os.makedirs(os.path.join(a.trace, mode), exist_ok=True)
+        os.environ["KVXFER_ENGINE_TRACE_DIR"] = os.path.abspath(os.path.join(a.trace, mode))
     procs, url = start_deployment(mode, a, net)
     try:
         stream_one(url, wl.WorkItem(0, "warm up", 2), RequestTiming(time.perf_counter()), [])
@@ -210,9 +214,10 @@ def table(res: dict) -> str:
             ("KV exposed mean (ms)", lambda s: f"{s['kv_exposed_mean_ms']:.2f}"),
             ("KV bytes moved", lambda s: f"{s['kv_bytes'] / 2**20:.1f} MiB"),
             ("transport", lambda s: s["transport"])]
-    lines = [f"{'':26} {'disaggregated':>24} {'colocated':>24}"]
+    modes = [(m, title) for m, title in (("disagg", "disaggregated"), ("colocated", "colocated")) if m in res]
+    lines = [f"{'':26}" + "".join(f" {title:>24}" for _, title in modes)]
     for name, f in rows:
-        lines.append(f"{name:26} {f(res['disagg']):>24} {f(res['colocated']):>24}")
+        lines.append(f"{name:26}" + "".join(f" {f(res[m]):>24}" for m, _ in modes))
     return "\n".join(lines)
 
 
@@ -262,7 +267,10 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", default="0.0.0.0:7000", help="--role router: HOST:PORT the nodes connect to")
     ap.add_argument("--connect", help="--role prefill|decode: the router's HOST:PORT")
     ap.add_argument("--iface", help="--role prefill|decode: network interface for kvxfer's tcp provider")
-    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--only", choices=["disagg", "colocated"], help="run one deployment (no side-by-side)")
+    ap.add_argument("--trace", metavar="DIR", help="the decode/colocated nodes write a line per decode step to "
+                                                   "DIR/MODE/ROLE.jsonl")
+    ap.add_argument("--json", metavar="PATH", help="summary, plus every request's TTFT, TPOT and token gaps")
     ap.add_argument("--plot", metavar="PATH.png")
     ap.add_argument("--netns-inside", help=argparse.SUPPRESS)  # set by the netns runner: NS_B,ADDR_A,IFACE_A,IFACE_B
     a = ap.parse_args(argv)
@@ -299,9 +307,10 @@ def _run_demo(a, net: Net) -> int:
     items = wl.load_jsonl(a.workload) if a.workload else wl.generate(n, rate, scale, a.seed)
     print(f"kvxfer-demo: {len(items)} requests, network: {net.kind} ({net.detail})", file=sys.stderr, flush=True)
     results, outputs, timings = {}, {}, {}
-    for mode in ("disagg", "colocated"):
+    modes = ("disagg", "colocated") if a.only is None else (a.only,)
+    for mode in modes:
         results[mode], outputs[mode], timings[mode] = run_mode(mode, items, a, net)
-    results["tokens_match"] = outputs["disagg"] == outputs["colocated"]
+    results["tokens_match"] = outputs["disagg"] == outputs["colocated"] if a.only is None else None
     results["network"] = {"kind": net.kind, "detail": net.detail}
     results["workload"] = {"requests": len(items), "rate": None if a.workload else rate,
                            "scale": None if a.workload else scale, "model": a.model, "threads": a.threads,
@@ -309,13 +318,31 @@ def _run_demo(a, net: Net) -> int:
                            "max_tokens_mean": sum(i.max_tokens for i in items) / len(items)}
     print(table(results))
     print(f"network: {net.kind} ({net.detail})")
-    print(f"greedy outputs identical in both deployments: {results['tokens_match']}")
+    if a.only is None:
+        print(f"greedy outputs identical in both deployments: {results['tokens_match']}")
     if a.json:
+        per_request = {m: per_request_rows(items, ts) for m, ts in timings.items()}
         with open(a.json, "w") as f:
-            json.dump({"schema": 1, **results}, f, indent=1)
+            json.dump({"schema": 2, **results, "per_request": per_request}, f, indent=1)
     if a.plot:
         plot(a.plot, timings)
-    return 0 if results["tokens_match"] else 1
+    return 0 if results["tokens_match"] in (True, None) else 1
+
+
+def per_request_rows(items: list[wl.WorkItem], timings: list[RequestTiming]) -> list[dict]:
+    """What the JSON keeps of each request: enough to find where a latency tail comes from."""
+    t0 = min(t.arrival for t in timings)
+    rows = []
+    for item, t in zip(items, timings):
+        gaps = [round(1000 * (b - a), 2) for a, b in zip(t.token_times, t.token_times[1:])]
+        rows.append({"arrival_s": round(t.arrival - t0, 3), "prompt_tokens": len(item.prompt),
+                     "max_tokens": item.max_tokens, "tokens": t.tokens, "ttft_ms": _ms(t.ttft),
+                     "tpot_ms": _ms(t.tpot), "gaps_ms": gaps, "error": t.error})
+    return rows
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(1000 * v, 2)
 
 
 def _run_node(a) -> int:

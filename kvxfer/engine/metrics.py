@@ -16,6 +16,7 @@ class RequestTiming:
     kv_exposed_s: float = 0.0  # KV transfer time not hidden behind prefill (0 when the KV was in place first)
     kv_error: str | None = None  # the prefill side's send failed: why
     error: str | None = None
+    token_times: list = field(default_factory=list)  # arrival of each token (client side; the demo keeps them)
 
     @property
     def ttft(self) -> float | None:
@@ -26,6 +27,12 @@ class RequestTiming:
         if self.tokens < 2 or self.last_token is None:
             return None
         return (self.last_token - self.first_token) / (self.tokens - 1)
+
+    @property
+    def max_gap(self) -> float | None:
+        """The longest wait between two consecutive tokens (where a TPOT tail comes from)."""
+        t = self.token_times
+        return max(b - a for a, b in zip(t, t[1:])) if len(t) > 1 else None
 
     @property
     def e2e(self) -> float | None:

@@ -17,9 +17,11 @@ relays the bytes. `python -m kvxfer.engine.node ROLE --connect HOST:PORT [--mode
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import threading
+import time
 
 import torch
 
@@ -49,10 +51,37 @@ def _reader(ch, inbox: queue.Queue, handle=None) -> None:
         inbox.put({"cmd": "bye", "reason": str(e)})
 
 
-def _serve(link: _Link, worker: DecodeWorker, inbox: queue.Queue, on_msgs) -> None:
+class StepTrace:
+    """--trace PATH: one JSON line per step (start time, running batch, sequences that joined, commands handled,
+    step and loop milliseconds), to see where a TPOT tail comes from. Off: every call is a no-op."""
+
+    def __init__(self, path: str | None):
+        self.f = open(path, "w", buffering=1 << 16) if path else None
+
+    def write(self, t0: float, t1: float, t2: float, running: int, joined: int, msgs: int) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps({"t": round(t0, 6), "batch": running, "joined": joined, "msgs": msgs,
+                                     "step_ms": round(1000 * (t1 - t0), 3), "loop_ms": round(1000 * (t2 - t0), 3)})
+                         + "\n")
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def _serve(link: _Link, worker: DecodeWorker, inbox: queue.Queue, on_msgs, trace: StepTrace | None = None) -> None:
     """The stepping loop shared by decode and colocated nodes: commands, one step, events, block counts."""
+    trace = trace or StepTrace(None)
+    try:
+        _serve_loop(link, worker, inbox, on_msgs, trace)
+    finally:
+        trace.close()
+
+
+def _serve_loop(link: _Link, worker: DecodeWorker, inbox: queue.Queue, on_msgs, trace: StepTrace) -> None:
     reported = None
     while True:
+        t0 = time.perf_counter()
         msgs = []
         while not inbox.empty():
             msgs.append(inbox.get())
@@ -71,7 +100,9 @@ def _serve(link: _Link, worker: DecodeWorker, inbox: queue.Queue, on_msgs) -> No
             else:
                 rest.append(m)
         events += on_msgs(rest)
-        events += worker.step()  # also frees quarantined blocks whose transfer ended
+        stepped = worker.step()  # also frees quarantined blocks whose transfer ended
+        events += stepped
+        t1 = time.perf_counter()
         for seq_id, token, finished in events:
             seq = worker.seqs.get(seq_id)
             link.send({"type": "token", "id": seq_id, "token": token, "finished": finished,
@@ -81,6 +112,9 @@ def _serve(link: _Link, worker: DecodeWorker, inbox: queue.Queue, on_msgs) -> No
         if free != reported:
             link.send({"type": "blocks", "free_blocks": free, "num_blocks": worker.cache.num_blocks})
             reported = free
+        if stepped:
+            joined = sum(1 for _, tok, _ in stepped if tok is not None) - worker.last_step_batch
+            trace.write(t0, t1, time.perf_counter(), worker.last_step_batch, joined, len(msgs))
         if not msgs and not events:
             _idle(worker, inbox)
 
@@ -103,7 +137,8 @@ def _idle(worker: DecodeWorker, inbox: queue.Queue) -> None:
         pass
 
 
-def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, interface, timeout_s: float) -> None:
+def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, interface, timeout_s: float,
+               trace: str | None = None) -> None:
     import kvxfer
 
     agent = kvxfer.Agent(f"decode-{os.getpid()}", transport=transport, interface=interface, timeout_s=timeout_s)
@@ -142,7 +177,7 @@ def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, inte
 
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(ch, inbox, admit), daemon=True).start()
-    _serve(link, worker, inbox, on_msgs)
+    _serve(link, worker, inbox, on_msgs, StepTrace(trace))
 
 
 def run_prefill(ch, model, num_blocks: int, block_size: int, transport: str, interface, timeout_s: float,
@@ -153,7 +188,7 @@ def run_prefill(ch, model, num_blocks: int, block_size: int, transport: str, int
     prefill.serve(ch, model, num_blocks, block_size, transport, interface, timeout_s, layer_delay_s)
 
 
-def run_colocated(ch, model, num_blocks: int, block_size: int, timeout_s: float) -> None:
+def run_colocated(ch, model, num_blocks: int, block_size: int, timeout_s: float, trace: str | None = None) -> None:
     """The baseline: the same DecodeWorker, its prompts prefilled locally between decode steps (stalling them)."""
     worker = DecodeWorker(model, num_blocks, block_size, timeout_s=timeout_s)
     ch.send_json({"role": "colocated"})
@@ -163,7 +198,7 @@ def run_colocated(ch, model, num_blocks: int, block_size: int, timeout_s: float)
 
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(ch, inbox), daemon=True).start()
-    _serve(_Link(ch), worker, inbox, on_msgs)
+    _serve(_Link(ch), worker, inbox, on_msgs, StepTrace(trace))
 
 
 def main(argv=None) -> int:
@@ -183,7 +218,11 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--layer-delay-ms", type=float, default=0.0,
                     help="prefill: sleep after each layer (emulates a bigger model; tests widen a transfer with it)")
+    ap.add_argument("--trace", metavar="PATH", help="decode/colocated: write one JSON line per decode step here "
+                                                    "(default: $KVXFER_ENGINE_TRACE_DIR/ROLE.jsonl when that is set)")
     a = ap.parse_args(argv)
+    if a.trace is None and os.environ.get("KVXFER_ENGINE_TRACE_DIR"):
+        a.trace = os.path.join(os.environ["KVXFER_ENGINE_TRACE_DIR"], f"{a.role}.jsonl")
     torch.set_num_threads(a.threads)
     model = LlamaModel.random(PRESETS[a.model], a.seed) if a.model in PRESETS else LlamaModel.from_pretrained(a.model)
     host, port = bootstrap.parse_hostport(a.connect)
@@ -193,9 +232,9 @@ def main(argv=None) -> int:
         if a.role == "prefill":
             run_prefill(ch, model, a.num_blocks, a.block_size, a.transport, iface, a.timeout, a.layer_delay_ms / 1000)
         elif a.role == "decode":
-            run_decode(ch, model, a.num_blocks, a.block_size, a.transport, iface, a.timeout)
+            run_decode(ch, model, a.num_blocks, a.block_size, a.transport, iface, a.timeout, a.trace)
         else:
-            run_colocated(ch, model, a.num_blocks, a.block_size, a.timeout)
+            run_colocated(ch, model, a.num_blocks, a.block_size, a.timeout, a.trace)
     except PeerLost:
         pass  # the router closed the channel: shut down quietly
     return 0

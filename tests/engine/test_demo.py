@@ -19,11 +19,16 @@ def run_demo(tmp_path, *flags):
                        env={**os.environ, "FI_TCP_IFACE": "lo"})
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
-    assert doc["tokens_match"] is True and doc["schema"] == 1
+    assert doc["tokens_match"] is True and doc["schema"] == 2
     for mode in ("disagg", "colocated"):
         s = doc[mode]
         assert s["completed"] == 4 and s["failed"] == 0
         assert s["ttft_p50"] > 0 and s["tpot_p99"] >= s["tpot_p50"] > 0
+        rows = doc["per_request"][mode]  # every request's own numbers agree with the summary built from them
+        assert len(rows) == 4 and all(len(row["gaps_ms"]) == row["tokens"] - 1 for row in rows)
+        assert max(row["tpot_ms"] for row in rows) >= 1000 * s["tpot_p99"] - 0.01
+        for row in rows:
+            assert row["tpot_ms"] == pytest.approx(sum(row["gaps_ms"]) / len(row["gaps_ms"]), abs=0.05)
     assert doc["disagg"]["kv_bytes"] > 0 and doc["colocated"]["kv_bytes"] == 0
     assert 0 <= doc["disagg"]["kv_exposed_share"] < 1
     assert "greedy outputs identical in both deployments: True" in r.stdout

@@ -1,0 +1,90 @@
+"""Failed transfers hand their slot back once the receiver has counted every write the sender posted for it.
+
+Each (sender, receiver) pair has a window of 128 slots. A failed send's writes may still be in flight, so its slot
+cannot be reused at once (a late write would count towards the next transfer). The sender's ABORT says how many
+granules it posted; the receiver answers ABORT_ACK once it counted exactly that many, and only then the slot is
+free. Before this, 128 failures exhausted a pair for good.
+"""
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import TRANSPORTS, local_pair
+from tests.reference import PRESETS, apply, make_pool
+
+WINDOW = 128
+
+
+def wait_for(pred, timeout_s=30.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s}s")
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_more_failed_transfers_than_slots_then_an_exact_one(transport):
+    """3 x 128 sends fail (aborted after some layers were posted, so writes are in flight when the ABORT goes out);
+    the pair keeps working and the next transfer's bytes are exact, other blocks untouched."""
+    layout = PRESETS["vllm_flash"]()  # 4 layers x 32 blocks
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, transport, ("reclaim-sender", "reclaim-receiver"))
+    failures = 3 * WINDOW
+    for i in range(failures):
+        src_ids = np.array([i % 32, (i + 7) % 32], np.int32)
+        dst_ids = np.array([(i * 3) % 32, (i * 3 + 1) % 32], np.int32)
+        recv = b.recv(peer_a, i, dst_ids)
+        send = a.send(peer_b, i, src_ids, dst_ids)
+        for layer in range(i % layout.num_layers):  # 0..3 of the 4 layers posted before the abort
+            send.layer_ready(layer)
+        send.abort("request cancelled")
+        with pytest.raises(Exception, match="request cancelled"):
+            send.wait(timeout_s=30)
+        with pytest.raises(Exception, match="abandoned transfer"):
+            recv.wait(timeout_s=30)
+    wait_for(lambda: a.stats()["slots_reclaimed"] == failures, what=f"{failures} slots handed back")
+    assert b.stats()["slot_violations"] == 0
+
+    expected = [x.copy() for x in dst]
+    src_ids, dst_ids = np.array([3, 9, 20], np.int32), np.array([30, 1, 17], np.int32)
+    apply(layout, src, expected, src_ids, dst_ids, range(layout.num_layers))
+    recv = b.recv(peer_a, 10_000, dst_ids)
+    send = a.send(peer_b, 10_000, src_ids, dst_ids)
+    send.all_ready()
+    recv.wait(timeout_s=30)
+    send.wait(timeout_s=30)
+    assert recv.layers_done == layout.num_layers
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)  # the written blocks exactly; every other block untouched
+
+
+def test_timed_out_sends_give_their_slots_back():
+    """A send that misses its deadline (its layers never marked ready) frees its slot the same way."""
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "tcp", ("timeout-sender", "timeout-receiver"))
+    sends = [a.send(peer_b, i, [1], [2], timeout_s=0.2) for i in range(WINDOW)]  # the whole window
+    sends[0].layer_ready(0)
+    for s in sends:
+        with pytest.raises(Exception, match="missed its deadline"):
+            s.wait(timeout_s=30)
+    wait_for(lambda: a.stats()["slots_reclaimed"] == WINDOW, what="the window handed back")
+    expected = [x.copy() for x in dst]
+    apply(layout, src, expected, np.array([4], np.int32), np.array([5], np.int32), range(layout.num_layers))
+    send = a.send(peer_b, 5000, [4], [5])
+    recv = b.recv(peer_a, 5000, [5])
+    send.all_ready()
+    recv.wait(timeout_s=30)
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_slot_exhaustion_names_what_holds_the_slots():
+    """With every slot in flight the error says so and how to get out of it."""
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "tcp", ("busy-sender", "busy-receiver"))
+    sends = [a.send(peer_b, i, [1], [2], timeout_s=60) for i in range(WINDOW)]
+    with pytest.raises(Exception, match=r"all 128 are taken \(128 transfers in flight, 0 failed"):
+        a.send(peer_b, 999, [1], [2], timeout_s=60)
+    for s in sends:
+        s.abort("test over")
