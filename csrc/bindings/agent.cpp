@@ -150,6 +150,7 @@ void register_agent(py::module_& m) {
         d["unknown_imms"] = s.unknown_imms;
         d["slots_reclaimed"] = s.slots_reclaimed;
         d["slot_violations"] = s.slot_violations;
+        d["idle_waits"] = s.idle_waits;
         py::list rails;
         for (const auto& r : s.rails) {
           py::dict rd;

@@ -2,6 +2,7 @@
 // agent_progress.cpp.
 #include "core/agent.h"
 
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -114,13 +115,17 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
     contexts_.push_back(std::make_unique<OpContext>());
     free_contexts_.push_back(contexts_.back().get());
   }
+  cq_fds_ = transport_->wait_fds();
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake_fd_ < 0) cq_fds_.clear();  // no eventfd: commands could not end a wait, so never block
   progress_ = std::thread([this] { progress_loop(); });
 }
 
 Agent::~Agent() {
   stop_.store(true);
-  cmd_cv_.notify_all();
+  wake_progress();
   if (progress_.joinable()) progress_.join();
+  if (wake_fd_ >= 0) close(wake_fd_);
   std::lock_guard<std::mutex> lock(peers_mu_);
   for (auto& [epoch, peer] : peers_by_epoch_) {
     std::lock_guard<std::mutex> pl(peer->mu);
@@ -146,6 +151,7 @@ AgentStats Agent::stats() const {
   s.unknown_imms = counters_.unknown_imms;
   s.slots_reclaimed = counters_.slots_reclaimed;
   s.slot_violations = counters_.slot_violations;
+  s.idle_waits = counters_.idle_waits;
   s.rails = transport_->rail_stats();
   return s;
 }
@@ -363,7 +369,7 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
     commands_.push_back(std::move(c));
     has_commands_ = true;
   }
-  cmd_cv_.notify_one();
+  wake_progress();
   return peer;
 }
 
@@ -501,7 +507,7 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
     commands_.push_back(Command{Command::Kind::NewSend, send, 0, nullptr, {}});
     has_commands_ = true;
   }
-  cmd_cv_.notify_one();
+  wake_progress();
   return send;
 }
 
@@ -514,7 +520,7 @@ void Agent::abort_send(const std::shared_ptr<SendState>& send, const std::string
     commands_.push_back(std::move(c));
     has_commands_ = true;
   }
-  cmd_cv_.notify_one();
+  wake_progress();
 }
 
 void Agent::layer_ready(const std::shared_ptr<SendState>& send, int layer) {
@@ -541,7 +547,7 @@ void Agent::layer_ready(const std::shared_ptr<SendState>& send, int layer) {
     for (auto& c : cmds) commands_.push_back(std::move(c));
     has_commands_ = true;
   }
-  cmd_cv_.notify_one();
+  wake_progress();
 }
 
 std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
@@ -604,6 +610,7 @@ void Agent::inject_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
   std::lock_guard<std::mutex> lock(cmd_mu_);
   commands_.push_back(std::move(c));
   has_commands_ = true;
+  wake_progress();
 }
 
 void Agent::inject_begin(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t slot, uint32_t first_layer,
@@ -620,6 +627,7 @@ void Agent::inject_begin(const std::shared_ptr<PeerState>& peer, uint64_t xfer_i
   std::lock_guard<std::mutex> lock(cmd_mu_);
   commands_.push_back(std::move(c));
   has_commands_ = true;
+  wake_progress();
 }
 
 }  // namespace kvxfer

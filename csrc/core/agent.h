@@ -68,6 +68,7 @@ struct AgentStats {
   uint64_t writes_posted = 0, imms_received = 0, eagain = 0, dropped_messages = 0, unknown_imms = 0;
   uint64_t slots_reclaimed = 0;   // sender: slots of failed transfers handed back by the receiver
   uint64_t slot_violations = 0;   // receiver: an aborted slot got more granules than its sender posted
+  uint64_t idle_waits = 0;        // times the progress thread blocked on its CQ fds (0: it never does)
   std::vector<RailStats> rails;
 };
 
@@ -138,6 +139,9 @@ class Agent {
 
   // progress thread (agent_progress.cpp)
   void progress_loop();
+  void wake_progress();            // a command was queued (or the agent stops): end an idle wait
+  bool may_block() const;          // nothing to post: only a completion, a message or a command can make work
+  void block_until_event();
   bool run_commands();
   bool post_pending_writes();
   bool post_send_ops(const std::shared_ptr<SendState>& send, size_t& budget);
@@ -195,6 +199,8 @@ class Agent {
 
   std::mutex cmd_mu_;
   std::condition_variable cmd_cv_;
+  int wake_fd_ = -1;                // eventfd: commands end the progress thread's blocking wait on the CQ fds
+  std::vector<int> cq_fds_;         // the transport's wait fds (empty: it has none; idle means short sleeps)
   std::vector<Command> commands_;
   std::atomic<bool> has_commands_{false};
 
@@ -210,7 +216,7 @@ class Agent {
   Clock::time_point next_deadline_check_;
   struct Counters {
     std::atomic<uint64_t> writes_posted{0}, imms_received{0}, eagain{0}, dropped_messages{0}, unknown_imms{0};
-    std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0};
+    std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0}, idle_waits{0};
   } counters_;
 
   std::atomic<bool> stop_{false};

@@ -1,6 +1,8 @@
 // Agent: the progress-thread half. Posts writes within a bounded window, polls completions, counts immediates,
 // handles control messages and enforces deadlines and peer liveness. Never holds the GIL, never calls Python.
+#include <poll.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -14,6 +16,8 @@
 namespace kvxfer {
 
 namespace {
+constexpr uint32_t kSpinBeforeBlock = 200;  // empty polls before an idle agent blocks on its CQ fds
+constexpr int kMaxBlockMs = 10;             // deadlines and peer liveness are checked at least this often
 constexpr size_t kArrivedMemory = 65536;    // completed-but-unclaimed transfers remembered per peer
 constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step before polling again
 // True when pid no longer runs: gone (ESRCH) or a zombie its parent has not reaped yet. kill(pid, 0) alone
@@ -52,11 +56,48 @@ void Agent::progress_loop() {
       idle = 0;
       continue;
     }
-    // Spin briefly (latency), then back off to short sleeps (2-core machines). Manual-progress providers
-    // still need us to poll, so the sleep is bounded.
-    if (++idle < 4000) continue;
+    ++idle;
+    // With a CQ wait fd, an agent with nothing to post blocks until a completion, a message or a command: an idle
+    // agent then costs no CPU, which matters on the small machines that run prefill and decode side by side.
+    if (!cq_fds_.empty() && may_block()) {
+      if (idle >= kSpinBeforeBlock) block_until_event();
+      continue;
+    }
+    // Without one (shm), or with local work waiting (a GPU copy, a full provider window): spin briefly, then
+    // short sleeps. Manual-progress providers still need us to poll, so the sleep is bounded.
+    if (idle < 4000) continue;
     std::unique_lock<std::mutex> lock(cmd_mu_);
     if (!has_commands_) cmd_cv_.wait_for(lock, std::chrono::microseconds(idle < 20000 ? 20 : 200));
+  }
+}
+
+void Agent::wake_progress() {
+  cmd_cv_.notify_all();
+  if (wake_fd_ >= 0) {
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = write(wake_fd_, &one, sizeof(one));
+  }
+}
+
+bool Agent::may_block() const {
+  if (has_commands_.load(std::memory_order_acquire) || !outbox_.empty() || !staged_.empty()) return false;
+  for (const auto& s : active_sends_)
+    if (!s->ready.empty() && s->state() == TransferState::Pending && !s->aborted) return false;
+  return true;
+}
+
+void Agent::block_until_event() {
+  if (!transport_->ready_to_wait()) return;  // something is already there: poll it first
+  pollfd fds[1 + 16];
+  const size_t n = std::min<size_t>(cq_fds_.size(), 16);
+  fds[0] = {wake_fd_, POLLIN, 0};
+  for (size_t i = 0; i < n; ++i) fds[1 + i] = {cq_fds_[i], POLLIN, 0};
+  const auto until_check = std::chrono::duration_cast<std::chrono::milliseconds>(next_deadline_check_ - Clock::now());
+  const int timeout = static_cast<int>(std::clamp<int64_t>(until_check.count() + 1, 1, kMaxBlockMs));
+  counters_.idle_waits++;
+  if (::poll(fds, 1 + n, timeout) > 0 && (fds[0].revents & POLLIN)) {
+    uint64_t v;
+    [[maybe_unused]] ssize_t r = read(wake_fd_, &v, sizeof(v));
   }
 }
 
@@ -622,7 +663,7 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
 
 void Agent::check_deadlines() {
   const auto now = Clock::now();
-  next_deadline_check_ = now + std::chrono::milliseconds(2);
+  next_deadline_check_ = now + std::chrono::milliseconds(kMaxBlockMs);  // deadlines are seconds; liveness ms
   for (auto& send : active_sends_) {
     if (send->state() == TransferState::Pending && now >= send->deadline) {
       fail_send(*send, ErrorKind::TransferTimeout,

@@ -80,6 +80,11 @@ class Transport {
   virtual size_t poll(Event* events, size_t max) = 0;
   // Safe to call from any thread (atomics).
   virtual std::vector<RailStats> rail_stats() const = 0;
+  // File descriptors that become readable when poll() may have something (one per rail), or empty when the
+  // provider has no wait object (the agent then sleeps in short steps instead of blocking).
+  virtual std::vector<int> wait_fds() const { return {}; }
+  // True when blocking on wait_fds() now cannot miss an event (fi_trywait); false: poll() again first.
+  virtual bool ready_to_wait() { return false; }
   static constexpr size_t kContextBytes = 64;  // >= sizeof(struct fi_context2)
   static constexpr size_t kMaxMessageBytes = 256;
 };

@@ -146,6 +146,13 @@ def cluster(tmp_path_factory):
         servers["decode"].wait_healthy(f"http://127.0.0.1:{d_port}/health", 400)
         servers["proxy"].wait_healthy(f"http://127.0.0.1:{proxy_port}/health", 60)
         print(f"vLLM prefill+decode servers healthy after {time.monotonic() - t0:.0f}s")
+        # A cold server's first request can take longer than the transfer timeout on a loaded 2-core machine (CI
+        # saw the decode give up on a first KV load at 15 s while the prefill was still on it): warm the prefill
+        # the way `baseline` warms the decode, with a plain request (no kv_transfer_params: its connector idles).
+        t1 = time.monotonic()
+        status, resp = complete(f"http://127.0.0.1:{p_port}", PROMPTS[0])
+        assert status == 200, resp
+        print(f"prefill server's first request took {time.monotonic() - t1:.1f}s")
         yield {"prefill": f"http://127.0.0.1:{p_port}", "decode": f"http://127.0.0.1:{d_port}",
                "proxy": f"http://127.0.0.1:{proxy_port}", "servers": servers, "dir": d}
     finally:

@@ -3,10 +3,12 @@
 #include <rdma/fi_cm.h>
 #include <rdma/fi_domain.h>
 #include <rdma/fi_endpoint.h>
+#include <rdma/fi_eq.h>
 #include <rdma/fi_rma.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <unordered_map>
 #include <cstring>
 #include <vector>
@@ -31,6 +33,7 @@ struct MsgBuffer {
 // one remote key) serves every rail.
 struct Rail {
   fid_cq* cq = nullptr;
+  int wait_fd = -1;  // the CQ's wait object (FI_WAIT_FD), -1 when the provider has none
   fid_av* av = nullptr;
   fid_ep* ep = nullptr;
   std::unordered_map<fi_addr_t, PeerAddr> peer_of;  // this rail's AV entries -> our peer handle
@@ -227,6 +230,21 @@ class FabricTransport final : public Transport {
     return out;
   }
 
+  std::vector<int> wait_fds() const override {
+    std::vector<int> fds;
+    for (const auto& r : rails_) {
+      if (r.wait_fd < 0) return {};
+      fds.push_back(r.wait_fd);
+    }
+    return fds;
+  }
+
+  bool ready_to_wait() override {
+    fid* fids[kMaxRails];
+    for (size_t i = 0; i < rails_.size(); ++i) fids[i] = &rails_[i].cq->fid;
+    return fi_trywait(fabric_, fids, static_cast<int>(rails_.size())) == FI_SUCCESS;
+  }
+
   std::vector<RailStats> rail_stats() const override {
     std::vector<RailStats> out;
     for (const auto& r : rails_) out.push_back({r.writes.load(), r.imms.load()});
@@ -238,6 +256,11 @@ class FabricTransport final : public Transport {
     KVXFER_CHECK(peer < peers_.size() && rail < peers_[peer].size(), PeerUnknown,
                  "no rail " << rail << " towards this peer (it was removed or exposes fewer endpoints)");
     return peers_[peer][rail];
+  }
+
+  static bool want_wait_fd() {
+    const char* v = std::getenv("KVXFER_IDLE_WAIT");
+    return !(v && std::string(v) == "poll");
   }
 
   static std::vector<std::vector<uint8_t>> parse_address(const std::vector<uint8_t>& a) {
@@ -264,8 +287,15 @@ class FabricTransport final : public Transport {
     fi_cq_attr cq_attr{};
     cq_attr.format = FI_CQ_FORMAT_DATA;
     cq_attr.size = kCqSize;
-    cq_attr.wait_obj = FI_WAIT_NONE;
-    KVXFER_FI_CALL(TransportUnavailable, fi_cq_open(domain_, &cq_attr, &rail.cq, nullptr), prov);
+    // A wait fd lets an idle agent block instead of polling (tcp;ofi_rxm has one; shm answers -FI_ENOSYS).
+    cq_attr.wait_obj = want_wait_fd() ? FI_WAIT_FD : FI_WAIT_NONE;
+    if (cq_attr.wait_obj == FI_WAIT_FD && fi_cq_open(domain_, &cq_attr, &rail.cq, nullptr) == 0) {
+      if (fi_control(&rail.cq->fid, FI_GETWAIT, &rail.wait_fd) != 0) rail.wait_fd = -1;
+    } else {
+      rail.cq = nullptr;
+      cq_attr.wait_obj = FI_WAIT_NONE;
+      KVXFER_FI_CALL(TransportUnavailable, fi_cq_open(domain_, &cq_attr, &rail.cq, nullptr), prov);
+    }
     fi_av_attr av_attr{};
     av_attr.type = FI_AV_TABLE;
     KVXFER_FI_CALL(TransportUnavailable, fi_av_open(domain_, &av_attr, &rail.av, nullptr), prov);
