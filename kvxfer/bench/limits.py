@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from kvxfer import _C
+from kvxfer.errors import PeerLost
 from kvxfer.bench.workloads import Workload, chunk_rows
 
 TARGET_BYTES = 64 << 20
@@ -47,6 +48,14 @@ def cma_limit_gbps(workload: Workload, src: list[np.ndarray], peer_pid: int, dst
 def tcp_limit_gbps(workload: Workload, host: str, port: int, reps: int = REPS) -> float:
     """sendall of the same bytes (repeated for small ones) to the peer's sink, which acks the last byte. One
     connection for every rep, so the later reps run on a warmed-up socket, as kvxfer's long-lived one does."""
+    try:
+        return _tcp_limit_gbps(workload, host, port, reps)
+    except OSError as e:  # the peer died or the link dropped while we measured the limit
+        raise PeerLost(f"the peer's raw-TCP limit sink at {host}:{port} went away ({e}); the peer process exited "
+                       "or the network dropped") from None
+
+
+def _tcp_limit_gbps(workload: Workload, host: str, port: int, reps: int) -> float:
     total = workload.nbytes * repeats(workload)
     buf = np.ones(min(total, 256 << 20), np.uint8)
     times = []

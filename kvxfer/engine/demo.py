@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from kvxfer import bootstrap
 from kvxfer.engine import workload as wl
-from kvxfer.engine.metrics import RequestTiming, summarize
+from kvxfer.engine.metrics import RequestTiming, percentile, summarize
 from kvxfer.engine.router import reap
 from kvxfer.errors import InvalidArgument
 
@@ -148,23 +148,24 @@ def run_mode(mode: str, items: list[wl.WorkItem], a, net: Net) -> tuple[dict, li
         timings = [RequestTiming(arrival=0.0) for _ in items]
         outputs: list[list[int]] = [[] for _ in items]
         threads, done = [], []
-        t0 = time.perf_counter()
-        ticker = Progress(mode, len(items), threads, done, t0)
-        for i, item in enumerate(items):
-            delay = t0 + item.arrival_s - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            timings[i].arrival = time.perf_counter()
-            th = threading.Thread(target=stream_one, args=(url, item, timings[i], outputs[i], done), daemon=True)
-            th.start()
-            threads.append(th)
-            ticker.maybe_print()
-        for th in threads:
-            while th.is_alive():
-                th.join(1.0)
+        with StallMeter() as meter:
+            t0 = time.perf_counter()
+            ticker = Progress(mode, len(items), threads, done, t0)
+            for i, item in enumerate(items):
+                delay = t0 + item.arrival_s - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                timings[i].arrival = time.perf_counter()
+                th = threading.Thread(target=stream_one, args=(url, item, timings[i], outputs[i], done), daemon=True)
+                th.start()
+                threads.append(th)
                 ticker.maybe_print()
-        ticker.print_line(final=True)
-        duration = time.perf_counter() - t0
+            for th in threads:
+                while th.is_alive():
+                    th.join(1.0)
+                    ticker.maybe_print()
+            ticker.print_line(final=True)
+            duration = time.perf_counter() - t0
         with urllib.request.urlopen(url + "/stats", timeout=30) as r:
             server = json.loads(r.read())["requests"]
     finally:
@@ -178,7 +179,52 @@ def run_mode(mode: str, items: list[wl.WorkItem], a, net: Net) -> tuple[dict, li
     summary["e2e_mean_ms"] = 1000 * e2e / len(server) if server else 0.0
     summary["transport"] = (f"kvxfer {a.transport} ({net.kind})" if mode == "disagg" else "none (one process)")
     summary["duration_s"] = duration
+    summary["machine_stalls"] = meter.summary(timings)
     return summary, outputs, timings
+
+
+class StallMeter:
+    """Machine stalls during a run: a thread that sleeps 1 ms at a time and records every oversleep >= min_ms. This
+    process is nearly idle (client threads wait on sockets), so a long oversleep means the machine did not run it at
+    all (a VM paused, every core taken), not that kvxfer or the engine was slow. Token gaps that overlap such a stall
+    are reported apart, so a latency tail can be told from the machine's."""
+
+    def __init__(self, min_ms: float = 50.0):
+        self.min_s, self.stalls, self._stop = min_ms / 1000, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-meter", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            time.sleep(0.001)
+            t1 = time.perf_counter()
+            if t1 - t0 >= self.min_s:
+                self.stalls.append((t0, t1))
+
+    def overlaps(self, a: float, b: float) -> bool:
+        return any(s0 < b and a < s1 for s0, s1 in self.stalls)
+
+    def tpot_outside_stalls(self, t: RequestTiming) -> float | None:
+        """A diagnostic, not the TPOT: the mean token gap over the gaps that overlap no machine stall."""
+        gaps = [y - x for x, y in zip(t.token_times, t.token_times[1:]) if not self.overlaps(x, y)]
+        return sum(gaps) / len(gaps) if gaps else None
+
+    def summary(self, timings: list[RequestTiming], gap_s: float = 0.05) -> dict:
+        ok = [t for t in timings if t.error is None]
+        gaps = [(x, y) for t in ok for x, y in zip(t.token_times, t.token_times[1:]) if y - x >= gap_s]
+        clean = [self.tpot_outside_stalls(t) for t in ok]
+        return {"count": len(self.stalls), "total_s": round(sum(b - a for a, b in self.stalls), 3),
+                "max_ms": round(1000 * max((b - a for a, b in self.stalls), default=0.0), 1),
+                "token_gaps_ge_50ms": len(gaps), "of_them_during_a_stall": sum(self.overlaps(x, y) for x, y in gaps),
+                "tpot_outside_stalls_p50": percentile(clean, 50), "tpot_outside_stalls_p99": percentile(clean, 99)}
 
 
 class Progress:
@@ -213,12 +259,23 @@ def table(res: dict) -> str:
             ("KV exposed / E2E", lambda s: f"{100 * s['kv_exposed_share']:.3f}%"),
             ("KV exposed mean (ms)", lambda s: f"{s['kv_exposed_mean_ms']:.2f}"),
             ("KV bytes moved", lambda s: f"{s['kv_bytes'] / 2**20:.1f} MiB"),
+            ("machine stalls >= 50 ms", lambda s: f"{s['machine_stalls']['count']} ({s['machine_stalls']['total_s']:.1f} s)"),
+            ("token gaps >= 50 ms", lambda s: f"{s['machine_stalls']['token_gaps_ge_50ms']} "
+                                              f"({s['machine_stalls']['of_them_during_a_stall']} in a stall)"),
+            ("TPOT outside stalls p50/p99", lambda s: _pair_ms(s["machine_stalls"]["tpot_outside_stalls_p50"],
+                                                               s["machine_stalls"]["tpot_outside_stalls_p99"])),
             ("transport", lambda s: s["transport"])]
     modes = [(m, title) for m, title in (("disagg", "disaggregated"), ("colocated", "colocated")) if m in res]
     lines = [f"{'':26}" + "".join(f" {title:>24}" for _, title in modes)]
     for name, f in rows:
         lines.append(f"{name:26}" + "".join(f" {f(res[m]):>24}" for m, _ in modes))
     return "\n".join(lines)
+
+
+def _pair_ms(a: float | None, b: float | None) -> str:
+    if a is None or b is None:
+        return "-"
+    return f"{1000 * a:.1f} / {1000 * b:.1f} ({b / a:.2f}x)"
 
 
 def plot(path: str, timings: dict) -> None:
