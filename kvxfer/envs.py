@@ -7,6 +7,8 @@ ENV_VARS = {
     "KVXFER_IFACE": ("str", "", "network interface for IP providers, e.g. 'lo' (empty: any)"),
     "KVXFER_TIMEOUT_S": ("float", "60", "default transfer deadline in seconds"),
     "KVXFER_RAILS": ("int", "1", "fabric endpoints per agent to spread writes over (multi-rail, 1-16)"),
+    "KVXFER_IDLE_WAIT": ("str", "fd", "idle progress thread: fd = block on the CQ's wait fd where the provider has "
+                                      "one (read by the C++ core); poll = spin, then 20/200 us sleeps"),
 }
 
 
