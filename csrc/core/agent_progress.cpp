@@ -16,7 +16,9 @@
 namespace kvxfer {
 
 namespace {
-constexpr uint32_t kSpinBeforeBlock = 200;  // empty polls before an idle agent blocks on its CQ fds
+// An idle agent keeps polling this long after its last activity before it blocks on its CQ fds: transfers often
+// come in bursts (the next layer, the next request), and waking from a block costs more than a short spin.
+constexpr auto kSpinBeforeBlock = std::chrono::microseconds(300);
 constexpr int kMaxBlockMs = 10;             // deadlines and peer liveness are checked at least this often
 constexpr size_t kArrivedMemory = 65536;    // completed-but-unclaimed transfers remembered per peer
 constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step before polling again
@@ -40,6 +42,7 @@ bool process_gone(pid_t pid) {
 
 void Agent::progress_loop() {
   uint32_t idle = 0;
+  auto last_busy = Clock::now();
   while (!stop_.load(std::memory_order_relaxed)) {
     bool busy = false;
     try {
@@ -54,13 +57,14 @@ void Agent::progress_loop() {
     }
     if (busy) {
       idle = 0;
+      last_busy = Clock::now();
       continue;
     }
     ++idle;
     // With a CQ wait fd, an agent with nothing to post blocks until a completion, a message or a command: an idle
     // agent then costs no CPU, which matters on the small machines that run prefill and decode side by side.
     if (!cq_fds_.empty() && may_block()) {
-      if (idle >= kSpinBeforeBlock) block_until_event();
+      if (Clock::now() - last_busy >= kSpinBeforeBlock) block_until_event();
       continue;
     }
     // Without one (shm), or with local work waiting (a GPU copy, a full provider window): spin briefly, then
