@@ -97,4 +97,9 @@ class Send(_Transfer):
 
 
 class Recv(_Transfer):
-    pass
+    @property
+    def writes_over(self) -> bool:
+        """True once no write of this transfer can land in its blocks any more: it completed, the sender's process is
+        gone, or it failed and the receiver has since counted every write the sender had posted. A failed recv's
+        blocks are safe to reuse only then."""
+        return self._h.writes_over

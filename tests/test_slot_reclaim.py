@@ -31,6 +31,7 @@ def test_more_failed_transfers_than_slots_then_an_exact_one(transport):
     layout = PRESETS["vllm_flash"]()  # 4 layers x 32 blocks
     a, b, peer_b, peer_a, src, dst = local_pair(layout, transport, ("reclaim-sender", "reclaim-receiver"))
     failures = 3 * WINDOW
+    recvs = []
     for i in range(failures):
         src_ids = np.array([i % 32, (i + 7) % 32], np.int32)
         dst_ids = np.array([(i * 3) % 32, (i * 3 + 1) % 32], np.int32)
@@ -43,8 +44,11 @@ def test_more_failed_transfers_than_slots_then_an_exact_one(transport):
             send.wait(timeout_s=30)
         with pytest.raises(Exception, match="abandoned transfer"):
             recv.wait(timeout_s=30)
+        recvs.append(recv)
     wait_for(lambda: a.stats()["slots_reclaimed"] == failures, what=f"{failures} slots handed back")
     assert b.stats()["slot_violations"] == 0
+    # the receiver knew when each failed transfer's last write had landed: its blocks are safe to reuse
+    wait_for(lambda: all(r.writes_over for r in recvs), what="every failed recv's writes over")
 
     expected = [x.copy() for x in dst]
     src_ids, dst_ids = np.array([3, 9, 20], np.int32), np.array([30, 1, 17], np.int32)
@@ -54,7 +58,7 @@ def test_more_failed_transfers_than_slots_then_an_exact_one(transport):
     send.all_ready()
     recv.wait(timeout_s=30)
     send.wait(timeout_s=30)
-    assert recv.layers_done == layout.num_layers
+    assert recv.layers_done == layout.num_layers and recv.writes_over
     for got, want in zip(dst, expected):
         np.testing.assert_array_equal(got, want)  # the written blocks exactly; every other block untouched
 
@@ -88,3 +92,20 @@ def test_slot_exhaustion_names_what_holds_the_slots():
         a.send(peer_b, 999, [1], [2], timeout_s=60)
     for s in sends:
         s.abort("test over")
+
+
+def test_a_recv_that_timed_out_learns_when_the_late_transfer_is_over():
+    """The receiver gives up first (its deadline); the sender's writes still come. writes_over stays False while
+    they may, and turns True once the transfer completed on the wire, so the engine can free the blocks then."""
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "tcp", ("late-sender", "late-receiver"))
+    recv = b.recv(peer_a, 7, [3, 4], timeout_s=0.2)
+    send = a.send(peer_b, 7, [1, 2], [3, 4], timeout_s=30)
+    with pytest.raises(Exception, match="did not fully arrive by its deadline"):
+        recv.wait(timeout_s=30)
+    assert not recv.writes_over  # the sender has not even started: its writes may still come
+    idle = b.recv(peer_a, 8, [9])
+    send.all_ready()
+    send.wait(timeout_s=30)
+    wait_for(lambda: recv.writes_over, what="the timed-out recv's writes over")
+    assert not idle.writes_over  # a recv nobody sends to is not over

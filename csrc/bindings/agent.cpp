@@ -91,6 +91,7 @@ void register_agent(py::module_& m) {
   py::class_<RecvState, std::shared_ptr<RecvState>> recv(m, "RecvState");
   bind_transfer(recv);
   recv.def_readonly("granules_per_layer", &RecvState::granules_per_layer);
+  recv.def_property_readonly("writes_over", [](const RecvState& r) { return r.writes_over.load(std::memory_order_acquire); });
 
   py::class_<Agent>(m, "Agent")
       .def(py::init<AgentOptions>(), py::call_guard<py::gil_scoped_release>())

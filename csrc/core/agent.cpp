@@ -587,10 +587,12 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
       for (uint32_t l = first; l < first + count; ++l) recv->mark_layer_done(l);
       recv->finish();
     }
+    recv->writes_over = true;  // every granule was counted before we were asked
     return recv;
   }
   if (auto it = peer->slot_of_xfer.find(xfer_id); it != peer->slot_of_xfer.end()) {
     SlotCounter& s = peer->slots[it->second];
+    s.watcher = recv;
     if (mismatch(s.first_layer, s.num_layers, s.granules_per_layer)) {
       recv->fail(ErrorKind::TransferFailed, describe(s.first_layer, s.num_layers, s.granules_per_layer));
       return recv;

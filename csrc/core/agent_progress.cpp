@@ -561,6 +561,7 @@ void Agent::on_begin(PeerState& peer, const ControlMessage& m) {
   if (auto it = peer.waiting_recvs.find(m.xfer_id); it != peer.waiting_recvs.end()) {
     auto recv = it->second;
     peer.waiting_recvs.erase(it);
+    s.watcher = recv;
     if (recv->first_layer != m.first_layer || recv->num_layers != m.num_layers ||
         recv->granules_per_layer != m.granules_per_layer) {
       recv->fail(ErrorKind::TransferFailed,
@@ -662,7 +663,10 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     s->aborted = true;
     s->fail(kind, why);
   }
-  for (auto& r : recvs) r->fail(kind, why);
+  for (auto& r : recvs) {
+    r->writes_over = true;  // the sender's process is gone: it posts nothing more
+    r->fail(kind, why);
+  }
 }
 
 void Agent::check_deadlines() {

@@ -33,9 +33,12 @@ struct SlotCounter {
   uint32_t layers_complete = 0;
   std::vector<uint32_t> counts;  // [ImmCode::kMaxLayers] granules seen per absolute layer
   std::shared_ptr<RecvState> recv;
+  std::shared_ptr<RecvState> watcher;  // the recv bound to this transfer, kept after it failed: told at the end
 
-  // Ready for the next transfer the sender binds to this slot.
+  // Ready for the next transfer the sender binds to this slot. No write of the last one can arrive any more.
   void reset() {
+    if (watcher) watcher->writes_over.store(true, std::memory_order_release);
+    watcher.reset();
     if (!counts.empty()) std::fill(counts.begin(), counts.end(), 0);
     in_use = begun = aborted = abort_total_known = false;
     abort_total = seen = 0;

@@ -123,6 +123,10 @@ class RecvState : public TransferBase {
             double timeout_s)
       : TransferBase(xfer_id, first_layer, num_layers, timeout_s), granules_per_layer(granules_per_layer) {}
   const uint32_t granules_per_layer;
+  // No write of this transfer can land in its blocks any more: it completed, its sender's process is gone, or it
+  // failed and every write the sender posted has since been counted. Until then a failed recv's blocks are not
+  // safe to reuse.
+  std::atomic<bool> writes_over{false};
 };
 
 }  // namespace kvxfer

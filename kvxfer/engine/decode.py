@@ -19,7 +19,8 @@ known. A recv that fails or times out ends that sequence with its error; the oth
 
 Blocks are freed on finish, cancel and failure — but never while the sender might still write into them. A
 sequence that ended before its KV fully arrived keeps its blocks in quarantine until one of: the recv completed (the
-sender counted every chunk: it writes nothing more), the sender process is gone (PeerLost), or the router said the
+sender counted every chunk: it writes nothing more), kvxfer says its writes are over (Recv.writes_over: the sender
+aborted and every write it had posted was counted), the sender process is gone (PeerLost), or the router said the
 sender's transfer ended (sender_done(), sent once the prefill side reported its send finished or failed).
 """
 from __future__ import annotations
@@ -157,7 +158,7 @@ class DecodeWorker:
     @staticmethod
     def _writes_over(seq: Sequence) -> bool:
         r = seq.recv
-        return seq.local or seq.sender_done or (r is not None and (r.done or isinstance(r.error, PeerLost)))
+        return seq.local or seq.sender_done or (r is not None and (r.done or r.writes_over or isinstance(r.error, PeerLost)))
 
     def _release_quarantine(self) -> None:
         with self.lock:
