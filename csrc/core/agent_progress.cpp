@@ -609,7 +609,7 @@ void Agent::on_abort(PeerState& peer, const ControlMessage& m) {
   s.aborted = true;
   s.xfer_id = m.xfer_id;
   s.abort_total_known = true;
-  s.abort_total = (static_cast<uint64_t>(m.num_layers) << 32) | m.granules_per_layer;
+  s.abort_total = m.posted_total();
   const std::string why = "the sender abandoned transfer " + std::to_string(m.xfer_id) +
                           " (it failed or timed out on the sending side); its blocks may be partly written";
   if (s.recv) s.recv->fail(ErrorKind::TransferFailed, why);
@@ -640,9 +640,11 @@ void Agent::fail_send(SendState& send, ErrorKind kind, const std::string& why) {
     peer.live_sends.erase(send.xfer_id);
     if (quarantine) peer.quarantined[send.slot] = send.xfer_id;
   }
-  if (quarantine)
-    queue_control(peer, ControlType::Abort, send.xfer_id, send.slot, 0,
-                  static_cast<uint32_t>(send.granules_posted >> 32), static_cast<uint32_t>(send.granules_posted));
+  if (quarantine) {
+    ControlMessage total;  // only its two count fields: the 64-bit total, encoded the way on_abort decodes it
+    total.set_posted_total(send.granules_posted);
+    queue_control(peer, ControlType::Abort, send.xfer_id, send.slot, 0, total.num_layers, total.granules_per_layer);
+  }
 }
 
 void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why) {

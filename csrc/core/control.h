@@ -6,8 +6,8 @@
 //   BEGIN   sender -> receiver: slot S now carries transfer X (layers, granules per layer). May arrive after the
 //           first writes of S; counts accumulate per slot until then.
 //   RELEASE receiver -> sender: every granule of slot S arrived; S may be reused, and the send is DONE.
-//   ABORT   sender -> receiver: transfer X in slot S failed on the sender. granules_per_layer carries the total
-//           granules the sender posted for S (final: a failed send posts nothing more). The receiver fails X and
+//   ABORT   sender -> receiver: transfer X in slot S failed on the sender. It carries the total granules the sender
+//           posted for S (64 bits in num_layers:granules_per_layer; final: a failed send posts nothing more). The receiver fails X and
 //           keeps S quarantined until it has counted exactly that many, so no late write can land in a reused slot.
 //   ABORT_ACK receiver -> sender: every write the sender posted for aborted slot S has arrived; S may be reused.
 // Every field is checked on receipt (magic, version, size, epochs, ranges); anything else is dropped and counted.
@@ -31,6 +31,13 @@ struct ControlMessage {
   uint32_t first_layer = 0;
   uint32_t num_layers = 0;
   uint32_t granules_per_layer = 0;
+
+  // ABORT only: the granules the sender posted for the slot, split over two 32-bit fields.
+  void set_posted_total(uint64_t total) {
+    num_layers = static_cast<uint32_t>(total >> 32);
+    granules_per_layer = static_cast<uint32_t>(total);
+  }
+  uint64_t posted_total() const { return (static_cast<uint64_t>(num_layers) << 32) | granules_per_layer; }
 };
 static_assert(sizeof(ControlMessage) == 48, "control message must stay within a 64-byte inject");
 

@@ -29,12 +29,6 @@ class RequestTiming:
         return (self.last_token - self.first_token) / (self.tokens - 1)
 
     @property
-    def max_gap(self) -> float | None:
-        """The longest wait between two consecutive tokens (where a TPOT tail comes from)."""
-        t = self.token_times
-        return max(b - a for a, b in zip(t, t[1:])) if len(t) > 1 else None
-
-    @property
     def e2e(self) -> float | None:
         return None if self.last_token is None else self.last_token - self.arrival
 
