@@ -259,8 +259,11 @@ class FabricTransport final : public Transport {
   }
 
   static bool want_wait_fd() {
+    // Refused by name: a typo that silently kept the default would make an A/B comparison measure nothing.
     const char* v = std::getenv("KVXFER_IDLE_WAIT");
-    return !(v && std::string(v) == "poll");
+    if (!v || !*v || std::strcmp(v, "fd") == 0) return true;
+    if (std::strcmp(v, "poll") == 0) return false;
+    KVXFER_THROW(InvalidArgument, "KVXFER_IDLE_WAIT='" << v << "' is not one of fd, poll; unset it or fix it");
   }
 
   static std::vector<std::vector<uint8_t>> parse_address(const std::vector<uint8_t>& a) {
