@@ -73,10 +73,12 @@ def _layers(layers) -> tuple[int, int]:
 class Agent:
     def __init__(self, name: str | None = None, *, transport: str | None = None, interface: str | None = None,
                  timeout_s: float | None = None, rails: int | None = None, staging: str = "auto",
-                 staging_slot_bytes: int = 4 << 20, staging_slots: int = 16):
+                 staging_slot_bytes: int = 4 << 20, staging_slots: int = 16, cma_threads: int | None = None):
         """transport: auto | shm | cma | cuda_ipc | tcp | fi_shm | efa | verbs (see `python -m kvxfer info`).
         staging: "auto" stages only GPU sources the fabric cannot read (GPU -> pinned bounce slots -> network);
-        "always" sends every transfer through the bounce slots (to test or measure the staged pipeline)."""
+        "always" sends every transfer through the bounce slots (to test or measure the staged pipeline).
+        cma_threads: threads that run same-host copies of 1 MiB and more in parallel (0 or 1: the progress thread
+        copies); None reads KVXFER_CMA_THREADS, else half the CPUs, 1 to 4."""
         opts = _C.AgentOptions()
         opts.name = name or f"kvxfer-{os.getpid()}"
         transport = transport or envs.get("KVXFER_TRANSPORT")
@@ -95,6 +97,10 @@ class Agent:
         if staging_slots < 2 or staging_slot_bytes < 4096:
             raise InvalidArgument(f"staging needs >= 2 slots of >= 4096 bytes, got {staging_slots} x {staging_slot_bytes}")
         opts.staging, opts.staging_slot_bytes, opts.staging_slots = staging, int(staging_slot_bytes), int(staging_slots)
+        if cma_threads is not None:
+            if not 0 <= int(cma_threads) <= 64:
+                raise InvalidArgument(f"cma_threads={cma_threads}: use 0 or 1 (copy on the progress thread) or 2 to 64")
+            opts.cma_threads = int(cma_threads)
         self._c = _C.Agent(opts)
         self._pools: dict[str, Pool] = {}
         self._peers: dict[int, Peer] = {}
@@ -104,6 +110,8 @@ class Agent:
     transport = property(lambda self: self._c.transport)
     provider = property(lambda self: self._c.provider)
     rails = property(lambda self: self._c.rails)
+    cma_threads = property(lambda self: self._c.cma_threads,
+                           doc="threads that run large same-host copies (0: the progress thread copies)")
     gpu_direct = property(lambda self: self._c.hmem, doc="the fabric registers GPU memory (FI_HMEM): no staging")
 
     def path_to(self, peer: Peer, *, pool=None, dst_pool: str = "") -> tuple[str, str]:

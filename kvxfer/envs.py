@@ -9,6 +9,8 @@ ENV_VARS = {
     "KVXFER_RAILS": ("int", "1", "fabric endpoints per agent to spread writes over (multi-rail, 1-16)"),
     "KVXFER_IDLE_WAIT": ("str", "fd", "idle progress thread: fd = block on the CQ's wait fd where the provider has "
                                       "one (read by the C++ core); poll = spin, then 20/200 us sleeps"),
+    "KVXFER_CMA_THREADS": ("str", "", "threads for same-host copies of >= 1 MiB (0 or 1: the progress thread); "
+                                      "empty: half the CPUs, 1 to 4 (read by the C++ core)"),
     "KVXFER_GPU_COPY": ("str", "auto", "GPU batch copies: auto = one gather kernel where the device reaches both "
                                        "ends, else copy engines; kernel; copy_engine (read by the C++ core)"),
 }

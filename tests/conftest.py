@@ -52,13 +52,14 @@ def remote():
     r.close()
 
 
-def local_pair(layout, transport="tcp", names=("sender", "receiver"), seeds=(11, 12), timeout_s=60.0):
+def local_pair(layout, transport="tcp", names=("sender", "receiver"), seeds=(11, 12), timeout_s=60.0,
+               sender_kwargs=None):
     """Two connected agents in this process, each with a seeded pool of `layout`.
     Returns (sender, receiver, peer_of_receiver, peer_of_sender, src_pool, dst_pool)."""
     import kvxfer
     from tests.reference import make_pool
 
-    a = kvxfer.Agent(names[0], transport=transport, interface="lo", timeout_s=timeout_s)
+    a = kvxfer.Agent(names[0], transport=transport, interface="lo", timeout_s=timeout_s, **(sender_kwargs or {}))
     b = kvxfer.Agent(names[1], transport=transport, interface="lo", timeout_s=timeout_s)
     src, dst = make_pool(layout, seeds[0]), make_pool(layout, seeds[1])
     a.register_pool(src, layout)

@@ -44,7 +44,8 @@ void register_agent(py::module_& m) {
       .def_readwrite("rails", &AgentOptions::rails)
       .def_readwrite("staging", &AgentOptions::staging)
       .def_readwrite("staging_slot_bytes", &AgentOptions::staging_slot_bytes)
-      .def_readwrite("staging_slots", &AgentOptions::staging_slots);
+      .def_readwrite("staging_slots", &AgentOptions::staging_slots)
+      .def_readwrite("cma_threads", &AgentOptions::cma_threads);
 
   py::class_<LocalRegion>(m, "LocalRegion")
       .def(py::init<uint64_t, uint64_t, int>(), py::arg("addr"), py::arg("nbytes"), py::arg("device") = -1)
@@ -141,6 +142,7 @@ void register_agent(py::module_& m) {
       .def_property_readonly("provider", [](const Agent& a) { return a.capabilities().provider; })
       .def_property_readonly("max_inflight", [](const Agent& a) { return a.capabilities().max_inflight; })
       .def_property_readonly("rails", [](const Agent& a) { return a.capabilities().num_rails; })
+      .def_property_readonly("cma_threads", &Agent::cma_threads)
       .def("stats", [](const Agent& a) {
         AgentStats s = a.stats();
         py::dict d;
@@ -152,6 +154,8 @@ void register_agent(py::module_& m) {
         d["slots_reclaimed"] = s.slots_reclaimed;
         d["slot_violations"] = s.slot_violations;
         d["idle_waits"] = s.idle_waits;
+        d["cma_jobs"] = s.cma_jobs;
+        d["aborts_deferred"] = s.aborts_deferred;
         py::list rails;
         for (const auto& r : s.rails) {
           py::dict rd;

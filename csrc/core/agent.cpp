@@ -109,6 +109,10 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   signal_key_ = transport_->register_memory(signal_pad_.get(), 8 * sizeof(uint64_t), kSignalPadKey);
   info_.signal_addr = reinterpret_cast<uint64_t>(signal_pad_.get());
   info_.signal_rkey = signal_key_.rkey;
+  KVXFER_CHECK(options_.cma_threads <= 64, InvalidArgument,
+               "cma_threads=" << options_.cma_threads << " is more than 64; use 0 or 1 for the progress thread, or 2-64");
+  const unsigned threads = options_.cma_threads >= 0 ? options_.cma_threads : cma_threads_from_env();
+  cma_threads_ = threads > 1 ? threads : 0;
 
   const size_t n_ctx = caps.max_inflight + 64;
   for (size_t i = 0; i < n_ctx; ++i) {
@@ -125,6 +129,7 @@ Agent::~Agent() {
   stop_.store(true);
   wake_progress();
   if (progress_.joinable()) progress_.join();
+  cma_workers_.reset();  // drains copies still queued; their wake-ups need wake_fd_ open
   if (wake_fd_ >= 0) close(wake_fd_);
   std::lock_guard<std::mutex> lock(peers_mu_);
   for (auto& [epoch, peer] : peers_by_epoch_) {
@@ -152,6 +157,8 @@ AgentStats Agent::stats() const {
   s.slots_reclaimed = counters_.slots_reclaimed;
   s.slot_violations = counters_.slot_violations;
   s.idle_waits = counters_.idle_waits;
+  s.cma_jobs = counters_.cma_jobs;
+  s.aborts_deferred = counters_.aborts_deferred;
   s.rails = transport_->rail_stats();
   return s;
 }

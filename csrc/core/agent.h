@@ -24,6 +24,7 @@
 #include "core/peer.h"
 #include "core/transfer.h"
 #include "gpu/cuda_device.h"
+#include "transports/host_ipc/cma_workers.h"
 #include "transports/staged/staging_ring.h"
 #include "transports/transport.h"
 
@@ -39,6 +40,8 @@ struct AgentOptions {
                                    // goes through the bounce slots (tests and benchmarks of the staged pipeline)
   uint64_t staging_slot_bytes = StagingRing::kDefaultSlotBytes;
   uint32_t staging_slots = StagingRing::kDefaultSlots;
+  int cma_threads = -1;            // threads for large same-host copies; 0/1: the progress thread; -1: from
+                                   // KVXFER_CMA_THREADS, else half the CPUs (1 to 4)
 };
 
 // The path a send from one of our pools to one of a peer's pools would take, and why (what it costs).
@@ -69,6 +72,8 @@ struct AgentStats {
   uint64_t slots_reclaimed = 0;   // sender: slots of failed transfers handed back by the receiver
   uint64_t slot_violations = 0;   // receiver: an aborted slot got more granules than its sender posted
   uint64_t idle_waits = 0;        // times the progress thread blocked on its CQ fds (0: it never does)
+  uint64_t cma_jobs = 0;          // CMA copies run in parallel on the worker threads
+  uint64_t aborts_deferred = 0;   // failed sends whose ABORT waited for a copy into the peer to land
   std::vector<RailStats> rails;
 };
 
@@ -107,6 +112,7 @@ class Agent {
   const AgentInfo& info() const { return info_; }
   const Capabilities& capabilities() const { return transport_->capabilities(); }
   const AgentOptions& options() const { return options_; }
+  unsigned cma_threads() const { return cma_threads_; }  // 0: large CMA copies run on the progress thread
   AgentStats stats() const;
   // The path send() would take from local pool src_pool to the peer's pool dst_pool; throws TransportUnavailable
   // when no path can reach it, with what to change.
@@ -127,6 +133,7 @@ class Agent {
     uint32_t layer, first_write, num_writes, granules;
     uint64_t ticket;    // copy-in event (0: a host copy, already done)
     bool copied_out;    // CMA destination: the bytes are in the peer, the zero-byte immediate is still to post
+    std::shared_ptr<CmaJob> cma = nullptr;  // CMA destination: the copy-out running on the workers
   };
   struct Command {
     enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage, AbortSend } kind;
@@ -146,12 +153,17 @@ class Agent {
   bool post_pending_writes();
   bool post_send_ops(const std::shared_ptr<SendState>& send, size_t& budget);
   bool post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budget);
+  void cma_ops(const SendState& send, uint32_t first_write, uint32_t n, CmaOp* ops) const;
+  void submit_cma_layers(SendState& send, CmaWorkers& workers);
   bool post_signals(SendState& send, SendState::Cursor& cur, uint32_t done_before, size_t& budget);
   // agent_gpu.cpp: the CUDA IPC and staged paths
   bool post_ipc_layer(SendState& send, SendState::Cursor& cur, size_t& budget);
   bool post_staged_layer(const std::shared_ptr<SendState>& send, SendState::Cursor& cur);
   bool advance_staged(size_t& budget);
   bool post_staged_op(StagedOp& op);
+  void submit_staged_copy_outs(CmaWorkers& workers);
+  void staged_cma_ops(const StagedOp& op, CmaOp* ops) const;
+  static constexpr size_t kStagedCopyOutsInFlight = 4;
   gpu::CopyQueue& copy_queue(int device);
   void open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_pool);
   uint64_t count_staged_ops(const SendState& send) const;
@@ -169,7 +181,11 @@ class Agent {
   void maybe_reclaim_aborted(PeerState& peer, uint32_t slot);
   void check_deadlines();
   void check_slot(PeerState& peer, uint32_t slot);  // called with peer.mu held
-  void fail_send(SendState& send, ErrorKind kind, const std::string& why);
+  void fail_send(const std::shared_ptr<SendState>& send, ErrorKind kind, const std::string& why);
+  bool copies_landed(const SendState& send);  // no copy of ours still writes into the peer's memory for `send`
+  bool flush_deferred_aborts();
+  void queue_abort(SendState& send);
+  CmaWorkers* cma_workers();                  // nullptr when copies run on the progress thread
   void mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why);
   void queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, uint32_t slot, uint32_t first_layer = 0,
                      uint32_t num_layers = 0, uint32_t granules = 0);
@@ -213,10 +229,13 @@ class Agent {
   std::unique_ptr<StagingRing> staging_;                    // created by the first staged send
   std::deque<StagedOp> staged_;                             // in copy order
   std::vector<std::unique_ptr<gpu::CopyQueue>> copy_queues_;  // [device], created on first use
+  std::unique_ptr<CmaWorkers> cma_workers_;                 // created on the first large CMA copy
+  unsigned cma_threads_ = 0;
+  std::vector<std::shared_ptr<SendState>> deferred_aborts_;  // failed sends whose ABORT waits for a copy
   Clock::time_point next_deadline_check_;
   struct Counters {
     std::atomic<uint64_t> writes_posted{0}, imms_received{0}, eagain{0}, dropped_messages{0}, unknown_imms{0};
-    std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0}, idle_waits{0};
+    std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0}, idle_waits{0}, cma_jobs{0}, aborts_deferred{0};
   } counters_;
 
   std::atomic<bool> stop_{false};

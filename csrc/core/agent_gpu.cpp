@@ -147,20 +147,57 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
       for (size_t k = 0; k < n; ++k) std::memcpy(dsts[k], srcs[k], sizes[k]);
     }
     staged_.push_back(StagedOp{owner, slot, send.plan.writes[first].layer, first, static_cast<uint32_t>(n), granules,
-                               ticket, false});
+                               ticket, false, nullptr});
     ++send.ops_posted;
     cur.next += static_cast<uint32_t>(n);
   }
   return true;
 }
 
+// Starts the CMA copy-out of batches whose copy-in landed on the workers, a few slots ahead of the one posted next.
+void Agent::submit_staged_copy_outs(CmaWorkers& workers) {
+  size_t in_flight = 0;
+  std::vector<CmaOp> ops;
+  for (StagedOp& op : staged_) {
+    if (in_flight == kStagedCopyOutsInFlight) break;
+    SendState& send = *op.send;
+    if (op.ticket && !copy_queue(send.copy_device).done(op.ticket)) break;  // copy-ins land in queue order
+    if (op.cma) {
+      ++in_flight;
+      continue;
+    }
+    if (!send.staged_to_cma || op.copied_out || send.state() != TransferState::Pending || send.aborted ||
+        send.peer->lost)
+      continue;
+    ops.resize(op.num_writes);
+    staged_cma_ops(op, ops.data());
+    op.cma = workers.submit(static_cast<pid_t>(send.peer->info.pid), ops.data(), ops.size());
+    counters_.cma_jobs++;
+    ++in_flight;
+  }
+}
+
+void Agent::staged_cma_ops(const StagedOp& op, CmaOp* ops) const {
+  const SendState& send = *op.send;
+  const PoolInfo& dst = send.peer->info.pools[send.dst_pool];
+  const uint8_t* at = staging_->slot_ptr(op.slot);
+  for (uint32_t k = 0; k < op.num_writes; ++k) {
+    const Write& w = send.plan.writes[op.first_write + k];
+    ops[k] = {at, dst.regions[w.dst_region].addr + w.dst_offset, w.nbytes};
+    at += w.nbytes;
+  }
+}
+
 // Writes out queued batches whose copy-in has landed, in queue order.
 bool Agent::advance_staged(size_t& budget) {
   bool any = false;
+  if (staged_.front().send->staged_to_cma && staging_->slot_bytes() >= CmaWorkers::kMinParallelBytes)
+    if (CmaWorkers* workers = cma_workers()) submit_staged_copy_outs(*workers);
   while (!staged_.empty() && budget > 0) {
     StagedOp& op = staged_.front();
     SendState& send = *op.send;
     if (op.ticket && !copy_queue(send.copy_device).done(op.ticket)) break;
+    if (op.cma && !op.cma->done()) break;  // the workers still read the slot and write into the peer
     if (send.state() != TransferState::Pending || send.aborted || send.peer->lost) {
       if (!op.copied_out) staging_->release(op.slot);
       ++send.ops_completed;
@@ -174,7 +211,7 @@ bool Agent::advance_staged(size_t& budget) {
     } catch (const Error& e) {
       if (!op.copied_out) staging_->release(op.slot);
       ++send.ops_completed;
-      fail_send(send, e.kind(), e.what());
+      fail_send(op.send, e.kind(), e.what());
       staged_.pop_front();
       any = true;
       continue;
@@ -198,13 +235,13 @@ bool Agent::post_staged_op(StagedOp& op) {
   const uint8_t* at = staging_->slot_ptr(op.slot);
   if (send.staged_to_cma) {
     if (!op.copied_out) {
-      std::vector<CmaOp> ops(op.num_writes);
-      for (uint32_t k = 0; k < op.num_writes; ++k) {
-        const Write& w = send.plan.writes[op.first_write + k];
-        ops[k] = {at, dst.regions[w.dst_region].addr + w.dst_offset, w.nbytes};
-        at += w.nbytes;
+      if (op.cma) {
+        op.cma->rethrow_if_failed();  // done: advance_staged waits for it
+      } else {
+        std::vector<CmaOp> ops(op.num_writes);
+        staged_cma_ops(op, ops.data());
+        CmaCopier(static_cast<pid_t>(peer.info.pid)).copy(ops.data(), ops.size());
       }
-      CmaCopier(static_cast<pid_t>(peer.info.pid)).copy(ops.data(), ops.size());
       op.copied_out = true;
       staging_->release(op.slot);  // CMA is synchronous: the slot is free as soon as the copy returns
     }

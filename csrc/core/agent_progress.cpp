@@ -22,6 +22,7 @@ constexpr auto kSpinBeforeBlock = std::chrono::microseconds(300);
 constexpr int kMaxBlockMs = 10;             // deadlines and peer liveness are checked at least this often
 constexpr size_t kArrivedMemory = 65536;    // completed-but-unclaimed transfers remembered per peer
 constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step before polling again
+constexpr size_t kCmaLayersInFlight = 4;    // layers of one send queued on the CMA workers at once
 // True when pid no longer runs: gone (ESRCH) or a zombie its parent has not reaped yet. kill(pid, 0) alone
 // succeeds on a zombie, which left a dead, unreaped peer undetected until its transfers' deadlines.
 bool process_gone(pid_t pid) {
@@ -49,6 +50,7 @@ void Agent::progress_loop() {
       busy |= run_commands();
       busy |= flush_control();
       busy |= post_pending_writes();
+      busy |= flush_deferred_aborts();
       busy |= poll_completions();
       if (Clock::now() >= next_deadline_check_) check_deadlines();
     } catch (const std::exception& e) {
@@ -84,9 +86,15 @@ void Agent::wake_progress() {
 }
 
 bool Agent::may_block() const {
-  if (has_commands_.load(std::memory_order_acquire) || !outbox_.empty() || !staged_.empty()) return false;
-  for (const auto& s : active_sends_)
-    if (!s->ready.empty() && s->state() == TransferState::Pending && !s->aborted) return false;
+  if (has_commands_.load(std::memory_order_acquire) || !outbox_.empty() || !staged_.empty() ||
+      !deferred_aborts_.empty())
+    return false;
+  for (const auto& s : active_sends_) {
+    if (s->ready.empty() || s->state() != TransferState::Pending || s->aborted) continue;
+    // A layer whose copy runs on the CMA workers: they wake us when it lands.
+    const auto& job = s->ready.front().cma;
+    if (!job || job->done()) return false;
+  }
   return true;
 }
 
@@ -121,7 +129,7 @@ bool Agent::run_commands() {
                       c.send->num_layers, c.send->plan.granules_per_layer);
         break;
       case Command::Kind::LayerReady:
-        c.send->ready.push_back({c.layer_index, 0});
+        c.send->ready.push_back({c.layer_index, 0, 0, nullptr});
         break;
       case Command::Kind::Control:
         if (static_cast<ControlType>(c.msg.type) == ControlType::Hello) {
@@ -139,7 +147,7 @@ bool Agent::run_commands() {
         on_message(reinterpret_cast<const uint8_t*>(&c.msg), sizeof(c.msg));
         break;
       case Command::Kind::AbortSend:
-        fail_send(*c.send, ErrorKind::TransferFailed,
+        fail_send(c.send, ErrorKind::TransferFailed,
                   "transfer " + std::to_string(c.send->xfer_id) + " was aborted by the sender: " + c.reason);
         break;
     }
@@ -286,32 +294,73 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
       ++send.layers_posted;
     }
   } catch (const Error& e) {
-    fail_send(send, e.kind(), e.what());
+    fail_send(owner, e.kind(), e.what());
   }
   return any;
 }
 
 // Copy phase: cur.next in [0, nwrites) counts chunks copied. Signal phase: [nwrites, nwrites + nsignals) counts
-// zero-byte immediates posted. Returns true when the layer is fully posted.
+// zero-byte immediates posted. Returns true when the layer is fully posted. Layers of at least
+// CmaWorkers::kMinParallelBytes are copied by the CMA workers, the smaller ones here, 1024 chunks per step.
 bool Agent::post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budget) {
   PeerState& peer = *send.peer;
-  const LocalPool& src = *send.src;
-  const PoolInfo& dst = peer.info.pools[send.dst_pool];
   const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
   const uint32_t nwrites = end - begin;
   if (cur.next < nwrites) {
-    const uint32_t n = std::min<uint32_t>(nwrites - cur.next, kCmaOpsPerStep);
-    CmaOp ops[kCmaOpsPerStep];
-    for (uint32_t k = 0; k < n; ++k) {
-      const Write& w = send.plan.writes[begin + cur.next + k];
-      ops[k] = {reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset),
-                dst.regions[w.dst_region].addr + w.dst_offset, w.nbytes};
+    CmaWorkers* workers = send.plan.bytes_per_layer >= CmaWorkers::kMinParallelBytes ? cma_workers() : nullptr;
+    if (workers) {
+      submit_cma_layers(send, *workers);
+      if (!cur.cma->done()) return false;
+      const std::shared_ptr<CmaJob> job = std::move(cur.cma);
+      job->rethrow_if_failed();
+      cur.next = nwrites;
+    } else {
+      const uint32_t n = std::min<uint32_t>(nwrites - cur.next, kCmaOpsPerStep);
+      CmaOp ops[kCmaOpsPerStep];
+      cma_ops(send, begin + cur.next, n, ops);
+      CmaCopier(static_cast<pid_t>(peer.info.pid)).copy(ops, n);
+      cur.next += n;
+      if (cur.next < nwrites) return false;
     }
-    CmaCopier(static_cast<pid_t>(peer.info.pid)).copy(ops, n);
-    cur.next += n;
-    if (cur.next < nwrites) return false;
   }
   return post_signals(send, cur, nwrites, budget);
+}
+
+void Agent::cma_ops(const SendState& send, uint32_t first, uint32_t n, CmaOp* ops) const {
+  const LocalPool& src = *send.src;
+  const PoolInfo& dst = send.peer->info.pools[send.dst_pool];
+  for (uint32_t k = 0; k < n; ++k) {
+    const Write& w = send.plan.writes[first + k];
+    ops[k] = {reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset),
+              dst.regions[w.dst_region].addr + w.dst_offset, w.nbytes};
+  }
+}
+
+// Queues the copies of ready layers not queued yet, in marking order, so the workers go from one layer to the
+// next while the progress thread posts the previous layer's signals.
+void Agent::submit_cma_layers(SendState& send, CmaWorkers& workers) {
+  size_t in_flight = 0;
+  std::vector<CmaOp> ops;
+  for (auto& c : send.ready) {
+    if (c.cma) {
+      ++in_flight;
+      continue;
+    }
+    if (c.next > 0) continue;  // copied (signals going out)
+    if (in_flight == kCmaLayersInFlight) break;
+    const uint32_t begin = send.plan.layer_begin[c.layer_index], end = send.plan.layer_begin[c.layer_index + 1];
+    ops.resize(end - begin);
+    cma_ops(send, begin, end - begin, ops.data());
+    c.cma = workers.submit(static_cast<pid_t>(send.peer->info.pid), ops.data(), ops.size());
+    counters_.cma_jobs++;
+    ++in_flight;
+  }
+}
+
+CmaWorkers* Agent::cma_workers() {
+  if (!cma_threads_) return nullptr;
+  if (!cma_workers_) cma_workers_ = std::make_unique<CmaWorkers>(cma_threads_, [this] { wake_progress(); });
+  return cma_workers_.get();
 }
 
 // Signal phase of a layer whose bytes are already in the peer (CMA, CUDA IPC): cursor positions
@@ -627,7 +676,8 @@ void Agent::on_abort_ack(PeerState& peer, const ControlMessage& m) {
   else counters_.dropped_messages++;  // not quarantined (a RELEASE reclaimed it first) or a stale id
 }
 
-void Agent::fail_send(SendState& send, ErrorKind kind, const std::string& why) {
+void Agent::fail_send(const std::shared_ptr<SendState>& owner, ErrorKind kind, const std::string& why) {
+  SendState& send = *owner;
   if (!send.fail(kind, why)) return;
   send.aborted = true;
   PeerState& peer = *send.peer;
@@ -640,11 +690,49 @@ void Agent::fail_send(SendState& send, ErrorKind kind, const std::string& why) {
     peer.live_sends.erase(send.xfer_id);
     if (quarantine) peer.quarantined[send.slot] = send.xfer_id;
   }
-  if (quarantine) {
-    ControlMessage total;  // only its two count fields: the 64-bit total, encoded the way on_abort decodes it
-    total.set_posted_total(send.granules_posted);
-    queue_control(peer, ControlType::Abort, send.xfer_id, send.slot, 0, total.num_layers, total.granules_per_layer);
+  if (!quarantine) return;
+  if (copies_landed(send)) {
+    queue_abort(send);
+  } else {
+    // A copy into the peer is still running: the ABORT lets the receiver reuse the blocks, so it waits until the
+    // copy landed, or a late byte could overwrite the next request's KV there.
+    deferred_aborts_.push_back(owner);
+    counters_.aborts_deferred++;
   }
+}
+
+// The ABORT tells the receiver how many granules to count before it may reuse the slot and the blocks; a failed
+// send posts nothing after it, so the total is final.
+void Agent::queue_abort(SendState& send) {
+  ControlMessage total;  // only its two count fields: the 64-bit total, encoded the way on_abort decodes it
+  total.set_posted_total(send.granules_posted);
+  queue_control(*send.peer, ControlType::Abort, send.xfer_id, send.slot, 0, total.num_layers, total.granules_per_layer);
+}
+
+bool Agent::copies_landed(const SendState& send) {
+  for (const auto& c : send.ready) {
+    if (c.cma && !c.cma->done()) return false;
+    if (c.ticket && send.copy_device >= 0 && !copy_queue(send.copy_device).done(c.ticket)) return false;
+  }
+  for (const auto& op : staged_)
+    if (op.send.get() == &send && op.cma && !op.cma->done()) return false;
+  return true;
+}
+
+bool Agent::flush_deferred_aborts() {
+  if (deferred_aborts_.empty()) return false;
+  size_t keep = 0;
+  bool any = false;
+  for (auto& s : deferred_aborts_) {
+    if (!copies_landed(*s)) {
+      deferred_aborts_[keep++] = std::move(s);
+      continue;
+    }
+    if (!s->peer->lost) queue_abort(*s);
+    any = true;
+  }
+  deferred_aborts_.resize(keep);
+  return any;
 }
 
 void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why) {
@@ -676,7 +764,7 @@ void Agent::check_deadlines() {
   next_deadline_check_ = now + std::chrono::milliseconds(kMaxBlockMs);  // deadlines are seconds; liveness ms
   for (auto& send : active_sends_) {
     if (send->state() == TransferState::Pending && now >= send->deadline) {
-      fail_send(*send, ErrorKind::TransferTimeout,
+      fail_send(send, ErrorKind::TransferTimeout,
                 "transfer " + std::to_string(send->xfer_id) + " to peer '" + send->peer->info.name +
                     "' missed its deadline: " + std::to_string(send->layers_posted) + "/" +
                     std::to_string(send->num_layers) + " layers posted, " + std::to_string(send->ops_completed) + "/" +

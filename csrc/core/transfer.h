@@ -77,6 +77,7 @@ class TransferBase {
 
 struct PeerState;
 struct LocalPool;
+class CmaJob;
 
 // How a send's bytes reach the peer. Chosen once per send from where both pools live (Agent::choose_path).
 //   Fabric  : libfabric writes with immediates (host memory, or GPU memory the provider registered with FI_HMEM)
@@ -104,7 +105,12 @@ class SendState : public TransferBase {
   std::vector<uint64_t> dst_mapped;  // CudaIpc: [dst regions] the peer's region start mapped into this process
 
   // Progress-thread state.
-  struct Cursor { uint32_t layer_index; uint32_t next; uint64_t ticket = 0; };  // ticket: CudaIpc copy event
+  struct Cursor {
+    uint32_t layer_index;
+    uint32_t next;
+    uint64_t ticket = 0;          // CudaIpc: the layer's copy event
+    std::shared_ptr<CmaJob> cma;  // Cma: the layer's copy running on the CMA workers
+  };
   std::vector<Cursor> ready;        // layers marked and not yet fully posted, in marking order
   uint64_t ops_posted = 0, ops_completed = 0, ops_expected = 0;
   uint64_t granules_posted = 0;  // sum of the immediates' granules posted so far (an ABORT reports it)
