@@ -109,3 +109,35 @@ def test_a_recv_that_timed_out_learns_when_the_late_transfer_is_over():
     send.wait(timeout_s=30)
     wait_for(lambda: recv.writes_over, what="the timed-out recv's writes over")
     assert not idle.writes_over  # a recv nobody sends to is not over
+
+
+@pytest.mark.parametrize("posted_layers", [0, 2])
+def test_recv_posted_after_the_sender_abandoned_fails_at_once(posted_layers):
+    """Push order: the sender starts (and gives up) before the receiver calls recv(). The late recv fails at
+    once naming the abandoned transfer, instead of waiting out its 60 s deadline for a BEGIN that never comes,
+    and its writes_over turns True (every write the sender posted was counted) so the blocks can be freed."""
+    from kvxfer import errors
+
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "tcp", (f"early-sender{posted_layers}",
+                                                                f"late-receiver{posted_layers}"))
+    send = a.send(peer_b, 42, [1, 2], [3, 4])
+    for layer in range(posted_layers):
+        send.layer_ready(layer)
+    send.abort("prefill node shutting down")
+    with pytest.raises(errors.TransferFailed, match="prefill node shutting down"):
+        send.wait(timeout_s=30)
+    wait_for(lambda: a.stats()["slots_reclaimed"] == 1, what="the receiver acknowledging the ABORT")
+    recv = b.recv(peer_a, 42, [3, 4])  # the receiver's default deadline: 60 s
+    with pytest.raises(errors.TransferFailed, match="abandoned transfer 42 before this recv was posted"):
+        recv.wait(timeout_s=10)  # a recv still waiting would raise TransferTimeout here instead
+    wait_for(lambda: recv.writes_over, what="the late recv's writes over")
+    # the pair still works, and the abandoned id does not haunt a later transfer with another id
+    expected = [x.copy() for x in dst]
+    apply(layout, src, expected, np.array([5], np.int32), np.array([6], np.int32), range(layout.num_layers))
+    ok = b.recv(peer_a, 43, [6])
+    send = a.send(peer_b, 43, [5], [6])
+    send.all_ready()
+    ok.wait(timeout_s=30)
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)

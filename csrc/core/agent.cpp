@@ -597,6 +597,18 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
     recv->writes_over = true;  // every granule was counted before we were asked
     return recv;
   }
+  if (auto it = peer->abandoned.find(xfer_id); it != peer->abandoned.end()) {
+    const uint32_t slot = it->second;
+    peer->abandoned.erase(it);  // its order entry is dropped when it comes up for eviction
+    recv->fail(ErrorKind::TransferFailed,
+               "the sender abandoned transfer " + std::to_string(xfer_id) +
+                   " before this recv was posted (it failed or timed out on the sending side); its blocks may be "
+                   "partly written: free them once writes_over is true");
+    SlotCounter& s = peer->slots[slot];
+    if (s.aborted && s.xfer_id == xfer_id) s.watcher = recv;  // writes still to count: told when the slot resets
+    else recv->writes_over = true;
+    return recv;
+  }
   if (auto it = peer->slot_of_xfer.find(xfer_id); it != peer->slot_of_xfer.end()) {
     SlotCounter& s = peer->slots[it->second];
     s.watcher = recv;

@@ -178,6 +178,7 @@ class Agent {
   void on_release(PeerState& peer, const ControlMessage& m);
   void on_abort(PeerState& peer, const ControlMessage& m);
   void on_abort_ack(PeerState& peer, const ControlMessage& m);
+  void remember_abandoned(PeerState& peer, uint64_t xfer_id, uint32_t slot);  // peer.mu held
   void maybe_reclaim_aborted(PeerState& peer, uint32_t slot);
   void check_deadlines();
   void check_slot(PeerState& peer, uint32_t slot);  // called with peer.mu held

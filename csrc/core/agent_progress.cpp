@@ -648,6 +648,7 @@ void Agent::on_abort(PeerState& peer, const ControlMessage& m) {
   SlotCounter& s = peer.slots[m.slot];
   if (!s.in_use && !s.begun && !s.aborted) {
     // Nothing of it is pending here: it completed (our RELEASE is on its way) or never wrote. Hand the slot back.
+    if (!peer.arrived.count(m.xfer_id)) remember_abandoned(peer, m.xfer_id, m.slot);
     queue_control(peer, ControlType::AbortAck, m.xfer_id, m.slot);
     return;
   }
@@ -663,11 +664,21 @@ void Agent::on_abort(PeerState& peer, const ControlMessage& m) {
                           " (it failed or timed out on the sending side); its blocks may be partly written";
   if (s.recv) s.recv->fail(ErrorKind::TransferFailed, why);
   if (auto it = peer.waiting_recvs.find(m.xfer_id); it != peer.waiting_recvs.end()) it->second->fail(ErrorKind::TransferFailed, why);
+  if (!s.recv && !peer.waiting_recvs.count(m.xfer_id)) remember_abandoned(peer, m.xfer_id, m.slot);
   peer.waiting_recvs.erase(m.xfer_id);
   peer.live_recvs.erase(m.xfer_id);
   peer.slot_of_xfer.erase(m.xfer_id);
   s.recv.reset();
   maybe_reclaim_aborted(peer, m.slot);
+}
+
+void Agent::remember_abandoned(PeerState& peer, uint64_t xfer_id, uint32_t slot) {
+  if (!peer.abandoned.emplace(xfer_id, slot).second) return;
+  peer.abandoned_order.push_back(xfer_id);
+  if (peer.abandoned_order.size() > kArrivedMemory) {
+    peer.abandoned.erase(peer.abandoned_order.front());
+    peer.abandoned_order.pop_front();
+  }
 }
 
 void Agent::on_abort_ack(PeerState& peer, const ControlMessage& m) {

@@ -76,6 +76,10 @@ struct PeerState {
   struct Arrived { uint32_t first_layer, num_layers, granules_per_layer; };
   std::unordered_map<uint64_t, Arrived> arrived;                 // complete before recv() was called
   std::deque<uint64_t> arrived_order;                            // bounds `arrived` (oldest evicted)
+  // Transfers the sender abandoned (ABORT) before anyone called recv() for them -> their slot: a later recv()
+  // fails at once instead of waiting out its deadline for a BEGIN that will never come.
+  std::unordered_map<uint64_t, uint32_t> abandoned;
+  std::deque<uint64_t> abandoned_order;                          // bounds `abandoned` (oldest evicted)
   // CUDA IPC: the peer's GPU pools mapped into this process by the first cuda_ipc send to each (kept while the
   // peer state lives, so a copy in flight never outlives its mapping).
   std::unordered_map<uint32_t, std::vector<uint64_t>> ipc_region_start;   // dst pool -> [regions] mapped start
