@@ -129,7 +129,7 @@ Agent::~Agent() {
   stop_.store(true);
   wake_progress();
   if (progress_.joinable()) progress_.join();
-  cma_workers_.reset();  // drains copies still queued; their wake-ups need wake_fd_ open
+  cma_workers_.reset();  // finishes the parts in progress, drops the rest; their wake-ups need wake_fd_ open
   if (wake_fd_ >= 0) close(wake_fd_);
   std::lock_guard<std::mutex> lock(peers_mu_);
   for (auto& [epoch, peer] : peers_by_epoch_) {

@@ -47,10 +47,21 @@ CmaWorkers::CmaWorkers(unsigned threads, std::function<void()> on_done) : on_don
   for (unsigned i = 0; i < threads; ++i) threads_.emplace_back([this] { run(); });
 }
 
+// Parts not started are dropped, not run: the agent is closing and the memory they would read may be freed next.
 CmaWorkers::~CmaWorkers() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
+    for (Task& t : queue_) {
+      std::lock_guard<std::mutex> job_lock(t.job->mu_);
+      if (!t.job->failed_) {
+        t.job->failed_ = true;
+        t.job->kind_ = ErrorKind::PeerLost;
+        t.job->error_ = "the local agent was closed during the copy";
+      }
+      t.job->remaining_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+    queue_.clear();
   }
   cv_.notify_all();
   for (auto& t : threads_) t.join();
@@ -79,7 +90,7 @@ void CmaWorkers::run() {
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stopping, and nothing left that a progress thread could still wait on
+      if (queue_.empty()) return;  // stopping
       task = std::move(queue_.front());
       queue_.pop_front();
     }

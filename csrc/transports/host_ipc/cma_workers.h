@@ -45,7 +45,7 @@ class CmaWorkers {
   static constexpr uint64_t kMinParallelBytes = 1ull << 20;
 
   CmaWorkers(unsigned threads, std::function<void()> on_done);
-  ~CmaWorkers();
+  ~CmaWorkers();  // waits for the parts being copied; parts not started fail their job (PeerLost)
   CmaWorkers(const CmaWorkers&) = delete;
   CmaWorkers& operator=(const CmaWorkers&) = delete;
 
