@@ -20,7 +20,14 @@ def _cma_status() -> tuple[bool, str]:
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
-    return ok, ("process_vm_writev works between processes here" if ok else why)
+    if not ok:
+        return ok, why
+    try:
+        threads = _C.cma_threads_default()
+    except Exception as e:  # a bad KVXFER_CMA_THREADS: agents will refuse it; info reports it
+        return ok, f"process_vm_writev works between processes here; but {e}"
+    copies = (f"copies of >= 1 MiB on {threads} worker threads" if threads else "copies on the progress thread")
+    return ok, f"process_vm_writev works between processes here; {copies} (KVXFER_CMA_THREADS)"
 
 
 def _cuda_status() -> tuple[bool, str]:

@@ -127,3 +127,18 @@ def test_cma_threads_are_checked(monkeypatch):
     assert kvxfer.Agent("cmaw-one", transport="cma", interface="lo").cma_threads == 0  # 1: the progress thread
     monkeypatch.setenv("KVXFER_CMA_THREADS", "3")
     assert kvxfer.Agent("cmaw-three", transport="cma", interface="lo").cma_threads == 3
+
+
+@pytest.mark.parametrize("value, says", [("3", "copies of >= 1 MiB on 3 worker threads"),
+                                         ("0", "copies on the progress thread"),
+                                         ("x", "KVXFER_CMA_THREADS='x' is not an integer")])
+def test_info_says_where_cma_copies_run(value, says):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KVXFER_CMA_THREADS=value)
+    out = subprocess.run([sys.executable, "-m", "kvxfer", "info"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    cma = [line for line in out.stdout.splitlines() if line.split()[1:2] == ["cma"]]
+    assert len(cma) == 1 and says in cma[0], out.stdout

@@ -6,6 +6,7 @@
 #include "bindings/bindings.h"
 #include "gpu/cuda_device.h"
 #include "transports/host_ipc/cma.h"
+#include "transports/host_ipc/cma_workers.h"
 #ifdef KVXFER_HAVE_LIBFABRIC
 #include "transports/fabric/fabric_transport.h"
 #endif
@@ -53,6 +54,10 @@ void register_info(py::module_& m) {
     return out;
   });
 
+  m.def("cma_threads_default", [] {
+    const unsigned n = cma_threads_from_env();
+    return n > 1 ? n : 0u;
+  });
   m.def("cma_probe", [](int pid, uint64_t addr, uint64_t cookie) {
     std::string why;
     bool ok = cma_probe(pid, addr, cookie, &why);
