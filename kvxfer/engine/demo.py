@@ -253,6 +253,7 @@ def table(res: dict) -> str:
     rows = [("TTFT p50 / p99 (ms)", lambda s: f"{ms(s['ttft_p50'])} / {ms(s['ttft_p99'])}"),
             ("TPOT p50 / p99 (ms)", lambda s: f"{ms(s['tpot_p50'])} / {ms(s['tpot_p99'])}"),
             ("TPOT p99 / p50", lambda s: f"{s['tpot_p99'] / s['tpot_p50']:.2f}x" if s["tpot_p50"] else "-"),
+            ("token gaps p50 / p99 (ms)", lambda s: _pair_ms(s.get("itl_p50"), s.get("itl_p99"))),
             ("E2E p50 / p99 (ms)", lambda s: f"{ms(s['e2e_p50'])} / {ms(s['e2e_p99'])}"),
             ("goodput (req/s at SLOs)", lambda s: f"{s['goodput']:.2f}"),
             ("completed / failed", lambda s: f"{s['completed']} / {s['failed']}"),

@@ -29,6 +29,8 @@ def run_demo(tmp_path, *flags):
         assert max(row["tpot_ms"] for row in rows) >= 1000 * s["tpot_p99"] - 0.01
         for row in rows:
             assert row["tpot_ms"] == pytest.approx(sum(row["gaps_ms"]) / len(row["gaps_ms"]), abs=0.05)
+        gaps = sorted(g for row in rows for g in row["gaps_ms"])  # the ITL summary is over every request's gaps
+        assert gaps[0] - 0.01 <= 1000 * s["itl_p50"] <= 1000 * s["itl_p99"] <= gaps[-1] + 0.01
     assert doc["disagg"]["kv_bytes"] > 0 and doc["colocated"]["kv_bytes"] == 0
     assert 0 <= doc["disagg"]["kv_exposed_share"] < 1
     assert "greedy outputs identical in both deployments: True" in r.stdout
