@@ -71,6 +71,26 @@ def local_pair(layout, transport="tcp", names=("sender", "receiver"), seeds=(11,
     return a, b, peer_b, peer_a, src, dst
 
 
+def assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, xfer_id, src_ids, dst_ids):
+    """Moves src_ids -> dst_ids over every layer of a local_pair and checks the destination pool against the numpy
+    reference: addressed chunks equal the source, every other byte untouched. Returns the finished recv."""
+    import numpy as np
+
+    from tests.reference import apply
+
+    src_ids, dst_ids = np.asarray(src_ids, np.int32), np.asarray(dst_ids, np.int32)
+    expected = [x.copy() for x in dst]
+    apply(layout, src, expected, src_ids, dst_ids, range(layout.num_layers))
+    recv = b.recv(peer_a, xfer_id, dst_ids)
+    send = a.send(peer_b, xfer_id, src_ids, dst_ids)
+    send.all_ready()
+    recv.wait(timeout_s=30)
+    send.wait(timeout_s=30)
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+    return recv
+
+
 def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0, rails=1, remote_rails=None,
             sender_kwargs=None):
     """Receiver agent here with a seeded destination pool; sender agent in `remote`. Returns (agent, peer, pool)."""

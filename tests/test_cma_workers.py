@@ -9,25 +9,12 @@ import pytest
 
 import kvxfer
 from kvxfer import KVLayout, errors
-from tests.conftest import local_pair
-from tests.reference import apply
+from tests.conftest import assert_exact_transfer, local_pair
 
 
 def big_layout():
     # 4 layers x 64 blocks of 32 KiB per plane (16 tokens x 8 heads x 128 dims fp16): 4 MiB per layer and plane
     return KVLayout.vllm_flash(4, 64, 16, 8, 128, "float16")
-
-
-def assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, xfer_id, src_ids, dst_ids):
-    expected = [x.copy() for x in dst]
-    apply(layout, src, expected, src_ids, dst_ids, range(layout.num_layers))
-    recv = b.recv(peer_a, xfer_id, dst_ids)
-    send = a.send(peer_b, xfer_id, src_ids, dst_ids)
-    send.all_ready()
-    recv.wait(timeout_s=30)
-    send.wait(timeout_s=30)
-    for got, want in zip(dst, expected):
-        np.testing.assert_array_equal(got, want)  # addressed chunks equal the source, every other byte untouched
 
 
 @pytest.mark.parametrize("threads", [2, 3])

@@ -3,13 +3,12 @@ spinning, and a transfer that starts while they sleep still lands exactly. KVXFE
 old spin-and-sleep loop; any other value is refused by name."""
 import time
 
-import numpy as np
 import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import local_pair
-from tests.reference import PRESETS, apply
+from tests.conftest import assert_exact_transfer, local_pair
+from tests.reference import PRESETS
 
 
 def transfer_after_idle(monkeypatch, mode, transport="tcp"):
@@ -19,16 +18,7 @@ def transfer_after_idle(monkeypatch, mode, transport="tcp"):
     layout = PRESETS["vllm_flash"]()
     a, b, peer_b, peer_a, src, dst = local_pair(layout, transport, (f"idle-{mode}-s", f"idle-{mode}-r"))
     time.sleep(0.2)  # long past the 0.3 ms spin: a blocking agent is asleep in poll() now
-    expected = [x.copy() for x in dst]
-    src_ids, dst_ids = np.array([2, 5, 31], np.int32), np.array([7, 0, 19], np.int32)
-    apply(layout, src, expected, src_ids, dst_ids, range(layout.num_layers))
-    recv = b.recv(peer_a, 1, dst_ids)
-    send = a.send(peer_b, 1, src_ids, dst_ids)
-    send.all_ready()
-    recv.wait(timeout_s=30)
-    send.wait(timeout_s=30)
-    for got, want in zip(dst, expected):
-        np.testing.assert_array_equal(got, want)
+    assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 1, [2, 5, 31], [7, 0, 19])
     return a.stats(), b.stats()
 
 

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import TRANSPORTS, local_pair
-from tests.reference import PRESETS, apply, make_pool
+from tests.conftest import TRANSPORTS, assert_exact_transfer, local_pair
+from tests.reference import PRESETS
 
 WINDOW = 128
 
@@ -50,17 +50,8 @@ def test_more_failed_transfers_than_slots_then_an_exact_one(transport):
     # the receiver knew when each failed transfer's last write had landed: its blocks are safe to reuse
     wait_for(lambda: all(r.writes_over for r in recvs), what="every failed recv's writes over")
 
-    expected = [x.copy() for x in dst]
-    src_ids, dst_ids = np.array([3, 9, 20], np.int32), np.array([30, 1, 17], np.int32)
-    apply(layout, src, expected, src_ids, dst_ids, range(layout.num_layers))
-    recv = b.recv(peer_a, 10_000, dst_ids)
-    send = a.send(peer_b, 10_000, src_ids, dst_ids)
-    send.all_ready()
-    recv.wait(timeout_s=30)
-    send.wait(timeout_s=30)
+    recv = assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 10_000, [3, 9, 20], [30, 1, 17])
     assert recv.layers_done == layout.num_layers and recv.writes_over
-    for got, want in zip(dst, expected):
-        np.testing.assert_array_equal(got, want)  # the written blocks exactly; every other block untouched
 
 
 def test_timed_out_sends_give_their_slots_back():
@@ -73,14 +64,7 @@ def test_timed_out_sends_give_their_slots_back():
         with pytest.raises(Exception, match="missed its deadline"):
             s.wait(timeout_s=30)
     wait_for(lambda: a.stats()["slots_reclaimed"] == WINDOW, what="the window handed back")
-    expected = [x.copy() for x in dst]
-    apply(layout, src, expected, np.array([4], np.int32), np.array([5], np.int32), range(layout.num_layers))
-    send = a.send(peer_b, 5000, [4], [5])
-    recv = b.recv(peer_a, 5000, [5])
-    send.all_ready()
-    recv.wait(timeout_s=30)
-    for got, want in zip(dst, expected):
-        np.testing.assert_array_equal(got, want)
+    assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 5000, [4], [5])
 
 
 def test_slot_exhaustion_names_what_holds_the_slots():
@@ -133,11 +117,4 @@ def test_recv_posted_after_the_sender_abandoned_fails_at_once(posted_layers):
         recv.wait(timeout_s=10)  # a recv still waiting would raise TransferTimeout here instead
     wait_for(lambda: recv.writes_over, what="the late recv's writes over")
     # the pair still works, and the abandoned id does not haunt a later transfer with another id
-    expected = [x.copy() for x in dst]
-    apply(layout, src, expected, np.array([5], np.int32), np.array([6], np.int32), range(layout.num_layers))
-    ok = b.recv(peer_a, 43, [6])
-    send = a.send(peer_b, 43, [5], [6])
-    send.all_ready()
-    ok.wait(timeout_s=30)
-    for got, want in zip(dst, expected):
-        np.testing.assert_array_equal(got, want)
+    assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 43, [5], [6])

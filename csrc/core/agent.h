@@ -163,7 +163,6 @@ class Agent {
   bool post_staged_op(StagedOp& op);
   void submit_staged_copy_outs(CmaWorkers& workers);
   void staged_cma_ops(const StagedOp& op, CmaOp* ops) const;
-  static constexpr size_t kStagedCopyOutsInFlight = 4;
   gpu::CopyQueue& copy_queue(int device);
   void open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_pool);
   uint64_t count_staged_ops(const SendState& send) const;

@@ -21,6 +21,10 @@
 
 namespace kvxfer {
 
+namespace {
+constexpr size_t kStagedCopyOutsInFlight = 4;  // bounce slots whose CMA copy-out runs on the workers at once
+}  // namespace
+
 void Agent::ensure_staging() {
   std::lock_guard<std::mutex> lock(staging_mu_);
   if (staging_) return;

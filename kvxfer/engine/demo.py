@@ -392,7 +392,7 @@ def per_request_rows(items: list[wl.WorkItem], timings: list[RequestTiming]) -> 
     t0 = min(t.arrival for t in timings)
     rows = []
     for item, t in zip(items, timings):
-        gaps = [round(1000 * (b - a), 2) for a, b in zip(t.token_times, t.token_times[1:])]
+        gaps = [round(1000 * g, 2) for g in t.gaps]
         rows.append({"arrival_s": round(t.arrival - t0, 3), "prompt_tokens": len(item.prompt),
                      "max_tokens": item.max_tokens, "tokens": t.tokens, "ttft_ms": _ms(t.ttft),
                      "tpot_ms": _ms(t.tpot), "gaps_ms": gaps, "error": t.error})

@@ -38,6 +38,14 @@ std::vector<std::vector<CmaOp>> split_even(const CmaOp* ops, size_t count, uint6
 
 }  // namespace
 
+void CmaJob::fail(ErrorKind kind, const std::string& why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (failed_) return;
+  failed_ = true;
+  kind_ = kind;
+  error_ = why;
+}
+
 void CmaJob::rethrow_if_failed() const {
   std::lock_guard<std::mutex> lock(mu_);
   if (failed_) throw Error(kind_, error_);
@@ -53,12 +61,7 @@ CmaWorkers::~CmaWorkers() {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
     for (Task& t : queue_) {
-      std::lock_guard<std::mutex> job_lock(t.job->mu_);
-      if (!t.job->failed_) {
-        t.job->failed_ = true;
-        t.job->kind_ = ErrorKind::PeerLost;
-        t.job->error_ = "the local agent was closed during the copy";
-      }
+      t.job->fail(ErrorKind::PeerLost, "the local agent was closed during the copy");
       t.job->remaining_.fetch_sub(1, std::memory_order_acq_rel);
     }
     queue_.clear();
@@ -99,19 +102,9 @@ void CmaWorkers::run() {
     try {
       CmaCopier(job.pid_).copy(ops.data(), ops.size());
     } catch (const Error& e) {
-      std::lock_guard<std::mutex> lock(job.mu_);
-      if (!job.failed_) {
-        job.failed_ = true;
-        job.kind_ = e.kind();
-        job.error_ = e.what();
-      }
+      job.fail(e.kind(), e.what());
     } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> lock(job.mu_);
-      if (!job.failed_) {
-        job.failed_ = true;
-        job.kind_ = ErrorKind::TransferFailed;
-        job.error_ = e.what();
-      }
+      job.fail(ErrorKind::TransferFailed, e.what());
     }
     if (job.remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1 && on_done_) on_done_();
   }

@@ -29,6 +29,7 @@ class CmaJob {
 
  private:
   friend class CmaWorkers;
+  void fail(ErrorKind kind, const std::string& why);  // the first failure of any part is the one reported
   pid_t pid_ = 0;
   uint64_t bytes_ = 0;
   std::vector<std::vector<CmaOp>> parts_;
