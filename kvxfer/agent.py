@@ -32,6 +32,9 @@ class Peer:
     epoch = property(lambda self: self._h.epoch)
     path = property(lambda self: self._h.path)
     path_reason = property(lambda self: self._h.path_reason)
+    signals = property(lambda self: self._h.signals,
+                       doc='how completions and control messages reach it: "doorbell" (shared memory) or "fabric"')
+    signals_reason = property(lambda self: self._h.signals_reason)
     connected = property(lambda self: self._h.connected)
     lost = property(lambda self: self._h.lost)
     same_host = property(lambda self: self._h.same_host)
@@ -73,12 +76,15 @@ def _layers(layers) -> tuple[int, int]:
 class Agent:
     def __init__(self, name: str | None = None, *, transport: str | None = None, interface: str | None = None,
                  timeout_s: float | None = None, rails: int | None = None, staging: str = "auto",
-                 staging_slot_bytes: int = 4 << 20, staging_slots: int = 16, cma_threads: int | None = None):
+                 staging_slot_bytes: int = 4 << 20, staging_slots: int = 16, cma_threads: int | None = None,
+                 doorbell: bool | None = None):
         """transport: auto | shm | cma | cuda_ipc | tcp | fi_shm | efa | verbs (see `python -m kvxfer info`).
         staging: "auto" stages only GPU sources the fabric cannot read (GPU -> pinned bounce slots -> network);
         "always" sends every transfer through the bounce slots (to test or measure the staged pipeline).
         cma_threads: threads that run same-host copies of 1 MiB and more in parallel (0 or 1: the progress thread
-        copies); None reads KVXFER_CMA_THREADS, else half the CPUs, 1 to 4."""
+        copies); None reads KVXFER_CMA_THREADS, else half the CPUs, 1 to 4.
+        doorbell: same-host peers (CMA, CUDA IPC) signal layer completions and control messages through shared-memory
+        rings instead of the fabric; None reads KVXFER_DOORBELL (default on). Peer.signals says which is used."""
         opts = _C.AgentOptions()
         opts.name = name or f"kvxfer-{os.getpid()}"
         transport = transport or envs.get("KVXFER_TRANSPORT")
@@ -101,6 +107,12 @@ class Agent:
             if not 0 <= int(cma_threads) <= 64:
                 raise InvalidArgument(f"cma_threads={cma_threads}: use 0 or 1 (copy on the progress thread) or 2 to 64")
             opts.cma_threads = int(cma_threads)
+        if doorbell is None:
+            raw = envs.get("KVXFER_DOORBELL")
+            if raw not in ("0", "1"):
+                raise InvalidArgument(f"KVXFER_DOORBELL={raw!r}: use 1 (shared-memory signals) or 0 (fabric)")
+            doorbell = raw == "1"
+        opts.doorbell = bool(doorbell)
         self._c = _C.Agent(opts)
         self._pools: dict[str, Pool] = {}
         self._peers: dict[int, Peer] = {}
@@ -112,6 +124,9 @@ class Agent:
     rails = property(lambda self: self._c.rails)
     cma_threads = property(lambda self: self._c.cma_threads,
                            doc="threads that run large same-host copies (0: the progress thread copies)")
+    doorbell = property(lambda self: self._c.doorbell[0],
+                        doc="same-host peers can signal this agent through shared memory (see doorbell_reason)")
+    doorbell_reason = property(lambda self: self._c.doorbell[1] or "shared-memory rings exposed to same-host peers")
     gpu_direct = property(lambda self: self._c.hmem, doc="the fabric registers GPU memory (FI_HMEM): no staging")
 
     def path_to(self, peer: Peer, *, pool=None, dst_pool: str = "") -> tuple[str, str]:

@@ -11,6 +11,8 @@ ENV_VARS = {
                                       "one (read by the C++ core); poll = spin, then 20/200 us sleeps"),
     "KVXFER_CMA_THREADS": ("str", "", "threads for same-host copies of >= 1 MiB (0 or 1: the progress thread); "
                                       "empty: half the CPUs, 1 to 4 (read by the C++ core)"),
+    "KVXFER_DOORBELL": ("str", "1", "1: same-host peers signal layer completions and control messages through "
+                                    "shared-memory rings; 0: through the fabric, like peers on other hosts"),
     "KVXFER_GPU_COPY": ("str", "auto", "GPU batch copies: auto = one gather kernel where the device reaches both "
                                        "ends, else copy engines; kernel; copy_engine (read by the C++ core)"),
 }

@@ -30,6 +30,28 @@ def _cma_status() -> tuple[bool, str]:
     return ok, f"process_vm_writev works between processes here; {copies} (KVXFER_CMA_THREADS)"
 
 
+def _doorbell_status() -> tuple[bool, str]:
+    """Same-host signals: map a region another process holds (pidfd_getfd, the permission CMA needs)."""
+    from kvxfer import envs
+
+    if envs.get("KVXFER_DOORBELL") == "0":
+        return False, "off (KVXFER_DOORBELL=0): same-host completions and control messages go over the fabric"
+    region = _C._DoorbellRegion()
+    pid = os.fork()
+    if pid == 0:  # holds the region's fd (inherited) like a peer agent would
+        time.sleep(2)
+        os._exit(0)
+    try:
+        _C._DoorbellLink(pid, region.fd, -1)
+    except Exception as e:
+        return False, f"{e}; same-host peers signal over the fabric"
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    return True, ("shared-memory rings: same-host peers (cma, cuda_ipc) signal layer completions and control "
+                  "messages without the fabric (KVXFER_DOORBELL)")
+
+
 def _cuda_status() -> tuple[bool, str]:
     if not _C.have_cuda:
         return False, "this build has no CUDA (nvcc was not found at build time)"
@@ -82,7 +104,7 @@ def collect() -> dict:
     transports["cma"] = cma if _C.have_libfabric else (False, "needs libfabric for its completion signals")
     gpu_paths = _gpu_paths(transports)
     transports["cuda_ipc"] = gpu_paths["cuda_ipc"]
-    return {"version": _C.__version__, "build": _C.build_info,
+    return {"version": _C.__version__, "build": _C.build_info, "doorbell": _doorbell_status(),
             "libfabric": _C.fabric_version() if _C.have_libfabric else None, "transports": transports,
             "gpu_paths": gpu_paths, "topology": _topology()}
 
@@ -98,6 +120,8 @@ def main(argv=None) -> int:
     print("transports (usable now on this machine):")
     for name, (usable, detail) in info["transports"].items():
         print(f"  {'yes' if usable else 'no ':3}  {name:8}  {detail}")
+    usable, detail = info["doorbell"]
+    print(f"same-host signals:\n  {'yes' if usable else 'no ':3}  doorbell  {detail}")
     print("GPU memory paths (chosen per send from where both pools live; Send.path says which):")
     for name, (usable, detail) in info["gpu_paths"].items():
         print(f"  {'yes' if usable else 'no ':3}  {name:10}  {detail}")

@@ -45,7 +45,8 @@ void register_agent(py::module_& m) {
       .def_readwrite("staging", &AgentOptions::staging)
       .def_readwrite("staging_slot_bytes", &AgentOptions::staging_slot_bytes)
       .def_readwrite("staging_slots", &AgentOptions::staging_slots)
-      .def_readwrite("cma_threads", &AgentOptions::cma_threads);
+      .def_readwrite("cma_threads", &AgentOptions::cma_threads)
+      .def_readwrite("doorbell", &AgentOptions::doorbell);
 
   py::class_<LocalRegion>(m, "LocalRegion")
       .def(py::init<uint64_t, uint64_t, int>(), py::arg("addr"), py::arg("nbytes"), py::arg("device") = -1)
@@ -60,6 +61,9 @@ void register_agent(py::module_& m) {
       .def_property_readonly("hostname", [](const PeerState& p) { return p.info.hostname; })
       .def_property_readonly("path", [](const PeerState& p) { return p.path; })
       .def_property_readonly("path_reason", [](const PeerState& p) { return p.path_reason; })
+      .def_property_readonly("signals", [](const PeerState& p) { return std::string(p.doorbell ? "doorbell" : "fabric"); })
+      .def_property_readonly("signals_reason", [](const PeerState& p) { return p.signals_reason; })
+      .def_property_readonly("_rx_window", [](const PeerState& p) { return p.rx_window; })
       .def_property_readonly("same_host", [](const PeerState& p) { return p.same_host; })
       .def_property_readonly("rails", [](const PeerState& p) { return p.rails; })
       .def_property_readonly("connected", [](const PeerState& p) { return p.connected.load(); })
@@ -143,6 +147,12 @@ void register_agent(py::module_& m) {
       .def_property_readonly("max_inflight", [](const Agent& a) { return a.capabilities().max_inflight; })
       .def_property_readonly("rails", [](const Agent& a) { return a.capabilities().num_rails; })
       .def_property_readonly("cma_threads", &Agent::cma_threads)
+      .def_property_readonly("_doorbell_fds", [](const Agent& a) {
+        return py::make_tuple(a.info().doorbell_fd, a.info().wake_fd);
+      })
+      .def_property_readonly("doorbell", [](const Agent& a) {
+        return py::make_tuple(a.has_doorbell(), a.doorbell_unavailable());
+      })
       .def("stats", [](const Agent& a) {
         AgentStats s = a.stats();
         py::dict d;
@@ -156,6 +166,9 @@ void register_agent(py::module_& m) {
         d["idle_waits"] = s.idle_waits;
         d["cma_jobs"] = s.cma_jobs;
         d["aborts_deferred"] = s.aborts_deferred;
+        d["doorbell_sent"] = s.doorbell_sent;
+        d["doorbell_received"] = s.doorbell_received;
+        d["doorbell_wakes"] = s.doorbell_wakes;
         py::list rails;
         for (const auto& r : s.rails) {
           py::dict rd;

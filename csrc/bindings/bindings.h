@@ -14,6 +14,7 @@ void register_layout(py::module_& m);
 void register_agent(py::module_& m);
 void register_info(py::module_& m);
 void register_signals(py::module_& m);
+void register_doorbell(py::module_& m);
 
 // A 1-D int32 C-contiguous view of ids (numpy arrays of other int types are converted by the Python layer).
 inline const int32_t* ids_ptr(const py::array_t<int32_t, py::array::c_style>& a, const char* what) {

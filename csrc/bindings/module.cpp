@@ -7,4 +7,5 @@ PYBIND11_MODULE(_C, m) {
   kvxfer::register_agent(m);
   kvxfer::register_info(m);
   kvxfer::register_signals(m);
+  kvxfer::register_doorbell(m);
 }

@@ -109,6 +109,16 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   signal_key_ = transport_->register_memory(signal_pad_.get(), 8 * sizeof(uint64_t), kSignalPadKey);
   info_.signal_addr = reinterpret_cast<uint64_t>(signal_pad_.get());
   info_.signal_rkey = signal_key_.rkey;
+  if (options_.doorbell) {
+    try {
+      doorbell_ = std::make_unique<DoorbellRegion>();
+      info_.doorbell_fd = doorbell_->fd();
+    } catch (const Error& e) {
+      doorbell_why_ = e.what();  // same-host peers then signal through the fabric, as before
+    }
+  } else {
+    doorbell_why_ = "disabled (doorbell=False / KVXFER_DOORBELL=0)";
+  }
   KVXFER_CHECK(options_.cma_threads <= 64, InvalidArgument,
                "cma_threads=" << options_.cma_threads << " is more than 64; use 0 or 1 for the progress thread, or 2-64");
   const unsigned threads = options_.cma_threads >= 0 ? options_.cma_threads : cma_threads_from_env();
@@ -122,6 +132,7 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   cq_fds_ = transport_->wait_fds();
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) cq_fds_.clear();  // no eventfd: commands could not end a wait, so never block
+  if (doorbell_ && !cq_fds_.empty()) info_.wake_fd = wake_fd_;  // else we never block: peers need not wake us
   progress_ = std::thread([this] { progress_loop(); });
 }
 
@@ -159,6 +170,9 @@ AgentStats Agent::stats() const {
   s.idle_waits = counters_.idle_waits;
   s.cma_jobs = counters_.cma_jobs;
   s.aborts_deferred = counters_.aborts_deferred;
+  s.doorbell_sent = counters_.doorbell_sent;
+  s.doorbell_received = counters_.doorbell_received;
+  s.doorbell_wakes = counters_.doorbell_wakes;
   s.rails = transport_->rail_stats();
   return s;
 }
@@ -348,6 +362,8 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   } else {
     peer->path_reason = "transport '" + options_.transport + "' requested";
   }
+  if (want_cma) open_doorbell(*peer);
+  else peer->signals_reason = "fabric: transport '" + options_.transport + "' requested";
   peer->addr = transport_->insert_peer(peer->info.fabric_address);
   peer->rails = std::max<uint32_t>(1, transport_->peer_rails(peer->addr));
   {
@@ -378,6 +394,18 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   }
   wake_progress();
   return peer;
+}
+
+// Signals and control messages to a same-host peer go through its doorbell rings when we can map them.
+void Agent::open_doorbell(PeerState& peer) {
+  std::string why;
+  if (!peer.same_host) why = "the peer is on another host";
+  else if (peer.path != "cma") why = "no CMA access to the peer's process (" + peer.path_reason + ")";
+  else if (!options_.doorbell) why = "doorbell disabled here (doorbell=False / KVXFER_DOORBELL=0)";
+  else if (peer.info.doorbell_fd < 0) why = "the peer exposes no doorbell (disabled there, or its memfd failed)";
+  else peer.doorbell = DoorbellLink::open(static_cast<pid_t>(peer.info.pid), peer.info.doorbell_fd, peer.info.wake_fd,
+                                          &counters_.doorbell_wakes, &why);
+  peer.signals_reason = peer.doorbell ? "doorbell: shared-memory rings (same host)" : "fabric: " + why;
 }
 
 // A free window of slots for a new peer: never used, or left by a peer that is gone (lost or replaced), so a late

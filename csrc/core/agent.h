@@ -25,6 +25,7 @@
 #include "core/transfer.h"
 #include "gpu/cuda_device.h"
 #include "transports/host_ipc/cma_workers.h"
+#include "transports/host_ipc/doorbell.h"
 #include "transports/staged/staging_ring.h"
 #include "transports/transport.h"
 
@@ -42,6 +43,7 @@ struct AgentOptions {
   uint32_t staging_slots = StagingRing::kDefaultSlots;
   int cma_threads = -1;            // threads for large same-host copies; 0/1: the progress thread; -1: from
                                    // KVXFER_CMA_THREADS, else half the CPUs (1 to 4)
+  bool doorbell = true;            // same-host peers signal through shared memory, not the fabric (doorbell.h)
 };
 
 // The path a send from one of our pools to one of a peer's pools would take, and why (what it costs).
@@ -74,6 +76,9 @@ struct AgentStats {
   uint64_t idle_waits = 0;        // times the progress thread blocked on its CQ fds (0: it never does)
   uint64_t cma_jobs = 0;          // CMA copies run in parallel on the worker threads
   uint64_t aborts_deferred = 0;   // failed sends whose ABORT waited for a copy into the peer to land
+  uint64_t doorbell_sent = 0;     // entries (immediates and control messages) put into same-host peers' rings
+  uint64_t doorbell_received = 0; // entries taken from our rings
+  uint64_t doorbell_wakes = 0;    // entries after which we woke a blocked peer (its eventfd)
   std::vector<RailStats> rails;
 };
 
@@ -113,6 +118,9 @@ class Agent {
   const Capabilities& capabilities() const { return transport_->capabilities(); }
   const AgentOptions& options() const { return options_; }
   unsigned cma_threads() const { return cma_threads_; }  // 0: large CMA copies run on the progress thread
+  // Same-host peers can signal us through shared memory; otherwise why not (empty when they can).
+  bool has_doorbell() const { return doorbell_ != nullptr; }
+  const std::string& doorbell_unavailable() const { return doorbell_why_; }
   AgentStats stats() const;
   // The path send() would take from local pool src_pool to the peer's pool dst_pool; throws TransportUnavailable
   // when no path can reach it, with what to change.
@@ -156,6 +164,10 @@ class Agent {
   void cma_ops(const SendState& send, uint32_t first_write, uint32_t n, CmaOp* ops) const;
   void submit_cma_layers(SendState& send, CmaWorkers& workers);
   bool post_signals(SendState& send, SendState::Cursor& cur, uint32_t done_before, size_t& budget);
+  bool post_signal(SendState& send, uint32_t imm);  // one zero-byte signal: doorbell or fabric; false = no room
+  bool poll_doorbell();
+  void on_doorbell_items(uint32_t window, const DoorbellItem* items, size_t n);
+  void open_doorbell(PeerState& peer);  // add_peer: map a same-host peer's rings, or say why not
   // agent_gpu.cpp: the CUDA IPC and staged paths
   bool post_ipc_layer(SendState& send, SendState::Cursor& cur, size_t& budget);
   bool post_staged_layer(const std::shared_ptr<SendState>& send, SendState::Cursor& cur);
@@ -201,6 +213,9 @@ class Agent {
   std::unique_ptr<uint64_t> cma_cookie_;
   std::unique_ptr<uint64_t[]> signal_pad_;  // AgentInfo::signal_addr: registered so zero-byte signals have a target
   MemoryKey signal_key_;
+  std::unique_ptr<DoorbellRegion> doorbell_;  // our rings, one per slot window (null: options_.doorbell off, or failed)
+  std::string doorbell_why_;
+  std::atomic<uint32_t> doorbell_windows_{0};  // bit w: window w belongs to a same-host peer, so its ring is polled
   std::vector<std::unique_ptr<LocalPool>> pools_;
   mutable std::mutex pools_mu_;
 
@@ -236,6 +251,7 @@ class Agent {
   struct Counters {
     std::atomic<uint64_t> writes_posted{0}, imms_received{0}, eagain{0}, dropped_messages{0}, unknown_imms{0};
     std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0}, idle_waits{0}, cma_jobs{0}, aborts_deferred{0};
+    std::atomic<uint64_t> doorbell_sent{0}, doorbell_received{0}, doorbell_wakes{0};
   } counters_;
 
   std::atomic<bool> stop_{false};

@@ -249,17 +249,7 @@ bool Agent::post_staged_op(StagedOp& op) {
       op.copied_out = true;
       staging_->release(op.slot);  // CMA is synchronous: the slot is free as soon as the copy returns
     }
-    OpContext* ctx = take_context();
-    ctx->send = &send;
-    const int rc = transport_->post_write(nullptr, 0, nullptr, ImmCode::encode(send.slot, op.layer, op.granules),
-                                          peer.addr, peer.info.remote_virt_addr ? peer.info.signal_addr : 0,
-                                          peer.info.signal_rkey, ctx);
-    if (rc == -EAGAIN) {
-      return_context(ctx);
-      return false;
-    }
-    send.granules_posted += op.granules;
-    return true;
+    return post_signal(send, ImmCode::encode(send.slot, op.layer, op.granules));
   }
   WriteIov iov[16];
   KVXFER_ASSERT(op.num_writes <= 16);

@@ -100,6 +100,9 @@ bool Agent::may_block() const {
 
 void Agent::block_until_event() {
   if (!transport_->ready_to_wait()) return;  // something is already there: poll it first
+  // Same-host peers ring instead of writing on the fabric: they must see we sleep, and we must see their entries.
+  const uint32_t rings = doorbell_windows_.load(std::memory_order_relaxed);
+  if (rings && !doorbell_->prepare_to_sleep(rings)) return;
   pollfd fds[1 + 16];
   const size_t n = std::min<size_t>(cq_fds_.size(), 16);
   fds[0] = {wake_fd_, POLLIN, 0};
@@ -111,6 +114,7 @@ void Agent::block_until_event() {
     uint64_t v;
     [[maybe_unused]] ssize_t r = read(wake_fd_, &v, sizeof(v));
   }
+  if (rings) doorbell_->wake_up();
 }
 
 bool Agent::run_commands() {
@@ -134,6 +138,11 @@ bool Agent::run_commands() {
       case Command::Kind::Control:
         if (static_cast<ControlType>(c.msg.type) == ControlType::Hello) {
           // Every rail's HELLO names the window of slots the peer is to use towards us.
+          // Its ring starts empty before the HELLO hands the window out: the new producer's first entry is 1.
+          if (doorbell_ && c.peer->same_host) {
+            doorbell_->reset(c.peer->rx_window);
+            doorbell_windows_.fetch_or(1u << c.peer->rx_window, std::memory_order_relaxed);
+          }
           for (uint32_t rail = 0; rail < c.peer->rails; ++rail)
             queue_control(*c.peer, ControlType::Hello, 0, c.msg.slot, rail, ImmCode::kSlotWindow);
         } else {
@@ -179,12 +188,24 @@ void Agent::queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, u
 bool Agent::flush_control() {
   bool any = false;
   size_t keep = 0;
+  std::vector<const PeerState*> held;  // peers with a message kept back: their later ones wait too (order)
   for (size_t i = 0; i < outbox_.size(); ++i) {
     auto& [peer, msg] = outbox_[i];
     if (peer->lost) continue;
     const bool hello = msg.type == static_cast<uint16_t>(ControlType::Hello);
-    if (!hello && !peer->connected) {
+    if ((!hello && !peer->connected) || std::find(held.begin(), held.end(), peer.get()) != held.end()) {
       outbox_[keep++] = outbox_[i];
+      continue;
+    }
+    // HELLOs go on the fabric (one per rail, and they hand out the ring); the rest to a same-host peer's ring.
+    if (!hello && peer->doorbell && peer->doorbell->ready()) {
+      if (peer->doorbell->post_control(msg)) {
+        counters_.doorbell_sent++;
+        any = true;
+      } else {
+        held.push_back(peer.get());
+        outbox_[keep++] = outbox_[i];
+      }
       continue;
     }
     int rc = -EAGAIN;
@@ -195,6 +216,7 @@ bool Agent::flush_control() {
       continue;
     }
     if (rc == -EAGAIN) {
+      held.push_back(peer.get());
       outbox_[keep++] = outbox_[i];
       continue;
     }
@@ -367,34 +389,91 @@ CmaWorkers* Agent::cma_workers() {
 // [copied, copied + nsignals) count the zero-byte immediates posted, each carrying up to kMaxGranules granules.
 // Returns true when the layer is fully posted.
 bool Agent::post_signals(SendState& send, SendState::Cursor& cur, uint32_t copied, size_t& budget) {
-  PeerState& peer = *send.peer;
   const uint32_t layer = send.first_layer + cur.layer_index;
   const uint32_t total = send.plan.granules_per_layer;
   const uint32_t nsignals = (total + ImmCode::kMaxGranules - 1) / ImmCode::kMaxGranules;
-  // Addressed to the peer's signal pad, not the pool: a GPU pool may not be registered with the fabric at all.
-  const uint64_t raddr = peer.info.remote_virt_addr ? peer.info.signal_addr : 0;
   while (cur.next - copied < nsignals && budget > 0) {
     const uint32_t i = cur.next - copied;
     const uint32_t g = std::min<uint32_t>(ImmCode::kMaxGranules, total - i * ImmCode::kMaxGranules);
-    OpContext* ctx = take_context();
-    ctx->send = &send;
-    int rc = transport_->post_write(nullptr, 0, nullptr, ImmCode::encode(send.slot, layer, g), peer.addr, raddr,
-                                    peer.info.signal_rkey, ctx);
-    if (rc == -EAGAIN) {
-      return_context(ctx);
-      counters_.eagain++;
-      return false;
-    }
+    if (!post_signal(send, ImmCode::encode(send.slot, layer, g))) return false;
     ++cur.next;
     ++send.ops_posted;
-    send.granules_posted += g;
     --budget;
   }
   return cur.next - copied == nsignals;
 }
 
+// A same-host peer's ring takes the immediate (complete at once: it is in the peer's memory); otherwise a
+// zero-byte write on the fabric, addressed to the peer's signal pad and not the pool, which may be GPU memory the
+// fabric never registered. The caller has counted the op as posted (or counts it after a true return).
+bool Agent::post_signal(SendState& send, uint32_t imm) {
+  PeerState& peer = *send.peer;
+  if (peer.doorbell && peer.doorbell->ready()) {
+    if (!peer.doorbell->post_imm(imm)) {
+      counters_.eagain++;
+      return false;
+    }
+    counters_.doorbell_sent++;
+    send.granules_posted += ImmCode::granules(imm);
+    ++send.ops_completed;
+    return true;
+  }
+  OpContext* ctx = take_context();
+  ctx->send = &send;
+  const int rc = transport_->post_write(nullptr, 0, nullptr, imm, peer.addr,
+                                        peer.info.remote_virt_addr ? peer.info.signal_addr : 0, peer.info.signal_rkey,
+                                        ctx);
+  if (rc == -EAGAIN) {
+    return_context(ctx);
+    counters_.eagain++;
+    return false;
+  }
+  send.granules_posted += ImmCode::granules(imm);
+  return true;
+}
+
+bool Agent::poll_doorbell() {
+  uint32_t mask = doorbell_windows_.load(std::memory_order_relaxed);
+  if (!mask) return false;
+  DoorbellItem items[64];
+  bool any = false;
+  for (uint32_t w = 0; mask; ++w, mask >>= 1) {
+    if (!(mask & 1)) continue;
+    const size_t n = doorbell_->drain(w, items, 64);
+    if (n) {
+      on_doorbell_items(w, items, n);
+      any = true;
+    }
+  }
+  return any;
+}
+
+// Entries of ring w count only for the peer that owns window w: an immediate naming another window's slot, or a
+// message claiming another sender, is dropped and counted like any malformed fabric message.
+void Agent::on_doorbell_items(uint32_t w, const DoorbellItem* items, size_t n) {
+  std::shared_ptr<PeerState> owner;
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    owner = window_owner_[w].lock();
+  }
+  counters_.doorbell_received += n;
+  for (size_t i = 0; i < n; ++i) {
+    const DoorbellItem& it = items[i];
+    if (it.kind == DoorbellEntry::kImm) {
+      if (owner && ImmCode::slot(it.imm) / ImmCode::kSlotWindow == w) count_imm(owner, it.imm);
+      else counters_.unknown_imms++;
+    } else if (it.kind == DoorbellEntry::kControl && owner && it.msg.sender_epoch == owner->info.epoch &&
+               it.msg.type != static_cast<uint16_t>(ControlType::Hello)) {
+      on_message(reinterpret_cast<const uint8_t*>(&it.msg), sizeof(it.msg));
+    } else {
+      counters_.dropped_messages++;
+    }
+  }
+}
+
 bool Agent::poll_completions() {
   Event events[64];
+  const bool rung = poll_doorbell();
   const size_t n = transport_->poll(events, 64);
   for (size_t i = 0; i < n; ++i) {
     Event& e = events[i];
@@ -414,7 +493,7 @@ bool Agent::poll_completions() {
         break;
     }
   }
-  return n > 0;
+  return rung || n > 0;
 }
 
 void Agent::on_write_done(OpContext* ctx, const std::string* error) {

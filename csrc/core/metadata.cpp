@@ -132,6 +132,8 @@ std::vector<uint8_t> encode_agent_info(const AgentInfo& a) {
   w.put(a.cma_probe_cookie);
   w.put(a.signal_addr);
   w.put(a.signal_rkey);
+  w.put(a.doorbell_fd);
+  w.put(a.wake_fd);
   w.put<uint32_t>(static_cast<uint32_t>(a.pools.size()));
   for (const auto& p : a.pools) {
     w.str(p.name);
@@ -198,6 +200,10 @@ AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes) {
   a.cma_probe_cookie = r.get<uint64_t>("cma probe cookie");
   a.signal_addr = r.get<uint64_t>("signal pad address");
   a.signal_rkey = r.get<uint64_t>("signal pad key");
+  a.doorbell_fd = r.get<int32_t>("doorbell fd");
+  a.wake_fd = r.get<int32_t>("wake fd");
+  KVXFER_CHECK(a.doorbell_fd >= -1 && a.wake_fd >= -1, MetadataError,
+               "peer metadata: doorbell fd " << a.doorbell_fd << " / wake fd " << a.wake_fd << " out of range");
   const uint32_t num_pools = r.count("pool", kMaxPools);
   for (uint32_t i = 0; i < num_pools; ++i) {
     PoolInfo p;

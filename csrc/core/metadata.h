@@ -12,7 +12,7 @@
 
 namespace kvxfer {
 
-constexpr uint16_t kMetadataVersion = 3;  // 2: regions carry their device and CUDA IPC handle; 3: signal pad
+constexpr uint16_t kMetadataVersion = 4;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell
 
 struct RemoteRegion {
   uint64_t addr = 0;    // virtual address in the owner's process
@@ -47,6 +47,9 @@ struct AgentInfo {
   // address: the destination pool itself may be GPU memory the fabric never registered.
   uint64_t signal_addr = 0;
   uint64_t signal_rkey = 0;
+  // Same-host doorbell (transports/host_ipc/doorbell.h): fd numbers in the owner's process, -1 when it has none.
+  int32_t doorbell_fd = -1;
+  int32_t wake_fd = -1;
   std::vector<PoolInfo> pools;
 
   // Hash over every pool's layout fingerprint: a quick "same model shard" check for engines.

@@ -17,6 +17,7 @@
 #include "core/metadata.h"
 #include "core/transfer.h"
 #include "gpu/cuda_device.h"
+#include "transports/host_ipc/doorbell.h"
 #include "transports/transport.h"
 
 namespace kvxfer {
@@ -55,6 +56,10 @@ struct PeerState {
   std::string path;               // "cma" or the fabric transport name: how we write to this peer
   bool same_host = false;
   std::string path_reason;        // why this path (e.g. why not cma)
+  // Same-host peers: their doorbell rings mapped here; signals and control messages to them go there, not over the
+  // fabric (null: signals_reason says why).
+  std::unique_ptr<DoorbellLink> doorbell;
+  std::string signals_reason;
   std::atomic<bool> connected{false};   // HELLO arrived on every common rail
   uint32_t hello_rails = 0;             // bit r: HELLO arrived on rail r (guarded by the agent's peers_mu_)
   std::atomic<bool> lost{false};
@@ -100,6 +105,7 @@ struct PeerState {
   void take_window(uint32_t base) {
     if (have_window) return;
     have_window = true;
+    if (doorbell) doorbell->set_ring(base / ImmCode::kSlotWindow);
     free_slots.reserve(ImmCode::kSlotWindow);
     for (uint32_t s = base + ImmCode::kSlotWindow; s-- > base;) free_slots.push_back(s);
   }

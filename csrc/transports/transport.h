@@ -1,5 +1,6 @@
 // Transport: what the Agent needs from a wire. FabricTransport (libfabric: efa, verbs, tcp, shm) implements it.
-// The same-host CMA path (host_ipc/) moves bytes itself and signals through this interface's zero-byte writes.
+// The same-host CMA path (host_ipc/) moves bytes itself and signals through its doorbell rings, or this interface's
+// zero-byte writes where a peer's rings cannot be mapped.
 //
 // Threading: every method except the constructor, address() and register_memory() is called from the Agent's
 // progress thread only, so implementations need no locks (libfabric FI_THREAD_DOMAIN).

@@ -1,7 +1,7 @@
 // Same-host host-memory path: the sender copies straight into the receiver's registered pool with
 // process_vm_writev (cross-memory attach), one syscall per up to kMaxIov chunks, then signals the granules through
-// the fabric endpoint with zero-byte immediate writes. The copy is synchronous, so the bytes are in place before
-// their immediate is posted. Chosen for peers on the same host when a CMA read of the peer's probe cookie succeeds
+// the receiver's doorbell ring (doorbell.h), or the fabric endpoint with zero-byte immediate writes where the ring
+// cannot be mapped. The copy is synchronous, so the bytes are in place before their immediate is posted. Chosen for peers on the same host when a CMA read of the peer's probe cookie succeeds
 // (same kernel, same PID namespace, ptrace permission); libfabric's shm provider reached only ~0.55 of a CMA copy.
 #pragma once
 #include <sys/types.h>
