@@ -9,7 +9,10 @@
              cma), as a ratio of one pinned device-to-host copy of 512 MiB.
 
 Each rep times send() .. DONE on the sender (DONE means the receiver counted every chunk); the destination is
-verified byte for byte once per path. Without a GPU it prints why and exits 1.
+verified byte for byte once per path. Also printed: the ratio of the time after the send() call (an engine calls
+send() when it schedules the request, before any layer is ready, so the plan build hides behind prefill) and how
+same-host completions travel (doorbell rings or fabric), and the gather kernel alone on the same chunks (one
+launch per layer, and one for all layers) against the same limit. Without a GPU it prints why and exits 1.
 """
 from __future__ import annotations
 
@@ -118,13 +121,49 @@ def run_path(name, where, reps):
     return {"path": name, "send_path": path, "bytes": nbytes, "best_s": best, "median_s": float(np.median(times)),
             "gbps": nbytes / best / 1e9, "limit_gbps": nbytes / limit_s / 1e9, "ratio": limit_s / best,
             "limit": "cudaMemcpy D2D 512 MiB" if where == "cuda" else "pinned D2H 512 MiB", "verified": True,
-            "copy_mode": os.environ.get("KVXFER_GPU_COPY", "auto"), "send_call_median_s": float(np.median(opens))}
+            "copy_mode": os.environ.get("KVXFER_GPU_COPY", "auto"), "send_call_median_s": float(np.median(opens)),
+            "signals": peer.signals, "data_ratio": limit_s / (float(np.median(times)) - float(np.median(opens)))}
+
+
+def kernel_only(reps):
+    """The gather kernel alone on the reference request's 16,384 chunks (both pools in this process): one launch
+    per layer, as cuda_ipc enqueues them, and one launch for all 32 layers. Separates the kernel's own speed from
+    the host work and the protocol around it."""
+    import torch
+
+    import kvxfer
+    from kvxfer import _C
+
+    layout = kvxfer.KVLayout.vllm_flash(*ARGS)
+    nbytes = layout.num_layers * 2 * NUM_IDS * layout.chunk_bytes
+    limit_s = _limit_seconds(nbytes, "cuda", "cuda", pinned=True)
+    src = [torch.empty(layout.tensor_layer_bytes, dtype=torch.uint8, device="cuda") for _ in range(layout.num_layers)]
+    dst = [torch.empty(layout.tensor_layer_bytes, dtype=torch.uint8, device="cuda") for _ in range(layout.num_layers)]
+    rng = np.random.default_rng(0)
+    src_ids = rng.choice(layout.num_blocks, NUM_IDS, replace=False)
+    dst_ids = rng.choice(layout.num_blocks, NUM_IDS, replace=False)
+    d, s_, groups = [], [], [0]
+    for layer in range(layout.num_layers):
+        for p in range(2):
+            d += [dst[layer].data_ptr() + p * layout.plane_stride + int(b) * layout.block_stride for b in dst_ids]
+            s_ += [src[layer].data_ptr() + p * layout.plane_stride + int(b) * layout.block_stride for b in src_ids]
+        groups.append(len(d))
+    d, s_ = np.array(d, np.uint64), np.array(s_, np.uint64)
+    sizes = np.full(len(d), layout.chunk_bytes, np.uint64)
+    rows = []
+    for label, g in (("per layer (32 launches)", groups), ("all layers (1 launch)", [0, len(d)])):
+        t = _C.gpu_gather_seconds(torch.cuda.current_device(), d, s_, sizes, np.array(g, np.uint32), reps)
+        rows.append({"path": "kernel only", "launches": label, "best_s": t, "gbps": nbytes / t / 1e9,
+                     "limit_gbps": nbytes / limit_s / 1e9, "ratio": limit_s / t, "limit": "cudaMemcpy D2D 512 MiB"})
+    return rows
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--compare-fabric-signals", action="store_true",
+                    help="also run both paths with KVXFER_DOORBELL=0 (completions as zero-byte fabric writes)")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -135,14 +174,23 @@ def main(argv=None) -> int:
         print("bench_gpu: no CUDA device visible (this benchmark needs an NVIDIA GPU)", file=sys.stderr)
         return 1
     rows = [run_path("cuda_ipc", "cuda", args.reps), run_path("staged", "cpu", args.reps)]
+    if args.compare_fabric_signals:  # the same paths with same-host completions over the fabric (the old way)
+        os.environ["KVXFER_DOORBELL"] = "0"
+        rows += [run_path("cuda_ipc", "cuda", args.reps), run_path("staged", "cpu", args.reps)]
+        os.environ.pop("KVXFER_DOORBELL")
+    kernel = kernel_only(args.reps)
     print(f"device: {torch.cuda.get_device_name(0)}")
     print(f"{'path':10} {'send path':10} {'GB/s':>8} {'limit GB/s':>11} {'ratio':>6}  limit")
     for r in rows:
         print(f"{r['path']:10} {r['send_path']:10} {r['gbps']:8.1f} {r['limit_gbps']:11.1f} {r['ratio']:6.2f}  {r['limit']}"
-              f"  (send() call {r['send_call_median_s'] * 1e3:.2f} ms of {r['median_s'] * 1e3:.2f} ms median)")
+              f"  (send() call {r['send_call_median_s'] * 1e3:.2f} ms of {r['median_s'] * 1e3:.2f} ms median; "
+              f"after send(): {r['data_ratio']:.2f} of the limit; signals: {r['signals']})")
+    for r in kernel:
+        print(f"{r['path']:10} {'':10} {r['gbps']:8.1f} {r['limit_gbps']:11.1f} {r['ratio']:6.2f}  {r['limit']}"
+              f"  ({r['launches']}, {r['best_s'] * 1e3:.3f} ms)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(0), "rows": rows, "kernel_only": kernel}, f, indent=1)
     return 0
 
 

@@ -45,8 +45,10 @@ for step in "${steps[@]}"; do
       timeout ${KVXFER_SUITE_TIMEOUT:-540} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE --timeout 240 \
         -n ${KVXFER_SUITE_WORKERS:-8} tests 2>&1 | tee "$OUT/suite.log" | tail -40 || rc=1 ;;
     bench)
-      for mode in ${KVXFER_BENCH_COPY_MODES:-auto copy_engine}; do
-        KVXFER_GPU_COPY=$mode timeout 200 $PY benchmarks/bench_gpu.py --reps 5 --json "$OUT/bench_gpu_$mode.json" 2>&1 |
+      # auto: also the same paths with fabric signals (KVXFER_DOORBELL=0) and the gather kernel alone
+      for mode in ${KVXFER_BENCH_COPY_MODES:-auto}; do
+        extra=""; [ "$mode" = auto ] && extra="--compare-fabric-signals"
+        KVXFER_GPU_COPY=$mode timeout 300 $PY benchmarks/bench_gpu.py --reps 5 $extra --json "$OUT/bench_gpu_$mode.json" 2>&1 |
           tee "$OUT/bench_gpu_$mode.log" || rc=1
       done
       timeout 120 $PY benchmarks/bench_layer_signal.py graph 2>&1 |

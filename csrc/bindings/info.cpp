@@ -66,6 +66,43 @@ void register_info(py::module_& m) {
 
   // The same-host limit kvxfer's cma path is measured against: one thread, process_vm_writev of the same chunks
   // (src addr, remote addr, nbytes) into `pid`, batched IOV_MAX at a time. Returns seconds.
+  // The gather-copy kernel alone, for benchmarks/bench_gpu.py: n chunks (device addresses reachable from `device`)
+  // copied as one launch per group [group_begin[g], group_begin[g + 1]) with an event after each, as the cuda_ipc
+  // path enqueues layers, then drained. Returns the wall seconds of the best of `reps` runs (after a warm-up).
+  m.def("gpu_gather_seconds", [](int device, py::array_t<uint64_t, py::array::c_style> dst,
+                                 py::array_t<uint64_t, py::array::c_style> src, py::array_t<uint64_t, py::array::c_style> n,
+                                 py::array_t<uint32_t, py::array::c_style> group_begin, int reps) {
+    KVXFER_CHECK(dst.size() == src.size() && src.size() == n.size() && group_begin.size() >= 2, InvalidArgument,
+                 "dst, src and n must have one entry per chunk, group_begin at least two bounds");
+    std::vector<void*> d(dst.size());
+    std::vector<const void*> s(src.size());
+    std::vector<size_t> b(n.size());
+    for (py::ssize_t i = 0; i < dst.size(); ++i) {
+      d[i] = reinterpret_cast<void*>(dst.at(i));
+      s[i] = reinterpret_cast<const void*>(src.at(i));
+      b[i] = static_cast<size_t>(n.at(i));
+    }
+    std::vector<uint32_t> groups(group_begin.data(), group_begin.data() + group_begin.size());
+    py::gil_scoped_release nogil;
+    gpu::CopyQueue q(device);
+    double best = 1e30;
+    for (int rep = 0; rep <= std::max(1, reps); ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      uint64_t ticket = 0;
+      for (size_t g = 0; g + 1 < groups.size(); ++g) {
+        const uint32_t lo = groups[g], hi = groups[g + 1];
+        KVXFER_CHECK(lo <= hi && hi <= d.size(), InvalidArgument, "group " << g << " is out of range");
+        q.copy(d.data() + lo, s.data() + lo, b.data() + lo, hi - lo, /*device_reachable=*/true);
+        ticket = q.record();
+      }
+      q.drain();
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      KVXFER_CHECK(q.done(ticket), TransferFailed, "the gather copies did not complete");
+      if (rep) best = std::min(best, dt);
+    }
+    return best;
+  });
+
   m.def("cma_copy_seconds", [](int pid, py::array_t<uint64_t, py::array::c_style> src,
                                py::array_t<uint64_t, py::array::c_style> dst, py::array_t<uint64_t, py::array::c_style> n) {
     std::vector<CmaOp> ops(src.size());

@@ -156,7 +156,8 @@ class Driver:
             peer = agent.add_peer(peer_md)
             agent.wait_connected(peer, cfg.timeout_s)
             _expect_ok(self.ch.recv_json(cfg.timeout_s))
-            provider = agent.provider if peer.path != "cma" else f"process_vm_writev + {agent.provider} signals"
+            signals = "doorbell" if peer.signals == "doorbell" else agent.provider
+            provider = agent.provider if peer.path != "cma" else f"process_vm_writev + {signals} signals"
             if same_host_copy != (peer.path in ("cma", "fi_shm")):  # auto found no CMA: the wire's limit applies
                 limit_gbps, limit_name = self._limit(workload, src, False, dst_bases)
             timing = self._timed(agent, peer, workload)
