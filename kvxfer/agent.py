@@ -73,18 +73,50 @@ def _layers(layers) -> tuple[int, int]:
     return layers.start, len(layers)
 
 
+def _gpu_pci(gpu) -> str:
+    """PCI bus id of a CUDA ordinal, "cuda:N" device, torch device or tensor, or a PCI bus id itself."""
+    if hasattr(gpu, "device") and not isinstance(gpu, str):  # a tensor
+        gpu = gpu.device
+    if hasattr(gpu, "index") and hasattr(gpu, "type"):  # a torch.device
+        gpu = gpu.index or 0
+    if isinstance(gpu, str) and gpu.startswith("cuda:"):
+        gpu = int(gpu[5:])
+    if isinstance(gpu, str):
+        return gpu
+    devices = dict(_C.gpu_devices()) if _C.have_cuda and _C.gpu_status()[0] else {}
+    if int(gpu) not in devices:
+        why = _C.gpu_status()[1] if _C.have_cuda else "this build has no CUDA"
+        raise InvalidArgument(f"gpu={gpu!r}: no such CUDA device here ({why or f'{len(devices)} visible'}); pass "
+                              "the GPU's PCI bus id, or interface= to name the NIC")
+    return devices[int(gpu)]
+
+
+def _nearest_domain(gpu, transport: str) -> tuple[str | None, str]:
+    from kvxfer import topology
+
+    provider = transport
+    if transport in ("auto", "shm", "cma"):  # the fabric auto opens: efa > verbs > tcp
+        usable = {name for name, ok, _ in _C.probe_providers() if ok} if _C.have_libfabric else set()
+        provider = next((p for p in ("efa", "verbs", "tcp") if p in usable), "tcp")
+    name, why = topology.domain_for_gpu(_gpu_pci(gpu), provider)
+    return name, (f"nearest the GPU: {name} for {provider}; {why}" if name else why)
+
+
 class Agent:
     def __init__(self, name: str | None = None, *, transport: str | None = None, interface: str | None = None,
                  timeout_s: float | None = None, rails: int | None = None, staging: str = "auto",
                  staging_slot_bytes: int = 4 << 20, staging_slots: int = 16, cma_threads: int | None = None,
-                 doorbell: bool | None = None):
+                 doorbell: bool | None = None, gpu=None):
         """transport: auto | shm | cma | cuda_ipc | tcp | fi_shm | efa | verbs (see `python -m kvxfer info`).
         staging: "auto" stages only GPU sources the fabric cannot read (GPU -> pinned bounce slots -> network);
         "always" sends every transfer through the bounce slots (to test or measure the staged pipeline).
         cma_threads: threads that run same-host copies of 1 MiB and more in parallel (0 or 1: the progress thread
         copies); None reads KVXFER_CMA_THREADS, else half the CPUs, 1 to 4.
         doorbell: same-host peers (CMA, CUDA IPC) signal layer completions and control messages through shared-memory
-        rings instead of the fabric; None reads KVXFER_DOORBELL (default on). Peer.signals says which is used."""
+        rings instead of the fabric; None reads KVXFER_DOORBELL (default on). Peer.signals says which is used.
+        gpu: the GPU whose KV this agent moves (CUDA ordinal, PCI bus id, torch device or tensor): with no
+        interface given, the agent opens the NIC nearest that GPU on the PCIe tree (kvxfer.topology);
+        Agent.interface_reason says which and why."""
         opts = _C.AgentOptions()
         opts.name = name or f"kvxfer-{os.getpid()}"
         transport = transport or envs.get("KVXFER_TRANSPORT")
@@ -93,6 +125,10 @@ class Agent:
             transport = {"shm": "fi_shm"}.get(provider, provider)
         opts.transport = transport
         opts.interface = interface if interface is not None else envs.get("KVXFER_IFACE")
+        self.interface_reason = "given" if opts.interface else "none given: the provider picks its first domain"
+        if gpu is not None and not opts.interface:
+            nearest, self.interface_reason = _nearest_domain(gpu, transport)
+            opts.interface = nearest or ""
         opts.default_timeout_s = float(timeout_s if timeout_s is not None else envs.get("KVXFER_TIMEOUT_S"))
         rails = int(rails if rails is not None else envs.get("KVXFER_RAILS"))
         if not 1 <= rails <= 16:

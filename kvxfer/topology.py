@@ -5,6 +5,7 @@
     nearest_nic(gpu, nics) -> the NIC sharing the longest PCIe path with the GPU (same switch beats same root port
                               beats same NUMA node), or None
     link(a, b)             -> "nvlink" | "pcie" | "unknown" between two GPUs
+    domain_for_gpu(pci, provider) -> (interface / domain name for Agent(interface=...), why)  (Agent(gpu=...))
 
 Everything here is read-only and import-safe: pynvml is imported lazily and its absence is reported, never raised.
 Used by `python -m kvxfer info` and by engines picking a provider domain per GPU.
@@ -146,3 +147,27 @@ def link(a: Gpu, b: Gpu) -> str:
 
 def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+_NIC_KIND = {"tcp": "net", "efa": "rdma", "verbs": "rdma"}
+
+
+def domain_for_gpu(gpu_pci: str, provider: str, sysfs: str = "/sys") -> tuple[str | None, str]:
+    """(the interface / libfabric domain name nearest the GPU for `provider` (tcp, efa or verbs), why). The name
+    is what Agent(interface=...) takes: a netdev for tcp, the RDMA device for verbs, "<device>-rdm" for efa. None
+    (with the reason) when there is nothing to choose from: the provider then picks its first domain."""
+    kind = _NIC_KIND.get(provider)
+    if kind is None:
+        return None, f"provider {provider} uses no NIC"
+    near = nearest_nic(gpu_pci, nics(sysfs), sysfs, kind=kind)
+    if near is None:
+        what = "RDMA device" if kind == "rdma" else "PCI network interface"
+        return None, f"no {what} with a PCI position under {sysfs}; {provider} picks its first domain"
+    shared = 0
+    for a, b in zip(pci_path_of(_norm_pci(gpu_pci), sysfs), near.pci_path):
+        if a != b:
+            break
+        shared += 1
+    how = (f"shares {shared} PCIe bridge level(s) with GPU {_norm_pci(gpu_pci)}" if shared
+           else f"no shared PCIe bridge with GPU {_norm_pci(gpu_pci)}; the best of the rest")
+    return near.name + ("-rdm" if provider == "efa" else ""), f"{near.name} ({near.kind}, {near.pci}) {how}"

@@ -77,3 +77,60 @@ def test_cuda_array_interface_regions():
     assert (r.addr, r.nbytes, r.device) == (0x1000, 64, 1)
     with pytest.raises(errors.InvalidArgument, match="not C-contiguous"):
         as_region(_CudaArray((2, 8)))  # a transposed view
+
+
+def _fake_sysfs(root):
+    """A host with two root ports: port 00:01.0 holds eth0 and mlx5_1; port 00:02.0 a PCIe switch (02:00.0) with
+    the GPU (03:00.0), eth1 (04:00.0) and mlx5_0 (05:00.0) behind it."""
+    import os
+
+    devices = root / "devices" / "pci0000:00"
+    port1, switch = devices / "0000:00:01.0", devices / "0000:00:02.0" / "0000:02:00.0"
+    places = {("net", "eth0"): port1 / "0000:01:00.0", ("infiniband", "mlx5_1"): port1 / "0000:01:00.1",
+              ("net", "eth1"): switch / "0000:04:00.0", ("infiniband", "mlx5_0"): switch / "0000:05:00.0"}
+    for (cls, name), dev in places.items():
+        dev.mkdir(parents=True)
+        (root / "class" / cls / name).mkdir(parents=True)
+        os.symlink(dev, root / "class" / cls / name / "device")
+    gpu = switch / "0000:03:00.0"
+    gpu.mkdir(parents=True)
+    (root / "bus" / "pci" / "devices").mkdir(parents=True)
+    os.symlink(gpu, root / "bus" / "pci" / "devices" / "0000:03:00.0")
+    (root / "class" / "net" / "lo").mkdir()  # virtual: no device link, never a candidate
+    return str(root)
+
+
+@pytest.mark.parametrize("provider,name,device", [("tcp", "eth1", "eth1"), ("verbs", "mlx5_0", "mlx5_0"),
+                                                  ("efa", "mlx5_0-rdm", "mlx5_0")])
+def test_the_domain_nearest_a_gpu_is_the_one_behind_its_switch(tmp_path, provider, name, device):
+    sysfs = _fake_sysfs(tmp_path)
+    got, why = topology.domain_for_gpu("00000000:03:00.0", provider, sysfs)  # NVML's 8-digit domain spelling
+    assert got == name
+    assert why.startswith(device) and "shares 2 PCIe bridge level(s) with GPU 0000:03:00.0" in why
+
+
+def test_no_candidate_nic_says_so(tmp_path):
+    sysfs = _fake_sysfs(tmp_path)
+    got, why = topology.domain_for_gpu("0000:03:00.0", "fi_shm", sysfs)
+    assert got is None and "uses no NIC" in why
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    got, why = topology.domain_for_gpu("0000:03:00.0", "verbs", str(empty))
+    assert got is None and "no RDMA device" in why
+
+
+def test_agent_gpu_option(monkeypatch):
+    # No GPU here: a CUDA ordinal cannot be placed, and the error says what to pass instead.
+    with pytest.raises(errors.InvalidArgument, match="gpu=0: no such CUDA device here.*PCI bus id"):
+        kvxfer.Agent("gpu-nic-0", transport="tcp", gpu=0)
+    # A PCI bus id needs no CUDA. Tests stay on loopback, so the only NIC offered is lo, given a PCI position.
+    monkeypatch.setattr(topology, "nics", lambda sysfs="/sys": [topology.Nic("lo", "net", "0000:00:09.0", -1,
+                                                                             ("0000:00:09.0",))])
+    a = kvxfer.Agent("gpu-nic-pci", transport="tcp", gpu="0000:03:00.0")
+    assert a.interface_reason.startswith("nearest the GPU: lo for tcp; lo (net, 0000:00:09.0)")
+    monkeypatch.setattr(topology, "nics", lambda sysfs="/sys": [])
+    b = kvxfer.Agent("gpu-nic-none", transport="tcp", interface="", gpu="0000:03:00.0")
+    assert "no PCI network interface" in b.interface_reason and "tcp picks its first domain" in b.interface_reason
+    # An explicit interface wins over the GPU's neighbourhood.
+    c = kvxfer.Agent("gpu-nic-lo", transport="tcp", interface="lo", gpu="0000:03:00.0")
+    assert c.interface_reason == "given"
