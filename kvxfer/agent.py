@@ -106,7 +106,8 @@ class Agent:
     def __init__(self, name: str | None = None, *, transport: str | None = None, interface: str | None = None,
                  timeout_s: float | None = None, rails: int | None = None, staging: str = "auto",
                  staging_slot_bytes: int = 4 << 20, staging_slots: int = 16, cma_threads: int | None = None,
-                 doorbell: bool | None = None, gpu=None):
+                 doorbell: bool | None = None, gpu=None, landing: str = "auto", landing_slots: int = 4,
+                 landing_slot_bytes: int = 256 << 10):
         """transport: auto | shm | cma | cuda_ipc | tcp | fi_shm | efa | verbs (see `python -m kvxfer info`).
         staging: "auto" stages only GPU sources the fabric cannot read (GPU -> pinned bounce slots -> network);
         "always" sends every transfer through the bounce slots (to test or measure the staged pipeline).
@@ -116,7 +117,11 @@ class Agent:
         rings instead of the fabric; None reads KVXFER_DOORBELL (default on). Peer.signals says which is used.
         gpu: the GPU whose KV this agent moves (CUDA ordinal, PCI bus id, torch device or tensor): with no
         interface given, the agent opens the NIC nearest that GPU on the PCIe tree (kvxfer.topology);
-        Agent.interface_reason says which and why."""
+        Agent.interface_reason says which and why.
+        landing: how peers reach this agent's pools when the fabric cannot write them (a GPU pool on a host without
+        GPU-direct RDMA, reached from another host): "auto" gives each sending peer landing_slots registered host
+        slots of landing_slot_bytes; a sender writes a batch there and this agent copies it into the pool (host-to-
+        device) before counting it. "always" reaches every pool that way (to test or measure the pipeline)."""
         opts = _C.AgentOptions()
         opts.name = name or f"kvxfer-{os.getpid()}"
         transport = transport or envs.get("KVXFER_TRANSPORT")
@@ -149,6 +154,12 @@ class Agent:
                 raise InvalidArgument(f"KVXFER_DOORBELL={raw!r}: use 1 (shared-memory signals) or 0 (fabric)")
             doorbell = raw == "1"
         opts.doorbell = bool(doorbell)
+        if landing not in ("auto", "always"):
+            raise InvalidArgument(f"landing={landing!r}: choose 'auto' (GPU pools the fabric cannot write) or 'always'")
+        if not 1 <= int(landing_slots) <= 256 or not 5120 <= int(landing_slot_bytes) <= 1 << 30:
+            raise InvalidArgument(f"landing needs 1 to 256 slots per peer of 5120 bytes to 1 GiB, got {landing_slots} x "
+                                  f"{landing_slot_bytes}")
+        opts.landing, opts.landing_slots, opts.landing_slot_bytes = landing, int(landing_slots), int(landing_slot_bytes)
         self._c = _C.Agent(opts)
         self._pools: dict[str, Pool] = {}
         self._peers: dict[int, Peer] = {}
@@ -180,6 +191,15 @@ class Agent:
         """The bounce ring of the staged path: slot_bytes, slots, pinned (zeros before the first staged send)."""
         slot_bytes, slots, pinned = self._c.staging_info()
         return {"slot_bytes": slot_bytes, "slots": slots, "pinned": bool(pinned)}
+
+    def landing(self) -> dict | None:
+        """The landing ring peers write into when the fabric cannot reach a pool directly: slot_bytes, slots per
+        peer, pinned; None while no registered pool needs one."""
+        slot_bytes, slots, pinned = self._c.landing_info()
+        return {"slot_bytes": slot_bytes, "slots_per_peer": slots, "pinned": bool(pinned)} if slots else None
+
+    last_landing_error = property(lambda self: self._c.last_landing_error,
+                                  doc="why the last landing batch a peer wrote was refused ('' if none was)")
 
     def register_pool(self, memory, layout: KVLayout, name: str = "kv") -> Pool:
         """Register a paged pool once: a list of per-layer tensors/arrays, one stacked tensor, or one blocks-first

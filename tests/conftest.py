@@ -53,14 +53,14 @@ def remote():
 
 
 def local_pair(layout, transport="tcp", names=("sender", "receiver"), seeds=(11, 12), timeout_s=60.0,
-               sender_kwargs=None):
+               sender_kwargs=None, receiver_kwargs=None):
     """Two connected agents in this process, each with a seeded pool of `layout`.
     Returns (sender, receiver, peer_of_receiver, peer_of_sender, src_pool, dst_pool)."""
     import kvxfer
     from tests.reference import make_pool
 
     a = kvxfer.Agent(names[0], transport=transport, interface="lo", timeout_s=timeout_s, **(sender_kwargs or {}))
-    b = kvxfer.Agent(names[1], transport=transport, interface="lo", timeout_s=timeout_s)
+    b = kvxfer.Agent(names[1], transport=transport, interface="lo", timeout_s=timeout_s, **(receiver_kwargs or {}))
     src, dst = make_pool(layout, seeds[0]), make_pool(layout, seeds[1])
     a.register_pool(src, layout)
     b.register_pool(dst, layout)
@@ -92,13 +92,14 @@ def assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, xfer_id, src_i
 
 
 def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0, rails=1, remote_rails=None,
-            sender_kwargs=None):
+            sender_kwargs=None, receiver_kwargs=None):
     """Receiver agent here with a seeded destination pool; sender agent in `remote`. Returns (agent, peer, pool)."""
     import kvxfer
     from tests.reference import PRESETS, make_pool
 
     layout = getattr(kvxfer.KVLayout, layout_kind)(*layout_args) if layout_args else PRESETS[layout_kind]()
-    agent = kvxfer.Agent("test-receiver", transport=transport, interface="lo", timeout_s=timeout_s, rails=rails)
+    agent = kvxfer.Agent("test-receiver", transport=transport, interface="lo", timeout_s=timeout_s, rails=rails,
+                         **(receiver_kwargs or {}))
     dst = make_pool(layout, seed + 1000)  # not zeros: untouched blocks must keep these exact bytes
     agent.register_pool(dst, layout)
     sender_md = remote.call("init", (transport, layout_kind, seed, list(layout_args),

@@ -46,7 +46,10 @@ void register_agent(py::module_& m) {
       .def_readwrite("staging_slot_bytes", &AgentOptions::staging_slot_bytes)
       .def_readwrite("staging_slots", &AgentOptions::staging_slots)
       .def_readwrite("cma_threads", &AgentOptions::cma_threads)
-      .def_readwrite("doorbell", &AgentOptions::doorbell);
+      .def_readwrite("doorbell", &AgentOptions::doorbell)
+      .def_readwrite("landing", &AgentOptions::landing)
+      .def_readwrite("landing_slots", &AgentOptions::landing_slots)
+      .def_readwrite("landing_slot_bytes", &AgentOptions::landing_slot_bytes);
 
   py::class_<LocalRegion>(m, "LocalRegion")
       .def(py::init<uint64_t, uint64_t, int>(), py::arg("addr"), py::arg("nbytes"), py::arg("device") = -1)
@@ -64,6 +67,9 @@ void register_agent(py::module_& m) {
       .def_property_readonly("signals", [](const PeerState& p) { return std::string(p.doorbell ? "doorbell" : "fabric"); })
       .def_property_readonly("signals_reason", [](const PeerState& p) { return p.signals_reason; })
       .def_property_readonly("_rx_window", [](const PeerState& p) { return p.rx_window; })
+      .def_property_readonly("landing_slots", [](const PeerState& p) {
+        return py::make_tuple(p.info.landing_slots, p.info.landing_slot_bytes);  // what it gives each sender
+      })
       .def_property_readonly("same_host", [](const PeerState& p) { return p.same_host; })
       .def_property_readonly("rails", [](const PeerState& p) { return p.rails; })
       .def_property_readonly("connected", [](const PeerState& p) { return p.connected.load(); })
@@ -137,6 +143,13 @@ void register_agent(py::module_& m) {
              return py::make_tuple(std::string(send_path_name(c.path)), c.reason);
            })
       .def("staging_info", &Agent::staging_info)
+      .def("landing_info", &Agent::landing_info)
+      .def_property_readonly("last_landing_error", &Agent::last_landing_error)
+      .def("_inject_landing", [](Agent& a, const std::shared_ptr<PeerState>& peer, uint32_t slot, uint32_t index,
+                                 py::bytes b) {
+        std::string s = b;
+        a.inject_landing(peer, slot, index, std::vector<uint8_t>(s.begin(), s.end()));
+      })
       .def_property_readonly("hmem", [](const Agent& a) { return a.capabilities().hmem; })
       .def("_inject_imm", &Agent::inject_imm)
       .def("_inject_begin", &Agent::inject_begin)
@@ -169,6 +182,9 @@ void register_agent(py::module_& m) {
         d["doorbell_sent"] = s.doorbell_sent;
         d["doorbell_received"] = s.doorbell_received;
         d["doorbell_wakes"] = s.doorbell_wakes;
+        d["landings"] = s.landings;
+        d["landing_rejected"] = s.landing_rejected;
+        d["landing_waits"] = s.landing_waits;
         py::list rails;
         for (const auto& r : s.rails) {
           py::dict rd;

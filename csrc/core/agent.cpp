@@ -15,6 +15,7 @@
 #include "core/imm.h"
 #include "core/plan.h"
 #include "transports/host_ipc/cma.h"
+#include "transports/staged/landing.h"
 #ifdef KVXFER_HAVE_LIBFABRIC
 #include "transports/fabric/fabric_transport.h"
 #endif
@@ -79,6 +80,14 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   KVXFER_CHECK(options_.default_timeout_s > 0, InvalidArgument, "timeout_s must be > 0");
   KVXFER_CHECK(options_.staging == "auto" || options_.staging == "always", InvalidArgument,
                "staging='" << options_.staging << "': choose auto or always");
+  KVXFER_CHECK(options_.landing == "auto" || options_.landing == "always", InvalidArgument,
+               "landing='" << options_.landing << "': choose auto or always");
+  KVXFER_CHECK(options_.landing_slots >= 1 && options_.landing_slots <= kLandingMaxSlotsPerPeer, InvalidArgument,
+               "landing_slots=" << options_.landing_slots << ": a peer gets 1 to " << kLandingMaxSlotsPerPeer);
+  KVXFER_CHECK(options_.landing_slot_bytes >= kLandingDataOffset + 4096 && options_.landing_slot_bytes <= (1ull << 30),
+               InvalidArgument,
+               "landing_slot_bytes=" << options_.landing_slot_bytes << ": use " << kLandingDataOffset + 4096
+                                     << " bytes to 1 GiB");
   if (options_.transport == "cuda_ipc") {
     std::string why;
     KVXFER_CHECK(gpu::available(&why), TransportUnavailable,
@@ -173,6 +182,9 @@ AgentStats Agent::stats() const {
   s.doorbell_sent = counters_.doorbell_sent;
   s.doorbell_received = counters_.doorbell_received;
   s.doorbell_wakes = counters_.doorbell_wakes;
+  s.landings = counters_.landings;
+  s.landing_rejected = counters_.landing_rejected;
+  s.landing_waits = counters_.landing_waits;
   s.rails = transport_->rail_stats();
   return s;
 }
@@ -216,9 +228,11 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
   pool->on_gpu = on_gpu;
   pool->device = on_gpu ? regions.front().device : -1;
   // GPU memory goes to the fabric only when the provider can register it (GPU-direct RDMA); otherwise the
-  // staged path reads it and peers reach it by CUDA IPC.
+  // staged path reads it, same-host peers reach it by CUDA IPC and others through our landing slots.
   const bool fabric_registers = !on_gpu || transport_->capabilities().hmem;
-  PoolInfo exposed{name, layout, {}};
+  pool->landing = !fabric_registers || options_.landing == "always";
+  if (pool->landing) ensure_landing();
+  PoolInfo exposed{name, layout, {}, pool->landing};
   for (size_t i = 0; i < regions.size(); ++i) {
     const uint64_t key = (static_cast<uint64_t>(pools_.size() + 1) << 16) | i;
     try {
@@ -229,7 +243,8 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
       for (auto& k : pool->keys) transport_->deregister_memory(k);
       throw;
     }
-    RemoteRegion rr{regions[i].addr, regions[i].nbytes, pool->keys.back().rkey};
+    // A landing pool is written only by our own copies: its key (if any) is not handed to peers.
+    RemoteRegion rr{regions[i].addr, regions[i].nbytes, pool->landing ? 0 : pool->keys.back().rkey};
     if (on_gpu) {
       rr.device = regions[i].device;
       rr.pci_bus_id = gpu::pci_bus_id(regions[i].device);
@@ -242,6 +257,23 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
   info_.pools.push_back(std::move(exposed));
   pools_.push_back(std::move(pool));
   return static_cast<uint32_t>(pools_.size() - 1);
+}
+
+// Staged at both ends: our bounce slots, one fabric write per batch into the peer's landing slots, its copy into
+// the pool. why_not_ipc: for a GPU pool, why CUDA IPC cannot reach it.
+PathChoice Agent::landing_choice(const PeerState& peer, const PoolInfo& dst, const std::string& src_where,
+                                 const std::string& slots, const std::string& why_not_ipc, PathChoice c) const {
+  const bool dst_gpu = dst.regions.front().device >= 0;
+  c.path = SendPath::Staged;
+  c.landing = true;
+  c.reason = "staged at both ends: " + src_where + " -> host bounce slots (" + slots + ") -> " +
+             transport_->capabilities().provider + " write into the peer's landing slots (" +
+             std::to_string(peer.info.landing_slots) + " x " + std::to_string(peer.info.landing_slot_bytes >> 10) +
+             " KiB) -> copied into its " + (dst_gpu ? "GPU" : "host") + " pool there" +
+             (dst_gpu ? " (no CUDA IPC: " + why_not_ipc + "; the fabric cannot write its GPU memory)"
+                      : " (the peer asked for landing='always')") +
+             "; one extra copy per byte at each end, pipelined with the writes";
+  return c;
 }
 
 PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t dst_pool) const {
@@ -283,6 +315,7 @@ PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t
       }
       why_not_ipc = "GPU " + pci + " is not visible to this process (CUDA_VISIBLE_DEVICES?)";
     }
+    if (dst.landing) return landing_choice(peer, dst, src_where, slots, why_not_ipc, c);
     bool dst_registered = true;
     for (const auto& r : dst.regions) dst_registered &= r.rkey != 0;
     KVXFER_CHECK(dst_registered && caps.hmem, TransportUnavailable,
@@ -301,6 +334,7 @@ PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t
     }
     return c;
   }
+  if (dst.landing) return landing_choice(peer, dst, src_where, slots, "", c);
   const bool cma = peer.path == "cma";
   if (always_stage || !src_readable || (src->on_gpu && cma)) {
     c.path = SendPath::Staged;
@@ -346,6 +380,8 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
 
   auto peer = std::make_shared<PeerState>();
   peer->info = std::move(peer_info);
+  peer->landing_busy.assign(peer->info.landing_slots, 0);
+  for (uint32_t i = peer->info.landing_slots; i-- > 0;) peer->landing_free.push_back(i);
   peer->same_host = peer->info.boot_id == info_.boot_id && peer->info.hostname == info_.hostname;
   const bool want_cma = wants_direct_path(options_.transport);
   peer->path = transport_->capabilities().name;
@@ -489,6 +525,7 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
   const PathChoice choice = choose_path(*peer, src_pool, dst_index);
   uint64_t max_write = transport_->capabilities().max_write_bytes;
   if (choice.path == SendPath::Cma || choice.path == SendPath::CudaIpc) max_write = 64ull << 20;
+  uint64_t batch_bytes = 0;
   if (choice.path == SendPath::Staged) {
     ensure_staging();
     const uint64_t slot = options_.staging_slot_bytes;
@@ -496,6 +533,19 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
                  "a chunk of pool '" << src->name << "' is " << src->layout.chunk_bytes << " bytes, larger than a "
                                      << slot << "-byte staging slot; create the agent with a larger staging_slot_bytes");
     max_write = choice.staged_to_cma ? slot : std::min<uint64_t>(slot, max_write);
+    if (choice.landing) {
+      // A batch is one write of header + data into one landing slot of the peer.
+      const uint64_t fits = std::min<uint64_t>({slot, peer->info.landing_slot_bytes,
+                                                transport_->capabilities().max_write_bytes});
+      max_write = fits > kLandingDataOffset ? fits - kLandingDataOffset : 0;
+      KVXFER_CHECK(src->layout.chunk_bytes <= max_write, InvalidArgument,
+                   "a chunk of pool '" << src->name << "' is " << src->layout.chunk_bytes << " bytes, more than the "
+                                       << max_write << " data bytes a landing batch carries (staging slots of " << slot
+                                       << " bytes, peer '" << peer->info.name << "' landing slots of "
+                                       << peer->info.landing_slot_bytes
+                                       << "); raise staging_slot_bytes here or landing_slot_bytes on the peer");
+    }
+    batch_bytes = max_write;
   }
   WritePlan plan = build_plan(src->layout, dst.layout, src_ids, dst_ids, num_ids, first, count, max_write);
 
@@ -507,6 +557,8 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
   send->path = choice.path;
   send->path_reason = choice.reason;
   send->staged_to_cma = choice.staged_to_cma;
+  send->landing = choice.landing;
+  send->batch_bytes = batch_bytes;
   send->copy_device = choice.copy_device;
   send->marked.reset(new std::atomic<uint8_t>[count]);
   for (uint32_t i = 0; i < count; ++i) send->marked[i].store(0, std::memory_order_relaxed);
@@ -656,6 +708,17 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
 
 void Agent::inject_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
   Command c{Command::Kind::InjectImm, nullptr, imm, peer, {}};
+  std::lock_guard<std::mutex> lock(cmd_mu_);
+  commands_.push_back(std::move(c));
+  has_commands_ = true;
+  wake_progress();
+}
+
+void Agent::inject_landing(const std::shared_ptr<PeerState>& peer, uint32_t slot, uint32_t index,
+                           std::vector<uint8_t> bytes) {
+  Command c{Command::Kind::InjectLanding, nullptr, index, peer, {}};
+  c.msg.slot = slot;
+  c.bytes = std::move(bytes);
   std::lock_guard<std::mutex> lock(cmd_mu_);
   commands_.push_back(std::move(c));
   has_commands_ = true;

@@ -44,6 +44,10 @@ struct AgentOptions {
   int cma_threads = -1;            // threads for large same-host copies; 0/1: the progress thread; -1: from
                                    // KVXFER_CMA_THREADS, else half the CPUs (1 to 4)
   bool doorbell = true;            // same-host peers signal through shared memory, not the fabric (doorbell.h)
+  std::string landing = "auto";    // auto: GPU pools the fabric cannot write are reached through landing slots;
+                                   // always: every pool (tests and benchmarks of the receiver-side pipeline)
+  uint32_t landing_slots = 4;      // landing slots per sending peer (transports/staged/landing.h)
+  uint64_t landing_slot_bytes = 256u << 10;
 };
 
 // The path a send from one of our pools to one of a peer's pools would take, and why (what it costs).
@@ -51,6 +55,7 @@ struct PathChoice {
   SendPath path = SendPath::Fabric;
   std::string reason;
   bool staged_to_cma = false;
+  bool landing = false;  // Staged into the peer's landing slots (its pool is not written directly)
   int copy_device = -1;
 };
 
@@ -66,6 +71,7 @@ struct LocalPool {
   std::vector<LocalRegion> regions;
   std::vector<MemoryKey> keys;  // [regions] fabric registrations (empty handle: GPU memory the fabric cannot register)
   bool on_gpu = false;          // every region is CUDA memory (pools never mix host and device regions)
+  bool landing = false;         // peers write it through our landing slots (PoolInfo::landing)
   int device = -1;              // the CUDA device of a GPU pool
 };
 
@@ -79,6 +85,9 @@ struct AgentStats {
   uint64_t doorbell_sent = 0;     // entries (immediates and control messages) put into same-host peers' rings
   uint64_t doorbell_received = 0; // entries taken from our rings
   uint64_t doorbell_wakes = 0;    // entries after which we woke a blocked peer (its eventfd)
+  uint64_t landings = 0;          // receiver: batches copied from landing slots into a pool
+  uint64_t landing_rejected = 0;  // receiver: landing batches refused (malformed header, out-of-bounds entry)
+  uint64_t landing_waits = 0;     // sender: times a batch waited for a free landing slot of its peer
   std::vector<RailStats> rails;
 };
 
@@ -111,6 +120,13 @@ class Agent {
   // Testing: deliver an immediate or a control message as if `peer` had sent it, on the progress thread. Lets
   // tests force orders the loopback providers never produce (BEGIN after data, reversed and split granules).
   void inject_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm);
+  // Testing: put `bytes` into the peer's landing slot `index`, then deliver a landing immediate for transfer slot
+  // `slot` as if the peer had written them (malformed or out-of-bounds headers).
+  void inject_landing(const std::shared_ptr<PeerState>& peer, uint32_t slot, uint32_t index, std::vector<uint8_t> bytes);
+  // Landing ring state for info/tests: {slot_bytes, slots per peer, pinned} or zeros when no pool needs one; the
+  // last refused landing batch's reason.
+  std::vector<uint64_t> landing_info() const;
+  std::string last_landing_error() const;
   void inject_begin(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t slot, uint32_t first_layer,
                     uint32_t num_layers, uint32_t granules_per_layer);
 
@@ -144,13 +160,25 @@ class Agent {
     std::shared_ptr<CmaJob> cma = nullptr;  // CMA destination: the copy-out running on the workers
   };
   struct Command {
-    enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage, AbortSend } kind;
+    enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage, AbortSend, InjectLanding } kind;
     std::shared_ptr<SendState> send;
     uint32_t layer_index = 0;  // LayerReady: index within the send's layer range
     std::shared_ptr<PeerState> peer;
     ControlMessage msg;
-    std::string reason;  // AbortSend
+    std::string reason{};  // AbortSend
+    std::vector<uint8_t> bytes{};  // InjectLanding
   };
+  // A landing batch whose copy into a GPU pool is in flight; counted and handed back once the copy landed.
+  struct PendingLanding {
+    std::shared_ptr<PeerState> peer;
+    uint32_t imm;        // what to count: (transfer slot, layer, granules)
+    uint32_t index;      // landing slot to hand back (LANDED)
+    int device;
+    uint64_t ticket;
+  };
+
+  PathChoice landing_choice(const PeerState& peer, const PoolInfo& dst, const std::string& src_where,
+                            const std::string& slots, const std::string& why_not_ipc, PathChoice c) const;
 
   // progress thread (agent_progress.cpp)
   void progress_loop();
@@ -173,6 +201,9 @@ class Agent {
   bool post_staged_layer(const std::shared_ptr<SendState>& send, SendState::Cursor& cur);
   bool advance_staged(size_t& budget);
   bool post_staged_op(StagedOp& op);
+  bool post_landing_op(StagedOp& op);
+  void write_landing_batch_header(const SendState& send, uint32_t first, size_t n, uint32_t granules,
+                                  uint8_t* slot) const;
   void submit_staged_copy_outs(CmaWorkers& workers);
   void staged_cma_ops(const StagedOp& op, CmaOp* ops) const;
   gpu::CopyQueue& copy_queue(int device);
@@ -180,6 +211,14 @@ class Agent {
   uint64_t count_staged_ops(const SendState& send) const;
   void ensure_staging();  // caller thread: creates and registers the bounce ring on the first staged send
   size_t staged_pieces(const SendState& send) const;
+  // landing (receiver side)
+  void ensure_landing();  // pools_mu_ held: creates and registers the ring on the first landing pool
+  void on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm);
+  void finish_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm, uint32_t index);
+  bool advance_landings();
+  void drain_landings(const PeerState& peer);  // progress thread: no copy of the peer's batches still runs
+  void on_landed(PeerState& peer, const ControlMessage& m);
+  void fail_landing_transfer(PeerState& peer, uint32_t slot, const std::string& why);
   bool poll_completions();
   void on_write_done(OpContext* ctx, const std::string* error);
   void on_remote_data(uint32_t imm);
@@ -243,6 +282,10 @@ class Agent {
   mutable std::mutex staging_mu_;
   std::unique_ptr<StagingRing> staging_;                    // created by the first staged send
   std::deque<StagedOp> staged_;                             // in copy order
+  std::unique_ptr<StagingRing> landing_;                    // receiver's landing slots (created with the first
+                                                            // landing pool; outlives the copy queues reading it)
+  std::deque<PendingLanding> pending_landings_;             // in copy order
+  std::string last_landing_error_;                          // guarded by staging_mu_
   std::vector<std::unique_ptr<gpu::CopyQueue>> copy_queues_;  // [device], created on first use
   std::unique_ptr<CmaWorkers> cma_workers_;                 // created on the first large CMA copy
   unsigned cma_threads_ = 0;
@@ -252,6 +295,7 @@ class Agent {
     std::atomic<uint64_t> writes_posted{0}, imms_received{0}, eagain{0}, dropped_messages{0}, unknown_imms{0};
     std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0}, idle_waits{0}, cma_jobs{0}, aborts_deferred{0};
     std::atomic<uint64_t> doorbell_sent{0}, doorbell_received{0}, doorbell_wakes{0};
+    std::atomic<uint64_t> landings{0}, landing_rejected{0}, landing_waits{0};
   } counters_;
 
   std::atomic<bool> stop_{false};

@@ -11,13 +11,16 @@
 // sources) and queued; once its copy has landed the batch is written from the slot over the fabric (one gathered
 // write, one immediate with the batch's granules) or, for a same-host host pool, copied out with CMA and signalled
 // with one zero-byte immediate. The slot returns when that write completes, so with several slots the copy of
-// batch i overlaps the write of batch i-1.
+// batch i overlaps the write of batch i-1. Towards a pool the peer reaches through landing slots (landing.h), the
+// slot also carries a header naming where each write goes, and the batch is one contiguous write into a free
+// landing slot of that peer, which comes back with the peer's LANDED.
 #include <cstring>
 
 #include "core/agent.h"
 #include "core/imm.h"
 #include "core/plan.h"
 #include "transports/host_ipc/cma.h"
+#include "transports/staged/landing.h"
 
 namespace kvxfer {
 
@@ -35,6 +38,7 @@ void Agent::ensure_staging() {
 }
 
 size_t Agent::staged_pieces(const SendState& send) const {
+  if (send.landing) return kLandingMaxEntries;
   return send.staged_to_cma ? CmaCopier::kMaxIov : transport_->capabilities().max_iov;
 }
 
@@ -45,7 +49,7 @@ uint64_t Agent::count_staged_ops(const SendState& send) const {
   for (uint32_t li = 0; li < plan.num_layers; ++li) {
     uint32_t granules;
     for (uint32_t i = plan.layer_begin[li]; i < plan.layer_begin[li + 1]; ++ops)
-      i += static_cast<uint32_t>(staged_run(plan, i, plan.layer_begin[li + 1], options_.staging_slot_bytes, pieces, &granules));
+      i += static_cast<uint32_t>(staged_run(plan, i, plan.layer_begin[li + 1], send.batch_bytes, pieces, &granules));
   }
   return ops;
 }
@@ -129,9 +133,13 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
     if (slot < 0) return false;  // every slot is in flight: advance_staged hands them back
     uint32_t granules;
     const uint32_t first = begin + cur.next;
-    const size_t n = staged_run(send.plan, first, end, staging_->slot_bytes(), pieces, &granules);
+    const size_t n = staged_run(send.plan, first, end, send.batch_bytes, pieces, &granules);
     KVXFER_ASSERT(n > 0);
     uint8_t* at = staging_->slot_ptr(slot);
+    if (send.landing) {
+      write_landing_batch_header(send, first, n, granules, at);
+      at += kLandingDataOffset;
+    }
     dsts.clear();
     srcs.clear();
     sizes.clear();
@@ -156,6 +164,25 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
     cur.next += static_cast<uint32_t>(n);
   }
   return true;
+}
+
+// The header of a landing batch: where each of its writes goes in the peer's pool. Written by this thread into the
+// (pinned) slot while the copy-in fills the data part behind it.
+void Agent::write_landing_batch_header(const SendState& send, uint32_t first, size_t n, uint32_t granules,
+                                       uint8_t* slot) const {
+  LandingEntry entries[kLandingMaxEntries];
+  LandingHeader h;
+  h.num_entries = static_cast<uint16_t>(n);
+  h.xfer_slot = send.slot;
+  h.layer = send.plan.writes[first].layer;
+  h.dst_pool = send.dst_pool;
+  h.granules = granules;
+  for (size_t k = 0; k < n; ++k) {
+    const Write& w = send.plan.writes[first + k];
+    entries[k] = {w.dst_offset, w.dst_region, static_cast<uint32_t>(w.nbytes)};
+    h.data_bytes += w.nbytes;
+  }
+  write_landing_header(slot, h, entries);
 }
 
 // Starts the CMA copy-out of batches whose copy-in landed on the workers, a few slots ahead of the one posted next.
@@ -251,6 +278,7 @@ bool Agent::post_staged_op(StagedOp& op) {
     }
     return post_signal(send, ImmCode::encode(send.slot, op.layer, op.granules));
   }
+  if (send.landing) return post_landing_op(op);
   WriteIov iov[16];
   KVXFER_ASSERT(op.num_writes <= 16);
   for (uint32_t k = 0; k < op.num_writes; ++k) {
@@ -273,6 +301,43 @@ bool Agent::post_staged_op(StagedOp& op) {
     return_context(ctx);
     return false;
   }
+  send.granules_posted += op.granules;
+  counters_.writes_posted++;
+  return true;
+}
+
+// One write of the batch's header and data into a free landing slot of the peer; its immediate carries the
+// landing slot in the layer field and granules 0 (the receiver counts the header's granules once it copied them).
+// Returns false while the peer has handed back none of its landing slots.
+bool Agent::post_landing_op(StagedOp& op) {
+  SendState& send = *op.send;
+  PeerState& peer = *send.peer;
+  if (peer.landing_free.empty()) {
+    counters_.landing_waits++;
+    return false;
+  }
+  const uint32_t index = peer.landing_free.back();
+  uint64_t data = 0;
+  for (uint32_t k = 0; k < op.num_writes; ++k) data += send.plan.writes[op.first_write + k].nbytes;
+  const uint64_t window = send.slot / ImmCode::kSlotWindow;
+  const uint64_t offset = (window * peer.info.landing_slots + index) * peer.info.landing_slot_bytes;
+  WriteIov iov{staging_->slot_ptr(op.slot), kLandingDataOffset + data, staging_->desc(),
+               (peer.info.remote_virt_addr ? peer.info.landing_addr : 0) + offset, peer.info.landing_rkey};
+  OpContext* ctx = take_context();
+  ctx->send = &send;
+  ctx->staging_slot = op.slot;
+  int rc = -EAGAIN;
+  for (uint32_t tries = 0; tries < peer.rails && rc == -EAGAIN; ++tries) {
+    const uint32_t rail = peer.next_rail++ % peer.rails;
+    rc = transport_->post_writev(&iov, 1, ImmCode::encode(send.slot, index, 0), peer.addr, ctx, rail);
+  }
+  if (rc == -EAGAIN) {
+    ctx->staging_slot = -1;
+    return_context(ctx);
+    return false;
+  }
+  peer.landing_free.pop_back();
+  peer.landing_busy[index] = 1;
   send.granules_posted += op.granules;
   counters_.writes_posted++;
   return true;

@@ -52,6 +52,7 @@ void Agent::progress_loop() {
       busy |= post_pending_writes();
       busy |= flush_deferred_aborts();
       busy |= poll_completions();
+      if (!pending_landings_.empty()) busy |= advance_landings();
       if (Clock::now() >= next_deadline_check_) check_deadlines();
     } catch (const std::exception& e) {
       // A failure we could not attribute to one transfer; keep the thread alive, the deadlines still hold.
@@ -87,7 +88,7 @@ void Agent::wake_progress() {
 
 bool Agent::may_block() const {
   if (has_commands_.load(std::memory_order_acquire) || !outbox_.empty() || !staged_.empty() ||
-      !deferred_aborts_.empty())
+      !deferred_aborts_.empty() || !pending_landings_.empty())
     return false;
   for (const auto& s : active_sends_) {
     if (s->ready.empty() || s->state() != TransferState::Pending || s->aborted) continue;
@@ -151,6 +152,14 @@ bool Agent::run_commands() {
         break;
       case Command::Kind::InjectImm:
         count_imm(c.peer, c.layer_index);
+        break;
+      case Command::Kind::InjectLanding:
+        if (landing_ && c.layer_index < options_.landing_slots) {
+          const uint32_t window = c.msg.slot / ImmCode::kSlotWindow;
+          uint8_t* at = landing_->slot_ptr(static_cast<int>(window * options_.landing_slots + c.layer_index));
+          std::memcpy(at, c.bytes.data(), std::min(c.bytes.size(), landing_->slot_bytes()));
+        }
+        on_landing(c.peer, ImmCode::encode(c.msg.slot, c.layer_index, 0));
         break;
       case Command::Kind::InjectMessage:
         on_message(reinterpret_cast<const uint8_t*>(&c.msg), sizeof(c.msg));
@@ -536,7 +545,8 @@ void Agent::on_remote_data(uint32_t imm) {
     counters_.unknown_imms++;  // no peer owns that window: its writes cannot be attributed, so nothing counts them
     return;
   }
-  count_imm(peer, imm);
+  if (ImmCode::granules(imm) == 0) on_landing(peer, imm);  // a batch in a landing slot, counted once copied
+  else count_imm(peer, imm);
 }
 
 void Agent::count_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
@@ -664,6 +674,7 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     case ControlType::Release: on_release(*peer, m); break;
     case ControlType::Abort: on_abort(*peer, m); break;
     case ControlType::AbortAck: on_abort_ack(*peer, m); break;
+    case ControlType::Landed: on_landed(*peer, m); break;
     default: counters_.dropped_messages++;
   }
 }
@@ -839,6 +850,7 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     peer.live_recvs.clear();
     peer.waiting_recvs.clear();
   }
+  if (std::this_thread::get_id() == progress_.get_id()) drain_landings(peer);
   for (auto& s : sends) {
     s->aborted = true;
     s->fail(kind, why);

@@ -10,17 +10,19 @@
 //           posted for S (64 bits in num_layers:granules_per_layer; final: a failed send posts nothing more). The receiver fails X and
 //           keeps S quarantined until it has counted exactly that many, so no late write can land in a reused slot.
 //   ABORT_ACK receiver -> sender: every write the sender posted for aborted slot S has arrived; S may be reused.
+//   LANDED  receiver -> sender: the batch in landing slot `slot` (of the sender's window) was copied into the pool;
+//           the sender may write the next batch there (transports/staged/landing.h).
 // Every field is checked on receipt (magic, version, size, epochs, ranges); anything else is dropped and counted.
 #pragma once
 #include <cstdint>
 
 namespace kvxfer {
 
-enum class ControlType : uint16_t { Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5 };
+enum class ControlType : uint16_t { Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5, Landed = 6 };
 
 struct ControlMessage {
   static constexpr uint32_t kMagic = 0x4b584331;  // "1CXK"
-  static constexpr uint16_t kVersion = 2;  // 2: ABORT carries the posted total; ABORT_ACK
+  static constexpr uint16_t kVersion = 3;  // 2: ABORT carries the posted total; ABORT_ACK; 3: LANDED
   uint32_t magic = kMagic;
   uint16_t version = kVersion;
   uint16_t type = 0;

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/errors.h"
+#include "transports/staged/landing.h"
 
 namespace kvxfer {
 namespace {
@@ -134,10 +135,15 @@ std::vector<uint8_t> encode_agent_info(const AgentInfo& a) {
   w.put(a.signal_rkey);
   w.put(a.doorbell_fd);
   w.put(a.wake_fd);
+  w.put(a.landing_addr);
+  w.put(a.landing_rkey);
+  w.put(a.landing_slots);
+  w.put(a.landing_slot_bytes);
   w.put<uint32_t>(static_cast<uint32_t>(a.pools.size()));
   for (const auto& p : a.pools) {
     w.str(p.name);
     write_layout(w, p.layout);
+    w.put<uint8_t>(p.landing ? 1 : 0);
     w.put<uint32_t>(static_cast<uint32_t>(p.regions.size()));
     for (const auto& r : p.regions) {
       w.put(r.addr);
@@ -204,11 +210,24 @@ AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes) {
   a.wake_fd = r.get<int32_t>("wake fd");
   KVXFER_CHECK(a.doorbell_fd >= -1 && a.wake_fd >= -1, MetadataError,
                "peer metadata: doorbell fd " << a.doorbell_fd << " / wake fd " << a.wake_fd << " out of range");
+  a.landing_addr = r.get<uint64_t>("landing address");
+  a.landing_rkey = r.get<uint64_t>("landing key");
+  a.landing_slots = r.get<uint32_t>("landing slots");
+  a.landing_slot_bytes = r.get<uint64_t>("landing slot bytes");
+  KVXFER_CHECK(a.landing_slots <= kLandingMaxSlotsPerPeer &&
+                   (a.landing_slots == 0 || (a.landing_slot_bytes >= kLandingDataOffset + 4096 &&
+                                             a.landing_slot_bytes <= (1ull << 30))),
+               MetadataError,
+               "peer metadata: landing ring of " << a.landing_slots << " slots of " << a.landing_slot_bytes
+                                                 << " bytes per peer is out of range");
   const uint32_t num_pools = r.count("pool", kMaxPools);
   for (uint32_t i = 0; i < num_pools; ++i) {
     PoolInfo p;
     p.name = r.str("pool name");
     p.layout = read_layout(r);
+    p.landing = r.get<uint8_t>("pool landing flag") != 0;
+    KVXFER_CHECK(!p.landing || a.landing_slots > 0, MetadataError,
+                 "peer metadata: pool '" << p.name << "' is reached through landing slots but the peer has none");
     const uint32_t num_regions = r.count("region", kMaxRegions);
     std::vector<uint64_t> sizes;
     for (uint32_t k = 0; k < num_regions; ++k) {

@@ -12,16 +12,17 @@
 
 namespace kvxfer {
 
-constexpr uint16_t kMetadataVersion = 4;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell
+constexpr uint16_t kMetadataVersion = 5;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell;
+                                          // 5: landing slots
 
 struct RemoteRegion {
   uint64_t addr = 0;    // virtual address in the owner's process
   uint64_t nbytes = 0;
   uint64_t rkey = 0;    // fabric remote key (0 when not registered with a fabric)
   int32_t device = -1;  // -1 host memory; >= 0 the owner's CUDA device ordinal
-  std::string pci_bus_id;           // device regions: the GPU's PCI bus id (ordinals differ between processes)
+  std::string pci_bus_id{};         // device regions: the GPU's PCI bus id (ordinals differ between processes)
   bool has_ipc = false;             // device regions: a CUDA IPC handle is exported
-  std::vector<uint8_t> ipc_handle;  // [64] cudaIpcMemHandle_t of the allocation holding the region
+  std::vector<uint8_t> ipc_handle{};  // [64] cudaIpcMemHandle_t of the allocation holding the region
   uint64_t ipc_offset = 0;          // region start - allocation start
   bool fabric_registered() const { return device < 0 || rkey != 0; }
 };
@@ -30,6 +31,9 @@ struct PoolInfo {
   std::string name;
   LayoutSpec layout;
   std::vector<RemoteRegion> regions;
+  // Senders cannot write this pool directly (GPU memory the fabric cannot register, or landing='always'): they
+  // write into the owner's landing slots, which copies into the pool (transports/staged/landing.h).
+  bool landing = false;
 };
 
 struct AgentInfo {
@@ -50,6 +54,12 @@ struct AgentInfo {
   // Same-host doorbell (transports/host_ipc/doorbell.h): fd numbers in the owner's process, -1 when it has none.
   int32_t doorbell_fd = -1;
   int32_t wake_fd = -1;
+  // Landing ring (transports/staged/landing.h): ImmCode::kMaxWindows x landing_slots slots of landing_slot_bytes,
+  // registered under landing_rkey; landing_slots == 0 when no pool needs it.
+  uint64_t landing_addr = 0;
+  uint64_t landing_rkey = 0;
+  uint32_t landing_slots = 0;
+  uint64_t landing_slot_bytes = 0;
   std::vector<PoolInfo> pools;
 
   // Hash over every pool's layout fingerprint: a quick "same model shard" check for engines.

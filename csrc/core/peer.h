@@ -89,6 +89,10 @@ struct PeerState {
   // peer state lives, so a copy in flight never outlives its mapping).
   std::unordered_map<uint32_t, std::vector<uint64_t>> ipc_region_start;   // dst pool -> [regions] mapped start
   std::vector<std::unique_ptr<gpu::IpcMapping>> ipc_mappings;
+  // Landing slots the peer gave us (its info.landing_slots of our window): free ones, and which are written and not
+  // yet handed back with LANDED. Progress thread only.
+  std::vector<uint32_t> landing_free;
+  std::vector<uint8_t> landing_busy;
 
   PeerState() : send_by_slot(ImmCode::kMaxSlots), slots(ImmCode::kMaxSlots) {}
 

@@ -101,6 +101,8 @@ class SendState : public TransferBase {
   SendPath path = SendPath::Fabric;
   std::string path_reason;           // why this path and what it costs (Send.path_reason)
   bool staged_to_cma = false;        // Staged: the bounce slots are copied out with CMA (same-host host pool)
+  bool landing = false;              // Staged: written into the peer's landing slots, which copies into its pool
+  uint64_t batch_bytes = 0;          // Staged: data bytes one bounce slot batch may carry
   int copy_device = -1;              // CudaIpc / Staged from GPU: the device whose copy engines move the bytes
   std::vector<uint64_t> dst_mapped;  // CudaIpc: [dst regions] the peer's region start mapped into this process
 

@@ -7,7 +7,7 @@
 
 namespace kvxfer {
 
-StagingRing::StagingRing(Transport& transport, size_t slot_bytes, size_t num_slots)
+StagingRing::StagingRing(Transport& transport, size_t slot_bytes, size_t num_slots, uint64_t key)
     : transport_(transport), slot_bytes_(slot_bytes), num_slots_(num_slots) {
   KVXFER_CHECK(slot_bytes > 0 && num_slots > 0, InvalidArgument, "a staging ring needs slots of > 0 bytes");
   const size_t total = slot_bytes * num_slots;
@@ -19,7 +19,7 @@ StagingRing::StagingRing(Transport& transport, size_t slot_bytes, size_t num_slo
     base_ = static_cast<uint8_t*>(p);
   }
   try {
-    key_ = transport_.register_memory(base_, total, 0x57A6ED, -1);
+    key_ = transport_.register_memory(base_, total, key, -1);
   } catch (...) {
     if (pinned_) gpu::free_pinned(base_);
     else munmap(base_, total);

@@ -22,8 +22,9 @@ class StagingRing {
  public:
   static constexpr size_t kDefaultSlotBytes = 4u << 20;
   static constexpr size_t kDefaultSlots = 16;
+  static constexpr uint64_t kDefaultKey = 0x57A6ED;  // the fabric key it registers under
 
-  StagingRing(Transport& transport, size_t slot_bytes, size_t num_slots);
+  StagingRing(Transport& transport, size_t slot_bytes, size_t num_slots, uint64_t key = kDefaultKey);
   ~StagingRing();
   StagingRing(const StagingRing&) = delete;
   StagingRing& operator=(const StagingRing&) = delete;
@@ -36,6 +37,8 @@ class StagingRing {
   void release(int slot);
   uint8_t* slot_ptr(int slot) const { return base_ + static_cast<size_t>(slot) * slot_bytes_; }
   void* desc() const { return key_.desc; }
+  uint64_t rkey() const { return key_.rkey; }
+  uint8_t* base() const { return base_; }
 
  private:
   Transport& transport_;

@@ -1,0 +1,153 @@
+// Agent: the receiver side of landing slots (transports/staged/landing.h). Progress thread, except ensure_landing
+// (register_pool, caller thread) and the info getters.
+//
+// A landing immediate (granules 0) says "transfer slot S's sender put a batch in its landing slot I". We parse the
+// slot's header as untrusted bytes, check every entry against the named pool (which must be one we expose for
+// landing), copy the data into the pool (a host-to-device copy on our own stream for a GPU pool, memcpy for a host
+// pool), and only once the copy has landed count the batch's granules for (S, layer) and hand I back (LANDED). So a
+// layer is reported complete only when its bytes are in the pool, exactly as for direct writes. A refused batch
+// counts nothing (its transfer then times out or is aborted) and its slot is handed back.
+#include <cstring>
+
+#include "core/agent.h"
+#include "core/imm.h"
+#include "transports/staged/landing.h"
+
+namespace kvxfer {
+
+void Agent::ensure_landing() {
+  if (landing_) return;
+  landing_ = std::make_unique<StagingRing>(*transport_, options_.landing_slot_bytes,
+                                           static_cast<size_t>(ImmCode::kMaxWindows) * options_.landing_slots,
+                                           kLandingRingKey);
+  info_.landing_addr = reinterpret_cast<uint64_t>(landing_->base());
+  info_.landing_rkey = landing_->rkey();
+  info_.landing_slots = options_.landing_slots;
+  info_.landing_slot_bytes = options_.landing_slot_bytes;
+}
+
+std::vector<uint64_t> Agent::landing_info() const {
+  std::lock_guard<std::mutex> lock(pools_mu_);
+  if (!landing_) return {0, 0, 0};
+  return {landing_->slot_bytes(), options_.landing_slots, landing_->pinned() ? 1u : 0u};
+}
+
+std::string Agent::last_landing_error() const {
+  std::lock_guard<std::mutex> lock(staging_mu_);
+  return last_landing_error_;
+}
+
+void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
+  const uint32_t slot = ImmCode::slot(imm), index = ImmCode::layer(imm);
+  std::string why;
+  const LocalPool* pool = nullptr;
+  LandingBatch batch;
+  const uint8_t* at = nullptr;
+  if (!landing_ || index >= options_.landing_slots) {
+    why = "landing immediate names slot " + std::to_string(index) + " but this agent has " +
+          (landing_ ? std::to_string(options_.landing_slots) + " per peer" : std::string("no landing slots"));
+  } else {
+    at = landing_->slot_ptr(static_cast<int>((slot / ImmCode::kSlotWindow) * options_.landing_slots + index));
+    if (parse_landing(at, landing_->slot_bytes(), &batch, &why)) {
+      std::lock_guard<std::mutex> lock(pools_mu_);
+      if (batch.header.xfer_slot != slot)
+        why = "landing header names transfer slot " + std::to_string(batch.header.xfer_slot) + ", its immediate " +
+              std::to_string(slot);
+      else if (batch.header.dst_pool >= pools_.size() || !pools_[batch.header.dst_pool]->landing)
+        why = "landing header names pool " + std::to_string(batch.header.dst_pool) + ", not one exposed for landing";
+      else
+        pool = pools_[batch.header.dst_pool].get();
+    }
+    if (pool) {
+      std::vector<uint64_t> sizes;
+      for (const auto& r : pool->regions) sizes.push_back(r.nbytes);
+      if (!check_landing_bounds(batch, sizes, &why)) pool = nullptr;
+    }
+  }
+  if (!pool) {
+    counters_.landing_rejected++;
+    {
+      std::lock_guard<std::mutex> lock(staging_mu_);
+      last_landing_error_ = "from peer '" + peer->info.name + "': " + why;
+    }
+    if (landing_ && index < options_.landing_slots) queue_control(*peer, ControlType::Landed, 0, index);
+    fail_landing_transfer(*peer, slot, why);
+    return;
+  }
+  const LandingHeader& h = batch.header;
+  const uint32_t counted = ImmCode::encode(slot, h.layer, h.granules);
+  const uint8_t* data = at + kLandingDataOffset;
+  if (!pool->on_gpu) {
+    for (const auto& e : batch.entries) {
+      std::memcpy(reinterpret_cast<void*>(pool->regions[e.dst_region].addr + e.dst_offset), data, e.nbytes);
+      data += e.nbytes;
+    }
+    finish_landing(peer, counted, index);
+    return;
+  }
+  void* dsts[kLandingMaxEntries];
+  const void* srcs[kLandingMaxEntries];
+  size_t sizes[kLandingMaxEntries];
+  for (size_t k = 0; k < batch.entries.size(); ++k) {
+    const LandingEntry& e = batch.entries[k];
+    dsts[k] = reinterpret_cast<void*>(pool->regions[e.dst_region].addr + e.dst_offset);
+    srcs[k] = data;
+    sizes[k] = e.nbytes;
+    data += e.nbytes;
+  }
+  gpu::CopyQueue& queue = copy_queue(pool->device);
+  queue.copy(dsts, srcs, sizes, batch.entries.size(), /*device_reachable=*/landing_->pinned());
+  pending_landings_.push_back({peer, counted, index, pool->device, queue.record()});
+}
+
+// The transfer a refused batch belongs to can never complete: fail its recv now, naming why, rather than at its
+// deadline. The slot stays quarantined like one whose counts went over (a protocol violation).
+void Agent::fail_landing_transfer(PeerState& peer, uint32_t slot, const std::string& why) {
+  std::lock_guard<std::mutex> lock(peer.mu);
+  SlotCounter& s = peer.slots[slot];
+  if (!s.begun || s.aborted) return;
+  if (s.recv)
+    s.recv->fail(ErrorKind::TransferFailed, "transfer " + std::to_string(s.xfer_id) + ": a landing batch from peer '" +
+                                                peer.info.name + "' was refused: " + why);
+  peer.live_recvs.erase(s.xfer_id);
+  peer.waiting_recvs.erase(s.xfer_id);
+  peer.slot_of_xfer.erase(s.xfer_id);
+  s.aborted = true;
+  s.recv.reset();
+}
+
+void Agent::finish_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm, uint32_t index) {
+  counters_.landings++;
+  count_imm(peer, imm);
+  queue_control(*peer, ControlType::Landed, 0, index);
+}
+
+// Counts the batches whose copy into a GPU pool has landed, in copy order.
+bool Agent::advance_landings() {
+  bool any = false;
+  while (!pending_landings_.empty()) {
+    PendingLanding& p = pending_landings_.front();
+    if (!copy_queue(p.device).done(p.ticket)) break;
+    finish_landing(p.peer, p.imm, p.index);
+    pending_landings_.pop_front();
+    any = true;
+  }
+  return any;
+}
+
+// Before a lost peer's recvs are told no write can land any more: its batches still copying must land first.
+void Agent::drain_landings(const PeerState& peer) {
+  for (const auto& p : pending_landings_)
+    if (p.peer.get() == &peer) copy_queue(p.device).drain();
+}
+
+void Agent::on_landed(PeerState& peer, const ControlMessage& m) {
+  if (m.slot >= peer.landing_busy.size() || !peer.landing_busy[m.slot]) {
+    counters_.dropped_messages++;  // not a landing slot of ours in flight: a duplicate or a confused peer
+    return;
+  }
+  peer.landing_busy[m.slot] = 0;
+  peer.landing_free.push_back(m.slot);
+}
+
+}  // namespace kvxfer

@@ -1,0 +1,276 @@
+"""Landing slots (receiver-side staging): the sender writes batches into the receiver's registered host slots and
+the receiver copies them into its pool before counting them. This is how a GPU pool on a host without GPU-direct
+RDMA is reached from another host; here the receiver asks for it with landing='always' on host pools, so the
+whole pipeline runs for real across two processes over tcp, libfabric shm and cma: headers built and parsed,
+batches copied out of the slots (memcpy here, host-to-device copies on a GPU), landing slots handed back with
+LANDED and reused many times. Rings are made much smaller than the transfers so every slot turns over.
+
+The receiver also parses headers that arrive from the wire: the injected ones below are malformed or point outside
+the pool, and must be refused without touching a byte."""
+import struct
+
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer import errors
+from tests.conftest import TRANSPORTS, connect, local_pair
+from tests.reference import PRESETS, apply, make_pool
+
+SMALL_RING = {"staging": "always", "staging_slot_bytes": 8192, "staging_slots": 3}
+LANDING = {"landing": "always", "landing_slot_bytes": 8192, "landing_slots": 2}
+
+HEADER = struct.Struct("<IHHIIIIQ")  # magic, version, entries, xfer slot, layer, pool, granules, data bytes
+ENTRY = struct.Struct("<QII")        # dst offset, dst region, nbytes
+MAGIC, VERSION, DATA_OFFSET = 0x444C564B, 1, 1024
+
+
+def expected_after(layout, dst, seed, src_ids, dst_ids, layers):
+    expected = [a.copy() for a in dst]
+    apply(layout, make_pool(layout, seed), expected, src_ids, dst_ids, layers)
+    return expected
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", ["vllm_flash", "mla", "blocks_first"])
+def test_landing_bytes_exact_through_small_rings(transport, kind, remote):
+    agent, peer, layout, dst, _ = connect(transport, remote, kind, seed=41, sender_kwargs=SMALL_RING,
+                                          receiver_kwargs=LANDING)
+    rng = np.random.default_rng(5)
+    n = layout.num_blocks // 2
+    src_ids = rng.choice(layout.num_blocks, n, replace=False).astype(np.int32)
+    dst_ids = rng.choice(layout.num_blocks, n, replace=False).astype(np.int32)
+    expected = expected_after(layout, dst, 41, src_ids, dst_ids, range(layout.num_layers))
+
+    recv = agent.recv(peer, 9, dst_ids)
+    remote.call("send", (9, src_ids.tolist(), dst_ids.tolist(), None, "all"))
+    recv.wait(timeout_s=30)
+    assert remote.call("wait", (9, 30)) == "DONE"
+    path, reason, _ = remote.call("path", 9)
+    assert path == "staged" and "landing slots (2 x 8 KiB)" in reason and "host pool" in reason
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)  # addressed chunks equal the source, every other byte untouched
+    sender_stats, _ = remote.call("stats", None)
+    stats = agent.stats()
+    # one landing batch per staged write, every one copied and counted; the 2 landing slots turned over many times
+    assert stats["landings"] == sender_stats["writes_posted"] >= 8
+    assert stats["landing_rejected"] == 0 and stats["unknown_imms"] == 0
+    assert agent.landing() == {"slot_bytes": 8192, "slots_per_peer": 2, "pinned": agent.staging()["pinned"]}
+
+
+@pytest.mark.parametrize("transport", ["tcp", "fi_shm"])
+def test_landing_layerwise_arrival_and_concurrent_requests(transport, remote):
+    """8 requests share the sender's 3 bounce slots and its 2 landing slots, layers marked in random orders: each
+    layer completes exactly when it was marked and copied, counts stay exact per request."""
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed=23, sender_kwargs=SMALL_RING,
+                                          receiver_kwargs=LANDING)
+    rng = np.random.default_rng(8)
+    perm = rng.permutation(layout.num_blocks).astype(np.int32)
+    expected = [a.copy() for a in dst]
+    src_pool = make_pool(layout, 23)
+    recvs, orders = {}, {}
+    for r in range(8):
+        dst_ids = perm[4 * r: 4 * r + 4]
+        src_ids = rng.choice(layout.num_blocks, 4, replace=False).astype(np.int32)
+        apply(layout, src_pool, expected, src_ids, dst_ids, range(layout.num_layers))
+        recvs[r] = agent.recv(peer, 500 + r, dst_ids)
+        remote.call("send", (500 + r, src_ids.tolist(), dst_ids.tolist(), None, "none"))
+        orders[r] = rng.permutation(layout.num_layers)
+    first = int(orders[0][0])
+    remote.call("mark", (500, first))
+    recvs[0].wait(layer=first, timeout_s=30)
+    assert recvs[0].layers_done == 1 and recvs[0].layer_done(first)  # only the marked layer arrived
+    for step in range(layout.num_layers):
+        for r in range(8):
+            if (r, step) != (0, 0):
+                remote.call("mark", (500 + r, int(orders[r][step])))
+    for r in range(8):
+        recvs[r].wait(timeout_s=30)
+        assert remote.call("wait", (500 + r, 30)) == "DONE"
+        assert recvs[r].layers_done == layout.num_layers
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_aborted_landing_transfers_give_their_slots_back():
+    """150 sends (more than a pair's 128 slots) abort after 0-3 of 4 layers went out through the landing slots; the
+    receiver counts what landed, hands every slot back, and the next transfer is exact."""
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "tcp", ("landing-abort-sender", "landing-abort-receiver"),
+                                                sender_kwargs=SMALL_RING, receiver_kwargs=LANDING)
+    failures = 150
+    recvs = []
+    for i in range(failures):
+        dst_ids = np.array([(i * 3) % 32, (i * 3 + 1) % 32], np.int32)
+        recv = b.recv(peer_a, i, dst_ids)
+        send = a.send(peer_b, i, np.array([i % 32, (i + 7) % 32], np.int32), dst_ids)
+        for layer in range(i % layout.num_layers):
+            send.layer_ready(layer)
+        send.abort("request cancelled")
+        with pytest.raises(errors.KvxferError, match="request cancelled"):
+            send.wait(timeout_s=30)
+        recvs.append(recv)
+    _wait_for(lambda: a.stats()["slots_reclaimed"] == failures, "every aborted slot handed back")
+    _wait_for(lambda: all(r.writes_over for r in recvs), "every failed recv's writes over")
+    assert b.stats()["slot_violations"] == 0 and b.stats()["landing_rejected"] == 0
+
+    src_ids, dst_ids = np.array([3, 9, 20], np.int32), np.array([30, 1, 17], np.int32)
+    expected = [x.copy() for x in dst]
+    apply(layout, src, expected, src_ids, dst_ids, range(layout.num_layers))
+    recv = b.recv(peer_a, 10_000, dst_ids)
+    send = a.send(peer_b, 10_000, src_ids, dst_ids)
+    assert "landing slots" in send.path_reason
+    send.all_ready()
+    recv.wait(timeout_s=30)
+    send.wait(timeout_s=30)
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def _wait_for(pred, what, timeout_s=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, f"{what}: not reached within {timeout_s}s"
+        time.sleep(0.01)
+
+
+# ---- headers from the wire ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def landing_pair():
+    """Receiver b with a contiguous 64 x 4096-byte landing pool and 2 x 16 KiB landing slots per peer, over tcp;
+    sender a stays idle (its batches are injected here)."""
+    layout = PRESETS["contiguous"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "tcp", ("inject-sender", "inject-receiver"),
+                                                receiver_kwargs={**LANDING, "landing_slot_bytes": 16384})
+    yield b, peer_a, dst
+    del a  # kept alive until the test ends: its peer state is the injected batches' sender
+
+
+def batch(entries, data, *, slot, layer=0, pool=0, granules=None, magic=MAGIC, version=VERSION, data_bytes=None,
+          num_entries=None):
+    head = HEADER.pack(magic, version, len(entries) if num_entries is None else num_entries, slot, layer, pool,
+                       len(entries) if granules is None else granules,
+                       sum(e[2] for e in entries) if data_bytes is None else data_bytes)
+    body = b"".join(ENTRY.pack(*e) for e in entries)
+    return (head + body).ljust(DATA_OFFSET, b"\0") + data
+
+
+def test_a_well_formed_injected_batch_lands_exactly_and_counts(landing_pair):
+    """The receiver alone: a BEGIN for 2 blocks, then one landing batch carrying both: the bytes land exactly where
+    its entries say, the recv completes, and nothing else in the pool changes."""
+    b, peer_a, dst = landing_pair
+    slot = peer_a._h._rx_window * 128
+    recv = b.recv(peer_a, 77, np.array([5, 40], np.int32))
+    b._c._inject_begin(peer_a._h, 77, slot, 0, 1, 2)
+    payload = np.random.default_rng(3).integers(0, 256, 2 * 4096, dtype=np.uint8)
+    expected = dst[0].copy()
+    expected[5 * 4096:6 * 4096] = payload[:4096]
+    expected[40 * 4096:41 * 4096] = payload[4096:]
+    b._c._inject_landing(peer_a._h, slot, 1, batch([(5 * 4096, 0, 4096), (40 * 4096, 0, 4096)], payload.tobytes(),
+                                                    slot=slot))
+    recv.wait(timeout_s=10)
+    assert b.stats()["landings"] == 1 and b.stats()["landing_rejected"] == 0
+    np.testing.assert_array_equal(dst[0], expected)
+
+
+BAD = {
+    "bad magic": (dict(magic=0x12345678), "magic"),
+    "bad version": (dict(version=7), "version"),
+    "no entries": (dict(num_entries=0), "0 entries"),
+    "too many entries": (dict(num_entries=63), "63 entries"),
+    "zero granules": (dict(granules=0), "granules 0"),
+    "layer out of range": (dict(layer=256), "layer 256"),
+    "data beyond the slot": (dict(data_bytes=16384), "do not fit"),
+    "entries disagree with the total": (dict(data_bytes=4000), "sum to 4096"),
+    "another transfer slot": (dict(slot_delta=1), "names transfer slot"),
+    "pool not exposed": (dict(pool=3), "pool 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_landing_headers_are_refused_untouched(landing_pair, case):
+    b, peer_a, dst = landing_pair
+    slot = peer_a._h._rx_window * 128
+    before = dst[0].copy()
+    kwargs, message = BAD[case]
+    kwargs = dict(kwargs)
+    header_slot = slot + kwargs.pop("slot_delta", 0)
+    recv = b.recv(peer_a, 88, np.array([2], np.int32))
+    b._c._inject_begin(peer_a._h, 88, slot, 0, 1, 1)
+    b._c._inject_landing(peer_a._h, slot, 0, batch([(2 * 4096, 0, 4096)], b"\x55" * 4096, slot=header_slot, **kwargs))
+    _wait_for(lambda: b.stats()["landing_rejected"] == 1, "the batch refused")
+    assert message in b.last_landing_error and "inject-sender" in b.last_landing_error
+    with pytest.raises(errors.TransferFailed, match="landing batch .* was refused"):
+        recv.wait(timeout_s=10)  # fails at once, naming why, instead of at its deadline
+    assert b.stats()["landings"] == 0
+    np.testing.assert_array_equal(dst[0], before)
+
+
+@pytest.mark.parametrize("entry,message", [
+    ((63 * 4096 + 1, 0, 4096), "outside region 0"),   # runs past the pool's end
+    ((2 ** 63, 0, 4096), "outside region 0"),          # offset + nbytes would wrap
+    ((0, 1, 4096), "region 1 of a pool with 1"),       # no such region
+])
+def test_entries_outside_the_pool_are_refused(landing_pair, entry, message):
+    b, peer_a, dst = landing_pair
+    slot = peer_a._h._rx_window * 128
+    before = dst[0].copy()
+    b._c._inject_landing(peer_a._h, slot, 0, batch([entry], b"\x77" * 4096, slot=slot))
+    _wait_for(lambda: b.stats()["landing_rejected"] == 1, "the batch refused")
+    assert message in b.last_landing_error
+    np.testing.assert_array_equal(dst[0], before)
+
+
+def test_landing_slot_index_beyond_the_peers_share_is_refused(landing_pair):
+    b, peer_a, dst = landing_pair
+    slot = peer_a._h._rx_window * 128
+    b._c._inject_landing(peer_a._h, slot, 2, b"")  # the peer has slots 0 and 1
+    _wait_for(lambda: b.stats()["landing_rejected"] == 1, "the batch refused")
+    assert "landing immediate names slot 2" in b.last_landing_error
+
+
+def test_random_headers_never_write(landing_pair):
+    """200 random slot contents behind a valid magic and version: every one refused, the pool untouched."""
+    b, peer_a, dst = landing_pair
+    slot = peer_a._h._rx_window * 128
+    before = dst[0].copy()
+    rng = np.random.default_rng(99)
+    for i in range(200):
+        raw = struct.pack("<IH", MAGIC, VERSION) + rng.integers(0, 256, DATA_OFFSET - 6, dtype=np.uint8).tobytes()
+        b._c._inject_landing(peer_a._h, slot, i % 2, raw)
+    _wait_for(lambda: b.stats()["landing_rejected"] == 200, "every random batch refused")
+    assert b.stats()["landings"] == 0
+    np.testing.assert_array_equal(dst[0], before)
+
+
+# ---- options and refusals -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"landing": "sometimes"}, "landing='sometimes'"),
+    ({"landing_slots": 0}, "1 to 256 slots"),
+    ({"landing_slot_bytes": 4096}, "5120 bytes to 1 GiB"),
+])
+def test_bad_landing_options_are_refused_by_name(kwargs, message):
+    with pytest.raises(errors.InvalidArgument, match=message):
+        kvxfer.Agent("bad-landing", transport="tcp", interface="lo", **kwargs)
+
+
+def test_no_landing_ring_unless_a_pool_needs_one():
+    a = kvxfer.Agent("plain", transport="tcp", interface="lo")
+    layout = PRESETS["contiguous"]()
+    a.register_pool(make_pool(layout, 1), layout)
+    assert a.landing() is None  # host pools the fabric writes directly: no ring, no pinned memory
+
+
+def test_a_chunk_larger_than_a_landing_batch_is_refused_at_send():
+    layout = kvxfer.KVLayout.contiguous(16, 6144)
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "tcp", ("big-chunk-sender", "big-chunk-receiver"),
+                                                receiver_kwargs={"landing": "always", "landing_slot_bytes": 5120})
+    assert peer_b._h.landing_slots == (4, 5120)
+    with pytest.raises(errors.InvalidArgument, match="landing_slot_bytes on the peer"):
+        a.send(peer_b, 1, np.array([0], np.int32), np.array([0], np.int32))
