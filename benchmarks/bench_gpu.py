@@ -7,6 +7,9 @@
              of another process on the same GPU, as a ratio of one cudaMemcpy device-to-device of 512 MiB.
   staged   : the same request from a GPU pool into a host pool of the other process (GPU -> pinned bounce slots ->
              cma), as a ratio of one pinned device-to-host copy of 512 MiB.
+  landing  : the same request GPU pool -> GPU pool with both agents on transport tcp, as between two hosts without
+             GPU-direct RDMA (GPU -> pinned bounce slots -> tcp -> the receiver's pinned landing slots -> GPU), as
+             a ratio of raw loopback TCP carrying 512 MiB between two threads (the wire this path crosses).
 
 Each rep times send() .. DONE on the sender (DONE means the receiver counted every chunk); the destination is
 verified byte for byte once per path. Also printed: the ratio of the time after the send() call (an engine calls
@@ -29,14 +32,14 @@ ARGS = (32, 1024, 16, 8, 128, "bfloat16")  # pools of 1024 blocks; each request 
 NUM_IDS = 256
 
 
-def _receiver(conn, where):
+def _receiver(conn, where, transport):
     os.environ.setdefault("FI_TCP_IFACE", "lo")
     import torch
 
     import kvxfer
 
     layout = kvxfer.KVLayout.vllm_flash(*ARGS)
-    agent = kvxfer.Agent("bench-recv", interface="lo", timeout_s=120)
+    agent = kvxfer.Agent("bench-recv", transport=transport, interface="lo", timeout_s=120)
     pool = [torch.zeros(layout.tensor_layer_bytes, dtype=torch.uint8, device=where) for _ in range(layout.num_layers)]
     agent.register_pool(pool, layout)
     conn.send(agent.metadata())
@@ -71,7 +74,36 @@ def _limit_seconds(nbytes, src_device, dst_device, pinned):
     return best
 
 
-def run_path(name, where, reps):
+def _tcp_limit_seconds(nbytes):
+    """Raw loopback TCP: one sendall of nbytes from a thread into recv_into on another, best of 3."""
+    import socket
+    import threading
+
+    best = float("inf")
+    payload = memoryview(bytearray(nbytes))
+    sink = bytearray(4 << 20)
+    for _ in range(3):
+        server = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+
+        def drain():
+            got = 0
+            while got < nbytes:
+                got += conn.recv_into(sink)
+
+        t = threading.Thread(target=drain)
+        t.start()
+        t0 = time.perf_counter()
+        client.sendall(payload)
+        t.join()
+        best = min(best, time.perf_counter() - t0)
+        for sock in (client, conn, server):
+            sock.close()
+    return best
+
+
+def run_path(name, where, reps, transport="auto"):
     import torch
 
     import kvxfer
@@ -79,12 +111,17 @@ def run_path(name, where, reps):
     layout = kvxfer.KVLayout.vllm_flash(*ARGS)
     nbytes = layout.num_layers * 2 * NUM_IDS * layout.chunk_bytes
     assert nbytes == 512 << 20
-    limit_s = _limit_seconds(nbytes, "cuda", "cuda" if where == "cuda" else "cpu", pinned=True)
+    if transport == "tcp":
+        limit_s, limit = _tcp_limit_seconds(nbytes), "raw loopback TCP 512 MiB"
+    elif where == "cuda":
+        limit_s, limit = _limit_seconds(nbytes, "cuda", "cuda", pinned=True), "cudaMemcpy D2D 512 MiB"
+    else:
+        limit_s, limit = _limit_seconds(nbytes, "cuda", "cpu", pinned=True), "pinned D2H 512 MiB"
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(child, where), daemon=True)
+    proc = ctx.Process(target=_receiver, args=(child, where, transport), daemon=True)
     proc.start()
-    agent = kvxfer.Agent("bench-send", interface="lo", timeout_s=120)
+    agent = kvxfer.Agent("bench-send", transport=transport, interface="lo", timeout_s=120)
     gen = torch.Generator(device="cuda").manual_seed(1)
     src = [torch.randint(0, 255, (layout.tensor_layer_bytes,), dtype=torch.uint8, device="cuda", generator=gen)
            for _ in range(layout.num_layers)]
@@ -120,7 +157,7 @@ def run_path(name, where, reps):
     best = min(times)
     return {"path": name, "send_path": path, "bytes": nbytes, "best_s": best, "median_s": float(np.median(times)),
             "gbps": nbytes / best / 1e9, "limit_gbps": nbytes / limit_s / 1e9, "ratio": limit_s / best,
-            "limit": "cudaMemcpy D2D 512 MiB" if where == "cuda" else "pinned D2H 512 MiB", "verified": True,
+            "limit": limit, "verified": True, "path_reason": send.path_reason,
             "copy_mode": os.environ.get("KVXFER_GPU_COPY", "auto"), "send_call_median_s": float(np.median(opens)),
             "signals": peer.signals, "data_ratio": limit_s / (float(np.median(times)) - float(np.median(opens)))}
 
@@ -173,7 +210,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device visible (this benchmark needs an NVIDIA GPU)", file=sys.stderr)
         return 1
-    rows = [run_path("cuda_ipc", "cuda", args.reps), run_path("staged", "cpu", args.reps)]
+    rows = [run_path("cuda_ipc", "cuda", args.reps), run_path("staged", "cpu", args.reps),
+            run_path("landing", "cuda", args.reps, transport="tcp")]
     if args.compare_fabric_signals:  # the same paths with same-host completions over the fabric (the old way)
         os.environ["KVXFER_DOORBELL"] = "0"
         rows += [run_path("cuda_ipc", "cuda", args.reps), run_path("staged", "cpu", args.reps)]

@@ -74,6 +74,11 @@ def _gpu_paths(transports: dict) -> dict:
     paths["staged"] = (cuda_ok and bool(fabric or transports.get("cma", (False,))[0]),
                        "GPU -> pinned host bounce slots -> network or cma: one extra device-to-host copy per byte, "
                        "pipelined (16 x 4 MiB slots by default)" if cuda_ok else cuda_why)
+    paths["landing"] = (cuda_ok and bool(fabric),
+                        "GPU pools another host cannot write directly are reached through landing slots: senders "
+                        "write into registered pinned host slots (4 x 256 KiB per peer by default) and the receiver "
+                        "copies them host-to-device; one extra copy per byte at the receiving end, pipelined"
+                        if cuda_ok and fabric else (cuda_why if not cuda_ok else "no fabric provider here"))
     return paths
 
 
@@ -134,5 +139,6 @@ def main(argv=None) -> int:
         print(f"  topology: no GPUs listed ({topo['gpus_why'] or 'none found'})")
     print(f"  NICs with a PCI position: {', '.join(n[0] + ' (' + n[1] + ')' for n in topo['nics']) or 'none'}")
     print("default: transport=auto -> cma for same-host peers (when usable), else the best of efa > verbs > tcp;"
-          " GPU pools: cuda_ipc on one host, GPU-direct where the provider has FI_HMEM, else staged")
+          " GPU pools: cuda_ipc on one host, GPU-direct where the provider has FI_HMEM, else staged (sender) and"
+          " landing slots (receiver)")
     return 0

@@ -40,7 +40,7 @@ for step in "${steps[@]}"; do
     info) $PY -m kvxfer info 2>&1 | tee "$OUT/info.txt" ;;
     tests)
       timeout ${KVXFER_TEST_TIMEOUT:-420} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rA --timeout 120 ${KVXFER_XDIST:-} tests/gpu tests/test_gpu_paths.py \
-        tests/test_staged.py 2>&1 | tee "$OUT/tests_gpu.log" | tail -60 || rc=1 ;;
+        tests/test_staged.py tests/test_landing.py 2>&1 | tee "$OUT/tests_gpu.log" | tail -60 || rc=1 ;;
     suite)  # the whole suite, as CI runs it but with a GPU present (xdist: a crash costs one test, not the run)
       timeout ${KVXFER_SUITE_TIMEOUT:-540} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE --timeout 240 \
         -n ${KVXFER_SUITE_WORKERS:-8} tests 2>&1 | tee "$OUT/suite.log" | tail -40 || rc=1 ;;

@@ -40,7 +40,7 @@ def test_cuda_ipc_transport_needs_a_gpu():
 def test_info_reports_every_gpu_path_with_its_reason():
     out = subprocess.run([sys.executable, "-m", "kvxfer", "info"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for path in ("cuda_ipc", "gpu_direct", "staged"):
+    for path in ("cuda_ipc", "gpu_direct", "staged", "landing"):
         line = next(l for l in out.stdout.splitlines() if l.split()[1:2] == [path] and l.startswith("  no"))
         assert len(line.split(None, 2)[2]) > 10  # a reason, not a bare "no"
     assert "GPU memory paths" in out.stdout and "topology:" in out.stdout

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--staging", choices=("auto", "always"), default="auto",
                     help="always: the sender stages every transfer through its bounce slots (measures the staged "
                          "pipeline against the same direct-path limit; default: auto)")
+    ap.add_argument("--landing", choices=("auto", "always"), default="auto",
+                    help="always: the receiver takes every transfer through its landing slots and copies them into "
+                         "its pool (receiver-side staging, as for a GPU pool without GPU-direct RDMA); the sender "
+                         "then stages too: the whole staged-at-both-ends pipeline (default: auto)")
     ap.add_argument("--iface", help="network interface for IP providers (default: lo on loopback, else any)")
     ap.add_argument("--pattern", choices=workloads.PATTERNS,
                     help="KV workload pattern (default: paged, plus the message-size sweep)")
@@ -127,8 +131,8 @@ def check_runnable(a) -> None:
 
 
 def run_driver(a, ch: bootstrap.Channel, interface: str | None) -> list[dict]:
-    cfg = RunConfig(transport=a.transport, rails=a.rails, staging=a.staging, interface=interface, warmup=a.warmup,
-                    duration_s=a.duration, timeout_s=a.timeout, verify=not a.no_verify)
+    cfg = RunConfig(transport=a.transport, rails=a.rails, staging=a.staging, landing=a.landing, interface=interface,
+                    warmup=a.warmup, duration_s=a.duration, timeout_s=a.timeout, verify=not a.no_verify)
     plan = plan_workloads(a)
     bar = report.Progress(len(plan), enabled=not a.quiet)
     driver = Driver(ch, cfg)

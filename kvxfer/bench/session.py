@@ -29,6 +29,7 @@ class RunConfig:
     transport: str = "auto"
     rails: int = 1
     staging: str = "auto"
+    landing: str = "auto"
     interface: str | None = None
     warmup: int = 1
     iterations: int = 5
@@ -108,7 +109,7 @@ class Peer:
         for a in self.dst:  # the limit copied into this memory; start the transfers from FILL again
             a.fill(FILL)
         self.agent = kvxfer.Agent(f"bench-peer-{self.count}", transport=msg["transport"], interface=msg["interface"],
-                                  timeout_s=self.timeout_s, rails=msg["rails"])
+                                  timeout_s=self.timeout_s, rails=msg["rails"], landing=msg.get("landing", "auto"))
         self.agent.register_pool(self.dst, self.workload.kv_layout)
         self.ch.send_json({"ok": True})
         self.ch.send(self.agent.metadata())
@@ -145,7 +146,7 @@ class Driver:
         same_host_copy = self.same_host and cfg.transport in ("auto", "shm", "cma", "fi_shm")
         limit_gbps, limit_name = self._limit(workload, src, same_host_copy, dst_bases)
         self.ch.send_json({"cmd": "connect", "transport": cfg.transport, "interface": cfg.interface,
-                           "rails": cfg.rails})
+                           "rails": cfg.rails, "landing": cfg.landing})
         _expect_ok(self.ch.recv_json(cfg.timeout_s))
         peer_md = self.ch.recv(cfg.timeout_s)
         agent = kvxfer.Agent(f"bench-driver-{self.count}", transport=cfg.transport, interface=cfg.interface,
@@ -156,7 +157,8 @@ class Driver:
             peer = agent.add_peer(peer_md)
             agent.wait_connected(peer, cfg.timeout_s)
             _expect_ok(self.ch.recv_json(cfg.timeout_s))
-            signals = "doorbell" if peer.signals == "doorbell" else agent.provider
+            fabric = agent.provider
+            signals = "doorbell" if peer.signals == "doorbell" else fabric
             provider = agent.provider if peer.path != "cma" else f"process_vm_writev + {signals} signals"
             if same_host_copy != (peer.path in ("cma", "fi_shm")):  # auto found no CMA: the wire's limit applies
                 limit_gbps, limit_name = self._limit(workload, src, False, dst_bases)
@@ -169,6 +171,8 @@ class Driver:
         finally:
             agent.close()
         path = peer.path if cfg.staging == "auto" else f"staged->{peer.path}"
+        if cfg.landing == "always":  # the sender stages too, and writes over the fabric into the landing slots
+            path = f"staged->{fabric}->landing"
         rec = {"transport": cfg.transport, "path": path, "provider": provider,
                "rails": cfg.rails, "pattern": workload.pattern, "model": workload.label,
                "nbytes": workload.nbytes, "blocks": workload.blocks, "depth": workload.depth,

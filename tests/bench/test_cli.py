@@ -47,6 +47,19 @@ def test_workload_shapes_from_model_presets():
     assert [report.parse_size(s) for s in ("4096", "64K", "1M", "16MiB")] == [4096, 65536, 1 << 20, 16 << 20]
 
 
+@pytest.mark.parametrize("flags, path", [(["--staging", "always"], "staged->tcp"),
+                                         (["--landing", "always"], "staged->tcp;ofi_rxm->landing")])
+def test_staged_and_landing_pipelines_verified(flags, path, tmp_path):
+    """--staging always: the sender's bounce slots; --landing always: the receiver's landing slots too (the path a
+    GPU pool without GPU-direct RDMA takes): the paged request's bytes verified, its ratio against the same limit."""
+    out = tmp_path / "r.json"
+    r = bench("--transport", "tcp", "--pattern", "paged", "--model", "llama3-8b", "--tokens", "256", "--iters", "2",
+              "--quiet", "--timeout", "30", *flags, "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["path"] == path and rec["verified"] is True and rec["ratio"] > 0
+
+
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_short_run_json_schema_verified_and_ratios(transport, tmp_path):
     out = tmp_path / "r.json"

@@ -15,11 +15,11 @@ pytestmark = requires_gpu
 ARGS = (8, 64, 16, 4, 64, "float16")
 
 
-def setup_pair(remote, transport, src_where, dst_where, seed, sender_kwargs=None, args=ARGS):
+def setup_pair(remote, transport, src_where, dst_where, seed, sender_kwargs=None, args=ARGS, receiver_kwargs=None):
     import torch
 
     layout = kvxfer.KVLayout.vllm_flash(*args)
-    agent = kvxfer.Agent("gpu-receiver", transport=transport, interface="lo", timeout_s=30)
+    agent = kvxfer.Agent("gpu-receiver", transport=transport, interface="lo", timeout_s=30, **(receiver_kwargs or {}))
     dst_host = make_pool(layout, seed + 1000)  # guard pattern: bytes nobody addressed must keep it
     dst = [torch.from_numpy(a).to(dst_where) for a in dst_host] if dst_where != "cpu" else dst_host
     agent.register_pool(dst, layout)
@@ -118,11 +118,28 @@ def test_host_pool_back_into_gpu_pool(gpu_remote):
 
 
 @requires_gpu
-def test_gpu_pool_across_hosts_without_gpu_direct_is_refused_at_send(gpu_remote):
-    """tcp cannot write GPU memory, and transport='tcp' rules out CUDA IPC: send() says so before posting."""
-    agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "tcp", "cpu", "cuda:0", seed=8)
-    with pytest.raises(Exception, match="no path reaches"):
-        gpu_remote.call("send", (5, [0], [0]))
+def test_gpu_pool_across_hosts_without_gpu_direct_lands_through_landing_slots(gpu_remote):
+    """tcp cannot write GPU memory, and transport='tcp' rules out CUDA IPC (as between two hosts): the sender writes
+    into the receiver's pinned landing slots and the receiver copies them into its GPU pool."""
+    agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "tcp", "cpu", "cuda:0", seed=8,
+                                                    receiver_kwargs={"landing_slot_bytes": 1 << 16, "landing_slots": 2})
+    path, reason = run_and_check(gpu_remote, agent, peer, layout, dst, dst_host, 8, 5)
+    assert path == "staged" and "landing slots (2 x 64 KiB)" in reason and "GPU pool" in reason
+    assert agent.landing()["pinned"] and agent.stats()["landings"] > 2 and agent.stats()["landing_rejected"] == 0
+
+
+@requires_gpu
+def test_gpu_to_gpu_across_hosts_staged_at_both_ends_in_both_copy_modes(remote_copy_mode):
+    """GPU -> pinned bounce slots -> tcp -> pinned landing slots -> GPU: both copies in the copy mode under test
+    (the receiver's process reads the same KVXFER_GPU_COPY), rings small enough to turn over many times."""
+    agent, peer, layout, dst, dst_host = setup_pair(
+        remote_copy_mode, "tcp", "cuda:0", "cuda:0", seed=10,
+        sender_kwargs={"staging_slot_bytes": 1 << 16, "staging_slots": 3},
+        receiver_kwargs={"landing_slot_bytes": 1 << 16, "landing_slots": 2})
+    for xfer in range(3):
+        path, reason = run_and_check(remote_copy_mode, agent, peer, layout, dst, dst_host, 10, 20 + xfer)
+        dst_host = [t.cpu().numpy() for t in dst]
+    assert path == "staged" and "cuda:0 -> host bounce slots" in reason and "GPU pool" in reason
 
 
 @requires_gpu
