@@ -86,6 +86,13 @@ void register_agent(py::module_& m) {
             }
         return ids;
       })
+      .def_property_readonly("region_sharing", [](const PeerState& p) {
+        std::vector<std::string> out;  // per region of every pool: how a same-host peer can map it
+        for (const auto& pool : p.info.pools)
+          for (const auto& r : pool.regions)
+            out.push_back(r.device < 0 ? "host" : r.has_ipc ? "ipc" : r.has_vmm ? "vmm" : "none");
+        return out;
+      })
       .def_property_readonly("pools", [](const PeerState& p) {
         py::list out;
         for (const auto& pool : p.info.pools) out.append(py::make_tuple(pool.name, pool.layout));

@@ -157,8 +157,10 @@ Agent::~Agent() {
     for (auto& [id, s] : peer->live_sends) s->fail(ErrorKind::PeerLost, "the local agent was closed");
     for (auto& [id, r] : peer->live_recvs) r->fail(ErrorKind::PeerLost, "the local agent was closed");
   }
-  for (auto& pool : pools_)
+  for (auto& pool : pools_) {
     for (auto& key : pool->keys) transport_->deregister_memory(key);
+    gpu::close_vmm_export(pool->vmm_exports);
+  }
   transport_->deregister_memory(signal_key_);
 }
 
@@ -195,6 +197,14 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
   const bool on_gpu = regions.front().device >= 0;
   std::vector<uint64_t> sizes;
   std::vector<gpu::DeviceRange> ranges;
+  struct CloseExportsUnlessKept {  // VMM handles exported for a pool that then fails to register
+    std::vector<gpu::DeviceRange>& ranges;
+    bool keep = false;
+    ~CloseExportsUnlessKept() {
+      if (!keep)
+        for (const auto& r : ranges) gpu::close_vmm_export(r.vmm);
+    }
+  } exports{ranges};
   for (const auto& r : regions) {
     const std::string what = "pool '" + name + "' region " + std::to_string(sizes.size());
     KVXFER_CHECK(r.addr != 0 && r.nbytes > 0, InvalidArgument, "pool '" << name << "': empty or null region");
@@ -204,13 +214,15 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
                       << (on_gpu ? "cuda:" + std::to_string(regions.front().device) : "the host")
                       << "; register one pool per device");
     if (on_gpu) {
-      ranges.push_back(gpu::describe_device_range(r.addr, r.nbytes, r.device, what));
+      const bool same_host_peers = wants_direct_path(options_.transport);
+      ranges.push_back(gpu::describe_device_range(r.addr, r.nbytes, r.device, what, same_host_peers));
       // Refuse now what the same-host path could never share, rather than at the first transfer.
-      KVXFER_CHECK(ranges.back().ipc_capable || !wants_direct_path(options_.transport), RegistrationFailed,
-                   what << " is GPU memory that cannot take a CUDA IPC handle (a cuMem/VMM allocation, such as "
-                           "PyTorch's PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); same-host peers reach GPU "
-                           "pools through CUDA IPC. Allocate the KV cache with expandable_segments:False (or "
-                           "cudaMalloc), or create the agent with transport='tcp'/'efa'/'verbs'");
+      KVXFER_CHECK(ranges.back().ipc_capable || ranges.back().vmm_capable || !same_host_peers, RegistrationFailed,
+                   what << " is GPU memory that same-host peers cannot map: " << ranges.back().not_shareable
+                        << ". Same-host peers reach GPU pools through CUDA IPC handles, or cuMem/VMM handles (POSIX "
+                           "fd or fabric) for memory created with one, as PyTorch's expandable segments are. "
+                           "Allocate the KV cache with cudaMalloc (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False), "
+                           "or create the agent with transport='tcp'/'efa'/'verbs'");
     } else {
       check_host_range(r.addr, r.nbytes, what);
     }
@@ -251,9 +263,13 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
       rr.has_ipc = ranges[i].ipc_capable;
       if (rr.has_ipc) rr.ipc_handle.assign(ranges[i].ipc.begin(), ranges[i].ipc.end());
       rr.ipc_offset = regions[i].addr - ranges[i].alloc_base;
+      rr.has_vmm = ranges[i].vmm_capable;
+      rr.vmm_pieces = ranges[i].vmm;
     }
     exposed.regions.push_back(std::move(rr));
   }
+  for (auto& r : ranges) pool->vmm_exports.insert(pool->vmm_exports.end(), r.vmm.begin(), r.vmm.end());
+  exports.keep = true;
   info_.pools.push_back(std::move(exposed));
   pools_.push_back(std::move(pool));
   return static_cast<uint32_t>(pools_.size() - 1);
@@ -298,10 +314,10 @@ PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t
   if (dst_gpu) {
     std::string why_not_ipc;
     bool ipc_handles = true;
-    for (const auto& r : dst.regions) ipc_handles &= r.has_ipc;
+    for (const auto& r : dst.regions) ipc_handles &= r.has_ipc || r.has_vmm;
     if (!wants_direct_path(options_.transport)) why_not_ipc = "transport '" + options_.transport + "' was requested";
     else if (!peer.same_host) why_not_ipc = "the peer is on another host";
-    else if (!ipc_handles) why_not_ipc = "the peer's pool exported no CUDA IPC handle";
+    else if (!ipc_handles) why_not_ipc = "the peer's pool exported no CUDA IPC or VMM handle";
     else if (!gpu::available(&why_not_ipc)) why_not_ipc = "this process has " + why_not_ipc;
     if (why_not_ipc.empty()) {
       const std::string& pci = dst.regions.front().pci_bus_id;

@@ -72,6 +72,7 @@ struct LocalPool {
   std::vector<MemoryKey> keys;  // [regions] fabric registrations (empty handle: GPU memory the fabric cannot register)
   bool on_gpu = false;          // every region is CUDA memory (pools never mix host and device regions)
   bool landing = false;         // peers write it through our landing slots (PoolInfo::landing)
+  std::vector<gpu::VmmPiece> vmm_exports;  // VMM regions' exported handles (fds stay open while the agent lives)
   int device = -1;              // the CUDA device of a GPU pool
 };
 

@@ -70,6 +70,12 @@ void Agent::open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_poo
     std::vector<uint64_t> starts;
     std::vector<std::pair<uint64_t, uint64_t>> opened;  // owner's allocation start -> our mapped base
     for (const auto& r : peer.info.pools[dst_pool].regions) {
+      if (r.has_vmm) {  // cuMem/VMM memory: its pieces imported and mapped back to back (gpu/vmm.h)
+        peer.vmm_mappings.push_back(std::make_unique<gpu::VmmMapping>(static_cast<pid_t>(peer.info.pid),
+                                                                       r.vmm_pieces, send.copy_device));
+        starts.push_back(peer.vmm_mappings.back()->base() + r.ipc_offset);
+        continue;
+      }
       const uint64_t owner_base = r.addr - r.ipc_offset;
       uint64_t base = 0;
       for (const auto& [ob, b] : opened)

@@ -155,6 +155,16 @@ std::vector<uint8_t> encode_agent_info(const AgentInfo& a) {
         w.put<uint8_t>(r.has_ipc ? 1 : 0);
         if (r.has_ipc) w.bytes(r.ipc_handle.data(), r.ipc_handle.size());
         w.put(r.ipc_offset);
+        w.put<uint8_t>(r.has_vmm ? 1 : 0);
+        if (r.has_vmm) {
+          w.put<uint32_t>(static_cast<uint32_t>(r.vmm_pieces.size()));
+          for (const auto& p : r.vmm_pieces) {
+            w.put(p.start);
+            w.put(p.size);
+            w.put(p.fd);
+            w.bytes(p.fabric.data(), p.fabric.size());
+          }
+        }
       }
     }
   }
@@ -249,6 +259,29 @@ AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes) {
                                                 << kIpcHandleBytes);
         }
         reg.ipc_offset = r.get<uint64_t>("region IPC offset");
+        reg.has_vmm = r.get<uint8_t>("region VMM flag") != 0;
+        if (reg.has_vmm) {
+          const uint32_t n = r.count("region VMM piece", gpu::kMaxVmmPieces);
+          KVXFER_CHECK(n > 0, MetadataError, "peer metadata: region " << k << " is VMM memory with no pieces");
+          uint64_t covered = 0;
+          for (uint32_t i = 0; i < n; ++i) {
+            gpu::VmmPiece p;
+            p.start = r.get<uint64_t>("VMM piece start");
+            p.size = r.get<uint64_t>("VMM piece size");
+            p.fd = r.get<int32_t>("VMM piece fd");
+            p.fabric = r.bytes("VMM fabric handle", gpu::kFabricHandleBytes);
+            KVXFER_CHECK(p.size > 0 && (p.fd >= 0) != !p.fabric.empty() &&
+                             (p.fabric.empty() || p.fabric.size() == gpu::kFabricHandleBytes) &&
+                             (i == 0 || p.start == reg.vmm_pieces.back().start + reg.vmm_pieces.back().size),
+                         MetadataError,
+                         "peer metadata: region " << k << " VMM piece " << i
+                                                  << " is malformed (empty, no handle, or not contiguous)");
+            covered += p.size;
+            reg.vmm_pieces.push_back(std::move(p));
+          }
+          KVXFER_CHECK(reg.ipc_offset <= covered && reg.nbytes <= covered - reg.ipc_offset, MetadataError,
+                       "peer metadata: region " << k << " does not lie inside its VMM pieces");
+        }
       }
       sizes.push_back(reg.nbytes);
       p.regions.push_back(reg);

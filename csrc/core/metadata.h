@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/layout.h"
+#include "gpu/vmm.h"
 
 namespace kvxfer {
 
@@ -23,7 +24,9 @@ struct RemoteRegion {
   std::string pci_bus_id{};         // device regions: the GPU's PCI bus id (ordinals differ between processes)
   bool has_ipc = false;             // device regions: a CUDA IPC handle is exported
   std::vector<uint8_t> ipc_handle{};  // [64] cudaIpcMemHandle_t of the allocation holding the region
-  uint64_t ipc_offset = 0;          // region start - allocation start
+  uint64_t ipc_offset = 0;          // region start - allocation start (VMM: - the first piece's start)
+  bool has_vmm = false;             // device regions: cuMem/VMM memory shared piece by piece (gpu/vmm.h)
+  std::vector<gpu::VmmPiece> vmm_pieces{};
   bool fabric_registered() const { return device < 0 || rkey != 0; }
 };
 

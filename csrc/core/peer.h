@@ -89,6 +89,7 @@ struct PeerState {
   // peer state lives, so a copy in flight never outlives its mapping).
   std::unordered_map<uint32_t, std::vector<uint64_t>> ipc_region_start;   // dst pool -> [regions] mapped start
   std::vector<std::unique_ptr<gpu::IpcMapping>> ipc_mappings;
+  std::vector<std::unique_ptr<gpu::VmmMapping>> vmm_mappings;  // the peer's cuMem/VMM regions (gpu/vmm.h)
   // Landing slots the peer gave us (its info.landing_slots of our window): free ones, and which are written and not
   // yet handed back with LANDED. Progress thread only.
   std::vector<uint32_t> landing_free;

@@ -101,7 +101,8 @@ int device_by_pci_bus_id(const std::string& id) {
   return device;
 }
 
-DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, const std::string& what) {
+DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, const std::string& what,
+                                  bool export_vmm) {
   std::string why;
   KVXFER_CHECK(available(&why), TransportUnavailable,
                what << " is on cuda:" << device << " but " << why << "; register host memory on this machine");
@@ -121,10 +122,25 @@ DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, co
   r.device = device;
   r.alloc_base = pointer_attribute<CUdeviceptr>(CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, addr, what);
   r.alloc_bytes = pointer_attribute<size_t>(CU_POINTER_ATTRIBUTE_RANGE_SIZE, addr, what);
-  KVXFER_CHECK(addr + nbytes <= r.alloc_base + r.alloc_bytes, RegistrationFailed,
+  const bool one_allocation = addr + nbytes <= r.alloc_base + r.alloc_bytes;
+  r.ipc_capable = one_allocation &&
+                  pointer_attribute<int>(CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, addr, what) != 0;
+  if (!r.ipc_capable) {
+    // cuMem/VMM memory: physical allocations mapped back to back (a tensor may span several), no legacy handle.
+    std::string why;
+    if (export_vmm && export_vmm_range(addr, nbytes, device, &r.vmm, &why)) {
+      r.vmm_capable = true;
+      r.alloc_base = r.vmm.front().start;
+      r.alloc_bytes = r.vmm.back().start + r.vmm.back().size - r.alloc_base;
+      return r;
+    }
+    r.not_shareable = export_vmm ? "it takes no CUDA IPC handle and " + why
+                                 : "it takes no CUDA IPC handle (cuMem/VMM memory)";
+  }
+  KVXFER_CHECK(one_allocation, RegistrationFailed,
                what << ": " << nbytes << " bytes from offset " << addr - r.alloc_base << " run past the end of its "
-                    << r.alloc_bytes << "-byte allocation; register one range per allocation");
-  r.ipc_capable = pointer_attribute<int>(CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, addr, what) != 0;
+                    << r.alloc_bytes << "-byte allocation (" << r.not_shareable
+                    << "); register one range per allocation");
   if (r.ipc_capable) {
     cudaIpcMemHandle_t h;
     KVXFER_CUDA_CHECK(cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(r.alloc_base)), RegistrationFailed,
@@ -355,7 +371,7 @@ bool available(std::string* why) {
 int device_count() { return 0; }
 std::string pci_bus_id(int) { return ""; }
 int device_by_pci_bus_id(const std::string&) { return -1; }
-DeviceRange describe_device_range(uint64_t, uint64_t, int device, const std::string& what) {
+DeviceRange describe_device_range(uint64_t, uint64_t, int device, const std::string& what, bool) {
   no_cuda(what + " on cuda:" + std::to_string(device));
 }
 IpcMapping::IpcMapping(const IpcHandle&, int) { no_cuda("CUDA IPC"); }

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "gpu/vmm.h"
+
 namespace kvxfer {
 namespace gpu {
 
@@ -35,12 +37,17 @@ struct DeviceRange {
   uint64_t alloc_bytes = 0;
   bool ipc_capable = false;  // a legacy cudaIpc handle can be exported (false for cuMem/VMM memory)
   IpcHandle ipc{};           // valid when ipc_capable
+  bool vmm_capable = false;  // cuMem/VMM memory exported piece by piece (gpu/vmm.h); alloc_base = first piece
+  std::vector<VmmPiece> vmm{};
+  std::string not_shareable{};  // neither: why (for the registration error)
 };
 
-// Checks that [addr, addr + nbytes) is device memory of `device`, inside one allocation, and exports its IPC
-// handle when it can. Throws RegistrationFailed naming the cause (host pointer, wrong device, range crossing
-// allocations, VMM memory such as PyTorch expandable segments) and what to do.
-DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, const std::string& what);
+// Checks that [addr, addr + nbytes) is device memory of `device`, inside one allocation (or, cuMem/VMM memory such
+// as PyTorch expandable segments, a run of them), and exports its IPC handle when it can; with export_vmm, VMM
+// memory is exported for same-host peers (gpu/vmm.h). Throws RegistrationFailed naming the cause (host pointer,
+// wrong device, range crossing allocations) and what to do.
+DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, const std::string& what,
+                                  bool export_vmm = false);
 
 // A peer's allocation mapped into this process (cudaIpcOpenMemHandle); unmapped when destroyed.
 class IpcMapping {

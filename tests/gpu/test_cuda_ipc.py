@@ -143,21 +143,37 @@ def test_gpu_to_gpu_across_hosts_staged_at_both_ends_in_both_copy_modes(remote_c
 
 
 @requires_gpu
-def test_expandable_segments_memory_is_refused_at_registration():
-    """cuMem/VMM memory cannot take a legacy IPC handle: refused when registered, with the fix named."""
-    import subprocess
-    import sys
+def test_expandable_segments_pool_is_reached_through_vmm_handles(monkeypatch):
+    """A receiver whose KV cache comes from PyTorch's expandable segments (cuMem/VMM memory, no legacy IPC handle)
+    exports its physical allocations (POSIX fd or fabric handles); the sender maps them back to back and writes with
+    CUDA IPC as usual: bytes exact, guards untouched."""
+    from tests.conftest import RemoteSender
+    from tests.gpu.gpu_peer import serve_receiver
 
-    code = (
-        "import torch, kvxfer\n"
-        "t = torch.empty(1 << 20, dtype=torch.uint8, device='cuda')\n"
-        "a = kvxfer.Agent('vmm', interface='lo')\n"
-        "try:\n"
-        "    a.register_pool([t], kvxfer.KVLayout.contiguous(256, 4096))\n"
-        "    print('REGISTERED')\n"
-        "except kvxfer.errors.RegistrationFailed as e:\n"
-        "    print('REFUSED', e)\n"
-    )
-    env = {**__import__("os").environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "FI_TCP_IFACE": "lo"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert "REFUSED" in out.stdout and "expandable_segments" in out.stdout, out.stdout + out.stderr
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # the spawned receiver allocates so
+    receiver = RemoteSender(serve_receiver)
+    try:
+        layout = kvxfer.KVLayout.vllm_flash(*ARGS)
+        md = receiver.call("init", ("auto", "vllm_flash", 12, list(ARGS), "cuda:0", {}))
+        agent = kvxfer.Agent("vmm-sender", interface="lo", timeout_s=30)
+        src = make_pool(layout, 12)
+        agent.register_pool(src, layout)
+        peer = agent.add_peer(md)
+        receiver.call("add_peer", agent.metadata())
+        agent.wait_connected(peer, 20)
+        assert set(peer._h.region_sharing) == {"vmm"}, peer._h.region_sharing  # not legacy IPC handles
+        rng = np.random.default_rng(12)
+        src_ids = rng.choice(layout.num_blocks, 24, replace=False).astype(np.int32)
+        dst_ids = rng.choice(layout.num_blocks, 24, replace=False).astype(np.int32)
+        expected = make_pool(layout, 12 + 1000)
+        apply(layout, src, expected, src_ids, dst_ids, range(layout.num_layers))
+        receiver.call("recv", (7, dst_ids.tolist()))
+        send = agent.send(peer, 7, src_ids, dst_ids)
+        send.all_ready()
+        send.wait(timeout_s=30)
+        assert receiver.call("wait", (7, 30)) == "DONE"
+        assert send.path == "cuda_ipc"
+        for got, want in zip(receiver.call("read", None), expected):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        receiver.close()

@@ -1,0 +1,265 @@
+// cuMem/VMM sharing behind gpu/vmm.h. The driver entry points come from libcuda.so.1 opened on first use (cudart
+// is linked statically and the driver may be missing), like the pointer queries in cuda_device.cpp.
+#include "gpu/vmm.h"
+
+#include "core/errors.h"
+
+#ifdef KVXFER_HAVE_CUDA
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstring>
+#endif
+
+namespace kvxfer {
+namespace gpu {
+
+#ifdef KVXFER_HAVE_CUDA
+
+namespace {
+
+struct Driver {
+  CUresult (*pointer_attribute)(void*, CUpointer_attribute, CUdeviceptr) = nullptr;
+  CUresult (*retain)(CUmemGenericAllocationHandle*, void*) = nullptr;
+  CUresult (*properties)(CUmemAllocationProp*, CUmemGenericAllocationHandle) = nullptr;
+  CUresult (*export_handle)(void*, CUmemGenericAllocationHandle, CUmemAllocationHandleType, unsigned long long) = nullptr;
+  CUresult (*import_handle)(CUmemGenericAllocationHandle*, void*, CUmemAllocationHandleType) = nullptr;
+  CUresult (*release)(CUmemGenericAllocationHandle) = nullptr;
+  CUresult (*reserve)(CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long) = nullptr;
+  CUresult (*address_free)(CUdeviceptr, size_t) = nullptr;
+  CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long) = nullptr;
+  CUresult (*unmap)(CUdeviceptr, size_t) = nullptr;
+  CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t) = nullptr;
+  bool ok = false;
+};
+
+template <typename F>
+void load(void* lib, F& fn, const char* name, bool& ok) {
+  fn = reinterpret_cast<F>(dlsym(lib, name));
+  ok &= fn != nullptr;
+}
+
+const Driver& driver() {
+  static Driver d = [] {
+    Driver d;
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) return d;
+    bool ok = true;
+    load(lib, d.pointer_attribute, "cuPointerGetAttribute", ok);
+    load(lib, d.retain, "cuMemRetainAllocationHandle", ok);
+    load(lib, d.properties, "cuMemGetAllocationPropertiesFromHandle", ok);
+    load(lib, d.export_handle, "cuMemExportToShareableHandle", ok);
+    load(lib, d.import_handle, "cuMemImportFromShareableHandle", ok);
+    load(lib, d.release, "cuMemRelease", ok);
+    load(lib, d.reserve, "cuMemAddressReserve", ok);
+    load(lib, d.address_free, "cuMemAddressFree", ok);
+    load(lib, d.map, "cuMemMap", ok);
+    load(lib, d.unmap, "cuMemUnmap", ok);
+    load(lib, d.set_access, "cuMemSetAccess", ok);
+    d.ok = ok;
+    return d;
+  }();
+  return d;
+}
+
+const Driver& checked_driver(const char* what) {
+  const Driver& d = driver();
+  KVXFER_CHECK(d.ok, TransportUnavailable,
+               what << ": libcuda.so.1 (the CUDA driver) or its cuMem entry points could not be loaded");
+  return d;
+}
+
+#define KVXFER_CU_CHECK(call, kind, what)                                                              \
+  do {                                                                                                 \
+    CUresult kvxfer_cu_ = (call);                                                                      \
+    KVXFER_CHECK(kvxfer_cu_ == CUDA_SUCCESS, kind, what << " failed (CUresult " << kvxfer_cu_ << ")"); \
+  } while (0)
+
+#if CUDA_VERSION >= 12030
+constexpr bool kHaveFabric = true;
+#else
+constexpr bool kHaveFabric = false;
+#endif
+
+void use_device(int device, const char* what) {
+  KVXFER_CHECK(cudaSetDevice(device) == cudaSuccess && cudaFree(nullptr) == cudaSuccess, TransportUnavailable,
+               what << ": cuda:" << device << " could not be made current");
+}
+
+// One physical allocation: its handle exported as a fabric handle when the allocation allows one, else as an fd.
+VmmPiece export_piece(const Driver& d, CUmemGenericAllocationHandle h, uint64_t start, uint64_t size, std::string* why) {
+  CUmemAllocationProp prop{};
+  KVXFER_CU_CHECK(d.properties(&prop, h), RegistrationFailed, "cuMemGetAllocationPropertiesFromHandle");
+  const uint64_t types = static_cast<uint64_t>(prop.requestedHandleTypes);
+  VmmPiece p;
+  p.start = start;
+  p.size = size;
+#if CUDA_VERSION >= 12030
+  if (types & CU_MEM_HANDLE_TYPE_FABRIC) {
+    CUmemFabricHandle fh{};
+    if (d.export_handle(&fh, h, CU_MEM_HANDLE_TYPE_FABRIC, 0) == CUDA_SUCCESS) {
+      p.fabric.assign(reinterpret_cast<uint8_t*>(&fh), reinterpret_cast<uint8_t*>(&fh) + sizeof(fh));
+      return p;
+    }  // fabric export needs the IMEX service: fall back to an fd when the allocation allows one
+  }
+#endif
+  if (types & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) {
+    int fd = -1;
+    KVXFER_CU_CHECK(d.export_handle(&fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0), RegistrationFailed,
+                    "cuMemExportToShareableHandle(POSIX fd)");
+    p.fd = fd;
+    return p;
+  }
+  *why = "a physical allocation of it was created without a shareable handle type (requestedHandleTypes " +
+         std::to_string(types) + "; a POSIX file descriptor" + (kHaveFabric ? " or fabric" : "") +
+         " handle is needed)";
+  return {};
+}
+
+}  // namespace
+
+bool export_vmm_range(uint64_t addr, uint64_t nbytes, int device, std::vector<VmmPiece>* pieces, std::string* why) {
+  const Driver& d = checked_driver("exporting VMM memory");
+  use_device(device, "exporting VMM memory");
+  std::vector<VmmPiece> out;
+  try {
+    for (uint64_t at = addr; at < addr + nbytes;) {
+      CUmemGenericAllocationHandle h;
+      if (d.retain(&h, reinterpret_cast<void*>(at)) != CUDA_SUCCESS) {
+        *why = "it is not cuMem/VMM memory either (cuMemRetainAllocationHandle refused it)";
+        close_vmm_export(out);
+        return false;
+      }
+      CUdeviceptr start = 0;
+      size_t size = 0;
+      CUresult rc = d.pointer_attribute(&start, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, at);
+      if (rc == CUDA_SUCCESS) rc = d.pointer_attribute(&size, CU_POINTER_ATTRIBUTE_RANGE_SIZE, at);
+      if (rc != CUDA_SUCCESS || size == 0 || start > at) {
+        d.release(h);
+        KVXFER_THROW(RegistrationFailed, "the mapped range of VMM memory at " << std::hex << at << std::dec
+                                                                                << " could not be read (CUresult " << rc << ")");
+      }
+      VmmPiece p;
+      try {
+        p = export_piece(d, h, start, size, why);
+      } catch (...) {
+        d.release(h);
+        throw;
+      }
+      d.release(h);  // the retain's reference; the owner's own mapping keeps the memory
+      if (p.size == 0) {
+        close_vmm_export(out);
+        return false;
+      }
+      KVXFER_CHECK(out.size() < kMaxVmmPieces, RegistrationFailed,
+                   "the range spans more than " << kMaxVmmPieces << " physical allocations; register smaller regions");
+      out.push_back(std::move(p));
+      at = start + size;
+    }
+  } catch (...) {
+    close_vmm_export(out);
+    throw;
+  }
+  *pieces = std::move(out);
+  return true;
+}
+
+void close_vmm_export(const std::vector<VmmPiece>& pieces) {
+  for (const auto& p : pieces)
+    if (p.fd >= 0) close(p.fd);
+}
+
+VmmMapping::VmmMapping(pid_t owner_pid, const std::vector<VmmPiece>& pieces, int local_device) : device_(local_device) {
+  const Driver& d = checked_driver("mapping a peer's VMM memory");
+  KVXFER_CHECK(!pieces.empty(), TransportUnavailable, "the peer's VMM region has no pieces");
+  use_device(local_device, "mapping a peer's VMM memory");
+  for (const auto& p : pieces) bytes_ += p.size;
+  CUdeviceptr va = 0;
+  KVXFER_CU_CHECK(d.reserve(&va, bytes_, 0, 0, 0), TransportUnavailable,
+                  "cuMemAddressReserve of " << bytes_ << " bytes for the peer's VMM region");
+  base_ = va;
+  int pidfd = -1;
+  uint64_t mapped = 0;
+  try {
+    for (const auto& p : pieces) {
+      CUmemGenericAllocationHandle h;
+      if (!p.fabric.empty()) {
+#if CUDA_VERSION >= 12030
+        CUmemFabricHandle fh;
+        KVXFER_CHECK(p.fabric.size() == sizeof(fh), TransportUnavailable, "a fabric handle of the wrong size");
+        std::memcpy(&fh, p.fabric.data(), sizeof(fh));
+        KVXFER_CU_CHECK(d.import_handle(&h, &fh, CU_MEM_HANDLE_TYPE_FABRIC), TransportUnavailable,
+                        "importing the peer's fabric handle (cuMemImportFromShareableHandle)");
+#else
+        KVXFER_THROW(TransportUnavailable, "the peer shares VMM memory by fabric handle; this build's CUDA (< 12.3) "
+                                           "cannot import one");
+#endif
+      } else {
+        if (pidfd < 0) {
+          pidfd = static_cast<int>(syscall(SYS_pidfd_open, owner_pid, 0));
+          KVXFER_CHECK(pidfd >= 0, TransportUnavailable,
+                       "pidfd_open(" << owner_pid << ") failed (" << std::strerror(errno)
+                                     << "): the peer's VMM handles are fds in its process");
+        }
+        const int fd = static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, p.fd, 0));
+        KVXFER_CHECK(fd >= 0, TransportUnavailable,
+                     "pidfd_getfd of the peer's VMM handle failed (" << std::strerror(errno)
+                         << "); it needs the ptrace permission CMA needs (same user, ptrace_scope)");
+        const CUresult rc = d.import_handle(&h, reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),
+                                            CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+        close(fd);
+        KVXFER_CU_CHECK(rc, TransportUnavailable, "importing the peer's VMM fd (cuMemImportFromShareableHandle)");
+      }
+      const CUresult rc = d.map(va + mapped, p.size, 0, h, 0);
+      d.release(h);  // the mapping holds its own reference
+      KVXFER_CU_CHECK(rc, TransportUnavailable, "cuMemMap of a peer's VMM piece (" << p.size << " bytes)");
+      mapped += p.size;
+    }
+    CUmemAccessDesc access{};
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = local_device;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    KVXFER_CU_CHECK(d.set_access(va, bytes_, &access, 1), TransportUnavailable,
+                    "cuMemSetAccess for cuda:" << local_device << " on the peer's VMM region (peer access between "
+                                               "the two GPUs must be possible)");
+  } catch (...) {
+    if (pidfd >= 0) close(pidfd);
+    if (mapped) d.unmap(va, mapped);
+    d.address_free(va, bytes_);
+    base_ = 0;
+    throw;
+  }
+  if (pidfd >= 0) close(pidfd);
+}
+
+VmmMapping::~VmmMapping() { release(); }
+
+void VmmMapping::release() {
+  if (!base_) return;
+  const Driver& d = driver();
+  cudaSetDevice(device_);
+  d.unmap(base_, bytes_);
+  d.address_free(base_, bytes_);
+  base_ = 0;
+}
+
+#else  // no CUDA in this build
+
+bool export_vmm_range(uint64_t, uint64_t, int, std::vector<VmmPiece>*, std::string* why) {
+  *why = "this kvxfer build has no CUDA";
+  return false;
+}
+void close_vmm_export(const std::vector<VmmPiece>&) {}
+VmmMapping::VmmMapping(pid_t, const std::vector<VmmPiece>&, int) {
+  KVXFER_THROW(TransportUnavailable, "this kvxfer build has no CUDA: VMM memory cannot be mapped");
+}
+VmmMapping::~VmmMapping() = default;
+void VmmMapping::release() {}
+
+#endif
+
+}  // namespace gpu
+}  // namespace kvxfer
