@@ -123,9 +123,9 @@ DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, co
   r.alloc_base = pointer_attribute<CUdeviceptr>(CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, addr, what);
   r.alloc_bytes = pointer_attribute<size_t>(CU_POINTER_ATTRIBUTE_RANGE_SIZE, addr, what);
   const bool one_allocation = addr + nbytes <= r.alloc_base + r.alloc_bytes;
-  r.ipc_capable = one_allocation &&
-                  pointer_attribute<int>(CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, addr, what) != 0;
-  if (!r.ipc_capable) {
+  const bool legacy = pointer_attribute<int>(CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, addr, what) != 0;
+  r.ipc_capable = one_allocation && legacy;
+  if (!legacy) {
     // cuMem/VMM memory: physical allocations mapped back to back (a tensor may span several), no legacy handle.
     std::string why;
     if (export_vmm && export_vmm_range(addr, nbytes, device, &r.vmm, &why)) {
@@ -139,8 +139,8 @@ DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, co
   }
   KVXFER_CHECK(one_allocation, RegistrationFailed,
                what << ": " << nbytes << " bytes from offset " << addr - r.alloc_base << " run past the end of its "
-                    << r.alloc_bytes << "-byte allocation (" << r.not_shareable
-                    << "); register one range per allocation");
+                    << r.alloc_bytes << "-byte allocation" << (legacy ? "" : " (" + r.not_shareable + ")")
+                    << "; register one range per allocation");
   if (r.ipc_capable) {
     cudaIpcMemHandle_t h;
     KVXFER_CUDA_CHECK(cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(r.alloc_base)), RegistrationFailed,
