@@ -309,6 +309,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=float, help=f"Poisson arrival rate, requests/s (default {REF['rate']}; --quick 2)")
     ap.add_argument("--scale", type=float, help=f"ISL/OSL scale on the seeds' statistics (default {REF['scale']}; "
                                                 "--quick 0.03)")
+    ap.add_argument("--lengths", choices=wl.LENGTHS, default="lognormal",
+                    help="length distribution with the seeds' mean and sd (default lognormal; normal: clipped at the "
+                         "minimum, the default before 2026-11-30)")
     ap.add_argument("--workload", help="replay a JSONL workload instead of generating one")
     ap.add_argument("--model", default="small")
     ap.add_argument("--transport", default="tcp", help="kvxfer transport between prefill and decode (default tcp)")
@@ -362,7 +365,7 @@ QUICK = {"requests": 12, "rate": 2.0, "scale": 0.03}
 def _run_demo(a, net: Net) -> int:
     d = QUICK if a.quick else REF
     n, rate, scale = a.requests or d["requests"], a.rate or d["rate"], a.scale or d["scale"]
-    items = wl.load_jsonl(a.workload) if a.workload else wl.generate(n, rate, scale, a.seed)
+    items = wl.load_jsonl(a.workload) if a.workload else wl.generate(n, rate, scale, a.seed, lengths=a.lengths)
     print(f"kvxfer-demo: {len(items)} requests, network: {net.kind} ({net.detail})", file=sys.stderr, flush=True)
     results, outputs, timings = {}, {}, {}
     modes = ("disagg", "colocated") if a.only is None else (a.only,)
@@ -371,7 +374,8 @@ def _run_demo(a, net: Net) -> int:
     results["tokens_match"] = outputs["disagg"] == outputs["colocated"] if a.only is None else None
     results["network"] = {"kind": net.kind, "detail": net.detail}
     results["workload"] = {"requests": len(items), "rate": None if a.workload else rate,
-                           "scale": None if a.workload else scale, "model": a.model, "threads": a.threads,
+                           "scale": None if a.workload else scale, "lengths": None if a.workload else a.lengths,
+                           "model": a.model, "threads": a.threads,
                            "prompt_tokens_mean": sum(len(i.prompt) for i in items) / len(items),
                            "max_tokens_mean": sum(i.max_tokens for i in items) / len(items)}
     print(table(results))

@@ -76,3 +76,19 @@ def test_workload_generator_and_replay(tmp_path):
     path.write_text('{"arrival_s": 0.5}\n')
     with pytest.raises(Exception, match="w.jsonl:1: expected"):
         workload.load_jsonl(str(path))
+
+
+def test_lognormal_lengths_keep_the_seeds_moments_without_a_pile_at_the_minimum():
+    """The default lengths have the seeds' mean and sd (x scale); the clipped normal put ~16% at 2 output tokens."""
+    import numpy as np
+
+    items = workload.generate(4000, rate=5.0, scale=0.1, seed=3, max_prompt=10_000, max_output=10_000)
+    isl = np.array([len(w.prompt) for w in items])
+    osl = np.array([w.max_tokens for w in items])
+    assert abs(isl.mean() - 450) < 25 and abs(isl.std() - 350) < 40
+    assert abs(osl.mean() - 75) < 5 and abs(osl.std() - 75) < 12
+    assert (osl <= 2).mean() < 0.01 and (isl <= 4).mean() < 0.01
+    old = workload.generate(4000, rate=5.0, scale=0.1, seed=3, lengths="normal")
+    assert np.mean([w.max_tokens == 2 for w in old]) > 0.12  # what the old default did
+    with pytest.raises(Exception, match="lengths='uniform'"):
+        workload.generate(4, rate=1.0, scale=0.1, lengths="uniform")
