@@ -50,6 +50,13 @@ class _Transfer:
     def layers_done(self) -> int:
         return self._h.layers_done
 
+    @property
+    def finished_at(self) -> float | None:
+        """When the transfer ended (DONE or FAILED) on time.perf_counter()'s clock, stamped by kvxfer's progress
+        thread; None while pending. Latency measured from it leaves out the waiting thread's own scheduling."""
+        t = self._h.finished_at
+        return t if t > 0 else None
+
     def layer_done(self, layer: int) -> bool:
         return self._h.layer_done(layer)
 

@@ -102,3 +102,31 @@ def test_512mib_request(transport, remote):
     for layer in range(layout.num_layers):
         d, s = dst[layer].reshape(2, 256, -1), src[layer].reshape(2, 256, -1)
         np.testing.assert_array_equal(d[:, dst_ids], s[:, src_ids])
+
+
+def test_finished_at_is_stamped_on_perf_counters_clock_when_the_transfer_ends():
+    """Send/Recv.finished_at: None while pending, then a time.perf_counter() reading taken by the progress thread
+    when the transfer ended (DONE or FAILED), inside the window in which it ended."""
+    import time
+
+    from kvxfer import errors
+    from tests.conftest import local_pair
+
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "tcp", ("stamp-sender", "stamp-receiver"))
+    ids = np.array([1, 2, 3], np.int32)
+    recv = b.recv(peer_a, 1, ids)
+    send = a.send(peer_b, 1, ids, ids)
+    assert send.finished_at is None and recv.finished_at is None
+    t0 = time.perf_counter()
+    send.all_ready()
+    recv.wait(timeout_s=30)
+    send.wait(timeout_s=30)
+    t1 = time.perf_counter()
+    assert t0 <= recv.finished_at <= send.finished_at <= t1  # the sender is DONE once the receiver's RELEASE came
+    failed = a.send(peer_b, 2, ids, ids)
+    t2 = time.perf_counter()
+    failed.abort("stop")
+    with pytest.raises(errors.TransferFailed):
+        failed.wait(timeout_s=30)
+    assert t2 <= failed.finished_at <= time.perf_counter()

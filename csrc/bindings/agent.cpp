@@ -27,6 +27,7 @@ void bind_transfer(py::class_<T, std::shared_ptr<T>>& c) {
       .def_property_readonly("layers_done", &T::layers_done)
       .def_property_readonly("error_kind", [](const T& t) { return t.error_kind(); })
       .def_property_readonly("error", [](const T& t) { return t.error(); })
+      .def_property_readonly("finished_at", &T::finished_at)
       .def("layer_done", &T::layer_done)
       .def("wait", [](T& t, int layer, double timeout_s) { return static_cast<int>(t.wait(layer, timeout_s)); },
            py::arg("layer"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>());

@@ -1,5 +1,7 @@
 #include "core/transfer.h"
 
+#include <time.h>
+
 namespace kvxfer {
 
 TransferBase::TransferBase(uint64_t xfer_id, uint32_t first_layer, uint32_t num_layers, double timeout_s)
@@ -54,8 +56,15 @@ void TransferBase::set_mirror(std::shared_ptr<const LayerMirror> mirror) {
   if (state() == TransferState::Failed) m->fail_word->store(m->value, std::memory_order_release);
 }
 
+void TransferBase::stamp_finish() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  finished_at_.store(static_cast<double>(ts.tv_sec) + ts.tv_nsec * 1e-9, std::memory_order_release);
+}
+
 bool TransferBase::finish() {
   if (finishing_.exchange(true)) return false;
+  stamp_finish();
   state_.store(static_cast<int>(TransferState::Done), std::memory_order_release);
   notify();
   return true;
@@ -63,6 +72,7 @@ bool TransferBase::finish() {
 
 bool TransferBase::fail(ErrorKind kind, const std::string& message) {
   if (finishing_.exchange(true)) return false;
+  stamp_finish();
   error_kind_ = kind;
   error_ = message;
   // Mirror before and after the state, for the same reasons as in mark_layer_done.

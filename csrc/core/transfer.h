@@ -44,6 +44,10 @@ class TransferBase {
   bool layer_done(uint32_t layer) const;  // absolute layer index
   uint32_t layers_done() const { return layers_done_.load(std::memory_order_acquire); }
   ErrorKind error_kind() const { return error_kind_; }   // valid once state() == Failed
+  // When the transfer ended (DONE or FAILED), in seconds of CLOCK_MONOTONIC (Python's time.perf_counter() and
+  // time.monotonic() read the same clock); 0 while pending. Callers measure latency from it without their own
+  // thread's scheduling in the number.
+  double finished_at() const { return finished_at_.load(std::memory_order_acquire); }
   const std::string& error() const { return error_; }
 
   // Attaches a mirror (at most once per transfer; caller thread). Layers already done, or an earlier failure, are
@@ -70,6 +74,8 @@ class TransferBase {
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<bool> finishing_{false};
+  std::atomic<double> finished_at_{0.0};
+  void stamp_finish();
   std::shared_ptr<const LayerMirror> mirror_owner_;           // written once, before mirror_ is published
   std::atomic<const LayerMirror*> mirror_{nullptr};
   std::mutex mirror_mu_;                                       // set_mirror vs set_mirror only

@@ -82,14 +82,16 @@ class PrefillWorker:
 
     def finish(self, batch: "Batch") -> dict:
         """Wait for every send to end, then free the local blocks. Per request: KV bytes, and the KV time not hidden
-        behind prefill: from the end of the batch's compute (the first token exists) to the send being DONE — an
-        upper bound, DONE needs the decode side's confirmation to come back. A failed send reports its error."""
+        behind prefill: from the end of the batch's compute (the first token exists) to the send being DONE, as
+        kvxfer's progress thread stamped it (Send.finished_at: not when this thread, busy streaming first tokens,
+        got round to looking) — an upper bound still, DONE needs the decode side's confirmation to come back. A
+        failed send reports its error."""
         exposed, errors = [], []
         deadline = batch.t_end + self.timeout_s
         for s in batch.sends:  # in posting order: later sends are usually done by the time earlier ones are
             try:
                 s.wait(timeout_s=max(0.0, deadline - time.perf_counter()))
-                exposed.append(max(0.0, time.perf_counter() - batch.t_end))
+                exposed.append(max(0.0, (s.finished_at or time.perf_counter()) - batch.t_end))
                 errors.append(None)
             except KvxferError as e:
                 exposed.append(None)
