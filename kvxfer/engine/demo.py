@@ -80,11 +80,13 @@ def start_deployment(mode: str, a, net: Net) -> tuple[list[subprocess.Popen], st
                   f"{node_addr}\n  kvxfer-demo --role decode --connect {node_addr}", file=sys.stderr, flush=True)
         else:
             half = a.threads // 2 or 1
+            cpus = node_cpus(a.pin)
             for role, prefix, iface, threads in (("prefill", [], net.iface_a, half),
                                                  ("decode", net.prefix_b, net.iface_b, a.threads - half or 1)):
                 cmd = [*prefix, sys.executable, "-m", "kvxfer.engine.node", role, "--connect", node_addr,
                        "--model", a.model, "--transport", a.transport, "--timeout", str(a.timeout),
-                       "--threads", str(threads), *(["--iface", iface] if iface else [])]
+                       "--threads", str(threads), *(["--iface", iface] if iface else []),
+                       *(["--cpus", cpus[role]] if cpus else [])]
                 env = {**os.environ, **({"FI_TCP_IFACE": iface} if iface else {})}
                 procs.append(subprocess.Popen(cmd, env=env))
             reap(procs[1:])
@@ -92,6 +94,17 @@ def start_deployment(mode: str, a, net: Net) -> tuple[list[subprocess.Popen], st
     except BaseException:
         stop(procs)
         raise
+
+
+def node_cpus(pin: str) -> dict[str, str] | None:
+    """--pin auto: the disaggregated nodes get disjoint halves of this process's CPUs (prefill the first, decode
+    the second), as separate GPUs would not share compute; the colocated node keeps them all. None: no pinning
+    (--pin off, or fewer than 2 CPUs)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if pin == "off" or len(allowed) < 2:
+        return None
+    half = len(allowed) // 2
+    return {"prefill": ",".join(map(str, allowed[:half])), "decode": ",".join(map(str, allowed[half:]))}
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -309,6 +322,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=float, help=f"Poisson arrival rate, requests/s (default {REF['rate']}; --quick 2)")
     ap.add_argument("--scale", type=float, help=f"ISL/OSL scale on the seeds' statistics (default {REF['scale']}; "
                                                 "--quick 0.03)")
+    ap.add_argument("--pin", choices=["auto", "off"], default="auto",
+                    help="auto: the disaggregated prefill and decode nodes run on disjoint halves of the CPUs (as on "
+                         "two GPUs); the colocated node on all of them; off: no pinning (runs before 2026-11-30)")
     ap.add_argument("--lengths", choices=wl.LENGTHS, default="lognormal",
                     help="length distribution with the seeds' mean and sd (default lognormal; normal: clipped at the "
                          "minimum, the default before 2026-11-30)")
@@ -375,7 +391,7 @@ def _run_demo(a, net: Net) -> int:
     results["network"] = {"kind": net.kind, "detail": net.detail}
     results["workload"] = {"requests": len(items), "rate": None if a.workload else rate,
                            "scale": None if a.workload else scale, "lengths": None if a.workload else a.lengths,
-                           "model": a.model, "threads": a.threads,
+                           "model": a.model, "threads": a.threads, "pin": node_cpus(a.pin),
                            "prompt_tokens_mean": sum(len(i.prompt) for i in items) / len(items),
                            "max_tokens_mean": sum(i.max_tokens for i in items) / len(items)}
     print(table(results))

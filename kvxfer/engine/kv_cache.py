@@ -69,6 +69,8 @@ class PagedKVCache:
         kv[0, slots] = k.to(self.dtype)
         kv[1, slots] = v.to(self.dtype)
 
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.layers[layer].view(2, -1, self.num_kv_heads, self.head_dim)
-        return kv[0, slots], kv[1, slots]
+    def gather_blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole blocks: blocks [B, n] -> two [B, n * block_size, kv_heads, head_dim]."""
+        kv, (b, n) = self.layers[layer], blocks.shape
+        shape = (b, n * self.block_size, self.num_kv_heads, self.head_dim)
+        return kv[0][blocks].view(shape), kv[1][blocks].view(shape)

@@ -165,13 +165,11 @@ class LlamaModel:
         x = self.w["model.embed_tokens.weight"][tokens]
         rope = self._rope(positions)
         new_slots = torch.stack([cache.slots(bt, p.view(1))[0] for bt, p in zip(block_tables, positions)])
-        ctx = int(positions.max()) + 1
-        ctx_slots = torch.zeros(len(tokens), ctx, dtype=torch.long)
-        for b, (bt, p) in enumerate(zip(block_tables, positions)):
-            ctx_slots[b, : int(p) + 1] = cache.slots(bt, torch.arange(int(p) + 1))
-        mask = torch.arange(ctx)[None, :] <= positions[:, None]  # [B, ctx]
+        # Each sequence's context is read a whole block at a time (16x fewer indices than per token) and only as
+        # far as it goes: no padding to the longest one, whose copies cost more than the attention itself.
+        ctx = [(bt[: int(p) // cache.block_size + 1][None], int(p) + 1) for bt, p in zip(block_tables, positions)]
         for layer in range(self.cfg.num_layers):
-            x = self._decode_layer(layer, x, rope, new_slots, ctx_slots, mask, cache)
+            x = self._decode_layer(layer, x, rope, new_slots, ctx, cache)
         return self._logits(x)
 
     # ---- pieces ---------------------------------------------------------------------------------------
@@ -219,16 +217,22 @@ class LlamaModel:
                                               v.repeat_interleave(rep, 1).transpose(0, 1), is_causal=True)
         return self._finish_layer(layer, x, attn.transpose(0, 1).reshape(len(x), -1))
 
-    def _decode_layer(self, layer, x, rope, new_slots, ctx_slots, mask, cache) -> torch.Tensor:
+    def _decode_layer(self, layer, x, rope, new_slots, ctx, cache) -> torch.Tensor:
         c = self.cfg
         q, k, v = self._qkv(layer, x, rope)  # q [B, heads, hd]
         cache.write(layer, new_slots, k, v)
-        kc, vc = cache.gather(layer, ctx_slots)  # [B, ctx, kv_heads, hd]
+        # Grouped-query attention without copying K/V per query head: the `rep` query heads that share a KV head
+        # (head h reads KV head h // rep) go in as that KV head's rep query rows. One new token per sequence sees
+        # its whole context, so no mask.
         rep = c.num_heads // c.num_kv_heads
-        kc = kc.to(self.dtype).repeat_interleave(rep, 2).transpose(1, 2)  # [B, heads, ctx, hd]
-        vc = vc.to(self.dtype).repeat_interleave(rep, 2).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(q[:, :, None, :], kc, vc, attn_mask=mask[:, None, None, :])
-        return self._finish_layer(layer, x, attn.reshape(len(x), -1))
+        qg = q.view(len(x), c.num_kv_heads, rep, c.head_dim)
+        out = []
+        for b, (blocks, length) in enumerate(ctx):
+            kc, vc = cache.gather_blocks(layer, blocks)  # [1, blocks * block_size, kv_heads, hd]
+            kc = kc[:, :length].to(self.dtype).transpose(1, 2)  # [1, kv_heads, ctx, hd]
+            vc = vc[:, :length].to(self.dtype).transpose(1, 2)
+            out.append(F.scaled_dot_product_attention(qg[b: b + 1], kc, vc))  # [1, kv_heads, rep, hd]
+        return self._finish_layer(layer, x, torch.cat(out).reshape(len(x), -1))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._norm(x, "model.norm.weight"), self.w["lm_head.weight"]).to(torch.float32)

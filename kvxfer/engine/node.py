@@ -201,6 +201,21 @@ def run_colocated(ch, model, num_blocks: int, block_size: int, timeout_s: float,
     _serve(_Link(ch), worker, inbox, on_msgs, StepTrace(trace))
 
 
+def parse_cpus(spec: str) -> set[int]:
+    """'0', '0,2', '1-3' -> CPU ids; each must be one this process may run on."""
+    cpus: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise SystemExit(f"--cpus {spec!r}: use CPU ids like 0, 0,2 or 1-3") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise SystemExit(f"--cpus {spec!r}: this process may run on CPUs {sorted(allowed)} only")
+    return cpus
+
+
 def main(argv=None) -> int:
     from kvxfer import bootstrap
     from kvxfer.engine.model import PRESETS, LlamaModel
@@ -215,6 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--transport", default="auto")
     ap.add_argument("--iface")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for this node")
+    ap.add_argument("--cpus", help="run on these CPUs only (e.g. 1 or 0-3): a node of its own, as on its own GPU; "
+                                   "kvxfer's progress thread stays there too")
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--layer-delay-ms", type=float, default=0.0,
                     help="prefill: sleep after each layer (emulates a bigger model; tests widen a transfer with it)")
@@ -223,6 +240,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.trace is None and os.environ.get("KVXFER_ENGINE_TRACE_DIR"):
         a.trace = os.path.join(os.environ["KVXFER_ENGINE_TRACE_DIR"], f"{a.role}.jsonl")
+    if a.cpus:
+        os.sched_setaffinity(0, parse_cpus(a.cpus))  # before torch starts its threads: they inherit it
     torch.set_num_threads(a.threads)
     model = LlamaModel.random(PRESETS[a.model], a.seed) if a.model in PRESETS else LlamaModel.from_pretrained(a.model)
     host, port = bootstrap.parse_hostport(a.connect)

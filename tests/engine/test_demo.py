@@ -92,3 +92,27 @@ def test_lognormal_lengths_keep_the_seeds_moments_without_a_pile_at_the_minimum(
     assert np.mean([w.max_tokens == 2 for w in old]) > 0.12  # what the old default did
     with pytest.raises(Exception, match="lengths='uniform'"):
         workload.generate(4, rate=1.0, scale=0.1, lengths="uniform")
+
+
+def test_node_cpu_pinning():
+    """--cpus pins a node to CPUs it may use (named errors otherwise); --pin auto splits the CPUs between the
+    disaggregated nodes, disjoint and covering all of them."""
+    import os
+
+    from kvxfer.engine.demo import node_cpus
+    from kvxfer.engine.node import parse_cpus
+
+    allowed = sorted(os.sched_getaffinity(0))
+    assert parse_cpus(str(allowed[0])) == {allowed[0]}
+    assert parse_cpus(f"{allowed[0]}-{allowed[-1]}") >= set(allowed)
+    with pytest.raises(SystemExit, match="may run on CPUs"):
+        parse_cpus(str(max(allowed) + 1000))
+    with pytest.raises(SystemExit, match="use CPU ids"):
+        parse_cpus("one")
+    assert node_cpus("off") is None
+    split = node_cpus("auto")
+    if len(allowed) < 2:
+        assert split is None
+    else:
+        pre, dec = (set(map(int, split[r].split(","))) for r in ("prefill", "decode"))
+        assert pre and dec and not pre & dec and pre | dec == set(allowed)
