@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import queue
+import sys
 import threading
 import time
 
@@ -144,15 +145,24 @@ def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, inte
     agent = kvxfer.Agent(f"decode-{os.getpid()}", transport=transport, interface=interface, timeout_s=timeout_s)
     worker = DecodeWorker(model, num_blocks, block_size, agent, timeout_s=timeout_s)
     ch.send_json({"role": "decode"})
-    peer = agent.add_peer(ch.exchange(agent.metadata(), timeout_s=120))
-    agent.wait_connected(peer, max(timeout_s, 30.0))
+    peers = [agent.add_peer(ch.exchange(agent.metadata(), timeout_s=120))]  # [-1]: the current prefill node
+    agent.wait_connected(peers[-1], max(timeout_s, 30.0))
     link = _Link(ch)
 
     def admit(msg) -> bool:  # on the reader thread: admits and recvs never wait for a decode step
+        if msg.get("cmd") == "new_peer":  # a replacement prefill node (the router relays its metadata)
+            md = ch.recv(timeout_s=120)
+            try:
+                new = agent.add_peer(md)
+                agent.wait_connected(new, max(timeout_s, 30.0))
+                peers.append(new)
+            except KvxferError as e:  # the newcomer died in its handshake: this node keeps serving
+                print(f"decode: the replacement prefill node did not connect: {e}", file=sys.stderr, flush=True)
+            return True
         if msg.get("cmd") == "expect":
             for seq_id in msg["ids"]:
                 try:
-                    worker.expect(seq_id, peer)
+                    worker.expect(seq_id, peers[-1])
                 except KvxferError as e:  # the step loop reports it: the seq's recv stays None, so fail it here
                     inbox.put({"cmd": "cancel", "id": seq_id,
                                "reason": f"KV transfer from the prefill node cannot start: {type(e).__name__}: {e}"})
@@ -256,6 +266,10 @@ def main(argv=None) -> int:
             run_colocated(ch, model, a.num_blocks, a.block_size, a.timeout, a.trace)
     except PeerLost:
         pass  # the router closed the channel: shut down quietly
+    except KvxferError as e:  # e.g. turned away: the router already has a live node of this role
+        print(f"{a.role} node: could not join the router at {a.connect}: {type(e).__name__}: {e} (a running "
+              f"router takes a node only for a role whose node it lost)", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -20,6 +20,7 @@ serve() answers jobs from the router over a bootstrap channel (the node process:
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -134,6 +135,15 @@ def serve(ch, model, num_blocks: int, block_size: int, transport: str, interface
         if msg.get("cmd") == "bye":
             ch.send_json({"ok": True})
             return
+        if msg.get("cmd") == "new_peer":  # a replacement decode node: write into its blocks from now on
+            md = ch.recv(timeout_s=120)
+            try:
+                new = agent.add_peer(md)
+                agent.wait_connected(new, max(timeout_s, 30.0))
+                peer = new
+            except KvxferError as e:  # the newcomer died in its handshake: keep serving, the router says why
+                print(f"prefill: the replacement decode node did not connect: {e}", file=sys.stderr, flush=True)
+            continue
         jobs = [PrefillJob(j["xfer_id"], j["prompt"], j["dst_blocks"]) for j in msg["jobs"]]
         try:
             batch = worker.compute(jobs, peer)

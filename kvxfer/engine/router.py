@@ -8,7 +8,9 @@ Disaggregated flow per batch (push model): the decode node allocates blocks and 
 prefill node runs the batch and writes each request's KV into those blocks layer by layer with kvxfer; its first
 tokens stream to the client at once; the decode node joins each request to its running batch when the KV has
 arrived. Colocated flow: one node does both. Nodes connect to the router's node port (`--nodes`); with `--spawn`
-the router starts them itself on this machine.
+the router starts them itself on this machine. A node that dies can be replaced while the router runs: a new node
+of that role connecting to the node port is given the surviving node's kvxfer metadata (and the survivor the new
+node's), and the router is healthy again; until then it answers 503 naming the lost node.
 """
 from __future__ import annotations
 
@@ -69,10 +71,14 @@ class Router:
         self._lock = threading.Lock()
         self._send_locks = {role: threading.Lock() for role in ("prefill", "decode", "colocated")}
         self.healthy, self.unhealthy_reason = False, "nodes not connected yet"
+        self._lost: set[str] = set()          # roles whose node is gone and not replaced yet
+        self._md: dict[str, bytes] = {}       # each node's kvxfer metadata, for its replacement's peer
+        self._prefill_thread: threading.Thread | None = None
+        self.replacements = 0
 
     # ---- nodes ----------------------------------------------------------------------------------------
     def attach(self, lst: bootstrap.Listener) -> None:
-        want = {"prefill", "decode"} if self.mode == "disagg" else {"colocated"}
+        want = self._roles()
         self.nodes: dict[str, bootstrap.Channel] = {}
         while set(self.nodes) != want:
             ch = lst.accept(timeout_s=600)
@@ -84,14 +90,68 @@ class Router:
         if self.mode == "disagg":
             md_p = self.nodes["prefill"].recv(timeout_s=120)
             md_d = self.nodes["decode"].recv(timeout_s=120)
+            self._md = {"prefill": md_p, "decode": md_d}
             self.nodes["prefill"].send(md_d)
             self.nodes["decode"].send(md_p)
             self.node_blocks["prefill"] = self._recv_prefill("blocks", 120)
-            threading.Thread(target=self._prefill_loop, daemon=True).start()
+            self._start_prefill_loop()
             threading.Thread(target=self._admit_loop, daemon=True).start()
         stream_node = self.nodes["decode" if self.mode == "disagg" else "colocated"]
         threading.Thread(target=self._node_reader, args=(stream_node,), daemon=True).start()
         self.healthy, self.unhealthy_reason = True, ""
+        threading.Thread(target=self._accept_replacements, args=(lst,), daemon=True).start()
+
+    def _roles(self) -> set[str]:
+        return {"prefill", "decode"} if self.mode == "disagg" else {"colocated"}
+
+    def _start_prefill_loop(self) -> None:
+        if self._prefill_thread is None or not self._prefill_thread.is_alive():
+            self._prefill_thread = threading.Thread(target=self._prefill_loop, daemon=True)
+            self._prefill_thread.start()
+
+    def _accept_replacements(self, lst: bootstrap.Listener) -> None:
+        """Nodes connecting after start-up: one for a lost role takes its place; any other is turned away."""
+        while True:
+            try:
+                ch = lst.accept(timeout_s=3600)
+            except KvxferError:
+                continue  # nobody in an hour: keep listening
+            except OSError:
+                return  # the listener was closed
+            try:
+                role = ch.recv_json(timeout_s=max(self.timeout_s, 60.0)).get("role")
+                if role not in self._roles() or role not in self._lost:
+                    ch.close()  # the node sees its channel closed and exits
+                    continue
+                self._replace(role, ch)
+            except KvxferError as e:  # the newcomer failed its handshake: the role stays lost
+                self.unhealthy_reason = f"{self.unhealthy_reason}; a replacement {role} node failed to join ({e})"
+                ch.close()
+
+    def _replace(self, role: str, ch: bootstrap.Channel) -> None:
+        """The kvxfer handshake of a replacement node with the surviving one, through this router."""
+        if self.mode == "disagg":
+            md_new, other = ch.recv(timeout_s=120), ("decode" if role == "prefill" else "prefill")
+            with self._send_locks[other]:  # the survivor adds the newcomer as its kvxfer peer
+                self.nodes[other].send_json({"cmd": "new_peer"})
+                self.nodes[other].send(md_new)
+            ch.send(self._md[other])
+            self._md[role] = md_new
+            if role == "prefill":
+                msg = ch.recv_json(timeout_s=120)
+                if msg.get("type") != "blocks":
+                    raise MetadataError(f"replacement prefill node sent {msg.get('type')!r} where 'blocks' was due")
+                self.node_blocks["prefill"] = {"free_blocks": msg["free_blocks"], "num_blocks": msg["num_blocks"]}
+        with self._send_locks[role]:
+            self.nodes[role] = ch
+        if role == "prefill":
+            self._start_prefill_loop()
+        else:
+            threading.Thread(target=self._node_reader, args=(ch,), daemon=True).start()
+        self._lost.discard(role)
+        self.replacements += 1
+        if not self._lost:
+            self.healthy, self.unhealthy_reason = True, ""
 
     def close(self) -> None:
         for role in getattr(self, "nodes", {}):
@@ -135,6 +195,7 @@ class Router:
             return False
 
     def _node_lost(self, role: str, e: Exception) -> None:
+        self._lost.add(role)
         self.healthy, self.unhealthy_reason = False, f"{role} node lost ({e})"
         with self._lock:
             live = [r for r in self.requests.values() if not r.done]
@@ -196,6 +257,7 @@ class Router:
             error = msg.get("error") or "failed"
             if "from the prefill node" in error and "PeerLost" in error:
                 # The decode node saw the prefill process gone before this router's channel to it did.
+                self._lost.add("prefill")
                 self.healthy, self.unhealthy_reason = False, f"prefill node lost ({error})"
             self._fail(req, error)
         elif req.skip_decode_first:
@@ -455,8 +517,7 @@ def main(argv=None) -> int:
     if procs:
         roles = ["prefill", "decode"] if a.mode == "disagg" else ["colocated"]
         print("router: spawned " + " ".join(f"{r}={p.pid}" for r, p in zip(roles, procs)), flush=True)
-    if not a.spawn:
-        print(f"router: nodes on {lst.address[0]}:{lst.address[1]}", flush=True)
+    print(f"router: nodes on {lst.address[0]}:{lst.address[1]}", flush=True)  # also where replacements connect
     try:
         router.attach(lst)
         server = HTTPServer(bootstrap.parse_hostport(a.http), make_handler(router))

@@ -16,8 +16,10 @@ class Server:
                                       "--http", "127.0.0.1:0", "--model", "tiny", "--transport", "tcp",
                                       "--timeout", str(timeout_s), *extra], stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, "FI_TCP_IFACE": "lo"})
-        self.pids = {}
+        self.pids, self.node_addr = {}, None
         for line in self.proc.stdout:
+            if line.startswith("router: nodes on"):
+                self.node_addr = line.split()[-1]  # where a replacement node connects
             if line.startswith("router: spawned"):
                 self.pids = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
             if line.startswith("router: ready"):
