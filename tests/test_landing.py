@@ -58,6 +58,25 @@ def test_landing_bytes_exact_through_small_rings(transport, kind, remote):
     assert agent.landing() == {"slot_bytes": 8192, "slots_per_peer": 2, "pinned": agent.staging()["pinned"]}
 
 
+def test_landing_over_two_rails(remote):
+    """Batches spread over two tcp connections land in the same per-peer slots; counts and bytes stay exact."""
+    agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", seed=53, rails=2, sender_kwargs=SMALL_RING,
+                                          receiver_kwargs=LANDING)
+    rng = np.random.default_rng(9)
+    src_ids = rng.choice(layout.num_blocks, 16, replace=False).astype(np.int32)
+    dst_ids = rng.choice(layout.num_blocks, 16, replace=False).astype(np.int32)
+    expected = expected_after(layout, dst, 53, src_ids, dst_ids, range(layout.num_layers))
+    recv = agent.recv(peer, 4, dst_ids)
+    remote.call("send", (4, src_ids.tolist(), dst_ids.tolist(), None, "all"))
+    recv.wait(timeout_s=30)
+    assert remote.call("wait", (4, 30)) == "DONE"
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+    sender_stats, rails = remote.call("stats", None)
+    assert rails == 2 and all(r["writes"] > 0 for r in sender_stats["rails"])  # both rails carried batches
+    assert agent.stats()["landings"] == sender_stats["writes_posted"]
+
+
 @pytest.mark.parametrize("transport", ["tcp", "fi_shm"])
 def test_landing_layerwise_arrival_and_concurrent_requests(transport, remote):
     """8 requests share the sender's 3 bounce slots and its 2 landing slots, layers marked in random orders: each
