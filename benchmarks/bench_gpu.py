@@ -87,12 +87,12 @@ def _tcp_limit_seconds(nbytes):
         client = socket.create_connection(server.getsockname())
         conn, _ = server.accept()
 
-        def drain():
+        def drain(sock):
             got = 0
             while got < nbytes:
-                got += conn.recv_into(sink)
+                got += sock.recv_into(sink)
 
-        t = threading.Thread(target=drain)
+        t = threading.Thread(target=drain, args=(conn,))
         t.start()
         t0 = time.perf_counter()
         client.sendall(payload)

@@ -108,3 +108,39 @@ def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0
     path = remote.call("add_peer", agent.metadata())
     agent.wait_connected(peer, 20)
     return agent, peer, layout, dst, path
+
+
+def assert_layerwise_concurrent(agent, peer, layout, dst, remote, seed, first_id, requests=8):
+    """`requests` transfers from the remote sender (its pool made from `seed`), 4 blocks each, their layers marked
+    in random orders, interleaved: the first marked layer completes alone, every recv completes with exact counts,
+    and the destination equals the numpy reference (untouched blocks included)."""
+    import numpy as np
+
+    from tests.reference import apply, make_pool
+
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(layout.num_blocks).astype(np.int32)
+    expected = [a.copy() for a in dst]
+    src_pool = make_pool(layout, seed)
+    recvs, orders = {}, {}
+    for r in range(requests):
+        dst_ids = perm[4 * r: 4 * r + 4]
+        src_ids = rng.choice(layout.num_blocks, 4, replace=False).astype(np.int32)
+        apply(layout, src_pool, expected, src_ids, dst_ids, range(layout.num_layers))
+        recvs[r] = agent.recv(peer, first_id + r, dst_ids)
+        remote.call("send", (first_id + r, src_ids.tolist(), dst_ids.tolist(), None, "none"))
+        orders[r] = rng.permutation(layout.num_layers)
+    first = int(orders[0][0])
+    remote.call("mark", (first_id, first))
+    recvs[0].wait(layer=first, timeout_s=30)
+    assert recvs[0].layers_done == 1 and recvs[0].layer_done(first)  # only the marked layer arrived
+    for step in range(layout.num_layers):
+        for r in range(requests):
+            if (r, step) != (0, 0):
+                remote.call("mark", (first_id + r, int(orders[r][step])))
+    for r in range(requests):
+        recvs[r].wait(timeout_s=30)
+        assert remote.call("wait", (first_id + r, 30)) == "DONE"
+        assert recvs[r].layers_done == layout.num_layers
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)

@@ -14,7 +14,7 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import TRANSPORTS, connect, local_pair
+from tests.conftest import TRANSPORTS, assert_layerwise_concurrent, connect, local_pair
 from tests.reference import PRESETS, apply, make_pool
 
 SMALL_RING = {"staging": "always", "staging_slot_bytes": 8192, "staging_slots": 3}
@@ -83,32 +83,7 @@ def test_landing_layerwise_arrival_and_concurrent_requests(transport, remote):
     layer completes exactly when it was marked and copied, counts stay exact per request."""
     agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed=23, sender_kwargs=SMALL_RING,
                                           receiver_kwargs=LANDING)
-    rng = np.random.default_rng(8)
-    perm = rng.permutation(layout.num_blocks).astype(np.int32)
-    expected = [a.copy() for a in dst]
-    src_pool = make_pool(layout, 23)
-    recvs, orders = {}, {}
-    for r in range(8):
-        dst_ids = perm[4 * r: 4 * r + 4]
-        src_ids = rng.choice(layout.num_blocks, 4, replace=False).astype(np.int32)
-        apply(layout, src_pool, expected, src_ids, dst_ids, range(layout.num_layers))
-        recvs[r] = agent.recv(peer, 500 + r, dst_ids)
-        remote.call("send", (500 + r, src_ids.tolist(), dst_ids.tolist(), None, "none"))
-        orders[r] = rng.permutation(layout.num_layers)
-    first = int(orders[0][0])
-    remote.call("mark", (500, first))
-    recvs[0].wait(layer=first, timeout_s=30)
-    assert recvs[0].layers_done == 1 and recvs[0].layer_done(first)  # only the marked layer arrived
-    for step in range(layout.num_layers):
-        for r in range(8):
-            if (r, step) != (0, 0):
-                remote.call("mark", (500 + r, int(orders[r][step])))
-    for r in range(8):
-        recvs[r].wait(timeout_s=30)
-        assert remote.call("wait", (500 + r, 30)) == "DONE"
-        assert recvs[r].layers_done == layout.num_layers
-    for got, want in zip(dst, expected):
-        np.testing.assert_array_equal(got, want)
+    assert_layerwise_concurrent(agent, peer, layout, dst, remote, seed=23, first_id=500)
 
 
 def test_aborted_landing_transfers_give_their_slots_back():

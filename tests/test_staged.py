@@ -9,7 +9,7 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import TRANSPORTS, connect
+from tests.conftest import TRANSPORTS, assert_layerwise_concurrent, connect
 from tests.reference import apply, make_pool
 
 GPU_USABLE = bool(kvxfer._C.have_cuda and kvxfer._C.gpu_status()[0])
@@ -54,32 +54,7 @@ def test_staged_layerwise_arrival_and_concurrent_requests(transport, remote):
     """8 requests share the 3-slot ring, layers marked in random orders: each layer completes exactly when marked
     and carried, counts stay exact per request."""
     agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed=17, sender_kwargs=SMALL_RING)
-    rng = np.random.default_rng(12)
-    perm = rng.permutation(layout.num_blocks).astype(np.int32)
-    expected = [a.copy() for a in dst]
-    src_pool = make_pool(layout, 17)
-    recvs, orders = {}, {}
-    for r in range(8):
-        dst_ids = perm[4 * r: 4 * r + 4]
-        src_ids = rng.choice(layout.num_blocks, 4, replace=False).astype(np.int32)
-        apply(layout, src_pool, expected, src_ids, dst_ids, range(layout.num_layers))
-        recvs[r] = agent.recv(peer, 300 + r, dst_ids)
-        remote.call("send", (300 + r, src_ids.tolist(), dst_ids.tolist(), None, "none"))
-        orders[r] = rng.permutation(layout.num_layers)
-    first = int(orders[0][0])
-    remote.call("mark", (300, first))
-    recvs[0].wait(layer=first, timeout_s=30)
-    assert recvs[0].layers_done == 1 and recvs[0].layer_done(first)  # only the marked layer arrived
-    for step in range(layout.num_layers):
-        for r in range(8):
-            if (r, step) != (0, 0):
-                remote.call("mark", (300 + r, int(orders[r][step])))
-    for r in range(8):
-        recvs[r].wait(timeout_s=30)
-        assert remote.call("wait", (300 + r, 30)) == "DONE"
-        assert recvs[r].layers_done == layout.num_layers
-    for got, want in zip(dst, expected):
-        np.testing.assert_array_equal(got, want)
+    assert_layerwise_concurrent(agent, peer, layout, dst, remote, seed=17, first_id=300)
 
 
 def test_staging_slot_smaller_than_a_chunk_is_refused_at_send(remote):

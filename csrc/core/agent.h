@@ -194,6 +194,7 @@ class Agent {
   void submit_cma_layers(SendState& send, CmaWorkers& workers);
   bool post_signals(SendState& send, SendState::Cursor& cur, uint32_t done_before, size_t& budget);
   bool post_signal(SendState& send, uint32_t imm);  // one zero-byte signal: doorbell or fabric; false = no room
+  int post_on_rails(PeerState& peer, const WriteIov* iov, size_t n, uint32_t imm, OpContext* ctx);
   bool poll_doorbell();
   void on_doorbell_items(uint32_t window, const DoorbellItem* items, size_t n);
   void open_doorbell(PeerState& peer);  // add_peer: map a same-host peer's rings, or say why not

@@ -296,12 +296,7 @@ bool Agent::post_staged_op(StagedOp& op) {
   OpContext* ctx = take_context();
   ctx->send = &send;
   ctx->staging_slot = op.slot;
-  int rc = -EAGAIN;
-  for (uint32_t tries = 0; tries < peer.rails && rc == -EAGAIN; ++tries) {
-    const uint32_t rail = peer.next_rail++ % peer.rails;
-    rc = transport_->post_writev(iov, op.num_writes, ImmCode::encode(send.slot, op.layer, op.granules), peer.addr, ctx,
-                                 rail);
-  }
+  const int rc = post_on_rails(peer, iov, op.num_writes, ImmCode::encode(send.slot, op.layer, op.granules), ctx);
   if (rc == -EAGAIN) {
     ctx->staging_slot = -1;
     return_context(ctx);
@@ -332,11 +327,7 @@ bool Agent::post_landing_op(StagedOp& op) {
   OpContext* ctx = take_context();
   ctx->send = &send;
   ctx->staging_slot = op.slot;
-  int rc = -EAGAIN;
-  for (uint32_t tries = 0; tries < peer.rails && rc == -EAGAIN; ++tries) {
-    const uint32_t rail = peer.next_rail++ % peer.rails;
-    rc = transport_->post_writev(&iov, 1, ImmCode::encode(send.slot, index, 0), peer.addr, ctx, rail);
-  }
+  const int rc = post_on_rails(peer, &iov, 1, ImmCode::encode(send.slot, index, 0), ctx);
   if (rc == -EAGAIN) {
     ctx->staging_slot = -1;
     return_context(ctx);

@@ -300,13 +300,7 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
           const uint32_t layer = send.plan.writes[begin + cur.next].layer;
           OpContext* ctx = take_context();
           ctx->send = &send;
-          // Spread over the rails round-robin: the receiver's counters do not care which endpoint a write used. A
-          // rail whose window is full (EAGAIN) passes its turn to the next one.
-          int rc = -EAGAIN;
-          for (uint32_t tries = 0; tries < peer.rails && rc == -EAGAIN; ++tries) {
-            const uint32_t rail = peer.next_rail++ % peer.rails;
-            rc = transport_->post_writev(iov, n, ImmCode::encode(send.slot, layer, granules), peer.addr, ctx, rail);
-          }
+          const int rc = post_on_rails(peer, iov, n, ImmCode::encode(send.slot, layer, granules), ctx);
           if (rc == -EAGAIN) {
             return_context(ctx);
             counters_.eagain++;
@@ -328,6 +322,17 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
     fail_send(owner, e.kind(), e.what());
   }
   return any;
+}
+
+// Spreads writes over the rails round-robin: the receiver's counters do not care which endpoint a write used. A
+// rail whose window is full (EAGAIN) passes its turn to the next one; -EAGAIN when every rail is full.
+int Agent::post_on_rails(PeerState& peer, const WriteIov* iov, size_t n, uint32_t imm, OpContext* ctx) {
+  int rc = -EAGAIN;
+  for (uint32_t tries = 0; tries < peer.rails && rc == -EAGAIN; ++tries) {
+    const uint32_t rail = peer.next_rail++ % peer.rails;
+    rc = transport_->post_writev(iov, n, imm, peer.addr, ctx, rail);
+  }
+  return rc;
 }
 
 // Copy phase: cur.next in [0, nwrites) counts chunks copied. Signal phase: [nwrites, nwrites + nsignals) counts
