@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,11 @@ class Sequence:
     state: SeqState = SeqState.WAITING
     error: str | None = None
     sender_done: bool = False  # the sender's transfer ended: no write into `blocks` can come any more
+    # The handoff, on time.perf_counter()'s clock (the decode trace writes them): the prefill's first token known
+    # here, the sequence joined the batch, its first decoded token.
+    first_token_at: float | None = None
+    joined_at: float | None = None
+    decoded_at: float | None = None
 
 
 class DecodeWorker:
@@ -128,6 +134,7 @@ class DecodeWorker:
         seq = self.seqs.get(seq_id)
         if seq is not None and not seq.tokens:
             seq.tokens.append(int(token))
+            seq.first_token_at = time.perf_counter()
 
     # ---- ending -------------------------------------------------------------------------------------------
     def cancel(self, seq_id: int, why: str = "cancelled") -> bool:
@@ -182,8 +189,11 @@ class DecodeWorker:
             positions = torch.tensor([s.prompt_len + len(s.tokens) - 1 for s in running])
             tables = [torch.tensor(s.blocks) for s in running]
             nxt = self.model.decode(tokens, positions, tables, self.cache).argmax(-1).tolist()
+            now = time.perf_counter()
             for s, t in zip(running, nxt):
                 s.tokens.append(t)
+                if s.decoded_at is None:
+                    s.decoded_at = now
                 events.append(self._emit(s, t))
         return events
 
@@ -198,6 +208,7 @@ class DecodeWorker:
                 events.append((s.seq_id, None, True))
             elif s.recv.done and s.tokens:
                 s.state = SeqState.RUNNING
+                s.joined_at = time.perf_counter()
                 events.append(self._emit(s, s.tokens[0]))
         return events
 

@@ -65,6 +65,14 @@ class StepTrace:
                                      "step_ms": round(1000 * (t1 - t0), 3), "loop_ms": round(1000 * (t2 - t0), 3)})
                          + "\n")
 
+    def handoff(self, seq) -> None:
+        """One line per finished sequence that came from a prefill node: when its first token, its KV (the recv's
+        DONE stamp), its join and its first decoded token happened, on time.perf_counter()'s clock."""
+        if self.f is not None and seq.recv is not None:
+            self.f.write(json.dumps({"handoff": seq.seq_id, "first_token_at": seq.first_token_at,
+                                     "kv_done_at": seq.recv.finished_at, "joined_at": seq.joined_at,
+                                     "decoded_at": seq.decoded_at}) + "\n")
+
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
@@ -108,7 +116,8 @@ def _serve_loop(link: _Link, worker: DecodeWorker, inbox: queue.Queue, on_msgs, 
             seq = worker.seqs.get(seq_id)
             link.send({"type": "token", "id": seq_id, "token": token, "finished": finished,
                        "error": seq.error if seq and token is None else None})
-        worker.pop_finished()
+        for seq in worker.pop_finished():
+            trace.handoff(seq)
         free = worker.num_free_blocks
         if free != reported:
             link.send({"type": "blocks", "free_blocks": free, "num_blocks": worker.cache.num_blocks})
@@ -140,9 +149,7 @@ def _idle(worker: DecodeWorker, inbox: queue.Queue) -> None:
 
 def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, interface, timeout_s: float,
                trace: str | None = None) -> None:
-    import kvxfer
-
-    agent = kvxfer.Agent(f"decode-{os.getpid()}", transport=transport, interface=interface, timeout_s=timeout_s)
+    agent = make_agent(f"decode-{os.getpid()}", transport=transport, interface=interface, timeout_s=timeout_s)
     worker = DecodeWorker(model, num_blocks, block_size, agent, timeout_s=timeout_s)
     ch.send_json({"role": "decode"})
     peers = [agent.add_peer(ch.exchange(agent.metadata(), timeout_s=120))]  # [-1]: the current prefill node
@@ -195,7 +202,7 @@ def run_prefill(ch, model, num_blocks: int, block_size: int, transport: str, int
     from kvxfer.engine import prefill
 
     ch.send_json({"role": "prefill"})
-    prefill.serve(ch, model, num_blocks, block_size, transport, interface, timeout_s, layer_delay_s)
+    prefill.serve(ch, model, num_blocks, block_size, transport, interface, timeout_s, layer_delay_s, make_agent)
 
 
 def run_colocated(ch, model, num_blocks: int, block_size: int, timeout_s: float, trace: str | None = None) -> None:
@@ -209,6 +216,23 @@ def run_colocated(ch, model, num_blocks: int, block_size: int, timeout_s: float,
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(ch, inbox), daemon=True).start()
     _serve(_Link(ch), worker, inbox, on_msgs, StepTrace(trace))
+
+
+_ALL_CPUS = os.sched_getaffinity(0)  # before --cpus pins the main thread
+
+
+def make_agent(*args, **kwargs):
+    """A kvxfer Agent whose progress thread may run on any CPU, not only the node's compute CPUs (--cpus): the
+    model's compute stands for a GPU here, and the transport's threads run on the host beside it, as they would
+    there. Threads inherit the creating thread's affinity, so it is widened while the agent starts."""
+    import kvxfer
+
+    pinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, _ALL_CPUS)
+    try:
+        return kvxfer.Agent(*args, **kwargs)
+    finally:
+        os.sched_setaffinity(0, pinned)
 
 
 def parse_cpus(spec: str) -> set[int]:
@@ -240,8 +264,9 @@ def main(argv=None) -> int:
     ap.add_argument("--transport", default="auto")
     ap.add_argument("--iface")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for this node")
-    ap.add_argument("--cpus", help="run on these CPUs only (e.g. 1 or 0-3): a node of its own, as on its own GPU; "
-                                   "kvxfer's progress thread stays there too")
+    ap.add_argument("--cpus", help="run the model on these CPUs only (e.g. 1 or 0-3): a node of its own, as on its "
+                                   "own GPU; kvxfer's progress thread may still run on any CPU, as a host thread "
+                                   "beside a GPU would")
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--layer-delay-ms", type=float, default=0.0,
                     help="prefill: sleep after each layer (emulates a bigger model; tests widen a transfer with it)")
