@@ -171,7 +171,9 @@ def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, inte
                 try:
                     worker.expect(seq_id, peers[-1])
                 except KvxferError as e:  # the step loop reports it: the seq's recv stays None, so fail it here
-                    inbox.put({"cmd": "cancel", "id": seq_id,
+                    # A lost prefill process writes nothing more: its blocks are free at once. Otherwise they wait
+                    # for the router's word that the sender's transfer ended.
+                    inbox.put({"cmd": "cancel", "id": seq_id, "sender_done": isinstance(e, PeerLost),
                                "reason": f"KV transfer from the prefill node cannot start: {type(e).__name__}: {e}"})
             return True
         if msg.get("cmd") != "admit":
