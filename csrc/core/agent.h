@@ -203,7 +203,7 @@ class Agent {
   bool post_staged_layer(const std::shared_ptr<SendState>& send, SendState::Cursor& cur);
   bool advance_staged(size_t& budget);
   bool post_staged_op(StagedOp& op);
-  bool post_landing_op(StagedOp& op);
+  WriteIov landing_iov(const StagedOp& op, uint32_t index) const;
   void write_landing_batch_header(const SendState& send, uint32_t first, size_t n, uint32_t granules,
                                   uint8_t* slot) const;
   void submit_staged_copy_outs(CmaWorkers& workers);
@@ -216,6 +216,7 @@ class Agent {
   // landing (receiver side)
   void ensure_landing();  // pools_mu_ held: creates and registers the ring on the first landing pool
   void on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm);
+  uint8_t* landing_slot(uint32_t xfer_slot, uint32_t index) const;  // our slot `index` of xfer_slot's window
   void finish_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm, uint32_t index);
   bool advance_landings();
   void drain_landings(const PeerState& peer);  // progress thread: no copy of the peer's batches still runs

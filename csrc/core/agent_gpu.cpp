@@ -284,60 +284,59 @@ bool Agent::post_staged_op(StagedOp& op) {
     }
     return post_signal(send, ImmCode::encode(send.slot, op.layer, op.granules));
   }
-  if (send.landing) return post_landing_op(op);
+  // Over the fabric: the batch's gathered writes into the pool, or, towards a landing pool, one write of header +
+  // batch into a free landing slot of the peer, whose immediate carries that slot in the layer field and granules
+  // 0 (the receiver counts the header's granules once it copied them). No free landing slot: retry later.
   WriteIov iov[16];
-  KVXFER_ASSERT(op.num_writes <= 16);
-  for (uint32_t k = 0; k < op.num_writes; ++k) {
-    const Write& w = send.plan.writes[op.first_write + k];
-    const auto& dreg = dst.regions[w.dst_region];
-    iov[k] = {at, w.nbytes, staging_->desc(), (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset, dreg.rkey};
-    at += w.nbytes;
+  size_t niov = 0;
+  uint32_t imm = ImmCode::encode(send.slot, op.layer, op.granules);
+  uint32_t landing = 0;
+  if (send.landing) {
+    if (peer.landing_free.empty()) {
+      counters_.landing_waits++;
+      return false;
+    }
+    landing = peer.landing_free.back();
+    iov[niov++] = landing_iov(op, landing);
+    imm = ImmCode::encode(send.slot, landing, 0);
+  } else {
+    KVXFER_ASSERT(op.num_writes <= 16);
+    for (; niov < op.num_writes; ++niov) {
+      const Write& w = send.plan.writes[op.first_write + niov];
+      const auto& dreg = dst.regions[w.dst_region];
+      iov[niov] = {at, w.nbytes, staging_->desc(), (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset,
+                   dreg.rkey};
+      at += w.nbytes;
+    }
   }
   OpContext* ctx = take_context();
   ctx->send = &send;
   ctx->staging_slot = op.slot;
-  const int rc = post_on_rails(peer, iov, op.num_writes, ImmCode::encode(send.slot, op.layer, op.granules), ctx);
-  if (rc == -EAGAIN) {
+  if (post_on_rails(peer, iov, niov, imm, ctx) == -EAGAIN) {
     ctx->staging_slot = -1;
     return_context(ctx);
     return false;
+  }
+  if (send.landing) {
+    peer.landing_free.pop_back();
+    peer.landing_busy[landing] = 1;
   }
   send.granules_posted += op.granules;
   counters_.writes_posted++;
   return true;
 }
 
-// One write of the batch's header and data into a free landing slot of the peer; its immediate carries the
-// landing slot in the layer field and granules 0 (the receiver counts the header's granules once it copied them).
-// Returns false while the peer has handed back none of its landing slots.
-bool Agent::post_landing_op(StagedOp& op) {
-  SendState& send = *op.send;
-  PeerState& peer = *send.peer;
-  if (peer.landing_free.empty()) {
-    counters_.landing_waits++;
-    return false;
-  }
-  const uint32_t index = peer.landing_free.back();
+// The one write of a landing batch: header and data from the bounce slot into the peer's landing slot `index` of
+// our window.
+WriteIov Agent::landing_iov(const StagedOp& op, uint32_t index) const {
+  const SendState& send = *op.send;
+  const PeerState& peer = *send.peer;
   uint64_t data = 0;
   for (uint32_t k = 0; k < op.num_writes; ++k) data += send.plan.writes[op.first_write + k].nbytes;
   const uint64_t window = send.slot / ImmCode::kSlotWindow;
   const uint64_t offset = (window * peer.info.landing_slots + index) * peer.info.landing_slot_bytes;
-  WriteIov iov{staging_->slot_ptr(op.slot), kLandingDataOffset + data, staging_->desc(),
-               (peer.info.remote_virt_addr ? peer.info.landing_addr : 0) + offset, peer.info.landing_rkey};
-  OpContext* ctx = take_context();
-  ctx->send = &send;
-  ctx->staging_slot = op.slot;
-  const int rc = post_on_rails(peer, &iov, 1, ImmCode::encode(send.slot, index, 0), ctx);
-  if (rc == -EAGAIN) {
-    ctx->staging_slot = -1;
-    return_context(ctx);
-    return false;
-  }
-  peer.landing_free.pop_back();
-  peer.landing_busy[index] = 1;
-  send.granules_posted += op.granules;
-  counters_.writes_posted++;
-  return true;
+  return {staging_->slot_ptr(op.slot), kLandingDataOffset + data, staging_->desc(),
+          (peer.info.remote_virt_addr ? peer.info.landing_addr : 0) + offset, peer.info.landing_rkey};
 }
 
 }  // namespace kvxfer

@@ -37,6 +37,10 @@ std::string Agent::last_landing_error() const {
   return last_landing_error_;
 }
 
+uint8_t* Agent::landing_slot(uint32_t xfer_slot, uint32_t index) const {
+  return landing_->slot_ptr(static_cast<int>((xfer_slot / ImmCode::kSlotWindow) * options_.landing_slots + index));
+}
+
 void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
   const uint32_t slot = ImmCode::slot(imm), index = ImmCode::layer(imm);
   std::string why;
@@ -47,7 +51,7 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
     why = "landing immediate names slot " + std::to_string(index) + " but this agent has " +
           (landing_ ? std::to_string(options_.landing_slots) + " per peer" : std::string("no landing slots"));
   } else {
-    at = landing_->slot_ptr(static_cast<int>((slot / ImmCode::kSlotWindow) * options_.landing_slots + index));
+    at = landing_slot(slot, index);
     if (parse_landing(at, landing_->slot_bytes(), &batch, &why)) {
       std::lock_guard<std::mutex> lock(pools_mu_);
       if (batch.header.xfer_slot != slot)
@@ -77,14 +81,6 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
   const LandingHeader& h = batch.header;
   const uint32_t counted = ImmCode::encode(slot, h.layer, h.granules);
   const uint8_t* data = at + kLandingDataOffset;
-  if (!pool->on_gpu) {
-    for (const auto& e : batch.entries) {
-      std::memcpy(reinterpret_cast<void*>(pool->regions[e.dst_region].addr + e.dst_offset), data, e.nbytes);
-      data += e.nbytes;
-    }
-    finish_landing(peer, counted, index);
-    return;
-  }
   void* dsts[kLandingMaxEntries];
   const void* srcs[kLandingMaxEntries];
   size_t sizes[kLandingMaxEntries];
@@ -95,8 +91,14 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
     sizes[k] = e.nbytes;
     data += e.nbytes;
   }
+  const size_t n = batch.entries.size();
+  if (!pool->on_gpu) {
+    for (size_t k = 0; k < n; ++k) std::memcpy(dsts[k], srcs[k], sizes[k]);
+    finish_landing(peer, counted, index);
+    return;
+  }
   gpu::CopyQueue& queue = copy_queue(pool->device);
-  queue.copy(dsts, srcs, sizes, batch.entries.size(), /*device_reachable=*/landing_->pinned());
+  queue.copy(dsts, srcs, sizes, n, /*device_reachable=*/landing_->pinned());
   pending_landings_.push_back({peer, counted, index, pool->device, queue.record()});
 }
 

@@ -154,11 +154,9 @@ bool Agent::run_commands() {
         count_imm(c.peer, c.layer_index);
         break;
       case Command::Kind::InjectLanding:
-        if (landing_ && c.layer_index < options_.landing_slots) {
-          const uint32_t window = c.msg.slot / ImmCode::kSlotWindow;
-          uint8_t* at = landing_->slot_ptr(static_cast<int>(window * options_.landing_slots + c.layer_index));
-          std::memcpy(at, c.bytes.data(), std::min(c.bytes.size(), landing_->slot_bytes()));
-        }
+        if (landing_ && c.layer_index < options_.landing_slots)
+          std::memcpy(landing_slot(c.msg.slot, c.layer_index), c.bytes.data(),
+                      std::min(c.bytes.size(), landing_->slot_bytes()));
         on_landing(c.peer, ImmCode::encode(c.msg.slot, c.layer_index, 0));
         break;
       case Command::Kind::InjectMessage:

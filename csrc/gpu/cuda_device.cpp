@@ -39,12 +39,8 @@ std::string cuda_error(cudaError_t rc) {
 
 using PointerGetAttributeFn = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
 
-// cuPointerGetAttribute from libcuda.so.1, or nullptr when the driver library cannot be opened.
 PointerGetAttributeFn driver_pointer_attribute() {
-  static PointerGetAttributeFn fn = [] {
-    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    return lib ? reinterpret_cast<PointerGetAttributeFn>(dlsym(lib, "cuPointerGetAttribute")) : nullptr;
-  }();
+  static PointerGetAttributeFn fn = reinterpret_cast<PointerGetAttributeFn>(driver_symbol("cuPointerGetAttribute"));
   return fn;
 }
 
@@ -60,6 +56,11 @@ T pointer_attribute(CUpointer_attribute attr, uint64_t addr, const std::string& 
 }
 
 }  // namespace
+
+void* driver_symbol(const char* name) {
+  static void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  return lib ? dlsym(lib, name) : nullptr;
+}
 
 bool built_with_cuda() { return true; }
 
@@ -363,6 +364,7 @@ namespace {
 }
 }  // namespace
 
+void* driver_symbol(const char*) { return nullptr; }
 bool built_with_cuda() { return false; }
 bool available(std::string* why) {
   if (why) *why = "this kvxfer build has no CUDA (nvcc was not found at build time)";

@@ -24,6 +24,9 @@ using IpcHandle = std::array<uint8_t, kIpcHandleBytes>;
 bool available(std::string* why = nullptr);
 bool built_with_cuda();
 int device_count();
+// The CUDA driver's entry point `name` from libcuda.so.1 (opened once, on first use: cudart is static and the
+// driver may be missing), or nullptr when the library or the symbol is not there.
+void* driver_symbol(const char* name);
 // PCI bus id ("0000:1b:00.0") of a device, or "" when unknown.
 std::string pci_bus_id(int device);
 // The local ordinal of the GPU at this PCI bus id, or -1 when this process cannot see it.

@@ -1,13 +1,13 @@
-// cuMem/VMM sharing behind gpu/vmm.h. The driver entry points come from libcuda.so.1 opened on first use (cudart
-// is linked statically and the driver may be missing), like the pointer queries in cuda_device.cpp.
+// cuMem/VMM sharing behind gpu/vmm.h. The driver entry points come from gpu::driver_symbol (libcuda.so.1, opened on
+// first use: cudart is linked statically and the driver may be missing).
 #include "gpu/vmm.h"
 
 #include "core/errors.h"
+#include "gpu/cuda_device.h"
 
 #ifdef KVXFER_HAVE_CUDA
 #include <cuda.h>
 #include <cuda_runtime_api.h>
-#include <dlfcn.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -37,28 +37,26 @@ struct Driver {
 };
 
 template <typename F>
-void load(void* lib, F& fn, const char* name, bool& ok) {
-  fn = reinterpret_cast<F>(dlsym(lib, name));
+void load(F& fn, const char* name, bool& ok) {
+  fn = reinterpret_cast<F>(driver_symbol(name));
   ok &= fn != nullptr;
 }
 
 const Driver& driver() {
   static Driver d = [] {
     Driver d;
-    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (!lib) return d;
     bool ok = true;
-    load(lib, d.pointer_attribute, "cuPointerGetAttribute", ok);
-    load(lib, d.retain, "cuMemRetainAllocationHandle", ok);
-    load(lib, d.properties, "cuMemGetAllocationPropertiesFromHandle", ok);
-    load(lib, d.export_handle, "cuMemExportToShareableHandle", ok);
-    load(lib, d.import_handle, "cuMemImportFromShareableHandle", ok);
-    load(lib, d.release, "cuMemRelease", ok);
-    load(lib, d.reserve, "cuMemAddressReserve", ok);
-    load(lib, d.address_free, "cuMemAddressFree", ok);
-    load(lib, d.map, "cuMemMap", ok);
-    load(lib, d.unmap, "cuMemUnmap", ok);
-    load(lib, d.set_access, "cuMemSetAccess", ok);
+    load(d.pointer_attribute, "cuPointerGetAttribute", ok);
+    load(d.retain, "cuMemRetainAllocationHandle", ok);
+    load(d.properties, "cuMemGetAllocationPropertiesFromHandle", ok);
+    load(d.export_handle, "cuMemExportToShareableHandle", ok);
+    load(d.import_handle, "cuMemImportFromShareableHandle", ok);
+    load(d.release, "cuMemRelease", ok);
+    load(d.reserve, "cuMemAddressReserve", ok);
+    load(d.address_free, "cuMemAddressFree", ok);
+    load(d.map, "cuMemMap", ok);
+    load(d.unmap, "cuMemUnmap", ok);
+    load(d.set_access, "cuMemSetAccess", ok);
     d.ok = ok;
     return d;
   }();
