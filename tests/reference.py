@@ -39,3 +39,11 @@ def block_view(layout: KVLayout, pool, layer: int) -> np.ndarray:
 def apply(layout: KVLayout, src_pool, dst_pool, src_ids, dst_ids, layers) -> None:
     for layer in layers:
         block_view(layout, dst_pool, layer)[:, dst_ids] = block_view(layout, src_pool, layer)[:, src_ids]
+
+
+def expected_after(layout: KVLayout, dst, seed: int, src_ids, dst_ids, layers) -> list:
+    """The destination pool `dst` as it must look after moving src_ids -> dst_ids for `layers` from the pool made
+    from `seed`: the addressed chunks replaced, every other byte as it was."""
+    expected = [a.copy() for a in dst]
+    apply(layout, make_pool(layout, seed), expected, src_ids, dst_ids, layers)
+    return expected

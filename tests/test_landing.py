@@ -15,7 +15,7 @@ import pytest
 import kvxfer
 from kvxfer import errors
 from tests.conftest import TRANSPORTS, assert_layerwise_concurrent, connect, local_pair
-from tests.reference import PRESETS, apply, make_pool
+from tests.reference import PRESETS, apply, expected_after, make_pool
 
 SMALL_RING = {"staging": "always", "staging_slot_bytes": 8192, "staging_slots": 3}
 LANDING = {"landing": "always", "landing_slot_bytes": 8192, "landing_slots": 2}
@@ -23,12 +23,6 @@ LANDING = {"landing": "always", "landing_slot_bytes": 8192, "landing_slots": 2}
 HEADER = struct.Struct("<IHHIIIIQ")  # magic, version, entries, xfer slot, layer, pool, granules, data bytes
 ENTRY = struct.Struct("<QII")        # dst offset, dst region, nbytes
 MAGIC, VERSION, DATA_OFFSET = 0x444C564B, 1, 1024
-
-
-def expected_after(layout, dst, seed, src_ids, dst_ids, layers):
-    expected = [a.copy() for a in dst]
-    apply(layout, make_pool(layout, seed), expected, src_ids, dst_ids, layers)
-    return expected
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

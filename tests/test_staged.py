@@ -10,17 +10,11 @@ import pytest
 import kvxfer
 from kvxfer import errors
 from tests.conftest import TRANSPORTS, assert_layerwise_concurrent, connect
-from tests.reference import apply, make_pool
+from tests.reference import expected_after, make_pool
 
 GPU_USABLE = bool(kvxfer._C.have_cuda and kvxfer._C.gpu_status()[0])
 
 SMALL_RING = {"staging": "always", "staging_slot_bytes": 8192, "staging_slots": 3}
-
-
-def expected_after(layout, dst, seed, src_ids, dst_ids, layers):
-    expected = [a.copy() for a in dst]
-    apply(layout, make_pool(layout, seed), expected, src_ids, dst_ids, layers)
-    return expected
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

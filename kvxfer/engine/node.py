@@ -149,7 +149,9 @@ def _idle(worker: DecodeWorker, inbox: queue.Queue) -> None:
 
 def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, interface, timeout_s: float,
                trace: str | None = None) -> None:
-    agent = make_agent(f"decode-{os.getpid()}", transport=transport, interface=interface, timeout_s=timeout_s)
+    import kvxfer
+
+    agent = kvxfer.Agent(f"decode-{os.getpid()}", transport=transport, interface=interface, timeout_s=timeout_s)
     worker = DecodeWorker(model, num_blocks, block_size, agent, timeout_s=timeout_s)
     ch.send_json({"role": "decode"})
     peers = [agent.add_peer(ch.exchange(agent.metadata(), timeout_s=120))]  # [-1]: the current prefill node
@@ -204,7 +206,7 @@ def run_prefill(ch, model, num_blocks: int, block_size: int, transport: str, int
     from kvxfer.engine import prefill
 
     ch.send_json({"role": "prefill"})
-    prefill.serve(ch, model, num_blocks, block_size, transport, interface, timeout_s, layer_delay_s, make_agent)
+    prefill.serve(ch, model, num_blocks, block_size, transport, interface, timeout_s, layer_delay_s)
 
 
 def run_colocated(ch, model, num_blocks: int, block_size: int, timeout_s: float, trace: str | None = None) -> None:
@@ -218,16 +220,6 @@ def run_colocated(ch, model, num_blocks: int, block_size: int, timeout_s: float,
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(ch, inbox), daemon=True).start()
     _serve(_Link(ch), worker, inbox, on_msgs, StepTrace(trace))
-
-
-def make_agent(*args, **kwargs):
-    """The node's kvxfer Agent. Its progress thread inherits the node's --cpus: tried on 2026-11-30 with the
-    progress thread free to run on any CPU, the last layer's KV reached a pinned decode node sooner (<= 1.6 ms after
-    the first token instead of up to 9 ms) but the threads then took time from the other node's compute, and three
-    reference runs were worse in TPOT p50 (3.6-5.4 vs 3.0-4.0 ms) and KV exposed (1.4-1.7% vs 0.1-0.9%)."""
-    import kvxfer
-
-    return kvxfer.Agent(*args, **kwargs)
 
 
 def parse_cpus(spec: str) -> set[int]:
@@ -259,6 +251,9 @@ def main(argv=None) -> int:
     ap.add_argument("--transport", default="auto")
     ap.add_argument("--iface")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for this node")
+    # kvxfer's progress thread stays on these CPUs too: tried on 2026-11-30 with it free to run anywhere, the last
+    # layer's KV reached a pinned decode node sooner but the threads took time from the other node's compute, and
+    # reference runs got worse (benchmarks/RESULTS.md, "kvxfer-demo on a quiet VM").
     ap.add_argument("--cpus", help="run on these CPUs only (e.g. 1 or 0-3): a node of its own, as on its own GPU; "
                                    "kvxfer's progress thread stays there too")
     ap.add_argument("--timeout", type=float, default=30.0)

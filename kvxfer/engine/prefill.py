@@ -119,13 +119,12 @@ class Batch:
 
 
 def serve(ch, model, num_blocks: int, block_size: int, transport: str, interface: str | None, timeout_s: float,
-          layer_delay_s: float = 0.0, make_agent=None):
+          layer_delay_s: float = 0.0):
     """Answer {"cmd": "prefill", "jobs": [...]} with {"type": "first", ...} as soon as the first tokens exist, then
     {"type": "kv", ...} once every send ended; until {"cmd": "bye"} or the channel closes."""
     import kvxfer
 
-    agent = (make_agent or kvxfer.Agent)(f"prefill-{os.getpid()}", transport=transport, interface=interface,
-                                         timeout_s=timeout_s)
+    agent = kvxfer.Agent(f"prefill-{os.getpid()}", transport=transport, interface=interface, timeout_s=timeout_s)
     worker = PrefillWorker(model, num_blocks, block_size, agent, timeout_s, layer_delay_s)
     peer = agent.add_peer(ch.exchange(agent.metadata()))
     agent.wait_connected(peer, max(timeout_s, 30.0))

@@ -74,7 +74,6 @@ class Router:
         self._lost: set[str] = set()          # roles whose node is gone and not replaced yet
         self._md: dict[str, bytes] = {}       # each node's kvxfer metadata, for its replacement's peer
         self._prefill_thread: threading.Thread | None = None
-        self.replacements = 0
 
     # ---- nodes ----------------------------------------------------------------------------------------
     def attach(self, lst: bootstrap.Listener) -> None:
@@ -149,7 +148,6 @@ class Router:
         else:
             threading.Thread(target=self._node_reader, args=(ch,), daemon=True).start()
         self._lost.discard(role)
-        self.replacements += 1
         if not self._lost:
             self.healthy, self.unhealthy_reason = True, ""
 

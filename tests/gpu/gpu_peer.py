@@ -1,6 +1,7 @@
-"""The remote side of the GPU tests: an agent whose source pool lives on cuda:0 (or the host), driven over a pipe
-like tests/peer.py. Pools are seeded byte patterns made on the CPU (reference.make_pool) and copied to the GPU, so
-the test process can compute the expected destination image without a GPU of its own."""
+"""The remote side of the GPU tests: an agent whose pool lives on cuda:0 (or the host), driven over a pipe like
+tests/peer.py: a sender (serve) or a receiver (serve_receiver). Pools are seeded byte patterns made on the CPU
+(reference.make_pool) and copied to the GPU, so the test process can compute the expected destination image without
+a GPU of its own."""
 import os
 import traceback
 
@@ -13,83 +14,82 @@ def to_device(arrays, where):
     return [torch.from_numpy(a).to(where) for a in arrays] if where != "cpu" else arrays
 
 
-def serve(conn):
+def _run(conn, handle):
+    """Answer (cmd, args) from the pipe with handle(cmd, args) until "exit"; errors go back typed."""
+    while True:
+        cmd, args = conn.recv()
+        try:
+            if cmd == "exit":
+                conn.send(("ok", None))
+                return
+            conn.send(("ok", handle(cmd, args)))
+        except Exception as e:
+            conn.send(("err", type(e).__name__, str(e) + "\n" + traceback.format_exc(limit=3)))
+
+
+def _init(state, args, name, pool_seed_offset):
+    """"init": an agent with one pool of the named layout, seeded, on `where`; returns its metadata."""
     import kvxfer
     from kvxfer import KVLayout
     from tests.reference import PRESETS, make_pool
 
-    agent, pool, peer, sends = None, None, None, {}
-    while True:
-        cmd, args = conn.recv()
-        try:
-            if cmd == "init":
-                transport, kind, seed, layout_args, where, agent_kwargs = args
-                layout = getattr(KVLayout, kind)(*layout_args) if layout_args else PRESETS[kind]()
-                agent = kvxfer.Agent("gpu-sender", transport=transport, interface="lo", **agent_kwargs)
-                pool = to_device(make_pool(layout, seed), where)
-                agent.register_pool(pool, layout)
-                result = agent.metadata()
-            elif cmd == "add_peer":
-                peer = agent.add_peer(args)
-                result = peer.path
-            elif cmd == "send":
-                xfer, src, dst = args
-                sends[xfer] = agent.send(peer, xfer, src, dst)
-                sends[xfer].all_ready()
-                result = (sends[xfer].path, sends[xfer].path_reason)
-            elif cmd == "wait":
-                xfer, timeout_s = args
-                sends[xfer].wait(timeout_s=timeout_s)
-                result = sends[xfer].state.name
-            elif cmd == "exit":
-                conn.send(("ok", None))
-                return
-            else:
-                raise ValueError(cmd)
-            conn.send(("ok", result))
-        except Exception as e:
-            conn.send(("err", type(e).__name__, str(e) + "\n" + traceback.format_exc(limit=3)))
+    transport, kind, seed, layout_args, where, agent_kwargs = args
+    layout = getattr(KVLayout, kind)(*layout_args) if layout_args else PRESETS[kind]()
+    state["agent"] = kvxfer.Agent(name, transport=transport, interface="lo", **agent_kwargs)
+    state["pool"] = to_device(make_pool(layout, seed + pool_seed_offset), where)
+    state["agent"].register_pool(state["pool"], layout)
+    return state["agent"].metadata()
+
+
+def serve(conn):
+    state, sends = {}, {}
+
+    def handle(cmd, args):
+        agent = state.get("agent")
+        if cmd == "init":
+            return _init(state, args, "gpu-sender", 0)
+        if cmd == "add_peer":
+            state["peer"] = agent.add_peer(args)
+            return state["peer"].path
+        if cmd == "send":
+            xfer, src, dst = args
+            sends[xfer] = agent.send(state["peer"], xfer, src, dst)
+            sends[xfer].all_ready()
+            return sends[xfer].path, sends[xfer].path_reason
+        if cmd == "wait":
+            xfer, timeout_s = args
+            sends[xfer].wait(timeout_s=timeout_s)
+            return sends[xfer].state.name
+        raise ValueError(cmd)
+
+    _run(conn, handle)
 
 
 def serve_receiver(conn):
     """A receiver whose pool lives on cuda:0 (or the host), for tests where the destination's allocator matters
     (PYTORCH_CUDA_ALLOC_CONF is read when this process first allocates, so the test sets it before spawning)."""
-    import kvxfer
-    from kvxfer import KVLayout
-    from tests.reference import PRESETS, make_pool
+    state, recvs = {}, {}
 
-    agent, pool, peer, recvs = None, None, None, {}
-    while True:
-        cmd, args = conn.recv()
-        try:
-            if cmd == "init":
-                transport, kind, seed, layout_args, where, agent_kwargs = args
-                layout = getattr(KVLayout, kind)(*layout_args) if layout_args else PRESETS[kind]()
-                agent = kvxfer.Agent("gpu-receiver-remote", transport=transport, interface="lo", **agent_kwargs)
-                pool = to_device(make_pool(layout, seed + 1000), where)  # guard pattern, as the tests expect
-                agent.register_pool(pool, layout)
-                result = agent.metadata()
-            elif cmd == "add_peer":
-                peer = agent.add_peer(args)
-                agent.wait_connected(peer, 20)
-                result = peer.path
-            elif cmd == "recv":
-                import numpy as np
+    def handle(cmd, args):
+        import numpy as np
 
-                xfer, dst = args
-                recvs[xfer] = agent.recv(peer, xfer, np.asarray(dst, np.int32))
-                result = None
-            elif cmd == "wait":
-                xfer, timeout_s = args
-                recvs[xfer].wait(timeout_s=timeout_s)
-                result = recvs[xfer].state.name
-            elif cmd == "read":
-                result = [t.cpu().numpy() if hasattr(t, "cpu") else t for t in pool]
-            elif cmd == "exit":
-                conn.send(("ok", None))
-                return
-            else:
-                raise ValueError(cmd)
-            conn.send(("ok", result))
-        except Exception as e:
-            conn.send(("err", type(e).__name__, str(e) + "\n" + traceback.format_exc(limit=3)))
+        agent = state.get("agent")
+        if cmd == "init":
+            return _init(state, args, "gpu-receiver-remote", 1000)  # the guard pattern the tests expect
+        if cmd == "add_peer":
+            state["peer"] = agent.add_peer(args)
+            agent.wait_connected(state["peer"], 20)
+            return state["peer"].path
+        if cmd == "recv":
+            xfer, dst = args
+            recvs[xfer] = agent.recv(state["peer"], xfer, np.asarray(dst, np.int32))
+            return None
+        if cmd == "wait":
+            xfer, timeout_s = args
+            recvs[xfer].wait(timeout_s=timeout_s)
+            return recvs[xfer].state.name
+        if cmd == "read":
+            return [t.cpu().numpy() if hasattr(t, "cpu") else t for t in state["pool"]]
+        raise ValueError(cmd)
+
+    _run(conn, handle)
