@@ -55,7 +55,7 @@ class Net:
 def _router(mode: str, a, extra: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "kvxfer.engine.router", "--mode", mode, "--http", "127.0.0.1:0",
                              "--model", a.model, "--transport", a.transport, "--threads", str(a.threads),
-                             "--timeout", str(a.timeout), *extra], stdout=subprocess.PIPE, text=True,
+                             "--timeout", str(a.timeout), "--device", a.device, *extra], stdout=subprocess.PIPE, text=True,
                             env=bootstrap.loopback_env())
 
 
@@ -85,7 +85,7 @@ def start_deployment(mode: str, a, net: Net) -> tuple[list[subprocess.Popen], st
                                                  ("decode", net.prefix_b, net.iface_b, a.threads - half or 1)):
                 cmd = [*prefix, sys.executable, "-m", "kvxfer.engine.node", role, "--connect", node_addr,
                        "--model", a.model, "--transport", a.transport, "--timeout", str(a.timeout),
-                       "--threads", str(threads), *(["--iface", iface] if iface else []),
+                       "--threads", str(threads), "--device", a.device, *(["--iface", iface] if iface else []),
                        *(["--cpus", cpus[role]] if cpus else [])]
                 env = {**os.environ, **({"FI_TCP_IFACE": iface} if iface else {})}
                 procs.append(subprocess.Popen(cmd, env=env))
@@ -94,6 +94,15 @@ def start_deployment(mode: str, a, net: Net) -> tuple[list[subprocess.Popen], st
     except BaseException:
         stop(procs)
         raise
+
+
+def transport_label(mode: str, transport: str, net_kind: str, paths: list) -> str:
+    """What moved the KV: the transport asked for and the paths kvxfer took (Send.path per request), e.g.
+    'kvxfer tcp, path fabric (netns)' or 'kvxfer tcp, path cuda_ipc (loopback)'."""
+    if mode != "disagg":
+        return "none (one process)"
+    taken = sorted({p for p in paths if p})
+    return f"kvxfer {transport}" + (f", path {'+'.join(taken)}" if taken else "") + f" ({net_kind})"
 
 
 def node_cpus(pin: str) -> dict[str, str] | None:
@@ -203,7 +212,7 @@ def run_mode(mode: str, items: list[wl.WorkItem], a, net: Net) -> tuple[dict, li
     summary["kv_exposed_share"] = sum(s["kv_exposed_s"] for s in server) / e2e if e2e else 0.0
     summary["kv_exposed_mean_ms"] = 1000 * sum(s["kv_exposed_s"] for s in server) / len(server) if server else 0.0
     summary["e2e_mean_ms"] = 1000 * e2e / len(server) if server else 0.0
-    summary["transport"] = (f"kvxfer {a.transport} ({net.kind})" if mode == "disagg" else "none (one process)")
+    summary["transport"] = transport_label(mode, a.transport, net.kind, [s.get("kv_path") for s in server])
     summary["duration_s"] = duration
     summary["machine_stalls"] = meter.summary(timings)
     return summary, outputs, timings
@@ -345,6 +354,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="small")
     ap.add_argument("--transport", default="tcp", help="kvxfer transport between prefill and decode (default tcp)")
     ap.add_argument("--threads", type=int, default=2, help="total torch threads per deployment")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N]: every node's model and KV cache on that GPU "
+                                                    "(two nodes on one GPU move KV through CUDA IPC)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds a KV transfer may take")
     ap.add_argument("--ttft-slo", type=float, default=1.0, help="seconds (default 1.0)")
     ap.add_argument("--tpot-slo", type=float, default=0.1, help="seconds (default 0.1)")
@@ -445,7 +456,7 @@ def _run_node(a) -> int:
     half = a.threads // 2 or 1
     return node.main([a.role, "--connect", a.connect, "--model", a.model, "--transport", a.transport,
                       "--timeout", str(a.timeout), "--threads", str(half if a.role == "prefill" else a.threads - half),
-                      *(["--iface", a.iface] if a.iface else [])])
+                      "--device", a.device, *(["--iface", a.iface] if a.iface else [])])
 
 
 # ---- network namespaces ---------------------------------------------------------------------------------

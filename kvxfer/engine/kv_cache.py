@@ -49,11 +49,11 @@ def blocks_for(tokens: int, block_size: int) -> int:
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
-        self.layers = [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
-                       for _ in range(num_layers)]
+        self.layers = [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+                                   device=device) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
 
     def layout(self) -> KVLayout:

@@ -15,6 +15,7 @@ class RequestTiming:
     kv_bytes: int = 0
     kv_exposed_s: float = 0.0  # KV transfer time not hidden behind prefill (0 when the KV was in place first)
     kv_error: str | None = None  # the prefill side's send failed: why
+    kv_path: str | None = None  # how kvxfer moved it: fabric, cma, cuda_ipc or staged (Send.path)
     error: str | None = None
     token_times: list = field(default_factory=list)  # arrival of each token (client side; the demo keeps them)
 

@@ -4,11 +4,15 @@ Weights use Hugging Face's parameter names, so a local HF directory (config.json
 the tests compare logits and greedy tokens against transformers' own Llama built from the same weights.
 
     model = LlamaModel.random(PRESETS["small"], seed=0)           # or LlamaModel.from_pretrained(dir)
+    model = LlamaModel.random(PRESETS["small"], seed=0, device="cuda")   # weights and KV cache on the GPU
     logits = model.prefill([ids], [block_table], cache, on_layer=lambda layer: send.layer_ready(layer))
     logits = model.decode(tokens, positions, block_tables, cache)  # one token for each running sequence
 
 prefill runs layer-major over its batch and calls on_layer(l) after layer l's K/V of every sequence is in the cache:
-the hook the prefill worker uses to let kvxfer send that layer while the next one computes.
+the hook the prefill worker uses to let kvxfer send that layer while the next one computes. On a GPU the hook runs
+when layer l's kernels are queued, not done: the prefill worker turns it into a stream-ordered signal.
+
+Inputs (token ids, positions, block tables) may be CPU tensors on any device: the model moves them.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kvxfer.engine.kv_cache import PagedKVCache
-from kvxfer.errors import InvalidArgument
+from kvxfer.errors import InvalidArgument, TransportUnavailable
 
 
 @dataclass(frozen=True)
@@ -68,26 +72,49 @@ PRESETS = {
 }
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch device this process can compute on; a CUDA device without CUDA fails here, naming the fix."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgument(f"device {device!r} is not a torch device; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TransportUnavailable(f"device {device!r}: torch sees no CUDA device (torch {torch.__version__}, "
+                                       f"CUDA build {torch.version.cuda}); run on a GPU machine or use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidArgument(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise InvalidArgument(f"device {device!r}: the engine runs on 'cpu' or 'cuda' devices")
+    return dev
+
+
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
-        self.cfg, self.dtype = cfg, dtype
-        self.w = {k: v.to(dtype) for k, v in weights.items()}
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        self.cfg, self.dtype, self.device = cfg, dtype, check_device(device)
+        self.w = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         self._check_weights()
         half = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim
-        self._inv_freq = 1.0 / (cfg.rope_theta ** half)
+        self._inv_freq = (1.0 / (cfg.rope_theta ** half)).to(self.device)
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
-    def random(cls, cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> "LlamaModel":
+    def random(cls, cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> "LlamaModel":
+        """The same weights on every device: they are drawn on the CPU, then moved."""
+        device = check_device(device)
         g = torch.Generator().manual_seed(seed)
         w = {}
         for name, shape in cls.parameter_shapes(cfg).items():
             w[name] = torch.ones(shape) if name.endswith("norm.weight") else \
                 torch.zeros(shape) if name.endswith(".bias") else torch.randn(shape, generator=g) * 0.02
-        return cls(cfg, w, dtype)
+        return cls(cfg, w, dtype, device)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> "LlamaModel":
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "LlamaModel":
+        device = check_device(device)
         try:
             from safetensors.torch import load_file
         except ImportError:
@@ -104,7 +131,7 @@ class LlamaModel:
             weights.update(load_file(fn))
         if cfg.tie_embeddings:
             weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
-        return cls(cfg, weights, dtype)
+        return cls(cfg, weights, dtype, device)
 
     @staticmethod
     def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple]:
@@ -138,15 +165,16 @@ class LlamaModel:
 
     def new_cache(self, num_blocks: int, block_size: int = 16) -> PagedKVCache:
         c = self.cfg
-        return PagedKVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype)
+        return PagedKVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
     # ---- forward --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seqs: list[torch.Tensor], block_tables: list[torch.Tensor], cache: PagedKVCache,
                 on_layer=None, all_logits: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Run whole prompts (positions 0..T-1); write their K/V; return next-token logits [B, vocab]."""
+        seqs, block_tables = [s.to(self.device) for s in seqs], [bt.to(self.device) for bt in block_tables]
         xs = [self.w["model.embed_tokens.weight"][s] for s in seqs]
-        positions = [torch.arange(len(s)) for s in seqs]
+        positions = [torch.arange(len(s), device=self.device) for s in seqs]
         slots = [cache.slots(bt, p) for bt, p in zip(block_tables, positions)]
         ropes = [self._rope(p) for p in positions]
         for layer in range(self.cfg.num_layers):
@@ -162,12 +190,15 @@ class LlamaModel:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: list[torch.Tensor],
                cache: PagedKVCache) -> torch.Tensor:
         """One step for B running sequences: token b sits at positions[b]; returns logits [B, vocab]."""
+        lengths = [int(p) + 1 for p in positions.tolist()]  # on the host before anything moves: no device sync
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        block_tables = [bt.to(self.device) for bt in block_tables]
         x = self.w["model.embed_tokens.weight"][tokens]
         rope = self._rope(positions)
         new_slots = torch.stack([cache.slots(bt, p.view(1))[0] for bt, p in zip(block_tables, positions)])
         # Each sequence's context is read a whole block at a time (16x fewer indices than per token) and only as
         # far as it goes: no padding to the longest one, whose copies cost more than the attention itself.
-        ctx = [(bt[: int(p) // cache.block_size + 1][None], int(p) + 1) for bt, p in zip(block_tables, positions)]
+        ctx = [(bt[: (n - 1) // cache.block_size + 1][None], n) for bt, n in zip(block_tables, lengths)]
         for layer in range(self.cfg.num_layers):
             x = self._decode_layer(layer, x, rope, new_slots, ctx, cache)
         return self._logits(x)

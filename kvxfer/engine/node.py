@@ -251,6 +251,9 @@ def main(argv=None) -> int:
     ap.add_argument("--transport", default="auto")
     ap.add_argument("--iface")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for this node")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N]: model and KV cache on that GPU (kvxfer then "
+                                                    "moves GPU memory: CUDA IPC on one host, else GPU-direct RDMA "
+                                                    "or host staging; `python -m kvxfer info` says which)")
     # kvxfer's progress thread stays on these CPUs too: tried on 2026-11-30 with it free to run anywhere, the last
     # layer's KV reached a pinned decode node sooner but the threads took time from the other node's compute, and
     # reference runs got worse (benchmarks/RESULTS.md, "kvxfer-demo on a quiet VM").
@@ -267,7 +270,12 @@ def main(argv=None) -> int:
     if a.cpus:
         os.sched_setaffinity(0, parse_cpus(a.cpus))  # before torch starts its threads: they inherit it
     torch.set_num_threads(a.threads)
-    model = LlamaModel.random(PRESETS[a.model], a.seed) if a.model in PRESETS else LlamaModel.from_pretrained(a.model)
+    try:
+        model = LlamaModel.random(PRESETS[a.model], a.seed, device=a.device) if a.model in PRESETS else \
+            LlamaModel.from_pretrained(a.model, device=a.device)
+    except KvxferError as e:
+        print(f"{a.role} node: {e}", file=sys.stderr, flush=True)
+        return 2
     host, port = bootstrap.parse_hostport(a.connect)
     ch = bootstrap.connect(host, port, max(a.timeout, 30.0))
     iface = a.iface or bootstrap.default_interface(host)

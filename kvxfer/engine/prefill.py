@@ -15,6 +15,12 @@ If the batch fails, or a send does not end within timeout_s, its unfinished send
 recvs fail at once). Writes posted before the abort may still be in flight when the blocks are freed: kvxfer has no
 drain handshake yet (see README); the decode side holds such blocks until the router relays that the send ended.
 
+On a GPU the model's per-layer hook runs when the layer's kernels are queued, not when they ran, so the worker
+records each layer on the stream with a kvxfer LayerSignal: its watcher thread marks the layer ready once the GPU
+got there, and the host keeps queuing layers (no Python on that path, no stream waiting on the network). A build or
+machine where signals cannot use the GPU falls back to waiting for the stream after each layer (`layer_marks` says
+which).
+
 serve() answers jobs from the router over a bootstrap channel (the node process: kvxfer/engine/node.py).
 """
 from __future__ import annotations
@@ -42,8 +48,17 @@ class PrefillWorker:
                  layer_delay_s: float = 0.0):
         self.model, self.agent, self.timeout_s, self.layer_delay_s = model, agent, timeout_s, layer_delay_s
         self.cache = model.new_cache(num_blocks, block_size)
+        self.signal, self.layer_marks = None, "host"  # host: the hook runs after the layer computed
         if agent is not None:
             self.pool = agent.register_pool(self.cache.layers, self.cache.layout(), name="kv")
+            if model.device.type == "cuda":
+                self.signal, self.layer_marks = gpu_layer_signal(agent, model.cfg.num_layers)
+        # A layer's record goes on the stream after its kernels (tests without a GPU play the device with
+        # LayerSignal._host_record here).
+        self._record = lambda layer: self.signal.record(layer, self._stream())
+
+    def _stream(self):
+        return torch.cuda.current_stream(self.model.device)
 
     def run(self, jobs: list[PrefillJob], peer) -> tuple[list[int], dict]:
         """compute() then finish(): first tokens and the transfer stats, once every send ended."""
@@ -64,22 +79,44 @@ class PrefillWorker:
                                       f"blocks, the decode side gave {len(job.dst_blocks)}")
                 sends.append(self.agent.send(peer, job.xfer_id, table, job.dst_blocks, timeout_s=self.timeout_s))
 
+            recorded = 0
+
             def layer_done(layer: int) -> None:
-                for s in sends:
-                    s.layer_ready(layer)
+                nonlocal recorded
+                if self.signal is not None:
+                    self._record(layer)
+                    recorded += 1
+                else:
+                    if self.layer_marks == "stream sync":
+                        self._stream().synchronize()
+                    for s in sends:
+                        s.layer_ready(layer)
                 if on_layer is not None:
                     on_layer(layer)
                 if self.layer_delay_s:
                     time.sleep(self.layer_delay_s)
 
+            if self.signal is not None:
+                self.signal.bind(sends)  # this forward's records mark these sends' layers
             t0 = time.perf_counter()
-            logits = self.model.prefill([torch.tensor(j.prompt) for j in jobs], [torch.tensor(t) for t in tables],
-                                        self.cache, on_layer=layer_done)
+            try:
+                logits = self.model.prefill([torch.tensor(j.prompt) for j in jobs],
+                                            [torch.tensor(t) for t in tables], self.cache, on_layer=layer_done)
+                first_tokens = logits.argmax(-1).tolist()  # on a GPU: waits until the forward ran
+            except BaseException:
+                if self.signal is not None:
+                    # A forward that failed half-way still records every layer once, or the next bind would be off
+                    # by one. The sends are aborted first: the watcher's marks then meet failed sends and move no
+                    # layer the model never computed.
+                    self._abort(sends, "the prefill batch failed")
+                    for layer in range(recorded, self.model.cfg.num_layers):
+                        self._record(layer)
+                raise
             t_end = time.perf_counter()
         except BaseException:
             self._release(sends, tables, "the prefill batch failed")
             raise
-        return Batch(jobs, sends, tables, logits.argmax(-1).tolist(), t_end - t0, t_end)
+        return Batch(jobs, sends, tables, first_tokens, t_end - t0, t_end)
 
     def finish(self, batch: "Batch") -> dict:
         """Wait for every send to end, then free the local blocks. Per request: KV bytes, and the KV time not hidden
@@ -99,13 +136,31 @@ class PrefillWorker:
                 errors.append(f"{type(e).__name__}: {e}")
         self._release(batch.sends, batch.tables, "the prefill side gave up waiting for this send")
         return {"compute_s": batch.compute_s, "exposed_s": exposed, "errors": errors,
-                "kv_bytes_each": [s.nbytes for s in batch.sends], "kv_bytes": sum(s.nbytes for s in batch.sends)}
+                "kv_bytes_each": [s.nbytes for s in batch.sends], "kv_bytes": sum(s.nbytes for s in batch.sends),
+                "paths": [s.path for s in batch.sends]}
 
-    def _release(self, sends, tables, reason: str) -> None:
+    @staticmethod
+    def _abort(sends, reason: str) -> None:
         for s in sends:
             s.abort(reason)  # no-op for sends that ended
+
+    def _release(self, sends, tables, reason: str) -> None:
+        self._abort(sends, reason)
         for table in tables:
             self.cache.allocator.free(table)
+
+
+def gpu_layer_signal(agent, num_layers: int):
+    """(LayerSignal, "layer signal") where kvxfer's signals can use this GPU; else (None, "stream sync") and why,
+    once on stderr: each layer then waits for the stream before it is marked ready."""
+    from kvxfer import signals
+
+    usable, why = signals.cuda_status()
+    if usable:
+        return signals.LayerSignal(agent, num_layers), "layer signal"
+    print(f"prefill: kvxfer layer signals cannot use the GPU ({why}); marking each layer ready after a stream "
+          "synchronize instead (the host stops queuing work until each layer ran)", file=sys.stderr, flush=True)
+    return None, "stream sync"
 
 
 @dataclass

@@ -343,8 +343,10 @@ class Router:
                 items.append([req.id, token])
         self._send("decode", {"cmd": "first_token", "items": items})
         kv = self._recv_prefill("kv", self.timeout_s + 60)
-        for req, nbytes, exposed, err in zip(batch, kv["kv_bytes_each"], kv["exposed_s"], kv["errors"]):
+        paths = kv.get("paths") or [None] * len(batch)  # a node from before 2026-11-30 does not send them
+        for req, nbytes, exposed, err, path in zip(batch, kv["kv_bytes_each"], kv["exposed_s"], kv["errors"], paths):
             req.timing.kv_bytes, req.timing.kv_exposed_s, req.timing.kv_error = nbytes, exposed or 0.0, err
+            req.timing.kv_path = path
             with self._lock:
                 self.registry.kv_bytes += nbytes
             if err:
@@ -476,7 +478,7 @@ class HTTPServer(ThreadingHTTPServer):
 def spawn_nodes(mode: str, node_port: int, args) -> list[subprocess.Popen]:
     env = bootstrap.loopback_env()
     common = ["--connect", f"127.0.0.1:{node_port}", "--model", args.model, "--seed", str(args.seed),
-              "--transport", args.transport, "--timeout", str(args.timeout)]
+              "--transport", args.transport, "--timeout", str(args.timeout), "--device", args.device]
     if mode == "disagg":  # the same total CPU threads as the colocated node: one each
         roles = [("prefill", args.threads // 2 or 1, ["--layer-delay-ms", str(args.prefill_layer_delay_ms)]),
                  ("decode", args.threads - args.threads // 2 or 1, [])]
@@ -505,6 +507,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--transport", default="auto")
     ap.add_argument("--threads", type=int, default=2, help="total torch threads across the spawned nodes")
+    ap.add_argument("--device", default="cpu", help="spawned nodes: cpu or cuda[:N] (model and KV cache there)")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds a KV transfer may take (and node replies)")
     ap.add_argument("--prefill-layer-delay-ms", type=float, default=0.0,
                     help="spawned prefill node sleeps after each layer (emulates a bigger model; used by tests)")

@@ -38,15 +38,19 @@ def colocated(model, batch):
     return out
 
 
-@pytest.fixture
-def prefill_node():
+def start_prefill_node(device: str = "cpu"):
+    """A prefill node process (kvxfer.engine.node) connected to a channel this test plays the router on."""
     lst = bootstrap.listen("127.0.0.1", 0)
     proc = subprocess.Popen([sys.executable, "-m", "kvxfer.engine.node", "prefill", "--connect", f"127.0.0.1:{lst.address[1]}",
                              "--model", "tiny", "--seed", str(SEED), "--transport", "tcp", "--num-blocks", "256",
-                             "--block-size", str(BS), "--timeout", "30"], env={**os.environ, "FI_TCP_IFACE": "lo"})
+                             "--block-size", str(BS), "--timeout", "30", "--device", device],
+                            env={**os.environ, "FI_TCP_IFACE": "lo"})
     ch = lst.accept(timeout_s=60)
     assert ch.recv_json(timeout_s=60) == {"role": "prefill"}
-    yield ch, proc
+    return ch, proc, lst
+
+
+def stop_prefill_node(ch, proc, lst) -> None:
     try:
         ch.send_json({"cmd": "bye"})
         ch.recv_json(timeout_s=10)
@@ -56,8 +60,15 @@ def prefill_node():
     lst.close()
 
 
-def connect_decode(ch):
-    model = LlamaModel.random(PRESETS["tiny"], SEED)
+@pytest.fixture
+def prefill_node():
+    ch, proc, lst = start_prefill_node()
+    yield ch, proc
+    stop_prefill_node(ch, proc, lst)
+
+
+def connect_decode(ch, device: str = "cpu"):
+    model = LlamaModel.random(PRESETS["tiny"], SEED, device=device)
     agent = kvxfer.Agent("decode-test", transport="tcp", interface="lo", timeout_s=30)
     worker = DecodeWorker(model, 256, BS, agent)
     peer = agent.add_peer(ch.exchange(agent.metadata()))
@@ -101,6 +112,7 @@ def test_disaggregated_tokens_equal_colocated(prefill_node):
     layer_bytes = 2 * BS * model.cfg.num_kv_heads * model.cfg.head_dim * 4  # K and V of one block, fp32
     assert stats["kv_bytes"] == sum(blocks_for(n, BS) for n in PROMPT_LENS) * layer_bytes * model.cfg.num_layers
     assert worker.cache.allocator.num_free == 256  # every block freed on finish
+    assert stats["paths"] == ["fabric"] * len(batch)  # host pools over libfabric tcp
 
 
 def test_decode_really_uses_the_transferred_kv(prefill_node):

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers", reason="transformers not inst
 
 from kvxfer.engine.kv_cache import BlockAllocator, OutOfBlocks, blocks_for  # noqa: E402
 from kvxfer.engine.model import PRESETS, LlamaModel, ModelConfig  # noqa: E402
-from kvxfer.errors import InvalidArgument  # noqa: E402
+from kvxfer.errors import InvalidArgument, TransportUnavailable  # noqa: E402
 
 CFG = ModelConfig(vocab_size=300, hidden_size=96, intermediate_size=200, num_layers=3, num_heads=6, num_kv_heads=2,
                   head_dim=32, rope_theta=10000.0)
@@ -135,3 +135,26 @@ def test_cache_registers_with_kvxfer_as_vllm_flash():
     layout = cache.layout()
     assert layout.kind == "vllm_flash" and layout.total_bytes == sum(t.numel() * 4 for t in cache.layers)
     kvxfer.Agent("engine", transport="tcp", interface="lo").register_pool(cache.layers, layout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the refusal is for machines without")
+def test_cuda_device_without_cuda_is_refused_naming_the_fix():
+    with pytest.raises(TransportUnavailable, match=r"device 'cuda'.*no CUDA device.*device='cpu'"):
+        LlamaModel.random(PRESETS["tiny"], 0, device="cuda")
+
+
+def test_bad_devices_are_refused_at_construction():
+    with pytest.raises(InvalidArgument, match=r"device 'gpu0' is not a torch device.*'cpu' or 'cuda'"):
+        LlamaModel.random(PRESETS["tiny"], 0, device="gpu0")
+    with pytest.raises(InvalidArgument, match=r"device 'meta'.*runs on 'cpu' or 'cuda'"):
+        LlamaModel.random(PRESETS["tiny"], 0, device="meta")
+
+
+def test_node_with_an_unusable_device_exits_naming_it():
+    """Before it connects anywhere: the port given is closed, and the node must not get as far as trying it."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "kvxfer.engine.node", "decode", "--connect", "127.0.0.1:1",
+                        "--model", "tiny", "--device", "gpu0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "decode node: device 'gpu0' is not a torch device" in r.stderr, r.stderr
