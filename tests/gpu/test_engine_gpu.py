@@ -43,9 +43,11 @@ def test_demo_quick_on_the_gpu(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvxfer.engine.demo", "--quick", "--requests", "6", "--device", "cuda",
                         "--net", "loopback", "--json", str(out)], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "FI_TCP_IFACE": "lo"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text()) if out.exists() else None
+    assert doc is not None, r.stderr[-3000:]
     assert doc["disagg"]["transport"] == "kvxfer tcp, path cuda_ipc (loopback)", doc["disagg"]["transport"]
     assert doc["disagg"]["completed"] == doc["colocated"]["completed"] == 6
-    # tokens_match is not asserted here: the two deployments batch requests differently, and cuBLAS may pick other
-    # kernels for other batch sizes, so a near-tie can break either way (the test above pins identical batches).
+    # The demo exits 1 when the two deployments' greedy outputs differ. They batch decode steps differently, and
+    # cuBLAS may pick other kernels for other batch sizes, so on a GPU a near-tie could in principle break either
+    # way (the test above pins identical batches); if this fails with tokens_match false, that is the question.
+    assert r.returncode == 0 and doc["tokens_match"] is True, (doc["tokens_match"], r.stderr[-3000:])
