@@ -70,7 +70,10 @@ def test_short_run_json_schema_verified_and_ratios(transport, tmp_path):
     for rec in doc["records"]:
         assert set(report.REQUIRED) <= set(rec)
         assert rec["transport"] == transport and rec["verified"] is True
-        assert 0 < rec["ratio"] <= 1.5, rec
+        # The ratio is this run's throughput over this run's limit; how big it is is for benchmarks to say (an
+        # upper bound here failed once when other tests loaded the machine while the limit was measured).
+        assert rec["gbps"] > 0 and rec["limit_gbps"] > 0, rec
+        assert rec["ratio"] == pytest.approx(rec["gbps"] / rec["limit_gbps"], rel=1e-9), rec
         assert rec["gbps"] > 0 and rec["p99_us"] >= rec["p50_us"] > 0
     paged, small, big = doc["records"]
     assert (paged["pattern"], paged["blocks"], paged["nbytes"]) == ("paged", 4, 4 * 32 * 2 * 32768)
