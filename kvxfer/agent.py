@@ -233,6 +233,11 @@ class Agent:
         return peer
 
     def remove_peer(self, peer: Peer) -> None:
+        """End everything with `peer`: its sends and recvs fail with PeerUnknown naming the removal, new ones are
+        refused, and the peer is told (BYE), so a live peer fails its transfers with this agent (PeerLost) and posts
+        nothing more. The ended recvs' writes_over stays False while the peer's process may live (writes it posted
+        before the BYE could still land); on the same host it turns True once that process exited. No-op on a peer
+        already lost or removed."""
         self._c.remove_peer(peer._h)
 
     def wait_connected(self, peer: Peer, timeout_s: float = 10.0) -> None:

@@ -476,7 +476,18 @@ uint32_t Agent::assign_window(const std::shared_ptr<PeerState>& peer) {
 }
 
 void Agent::remove_peer(const std::shared_ptr<PeerState>& peer) {
-  mark_peer_lost(*peer, ErrorKind::PeerUnknown, "peer '" + peer->info.name + "' was removed");
+  if (peer->lost) return;
+  // Tell it first (BYE goes out even though the peer is lost by then), so a live peer fails its transfers with us
+  // and posts nothing more instead of writing on until its deadlines.
+  Command c{Command::Kind::Control, nullptr, 0, peer, {}};
+  c.msg.type = static_cast<uint16_t>(ControlType::Bye);
+  {
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    commands_.push_back(std::move(c));
+    has_commands_ = true;
+  }
+  mark_peer_lost(*peer, ErrorKind::PeerUnknown, "peer '" + peer->info.name + "' was removed", false);
+  wake_progress();
 }
 
 namespace {

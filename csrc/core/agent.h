@@ -240,7 +240,10 @@ class Agent {
   bool flush_deferred_aborts();
   void queue_abort(SendState& send);
   CmaWorkers* cma_workers();                  // nullptr when copies run on the progress thread
-  void mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why);
+  // writes_over_now: the peer's process is gone (or replaced), so nothing it posted can still land; false for a
+  // peer that was removed while it may live (its recvs' writes_over then waits for the process to be seen gone).
+  void mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why, bool writes_over_now = true);
+  void settle_removed_recvs(PeerState& peer);
   void queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, uint32_t slot, uint32_t first_layer = 0,
                      uint32_t num_layers = 0, uint32_t granules = 0);
   bool flush_control();

@@ -198,7 +198,8 @@ bool Agent::flush_control() {
   std::vector<const PeerState*> held;  // peers with a message kept back: their later ones wait too (order)
   for (size_t i = 0; i < outbox_.size(); ++i) {
     auto& [peer, msg] = outbox_[i];
-    if (peer->lost) continue;
+    // A lost peer gets nothing more, except the BYE that says we removed it (if it ever connected).
+    if (peer->lost && (msg.type != static_cast<uint16_t>(ControlType::Bye) || !peer->connected)) continue;
     const bool hello = msg.type == static_cast<uint16_t>(ControlType::Hello);
     if ((!hello && !peer->connected) || std::find(held.begin(), held.end(), peer.get()) != held.end()) {
       outbox_[keep++] = outbox_[i];
@@ -678,6 +679,11 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     case ControlType::Abort: on_abort(*peer, m); break;
     case ControlType::AbortAck: on_abort_ack(*peer, m); break;
     case ControlType::Landed: on_landed(*peer, m); break;
+    case ControlType::Bye:
+      mark_peer_lost(*peer, ErrorKind::PeerLost,
+                     "peer '" + peer->info.name + "' removed this agent (its remove_peer); transfers with it ended",
+                     false);
+      break;
     default: counters_.dropped_messages++;
   }
 }
@@ -839,7 +845,7 @@ bool Agent::flush_deferred_aborts() {
   return any;
 }
 
-void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why) {
+void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why, bool writes_over_now) {
   std::vector<std::shared_ptr<SendState>> sends;
   std::vector<std::shared_ptr<RecvState>> recvs;
   {
@@ -852,6 +858,7 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     peer.live_sends.clear();
     peer.live_recvs.clear();
     peer.waiting_recvs.clear();
+    if (!writes_over_now) peer.removed_recvs = recvs;
   }
   if (std::this_thread::get_id() == progress_.get_id()) drain_landings(peer);
   for (auto& s : sends) {
@@ -859,9 +866,21 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     s->fail(kind, why);
   }
   for (auto& r : recvs) {
-    r->writes_over = true;  // the sender's process is gone: it posts nothing more
+    if (writes_over_now) r->writes_over = true;  // the sender's process is gone: it posts nothing more
     r->fail(kind, why);
   }
+}
+
+// A removed peer's process that is now gone posts nothing more: its ended recvs' writes are over. Across hosts
+// nothing says so, and writes_over stays false (the blocks of such recvs are for the engine to retire).
+void Agent::settle_removed_recvs(PeerState& peer) {
+  std::vector<std::shared_ptr<RecvState>> settled;
+  {
+    std::lock_guard<std::mutex> lock(peer.mu);
+    if (peer.removed_recvs.empty() || !peer.same_host || !process_gone(static_cast<pid_t>(peer.info.pid))) return;
+    settled.swap(peer.removed_recvs);
+  }
+  for (auto& r : settled) r->writes_over = true;
 }
 
 void Agent::check_deadlines() {
@@ -884,7 +903,10 @@ void Agent::check_deadlines() {
     for (auto& [epoch, p] : peers_by_epoch_) peers.push_back(p);
   }
   for (auto& p : peers) {
-    if (p->lost) continue;
+    if (p->lost) {
+      settle_removed_recvs(*p);
+      continue;
+    }
     // A same-host peer whose process is gone is lost now, not at its transfers' deadlines.
     if (p->same_host && process_gone(static_cast<pid_t>(p->info.pid))) {
       mark_peer_lost(*p, ErrorKind::PeerLost, "peer '" + p->info.name + "' (pid " + std::to_string(p->info.pid) +

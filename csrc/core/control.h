@@ -18,11 +18,12 @@
 
 namespace kvxfer {
 
-enum class ControlType : uint16_t { Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5, Landed = 6 };
+// BYE: the sender removed the receiver (remove_peer); the receiver ends its transfers with it and posts nothing more.
+enum class ControlType : uint16_t { Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5, Landed = 6, Bye = 7 };
 
 struct ControlMessage {
   static constexpr uint32_t kMagic = 0x4b584331;  // "1CXK"
-  static constexpr uint16_t kVersion = 3;  // 2: ABORT carries the posted total; ABORT_ACK; 3: LANDED
+  static constexpr uint16_t kVersion = 4;  // 2: ABORT carries the posted total; ABORT_ACK; 3: LANDED; 4: BYE
   uint32_t magic = kMagic;
   uint16_t version = kVersion;
   uint16_t type = 0;

@@ -1,0 +1,94 @@
+"""Agent.remove_peer: transfers with the removed peer end at once with PeerUnknown naming the removal, new ones are
+refused naming it, the removed peer is told (BYE) and stops writing, writes_over is not claimed while the removed
+peer's process may still write, and the agent's other peers carry on untouched."""
+import time
+
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer import errors
+from tests.conftest import RemoteError, connect
+from tests.reference import PRESETS, apply, make_pool
+
+
+def three_agents():
+    """a sends to b and to c (tcp, loopback)."""
+    layout = PRESETS["vllm_flash"]()
+    agents = [kvxfer.Agent(n, transport="tcp", interface="lo", timeout_s=30) for n in ("rm-a", "rm-b", "rm-c")]
+    pools = [make_pool(layout, 20 + i) for i in range(3)]
+    for ag, pool in zip(agents, pools):
+        ag.register_pool(pool, layout)
+    a, b, c = agents
+    peer_b, peer_c = a.add_peer(b.metadata()), a.add_peer(c.metadata())
+    b_peer_a, c_peer_a = b.add_peer(a.metadata()), c.add_peer(a.metadata())
+    for ag, p in ((a, peer_b), (a, peer_c), (b, b_peer_a), (c, c_peer_a)):
+        ag.wait_connected(p, 20)
+    return layout, agents, pools, (peer_b, peer_c, b_peer_a, c_peer_a)
+
+
+def test_receiver_removing_a_sender_fails_its_recvs_and_refuses_new_ones():
+    layout, (a, b, c), (pa, pb, pc), (peer_b, peer_c, b_peer_a, c_peer_a) = three_agents()
+    recv = b.recv(b_peer_a, 1, [3, 4])
+    b.remove_peer(b_peer_a)
+    with pytest.raises(errors.PeerUnknown, match="peer 'rm-a' was removed"):
+        recv.wait(timeout_s=5)
+    assert not recv.writes_over  # a lives (this very process): writes it posted could still land
+    with pytest.raises(errors.PeerLost, match="peer 'rm-a' is lost: peer 'rm-a' was removed"):
+        b.recv(b_peer_a, 2, [5])
+    b.remove_peer(b_peer_a)  # twice: no-op
+    # a's other receiver is untouched: an exact transfer to c.
+    before = [x.copy() for x in pc]
+    r = c.recv(c_peer_a, 7, [1, 6])
+    a.send(peer_c, 7, [2, 0], [1, 6]).all_ready()
+    r.wait(timeout_s=30)
+    apply(layout, pa, before, [2, 0], [1, 6], range(layout.num_layers))
+    for got, want in zip(pc, before):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_sender_removing_a_receiver_fails_its_sends_and_refuses_new_ones():
+    layout, (a, b, c), (pa, pb, pc), (peer_b, peer_c, b_peer_a, c_peer_a) = three_agents()
+    send = a.send(peer_b, 1, [0], [0])  # no layer marked ready: nothing written
+    a.remove_peer(peer_b)
+    with pytest.raises(errors.PeerUnknown, match="peer 'rm-b' was removed"):
+        send.wait(timeout_s=5)
+    with pytest.raises(errors.PeerLost, match="peer 'rm-b' is lost: peer 'rm-b' was removed"):
+        a.send(peer_b, 2, [0], [0])
+    # b was told: its side of the pair is over too, naming who ended it.
+    with pytest.raises(errors.PeerLost, match="peer 'rm-a' removed this agent"):
+        for _ in range(100):
+            b.recv(b_peer_a, 9, [1])
+            time.sleep(0.05)
+    r = c.recv(c_peer_a, 3, [4])
+    a.send(peer_c, 3, [1], [4]).all_ready()
+    r.wait(timeout_s=30)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])  # cma: the BYE goes through the same-host doorbell ring
+def test_a_removed_live_sender_is_told_and_writes_nothing_more(remote, transport):
+    """The sender in another process has written layer 0 when the receiver removes it: its send fails at once
+    (PeerLost naming the removal, not at its deadline), marking more layers is refused, no byte of layers 1.. lands,
+    and writes_over turns True only once the sender's process has exited."""
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 5)
+    src_ids, dst_ids = [0, 1], [3, 4]
+    recv = agent.recv(peer, 1, dst_ids)
+    remote.call("send", (1, src_ids, dst_ids, None, None))
+    remote.call("mark", (1, 0))
+    recv.wait(layer=0, timeout_s=30)
+    before = [x.copy() for x in dst]
+    agent.remove_peer(peer)
+    with pytest.raises(RemoteError, match="PeerLost.*removed this agent"):
+        remote.call("wait", (1, 10))
+    with pytest.raises(RemoteError, match="already failed"):
+        remote.call("mark", (1, 1))
+    for got, want in zip(dst, before):
+        np.testing.assert_array_equal(got, want)
+    assert not recv.writes_over
+    remote.conn.send(("crash", None))  # exits without answering
+    remote.proc.join(10)
+    for _ in range(100):
+        if recv.writes_over:
+            break
+        time.sleep(0.05)
+    assert recv.writes_over
