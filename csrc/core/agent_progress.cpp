@@ -880,6 +880,7 @@ void Agent::settle_removed_recvs(PeerState& peer) {
     if (peer.removed_recvs.empty() || !peer.same_host || !process_gone(static_cast<pid_t>(peer.info.pid))) return;
     settled.swap(peer.removed_recvs);
   }
+  drain_landings(peer);  // its batches still copying into a GPU pool land first (this is the progress thread)
   for (auto& r : settled) r->writes_over = true;
 }
 
