@@ -253,10 +253,7 @@ bool Agent::advance_staged(size_t& budget) {
       any = true;
       continue;
     }
-    if (!posted) {
-      counters_.eagain++;
-      break;
-    }
+    if (!posted) break;  // counted where it was refused: eagain (fabric or ring full) or landing_waits
     --budget;
     staged_.pop_front();
     any = true;
@@ -315,6 +312,7 @@ bool Agent::post_staged_op(StagedOp& op) {
   if (post_on_rails(peer, iov, niov, imm, ctx) == -EAGAIN) {
     ctx->staging_slot = -1;
     return_context(ctx);
+    counters_.eagain++;
     return false;
   }
   if (send.landing) {
