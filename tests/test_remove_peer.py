@@ -28,7 +28,7 @@ def three_agents():
 
 
 def test_receiver_removing_a_sender_fails_its_recvs_and_refuses_new_ones():
-    layout, (a, b, c), (pa, pb, pc), (peer_b, peer_c, b_peer_a, c_peer_a) = three_agents()
+    layout, (a, b, c), (pa, _, pc), (_, peer_c, b_peer_a, c_peer_a) = three_agents()
     recv = b.recv(b_peer_a, 1, [3, 4])
     b.remove_peer(b_peer_a)
     with pytest.raises(errors.PeerUnknown, match="peer 'rm-a' was removed"):
@@ -48,7 +48,7 @@ def test_receiver_removing_a_sender_fails_its_recvs_and_refuses_new_ones():
 
 
 def test_sender_removing_a_receiver_fails_its_sends_and_refuses_new_ones():
-    layout, (a, b, c), (pa, pb, pc), (peer_b, peer_c, b_peer_a, c_peer_a) = three_agents()
+    _, (a, b, c), _, (peer_b, peer_c, b_peer_a, c_peer_a) = three_agents()
     send = a.send(peer_b, 1, [0], [0])  # no layer marked ready: nothing written
     a.remove_peer(peer_b)
     with pytest.raises(errors.PeerUnknown, match="peer 'rm-b' was removed"):
@@ -70,7 +70,7 @@ def test_a_removed_live_sender_is_told_and_writes_nothing_more(remote, transport
     """The sender in another process has written layer 0 when the receiver removes it: its send fails at once
     (PeerLost naming the removal, not at its deadline), marking more layers is refused, no byte of layers 1.. lands,
     and writes_over turns True only once the sender's process has exited."""
-    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 5)
+    agent, peer, _, dst, _ = connect(transport, remote, "vllm_flash", 5)
     src_ids, dst_ids = [0, 1], [3, 4]
     recv = agent.recv(peer, 1, dst_ids)
     remote.call("send", (1, src_ids, dst_ids, None, None))

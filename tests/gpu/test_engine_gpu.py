@@ -16,9 +16,9 @@ pytestmark = requires_gpu
 
 
 def test_disaggregated_on_one_gpu_moves_kv_through_cuda_ipc_and_matches_colocated():
+    from kvxfer.engine.kv_cache import blocks_for
     from tests.engine.test_disagg import (BS, PROMPT_LENS, colocated, connect_decode, prefill_batch, prompts,
                                           run_to_end, start_prefill_node, stop_prefill_node)
-    from kvxfer.engine.kv_cache import blocks_for
 
     ch, proc, lst = start_prefill_node("cuda")
     try:
