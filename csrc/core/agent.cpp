@@ -439,12 +439,7 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   Command c{Command::Kind::Control, nullptr, 0, peer, {}};
   c.msg.type = static_cast<uint16_t>(ControlType::Hello);
   c.msg.slot = peer->rx_window * ImmCode::kSlotWindow;
-  {
-    std::lock_guard<std::mutex> lock(cmd_mu_);
-    commands_.push_back(std::move(c));
-    has_commands_ = true;
-  }
-  wake_progress();
+  post_command(std::move(c));
   return peer;
 }
 
@@ -481,13 +476,8 @@ void Agent::remove_peer(const std::shared_ptr<PeerState>& peer) {
   // and posts nothing more instead of writing on until its deadlines.
   Command c{Command::Kind::Control, nullptr, 0, peer, {}};
   c.msg.type = static_cast<uint16_t>(ControlType::Bye);
-  {
-    std::lock_guard<std::mutex> lock(cmd_mu_);
-    commands_.push_back(std::move(c));
-    has_commands_ = true;
-  }
+  post_command(std::move(c));
   mark_peer_lost(*peer, ErrorKind::PeerUnknown, "peer '" + peer->info.name + "' was removed", false);
-  wake_progress();
 }
 
 namespace {
@@ -616,12 +606,7 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
     peer->send_by_slot[send->slot] = send;
     peer->live_sends[xfer_id] = send;
   }
-  {
-    std::lock_guard<std::mutex> lock(cmd_mu_);
-    commands_.push_back(Command{Command::Kind::NewSend, send, 0, nullptr, {}});
-    has_commands_ = true;
-  }
-  wake_progress();
+  post_command(Command{Command::Kind::NewSend, send, 0, nullptr, {}});
   return send;
 }
 
@@ -629,12 +614,7 @@ void Agent::abort_send(const std::shared_ptr<SendState>& send, const std::string
   if (send->state() != TransferState::Pending) return;
   Command c{Command::Kind::AbortSend, send, 0, nullptr, {}};
   c.reason = why;
-  {
-    std::lock_guard<std::mutex> lock(cmd_mu_);
-    commands_.push_back(std::move(c));
-    has_commands_ = true;
-  }
-  wake_progress();
+  post_command(std::move(c));
 }
 
 void Agent::layer_ready(const std::shared_ptr<SendState>& send, int layer) {
@@ -655,13 +635,7 @@ void Agent::layer_ready(const std::shared_ptr<SendState>& send, int layer) {
                           << ".." << send->first_layer + send->num_layers - 1 << ")");
     mark(l - send->first_layer);
   }
-  if (cmds.empty()) return;
-  {
-    std::lock_guard<std::mutex> lock(cmd_mu_);
-    for (auto& c : cmds) commands_.push_back(std::move(c));
-    has_commands_ = true;
-  }
-  wake_progress();
+  if (!cmds.empty()) post_commands(std::move(cmds));
 }
 
 std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
@@ -733,12 +707,27 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
   return recv;
 }
 
-void Agent::inject_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
-  Command c{Command::Kind::InjectImm, nullptr, imm, peer, {}};
-  std::lock_guard<std::mutex> lock(cmd_mu_);
-  commands_.push_back(std::move(c));
-  has_commands_ = true;
+// Hands commands to the progress thread (which owns the transport and the counters) and wakes it.
+void Agent::post_commands(std::vector<Command> cmds) {
+  {
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    for (auto& c : cmds) commands_.push_back(std::move(c));
+    has_commands_ = true;
+  }
   wake_progress();
+}
+
+void Agent::post_command(Command c) {
+  {
+    std::lock_guard<std::mutex> lock(cmd_mu_);
+    commands_.push_back(std::move(c));
+    has_commands_ = true;
+  }
+  wake_progress();
+}
+
+void Agent::inject_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
+  post_command(Command{Command::Kind::InjectImm, nullptr, imm, peer, {}});
 }
 
 void Agent::inject_landing(const std::shared_ptr<PeerState>& peer, uint32_t slot, uint32_t index,
@@ -746,10 +735,7 @@ void Agent::inject_landing(const std::shared_ptr<PeerState>& peer, uint32_t slot
   Command c{Command::Kind::InjectLanding, nullptr, index, peer, {}};
   c.msg.slot = slot;
   c.bytes = std::move(bytes);
-  std::lock_guard<std::mutex> lock(cmd_mu_);
-  commands_.push_back(std::move(c));
-  has_commands_ = true;
-  wake_progress();
+  post_command(std::move(c));
 }
 
 void Agent::inject_begin(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t slot, uint32_t first_layer,
@@ -763,10 +749,7 @@ void Agent::inject_begin(const std::shared_ptr<PeerState>& peer, uint64_t xfer_i
   c.msg.first_layer = first_layer;
   c.msg.num_layers = num_layers;
   c.msg.granules_per_layer = granules_per_layer;
-  std::lock_guard<std::mutex> lock(cmd_mu_);
-  commands_.push_back(std::move(c));
-  has_commands_ = true;
-  wake_progress();
+  post_command(std::move(c));
 }
 
 }  // namespace kvxfer

@@ -181,6 +181,9 @@ class Agent {
   PathChoice landing_choice(const PeerState& peer, const PoolInfo& dst, const std::string& src_where,
                             const std::string& slots, const std::string& why_not_ipc, PathChoice c) const;
 
+  void post_command(Command c);
+  void post_commands(std::vector<Command> cmds);
+
   // progress thread (agent_progress.cpp)
   void progress_loop();
   void wake_progress();            // a command was queued (or the agent stops): end an idle wait
