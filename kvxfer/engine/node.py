@@ -147,6 +147,19 @@ def _idle(worker: DecodeWorker, inbox: queue.Queue) -> None:
         pass
 
 
+def connect_replacement(agent, ch, timeout_s: float, who: str):
+    """After the router's "new_peer": add the replacement node's kvxfer metadata (the next message) as a peer and
+    wait for its handshake. None if the newcomer died in it: this node keeps serving, the router says why."""
+    md = ch.recv(timeout_s=120)
+    try:
+        new = agent.add_peer(md)
+        agent.wait_connected(new, max(timeout_s, 30.0))
+        return new
+    except KvxferError as e:
+        print(f"{who} did not connect: {e}", file=sys.stderr, flush=True)
+        return None
+
+
 def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, interface, timeout_s: float,
                trace: str | None = None) -> None:
     import kvxfer
@@ -160,13 +173,9 @@ def run_decode(ch, model, num_blocks: int, block_size: int, transport: str, inte
 
     def admit(msg) -> bool:  # on the reader thread: admits and recvs never wait for a decode step
         if msg.get("cmd") == "new_peer":  # a replacement prefill node (the router relays its metadata)
-            md = ch.recv(timeout_s=120)
-            try:
-                new = agent.add_peer(md)
-                agent.wait_connected(new, max(timeout_s, 30.0))
+            new = connect_replacement(agent, ch, timeout_s, "decode: the replacement prefill node")
+            if new is not None:
                 peers.append(new)
-            except KvxferError as e:  # the newcomer died in its handshake: this node keeps serving
-                print(f"decode: the replacement prefill node did not connect: {e}", file=sys.stderr, flush=True)
             return True
         if msg.get("cmd") == "expect":
             for seq_id in msg["ids"]:

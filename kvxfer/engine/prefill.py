@@ -178,6 +178,7 @@ def serve(ch, model, num_blocks: int, block_size: int, transport: str, interface
     """Answer {"cmd": "prefill", "jobs": [...]} with {"type": "first", ...} as soon as the first tokens exist, then
     {"type": "kv", ...} once every send ended; until {"cmd": "bye"} or the channel closes."""
     import kvxfer
+    from kvxfer.engine.node import connect_replacement
 
     agent = kvxfer.Agent(f"prefill-{os.getpid()}", transport=transport, interface=interface, timeout_s=timeout_s)
     worker = PrefillWorker(model, num_blocks, block_size, agent, timeout_s, layer_delay_s)
@@ -191,13 +192,8 @@ def serve(ch, model, num_blocks: int, block_size: int, transport: str, interface
             ch.send_json({"ok": True})
             return
         if msg.get("cmd") == "new_peer":  # a replacement decode node: write into its blocks from now on
-            md = ch.recv(timeout_s=120)
-            try:
-                new = agent.add_peer(md)
-                agent.wait_connected(new, max(timeout_s, 30.0))
-                peer = new
-            except KvxferError as e:  # the newcomer died in its handshake: keep serving, the router says why
-                print(f"prefill: the replacement decode node did not connect: {e}", file=sys.stderr, flush=True)
+            new = connect_replacement(agent, ch, timeout_s, "prefill: the replacement decode node")
+            peer = new if new is not None else peer
             continue
         jobs = [PrefillJob(j["xfer_id"], j["prompt"], j["dst_blocks"]) for j in msg["jobs"]]
         try:

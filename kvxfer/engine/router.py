@@ -343,8 +343,8 @@ class Router:
                 items.append([req.id, token])
         self._send("decode", {"cmd": "first_token", "items": items})
         kv = self._recv_prefill("kv", self.timeout_s + 60)
-        paths = kv.get("paths") or [None] * len(batch)  # a node from before 2026-11-30 does not send them
-        for req, nbytes, exposed, err, path in zip(batch, kv["kv_bytes_each"], kv["exposed_s"], kv["errors"], paths):
+        for req, nbytes, exposed, err, path in zip(batch, kv["kv_bytes_each"], kv["exposed_s"], kv["errors"],
+                                                   kv["paths"]):
             req.timing.kv_bytes, req.timing.kv_exposed_s, req.timing.kv_error = nbytes, exposed or 0.0, err
             req.timing.kv_path = path
             with self._lock:
