@@ -50,6 +50,33 @@ def test_plan_covers_every_chunk_once(kind):
     assert (per_layer == n * layout.num_planes).all() and plan["granules_per_layer"] == n * layout.num_planes
 
 
+def test_layer_range_between_pools_stored_differently():
+    """The plan keeps one layer's writes and each layer's bases: a middle range of layers from a stacked pool (one
+    region, a layer stride) into per-layer tensors (a region per layer) must still address every chunk on its own
+    side, including runs that merge on both sides."""
+    from kvxfer import KVLayout
+
+    layout = KVLayout.vllm_flash(8, 64, 16, 2, 32, "float16")
+    src_spec = layout.spec([0] * 8, [i * layout.layer_stride for i in range(8)])
+    dst_spec = layout.spec(list(range(8)), [0] * 8)
+    rng = np.random.default_rng(7)
+    src = np.concatenate([np.arange(10, 20), rng.choice(np.arange(30, 64), 12, replace=False)]).astype(np.int32)
+    dst = np.concatenate([np.arange(40, 50), rng.choice(np.arange(0, 40), 12, replace=False)]).astype(np.int32)
+    plan = _C.build_plan(src_spec, dst_spec, src, dst, 3, 4)
+    c = layout.chunk_bytes
+    got = set()
+    for i in range(len(plan["nbytes"])):
+        for k in range(plan["granules"][i]):
+            got.add((int(plan["layer"][i]), int(plan["src_region"][i]), int(plan["src_offset"][i]) + k * c,
+                     int(plan["dst_region"][i]), int(plan["dst_offset"][i]) + k * c))
+    want = {(layer, 0, layer * layout.layer_stride + p * layout.plane_stride + int(s) * layout.block_stride,
+             layer, p * layout.plane_stride + int(d) * layout.block_stride)
+            for layer in range(3, 7) for p in range(2) for s, d in zip(src, dst)}
+    assert got == want
+    assert len(plan["nbytes"]) < len(want)  # the two id runs merged
+    assert list(plan["layer_begin"]) == [i * len(plan["nbytes"]) // 4 for i in range(5)]
+
+
 def test_long_runs_split_at_granule_limit():
     from kvxfer import KVLayout
 

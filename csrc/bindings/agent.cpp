@@ -102,7 +102,7 @@ void register_agent(py::module_& m) {
 
   py::class_<SendState, std::shared_ptr<SendState>> send(m, "SendState");
   bind_transfer(send);
-  send.def_property_readonly("num_writes", [](const SendState& s) { return s.plan.writes.size(); })
+  send.def_property_readonly("num_writes", [](const SendState& s) { return s.plan.num_writes(); })
       .def_property_readonly("nbytes", [](const SendState& s) { return s.plan.total_bytes(); })
       .def_property_readonly("slot", [](const SendState& s) { return s.slot; })
       .def_property_readonly("path", [](const SendState& s) { return std::string(send_path_name(s.path)); })

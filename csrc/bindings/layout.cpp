@@ -42,11 +42,11 @@ void register_layout(py::module_& m) {
           py::gil_scoped_release nogil;
           plan = build_plan(src, dst, s, d, src_ids.size(), first_layer, num_layers, max_write_bytes);
         }
-        const size_t n = plan.writes.size();
+        const size_t n = plan.num_writes();
         py::array_t<uint64_t> so(n), doff(n), nb(n);
         py::array_t<uint32_t> sr(n), dr(n), layer(n), gr(n);
         for (size_t i = 0; i < n; ++i) {
-          const Write& w = plan.writes[i];
+          const Write w = plan.write(static_cast<uint32_t>(i));
           so.mutable_at(i) = w.src_offset;
           doff.mutable_at(i) = w.dst_offset;
           nb.mutable_at(i) = w.nbytes;
@@ -64,7 +64,9 @@ void register_layout(py::module_& m) {
         out["layer"] = layer;
         out["granules"] = gr;
         out["granules_per_layer"] = plan.granules_per_layer;
-        out["layer_begin"] = plan.layer_begin;
+        std::vector<uint64_t> begins;
+        for (uint32_t li = 0; li <= plan.num_layers; ++li) begins.push_back(plan.layer_begin(li));
+        out["layer_begin"] = begins;
         return out;
       },
       py::arg("src"), py::arg("dst"), py::arg("src_ids"), py::arg("dst_ids"), py::arg("first_layer") = 0,
@@ -79,7 +81,7 @@ void register_layout(py::module_& m) {
     size_t writes = 0;
     const auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < repeats; ++i)
-      writes = build_plan(src, dst, sp, dp, s.size(), 0, src.num_layers, 8ull << 20).writes.size();
+      writes = build_plan(src, dst, sp, dp, s.size(), 0, src.num_layers, 8ull << 20).num_writes();
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return std::make_pair(dt / repeats, writes);
   });

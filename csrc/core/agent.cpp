@@ -53,19 +53,13 @@ std::string fabric_provider_for(const AgentOptions& o) {
   return provider;
 }
 
-// How many writes post_send_ops will post for this plan (the same gather_run rule).
+// How many writes post_send_ops will post for this plan (the same gather_run rule; every layer alike).
 uint64_t count_gathered_writes(const WritePlan& plan, size_t max_iov) {
   uint64_t ops = 0;
-  for (uint32_t li = 0; li < plan.num_layers; ++li) {
-    uint32_t i = plan.layer_begin[li];
-    const uint32_t end = plan.layer_begin[li + 1];
-    uint32_t granules;
-    while (i < end) {
-      i += static_cast<uint32_t>(gather_run(plan, i, end, max_iov, &granules));
-      ++ops;
-    }
-  }
-  return ops;
+  uint32_t granules;
+  for (uint32_t i = 0, end = plan.writes_per_layer(); i < end; ++ops)
+    i += static_cast<uint32_t>(gather_run(plan, i, end, max_iov, &granules));
+  return ops * plan.num_layers;
 }
 
 uint64_t random_u64() {

@@ -46,12 +46,10 @@ uint64_t Agent::count_staged_ops(const SendState& send) const {
   const WritePlan& plan = send.plan;
   const size_t pieces = staged_pieces(send);
   uint64_t ops = 0;
-  for (uint32_t li = 0; li < plan.num_layers; ++li) {
-    uint32_t granules;
-    for (uint32_t i = plan.layer_begin[li]; i < plan.layer_begin[li + 1]; ++ops)
-      i += static_cast<uint32_t>(staged_run(plan, i, plan.layer_begin[li + 1], send.batch_bytes, pieces, &granules));
-  }
-  return ops;
+  uint32_t granules;
+  for (uint32_t i = 0, end = plan.writes_per_layer(); i < end; ++ops)
+    i += static_cast<uint32_t>(staged_run(plan, i, end, send.batch_bytes, pieces, &granules));
+  return ops * plan.num_layers;  // every layer is cut alike
 }
 
 gpu::CopyQueue& Agent::copy_queue(int device) {
@@ -106,12 +104,12 @@ bool Agent::post_ipc_layer(SendState& send, SendState::Cursor& front, size_t& bu
   std::vector<size_t> sizes;
   for (auto& cur : send.ready) {
     if (cur.ticket) continue;
-    const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
+    const uint32_t begin = send.plan.layer_begin(cur.layer_index), end = send.plan.layer_begin(cur.layer_index + 1);
     dsts.clear();
     srcs.clear();
     sizes.clear();
     for (uint32_t i = begin; i < end; ++i) {
-      const Write& w = send.plan.writes[i];
+      const Write w = send.plan.write(i);
       dsts.push_back(reinterpret_cast<void*>(send.dst_mapped[w.dst_region] + w.dst_offset));
       srcs.push_back(reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset));
       sizes.push_back(w.nbytes);
@@ -121,7 +119,7 @@ bool Agent::post_ipc_layer(SendState& send, SendState::Cursor& front, size_t& bu
     cur.next = end - begin;
   }
   if (!queue.done(front.ticket)) return false;
-  const uint32_t nwrites = send.plan.layer_begin[front.layer_index + 1] - send.plan.layer_begin[front.layer_index];
+  const uint32_t nwrites = send.plan.writes_per_layer();
   return post_signals(send, front, nwrites, budget);
 }
 
@@ -129,7 +127,7 @@ bool Agent::post_ipc_layer(SendState& send, SendState::Cursor& front, size_t& bu
 bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState::Cursor& cur) {
   SendState& send = *owner;
   const LocalPool& src = *send.src;
-  const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
+  const uint32_t begin = send.plan.layer_begin(cur.layer_index), end = send.plan.layer_begin(cur.layer_index + 1);
   const size_t pieces = staged_pieces(send);
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
@@ -150,7 +148,7 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
     srcs.clear();
     sizes.clear();
     for (size_t k = 0; k < n; ++k) {
-      const Write& w = send.plan.writes[first + k];
+      const Write w = send.plan.write(first + k);
       dsts.push_back(at);
       srcs.push_back(reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset));
       sizes.push_back(w.nbytes);
@@ -164,7 +162,7 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
     } else {
       for (size_t k = 0; k < n; ++k) std::memcpy(dsts[k], srcs[k], sizes[k]);
     }
-    staged_.push_back(StagedOp{owner, slot, send.plan.writes[first].layer, first, static_cast<uint32_t>(n), granules,
+    staged_.push_back(StagedOp{owner, slot, send.plan.first_layer + cur.layer_index, first, static_cast<uint32_t>(n), granules,
                                ticket, false, nullptr});
     ++send.ops_posted;
     cur.next += static_cast<uint32_t>(n);
@@ -180,11 +178,11 @@ void Agent::write_landing_batch_header(const SendState& send, uint32_t first, si
   LandingHeader h;
   h.num_entries = static_cast<uint16_t>(n);
   h.xfer_slot = send.slot;
-  h.layer = send.plan.writes[first].layer;
+  h.layer = send.plan.write(first).layer;
   h.dst_pool = send.dst_pool;
   h.granules = granules;
   for (size_t k = 0; k < n; ++k) {
-    const Write& w = send.plan.writes[first + k];
+    const Write w = send.plan.write(first + k);
     entries[k] = {w.dst_offset, w.dst_region, static_cast<uint32_t>(w.nbytes)};
     h.data_bytes += w.nbytes;
   }
@@ -219,7 +217,7 @@ void Agent::staged_cma_ops(const StagedOp& op, CmaOp* ops) const {
   const PoolInfo& dst = send.peer->info.pools[send.dst_pool];
   const uint8_t* at = staging_->slot_ptr(op.slot);
   for (uint32_t k = 0; k < op.num_writes; ++k) {
-    const Write& w = send.plan.writes[op.first_write + k];
+    const Write w = send.plan.write(op.first_write + k);
     ops[k] = {at, dst.regions[w.dst_region].addr + w.dst_offset, w.nbytes};
     at += w.nbytes;
   }
@@ -299,7 +297,7 @@ bool Agent::post_staged_op(StagedOp& op) {
   } else {
     KVXFER_ASSERT(op.num_writes <= 16);
     for (; niov < op.num_writes; ++niov) {
-      const Write& w = send.plan.writes[op.first_write + niov];
+      const Write w = send.plan.write(op.first_write + niov);
       const auto& dreg = dst.regions[w.dst_region];
       iov[niov] = {at, w.nbytes, staging_->desc(), (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset,
                    dreg.rkey};
@@ -330,7 +328,7 @@ WriteIov Agent::landing_iov(const StagedOp& op, uint32_t index) const {
   const SendState& send = *op.send;
   const PeerState& peer = *send.peer;
   uint64_t data = 0;
-  for (uint32_t k = 0; k < op.num_writes; ++k) data += send.plan.writes[op.first_write + k].nbytes;
+  for (uint32_t k = 0; k < op.num_writes; ++k) data += send.plan.shape(op.first_write + k).nbytes;
   const uint64_t window = send.slot / ImmCode::kSlotWindow;
   const uint64_t offset = (window * peer.info.landing_slots + index) * peer.info.landing_slot_bytes;
   return {staging_->slot_ptr(op.slot), kLandingDataOffset + data, staging_->desc(),

@@ -282,7 +282,7 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
       } else if (send.path == SendPath::Staged) {
         if (!post_staged_layer(owner, cur)) return true;
       } else {
-        const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
+        const uint32_t begin = send.plan.layer_begin(cur.layer_index), end = send.plan.layer_begin(cur.layer_index + 1);
         // Gather up to max_iov consecutive chunks-runs into one write whose immediate carries their granule sum.
         const size_t max_iov = transport_->capabilities().max_iov;
         while (begin + cur.next < end && budget > 0) {
@@ -290,13 +290,13 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
           const size_t n = gather_run(send.plan, begin + cur.next, end, max_iov, &granules);
           WriteIov iov[16];
           for (size_t k = 0; k < n; ++k) {
-            const Write& w = send.plan.writes[begin + cur.next + k];
+            const Write w = send.plan.write(begin + cur.next + k);
             const auto& dreg = dst.regions[w.dst_region];
             iov[k] = {reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset), w.nbytes,
                       src.keys[w.src_region].desc, (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset,
                       dreg.rkey};
           }
-          const uint32_t layer = send.plan.writes[begin + cur.next].layer;
+          const uint32_t layer = send.plan.first_layer + cur.layer_index;
           OpContext* ctx = take_context();
           ctx->send = &send;
           const int rc = post_on_rails(peer, iov, n, ImmCode::encode(send.slot, layer, granules), ctx);
@@ -339,7 +339,7 @@ int Agent::post_on_rails(PeerState& peer, const WriteIov* iov, size_t n, uint32_
 // CmaWorkers::kMinParallelBytes are copied by the CMA workers, the smaller ones here, 1024 chunks per step.
 bool Agent::post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budget) {
   PeerState& peer = *send.peer;
-  const uint32_t begin = send.plan.layer_begin[cur.layer_index], end = send.plan.layer_begin[cur.layer_index + 1];
+  const uint32_t begin = send.plan.layer_begin(cur.layer_index), end = send.plan.layer_begin(cur.layer_index + 1);
   const uint32_t nwrites = end - begin;
   if (cur.next < nwrites) {
     CmaWorkers* workers = send.plan.bytes_per_layer >= CmaWorkers::kMinParallelBytes ? cma_workers() : nullptr;
@@ -365,7 +365,7 @@ void Agent::cma_ops(const SendState& send, uint32_t first, uint32_t n, CmaOp* op
   const LocalPool& src = *send.src;
   const PoolInfo& dst = send.peer->info.pools[send.dst_pool];
   for (uint32_t k = 0; k < n; ++k) {
-    const Write& w = send.plan.writes[first + k];
+    const Write w = send.plan.write(first + k);
     ops[k] = {reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset),
               dst.regions[w.dst_region].addr + w.dst_offset, w.nbytes};
   }
@@ -383,7 +383,7 @@ void Agent::submit_cma_layers(SendState& send, CmaWorkers& workers) {
     }
     if (c.next > 0) continue;  // copied (signals going out)
     if (in_flight == kCmaLayersInFlight) break;
-    const uint32_t begin = send.plan.layer_begin[c.layer_index], end = send.plan.layer_begin[c.layer_index + 1];
+    const uint32_t begin = send.plan.layer_begin(c.layer_index), end = send.plan.layer_begin(c.layer_index + 1);
     ops.resize(end - begin);
     cma_ops(send, begin, end - begin, ops.data());
     c.cma = workers.submit(static_cast<pid_t>(send.peer->info.pid), ops.data(), ops.size());

@@ -34,8 +34,8 @@ void check_layer_range(const LayoutSpec& l, uint32_t first, uint32_t count) {
 size_t gather_run(const WritePlan& plan, uint32_t i, uint32_t end, size_t max_iov, uint32_t* granules) {
   size_t n = 0;
   uint32_t sum = 0;
-  while (n < max_iov && i + n < end && sum + plan.writes[i + n].granules <= ImmCode::kMaxGranules)
-    sum += plan.writes[i + n++].granules;
+  while (n < max_iov && i + n < end && sum + plan.shape(i + n).granules <= ImmCode::kMaxGranules)
+    sum += plan.shape(i + n++).granules;
   *granules = sum;
   return n;
 }
@@ -46,7 +46,7 @@ size_t staged_run(const WritePlan& plan, uint32_t i, uint32_t end, uint64_t slot
   uint32_t sum = 0;
   uint64_t bytes = 0;
   while (n < max_pieces && i + n < end) {
-    const Write& w = plan.writes[i + n];
+    const Write& w = plan.shape(i + n);
     if (sum + w.granules > ImmCode::kMaxGranules || bytes + w.nbytes > slot_bytes) break;
     sum += w.granules;
     bytes += w.nbytes;
@@ -79,39 +79,38 @@ WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t
   plan.num_blocks = static_cast<uint32_t>(n);
   plan.granules_per_layer = granules;
   plan.bytes_per_layer = static_cast<uint64_t>(granules) * src.chunk_bytes;
-  plan.layer_begin.reserve(num_layers + 1);
-  // Random block ids (the common case) rarely coalesce: reserve every chunk up front rather than regrow 3 times.
-  plan.writes.reserve(static_cast<size_t>(granules) * num_layers);
-
+  plan.layers.reserve(num_layers);
+  for (uint32_t li = 0; li < num_layers; ++li) {
+    const uint32_t layer = first_layer + li;
+    plan.layers.push_back(LayerBase{src.layer_offset[layer], dst.layer_offset[layer], src.layer_region[layer],
+                                    dst.layer_region[layer]});
+  }
+  // Random block ids (the common case) rarely coalesce: reserve every chunk of the layer up front.
+  plan.layer_writes.reserve(granules);
   const bool planes_inner = dst.num_planes == 1 || dst.plane_stride < dst.block_stride;
   const uint32_t P = src.num_planes;
   const uint64_t chunk = src.chunk_bytes;
-  for (uint32_t li = 0; li < num_layers; ++li) {
-    const uint32_t layer = first_layer + li;
-    plan.layer_begin.push_back(static_cast<uint32_t>(plan.writes.size()));
-    const uint32_t sr = src.layer_region[layer], dr = dst.layer_region[layer];
-    Write* cur = nullptr;
-    auto add = [&](uint32_t plane, size_t i) {
-      const uint64_t so = src.offset(layer, plane, static_cast<uint32_t>(src_ids[i]));
-      const uint64_t d_o = dst.offset(layer, plane, static_cast<uint32_t>(dst_ids[i]));
-      if (cur && cur->src_offset + cur->nbytes == so && cur->dst_offset + cur->nbytes == d_o &&
-          cur->granules < ImmCode::kMaxGranules && cur->nbytes + chunk <= max_write_bytes) {
-        cur->nbytes += chunk;
-        cur->granules += 1;
-        return;
-      }
-      plan.writes.push_back(Write{so, d_o, chunk, sr, dr, layer, 1});
-      cur = &plan.writes.back();
-    };
-    if (planes_inner) {
-      for (size_t i = 0; i < n; ++i)
-        for (uint32_t p = 0; p < P; ++p) add(p, i);
-    } else {
-      for (uint32_t p = 0; p < P; ++p)
-        for (size_t i = 0; i < n; ++i) add(p, i);
+  Write* cur = nullptr;
+  auto add = [&](uint32_t plane, size_t i) {
+    // Relative to the layer's base (LayoutSpec::offset without layer_offset).
+    const uint64_t so = plane * src.plane_stride + static_cast<uint64_t>(src_ids[i]) * src.block_stride;
+    const uint64_t d_o = plane * dst.plane_stride + static_cast<uint64_t>(dst_ids[i]) * dst.block_stride;
+    if (cur && cur->src_offset + cur->nbytes == so && cur->dst_offset + cur->nbytes == d_o &&
+        cur->granules < ImmCode::kMaxGranules && cur->nbytes + chunk <= max_write_bytes) {
+      cur->nbytes += chunk;
+      cur->granules += 1;
+      return;
     }
+    plan.layer_writes.push_back(Write{so, d_o, chunk, 0, 0, 0, 1});
+    cur = &plan.layer_writes.back();
+  };
+  if (planes_inner) {
+    for (size_t i = 0; i < n; ++i)
+      for (uint32_t p = 0; p < P; ++p) add(p, i);
+  } else {
+    for (uint32_t p = 0; p < P; ++p)
+      for (size_t i = 0; i < n; ++i) add(p, i);
   }
-  plan.layer_begin.push_back(static_cast<uint32_t>(plan.writes.size()));
   return plan;
 }
 

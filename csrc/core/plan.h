@@ -1,4 +1,4 @@
-// WritePlan: block ids x layers expanded into merged writes, sliced per layer. Built in C++ only.
+// WritePlan: block ids x layers as merged writes, sliced per layer. Built in C++ only.
 //
 // Chunks are visited block by block in the caller's order (planes inner when the destination keeps a block's
 // planes closer together than consecutive blocks, planes outer otherwise) and a chunk is merged into the previous
@@ -23,16 +23,41 @@ struct Write {
   uint32_t granules;    // chunks carried, for the immediate
 };
 
+struct LayerBase {
+  uint64_t src_offset;  // byte offset of the layer's (plane 0, block 0) in its source region
+  uint64_t dst_offset;
+  uint32_t src_region;
+  uint32_t dst_region;
+};
+
+// Every layer of a transfer moves the same blocks, and a chunk's offset is the layer's base plus a part that does
+// not depend on the layer (layout.h), so merging comes out the same in every layer: the plan keeps one layer's
+// writes (offsets relative to the layer's base) and each layer's base, and yields write i on demand. A 32-layer
+// request thus costs one layer's planning, not 32.
 struct WritePlan {
   uint32_t first_layer = 0;
   uint32_t num_layers = 0;
   uint32_t num_blocks = 0;
   uint32_t granules_per_layer = 0;     // num_blocks * num_planes: what the receiver counts per layer
   uint64_t bytes_per_layer = 0;
-  std::vector<Write> writes;           // all writes, grouped by layer
-  std::vector<uint32_t> layer_begin;   // [num_layers + 1]: writes of layer first_layer+i are [begin[i], begin[i+1])
+  std::vector<Write> layer_writes;     // one layer's writes, offsets relative to the layer's bases, layer 0
+  std::vector<LayerBase> layers;       // [num_layers]: where layer first_layer+i starts on both sides
 
   uint64_t total_bytes() const { return bytes_per_layer * num_layers; }
+  uint32_t writes_per_layer() const { return static_cast<uint32_t>(layer_writes.size()); }
+  uint64_t num_writes() const { return static_cast<uint64_t>(layer_writes.size()) * num_layers; }
+  // Writes of layer first_layer+li are [layer_begin(li), layer_begin(li + 1)).
+  uint32_t layer_begin(uint32_t li) const { return li * writes_per_layer(); }
+  // Size and granules of write i (the same in every layer), without building it.
+  const Write& shape(uint32_t i) const { return layer_writes[i % layer_writes.size()]; }
+  // Write i, with absolute offsets, regions and layer.
+  Write write(uint32_t i) const {
+    const uint32_t li = i / writes_per_layer();
+    const Write& t = layer_writes[i - li * writes_per_layer()];
+    const LayerBase& b = layers[li];
+    return Write{b.src_offset + t.src_offset, b.dst_offset + t.dst_offset, t.nbytes, b.src_region, b.dst_region,
+                 first_layer + li, t.granules};
+  }
 };
 
 // Validates the ids (in range on their side, same count, no duplicate destination) and the layer range, then
