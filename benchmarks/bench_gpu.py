@@ -4,7 +4,9 @@
 
   cuda_ipc : the reference request (Llama-3-8B shape: 32 layers, 256 random blocks of 16 tokens x 8 heads x 128
              dims bf16, K and V: 16,384 chunks of 32 KiB = 512 MiB) from a GPU pool in this process into a GPU pool
-             of another process on the same GPU, as a ratio of one cudaMemcpy device-to-device of 512 MiB.
+             of another process on the same GPU, as a ratio of one cudaMemcpy device-to-device of 512 MiB; run
+             twice: the batched launch (one gather kernel for the layers ready together, marking each layer landed)
+             and KVXFER_GPU_LAUNCH=per_layer (one launch and one event per layer, as measured in November 2026).
   staged   : the same request from a GPU pool into a host pool of the other process (GPU -> pinned bounce slots ->
              cma), as a ratio of one pinned device-to-host copy of 512 MiB.
   landing  : the same request GPU pool -> GPU pool with both agents on transport tcp, as between two hosts without
@@ -15,7 +17,8 @@ Each rep times send() .. DONE on the sender (DONE means the receiver counted eve
 verified byte for byte once per path. Also printed: the ratio of the time after the send() call (an engine calls
 send() when it schedules the request, before any layer is ready, so the plan build hides behind prefill) and how
 same-host completions travel (doorbell rings or fabric), and the gather kernel alone on the same chunks (one
-launch per layer, and one for all layers) against the same limit. Without a GPU it prints why and exits 1.
+launch per layer, one for all layers, and the batched launch with its per-layer words) against the same limit.
+Without a GPU it prints why and exits 1.
 """
 from __future__ import annotations
 
@@ -159,6 +162,7 @@ def run_path(name, where, reps, transport="auto"):
             "gbps": nbytes / best / 1e9, "limit_gbps": nbytes / limit_s / 1e9, "ratio": limit_s / best,
             "limit": limit, "verified": True, "path_reason": send.path_reason,
             "copy_mode": os.environ.get("KVXFER_GPU_COPY", "auto"), "send_call_median_s": float(np.median(opens)),
+            "launch": os.environ.get("KVXFER_GPU_LAUNCH", "batched"), "gpu_layer_launches": agent.stats()["gpu_layer_launches"],
             "signals": peer.signals, "data_ratio": limit_s / (float(np.median(times)) - float(np.median(opens)))}
 
 
@@ -192,6 +196,17 @@ def kernel_only(reps):
         t = _C.gpu_gather_seconds(torch.cuda.current_device(), d, s_, sizes, np.array(g, np.uint32), reps)
         rows.append({"path": "kernel only", "launches": label, "best_s": t, "gbps": nbytes / t / 1e9,
                      "limit_gbps": nbytes / limit_s / 1e9, "ratio": limit_s / t, "limit": "cudaMemcpy D2D 512 MiB"})
+    # cuda_ipc's batched launch (CopyQueue::copy_layers): one layer's chunks relative to each layer's bases, every
+    # layer marked landed by the kernel; timed until the host saw the last layer's word.
+    per_layer = groups[1]
+    rel_d = (d[:per_layer] - np.uint64(dst[0].data_ptr())).astype(np.uint64)
+    rel_s = (s_[:per_layer] - np.uint64(src[0].data_ptr())).astype(np.uint64)
+    t = _C.gpu_copy_layers_seconds(torch.cuda.current_device(), rel_d, rel_s, sizes[:per_layer],
+                                   np.array([x.data_ptr() for x in src], np.uint64),
+                                   np.array([x.data_ptr() for x in dst], np.uint64), reps)
+    rows.append({"path": "kernel only", "launches": "all layers (1 launch, a word per layer)", "best_s": t,
+                 "gbps": nbytes / t / 1e9, "limit_gbps": nbytes / limit_s / 1e9, "ratio": limit_s / t,
+                 "limit": "cudaMemcpy D2D 512 MiB"})
     return rows
 
 
@@ -210,8 +225,12 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device visible (this benchmark needs an NVIDIA GPU)", file=sys.stderr)
         return 1
-    rows = [run_path("cuda_ipc", "cuda", args.reps), run_path("staged", "cpu", args.reps),
-            run_path("landing", "cuda", args.reps, transport="tcp")]
+    rows = [run_path("cuda_ipc", "cuda", args.reps)]
+    if os.environ.get("KVXFER_GPU_LAUNCH", "batched") == "batched":  # and the design measured before it
+        os.environ["KVXFER_GPU_LAUNCH"] = "per_layer"
+        rows.append(run_path("cuda_ipc", "cuda", args.reps))
+        os.environ.pop("KVXFER_GPU_LAUNCH")
+    rows += [run_path("staged", "cpu", args.reps), run_path("landing", "cuda", args.reps, transport="tcp")]
     if args.compare_fabric_signals:  # the same paths with same-host completions over the fabric (the old way)
         os.environ["KVXFER_DOORBELL"] = "0"
         rows += [run_path("cuda_ipc", "cuda", args.reps), run_path("staged", "cpu", args.reps)]
@@ -222,7 +241,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['path']:10} {r['send_path']:10} {r['gbps']:8.1f} {r['limit_gbps']:11.1f} {r['ratio']:6.2f}  {r['limit']}"
               f"  (send() call {r['send_call_median_s'] * 1e3:.2f} ms of {r['median_s'] * 1e3:.2f} ms median; "
-              f"after send(): {r['data_ratio']:.2f} of the limit; signals: {r['signals']})")
+              f"after send(): {r['data_ratio']:.2f} of the limit; signals: {r['signals']}"
+              f"{'; launch ' + r['launch'] if r['send_path'] == 'cuda_ipc' else ''})")
     for r in kernel:
         print(f"{r['path']:10} {'':10} {r['gbps']:8.1f} {r['limit_gbps']:11.1f} {r['ratio']:6.2f}  {r['limit']}"
               f"  ({r['launches']}, {r['best_s'] * 1e3:.3f} ms)")

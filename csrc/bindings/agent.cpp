@@ -193,6 +193,7 @@ void register_agent(py::module_& m) {
         d["landings"] = s.landings;
         d["landing_rejected"] = s.landing_rejected;
         d["landing_waits"] = s.landing_waits;
+        d["gpu_layer_launches"] = s.gpu_layer_launches;
         py::list rails;
         for (const auto& r : s.rails) {
           py::dict rd;

@@ -64,8 +64,6 @@ void register_info(py::module_& m) {
     return py::make_tuple(ok, why);
   });
 
-  // The same-host limit kvxfer's cma path is measured against: one thread, process_vm_writev of the same chunks
-  // (src addr, remote addr, nbytes) into `pid`, batched IOV_MAX at a time. Returns seconds.
   // The gather-copy kernel alone, for benchmarks/bench_gpu.py: n chunks (device addresses reachable from `device`)
   // copied as one launch per group [group_begin[g], group_begin[g + 1]) with an event after each, as the cuda_ipc
   // path enqueues layers, then drained. Returns the wall seconds of the best of `reps` runs (after a warm-up).
@@ -103,6 +101,49 @@ void register_info(py::module_& m) {
     return best;
   });
 
+  // CopyQueue::copy_layers alone, for tests/gpu and benchmarks/bench_gpu.py: the chunks (rel_dst, rel_src, n) of one
+  // layer, relative to each layer's bases (src_bases[l], dst_bases[l]), for every layer as one kernel; waits until
+  // every layer's token says it landed (not the event), then drains. Returns the wall seconds of the best of `reps`
+  // runs after a warm-up (reps 0: one run, no warm-up).
+  m.def("gpu_copy_layers_seconds", [](int device, py::array_t<uint64_t, py::array::c_style> rel_dst,
+                                      py::array_t<uint64_t, py::array::c_style> rel_src,
+                                      py::array_t<uint64_t, py::array::c_style> n,
+                                      py::array_t<uint64_t, py::array::c_style> src_bases,
+                                      py::array_t<uint64_t, py::array::c_style> dst_bases, int reps) {
+    KVXFER_CHECK(rel_dst.size() == rel_src.size() && rel_src.size() == n.size() && n.size() >= 1, InvalidArgument,
+                 "rel_dst, rel_src and n must have one entry per chunk of a layer (at least one)");
+    KVXFER_CHECK(src_bases.size() == dst_bases.size() && src_bases.size() >= 1, InvalidArgument,
+                 "src_bases and dst_bases must have one entry per layer");
+    std::vector<gpu::CopyQueue::RelCopy> rel(n.size());
+    for (py::ssize_t i = 0; i < n.size(); ++i) rel[i] = {rel_dst.at(i), rel_src.at(i), n.at(i)};
+    std::vector<gpu::CopyQueue::LayerBases> bases(src_bases.size());
+    for (py::ssize_t i = 0; i < src_bases.size(); ++i) bases[i] = {src_bases.at(i), dst_bases.at(i)};
+    py::gil_scoped_release nogil;
+    gpu::CopyQueue q(device);
+    KVXFER_CHECK(q.can_copy_layers(rel.size(), 0), TransportUnavailable,
+                 "copy_layers is unavailable here (KVXFER_GPU_LAUNCH=per_layer, KVXFER_GPU_COPY=copy_engine, no "
+                 "pinned memory, or more than one launch's descriptors)");
+    std::vector<uint64_t> tokens(bases.size());
+    double best = 1e30;
+    const int runs = reps > 0 ? reps + 1 : 1;  // a warm-up first when timing
+    for (int run = 0; run < runs; ++run) {
+      const auto t0 = std::chrono::steady_clock::now();
+      KVXFER_CHECK(q.copy_layers(rel.data(), rel.size(), bases.data(), bases.size(), tokens.data()), TransferFailed,
+                   "no room for the descriptors");
+      const uint64_t ticket = q.record();
+      for (size_t l = 0; l < tokens.size(); ++l)
+        while (!q.layer_landed(tokens[l], ticket)) {
+        }
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      q.drain();
+      KVXFER_CHECK(q.done(ticket), TransferFailed, "the gather kernel did not complete");
+      if (reps <= 0 || run > 0) best = std::min(best, dt);
+    }
+    return best;
+  });
+
+  // The same-host limit kvxfer's cma path is measured against: one thread, process_vm_writev of the same chunks
+  // (src addr, remote addr, nbytes) into `pid`, batched IOV_MAX at a time. Returns seconds.
   m.def("cma_copy_seconds", [](int pid, py::array_t<uint64_t, py::array::c_style> src,
                                py::array_t<uint64_t, py::array::c_style> dst, py::array_t<uint64_t, py::array::c_style> n) {
     std::vector<CmaOp> ops(src.size());

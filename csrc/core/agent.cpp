@@ -174,6 +174,7 @@ AgentStats Agent::stats() const {
   s.slot_violations = counters_.slot_violations;
   s.idle_waits = counters_.idle_waits;
   s.cma_jobs = counters_.cma_jobs;
+  s.gpu_layer_launches = counters_.gpu_layer_launches;
   s.aborts_deferred = counters_.aborts_deferred;
   s.doorbell_sent = counters_.doorbell_sent;
   s.doorbell_received = counters_.doorbell_received;

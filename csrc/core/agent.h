@@ -88,6 +88,7 @@ struct AgentStats {
   uint64_t doorbell_wakes = 0;    // entries after which we woke a blocked peer (its eventfd)
   uint64_t landings = 0;          // receiver: batches copied from landing slots into a pool
   uint64_t landing_rejected = 0;  // receiver: landing batches refused (malformed header, out-of-bounds entry)
+  uint64_t gpu_layer_launches = 0; // cuda_ipc: gather kernels that carried one or more layers and marked each landed
   uint64_t landing_waits = 0;     // sender: times a batch waited for a free landing slot of its peer
   std::vector<RailStats> rails;
 };
@@ -203,6 +204,7 @@ class Agent {
   void open_doorbell(PeerState& peer);  // add_peer: map a same-host peer's rings, or say why not
   // agent_gpu.cpp: the CUDA IPC and staged paths
   bool post_ipc_layer(SendState& send, SendState::Cursor& cur, size_t& budget);
+  void enqueue_ipc_layers(SendState& send, gpu::CopyQueue& queue);
   bool post_staged_layer(const std::shared_ptr<SendState>& send, SendState::Cursor& cur);
   bool advance_staged(size_t& budget);
   bool post_staged_op(StagedOp& op);
@@ -304,7 +306,7 @@ class Agent {
     std::atomic<uint64_t> writes_posted{0}, imms_received{0}, eagain{0}, dropped_messages{0}, unknown_imms{0};
     std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0}, idle_waits{0}, cma_jobs{0}, aborts_deferred{0};
     std::atomic<uint64_t> doorbell_sent{0}, doorbell_received{0}, doorbell_wakes{0};
-    std::atomic<uint64_t> landings{0}, landing_rejected{0}, landing_waits{0};
+    std::atomic<uint64_t> landings{0}, landing_rejected{0}, landing_waits{0}, gpu_layer_launches{0};
   } counters_;
 
   std::atomic<bool> stop_{false};

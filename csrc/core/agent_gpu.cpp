@@ -92,35 +92,63 @@ void Agent::open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_poo
   send.dst_mapped = it->second;
 }
 
-// Enqueues the copies of every ready layer not enqueued yet, one batch and one event per layer, then signals the
-// front layer once its copies landed. Per-layer events let layer L's signal go out while later layers still copy;
-// one batch for all the layers of an all_ready() (one event) measured slower end to end on an H200 (median 1.47 ms
-// vs 1.01 ms for the 512 MiB reference request): every signal then waits for the last copy.
+// Signals the front layer once its copies landed, after enqueuing every ready layer not enqueued yet.
 bool Agent::post_ipc_layer(SendState& send, SendState::Cursor& front, size_t& budget) {
   gpu::CopyQueue& queue = copy_queue(send.copy_device);
+  enqueue_ipc_layers(send, queue);
+  const bool landed = front.token ? queue.layer_landed(front.token, front.ticket) : queue.done(front.ticket);
+  if (!landed) return false;
+  return post_signals(send, front, send.plan.writes_per_layer(), budget);
+}
+
+// The ready layers not enqueued yet go as one gather kernel that marks each layer as it lands (CopyQueue::
+// copy_layers: one launch, no event per layer), so layer L's signal leaves while later layers still copy. Where
+// that kernel cannot serve (host source, copy engines, KVXFER_GPU_LAUNCH=per_layer, no ring room) each layer is one
+// batch with one event: one event for a whole all_ready() measured slower on an H200 (median 1.47 ms vs 1.01 ms for
+// the 512 MiB reference request), as every signal then waited for the last copy.
+void Agent::enqueue_ipc_layers(SendState& send, gpu::CopyQueue& queue) {
+  std::vector<SendState::Cursor*> todo;
+  for (auto& cur : send.ready)
+    if (!cur.ticket) todo.push_back(&cur);
+  if (todo.empty()) return;
+  const WritePlan& plan = send.plan;
   const LocalPool& src = *send.src;
-  std::vector<void*> dsts;
-  std::vector<const void*> srcs;
-  std::vector<size_t> sizes;
-  for (auto& cur : send.ready) {
-    if (cur.ticket) continue;
-    const uint32_t begin = send.plan.layer_begin(cur.layer_index), end = send.plan.layer_begin(cur.layer_index + 1);
-    dsts.clear();
-    srcs.clear();
-    sizes.clear();
-    for (uint32_t i = begin; i < end; ++i) {
-      const Write w = send.plan.write(i);
-      dsts.push_back(reinterpret_cast<void*>(send.dst_mapped[w.dst_region] + w.dst_offset));
-      srcs.push_back(reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset));
-      sizes.push_back(w.nbytes);
+  const uint32_t n = plan.writes_per_layer();
+  auto src_base = [&](const LayerBase& b) { return src.regions[b.src_region].addr + b.src_offset; };
+  auto dst_base = [&](const LayerBase& b) { return send.dst_mapped[b.dst_region] + b.dst_offset; };
+  if (src.on_gpu && queue.can_copy_layers(n, plan.bytes_per_layer / n)) {
+    std::vector<gpu::CopyQueue::RelCopy> rel;
+    rel.reserve(n);
+    for (const Write& w : plan.layer_writes) rel.push_back({w.dst_offset, w.src_offset, w.nbytes});
+    std::vector<gpu::CopyQueue::LayerBases> bases;
+    for (const auto* c : todo) bases.push_back({src_base(plan.layers[c->layer_index]), dst_base(plan.layers[c->layer_index])});
+    std::vector<uint64_t> tokens(todo.size());
+    if (queue.copy_layers(rel.data(), n, bases.data(), bases.size(), tokens.data())) {
+      const uint64_t ticket = queue.record();
+      for (size_t i = 0; i < todo.size(); ++i) {
+        todo[i]->token = tokens[i];
+        todo[i]->ticket = ticket;
+        todo[i]->next = n;
+      }
+      counters_.gpu_layer_launches++;
+      return;
     }
-    queue.copy(dsts.data(), srcs.data(), sizes.data(), dsts.size(), /*device_reachable=*/src.on_gpu);
-    cur.ticket = queue.record();
-    cur.next = end - begin;
   }
-  if (!queue.done(front.ticket)) return false;
-  const uint32_t nwrites = send.plan.writes_per_layer();
-  return post_signals(send, front, nwrites, budget);
+  std::vector<void*> dsts(n);
+  std::vector<const void*> srcs(n);
+  std::vector<size_t> sizes(n);
+  for (auto* cur : todo) {
+    const LayerBase& b = plan.layers[cur->layer_index];
+    for (uint32_t k = 0; k < n; ++k) {
+      const Write& w = plan.layer_writes[k];
+      dsts[k] = reinterpret_cast<void*>(dst_base(b) + w.dst_offset);
+      srcs[k] = reinterpret_cast<const void*>(src_base(b) + w.src_offset);
+      sizes[k] = w.nbytes;
+    }
+    queue.copy(dsts.data(), srcs.data(), sizes.data(), n, /*device_reachable=*/src.on_gpu);
+    cur->ticket = queue.record();
+    cur->next = n;
+  }
 }
 
 // Copies batches of the cursor's layer into free bounce slots. Returns true once the whole layer is queued.

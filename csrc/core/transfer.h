@@ -116,8 +116,9 @@ class SendState : public TransferBase {
   struct Cursor {
     uint32_t layer_index;
     uint32_t next;
-    uint64_t ticket = 0;          // CudaIpc: the layer's copy event
+    uint64_t ticket = 0;          // CudaIpc: the event after the layer's copies (shared by a batched launch)
     std::shared_ptr<CmaJob> cma;  // Cma: the layer's copy running on the CMA workers
+    uint64_t token = 0;           // CudaIpc, batched launch: the layer's completion token (CopyQueue::copy_layers)
   };
   std::vector<Cursor> ready;        // layers marked and not yet fully posted, in marking order
   uint64_t ops_posted = 0, ops_completed = 0, ops_expected = 0;

@@ -33,6 +33,23 @@ struct CopyDesc {
 // max_blocks blocks of 256 threads.
 cudaError_t launch_gather_copy(const CopyDesc* descs, uint32_t n, uint32_t max_blocks, cudaStream_t stream);
 
+// One layer of launch_gather_layers: where the layer starts on each side, and the word that says it landed.
+struct LayerCopy {
+  uint64_t src_base, dst_base;  // added to every descriptor's src / dst
+  uint64_t stamp;               // stored into done_words[word] once every copy of the layer is visible system-wide
+  uint64_t word;
+};
+constexpr uint32_t kMaxGatherLayers = 256;
+// Enqueues on `stream` one kernel that performs the n copies of `rel` (src/dst offsets relative to each layer's
+// bases) for each of num_layers (<= kMaxGatherLayers) layers, every block going layer by layer. The last block to
+// finish a layer stores its stamp into done_words[word] (pinned mapped host memory), so the host sees each layer
+// land while later layers still copy, with one launch and no event per layer. arrivals: device memory of at least
+// num_layers zeroed words, left zeroed for the next launch on the same stream. rel and layers must stay readable
+// by the device until the kernel completes.
+cudaError_t launch_gather_layers(const CopyDesc* rel, uint32_t n, const LayerCopy* layers, uint32_t num_layers,
+                                 uint32_t* arrivals, volatile uint64_t* done_words, uint32_t max_blocks,
+                                 cudaStream_t stream);
+
 // ---- memory (csrc/cuda/memory.cu) ---------------------------------------------------------------------------
 // Number of usable devices; an error (no driver, no device) is returned, never thrown.
 cudaError_t device_count(int* count);

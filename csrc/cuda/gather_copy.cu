@@ -1,7 +1,8 @@
 // One kernel that performs a whole batch of scattered copies (a layer's KV chunks): the copy engines pay a few
 // microseconds per copy, which caps a layer of 512 chunks of 32 KiB near 7 GB/s on an H100; one launch for all of
 // them runs at device-memory speed. Used by CopyQueue when every source and destination is reachable from the
-// device (local device memory, a peer's CUDA IPC mapping, pinned mapped host memory).
+// device (local device memory, a peer's CUDA IPC mapping, pinned mapped host memory). gather_layers_kernel does the
+// same chunks for several layers in one launch and reports each layer as it lands (the cuda_ipc path).
 #include "cuda/api.cuh"
 
 namespace kvxfer {
@@ -15,33 +16,68 @@ __device__ void copy_bytes(unsigned char* dst, const unsigned char* src, uint64_
   for (uint64_t i = tid; i < n; i += nthreads) dst[i] = src[i];
 }
 
+// One chunk, by the whole block: 16-byte vectors, four in flight per thread, for the aligned bulk (KV chunks are
+// whole multiples), bytes for a tail or unaligned chunks.
+__device__ void copy_chunk(unsigned char* dst, const unsigned char* src, uint64_t nbytes) {
+  if (((reinterpret_cast<uint64_t>(dst) | reinterpret_cast<uint64_t>(src)) & 15) != 0) {
+    copy_bytes(dst, src, nbytes, threadIdx.x, kThreads);
+    return;
+  }
+  const uint64_t vecs = nbytes / 16;
+  auto* dv = reinterpret_cast<uint4*>(dst);
+  const auto* sv = reinterpret_cast<const uint4*>(src);
+  uint64_t i = threadIdx.x;
+  for (; i + 3 * kThreads < vecs; i += 4 * kThreads) {
+    const uint4 a = sv[i], b = sv[i + kThreads], e = sv[i + 2 * kThreads], f = sv[i + 3 * kThreads];
+    dv[i] = a;
+    dv[i + kThreads] = b;
+    dv[i + 2 * kThreads] = e;
+    dv[i + 3 * kThreads] = f;
+  }
+  for (; i < vecs; i += kThreads) dv[i] = sv[i];
+  copy_bytes(dst + vecs * 16, src + vecs * 16, nbytes - vecs * 16, threadIdx.x, kThreads);
+}
+
 __global__ void gather_copy_kernel(const CopyDesc* descs, uint32_t n) {
   for (uint32_t d = blockIdx.x; d < n; d += gridDim.x) {
     const CopyDesc c = descs[d];
-    auto* dst = reinterpret_cast<unsigned char*>(c.dst);
-    const auto* src = reinterpret_cast<const unsigned char*>(c.src);
-    if (((c.dst | c.src) & 15) == 0) {
-      // 16-byte vectors for the aligned bulk (KV chunks are whole multiples), bytes for a tail.
-      const uint64_t vecs = c.nbytes / 16;
-      auto* dv = reinterpret_cast<uint4*>(dst);
-      const auto* sv = reinterpret_cast<const uint4*>(src);
-      uint64_t i = threadIdx.x;
-      for (; i + 3 * kThreads < vecs; i += 4 * kThreads) {
-        const uint4 a = sv[i], b = sv[i + kThreads], e = sv[i + 2 * kThreads], f = sv[i + 3 * kThreads];
-        dv[i] = a;
-        dv[i + kThreads] = b;
-        dv[i + 2 * kThreads] = e;
-        dv[i + 3 * kThreads] = f;
-      }
-      for (; i < vecs; i += kThreads) dv[i] = sv[i];
-      copy_bytes(dst + vecs * 16, src + vecs * 16, c.nbytes - vecs * 16, threadIdx.x, kThreads);
-    } else {
-      copy_bytes(dst, src, c.nbytes, threadIdx.x, kThreads);
-    }
+    copy_chunk(reinterpret_cast<unsigned char*>(c.dst), reinterpret_cast<const unsigned char*>(c.src), c.nbytes);
   }
   // Writes into another process's memory (CUDA IPC) or host memory must be visible there once the event that
   // follows this kernel completes; stream order gives that for the device, the fence for the system.
   __threadfence_system();
+}
+
+constexpr uint32_t kCachedDescs = 16;
+
+__global__ void gather_layers_kernel(const CopyDesc* rel, uint32_t n, const LayerCopy* layers, uint32_t num_layers,
+                                     uint32_t* arrivals, volatile uint64_t* done_words) {
+  // The descriptors live in host memory: this block's own (rel[blockIdx.x + k * gridDim.x]) and every layer's
+  // bases are read once into shared memory, not once per layer across PCIe.
+  __shared__ CopyDesc mine[kCachedDescs];
+  __shared__ LayerCopy bases[kMaxGatherLayers];
+  const uint32_t count = blockIdx.x < n ? (n - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  const uint32_t cached = count < kCachedDescs ? count : kCachedDescs;
+  for (uint32_t k = threadIdx.x; k < cached; k += blockDim.x) mine[k] = rel[blockIdx.x + k * gridDim.x];
+  for (uint32_t l = threadIdx.x; l < num_layers; l += blockDim.x) bases[l] = layers[l];
+  __syncthreads();
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    const uint64_t sb = bases[l].src_base, db = bases[l].dst_base;
+    for (uint32_t k = 0; k < count; ++k) {
+      const CopyDesc c = k < cached ? mine[k] : rel[blockIdx.x + k * gridDim.x];
+      copy_chunk(reinterpret_cast<unsigned char*>(db + c.dst), reinterpret_cast<const unsigned char*>(sb + c.src),
+                 c.nbytes);
+    }
+    // Every thread's writes of the layer are visible system-wide before its block counts itself; the block that
+    // counts last therefore knows the whole layer landed, and fences again before it publishes the word.
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0 && atomicAdd(&arrivals[l], 1u) == gridDim.x - 1) {
+      arrivals[l] = 0;  // every block has counted: zero for the next launch on this stream
+      __threadfence_system();
+      done_words[bases[l].word] = bases[l].stamp;
+    }
+  }
 }
 
 }  // namespace
@@ -50,6 +86,15 @@ cudaError_t launch_gather_copy(const CopyDesc* descs, uint32_t n, uint32_t max_b
   if (n == 0) return cudaSuccess;
   const uint32_t blocks = n < max_blocks ? n : max_blocks;
   gather_copy_kernel<<<blocks, kThreads, 0, stream>>>(descs, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gather_layers(const CopyDesc* rel, uint32_t n, const LayerCopy* layers, uint32_t num_layers,
+                                 uint32_t* arrivals, volatile uint64_t* done_words, uint32_t max_blocks,
+                                 cudaStream_t stream) {
+  if (n == 0 || num_layers == 0 || num_layers > kMaxGatherLayers) return cudaErrorInvalidValue;
+  const uint32_t blocks = n < max_blocks ? n : max_blocks;
+  gather_layers_kernel<<<blocks, kThreads, 0, stream>>>(rel, n, layers, num_layers, arrivals, done_words);
   return cudaGetLastError();
 }
 

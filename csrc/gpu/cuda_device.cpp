@@ -205,6 +205,16 @@ struct DescRing {
 };
 
 enum class CopyMode { Auto, Kernel, CopyEngine };
+enum class LaunchMode { Batched, PerLayer };
+
+// KVXFER_GPU_LAUNCH=per_layer: cuda_ipc layers as one launch and one event each (the design measured on the H100
+// and H200 in November 2026), to compare with batched, the default (CopyQueue::copy_layers).
+LaunchMode launch_mode_from_env() {
+  const char* v = std::getenv("KVXFER_GPU_LAUNCH");
+  if (!v || !*v || std::strcmp(v, "batched") == 0) return LaunchMode::Batched;
+  if (std::strcmp(v, "per_layer") == 0) return LaunchMode::PerLayer;
+  KVXFER_THROW(InvalidArgument, "KVXFER_GPU_LAUNCH='" << v << "' is not one of batched, per_layer");
+}
 
 CopyMode copy_mode_from_env() {
   const char* v = std::getenv("KVXFER_GPU_COPY");
@@ -223,11 +233,23 @@ struct CopyQueue::Impl {
   CopyMode mode = CopyMode::Auto;
   DescRing ring;
   uint32_t max_blocks = 0;
+  LaunchMode launch = LaunchMode::Batched;
+  volatile uint64_t* done_words = nullptr;  // pinned mapped: layer completion words of copy_layers
+  uint32_t* arrivals = nullptr;             // device: the kernel's per-layer block counts, zero between launches
+  uint64_t next_stamp = 1;
 };
 
 namespace {
 constexpr size_t kDescRingEntries = size_t(1) << 16;  // 1.5 MiB: several layers of thousands of chunks in flight
 constexpr size_t kKernelMaxAverageBytes = size_t(4) << 20;  // larger copies run as well on the copy engines
+// A layer's token t is stored in word t % kDoneWords; a word is reused only by a later launch on the same stream,
+// which ends after every earlier one, so "word >= t" stays a correct test for t.
+constexpr uint64_t kDoneWords = 4096;
+static_assert(sizeof(CopyQueue::RelCopy) == sizeof(cuda::CopyDesc), "RelCopy must have the descriptor's layout");
+
+size_t layer_entries(size_t num_layers) {  // descriptor-sized ring entries that hold num_layers LayerCopy
+  return (num_layers * sizeof(cuda::LayerCopy) + sizeof(cuda::CopyDesc) - 1) / sizeof(cuda::CopyDesc);
+}
 }  // namespace
 
 CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
@@ -245,6 +267,23 @@ CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
     // No pinned memory to spare (nullptr): every batch goes to the copy engines.
     impl_->ring.base = static_cast<cuda::CopyDesc*>(alloc_pinned(kDescRingEntries * sizeof(cuda::CopyDesc)));
     impl_->ring.capacity = impl_->ring.base ? kDescRingEntries : 0;
+    impl_->launch = launch_mode_from_env();
+    if (impl_->ring.base && impl_->launch == LaunchMode::Batched) {
+      // Without either, copy_layers is unavailable and layers go one launch and one event each.
+      impl_->done_words = static_cast<volatile uint64_t*>(alloc_pinned(kDoneWords * sizeof(uint64_t)));
+      void* counts = nullptr;
+      if (impl_->done_words &&
+          cudaMalloc(&counts, cuda::kMaxGatherLayers * sizeof(uint32_t)) == cudaSuccess &&
+          cudaMemset(counts, 0, cuda::kMaxGatherLayers * sizeof(uint32_t)) == cudaSuccess) {
+        impl_->arrivals = static_cast<uint32_t*>(counts);
+        for (uint64_t i = 0; i < kDoneWords; ++i) impl_->done_words[i] = 0;
+      } else {
+        if (counts) cudaFree(counts);
+        cudaGetLastError();
+        free_pinned(const_cast<uint64_t*>(impl_->done_words));
+        impl_->done_words = nullptr;
+      }
+    }
   }
 }
 
@@ -255,6 +294,8 @@ CopyQueue::~CopyQueue() {
   for (auto ev : impl_->spare) cudaEventDestroy(ev);
   if (impl_->stream) cudaStreamDestroy(impl_->stream);
   free_pinned(impl_->ring.base);
+  free_pinned(const_cast<uint64_t*>(impl_->done_words));
+  if (impl_->arrivals) cudaFree(impl_->arrivals);
   cudaGetLastError();
 }
 
@@ -306,6 +347,42 @@ void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* n
   for (size_t i = 0; i < n; ++i)
     KVXFER_CUDA_CHECK(cudaMemcpyAsync(dsts[i], srcs[i], nbytes[i], cudaMemcpyDefault, impl_->stream), TransferFailed,
                       "cudaMemcpyAsync of " << nbytes[i] << " bytes");
+}
+
+bool CopyQueue::can_copy_layers(size_t n, uint64_t average_bytes) const {
+  return impl_->arrivals && impl_->mode != CopyMode::CopyEngine && n >= 1 &&
+         n + layer_entries(cuda::kMaxGatherLayers) <= impl_->ring.capacity / 4 &&
+         (impl_->mode == CopyMode::Kernel || average_bytes <= kKernelMaxAverageBytes);
+}
+
+bool CopyQueue::copy_layers(const RelCopy* rel, size_t n, const LayerBases* layers, size_t num_layers,
+                            uint64_t* tokens) {
+  KVXFER_ASSERT(num_layers >= 1 && num_layers <= cuda::kMaxGatherLayers && can_copy_layers(n, 0));
+  KVXFER_CUDA_CHECK(cudaSetDevice(device_), TransferFailed, "cudaSetDevice(" << device_ << ")");
+  done(UINT64_MAX);  // hand back the descriptors of launches that have ended (never true: nothing waits)
+  cuda::CopyDesc* d = impl_->ring.take(n + layer_entries(num_layers), impl_->next_ticket);
+  if (!d) return false;
+  std::memcpy(static_cast<void*>(d), rel, n * sizeof(cuda::CopyDesc));
+  auto* lc = reinterpret_cast<cuda::LayerCopy*>(d + n);
+  for (size_t i = 0; i < num_layers; ++i) {
+    const uint64_t stamp = impl_->next_stamp++;
+    lc[i] = {layers[i].src, layers[i].dst, stamp, stamp % kDoneWords};
+    tokens[i] = stamp;
+  }
+  KVXFER_CUDA_CHECK(cuda::launch_gather_layers(d, static_cast<uint32_t>(n), lc, static_cast<uint32_t>(num_layers),
+                                               impl_->arrivals, impl_->done_words, impl_->max_blocks, impl_->stream),
+                    TransferFailed, "launching the gather kernel for " << num_layers << " layers of " << n << " copies");
+  return true;
+}
+
+bool CopyQueue::layer_landed(uint64_t token, uint64_t ticket) {
+  auto word = [&] { return __atomic_load_n(&impl_->done_words[token % kDoneWords], __ATOMIC_ACQUIRE); };
+  if (word() >= token) return true;
+  if (!done(ticket)) return false;  // throws if the kernel failed
+  // The kernel ended, so it stored every word of its layers before: a missing one is a bug, not a wait.
+  KVXFER_CHECK(word() >= token, TransferFailed,
+               "the gather kernel on cuda:" << device_ << " ended without marking layer token " << token << " landed");
+  return true;
 }
 
 uint64_t CopyQueue::record() {
@@ -384,6 +461,9 @@ CopyQueue::~CopyQueue() = default;
 void CopyQueue::copy(void* const*, const void* const*, const size_t*, size_t, bool) { no_cuda("a GPU copy"); }
 uint64_t CopyQueue::record() { no_cuda("a GPU copy"); }
 bool CopyQueue::done(uint64_t) { no_cuda("a GPU copy"); }
+bool CopyQueue::can_copy_layers(size_t, uint64_t) const { return false; }
+bool CopyQueue::copy_layers(const RelCopy*, size_t, const LayerBases*, size_t, uint64_t*) { no_cuda("a GPU copy"); }
+bool CopyQueue::layer_landed(uint64_t, uint64_t) { no_cuda("a GPU copy"); }
 void CopyQueue::drain() {}
 void* alloc_pinned(size_t) { return nullptr; }
 void free_pinned(void*) {}

@@ -80,6 +80,22 @@ class CopyQueue {
   // copy); otherwise one batched copy-engine call (cudaMemcpyBatchAsync), or one cudaMemcpyAsync each. The
   // environment variable KVXFER_GPU_COPY=kernel|copy_engine overrides the choice (auto by default).
   void copy(void* const* dsts, const void* const* srcs, const size_t* nbytes, size_t n, bool device_reachable = false);
+  // Several layers whose chunks sit at the same offsets from each layer's bases (a WritePlan's layer_writes), as
+  // one gather kernel that reports each layer as it lands. can_copy_layers says whether that launch is available
+  // (the gather kernel may run, pinned memory for descriptors and completion words, KVXFER_GPU_LAUNCH is not
+  // per_layer); copy_layers returns false when the descriptor ring has no room now (copy those layers with copy()
+  // instead). tokens[i] is layer i's: layer_landed(token, ticket) turns true once every copy of the layer landed,
+  // where ticket is the record() the caller makes right after copy_layers (it frees the descriptors, and tells a
+  // kernel that failed from one still running).
+  struct RelCopy {
+    uint64_t dst_offset, src_offset, nbytes;  // relative to a layer's bases; the layout of the kernel's descriptor
+  };
+  struct LayerBases {
+    uint64_t src, dst;
+  };
+  bool can_copy_layers(size_t n, uint64_t average_bytes) const;
+  bool copy_layers(const RelCopy* rel, size_t n, const LayerBases* layers, size_t num_layers, uint64_t* tokens);
+  bool layer_landed(uint64_t token, uint64_t ticket);
   // Marks everything enqueued so far; done(ticket) turns true once it has all landed.
   uint64_t record();
   bool done(uint64_t ticket);

@@ -56,6 +56,17 @@ def serve(conn):
             sends[xfer] = agent.send(state["peer"], xfer, src, dst)
             sends[xfer].all_ready()
             return sends[xfer].path, sends[xfer].path_reason
+        if cmd == "send_layers":  # layers marked one at a time in the given order, a pause after each
+            import time
+
+            xfer, src, dst, order, pause_s = args
+            sends[xfer] = agent.send(state["peer"], xfer, src, dst)
+            for layer in order:
+                sends[xfer].layer_ready(layer)
+                time.sleep(pause_s)
+            return sends[xfer].path, sends[xfer].path_reason
+        if cmd == "stats":
+            return agent.stats()
         if cmd == "wait":
             xfer, timeout_s = args
             sends[xfer].wait(timeout_s=timeout_s)

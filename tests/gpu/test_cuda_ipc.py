@@ -68,6 +68,51 @@ def test_cuda_ipc_gpu_to_gpu_byte_exact(remote_copy_mode):
     assert path == "cuda_ipc" and "CUDA IPC" in reason
 
 
+@pytest.fixture(params=["batched", "per_layer"])
+def remote_launch_mode(request, monkeypatch):
+    """A sender whose cuda_ipc layers go as one gather kernel marking each layer landed (batched), or one launch and
+    one event per layer (KVXFER_GPU_LAUNCH=per_layer)."""
+    from tests.conftest import RemoteSender
+    from tests.gpu.gpu_peer import serve
+
+    monkeypatch.setenv("KVXFER_GPU_LAUNCH", request.param)
+    r = RemoteSender(serve)
+    r.launch_mode = request.param
+    yield r
+    r.close()
+
+
+@requires_gpu
+def test_cuda_ipc_launch_modes_all_ready_and_layer_by_layer(remote_launch_mode):
+    """all_ready() (every layer in one launch when batched), then layers marked one at a time in a shuffled order
+    with pauses (a launch per layer, signals in marking order): bytes exact, every layer counted, and the batched
+    kernel really carried them (stats)."""
+    remote = remote_launch_mode
+    agent, peer, layout, dst, dst_host = setup_pair(remote, "auto", "cuda:0", "cuda:0", seed=12)
+    path, _ = run_and_check(remote, agent, peer, layout, dst, dst_host, 12, 1)
+    assert path == "cuda_ipc"
+    launches = remote.call("stats", None)["gpu_layer_launches"]
+    assert launches == (1 if remote.launch_mode == "batched" else 0)
+
+    rng = np.random.default_rng(13)
+    n = layout.num_blocks // 2
+    src_ids = rng.choice(layout.num_blocks, n, replace=False).astype(np.int32)
+    dst_ids = rng.choice(layout.num_blocks, n, replace=False).astype(np.int32)
+    before = [t.cpu().numpy() for t in dst]
+    expected = [a.copy() for a in before]
+    apply(layout, make_pool(layout, 12), expected, src_ids, dst_ids, range(layout.num_layers))
+    recv = agent.recv(peer, 2, dst_ids)
+    order = [int(x) for x in rng.permutation(layout.num_layers)]
+    remote.call("send_layers", (2, src_ids.tolist(), dst_ids.tolist(), order, 0.005))
+    assert remote.call("wait", (2, 30)) == "DONE"
+    recv.wait(timeout_s=30)
+    assert recv.layers_done == layout.num_layers
+    for g, w in zip((t.cpu().numpy() for t in dst), expected):
+        np.testing.assert_array_equal(g, w)
+    if remote.launch_mode == "batched":  # 1 + at least one launch per pause-separated layer (some may share one)
+        assert remote.call("stats", None)["gpu_layer_launches"] >= 1 + layout.num_layers // 2
+
+
 @requires_gpu
 def test_cuda_ipc_layer_larger_than_one_kernel_launch(gpu_remote):
     """2 layers x 10,000 blocks x K,V = 20,000 chunks of 256 bytes per layer: more descriptors than one gather-copy
