@@ -15,9 +15,9 @@ import subprocess
 import sys
 
 from kvxfer import bootstrap
-from kvxfer.bench import report, workloads
+from kvxfer.bench import pools, report, workloads
 from kvxfer.bench.session import Driver, Peer, RunConfig
-from kvxfer.errors import InvalidArgument, KvxferError, TransportUnavailable
+from kvxfer.errors import InvalidArgument, KvxferError
 
 TRANSPORTS = ("auto", "shm", "cma", "tcp", "fi_shm", "efa", "verbs", "cuda_ipc")
 DEFAULT_SWEEP = "4K,16K,64K,256K,1M,4M,16M,64M"
@@ -53,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--iters", type=int, help="timed transfers per configuration (default: 5; sweep: by size)")
     ap.add_argument("--duration", type=float, help="seconds per configuration instead of --iters")
     ap.add_argument("--layer-delay-ms", type=float, default=1.0, help="layerwise: compute per layer (default: 1.0)")
-    ap.add_argument("--src-mem", default="cpu", help="sender memory: cpu or cuda:N (default: cpu)")
-    ap.add_argument("--dst-mem", default="cpu", help="receiver memory: cpu or cuda:N (default: cpu)")
+    ap.add_argument("--src-mem", default="cpu",
+                    help="sender memory: cpu or cuda:N (GPU pools need torch with CUDA; default: cpu)")
+    ap.add_argument("--dst-mem", default="cpu",
+                    help="receiver memory: cpu or cuda:N (on one host, GPU pools are measured against the device's "
+                         "own copy in that direction; default: cpu)")
     ap.add_argument("--json", metavar="PATH", help="write records (schema 1, see kvxfer/bench/report.py)")
     ap.add_argument("--csv", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH.png", help="bandwidth vs message size with the limit (matplotlib)")
@@ -124,15 +127,21 @@ def iterations_for(a, w: workloads.Workload) -> int:
 
 
 def check_runnable(a) -> None:
-    if a.transport == "cuda_ipc" or "cuda" in (a.src_mem + a.dst_mem):
-        raise TransportUnavailable("kvxfer-bench does not allocate GPU pools yet (not implemented here); GPU paths "
-                                   "are measured by benchmarks/bench_gpu.py on a GPU machine. Use --src-mem cpu "
-                                   "--dst-mem cpu with a host transport (python -m kvxfer info)")
+    """GPU memory this side will hold must be usable here (the peer checks its own when it is another host)."""
+    if a.transport == "cuda_ipc" and not (pools.is_gpu(a.src_mem) or pools.is_gpu(a.dst_mem)):
+        raise InvalidArgument("--transport cuda_ipc moves GPU pools: add --dst-mem cuda:N (and --src-mem cuda:N for "
+                              "GPU to GPU)")
+    if a.peer_of or a.listen:
+        return  # the receiving side learns its memory from the driver
+    pools.require(a.src_mem)
+    if not a.connect:
+        pools.require(a.dst_mem)
 
 
 def run_driver(a, ch: bootstrap.Channel, interface: str | None) -> list[dict]:
     cfg = RunConfig(transport=a.transport, rails=a.rails, staging=a.staging, landing=a.landing, interface=interface,
-                    warmup=a.warmup, duration_s=a.duration, timeout_s=a.timeout, verify=not a.no_verify)
+                    warmup=a.warmup, duration_s=a.duration, timeout_s=a.timeout, verify=not a.no_verify,
+                    src_mem=a.src_mem, dst_mem=a.dst_mem)
     plan = plan_workloads(a)
     bar = report.Progress(len(plan), enabled=not a.quiet)
     driver = Driver(ch, cfg)

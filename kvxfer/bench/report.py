@@ -3,7 +3,8 @@
 JSON schema 1: {"schema": 1, "kvxfer": version, "created": ISO time, "host": name, "records": [record, ...]}.
 Each record has at least: transport, path, provider, rails, pattern, model, nbytes, blocks, depth, iterations,
 writes_per_transfer, gbps, msgs_per_s, p50_us, p99_us, limit, limit_gbps, ratio, verified; layerwise records add
-layer_delay_ms, compute_ms and exposed_p50_us (transfer time left after the last layer was marked ready).
+layer_delay_ms, compute_ms and exposed_p50_us (transfer time left after the last layer was marked ready); src_mem and
+dst_mem say where the pools lived (cpu or cuda:N; absent in files from before GPU pools, meaning cpu).
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def table(records: list[dict]) -> str:
         extra = f"  exposed p50 {r['exposed_p50_us']:.0f} us of {r['compute_ms']:.0f} ms compute" \
             if "exposed_p50_us" in r else ""
         ratio = f"{100 * r['ratio']:6.0f}%" if r.get("ratio") is not None else "    n/a"
+        mem = (r.get("src_mem", "cpu"), r.get("dst_mem", "cpu"))
+        if mem != ("cpu", "cpu"):
+            extra += f"  {mem[0]} -> {mem[1]}"
         lines.append(f"{r['pattern']:10} {r['model']:11} {r['path']:6} {human_bytes(r['nbytes']):>9} {r['blocks']:>6} "
                      f"{r['gbps']:7.2f} {r['msgs_per_s']:9.0f} {r['p50_us']:9.0f} {r['p99_us']:9.0f} "
                      f"{r['limit_gbps']:10.2f} {ratio}  {_verified(r)}{extra}")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 import kvxfer
-from kvxfer.bench import limits
+from kvxfer.bench import limits, pools
 from kvxfer.bench.workloads import FILL, Workload, allocate, fill_source, verify
 from kvxfer.bootstrap import Channel
 from kvxfer.errors import KvxferError, TransferFailed
@@ -36,6 +36,8 @@ class RunConfig:
     duration_s: float | None = None
     timeout_s: float = 60.0
     verify: bool = True
+    src_mem: str = "cpu"     # cpu or cuda:N, on the driver's host
+    dst_mem: str = "cpu"     # on the peer's host
 
 
 def _expect_ok(reply: dict) -> dict:
@@ -80,7 +82,7 @@ class Peer:
                 self.sink.drain(int(msg["reps"]), self.timeout_s)
                 self.ch.send_json({"ok": True})
             elif cmd == "verify":
-                ok, why = verify(self.workload, self.dst, int(msg["transfers"]))
+                ok, why = verify(self.workload, pools.to_host(self.dst), int(msg["transfers"]))
                 self.ch.send_json({"ok": True, "verified": ok, "detail": why})
             elif cmd == "results":
                 if self.report:
@@ -100,14 +102,14 @@ class Peer:
         self._teardown()
         self.count += 1
         self.workload = Workload.from_json(msg["workload"])
-        self.dst = allocate(self.workload.kv_layout)
-        for a in self.dst:
-            a.fill(FILL)
-        self.ch.send_json({"ok": True, "dst_bases": [a.ctypes.data for a in self.dst]})
+        where = msg.get("dst_mem", "cpu")
+        pools.require(where)
+        self.dst = pools.empty([a.nbytes for a in allocate(self.workload.kv_layout)], where)
+        pools.fill(self.dst, FILL)
+        self.ch.send_json({"ok": True, "dst_bases": pools.addresses(self.dst)})
 
     def _connect(self, msg: dict) -> None:
-        for a in self.dst:  # the limit copied into this memory; start the transfers from FILL again
-            a.fill(FILL)
+        pools.fill(self.dst, FILL)  # the limit copied into this memory; start the transfers from FILL again
         self.agent = kvxfer.Agent(f"bench-peer-{self.count}", transport=msg["transport"], interface=msg["interface"],
                                   timeout_s=self.timeout_s, rails=msg["rails"], landing=msg.get("landing", "auto"))
         self.agent.register_pool(self.dst, self.workload.kv_layout)
@@ -138,13 +140,19 @@ class Driver:
         cfg = self.cfg
         self.count += 1
         lay = workload.kv_layout
-        self.ch.send_json({"cmd": "prepare", "workload": workload.to_json()})
+        self.ch.send_json({"cmd": "prepare", "workload": workload.to_json(), "dst_mem": cfg.dst_mem})
         dst_bases = _expect_ok(self.ch.recv_json(max(cfg.timeout_s, 120)))["dst_bases"]
-        src = allocate(lay)
-        fill_source(src, workload.seed)
-        # The limit first, before either agent's progress thread exists to share the cores with it.
-        same_host_copy = self.same_host and cfg.transport in ("auto", "shm", "cma", "fi_shm")
-        limit_gbps, limit_name = self._limit(workload, src, same_host_copy, dst_bases)
+        src_host = allocate(lay)
+        fill_source(src_host, workload.seed)
+        src = pools.place(src_host, cfg.src_mem)
+        gpu = pools.is_gpu(cfg.src_mem) or pools.is_gpu(cfg.dst_mem)
+        # The limit first, before either agent's progress thread exists to share the cores with it. GPU pools on one
+        # host are bounded by the device's own copy in that direction; otherwise by CMA or the wire.
+        same_host_copy = self.same_host and cfg.transport in ("auto", "shm", "cma", "fi_shm") and not gpu
+        if gpu and self.same_host and cfg.transport in ("auto", "shm", "cma", "cuda_ipc"):
+            limit_gbps, limit_name = pools.copy_limit_gbps(workload.nbytes, cfg.src_mem, cfg.dst_mem)
+        else:
+            limit_gbps, limit_name = self._limit(workload, src, same_host_copy, dst_bases)
         self.ch.send_json({"cmd": "connect", "transport": cfg.transport, "interface": cfg.interface,
                            "rails": cfg.rails, "landing": cfg.landing})
         _expect_ok(self.ch.recv_json(cfg.timeout_s))
@@ -160,9 +168,11 @@ class Driver:
             fabric = agent.provider
             signals = "doorbell" if peer.signals == "doorbell" else fabric
             provider = agent.provider if peer.path != "cma" else f"process_vm_writev + {signals} signals"
-            if same_host_copy != (peer.path in ("cma", "fi_shm")):  # auto found no CMA: the wire's limit applies
+            if not gpu and same_host_copy != (peer.path in ("cma", "fi_shm")):  # auto found no CMA: the wire's limit
                 limit_gbps, limit_name = self._limit(workload, src, False, dst_bases)
             timing = self._timed(agent, peer, workload)
+            if gpu:  # the path is chosen per send from where both pools live
+                provider = f"{timing['send_path']}, {signals} signals"
             verified, detail = None, "skipped (--no-verify)"
             if cfg.verify:
                 self.ch.send_json({"cmd": "verify", "transfers": timing["transfers"]})
@@ -170,15 +180,16 @@ class Driver:
                 verified, detail = rep["verified"], rep["detail"]
         finally:
             agent.close()
-        path = peer.path if cfg.staging == "auto" else f"staged->{peer.path}"
+        path = timing["send_path"] if gpu else peer.path
+        path = path if cfg.staging == "auto" else f"staged->{path}"
         if cfg.landing == "always":  # the sender stages too, and writes over the fabric into the landing slots
             path = f"staged->{fabric}->landing"
         rec = {"transport": cfg.transport, "path": path, "provider": provider,
                "rails": cfg.rails, "pattern": workload.pattern, "model": workload.label,
                "nbytes": workload.nbytes, "blocks": workload.blocks, "depth": workload.depth,
                "layer_delay_ms": workload.layer_delay_ms, "limit": limit_name, "limit_gbps": limit_gbps,
-               "verified": verified, "verify_detail": detail}
-        rec.update({k: v for k, v in timing.items() if k != "transfers"})
+               "verified": verified, "verify_detail": detail, "src_mem": cfg.src_mem, "dst_mem": cfg.dst_mem}
+        rec.update({k: v for k, v in timing.items() if k not in ("transfers", "send_path")})
         rec["ratio"] = rec["gbps"] / limit_gbps if limit_gbps > 0 else None
         return rec
 
@@ -254,7 +265,7 @@ class Driver:
             retire()
         elapsed = time.perf_counter() - t_start
         n = len(lat)
-        out = {"transfers": i, "iterations": n, "writes_per_transfer": writes,
+        out = {"transfers": i, "iterations": n, "writes_per_transfer": writes, "send_path": s.path,
                "gbps": workload.nbytes * n / elapsed / 1e9, "msgs_per_s": n / elapsed,
                "p50_us": _pct(lat, 50) * 1e6, "p99_us": _pct(lat, 99) * 1e6}
         if layerwise:

@@ -10,6 +10,11 @@ import time
 import pytest
 
 from kvxfer.bench import cli, report, workloads
+from tests.gpu.conftest import gpu_skip_reason
+
+# GPU pools are refused, naming the cause, where torch sees no CUDA device (on a GPU machine they run instead:
+# tests/gpu/test_bench_gpu.py).
+NO_GPU_ONLY = pytest.mark.skipif(not gpu_skip_reason(), reason="a GPU is present: kvxfer-bench uses it")
 
 SMALL = ["--model", "llama3-8b", "--tokens", "64", "--sweep", "4K,1M", "--iters", "3", "--quiet", "--timeout", "30"]
 ENV = {**os.environ, "FI_TCP_IFACE": "lo"}
@@ -119,8 +124,10 @@ def test_two_host_mode_over_loopback():
 
 @pytest.mark.parametrize("args, cause", [
     (["--transport", "efa"], "no usable libfabric provider 'efa'"),
-    (["--transport", "cuda_ipc"], "not implemented"),
-    (["--dst-mem", "cuda:0"], "not implemented"),
+    (["--transport", "cuda_ipc"], "--transport cuda_ipc moves GPU pools: add --dst-mem cuda:N"),
+    pytest.param(["--dst-mem", "cuda:0"], "cuda:0 pools need a CUDA device, and torch sees none on this machine",
+                 marks=NO_GPU_ONLY),
+    pytest.param(["--src-mem", "cuda:0", "--transport", "tcp"], "cuda:0 pools need a CUDA device", marks=NO_GPU_ONLY),
 ])
 def test_unusable_transport_one_line_exit_1(args, cause):
     r = bench(*args, *SMALL)
