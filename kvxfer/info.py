@@ -66,11 +66,13 @@ def _gpu_paths(transports: dict) -> dict:
     cuda_ok, cuda_why = _cuda_status()
     fabric = [n for n in ("efa", "verbs", "tcp") if transports.get(n, (False,))[0]]
     paths = {}
-    paths["cuda_ipc"] = (cuda_ok, "same host, GPU pool: copy engines over NVLink/PCIe into the peer's CUDA IPC "
-                         "mapping" if cuda_ok else cuda_why)
+    paths["cuda_ipc"] = (cuda_ok, "same host, GPU pool: the peer's allocation mapped once (CUDA IPC); the layers "
+                         "ready together copied by one gather kernel that marks each layer landed (KVXFER_GPU_LAUNCH), "
+                         "host sources on the copy engines" if cuda_ok else cuda_why)
     gdr = [n for n in fabric if n in ("efa", "verbs")]
     paths["gpu_direct"] = (False, "no efa/verbs provider here; GPU-direct RDMA needs one with FI_HMEM") if not gdr else \
         (cuda_ok, f"{gdr[0]} is asked for FI_HMEM; an agent reports agent.gpu_direct once created")
+    paths["dma_buf"] = (False, _dma_buf_reason())
     paths["staged"] = (cuda_ok and bool(fabric or transports.get("cma", (False,))[0]),
                        "GPU -> pinned host bounce slots -> network or cma: one extra device-to-host copy per byte, "
                        "pipelined (16 x 4 MiB slots by default)" if cuda_ok else cuda_why)
@@ -80,6 +82,17 @@ def _gpu_paths(transports: dict) -> dict:
                         "copies them host-to-device; one extra copy per byte at the receiving end, pipelined"
                         if cuda_ok and fabric else (cuda_why if not cuda_ok else "no fabric provider here"))
     return paths
+
+
+def _dma_buf_reason() -> str:
+    """dma-buf registration of GPU memory with the fabric needs FI_MR_DMABUF (libfabric 1.20); older builds register
+    GPU memory through FI_HMEM_CUDA, which leaves the mechanism to the provider (peer memory or its own dma-buf)."""
+    version = _C.fabric_version() if _C.have_libfabric else "none"
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) if _C.have_libfabric else ()
+    has_it = len(parts) == 2 and parts >= (1, 20)
+    lack = "has FI_MR_DMABUF, but kvxfer does not use it yet" if has_it else "has no FI_MR_DMABUF (libfabric >= 1.20)"
+    return (f"not built: this build's libfabric ({version}) {lack}; GPU-direct registration goes through "
+            "FI_HMEM_CUDA, the provider choosing peer memory or dma-buf itself")
 
 
 def _topology() -> dict:

@@ -44,6 +44,8 @@ def test_info_reports_every_gpu_path_with_its_reason():
         line = next(l for l in out.stdout.splitlines() if l.split()[1:2] == [path] and l.startswith("  no"))
         assert len(line.split(None, 2)[2]) > 10  # a reason, not a bare "no"
     assert "GPU memory paths" in out.stdout and "topology:" in out.stdout
+    dma_buf = next(l for l in out.stdout.splitlines() if l.split()[1:2] == ["dma_buf"])
+    assert f"libfabric ({_C.fabric_version()}) has no FI_MR_DMABUF" in dma_buf  # this build's version, named
 
 
 def test_topology_reads_this_machines_nics_and_picks_the_nearest():
