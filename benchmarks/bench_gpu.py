@@ -8,7 +8,8 @@
              twice: the batched launch (one gather kernel for the layers ready together, marking each layer landed)
              and KVXFER_GPU_LAUNCH=per_layer (one launch and one event per layer, as measured in November 2026).
   staged   : the same request from a GPU pool into a host pool of the other process (GPU -> pinned bounce slots ->
-             cma), as a ratio of one pinned device-to-host copy of 512 MiB.
+             cma), as a ratio of one pinned device-to-host copy of 512 MiB; on 16+ cores also with 8 CMA
+             copy-out workers (KVXFER_CMA_THREADS=8; the default is half the CPUs, at most 4).
   landing  : the same request GPU pool -> GPU pool with both agents on transport tcp, as between two hosts without
              GPU-direct RDMA (GPU -> pinned bounce slots -> tcp -> the receiver's pinned landing slots -> GPU), as
              a ratio of raw loopback TCP carrying 512 MiB between two threads (the wire this path crosses).
@@ -162,7 +163,8 @@ def run_path(name, where, reps, transport="auto"):
             "gbps": nbytes / best / 1e9, "limit_gbps": nbytes / limit_s / 1e9, "ratio": limit_s / best,
             "limit": limit, "verified": True, "path_reason": send.path_reason,
             "copy_mode": os.environ.get("KVXFER_GPU_COPY", "auto"), "send_call_median_s": float(np.median(opens)),
-            "launch": os.environ.get("KVXFER_GPU_LAUNCH", "batched"), "gpu_layer_launches": agent.stats()["gpu_layer_launches"],
+            "launch": os.environ.get("KVXFER_GPU_LAUNCH", "batched"),
+            "cma_threads": os.environ.get("KVXFER_CMA_THREADS", "default"), "gpu_layer_launches": agent.stats()["gpu_layer_launches"],
             "signals": peer.signals, "data_ratio": limit_s / (float(np.median(times)) - float(np.median(opens)))}
 
 
@@ -230,7 +232,12 @@ def main(argv=None) -> int:
         os.environ["KVXFER_GPU_LAUNCH"] = "per_layer"
         rows.append(run_path("cuda_ipc", "cuda", args.reps))
         os.environ.pop("KVXFER_GPU_LAUNCH")
-    rows += [run_path("staged", "cpu", args.reps), run_path("landing", "cuda", args.reps, transport="tcp")]
+    rows.append(run_path("staged", "cpu", args.reps))
+    if (os.cpu_count() or 1) >= 16 and "KVXFER_CMA_THREADS" not in os.environ:  # the copy-out with more workers
+        os.environ["KVXFER_CMA_THREADS"] = "8"
+        rows.append(run_path("staged", "cpu", args.reps))
+        os.environ.pop("KVXFER_CMA_THREADS")
+    rows.append(run_path("landing", "cuda", args.reps, transport="tcp"))
     if args.compare_fabric_signals:  # the same paths with same-host completions over the fabric (the old way)
         os.environ["KVXFER_DOORBELL"] = "0"
         rows += [run_path("cuda_ipc", "cuda", args.reps), run_path("staged", "cpu", args.reps)]
@@ -242,7 +249,8 @@ def main(argv=None) -> int:
         print(f"{r['path']:10} {r['send_path']:10} {r['gbps']:8.1f} {r['limit_gbps']:11.1f} {r['ratio']:6.2f}  {r['limit']}"
               f"  (send() call {r['send_call_median_s'] * 1e3:.2f} ms of {r['median_s'] * 1e3:.2f} ms median; "
               f"after send(): {r['data_ratio']:.2f} of the limit; signals: {r['signals']}"
-              f"{'; launch ' + r['launch'] if r['send_path'] == 'cuda_ipc' else ''})")
+              f"{'; launch ' + r['launch'] if r['send_path'] == 'cuda_ipc' else ''}"
+              f"{'; cma threads ' + r['cma_threads'] if r['path'] == 'staged' else ''})")
     for r in kernel:
         print(f"{r['path']:10} {'':10} {r['gbps']:8.1f} {r['limit_gbps']:11.1f} {r['ratio']:6.2f}  {r['limit']}"
               f"  ({r['launches']}, {r['best_s'] * 1e3:.3f} ms)")

@@ -48,7 +48,7 @@ for step in "${steps[@]}"; do
       # auto: also the same paths with fabric signals (KVXFER_DOORBELL=0) and the gather kernel alone
       for mode in ${KVXFER_BENCH_COPY_MODES:-auto}; do
         extra=""; [ "$mode" = auto ] && extra="--compare-fabric-signals"
-        KVXFER_GPU_COPY=$mode timeout 300 $PY benchmarks/bench_gpu.py --reps 5 $extra --json "$OUT/bench_gpu_$mode.json" 2>&1 |
+        KVXFER_GPU_COPY=$mode timeout 420 $PY benchmarks/bench_gpu.py --reps 5 $extra --json "$OUT/bench_gpu_$mode.json" 2>&1 |
           tee "$OUT/bench_gpu_$mode.log" || rc=1
       done
       timeout 120 $PY benchmarks/bench_layer_signal.py graph 2>&1 |
