@@ -59,7 +59,7 @@ def _ids(ids, what: str) -> np.ndarray:
     arr = np.asarray(ids)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise InvalidArgument(f"{what} must be a 1-D integer array of block ids, got {arr.dtype} with shape {arr.shape}")
-    if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
+    if arr.dtype != np.int32 and arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
         raise InvalidArgument(f"{what} holds ids beyond int32; block ids are indexes into the pool")
     return np.ascontiguousarray(arr, dtype=np.int32)
 

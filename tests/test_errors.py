@@ -140,6 +140,9 @@ def test_bad_ids_arguments():
         a.send(peer_b, 1, np.array([0.5]), [0])
     with pytest.raises(errors.InvalidArgument, match="src_ids has 2 block ids but dst_ids has 1"):
         a.send(peer_b, 1, [0, 1], [0])
+    # int64 ids that int32 cannot hold are refused, not wrapped into a valid-looking id (2**32 + 3 -> 3)
+    with pytest.raises(errors.InvalidArgument, match="dst_ids holds ids beyond int32"):
+        a.send(peer_b, 1, np.array([0], np.int64), np.array([2**32 + 3], np.int64))
     with pytest.raises(errors.InvalidArgument, match="unknown transport"):
         kvxfer.Agent("x", transport="carrier-pigeon")
 
