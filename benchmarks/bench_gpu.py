@@ -164,7 +164,8 @@ def run_path(name, where, reps, transport="auto"):
             "limit": limit, "verified": True, "path_reason": send.path_reason,
             "copy_mode": os.environ.get("KVXFER_GPU_COPY", "auto"), "send_call_median_s": float(np.median(opens)),
             "launch": os.environ.get("KVXFER_GPU_LAUNCH", "batched"),
-            "cma_threads": os.environ.get("KVXFER_CMA_THREADS", "default"), "gpu_layer_launches": agent.stats()["gpu_layer_launches"],
+            "cma_threads": os.environ.get("KVXFER_CMA_THREADS", "default"),
+            "gpu_layer_launches": agent.stats()["gpu_layer_launches"],
             "signals": peer.signals, "data_ratio": limit_s / (float(np.median(times)) - float(np.median(opens)))}
 
 

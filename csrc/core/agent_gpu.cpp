@@ -121,7 +121,10 @@ void Agent::enqueue_ipc_layers(SendState& send, gpu::CopyQueue& queue) {
     rel.reserve(n);
     for (const Write& w : plan.layer_writes) rel.push_back({w.dst_offset, w.src_offset, w.nbytes});
     std::vector<gpu::CopyQueue::LayerBases> bases;
-    for (const auto* c : todo) bases.push_back({src_base(plan.layers[c->layer_index]), dst_base(plan.layers[c->layer_index])});
+    for (const auto* c : todo) {
+      const LayerBase& b = plan.layers[c->layer_index];
+      bases.push_back({src_base(b), dst_base(b)});
+    }
     std::vector<uint64_t> tokens(todo.size());
     if (queue.copy_layers(rel.data(), n, bases.data(), bases.size(), tokens.data())) {
       const uint64_t ticket = queue.record();
@@ -190,8 +193,8 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
     } else {
       for (size_t k = 0; k < n; ++k) std::memcpy(dsts[k], srcs[k], sizes[k]);
     }
-    staged_.push_back(StagedOp{owner, slot, send.plan.first_layer + cur.layer_index, first, static_cast<uint32_t>(n), granules,
-                               ticket, false, nullptr});
+    staged_.push_back(StagedOp{owner, slot, send.plan.first_layer + cur.layer_index, first, static_cast<uint32_t>(n),
+                               granules, ticket, false, nullptr});
     ++send.ops_posted;
     cur.next += static_cast<uint32_t>(n);
   }

@@ -371,7 +371,8 @@ bool CopyQueue::copy_layers(const RelCopy* rel, size_t n, const LayerBases* laye
   }
   KVXFER_CUDA_CHECK(cuda::launch_gather_layers(d, static_cast<uint32_t>(n), lc, static_cast<uint32_t>(num_layers),
                                                impl_->arrivals, impl_->done_words, impl_->max_blocks, impl_->stream),
-                    TransferFailed, "launching the gather kernel for " << num_layers << " layers of " << n << " copies");
+                    TransferFailed,
+                    "launching the gather kernel for " << num_layers << " layers of " << n << " copies");
   return true;
 }
 

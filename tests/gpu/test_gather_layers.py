@@ -14,7 +14,8 @@ def _layers(num_layers, num_blocks, chunk, seed):
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    src = [torch.randint(0, 256, (num_blocks * chunk,), dtype=torch.uint8, generator=g).cuda() for _ in range(num_layers)]
+    src = [torch.randint(0, 256, (num_blocks * chunk,), dtype=torch.uint8, generator=g).cuda()
+           for _ in range(num_layers)]
     dst = [torch.full((num_blocks * chunk,), 0xA5, dtype=torch.uint8, device="cuda") for _ in range(num_layers)]
     return src, dst
 
@@ -78,4 +79,5 @@ def test_copy_layers_refused_when_launch_mode_is_per_layer(monkeypatch):
     one = np.zeros(1, np.uint64)
     with pytest.raises(errors.TransportUnavailable, match="KVXFER_GPU_LAUNCH=per_layer"):
         _C.gpu_copy_layers_seconds(torch.cuda.current_device(), one, one, np.full(1, 256, np.uint64),
-                                   np.array([src[0].data_ptr()], np.uint64), np.array([dst[0].data_ptr()], np.uint64), 0)
+                                   np.array([src[0].data_ptr()], np.uint64),
+                                   np.array([dst[0].data_ptr()], np.uint64), 0)
