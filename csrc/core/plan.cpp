@@ -70,6 +70,10 @@ WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t
   check_layer_range(src, first_layer, num_layers);
   check_ids("source", "the local pool", src_ids, n, src.num_blocks, false);
   const uint32_t granules = expected_granules(dst, dst_ids, n);
+  // Writes are indexed by 32-bit positions across the transfer's layers.
+  KVXFER_CHECK(static_cast<uint64_t>(granules) * num_layers <= UINT32_MAX, InvalidArgument,
+               "too many chunks in one transfer: " << granules << " per layer x " << num_layers
+                                                   << " layers; split the request into several transfers");
   KVXFER_CHECK(max_write_bytes >= src.chunk_bytes, InvalidArgument,
                "max_write_bytes=" << max_write_bytes << " is below one chunk (" << src.chunk_bytes << " bytes)");
 
