@@ -22,7 +22,6 @@ namespace gpu {
 namespace {
 
 struct Driver {
-  CUresult (*pointer_attribute)(void*, CUpointer_attribute, CUdeviceptr) = nullptr;
   CUresult (*retain)(CUmemGenericAllocationHandle*, void*) = nullptr;
   CUresult (*properties)(CUmemAllocationProp*, CUmemGenericAllocationHandle) = nullptr;
   CUresult (*export_handle)(void*, CUmemGenericAllocationHandle, CUmemAllocationHandleType, unsigned long long) = nullptr;
@@ -33,6 +32,7 @@ struct Driver {
   CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long) = nullptr;
   CUresult (*unmap)(CUdeviceptr, size_t) = nullptr;
   CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t) = nullptr;
+  CUresult (*granularity)(size_t*, const CUmemAllocationProp*, CUmemAllocationGranularity_flags) = nullptr;
   bool ok = false;
 };
 
@@ -46,7 +46,6 @@ const Driver& driver() {
   static Driver d = [] {
     Driver d;
     bool ok = true;
-    load(d.pointer_attribute, "cuPointerGetAttribute", ok);
     load(d.retain, "cuMemRetainAllocationHandle", ok);
     load(d.properties, "cuMemGetAllocationPropertiesFromHandle", ok);
     load(d.export_handle, "cuMemExportToShareableHandle", ok);
@@ -57,6 +56,7 @@ const Driver& driver() {
     load(d.map, "cuMemMap", ok);
     load(d.unmap, "cuMemUnmap", ok);
     load(d.set_access, "cuMemSetAccess", ok);
+    load(d.granularity, "cuMemGetAllocationGranularity", ok);
     d.ok = ok;
     return d;
   }();
@@ -117,6 +117,25 @@ VmmPiece export_piece(const Driver& d, CUmemGenericAllocationHandle h, uint64_t 
   return {};
 }
 
+// The extent of the physical allocation mapped at `at` (whose handle is h): the run of granules around it that map
+// the same handle. cuMemRetainAllocationHandle returns the very handle value used to map an address, while the
+// pointer attributes RANGE_START_ADDR / RANGE_SIZE describe the whole reserved VA range (PyTorch's expandable
+// segments reserve one range and map many physical allocations into it).
+void piece_extent(const Driver& d, uint64_t at, CUmemGenericAllocationHandle h, uint64_t gran, uint64_t* start,
+                  uint64_t* end) {
+  auto same = [&](uint64_t a) {
+    CUmemGenericAllocationHandle other;
+    if (d.retain(&other, reinterpret_cast<void*>(a)) != CUDA_SUCCESS) return false;  // unmapped: outside the piece
+    d.release(other);
+    return other == h;
+  };
+  uint64_t lo = at - at % gran, hi = lo + gran;
+  while (lo >= gran && same(lo - gran)) lo -= gran;
+  while (same(hi)) hi += gran;
+  *start = lo;
+  *end = hi;
+}
+
 }  // namespace
 
 bool export_vmm_range(uint64_t addr, uint64_t nbytes, int device, std::vector<VmmPiece>* pieces, std::string* why) {
@@ -127,22 +146,22 @@ bool export_vmm_range(uint64_t addr, uint64_t nbytes, int device, std::vector<Vm
     for (uint64_t at = addr; at < addr + nbytes;) {
       CUmemGenericAllocationHandle h;
       if (d.retain(&h, reinterpret_cast<void*>(at)) != CUDA_SUCCESS) {
-        *why = "it is not cuMem/VMM memory either (cuMemRetainAllocationHandle refused it)";
+        *why = at == addr ? "it is not cuMem/VMM memory either (cuMemRetainAllocationHandle refused it)"
+                          : "part of it is not mapped (cuMemRetainAllocationHandle refused an address inside it)";
         close_vmm_export(out);
         return false;
       }
-      CUdeviceptr start = 0;
-      size_t size = 0;
-      CUresult rc = d.pointer_attribute(&start, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, at);
-      if (rc == CUDA_SUCCESS) rc = d.pointer_attribute(&size, CU_POINTER_ATTRIBUTE_RANGE_SIZE, at);
-      if (rc != CUDA_SUCCESS || size == 0 || start > at) {
-        d.release(h);
-        KVXFER_THROW(RegistrationFailed, "the mapped range of VMM memory at " << std::hex << at << std::dec
-                                                                                << " could not be read (CUresult " << rc << ")");
-      }
       VmmPiece p;
       try {
-        p = export_piece(d, h, start, size, why);
+        CUmemAllocationProp prop{};
+        KVXFER_CU_CHECK(d.properties(&prop, h), RegistrationFailed, "cuMemGetAllocationPropertiesFromHandle");
+        size_t gran = 0;
+        KVXFER_CU_CHECK(d.granularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM), RegistrationFailed,
+                        "cuMemGetAllocationGranularity");
+        KVXFER_CHECK(gran > 0, RegistrationFailed, "the driver reported a zero allocation granularity");
+        uint64_t start = 0, end = 0;
+        piece_extent(d, at, h, gran, &start, &end);
+        p = export_piece(d, h, start, end - start, why);
       } catch (...) {
         d.release(h);
         throw;
@@ -154,8 +173,8 @@ bool export_vmm_range(uint64_t addr, uint64_t nbytes, int device, std::vector<Vm
       }
       KVXFER_CHECK(out.size() < kMaxVmmPieces, RegistrationFailed,
                    "the range spans more than " << kMaxVmmPieces << " physical allocations; register smaller regions");
+      at = p.start + p.size;
       out.push_back(std::move(p));
-      at = start + size;
     }
   } catch (...) {
     close_vmm_export(out);

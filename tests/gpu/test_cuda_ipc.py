@@ -188,18 +188,21 @@ def test_gpu_to_gpu_across_hosts_staged_at_both_ends_in_both_copy_modes(remote_c
 
 
 @requires_gpu
-def test_expandable_segments_pool_is_reached_through_vmm_handles(monkeypatch):
+@pytest.mark.parametrize("args", [ARGS, (2, 768, 16, 8, 128, "bfloat16")], ids=["small", "multi-piece"])
+def test_expandable_segments_pool_is_reached_through_vmm_handles(monkeypatch, args):
     """A receiver whose KV cache comes from PyTorch's expandable segments (cuMem/VMM memory, no legacy IPC handle)
     exports its physical allocations (POSIX fd or fabric handles); the sender maps them back to back and writes with
-    CUDA IPC as usual: bytes exact, guards untouched."""
+    CUDA IPC as usual: bytes exact, guards untouched. small: every layer inside one physical allocation; multi-piece:
+    48 MiB layers, each spanning several of the allocator's 20 MiB pieces (the pieces are found by their handles,
+    not by the pointer's range attributes, which name the whole reserved range)."""
     from tests.conftest import RemoteSender
     from tests.gpu.gpu_peer import serve_receiver
 
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # the spawned receiver allocates so
     receiver = RemoteSender(serve_receiver)
     try:
-        layout = kvxfer.KVLayout.vllm_flash(*ARGS)
-        md = receiver.call("init", ("auto", "vllm_flash", 12, list(ARGS), "cuda:0", {}))
+        layout = kvxfer.KVLayout.vllm_flash(*args)
+        md = receiver.call("init", ("auto", "vllm_flash", 12, list(args), "cuda:0", {}))
         agent = kvxfer.Agent("vmm-sender", interface="lo", timeout_s=30)
         src = make_pool(layout, 12)
         agent.register_pool(src, layout)
