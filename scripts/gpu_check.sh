@@ -5,8 +5,9 @@
 #   scripts/gpu_check.sh [build] [info] [tests] [bench] [suite]     (default: build info tests)
 #
 # KVXFER_FABRIC_PREFIX: a folder with lib/ (libfabric.so and what it links), include/rdma and
-# lib/pkgconfig/libfabric.pc, for machines without libfabric installed; without it, libfabric is looked up as
-# usual and the build goes on without it when it is missing. Logs and JSON land in $OUT (default ./gpu-out).
+# lib/pkgconfig/libfabric.pc, for machines without libfabric installed (scripts/gpu_prefix.sh assembles .gpu from
+# this machine's); without it, libfabric is looked up as usual and the build goes on without it when it is missing.
+# Logs and JSON land in $OUT (default ./gpu-out). build + tests + bench take ~8 minutes on an H100/H200 host.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
