@@ -2,7 +2,7 @@
 # Build kvxfer on a GPU machine and run what only a GPU can check: the GPU tests, then (with "bench") the GPU
 # benchmarks. Uses the machine's own python3 (which must hold torch with CUDA, pybind11, cmake, ninja, pytest).
 #
-#   scripts/gpu_check.sh [build] [info] [tests] [bench] [suite]     (default: build info tests)
+#   scripts/gpu_check.sh [build] [info] [tests] [bench] [demo] [suite]     (default: build info tests)
 #
 # KVXFER_FABRIC_PREFIX: a folder with lib/ (libfabric.so and what it links), include/rdma and
 # lib/pkgconfig/libfabric.pc, for machines without libfabric installed (scripts/gpu_prefix.sh assembles .gpu from
@@ -39,9 +39,13 @@ for step in "${steps[@]}"; do
       grep "Build summary\|CXX compiler identification" "$OUT/build.log"
       ldd kvxfer/_C.cpython-*.so | grep -E "stdc|fabric|cuda" ;;
     info) $PY -m kvxfer info 2>&1 | tee "$OUT/info.txt" ;;
-    tests)
+    tests)  # the demo test (minutes) has its own step
       timeout ${KVXFER_TEST_TIMEOUT:-420} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rA --timeout 120 ${KVXFER_XDIST:-} tests/gpu tests/test_gpu_paths.py \
-        tests/test_staged.py tests/test_landing.py 2>&1 | tee "$OUT/tests_gpu.log" | tail -60 || rc=1 ;;
+        tests/test_staged.py tests/test_landing.py --deselect tests/gpu/test_engine_gpu.py::test_demo_quick_on_the_gpu \
+        2>&1 | tee "$OUT/tests_gpu.log" | tail -60 || rc=1 ;;
+    demo)  # kvxfer-demo --quick on the GPU, both deployments (tests/gpu/test_engine_gpu.py)
+      timeout 450 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rA \
+        tests/gpu/test_engine_gpu.py::test_demo_quick_on_the_gpu 2>&1 | tee "$OUT/demo_gpu.log" | tail -30 || rc=1 ;;
     suite)  # the whole suite, as CI runs it but with a GPU present (xdist: a crash costs one test, not the run)
       timeout ${KVXFER_SUITE_TIMEOUT:-540} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE --timeout 240 \
         -n ${KVXFER_SUITE_WORKERS:-8} tests 2>&1 | tee "$OUT/suite.log" | tail -40 || rc=1 ;;
