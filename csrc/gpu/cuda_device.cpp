@@ -274,7 +274,9 @@ CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
       void* counts = nullptr;
       if (impl_->done_words &&
           cudaMalloc(&counts, cuda::kMaxGatherLayers * sizeof(uint32_t)) == cudaSuccess &&
-          cudaMemset(counts, 0, cuda::kMaxGatherLayers * sizeof(uint32_t)) == cudaSuccess) {
+          // On our own stream, which every launch that reads the counts follows: a plain cudaMemset would run on
+          // the legacy default stream and wait for the model's kernels there.
+          cudaMemsetAsync(counts, 0, cuda::kMaxGatherLayers * sizeof(uint32_t), impl_->stream) == cudaSuccess) {
         impl_->arrivals = static_cast<uint32_t*>(counts);
         for (uint64_t i = 0; i < kDoneWords; ++i) impl_->done_words[i] = 0;
       } else {
