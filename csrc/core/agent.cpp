@@ -384,9 +384,18 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
       if (p->info.name == peer_info.name && p->info.hostname == peer_info.hostname && !p->lost) restarted = p;
   }
   if (restarted) {
-    // A new incarnation under the same name: the old one's transfers can never complete.
+    // A new incarnation under the same name: the old one's transfers can never complete. The old one is told (BYE)
+    // in case it still runs, and its ended recvs' writes_over is settled on the progress thread: on this host once
+    // its process is gone, elsewhere at once (after GPU landing copies drained; the caller's thread cannot drain).
+    Command c{Command::Kind::Control, nullptr, 0, restarted, {}};
+    c.msg.type = static_cast<uint16_t>(ControlType::Bye);
+    post_command(std::move(c));
+    {
+      std::lock_guard<std::mutex> lock(restarted->mu);
+      restarted->settle_removed_now = !restarted->same_host;
+    }
     mark_peer_lost(*restarted, ErrorKind::PeerRestarted,
-                   "peer '" + peer_info.name + "' restarted (new epoch); its transfers were abandoned");
+                   "peer '" + peer_info.name + "' restarted (new epoch); its transfers were abandoned", false);
   }
 
   auto peer = std::make_shared<PeerState>();
@@ -415,9 +424,8 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   peer->rails = std::max<uint32_t>(1, transport_->peer_rails(peer->addr));
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
-    if (restarted) {
-      peers_by_epoch_.erase(restarted->info.epoch);
-    }
+    // A restarted peer's old state stays listed, lost, like a removed one: its BYE still goes out and the progress
+    // thread settles its ended recvs (settle_removed_recvs); its window is reused once no live peer holds the rest.
     peer->rx_window = assign_window(peer);
     peers_by_epoch_[peer->info.epoch] = peer;
     auto early = early_hellos_.find(peer->info.epoch);

@@ -872,12 +872,14 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
 }
 
 // A removed peer's process that is now gone posts nothing more: its ended recvs' writes are over. Across hosts
-// nothing says so, and writes_over stays false (the blocks of such recvs are for the engine to retire).
+// nothing says so, and writes_over stays false (the blocks of such recvs are for the engine to retire), except for
+// a restarted peer, whose successor says the old incarnation is over.
 void Agent::settle_removed_recvs(PeerState& peer) {
   std::vector<std::shared_ptr<RecvState>> settled;
   {
     std::lock_guard<std::mutex> lock(peer.mu);
-    if (peer.removed_recvs.empty() || !peer.same_host || !process_gone(static_cast<pid_t>(peer.info.pid))) return;
+    if (peer.removed_recvs.empty()) return;
+    if (!peer.settle_removed_now && (!peer.same_host || !process_gone(static_cast<pid_t>(peer.info.pid)))) return;
     settled.swap(peer.removed_recvs);
   }
   drain_landings(peer);  // its batches still copying into a GPU pool land first (this is the progress thread)

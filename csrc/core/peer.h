@@ -78,9 +78,12 @@ struct PeerState {
   std::unordered_map<uint64_t, uint32_t> slot_of_xfer;
   std::unordered_map<uint64_t, std::shared_ptr<RecvState>> waiting_recvs;   // recv() before BEGIN
   std::unordered_map<uint64_t, std::shared_ptr<RecvState>> live_recvs;
-  // Recvs ended because this peer was removed (or removed us) while its process may live: writes it had posted
-  // may still land, so their writes_over waits until the process is seen gone (same host) — never guessed.
+  // Recvs ended because this peer was removed (or removed us, or restarted) while its process may live: writes it
+  // had posted may still land, so their writes_over waits until the process is seen gone (same host) — never
+  // guessed. A restarted peer on another host is taken as gone (its successor is the evidence), settled by the
+  // progress thread like the rest, after its batches still copying into a GPU pool have landed.
   std::vector<std::shared_ptr<RecvState>> removed_recvs;
+  bool settle_removed_now = false;
   struct Arrived { uint32_t first_layer, num_layers, granules_per_layer; };
   std::unordered_map<uint64_t, Arrived> arrived;                 // complete before recv() was called
   std::deque<uint64_t> arrived_order;                            // bounds `arrived` (oldest evicted)

@@ -1,0 +1,84 @@
+"""A peer that comes back under the same name (a new incarnation: new epoch, same host name) replaces the old one:
+the old one's transfers end with PeerRestarted naming the restart, the old incarnation is told (BYE) in case it
+still runs, writes_over of the ended recvs is not claimed while the old process may still write (same host: until it
+exits), and the new incarnation's transfers are exact."""
+import time
+
+import numpy as np
+import pytest
+
+from kvxfer import errors
+from tests.conftest import RemoteError, RemoteSender, connect
+from tests.reference import apply, make_pool
+
+
+def wait_for(pred, what, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s}s")
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])  # cma: the BYE goes through the same-host doorbell ring
+def test_restart_while_the_old_incarnation_still_runs(transport):
+    old, new = RemoteSender(), RemoteSender()  # both agents are named "peer-sender": the second is a restart
+    try:
+        agent, peer_old, layout, dst, _ = connect(transport, old, "vllm_flash", 5)
+        recv = agent.recv(peer_old, 1, [3, 4])
+        old.call("send", (1, [0, 1], [3, 4], None, None))
+        old.call("mark", (1, 0))
+        recv.wait(layer=0, timeout_s=30)
+        before = [x.copy() for x in dst]
+
+        peer_new = agent.add_peer(new.call("init", (transport, "vllm_flash", 6, [], 1, {})))
+        with pytest.raises(errors.PeerRestarted, match="peer 'peer-sender' restarted \\(new epoch\\)"):
+            recv.wait(timeout_s=5)
+        # The old incarnation was told: its send fails at once and no later layer lands.
+        with pytest.raises(RemoteError, match="PeerLost.*removed this agent"):
+            old.call("wait", (1, 10))
+        with pytest.raises(RemoteError, match="already failed"):
+            old.call("mark", (1, 1))
+        for got, want in zip(dst, before):
+            np.testing.assert_array_equal(got, want)
+        time.sleep(0.1)  # several of the progress thread's checks
+        assert not recv.writes_over  # the old process lives: writes it posted could still land
+        old.conn.send(("crash", None))  # exits without answering
+        old.proc.join(10)
+        wait_for(lambda: recv.writes_over, "the old incarnation's recv writes over once its process exited")
+
+        # The new incarnation is an ordinary peer: an exact transfer.
+        new.call("add_peer", agent.metadata())
+        agent.wait_connected(peer_new, 20)
+        want = [x.copy() for x in dst]
+        apply(layout, make_pool(layout, 6), want, [2, 0], [5, 6], range(layout.num_layers))
+        r = agent.recv(peer_new, 2, [5, 6])
+        new.call("send", (2, [2, 0], [5, 6], None, "all"))
+        r.wait(timeout_s=30)
+        for got, w in zip(dst, want):
+            np.testing.assert_array_equal(got, w)
+    finally:
+        old.close()
+        new.close()
+
+
+def test_restart_after_the_old_process_died_settles_writes_over():
+    """The usual restart: the old process crashed mid-transfer and a new one registers before this agent noticed;
+    its recv ends (PeerRestarted, or PeerLost when the liveness check saw the exit first) and writes_over turns
+    True (nothing can write any more)."""
+    old, new = RemoteSender(), RemoteSender()
+    try:
+        agent, peer_old, _, _, _ = connect("tcp", old, "vllm_flash", 7)
+        recv = agent.recv(peer_old, 1, [3, 4])
+        old.call("send", (1, [0, 1], [3, 4], None, None))
+        old.call("mark", (1, 0))
+        recv.wait(layer=0, timeout_s=30)
+        old.conn.send(("crash", None))
+        old.proc.join(10)
+        agent.add_peer(new.call("init", ("tcp", "vllm_flash", 8, [], 1, {})))
+        with pytest.raises((errors.PeerRestarted, errors.PeerLost)):
+            recv.wait(timeout_s=5)
+        wait_for(lambda: recv.writes_over, "writes_over of the dead incarnation's recv")
+    finally:
+        old.close()
+        new.close()
