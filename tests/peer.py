@@ -65,6 +65,14 @@ def serve(conn):
                 return
             elif cmd == "crash":
                 os._exit(17)
+            elif cmd == "hostname":  # a UTS namespace of our own under another name: a peer "on another host"
+                import ctypes
+                import socket
+
+                if ctypes.CDLL(None, use_errno=True).unshare(0x04000000) != 0:  # CLONE_NEWUTS
+                    raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS) needs root")
+                socket.sethostname(args)
+                result = socket.gethostname()
             else:
                 from tests import signal_peer  # LayerSignal commands (tests/test_layer_signal.py)
 

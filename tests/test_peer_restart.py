@@ -82,3 +82,33 @@ def test_restart_after_the_old_process_died_settles_writes_over():
     finally:
         old.close()
         new.close()
+
+
+def test_restart_of_a_peer_on_another_host_settles_writes_over_at_once():
+    """The two incarnations run under another host name (UTS namespaces of their own), so this agent cannot watch
+    the old process: the restart itself is taken as the old one being over. writes_over turns True without the old
+    process exiting, and the old incarnation is still told (BYE)."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the peers a host name of their own (unshare CLONE_NEWUTS)")
+    old, new = RemoteSender(), RemoteSender()
+    try:
+        for r in (old, new):
+            assert r.call("hostname", "kvxfer-elsewhere") == "kvxfer-elsewhere"
+        agent, peer_old, _, _, path = connect("tcp", old, "vllm_flash", 9)
+        assert peer_old.path != "cma"  # not the same host as far as the agent can tell
+        recv = agent.recv(peer_old, 1, [3, 4])
+        old.call("send", (1, [0, 1], [3, 4], None, None))
+        old.call("mark", (1, 0))
+        recv.wait(layer=0, timeout_s=30)
+        agent.add_peer(new.call("init", ("tcp", "vllm_flash", 10, [], 1, {})))
+        with pytest.raises(errors.PeerRestarted, match="restarted"):
+            recv.wait(timeout_s=5)
+        wait_for(lambda: recv.writes_over, "writes_over of a restarted peer on another host", timeout_s=10)
+        assert old.proc.is_alive()
+        with pytest.raises(RemoteError, match="PeerLost.*removed this agent"):
+            old.call("wait", (1, 10))
+    finally:
+        old.close()
+        new.close()
