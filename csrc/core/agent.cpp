@@ -316,15 +316,21 @@ PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t
     else if (!gpu::available(&why_not_ipc)) why_not_ipc = "this process has " + why_not_ipc;
     if (why_not_ipc.empty()) {
       const std::string& pci = dst.regions.front().pci_bus_id;
-      if (c.copy_device < 0) c.copy_device = gpu::device_by_pci_bus_id(pci);
-      if (c.copy_device >= 0) {
+      const int dst_device = gpu::device_by_pci_bus_id(pci);
+      if (c.copy_device < 0) c.copy_device = dst_device;
+      if (dst_device < 0) {
+        why_not_ipc = "GPU " + pci + " is not visible to this process (CUDA_VISIBLE_DEVICES?)";
+      } else if (!gpu::can_access_peer(c.copy_device, dst_device)) {
+        why_not_ipc = "cuda:" + std::to_string(c.copy_device) + " cannot reach GPU " + pci +
+                      " peer to peer (no NVLink or PCIe P2P between them)";
+      } else {
         c.path = SendPath::CudaIpc;
-        c.reason = "cuda_ipc: the peer's pool on GPU " + pci + " is mapped with CUDA IPC and the copy engines of cuda:" +
-                   std::to_string(c.copy_device) + " copy from " + src_where +
+        c.reason = "cuda_ipc: the peer's pool on GPU " + pci + " is mapped with CUDA IPC; cuda:" +
+                   std::to_string(c.copy_device) + " copies from " + src_where +
+                   (src->on_gpu ? " (a gather kernel, or the copy engines: KVXFER_GPU_COPY)" : " on its copy engines") +
                    " (NVLink or PCIe peer-to-peer; no host copy, no network)";
         return c;
       }
-      why_not_ipc = "GPU " + pci + " is not visible to this process (CUDA_VISIBLE_DEVICES?)";
     }
     if (dst.landing) return landing_choice(peer, dst, src_where, slots, why_not_ipc, c);
     bool dst_registered = true;

@@ -102,6 +102,16 @@ int device_by_pci_bus_id(const std::string& id) {
   return device;
 }
 
+bool can_access_peer(int device, int peer) {
+  if (device == peer) return true;
+  int ok = 0;
+  if (cudaDeviceCanAccessPeer(&ok, device, peer) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return ok != 0;
+}
+
 DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, const std::string& what,
                                   bool export_vmm) {
   std::string why;
@@ -453,6 +463,7 @@ bool available(std::string* why) {
 int device_count() { return 0; }
 std::string pci_bus_id(int) { return ""; }
 int device_by_pci_bus_id(const std::string&) { return -1; }
+bool can_access_peer(int, int) { return false; }
 DeviceRange describe_device_range(uint64_t, uint64_t, int device, const std::string& what, bool) {
   no_cuda(what + " on cuda:" + std::to_string(device));
 }

@@ -31,6 +31,9 @@ void* driver_symbol(const char* name);
 std::string pci_bus_id(int device);
 // The local ordinal of the GPU at this PCI bus id, or -1 when this process cannot see it.
 int device_by_pci_bus_id(const std::string& pci_bus_id);
+// Whether kernels and copies on `device` can reach memory of `peer` directly (the same device, or NVLink / PCIe
+// peer-to-peer), which CUDA IPC into a peer's pool on another GPU needs.
+bool can_access_peer(int device, int peer);
 
 // What registration learned about a device range: the allocation holding it (IPC handles name allocations, so
 // the peer maps the allocation and adds offset) and whether it can be shared.
