@@ -263,7 +263,8 @@ size_t layer_entries(size_t num_layers) {  // descriptor-sized ring entries that
 }  // namespace
 
 CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
-  impl_->mode = copy_mode_from_env();
+  impl_->mode = copy_mode_from_env();  // both before anything is created: a bad value throws with nothing to free
+  impl_->launch = launch_mode_from_env();
   KVXFER_CUDA_CHECK(cudaSetDevice(device), TransportUnavailable, "cudaSetDevice(" << device << ")");
   // Non-blocking: never ordered behind the legacy default stream, so the model's stream and ours never wait on
   // each other except through the events the caller asks for.
@@ -277,7 +278,6 @@ CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
     // No pinned memory to spare (nullptr): every batch goes to the copy engines.
     impl_->ring.base = static_cast<cuda::CopyDesc*>(alloc_pinned(kDescRingEntries * sizeof(cuda::CopyDesc)));
     impl_->ring.capacity = impl_->ring.base ? kDescRingEntries : 0;
-    impl_->launch = launch_mode_from_env();
     if (impl_->ring.base && impl_->launch == LaunchMode::Batched) {
       // Without either, copy_layers is unavailable and layers go one launch and one event each.
       impl_->done_words = static_cast<volatile uint64_t*>(alloc_pinned(kDoneWords * sizeof(uint64_t)));
