@@ -25,6 +25,9 @@ fi
 for c in /usr/bin/g++ /usr/bin/g++-13 /usr/bin/g++-12; do
   if [ -x "$c" ]; then export CXX=$c CUDAHOSTCXX=$c; break; fi
 done
+# Per-test time limits need pytest-timeout; without it the tests still run, bounded by the step's own timeout.
+TO=""; TO_LONG=""
+if $PY -c 'import pytest_timeout' 2>/dev/null; then TO="--timeout 120"; TO_LONG="--timeout 240"; fi
 rc=0
 for step in "${steps[@]}"; do
   echo "=== $step ($(date -u +%H:%M:%S))"
@@ -40,14 +43,14 @@ for step in "${steps[@]}"; do
       ldd kvxfer/_C.cpython-*.so | grep -E "stdc|fabric|cuda" ;;
     info) $PY -m kvxfer info 2>&1 | tee "$OUT/info.txt" ;;
     tests)  # the demo test (minutes) has its own step
-      timeout ${KVXFER_TEST_TIMEOUT:-420} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rA --timeout 120 ${KVXFER_XDIST:-} tests/gpu tests/test_gpu_paths.py \
+      timeout ${KVXFER_TEST_TIMEOUT:-420} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rA $TO ${KVXFER_XDIST:-} tests/gpu tests/test_gpu_paths.py \
         tests/test_staged.py tests/test_landing.py --deselect tests/gpu/test_engine_gpu.py::test_demo_quick_on_the_gpu \
         2>&1 | tee "$OUT/tests_gpu.log" | tail -60 || rc=1 ;;
     demo)  # kvxfer-demo --quick on the GPU, both deployments (tests/gpu/test_engine_gpu.py)
       timeout 450 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rA \
         tests/gpu/test_engine_gpu.py::test_demo_quick_on_the_gpu 2>&1 | tee "$OUT/demo_gpu.log" | tail -30 || rc=1 ;;
     suite)  # the whole suite, as CI runs it but with a GPU present (xdist: a crash costs one test, not the run)
-      timeout ${KVXFER_SUITE_TIMEOUT:-540} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE --timeout 240 \
+      timeout ${KVXFER_SUITE_TIMEOUT:-540} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE $TO_LONG \
         -n ${KVXFER_SUITE_WORKERS:-8} tests 2>&1 | tee "$OUT/suite.log" | tail -40 || rc=1 ;;
     bench)
       # auto: also the same paths with fabric signals (KVXFER_DOORBELL=0) and the gather kernel alone
