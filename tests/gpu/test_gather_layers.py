@@ -81,3 +81,14 @@ def test_copy_layers_refused_when_launch_mode_is_per_layer(monkeypatch):
         _C.gpu_copy_layers_seconds(torch.cuda.current_device(), one, one, np.full(1, 256, np.uint64),
                                    np.array([src[0].data_ptr()], np.uint64),
                                    np.array([dst[0].data_ptr()], np.uint64), 0)
+
+
+def test_bad_launch_mode_is_refused_naming_it(monkeypatch):
+    import torch
+
+    from kvxfer import _C, errors
+
+    monkeypatch.setenv("KVXFER_GPU_LAUNCH", "sideways")
+    one = np.zeros(1, np.uint64)
+    with pytest.raises(errors.InvalidArgument, match="KVXFER_GPU_LAUNCH='sideways' is not one of batched, per_layer"):
+        _C.gpu_copy_layers_seconds(torch.cuda.current_device(), one, one, np.full(1, 256, np.uint64), one, one, 0)
