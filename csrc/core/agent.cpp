@@ -390,18 +390,15 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
       if (p->info.name == peer_info.name && p->info.hostname == peer_info.hostname && !p->lost) restarted = p;
   }
   if (restarted) {
-    // A new incarnation under the same name: the old one's transfers can never complete. The old one is told (BYE)
-    // in case it still runs, and its ended recvs' writes_over is settled on the progress thread: on this host once
-    // its process is gone, elsewhere at once (after GPU landing copies drained; the caller's thread cannot drain).
-    Command c{Command::Kind::Control, nullptr, 0, restarted, {}};
-    c.msg.type = static_cast<uint16_t>(ControlType::Bye);
-    post_command(std::move(c));
+    // A new incarnation under the same name: the old one's transfers can never complete. It is ended like a removed
+    // peer (it may still run); its recvs' writes_over settles on this host once its process is gone, elsewhere at
+    // once (the successor is the evidence), on the progress thread, which drains GPU landing copies first.
     {
       std::lock_guard<std::mutex> lock(restarted->mu);
       restarted->settle_removed_now = !restarted->same_host;
     }
-    mark_peer_lost(*restarted, ErrorKind::PeerRestarted,
-                   "peer '" + peer_info.name + "' restarted (new epoch); its transfers were abandoned", false);
+    end_live_peer(restarted, ErrorKind::PeerRestarted,
+                  "peer '" + peer_info.name + "' restarted (new epoch); its transfers were abandoned");
   }
 
   auto peer = std::make_shared<PeerState>();
@@ -481,12 +478,17 @@ uint32_t Agent::assign_window(const std::shared_ptr<PeerState>& peer) {
 
 void Agent::remove_peer(const std::shared_ptr<PeerState>& peer) {
   if (peer->lost) return;
-  // Tell it first (BYE goes out even though the peer is lost by then), so a live peer fails its transfers with us
-  // and posts nothing more instead of writing on until its deadlines.
+  end_live_peer(peer, ErrorKind::PeerUnknown, "peer '" + peer->info.name + "' was removed");
+}
+
+// Ends a peer whose process may still run. Tell it first (BYE goes out even though the peer is lost by then), so
+// a live peer fails its transfers with us and posts nothing more instead of writing on until its deadlines; its
+// ended recvs' writes_over is settled later (settle_removed_recvs).
+void Agent::end_live_peer(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why) {
   Command c{Command::Kind::Control, nullptr, 0, peer, {}};
   c.msg.type = static_cast<uint16_t>(ControlType::Bye);
   post_command(std::move(c));
-  mark_peer_lost(*peer, ErrorKind::PeerUnknown, "peer '" + peer->info.name + "' was removed", false);
+  mark_peer_lost(*peer, kind, why, /*writes_over_now=*/false);
 }
 
 namespace {

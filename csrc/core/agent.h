@@ -184,6 +184,7 @@ class Agent {
 
   void post_command(Command c);
   void post_commands(std::vector<Command> cmds);
+  void end_live_peer(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why);
 
   // progress thread (agent_progress.cpp)
   void progress_loop();

@@ -681,7 +681,9 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     case ControlType::Landed: on_landed(*peer, m); break;
     case ControlType::Bye:
       mark_peer_lost(*peer, ErrorKind::PeerLost,
-                     "peer '" + peer->info.name + "' removed this agent (its remove_peer); transfers with it ended",
+                     "peer '" + peer->info.name +
+                         "' removed this agent (its remove_peer, or it met a newer agent under this name); "
+                         "transfers with it ended",
                      false);
       break;
     default: counters_.dropped_messages++;

@@ -18,7 +18,8 @@
 
 namespace kvxfer {
 
-// BYE: the sender removed the receiver (remove_peer); the receiver ends its transfers with it and posts nothing more.
+// BYE: the sender removed the receiver (remove_peer, or a newer agent under its name appeared); the receiver ends
+// its transfers with it and posts nothing more.
 enum class ControlType : uint16_t { Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5, Landed = 6, Bye = 7 };
 
 struct ControlMessage {
