@@ -1,12 +1,36 @@
 """Agent pairs across two real processes: the test process receives, a spawned peer process sends."""
 import multiprocessing as mp
 import os
+import time
 
 import pytest
 
 os.environ.setdefault("FI_TCP_IFACE", "lo")  # libfabric's tcp provider: loopback only
 
 TRANSPORTS = ["tcp", "fi_shm", "cma"]
+
+
+def wait_for(pred, what, timeout_s=30.0):
+    """Polls pred() every 10 ms; fails naming `what` when it is still false after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s}s")
+        time.sleep(0.01)
+
+
+def assert_ended_sender_was_told(remote, xfer, dst, before):
+    """The receiver ended its peer `remote` (remove_peer, or the peer's restart) while `remote` was sending xfer:
+    the sender was told (BYE), so its send fails at once naming it, marking more layers is refused, and no byte
+    of dst changed since `before`."""
+    import numpy as np
+
+    with pytest.raises(RemoteError, match="PeerLost.*removed this agent"):
+        remote.call("wait", (xfer, 10))
+    with pytest.raises(RemoteError, match="already failed"):
+        remote.call("mark", (xfer, 1))
+    for got, want in zip(dst, before):
+        np.testing.assert_array_equal(got, want)
 
 
 class RemoteSender:

@@ -14,7 +14,7 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import TRANSPORTS, assert_layerwise_concurrent, connect, local_pair
+from tests.conftest import TRANSPORTS, assert_layerwise_concurrent, connect, local_pair, wait_for
 from tests.reference import PRESETS, apply, expected_after, make_pool
 
 SMALL_RING = {"staging": "always", "staging_slot_bytes": 8192, "staging_slots": 3}
@@ -98,8 +98,8 @@ def test_aborted_landing_transfers_give_their_slots_back():
         with pytest.raises(errors.KvxferError, match="request cancelled"):
             send.wait(timeout_s=30)
         recvs.append(recv)
-    _wait_for(lambda: a.stats()["slots_reclaimed"] == failures, "every aborted slot handed back")
-    _wait_for(lambda: all(r.writes_over for r in recvs), "every failed recv's writes over")
+    wait_for(lambda: a.stats()["slots_reclaimed"] == failures, "every aborted slot handed back")
+    wait_for(lambda: all(r.writes_over for r in recvs), "every failed recv's writes over")
     assert b.stats()["slot_violations"] == 0 and b.stats()["landing_rejected"] == 0
 
     src_ids, dst_ids = np.array([3, 9, 20], np.int32), np.array([30, 1, 17], np.int32)
@@ -113,15 +113,6 @@ def test_aborted_landing_transfers_give_their_slots_back():
     send.wait(timeout_s=30)
     for got, want in zip(dst, expected):
         np.testing.assert_array_equal(got, want)
-
-
-def _wait_for(pred, what, timeout_s=30.0):
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        assert time.monotonic() < deadline, f"{what}: not reached within {timeout_s}s"
-        time.sleep(0.01)
 
 
 # ---- headers from the wire ----------------------------------------------------------------------------------
@@ -190,7 +181,7 @@ def test_malformed_landing_headers_are_refused_untouched(landing_pair, case):
     recv = b.recv(peer_a, 88, np.array([2], np.int32))
     b._c._inject_begin(peer_a._h, 88, slot, 0, 1, 1)
     b._c._inject_landing(peer_a._h, slot, 0, batch([(2 * 4096, 0, 4096)], b"\x55" * 4096, slot=header_slot, **kwargs))
-    _wait_for(lambda: b.stats()["landing_rejected"] == 1, "the batch refused")
+    wait_for(lambda: b.stats()["landing_rejected"] == 1, "the batch refused")
     assert message in b.last_landing_error and "inject-sender" in b.last_landing_error
     with pytest.raises(errors.TransferFailed, match="landing batch .* was refused"):
         recv.wait(timeout_s=10)  # fails at once, naming why, instead of at its deadline
@@ -208,7 +199,7 @@ def test_entries_outside_the_pool_are_refused(landing_pair, entry, message):
     slot = peer_a._h._rx_window * 128
     before = dst[0].copy()
     b._c._inject_landing(peer_a._h, slot, 0, batch([entry], b"\x77" * 4096, slot=slot))
-    _wait_for(lambda: b.stats()["landing_rejected"] == 1, "the batch refused")
+    wait_for(lambda: b.stats()["landing_rejected"] == 1, "the batch refused")
     assert message in b.last_landing_error
     np.testing.assert_array_equal(dst[0], before)
 
@@ -217,7 +208,7 @@ def test_landing_slot_index_beyond_the_peers_share_is_refused(landing_pair):
     b, peer_a, dst = landing_pair
     slot = peer_a._h._rx_window * 128
     b._c._inject_landing(peer_a._h, slot, 2, b"")  # the peer has slots 0 and 1
-    _wait_for(lambda: b.stats()["landing_rejected"] == 1, "the batch refused")
+    wait_for(lambda: b.stats()["landing_rejected"] == 1, "the batch refused")
     assert "landing immediate names slot 2" in b.last_landing_error
 
 
@@ -230,7 +221,7 @@ def test_random_headers_never_write(landing_pair):
     for i in range(200):
         raw = struct.pack("<IH", MAGIC, VERSION) + rng.integers(0, 256, DATA_OFFSET - 6, dtype=np.uint8).tobytes()
         b._c._inject_landing(peer_a._h, slot, i % 2, raw)
-    _wait_for(lambda: b.stats()["landing_rejected"] == 200, "every random batch refused")
+    wait_for(lambda: b.stats()["landing_rejected"] == 200, "every random batch refused")
     assert b.stats()["landings"] == 0
     np.testing.assert_array_equal(dst[0], before)
 

@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 
 from kvxfer import errors
-from tests.conftest import RemoteError, RemoteSender, connect
+from tests.conftest import RemoteError, RemoteSender, assert_ended_sender_was_told, connect, wait_for
 from tests.reference import apply, make_pool
-
-
-def wait_for(pred, what, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s}s")
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "cma"])  # cma: the BYE goes through the same-host doorbell ring
@@ -34,13 +26,7 @@ def test_restart_while_the_old_incarnation_still_runs(transport):
         peer_new = agent.add_peer(new.call("init", (transport, "vllm_flash", 6, [], 1, {})))
         with pytest.raises(errors.PeerRestarted, match="peer 'peer-sender' restarted \\(new epoch\\)"):
             recv.wait(timeout_s=5)
-        # The old incarnation was told: its send fails at once and no later layer lands.
-        with pytest.raises(RemoteError, match="PeerLost.*removed this agent"):
-            old.call("wait", (1, 10))
-        with pytest.raises(RemoteError, match="already failed"):
-            old.call("mark", (1, 1))
-        for got, want in zip(dst, before):
-            np.testing.assert_array_equal(got, want)
+        assert_ended_sender_was_told(old, 1, dst, before)  # its send fails at once, no later layer lands
         time.sleep(0.1)  # several of the progress thread's checks
         assert not recv.writes_over  # the old process lives: writes it posted could still land
         old.conn.send(("crash", None))  # exits without answering

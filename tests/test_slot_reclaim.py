@@ -5,23 +5,14 @@ cannot be reused at once (a late write would count towards the next transfer). T
 granules it posted; the receiver answers ABORT_ACK once it counted exactly that many, and only then the slot is
 free. Before this, 128 failures exhausted a pair for good.
 """
-import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import TRANSPORTS, assert_exact_transfer, local_pair
+from tests.conftest import TRANSPORTS, assert_exact_transfer, local_pair, wait_for
 from tests.reference import PRESETS
 
 WINDOW = 128
-
-
-def wait_for(pred, timeout_s=30.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s}s")
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -45,10 +36,10 @@ def test_more_failed_transfers_than_slots_then_an_exact_one(transport):
         with pytest.raises(Exception, match="abandoned transfer"):
             recv.wait(timeout_s=30)
         recvs.append(recv)
-    wait_for(lambda: a.stats()["slots_reclaimed"] == failures, what=f"{failures} slots handed back")
+    wait_for(lambda: a.stats()["slots_reclaimed"] == failures, f"{failures} slots handed back")
     assert b.stats()["slot_violations"] == 0
     # the receiver knew when each failed transfer's last write had landed: its blocks are safe to reuse
-    wait_for(lambda: all(r.writes_over for r in recvs), what="every failed recv's writes over")
+    wait_for(lambda: all(r.writes_over for r in recvs), "every failed recv's writes over")
 
     recv = assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 10_000, [3, 9, 20], [30, 1, 17])
     assert recv.layers_done == layout.num_layers and recv.writes_over
@@ -63,7 +54,7 @@ def test_timed_out_sends_give_their_slots_back():
     for s in sends:
         with pytest.raises(Exception, match="missed its deadline"):
             s.wait(timeout_s=30)
-    wait_for(lambda: a.stats()["slots_reclaimed"] == WINDOW, what="the window handed back")
+    wait_for(lambda: a.stats()["slots_reclaimed"] == WINDOW, "the window handed back")
     assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 5000, [4], [5])
 
 
@@ -91,7 +82,7 @@ def test_a_recv_that_timed_out_learns_when_the_late_transfer_is_over():
     idle = b.recv(peer_a, 8, [9])
     send.all_ready()
     send.wait(timeout_s=30)
-    wait_for(lambda: recv.writes_over, what="the timed-out recv's writes over")
+    wait_for(lambda: recv.writes_over, "the timed-out recv's writes over")
     assert not idle.writes_over  # a recv nobody sends to is not over
 
 
@@ -111,10 +102,10 @@ def test_recv_posted_after_the_sender_abandoned_fails_at_once(posted_layers):
     send.abort("prefill node shutting down")
     with pytest.raises(errors.TransferFailed, match="prefill node shutting down"):
         send.wait(timeout_s=30)
-    wait_for(lambda: a.stats()["slots_reclaimed"] == 1, what="the receiver acknowledging the ABORT")
+    wait_for(lambda: a.stats()["slots_reclaimed"] == 1, "the receiver acknowledging the ABORT")
     recv = b.recv(peer_a, 42, [3, 4])  # the receiver's default deadline: 60 s
     with pytest.raises(errors.TransferFailed, match="abandoned transfer 42 before this recv was posted"):
         recv.wait(timeout_s=10)  # a recv still waiting would raise TransferTimeout here instead
-    wait_for(lambda: recv.writes_over, what="the late recv's writes over")
+    wait_for(lambda: recv.writes_over, "the late recv's writes over")
     # the pair still works, and the abandoned id does not haunt a later transfer with another id
     assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 43, [5], [6])
