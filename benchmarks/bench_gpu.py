@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from kvxfer.bench.pools import copy_limit_seconds
+
 ARGS = (32, 1024, 16, 8, 128, "bfloat16")  # pools of 1024 blocks; each request moves 256 of them
 NUM_IDS = 256
 
@@ -61,21 +63,6 @@ def _receiver(conn, where, transport):
             conn.send(view.cpu().numpy())
         else:
             return
-
-
-def _limit_seconds(nbytes, src_device, dst_device, pinned):
-    import torch
-
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=src_device)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=dst_device, pin_memory=pinned and dst_device == "cpu")
-    best = float("inf")
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _tcp_limit_seconds(nbytes):
@@ -118,9 +105,9 @@ def run_path(name, where, reps, transport="auto"):
     if transport == "tcp":
         limit_s, limit = _tcp_limit_seconds(nbytes), "raw loopback TCP 512 MiB"
     elif where == "cuda":
-        limit_s, limit = _limit_seconds(nbytes, "cuda", "cuda", pinned=True), "cudaMemcpy D2D 512 MiB"
+        limit_s, limit = copy_limit_seconds(nbytes, "cuda", "cuda"), "cudaMemcpy D2D 512 MiB"
     else:
-        limit_s, limit = _limit_seconds(nbytes, "cuda", "cpu", pinned=True), "pinned D2H 512 MiB"
+        limit_s, limit = copy_limit_seconds(nbytes, "cuda", "cpu"), "pinned D2H 512 MiB"
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     proc = ctx.Process(target=_receiver, args=(child, where, transport), daemon=True)
@@ -181,7 +168,7 @@ def kernel_only(reps):
 
     layout = kvxfer.KVLayout.vllm_flash(*ARGS)
     nbytes = layout.num_layers * 2 * NUM_IDS * layout.chunk_bytes
-    limit_s = _limit_seconds(nbytes, "cuda", "cuda", pinned=True)
+    limit_s = copy_limit_seconds(nbytes, "cuda", "cuda")
     src = [torch.empty(layout.tensor_layer_bytes, dtype=torch.uint8, device="cuda") for _ in range(layout.num_layers)]
     dst = [torch.empty(layout.tensor_layer_bytes, dtype=torch.uint8, device="cuda") for _ in range(layout.num_layers)]
     rng = np.random.default_rng(0)
@@ -216,7 +203,7 @@ def kernel_only(reps):
     # whether the GPU side or the copy-out can hold the staged path below 0.7.
     del dst
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    d2h_limit_s = _limit_seconds(nbytes, "cuda", "cpu", pinned=True)
+    d2h_limit_s = copy_limit_seconds(nbytes, "cuda", "cpu")
     hd = np.uint64(host.data_ptr()) + np.arange(len(s_), dtype=np.uint64) * np.uint64(layout.chunk_bytes)
     slots = list(range(0, len(s_), 128)) + [len(s_)]
     t = _C.gpu_gather_seconds(torch.cuda.current_device(), hd, s_, sizes, np.array(slots, np.uint32), reps)

@@ -68,8 +68,14 @@ def addresses(pool: list) -> list[int]:
 
 
 def copy_limit_gbps(nbytes: int, src: str, dst: str, reps: int = 5) -> tuple[float, str]:
+    """copy_limit_seconds as bandwidth, with the name the tables print."""
+    kind = "D2D" if is_gpu(src) and is_gpu(dst) else ("D2H, pinned" if is_gpu(src) else "H2D, pinned")
+    return nbytes / copy_limit_seconds(nbytes, src, dst, reps) / 1e9, f"cudaMemcpy {kind}, same bytes, best of {reps}"
+
+
+def copy_limit_seconds(nbytes: int, src: str, dst: str, reps: int = 5) -> float:
     """The device's own copy of nbytes in the direction a GPU path moves them (device-to-device, or to/from pinned
-    host memory), best of reps, with the name the tables print."""
+    host memory): the best of reps after a warm-up copy. src/dst: cpu, cuda or cuda:N."""
     import torch
 
     device = src if is_gpu(src) else dst
@@ -84,5 +90,4 @@ def copy_limit_gbps(nbytes: int, src: str, dst: str, reps: int = 5) -> tuple[flo
             torch.cuda.synchronize()
             if rep:
                 best = min(best, time.perf_counter() - t0)
-    kind = "D2D" if is_gpu(src) and is_gpu(dst) else ("D2H, pinned" if is_gpu(src) else "H2D, pinned")
-    return nbytes / best / 1e9, f"cudaMemcpy {kind}, same bytes, best of {reps}"
+    return best
