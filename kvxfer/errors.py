@@ -49,6 +49,11 @@ class TransferFailed(KvxferError):
     """A transfer failed (the message says why); its destination blocks may be partly written."""
 
 
+class Cancelled(TransferFailed):
+    """The receiver cancelled the transfer (Recv.cancel): the sender posts nothing more for it, and a later send of
+    the same id is refused. On the receiving side, reuse the blocks once Recv.writes_over is True."""
+
+
 class DuplicateTransfer(KvxferError):
     """A transfer id that is still live for the same peer was reused."""
 

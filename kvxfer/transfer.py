@@ -104,10 +104,19 @@ class Send(_Transfer):
 
 
 class Recv(_Transfer):
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Give up on this transfer (the request was aborted, preempted or timed out here). A pending recv fails at
+        once with errors.Cancelled naming `reason` (waiters wake); the sender is told to post nothing more: its send
+        fails with Cancelled, and a send of this id it has not started yet is refused. Writes it posted before may
+        still land: reuse the blocks once `writes_over` is True (the sender said nothing more can arrive, or every
+        write it had posted was counted here). No-op on a recv that completed; on one that already failed (say it
+        timed out) it still stops the sender. Never blocks."""
+        self._agent._c.cancel_recv(self.peer._h, self._h, str(reason))
+
     @property
     def writes_over(self) -> bool:
         """True once no write of this transfer can land in its blocks any more: it completed, the sender's process is
-        gone, or it failed and the receiver has since counted every write the sender had posted. A failed recv's
-        blocks are safe to reuse only then. A recv ended by remove_peer (either side's) stays False while the
+        gone, or it failed (or was cancelled) and the sender has since said it posted nothing or the receiver counted
+        every write the sender had posted. A failed recv's blocks are safe to reuse only then. A recv ended by remove_peer (either side's) stays False while the
         sender's process may live: writes it had posted could still land (same host: True once it exited)."""
         return self._h.writes_over

@@ -137,6 +137,7 @@ void register_agent(py::module_& m) {
              return a.send(peer, xfer_id, src_pool, dst_pool, s.ptr, d.ptr, s.n, first_layer, num_layers, timeout_s);
            })
       .def("abort_send", &Agent::abort_send)
+      .def("cancel_recv", &Agent::cancel_recv)  // never blocks
       .def("layer_ready", &Agent::layer_ready)  // microseconds, never blocks: keep the GIL (cheaper than dropping it)
       .def("recv",
            [](Agent& a, const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,

@@ -16,6 +16,7 @@ void register_errors(py::module_& m) {
       .value("PeerRestarted", ErrorKind::PeerRestarted)
       .value("TransferTimeout", ErrorKind::TransferTimeout)
       .value("TransferFailed", ErrorKind::TransferFailed)
+      .value("Cancelled", ErrorKind::Cancelled)
       .value("DuplicateTransfer", ErrorKind::DuplicateTransfer)
       .value("RegistrationFailed", ErrorKind::RegistrationFailed)
       .value("AccessViolation", ErrorKind::AccessViolation)

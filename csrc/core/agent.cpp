@@ -606,6 +606,10 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
     KVXFER_CHECK(!peer->live_sends.count(xfer_id), DuplicateTransfer,
                  "transfer id " << xfer_id << " is already live towards peer '" << peer->info.name
                                 << "'; ids are the engine's request keys and must be unique per peer while live");
+    KVXFER_CHECK(!peer->cancelled_ids.count(xfer_id), Cancelled,
+                 "transfer " << xfer_id << " to peer '" << peer->info.name
+                             << "' was cancelled by the receiver (its Recv.cancel) before it was sent; nothing was "
+                                "written: drop the request here");
     KVXFER_CHECK(!peer->free_slots.empty(), TransferFailed,
                  "no free transfer slot towards peer '" << peer->info.name << "': all " << ImmCode::kSlotWindow
                      << " are taken (" << peer->live_sends.size() << " transfers in flight, "
@@ -625,6 +629,18 @@ void Agent::abort_send(const std::shared_ptr<SendState>& send, const std::string
   if (send->state() != TransferState::Pending) return;
   Command c{Command::Kind::AbortSend, send, 0, nullptr, {}};
   c.reason = why;
+  post_command(std::move(c));
+}
+
+void Agent::cancel_recv(const std::shared_ptr<PeerState>& peer, const std::shared_ptr<RecvState>& recv,
+                        const std::string& why) {
+  if (recv->state() == TransferState::Done || recv->writes_over) return;
+  recv->fail(ErrorKind::Cancelled, "transfer " + std::to_string(recv->xfer_id) + " from peer '" + peer->info.name +
+                                       "' was cancelled by this receiver: " + why +
+                                       "; free its blocks once writes_over is true");
+  Command c{Command::Kind::CancelRecv, nullptr, 0, peer, {}};
+  c.reason = why;
+  c.recv = recv;
   post_command(std::move(c));
 }
 
@@ -697,13 +713,13 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
                    " before this recv was posted (it failed or timed out on the sending side); its blocks may be "
                    "partly written: free them once writes_over is true");
     SlotCounter& s = peer->slots[slot];
-    if (s.aborted && s.xfer_id == xfer_id) s.watcher = recv;  // writes still to count: told when the slot resets
+    if (s.aborted && s.xfer_id == xfer_id) s.watch(recv);  // writes still to count: told when the slot resets
     else recv->writes_over = true;
     return recv;
   }
   if (auto it = peer->slot_of_xfer.find(xfer_id); it != peer->slot_of_xfer.end()) {
     SlotCounter& s = peer->slots[it->second];
-    s.watcher = recv;
+    s.watch(recv);
     if (mismatch(s.first_layer, s.num_layers, s.granules_per_layer)) {
       recv->fail(ErrorKind::TransferFailed, describe(s.first_layer, s.num_layers, s.granules_per_layer));
       return recv;

@@ -118,6 +118,12 @@ class Agent {
   std::shared_ptr<RecvState> recv(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
                                   const int32_t* dst_ids, size_t num_ids, int first_layer, int num_layers,
                                   double timeout_s);
+  // The receiver gives up on a transfer (the request was aborted or preempted): a pending recv fails with Cancelled
+  // at once and the sender is told (CANCEL) to post nothing more; writes_over turns true once nothing it posted can
+  // still land. Also useful on a recv that already failed here (timed out) while the sender may still write. No-op
+  // on a recv that completed or whose writes are over.
+  void cancel_recv(const std::shared_ptr<PeerState>& peer, const std::shared_ptr<RecvState>& recv,
+                   const std::string& why);
 
   // Testing: deliver an immediate or a control message as if `peer` had sent it, on the progress thread. Lets
   // tests force orders the loopback providers never produce (BEGIN after data, reversed and split granules).
@@ -162,13 +168,14 @@ class Agent {
     std::shared_ptr<CmaJob> cma = nullptr;  // CMA destination: the copy-out running on the workers
   };
   struct Command {
-    enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage, AbortSend, InjectLanding } kind;
+    enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage, AbortSend, InjectLanding, CancelRecv } kind;
     std::shared_ptr<SendState> send;
     uint32_t layer_index = 0;  // LayerReady: index within the send's layer range
     std::shared_ptr<PeerState> peer;
     ControlMessage msg;
-    std::string reason{};  // AbortSend
+    std::string reason{};  // AbortSend, CancelRecv
     std::vector<uint8_t> bytes{};  // InjectLanding
+    std::shared_ptr<RecvState> recv{};  // CancelRecv
   };
   // A landing batch whose copy into a GPU pool is in flight; counted and handed back once the copy landed.
   struct PendingLanding {
@@ -237,6 +244,10 @@ class Agent {
   void on_release(PeerState& peer, const ControlMessage& m);
   void on_abort(PeerState& peer, const ControlMessage& m);
   void on_abort_ack(PeerState& peer, const ControlMessage& m);
+  void on_cancel(PeerState& peer, const ControlMessage& m);
+  void on_cancel_ack(PeerState& peer, const ControlMessage& m);
+  void cancel_recv_now(PeerState& peer, const std::shared_ptr<RecvState>& recv);
+  void watch_cancelled(PeerState& peer, SlotCounter& s, uint64_t xfer_id);  // peer.mu held
   void remember_abandoned(PeerState& peer, uint64_t xfer_id, uint32_t slot);  // peer.mu held
   void maybe_reclaim_aborted(PeerState& peer, uint32_t slot);
   void check_deadlines();

@@ -129,6 +129,8 @@ bool Agent::run_commands() {
   for (auto& c : cmds) {
     switch (c.kind) {
       case Command::Kind::NewSend:
+        // Failed before we got to it (the receiver's CANCEL came first; its ABORT is queued): post nothing.
+        if (c.send->state() != TransferState::Pending) break;
         active_sends_.push_back(c.send);
         queue_control(*c.send->peer, ControlType::Begin, c.send->xfer_id, c.send->slot, c.send->first_layer,
                       c.send->num_layers, c.send->plan.granules_per_layer);
@@ -165,6 +167,9 @@ bool Agent::run_commands() {
       case Command::Kind::AbortSend:
         fail_send(c.send, ErrorKind::TransferFailed,
                   "transfer " + std::to_string(c.send->xfer_id) + " was aborted by the sender: " + c.reason);
+        break;
+      case Command::Kind::CancelRecv:
+        cancel_recv_now(*c.peer, c.recv);
         break;
     }
   }
@@ -678,6 +683,8 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     case ControlType::Release: on_release(*peer, m); break;
     case ControlType::Abort: on_abort(*peer, m); break;
     case ControlType::AbortAck: on_abort_ack(*peer, m); break;
+    case ControlType::Cancel: on_cancel(*peer, m); break;
+    case ControlType::CancelAck: on_cancel_ack(*peer, m); break;
     case ControlType::Landed: on_landed(*peer, m); break;
     case ControlType::Bye:
       mark_peer_lost(*peer, ErrorKind::PeerLost,
@@ -711,7 +718,7 @@ void Agent::on_begin(PeerState& peer, const ControlMessage& m) {
   if (auto it = peer.waiting_recvs.find(m.xfer_id); it != peer.waiting_recvs.end()) {
     auto recv = it->second;
     peer.waiting_recvs.erase(it);
-    s.watcher = recv;
+    s.watch(recv);
     if (recv->first_layer != m.first_layer || recv->num_layers != m.num_layers ||
         recv->granules_per_layer != m.granules_per_layer) {
       recv->fail(ErrorKind::TransferFailed,
@@ -722,6 +729,7 @@ void Agent::on_begin(PeerState& peer, const ControlMessage& m) {
       s.recv = recv;
     }
   }
+  watch_cancelled(peer, s, m.xfer_id);
   check_slot(peer, m.slot);
 }
 
@@ -751,6 +759,10 @@ void Agent::on_abort(PeerState& peer, const ControlMessage& m) {
     // Nothing of it is pending here: it completed (our RELEASE is on its way) or never wrote. Hand the slot back.
     if (!peer.arrived.count(m.xfer_id)) remember_abandoned(peer, m.xfer_id, m.slot);
     queue_control(peer, ControlType::AbortAck, m.xfer_id, m.slot);
+    if (auto it = peer.cancelled_recvs.find(m.xfer_id); it != peer.cancelled_recvs.end()) {
+      it->second->writes_over = true;  // as the ACK says: nothing of it is still on its way
+      peer.cancelled_recvs.erase(it);
+    }
     return;
   }
   if (s.begun && s.xfer_id != m.xfer_id) {
@@ -770,6 +782,7 @@ void Agent::on_abort(PeerState& peer, const ControlMessage& m) {
   peer.live_recvs.erase(m.xfer_id);
   peer.slot_of_xfer.erase(m.xfer_id);
   s.recv.reset();
+  watch_cancelled(peer, s, m.xfer_id);
   maybe_reclaim_aborted(peer, m.slot);
 }
 
@@ -786,6 +799,76 @@ void Agent::on_abort_ack(PeerState& peer, const ControlMessage& m) {
   std::lock_guard<std::mutex> lock(peer.mu);
   if (peer.reclaim(m.slot, m.xfer_id)) counters_.slots_reclaimed++;
   else counters_.dropped_messages++;  // not quarantined (a RELEASE reclaimed it first) or a stale id
+}
+
+// The receiver cancelled transfer X. A live send of X fails and ends with the usual ABORT (its posted total), which
+// tells the receiver when its writes are over. Otherwise X is remembered (send() refuses it) and, unless a failed
+// send of X still awaits its ABORT_ACK, the receiver is told nothing of X can arrive (CANCEL_ACK).
+void Agent::on_cancel(PeerState& peer, const ControlMessage& m) {
+  std::shared_ptr<SendState> send;
+  bool in_flight = false;
+  {
+    std::lock_guard<std::mutex> lock(peer.mu);
+    if (auto it = peer.live_sends.find(m.xfer_id); it != peer.live_sends.end()) send = it->second;
+    for (const auto& [slot, id] : peer.quarantined) in_flight = in_flight || id == m.xfer_id;
+    if (peer.cancelled_ids.insert(m.xfer_id).second) {
+      peer.cancelled_order.push_back(m.xfer_id);
+      if (peer.cancelled_order.size() > kArrivedMemory) {
+        peer.cancelled_ids.erase(peer.cancelled_order.front());
+        peer.cancelled_order.pop_front();
+      }
+    }
+  }
+  if (send) {
+    fail_send(send, ErrorKind::Cancelled,
+              "transfer " + std::to_string(m.xfer_id) + " to peer '" + peer.info.name +
+                  "' was cancelled by the receiver (its Recv.cancel); nothing more is posted for it");
+    return;
+  }
+  if (!in_flight) queue_control(peer, ControlType::CancelAck, m.xfer_id, 0);
+}
+
+void Agent::on_cancel_ack(PeerState& peer, const ControlMessage& m) {
+  std::lock_guard<std::mutex> lock(peer.mu);
+  auto it = peer.cancelled_recvs.find(m.xfer_id);
+  if (it == peer.cancelled_recvs.end()) return;  // a BEGIN or ABORT bound it to a slot since: the slot tells it
+  it->second->writes_over = true;
+  peer.cancelled_recvs.erase(it);
+}
+
+// A cancelled recv that no slot watched yet is bound to the slot its transfer turned up in (peer.mu held).
+void Agent::watch_cancelled(PeerState& peer, SlotCounter& s, uint64_t xfer_id) {
+  auto it = peer.cancelled_recvs.find(xfer_id);
+  if (it == peer.cancelled_recvs.end()) return;
+  s.watch(it->second);
+  peer.cancelled_recvs.erase(it);
+}
+
+// Progress thread side of Agent::cancel_recv (the recv has failed already): unhook it from what would complete it,
+// make sure something will tell it when its writes are over, and tell the sender.
+void Agent::cancel_recv_now(PeerState& peer, const std::shared_ptr<RecvState>& recv) {
+  if (recv->writes_over) return;
+  const uint64_t x = recv->xfer_id;
+  std::lock_guard<std::mutex> lock(peer.mu);
+  if (peer.lost) {  // ended with the peer: settled like its other ended recvs (its process seen gone)
+    if (std::find(peer.removed_recvs.begin(), peer.removed_recvs.end(), recv) == peer.removed_recvs.end())
+      peer.removed_recvs.push_back(recv);
+    return;
+  }
+  if (auto it = peer.waiting_recvs.find(x); it != peer.waiting_recvs.end() && it->second == recv)
+    peer.waiting_recvs.erase(it);
+  if (auto it = peer.live_recvs.find(x); it != peer.live_recvs.end() && it->second == recv) peer.live_recvs.erase(it);
+  bool watched = false;
+  if (auto it = peer.slot_of_xfer.find(x); it != peer.slot_of_xfer.end()) {
+    SlotCounter& s = peer.slots[it->second];
+    if (s.recv == recv) s.recv.reset();
+    s.watch(recv);
+    watched = true;
+  } else {
+    for (const auto& s : peer.slots) watched = watched || s.watches(recv);
+  }
+  if (!watched) peer.cancelled_recvs[x] = recv;
+  queue_control(peer, ControlType::Cancel, x, 0);
 }
 
 void Agent::fail_send(const std::shared_ptr<SendState>& owner, ErrorKind kind, const std::string& why) {
@@ -857,9 +940,16 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     for (auto& [id, s] : peer.live_sends) sends.push_back(s);
     for (auto& [id, r] : peer.live_recvs) recvs.push_back(r);
     for (auto& [id, r] : peer.waiting_recvs) recvs.push_back(r);
+    for (auto& [id, r] : peer.cancelled_recvs) recvs.push_back(r);  // failed already: only writes_over is left
+    for (auto& slot : peer.slots) {  // failed or cancelled recvs still waiting for their sender's writes to end
+      for (auto& w : slot.watchers)
+        if (std::find(recvs.begin(), recvs.end(), w) == recvs.end()) recvs.push_back(w);
+      slot.watchers.clear();
+    }
     peer.live_sends.clear();
     peer.live_recvs.clear();
     peer.waiting_recvs.clear();
+    peer.cancelled_recvs.clear();
     if (!writes_over_now) peer.removed_recvs = recvs;
   }
   if (std::this_thread::get_id() == progress_.get_id()) drain_landings(peer);

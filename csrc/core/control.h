@@ -12,6 +12,11 @@
 //   ABORT_ACK receiver -> sender: every write the sender posted for aborted slot S has arrived; S may be reused.
 //   LANDED  receiver -> sender: the batch in landing slot `slot` (of the sender's window) was copied into the pool;
 //           the sender may write the next batch there (transports/staged/landing.h).
+//   CANCEL  receiver -> sender: stop transfer X (Recv.cancel). A live send of X fails with Cancelled and ends with
+//           the usual ABORT (its posted total); an id not live here is remembered so a later send of it is refused.
+//   CANCEL_ACK sender -> receiver: nothing of X can still arrive (never sent, or everything it posted was counted:
+//           RELEASE or ABORT_ACK came back), and X will not be sent. A send of X whose ABORT is still outstanding
+//           gets no ACK: the receiver learns the end from the ABORT's count instead.
 // Every field is checked on receipt (magic, version, size, epochs, ranges); anything else is dropped and counted.
 #pragma once
 #include <cstdint>
@@ -20,11 +25,13 @@ namespace kvxfer {
 
 // BYE: the sender removed the receiver (remove_peer, or a newer agent under its name appeared); the receiver ends
 // its transfers with it and posts nothing more.
-enum class ControlType : uint16_t { Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5, Landed = 6, Bye = 7 };
+enum class ControlType : uint16_t {
+  Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5, Landed = 6, Bye = 7, Cancel = 8, CancelAck = 9
+};
 
 struct ControlMessage {
   static constexpr uint32_t kMagic = 0x4b584331;  // "1CXK"
-  static constexpr uint16_t kVersion = 4;  // 2: ABORT carries the posted total; ABORT_ACK; 3: LANDED; 4: BYE
+  static constexpr uint16_t kVersion = 5;  // 2: ABORT total, ABORT_ACK; 3: LANDED; 4: BYE; 5: CANCEL(_ACK)
   uint32_t magic = kMagic;
   uint16_t version = kVersion;
   uint16_t type = 0;

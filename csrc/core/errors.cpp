@@ -14,6 +14,7 @@ const char* error_kind_name(ErrorKind kind) {
     case ErrorKind::PeerRestarted: return "PeerRestarted";
     case ErrorKind::TransferTimeout: return "TransferTimeout";
     case ErrorKind::TransferFailed: return "TransferFailed";
+    case ErrorKind::Cancelled: return "Cancelled";
     case ErrorKind::DuplicateTransfer: return "DuplicateTransfer";
     case ErrorKind::RegistrationFailed: return "RegistrationFailed";
     case ErrorKind::AccessViolation: return "AccessViolation";

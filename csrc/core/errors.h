@@ -18,6 +18,7 @@ enum class ErrorKind {
   PeerRestarted,       // a peer came back with a new incarnation epoch
   TransferTimeout,     // a wait or a transfer deadline expired
   TransferFailed,      // a transfer failed for another reason (see message)
+  Cancelled,           // the receiver cancelled the transfer (Recv.cancel)
   DuplicateTransfer,   // a live transfer id reused for the same peer
   RegistrationFailed,  // memory could not be registered
   AccessViolation,     // a write outside what the peer exposed

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "core/imm.h"
@@ -34,12 +35,21 @@ struct SlotCounter {
   uint32_t layers_complete = 0;
   std::vector<uint32_t> counts;  // [ImmCode::kMaxLayers] granules seen per absolute layer
   std::shared_ptr<RecvState> recv;
-  std::shared_ptr<RecvState> watcher;  // the recv bound to this transfer, kept after it failed: told at the end
+  // The recvs bound to this transfer, kept after they failed or were cancelled: told at the end (usually one; a
+  // recv re-posted under the same id after a failure is a second).
+  std::vector<std::shared_ptr<RecvState>> watchers;
+
+  void watch(const std::shared_ptr<RecvState>& r) {
+    if (std::find(watchers.begin(), watchers.end(), r) == watchers.end()) watchers.push_back(r);
+  }
+  bool watches(const std::shared_ptr<RecvState>& r) const {
+    return std::find(watchers.begin(), watchers.end(), r) != watchers.end();
+  }
 
   // Ready for the next transfer the sender binds to this slot. No write of the last one can arrive any more.
   void reset() {
-    if (watcher) watcher->writes_over.store(true, std::memory_order_release);
-    watcher.reset();
+    for (auto& w : watchers) w->writes_over.store(true, std::memory_order_release);
+    watchers.clear();
     if (!counts.empty()) std::fill(counts.begin(), counts.end(), 0);
     in_use = begun = aborted = abort_total_known = false;
     abort_total = seen = 0;
@@ -72,6 +82,9 @@ struct PeerState {
   std::vector<std::shared_ptr<SendState>> send_by_slot;          // [kMaxSlots]
   std::unordered_map<uint64_t, std::shared_ptr<SendState>> live_sends;
   std::unordered_map<uint32_t, uint64_t> quarantined;            // slot -> failed transfer id, until ABORT_ACK
+  // Ids the peer cancelled (CANCEL) before we sent them: send() refuses them. Bounded like `arrived`.
+  std::unordered_set<uint64_t> cancelled_ids;
+  std::deque<uint64_t> cancelled_order;
   // receiver side: the window of slots we gave the peer (ImmCode::kSlotWindow from rx_window * kSlotWindow)
   uint32_t rx_window = 0;
   std::vector<SlotCounter> slots;                                // [kMaxSlots], counts allocated lazily
@@ -83,6 +96,9 @@ struct PeerState {
   // guessed. A restarted peer on another host is taken as gone (its successor is the evidence), settled by the
   // progress thread like the rest, after its batches still copying into a GPU pool have landed.
   std::vector<std::shared_ptr<RecvState>> removed_recvs;
+  // Recvs we cancelled (CANCEL sent) that no slot watches yet: their writes_over waits for the sender's CANCEL_ACK,
+  // or for a BEGIN / ABORT of theirs that binds them to a slot (which then tells them when it resets).
+  std::unordered_map<uint64_t, std::shared_ptr<RecvState>> cancelled_recvs;
   bool settle_removed_now = false;
   struct Arrived { uint32_t first_layer, num_layers, granules_per_layer; };
   std::unordered_map<uint64_t, Arrived> arrived;                 // complete before recv() was called

@@ -24,8 +24,11 @@ Per request (the proxy sets kv_transfer_params; the transfer id is the proxy's, 
 
 Threads: vLLM calls every method from its scheduler or worker thread; kvxfer's progress thread and the push
 server's threads never call back into vLLM. Layout arithmetic, plans, counters and failure detection are kvxfer's.
-Limits: one worker per engine (TP=1), CPU KV caches (kvxfer has no GPU memory path yet), no drain after a failed
-transfer (kvxfer's Send.abort has none: see README "Not done yet").
+A failed load (the recv failed or timed out, or the push connection closed) is cancelled (Recv.cancel: the prefill
+side posts nothing more) and reported to vLLM only once none of its writes can still land (Recv.writes_over), since
+vLLM may recompute into those blocks; at most transfer_timeout_s later it is reported regardless, with a warning.
+Limits: one worker per engine (TP=1), CPU KV caches only (never run with vLLM on a GPU), no drain after a failed
+send on the prefill side (Send.abort has none: see README "Not done yet").
 """
 from __future__ import annotations
 
@@ -113,6 +116,7 @@ class KvxferConnector(KVConnectorBase_V1):
         self._layer_index: dict[str, int] = {}
         self._recvs: dict[str, tuple[kvxfer.Recv | None, PushClient | None, list[int]]] = {}
         self._load_errors: set[int] = set()
+        self._given_up: dict[str, float] = {}             # decode: failed loads cancelled, since (monotonic)
         self._sends: dict[str, kvxfer.Send | None] = {}   # None: ended without a send (no registration, refused)
         self._waiting: dict[str, tuple[SaveSpec, float]] = {}  # prefill: forward done, registration not yet here
         self._layerwise: set[str] = set()                 # sends opened at this step's first save_kv_layer
@@ -305,6 +309,8 @@ class KvxferConnector(KVConnectorBase_V1):
             if state == kvxfer.TransferState.PENDING and not (client.lost or client.peer.lost):
                 continue
             if state != kvxfer.TransferState.DONE:
+                if not self._writes_ended(rid, recv):
+                    continue  # vLLM may recompute into these blocks: not while the prefill side can still write
                 why = (recv.error if recv is not None and state == kvxfer.TransferState.FAILED
                        else "could not start" if recv is None else "the prefill side's push connection closed")
                 log.warning("kvxfer: load of request %s failed (%s); %d blocks reported to vLLM", rid, why, len(dst))
@@ -328,6 +334,24 @@ class KvxferConnector(KVConnectorBase_V1):
         # only prefill sends wait for their id here; forget finished ids that have nothing left to report
         self._finished = {rid for rid in self._finished - sending if rid in self._sends or rid in self._waiting}
         return (sending or None), (recving or None)
+
+    def _writes_ended(self, rid: str, recv) -> bool:
+        """A failed load: cancel its recv once (the prefill side posts nothing more) and say True once none of its
+        writes can still land (Recv.writes_over, or the prefill agent is lost), or after transfer_timeout_s more
+        with a warning (the old behaviour: vLLM gets the blocks back regardless)."""
+        if recv is None or recv.writes_over or recv.peer.lost:
+            self._given_up.pop(rid, None)
+            return True
+        if rid not in self._given_up:
+            self._given_up[rid] = time.monotonic()
+            recv.cancel("vLLM gave up the load")
+            return recv.writes_over
+        if time.monotonic() - self._given_up[rid] < self.timeout_s:
+            return False
+        log.warning("kvxfer: request %s: the prefill side did not confirm within %.0f s that its writes ended; "
+                    "handing its blocks back anyway", rid, self.timeout_s)
+        del self._given_up[rid]
+        return True
 
     def get_block_ids_with_load_errors(self):
         errors, self._load_errors = self._load_errors, set()

@@ -18,9 +18,10 @@ A sequence joins the running batch only when its recv is complete (an O(1) poll 
 known. A recv that fails or times out ends that sequence with its error; the others keep running.
 
 Blocks are freed on finish, cancel and failure — but never while the sender might still write into them. A
-sequence that ended before its KV fully arrived keeps its blocks in quarantine until one of: the recv completed (the
-sender counted every chunk: it writes nothing more), kvxfer says its writes are over (Recv.writes_over: the sender
-aborted and every write it had posted was counted), the sender process is gone (PeerLost), or the router said the
+sequence that ended before its KV fully arrived cancels its recv (Recv.cancel: the sender posts nothing more) and keeps
+its blocks in quarantine until one of: the recv completed (the sender counted every chunk: it writes nothing more),
+kvxfer says its writes are over (Recv.writes_over: the sender said nothing more can arrive, or every write it had
+posted was counted), the sender process is gone (PeerLost), or the router said the
 sender's transfer ended (sender_done(), sent once the prefill side reported its send finished or failed).
 """
 from __future__ import annotations
@@ -155,6 +156,8 @@ class DecodeWorker:
 
     def _end(self, seq: Sequence, state: SeqState, error: str | None = None) -> None:
         seq.state, seq.error = state, error
+        if seq.recv is not None and not seq.recv.done:
+            seq.recv.cancel(error or state.value)  # the sender stops writing; writes_over then frees the blocks
         with self.lock:
             if self._writes_over(seq):
                 self.cache.allocator.free(seq.blocks)

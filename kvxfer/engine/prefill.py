@@ -14,6 +14,8 @@ the compute ends; only then does the worker wait for the sends. Local blocks are
 If the batch fails, or a send does not end within timeout_s, its unfinished sends are aborted (the decode side's
 recvs fail at once). Writes posted before the abort may still be in flight when the blocks are freed: kvxfer has no
 drain handshake yet (see README); the decode side holds such blocks until the router relays that the send ended.
+A request the decode side cancelled (its Recv.cancel) fails alone: its send is refused at opening or fails where it
+stands, and the batch's other requests go on.
 
 On a GPU the model's per-layer hook runs when the layer's kernels are queued, not when they ran, so the worker
 records each layer on the stream with a kvxfer LayerSignal: its watcher thread marks the layer ready once the GPU
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from kvxfer.engine.kv_cache import blocks_for
-from kvxfer.errors import KvxferError
+from kvxfer.errors import Cancelled, KvxferError
 
 
 @dataclass
@@ -77,7 +79,10 @@ class PrefillWorker:
                 if len(job.dst_blocks) != len(table):
                     raise KvxferError(f"request {job.xfer_id}: {len(job.prompt)} prompt tokens need {len(table)} "
                                       f"blocks, the decode side gave {len(job.dst_blocks)}")
-                sends.append(self.agent.send(peer, job.xfer_id, table, job.dst_blocks, timeout_s=self.timeout_s))
+                try:
+                    sends.append(self.agent.send(peer, job.xfer_id, table, job.dst_blocks, timeout_s=self.timeout_s))
+                except Cancelled as e:  # the decode side gave this request up before we got to it: skip it alone
+                    sends.append(_RefusedSend(e))
 
             recorded = 0
 
@@ -90,14 +95,18 @@ class PrefillWorker:
                     if self.layer_marks == "stream sync":
                         self._stream().synchronize()
                     for s in sends:
-                        s.layer_ready(layer)
+                        try:
+                            s.layer_ready(layer)
+                        except KvxferError:
+                            pass  # that send failed (its receiver cancelled it, ...): finish() reports it; the
+                            # batch's other requests go on
                 if on_layer is not None:
                     on_layer(layer)
                 if self.layer_delay_s:
                     time.sleep(self.layer_delay_s)
 
             if self.signal is not None:
-                self.signal.bind(sends)  # this forward's records mark these sends' layers
+                self.signal.bind([s for s in sends if not isinstance(s, _RefusedSend)])  # marked by the records
             t0 = time.perf_counter()
             try:
                 logits = self.model.prefill([torch.tensor(j.prompt) for j in jobs],
@@ -161,6 +170,25 @@ def gpu_layer_signal(agent, num_layers: int):
     print(f"prefill: kvxfer layer signals cannot use the GPU ({why}); marking each layer ready after a stream "
           "synchronize instead (the host stops queuing work until each layer ran)", file=sys.stderr, flush=True)
     return None, "stream sync"
+
+
+class _RefusedSend:
+    """A request of the batch whose send the decode side refused before it opened (Recv.cancel): computed with the
+    others, nothing sent; finish() reports its error."""
+
+    nbytes, path, finished_at = 0, "none", None
+
+    def __init__(self, error: KvxferError):
+        self.error = error
+
+    def layer_ready(self, layer: int) -> None:
+        pass
+
+    def abort(self, reason: str = "") -> None:
+        pass
+
+    def wait(self, timeout_s: float = 0.0) -> None:
+        raise self.error
 
 
 @dataclass

@@ -14,6 +14,7 @@ from kvxfer import bootstrap  # noqa: E402
 from kvxfer.engine.decode import DecodeWorker, SeqState  # noqa: E402
 from kvxfer.engine.kv_cache import blocks_for  # noqa: E402
 from kvxfer.engine.model import PRESETS, LlamaModel  # noqa: E402
+from tests.conftest import wait_for  # noqa: E402
 
 BS, SEED, MAX_TOKENS = 4, 3, 8
 PROMPT_LENS = (5, 17, 33, 64)
@@ -145,3 +146,32 @@ def test_prefill_node_dying_fails_its_requests_and_frees_blocks(prefill_node):
     seq = worker.pop_finished()[0]
     assert seq.state is SeqState.FAILED and "PeerLost" in seq.error, seq.error
     assert worker.cache.allocator.num_free == 256
+
+
+def test_a_cancelled_sequence_frees_its_blocks_and_fails_alone_in_a_prefill_batch(prefill_node):
+    """The decode side cancels one waiting request (its client left): kvxfer's Recv.cancel alone gives its blocks
+    back (the prefill node had sent nothing: CANCEL_ACK), with no word from the router. When the prefill node gets
+    the request anyway, in a batch with another, only that request fails (Cancelled) and the other decodes exactly
+    as colocated."""
+    ch, _ = prefill_node
+    model, worker, peer = connect_decode(ch)
+    batch = prompts()[:2]
+    jobs = [{"xfer_id": i, "prompt": p, "dst_blocks": worker.admit(i, len(p), MAX_TOKENS, peer)}
+            for i, p in enumerate(batch)]
+    assert worker.cancel(0, "client disconnected")
+    kept = len(worker.seqs[1].blocks)  # prompt + output blocks of the live sequence
+    wait_for(lambda: (worker.step(), worker.cache.allocator.num_free == 256 - kept)[1],
+             "the cancelled sequence's blocks freed", timeout_s=10)
+    ch.send_json({"cmd": "prefill", "jobs": jobs})
+    first = ch.recv_json(timeout_s=60)
+    assert first["type"] == "first" and first["ok"], first
+    worker.set_first_token(1, first["first_tokens"][1])
+    kv = ch.recv_json(timeout_s=60)
+    assert kv["errors"][0].startswith("Cancelled: transfer 0 to peer 'decode-test' was cancelled by the receiver")
+    assert kv["errors"][1] is None and kv["free_blocks"] == 256
+    out = []
+    for _ in range(200):
+        out += [t for seq_id, t, _ in worker.step() if seq_id == 1]
+        if worker.seqs[1].state is SeqState.FINISHED:
+            break
+    assert out == colocated(model, batch)[1]

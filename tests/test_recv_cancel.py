@@ -1,0 +1,122 @@
+"""Recv.cancel: the receiver gives up on a transfer (its request was aborted or preempted). The recv fails at once with
+Cancelled naming the reason, the sender is told and posts nothing more (its send fails with Cancelled; a send of the
+id it had not started is refused), writes_over turns True exactly when nothing the sender posted can still land, and
+the slot comes back for later transfers. The sender runs in another process (tcp, and cma with the doorbell)."""
+import numpy as np
+import pytest
+
+from kvxfer import TransferState, errors
+from tests.conftest import RemoteError, assert_exact_transfer, connect, local_pair, wait_for
+from tests.reference import PRESETS, apply, make_pool
+
+SEED = 5  # the remote sender's pool is make_pool(layout, SEED)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])
+def test_cancel_before_the_sender_sends_refuses_its_send(remote, transport):
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", SEED)
+    before = [x.copy() for x in dst]
+    recv = agent.recv(peer, 1, [3, 4])
+    recv.cancel("client went away")
+    assert recv.state == TransferState.FAILED  # at once, not when the sender answers
+    assert isinstance(recv.error, errors.Cancelled) and "client went away" in str(recv.error)
+    with pytest.raises(errors.Cancelled, match="cancelled by this receiver: client went away"):
+        recv.wait(timeout_s=5)
+    # The sender had nothing of transfer 1: its CANCEL_ACK says so, and only then are the blocks free.
+    wait_for(lambda: recv.writes_over, "writes_over from the sender's CANCEL_ACK", timeout_s=10)
+    with pytest.raises(RemoteError, match="Cancelled: transfer 1 to peer 'test-receiver' was cancelled by the receiver"):
+        remote.call("send", (1, [0, 1], [3, 4], None, "all"))
+    for got, want in zip(dst, before):
+        np.testing.assert_array_equal(got, want)
+    # The pair carries on: an exact transfer of another id.
+    expected = [x.copy() for x in dst]
+    apply(layout, make_pool(layout, SEED), expected, [0, 1], [3, 4], range(layout.num_layers))
+    r = agent.recv(peer, 2, [3, 4])
+    remote.call("send", (2, [0, 1], [3, 4], None, "all"))
+    r.wait(timeout_s=30)
+    assert remote.call("wait", (2, 30)) == "DONE"
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])
+def test_cancel_mid_transfer_stops_the_sender(remote, transport):
+    """Layer 0 has landed when the receiver cancels: the sender's send fails with Cancelled (not at its deadline),
+    marking more layers is refused, no byte of layers 1.. ever lands, and writes_over turns True once the sender's
+    ABORT total was counted."""
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", SEED)
+    src_ids, dst_ids = [0, 1], [3, 4]
+    expected = [x.copy() for x in dst]
+    apply(layout, make_pool(layout, SEED), expected, src_ids, dst_ids, [0])
+    recv = agent.recv(peer, 1, dst_ids)
+    remote.call("send", (1, src_ids, dst_ids, None, None))
+    remote.call("mark", (1, 0))
+    recv.wait(layer=0, timeout_s=30)
+    recv.cancel("preempted")
+    with pytest.raises(RemoteError, match="Cancelled: transfer 1 to peer 'test-receiver' was cancelled by the receiver"):
+        remote.call("wait", (1, 10))
+    with pytest.raises(RemoteError, match="already failed"):
+        remote.call("mark", (1, 1))
+    wait_for(lambda: recv.writes_over, "writes_over once the sender's posted writes were counted", timeout_s=10)
+    assert recv.layers_done == 1 and isinstance(recv.error, errors.Cancelled)
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_cancel_after_a_timeout_stops_a_sender_that_is_still_live(remote):
+    """The recv timed out while the sender still holds the transfer open (its model stalled): cancelling keeps the
+    timeout as the recv's error, fails the sender's send with Cancelled, and settles writes_over."""
+    agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", SEED)
+    recv = agent.recv(peer, 1, [3, 4], timeout_s=0.5)
+    remote.call("send", (1, [0, 1], [3, 4], None, None))
+    remote.call("mark", (1, 0))
+    with pytest.raises(errors.TransferTimeout, match="did not fully arrive by its deadline"):
+        recv.wait(timeout_s=10)
+    assert not recv.writes_over  # the sender may still write layers 1..
+    recv.cancel("gave up")
+    assert isinstance(recv.error, errors.TransferTimeout)  # the first failure stays the recv's error
+    with pytest.raises(RemoteError, match="Cancelled"):
+        remote.call("wait", (1, 10))
+    wait_for(lambda: recv.writes_over, "writes_over of a timed-out, then cancelled recv", timeout_s=10)
+
+
+def test_cancelling_a_completed_recv_changes_nothing():
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, names=("cancel-done-a", "cancel-done-b"))
+    recv = assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 1, [0, 1], [2, 3])
+    recv.cancel()
+    assert recv.state == TransferState.DONE and recv.error is None and recv.writes_over
+    assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 1 + 1, [4], [5])  # no id was poisoned
+
+
+def test_cancelled_transfers_hand_their_slots_back():
+    """More cancellations mid-transfer than the 128 slots a sender has towards one receiver: each slot comes back
+    (ABORT counted, ABORT_ACK), so the next transfers still find one, and every cancelled recv's writes end."""
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, names=("cancel-slots-a", "cancel-slots-b"))
+    for x in range(140):
+        recv = b.recv(peer_a, x, [1, 2])
+        send = a.send(peer_b, x, [3, 4], [1, 2])
+        send.layer_ready(0)
+        recv.wait(layer=0, timeout_s=30)
+        recv.cancel()
+        with pytest.raises(errors.Cancelled, match=f"transfer {x} to peer 'cancel-slots-b' was cancelled"):
+            send.wait(timeout_s=30)
+        wait_for(lambda: recv.writes_over, f"writes_over of cancelled transfer {x}", timeout_s=10)
+    assert b.stats()["slot_violations"] == 0
+    assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 1000, [0, 5], [6, 7])
+
+
+def test_a_timed_out_recv_learns_its_writes_ended_when_the_sender_dies(remote):
+    """A recv that timed out stays bound to its transfer's slot, waiting for the sender's writes to end; when the
+    sender's process dies instead of finishing, writes_over turns True (nothing can be posted any more)."""
+    agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", SEED)
+    recv = agent.recv(peer, 1, [3, 4], timeout_s=0.5)
+    remote.call("send", (1, [0, 1], [3, 4], None, None))
+    remote.call("mark", (1, 0))
+    with pytest.raises(errors.TransferTimeout):
+        recv.wait(timeout_s=10)
+    assert not recv.writes_over
+    remote.conn.send(("crash", None))
+    remote.proc.join(10)
+    wait_for(lambda: recv.writes_over, "writes_over once the sender's process is gone", timeout_s=5)
