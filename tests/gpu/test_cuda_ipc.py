@@ -225,3 +225,28 @@ def test_expandable_segments_pool_is_reached_through_vmm_handles(monkeypatch, ar
             np.testing.assert_array_equal(got, want)
     finally:
         receiver.close()
+
+
+@requires_gpu
+@pytest.mark.parametrize("dst_where,path", [("cuda:0", "cuda_ipc"), ("cpu", "staged")])
+def test_receiver_cancel_mid_transfer_on_the_gpu_paths(gpu_remote, dst_where, path):
+    """Layer 0 landed (a GPU copy into the peer's IPC mapping, or GPU -> pinned slots -> cma) when the receiver
+    cancels: the sender's send fails with Cancelled, writes_over turns True once its copies landed and its ABORT
+    count was met, and only layer 0's addressed bytes changed (guards intact)."""
+    from tests.conftest import RemoteError, wait_for
+
+    agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "auto", "cuda:0", dst_where, seed=9)
+    src_ids, dst_ids = [0, 1, 2], [5, 6, 7]
+    expected = [a.copy() for a in dst_host]
+    apply(layout, make_pool(layout, 9), expected, src_ids, dst_ids, [0])
+    recv = agent.recv(peer, 1, dst_ids)
+    got_path, _ = gpu_remote.call("send_layers", (1, src_ids, dst_ids, [0], 0.0))
+    assert got_path == path
+    recv.wait(layer=0, timeout_s=30)
+    recv.cancel("preempted")
+    with pytest.raises(RemoteError, match="Cancelled"):
+        gpu_remote.call("wait", (1, 10))
+    wait_for(lambda: recv.writes_over, "writes_over of the cancelled GPU transfer", timeout_s=10)
+    got = [t.cpu().numpy() if hasattr(t, "cpu") else t for t in dst]
+    for g, w in zip(got, expected):
+        np.testing.assert_array_equal(g, w)
