@@ -195,6 +195,7 @@ void register_agent(py::module_& m) {
         d["landing_rejected"] = s.landing_rejected;
         d["landing_waits"] = s.landing_waits;
         d["gpu_layer_launches"] = s.gpu_layer_launches;
+        d["ipc_pools_mapped"] = s.ipc_pools_mapped;
         py::list rails;
         for (const auto& r : s.rails) {
           py::dict rd;

@@ -175,6 +175,7 @@ AgentStats Agent::stats() const {
   s.idle_waits = counters_.idle_waits;
   s.cma_jobs = counters_.cma_jobs;
   s.gpu_layer_launches = counters_.gpu_layer_launches;
+  s.ipc_pools_mapped = counters_.ipc_pools_mapped;
   s.aborts_deferred = counters_.aborts_deferred;
   s.doorbell_sent = counters_.doorbell_sent;
   s.doorbell_received = counters_.doorbell_received;
@@ -425,6 +426,7 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   else peer->signals_reason = "fabric: transport '" + options_.transport + "' requested";
   peer->addr = transport_->insert_peer(peer->info.fabric_address);
   peer->rails = std::max<uint32_t>(1, transport_->peer_rails(peer->addr));
+  premap_ipc_pools(*peer);
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     // A restarted peer's old state stays listed, lost, like a removed one: its BYE still goes out and the progress

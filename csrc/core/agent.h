@@ -89,6 +89,7 @@ struct AgentStats {
   uint64_t landings = 0;          // receiver: batches copied from landing slots into a pool
   uint64_t landing_rejected = 0;  // receiver: landing batches refused (malformed header, out-of-bounds entry)
   uint64_t gpu_layer_launches = 0; // cuda_ipc: gather kernels that carried one or more layers and marked each landed
+  uint64_t ipc_pools_mapped = 0;   // cuda_ipc: peers' GPU pools mapped into this process (at add_peer, or first send)
   uint64_t landing_waits = 0;     // sender: times a batch waited for a free landing slot of its peer
   std::vector<RailStats> rails;
 };
@@ -223,6 +224,8 @@ class Agent {
   void staged_cma_ops(const StagedOp& op, CmaOp* ops) const;
   gpu::CopyQueue& copy_queue(int device);
   void open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_pool);
+  std::vector<uint64_t> map_ipc_pool(PeerState& peer, uint32_t dst_pool, int device);
+  void premap_ipc_pools(PeerState& peer);  // add_peer (caller thread): map a same-host peer's GPU pools now
   uint64_t count_staged_ops(const SendState& send) const;
   void ensure_staging();  // caller thread: creates and registers the bounce ring on the first staged send
   size_t staged_pieces(const SendState& send) const;
@@ -319,6 +322,7 @@ class Agent {
     std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0}, idle_waits{0}, cma_jobs{0}, aborts_deferred{0};
     std::atomic<uint64_t> doorbell_sent{0}, doorbell_received{0}, doorbell_wakes{0};
     std::atomic<uint64_t> landings{0}, landing_rejected{0}, landing_waits{0}, gpu_layer_launches{0};
+    std::atomic<uint64_t> ipc_pools_mapped{0};
   } counters_;
 
   std::atomic<bool> stop_{false};

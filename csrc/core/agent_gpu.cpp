@@ -59,7 +59,9 @@ gpu::CopyQueue& Agent::copy_queue(int device) {
   return *copy_queues_[device];
 }
 
-void Agent::open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_pool) {
+// The peer's pool dst_pool mapped into this process (once per peer and pool), on `device`; returns each region's
+// mapped start. Throws (nothing kept) when a handle cannot be opened.
+std::vector<uint64_t> Agent::map_ipc_pool(PeerState& peer, uint32_t dst_pool, int device) {
   std::lock_guard<std::mutex> lock(peer.mu);
   auto it = peer.ipc_region_start.find(dst_pool);
   if (it == peer.ipc_region_start.end()) {
@@ -67,11 +69,13 @@ void Agent::open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_poo
     // share one cudaMalloc segment maps it once, since a process may not open the same allocation twice.
     std::vector<uint64_t> starts;
     std::vector<std::pair<uint64_t, uint64_t>> opened;  // owner's allocation start -> our mapped base
+    // Kept by the peer only once every region mapped: a failure unmaps what this call opened, so a retry starts clean.
+    std::vector<std::unique_ptr<gpu::IpcMapping>> ipc;
+    std::vector<std::unique_ptr<gpu::VmmMapping>> vmm;
     for (const auto& r : peer.info.pools[dst_pool].regions) {
       if (r.has_vmm) {  // cuMem/VMM memory: its pieces imported and mapped back to back (gpu/vmm.h)
-        peer.vmm_mappings.push_back(std::make_unique<gpu::VmmMapping>(static_cast<pid_t>(peer.info.pid),
-                                                                       r.vmm_pieces, send.copy_device));
-        starts.push_back(peer.vmm_mappings.back()->base() + r.ipc_offset);
+        vmm.push_back(std::make_unique<gpu::VmmMapping>(static_cast<pid_t>(peer.info.pid), r.vmm_pieces, device));
+        starts.push_back(vmm.back()->base() + r.ipc_offset);
         continue;
       }
       const uint64_t owner_base = r.addr - r.ipc_offset;
@@ -81,15 +85,47 @@ void Agent::open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_poo
       if (!base) {
         gpu::IpcHandle h;
         std::memcpy(h.data(), r.ipc_handle.data(), h.size());
-        peer.ipc_mappings.push_back(std::make_unique<gpu::IpcMapping>(h, send.copy_device));
-        base = peer.ipc_mappings.back()->base();
+        ipc.push_back(std::make_unique<gpu::IpcMapping>(h, device));
+        base = ipc.back()->base();
         opened.emplace_back(owner_base, base);
       }
       starts.push_back(base + r.ipc_offset);
     }
+    for (auto& m : ipc) peer.ipc_mappings.push_back(std::move(m));
+    for (auto& m : vmm) peer.vmm_mappings.push_back(std::move(m));
     it = peer.ipc_region_start.emplace(dst_pool, std::move(starts)).first;
+    counters_.ipc_pools_mapped++;
   }
-  send.dst_mapped = it->second;
+  return it->second;
+}
+
+void Agent::open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_pool) {
+  send.dst_mapped = map_ipc_pool(peer, dst_pool, send.copy_device);
+}
+
+// add_peer of a same-host peer: its GPU pools that our pools would reach with CUDA IPC are mapped now, so the first
+// request does not pay for cudaIpcOpenMemHandle (milliseconds). Best effort: a pool that cannot be mapped here is
+// tried again by its first send, which then fails naming the cause.
+void Agent::premap_ipc_pools(PeerState& peer) {
+  if (!peer.same_host || !gpu::available()) return;
+  size_t local = 0;
+  {
+    std::lock_guard<std::mutex> lock(pools_mu_);
+    local = pools_.size();
+  }
+  for (uint32_t d = 0; d < peer.info.pools.size(); ++d) {
+    if (peer.info.pools[d].regions.empty() || peer.info.pools[d].regions.front().device < 0) continue;
+    for (uint32_t s = 0; s < local; ++s) {
+      try {
+        const PathChoice c = choose_path(peer, s, d);
+        if (c.path != SendPath::CudaIpc) continue;
+        map_ipc_pool(peer, d, c.copy_device);
+        break;  // one mapping per peer pool (map_ipc_pool keys it by pool)
+      } catch (const std::exception&) {
+        break;
+      }
+    }
+  }
 }
 
 // Signals the front layer once its copies landed, after enqueuing every ready layer not enqueued yet.

@@ -134,9 +134,12 @@ def test_gpu_pool_to_host_pool_staged_byte_exact_in_both_copy_modes(remote_copy_
 @requires_gpu
 def test_cuda_ipc_many_requests_reuse_one_mapping(gpu_remote):
     agent, peer, layout, dst, dst_host = setup_pair(gpu_remote, "auto", "cuda:0", "cuda:0", seed=4)
-    for xfer in range(5):  # the same destination pool: later sends reuse the mapping opened by the first
+    # The sender mapped our pool when it added us (connect time), not at its first send.
+    assert gpu_remote.call("stats", None)["ipc_pools_mapped"] == 1
+    for xfer in range(5):  # the same destination pool: every send reuses that one mapping
         run_and_check(gpu_remote, agent, peer, layout, dst, dst_host, 4, 100 + xfer)
         dst_host = [t.cpu().numpy() for t in dst]
+    assert gpu_remote.call("stats", None)["ipc_pools_mapped"] == 1
 
 
 @requires_gpu
