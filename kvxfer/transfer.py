@@ -78,9 +78,18 @@ class Send(_Transfer):
 
     def abort(self, reason: str = "aborted") -> None:
         """Post nothing more; this send and the peer's recv fail with TransferFailed naming `reason`. No-op once the
-        send ended. Writes already posted may still land in the peer's blocks after this returns; the transfer's slot
-        is reused only once the receiver has counted every one of them, so none can be credited to a later transfer."""
+        send ended. Writes already posted may still be in flight after this returns: `writes_over` says when they
+        are not (free or reuse the source blocks then); the transfer's slot is reused only once the receiver has
+        counted every one of them, so none can be credited to a later transfer."""
         self._agent._c.abort_send(self._h, reason)
+
+    @property
+    def writes_over(self) -> bool:
+        """True once nothing this send posted is in flight, so its source blocks may be freed or reused: it is DONE,
+        or it failed and the receiver has counted every write it had posted (its ABORT was answered), or the peer is
+        lost and every write and copy it started has completed here. Stays False for a failed send whose live
+        receiver does not answer."""
+        return self._h.writes_over
 
     def all_ready(self) -> None:
         self._agent._c.layer_ready(self._h, -1)

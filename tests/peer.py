@@ -1,4 +1,5 @@
-"""The remote side of a test: a sender agent in its own process, driven over a multiprocessing pipe.
+"""The remote side of a test: an agent in its own process (a sender, or with "recv" a receiver), driven over a
+multiprocessing pipe.
 
 Commands are (name, args) tuples of plain values; replies are ("ok", value) or ("err", class_name, message).
 Source pools are regenerated from a seed by reference.make_pool, so the test can compute the expected image.
@@ -58,6 +59,14 @@ def serve(conn):
                 except kvxfer.KvxferError:
                     pass
                 result = (sends[xfer].state.name, str(sends[xfer].error))
+            elif cmd == "recv":  # this peer as the receiver: expect transfer xfer into dst blocks
+                xfer, dst = args
+                extra[("recv", xfer)] = agent.recv(peers[0], xfer, dst)
+                result = None
+            elif cmd == "recv_wait":
+                xfer, layer, timeout_s = args
+                extra[("recv", xfer)].wait(layer=layer, timeout_s=timeout_s)
+                result = extra[("recv", xfer)].state.name
             elif cmd == "stats":
                 result = (agent.stats(), peers[0].rails)
             elif cmd == "exit":

@@ -106,7 +106,8 @@ void register_agent(py::module_& m) {
       .def_property_readonly("nbytes", [](const SendState& s) { return s.plan.total_bytes(); })
       .def_property_readonly("slot", [](const SendState& s) { return s.slot; })
       .def_property_readonly("path", [](const SendState& s) { return std::string(send_path_name(s.path)); })
-      .def_property_readonly("path_reason", [](const SendState& s) { return s.path_reason; });
+      .def_property_readonly("path_reason", [](const SendState& s) { return s.path_reason; })
+      .def_property_readonly("writes_over", [](const SendState& s) { return s.writes_over.load(std::memory_order_acquire); });
   py::class_<RecvState, std::shared_ptr<RecvState>> recv(m, "RecvState");
   bind_transfer(recv);
   recv.def_readonly("granules_per_layer", &RecvState::granules_per_layer);

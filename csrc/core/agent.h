@@ -258,6 +258,8 @@ class Agent {
   void fail_send(const std::shared_ptr<SendState>& send, ErrorKind kind, const std::string& why);
   bool copies_landed(const SendState& send);  // no copy of ours still writes into the peer's memory for `send`
   bool flush_deferred_aborts();
+  void drain_locally(const std::shared_ptr<SendState>& send);  // a failed send to a lost peer: see settle_draining
+  bool settle_draining();  // progress thread: writes_over for those whose writes and copies all completed here
   void queue_abort(SendState& send);
   CmaWorkers* cma_workers();                  // nullptr when copies run on the progress thread
   // writes_over_now: the peer's process is gone (or replaced), so nothing it posted can still land; false for a
@@ -316,6 +318,9 @@ class Agent {
   std::unique_ptr<CmaWorkers> cma_workers_;                 // created on the first large CMA copy
   unsigned cma_threads_ = 0;
   std::vector<std::shared_ptr<SendState>> deferred_aborts_;  // failed sends whose ABORT waits for a copy
+  std::mutex draining_mu_;                                   // mark_peer_lost may run on a caller's thread
+  std::vector<std::shared_ptr<SendState>> draining_;         // failed sends to lost peers, not yet drained here
+  std::atomic<bool> has_draining_{false};
   Clock::time_point next_deadline_check_;
   struct Counters {
     std::atomic<uint64_t> writes_posted{0}, imms_received{0}, eagain{0}, dropped_messages{0}, unknown_imms{0};

@@ -51,6 +51,7 @@ void Agent::progress_loop() {
       busy |= flush_control();
       busy |= post_pending_writes();
       busy |= flush_deferred_aborts();
+      busy |= settle_draining();
       busy |= poll_completions();
       if (!pending_landings_.empty()) busy |= advance_landings();
       if (Clock::now() >= next_deadline_check_) check_deadlines();
@@ -88,7 +89,7 @@ void Agent::wake_progress() {
 
 bool Agent::may_block() const {
   if (has_commands_.load(std::memory_order_acquire) || !outbox_.empty() || !staged_.empty() ||
-      !deferred_aborts_.empty() || !pending_landings_.empty())
+      !deferred_aborts_.empty() || !pending_landings_.empty() || has_draining_.load(std::memory_order_acquire))
     return false;
   for (const auto& s : active_sends_) {
     if (s->ready.empty() || s->state() != TransferState::Pending || s->aborted) continue;
@@ -531,6 +532,7 @@ void Agent::on_write_done(OpContext* ctx, const std::string* error) {
 void Agent::maybe_finish_send(SendState& send) {
   if (send.released && send.ops_completed == send.ops_expected && send.layers_posted == send.num_layers) {
     for (uint32_t l = send.first_layer; l < send.first_layer + send.num_layers; ++l) send.mark_layer_done(l);
+    send.writes_over = true;  // before DONE is visible: a waiter that saw DONE also sees this
     send.finish();
   }
 }
@@ -810,7 +812,7 @@ void Agent::on_cancel(PeerState& peer, const ControlMessage& m) {
   {
     std::lock_guard<std::mutex> lock(peer.mu);
     if (auto it = peer.live_sends.find(m.xfer_id); it != peer.live_sends.end()) send = it->second;
-    for (const auto& [slot, id] : peer.quarantined) in_flight = in_flight || id == m.xfer_id;
+    for (const auto& [slot, s] : peer.quarantined) in_flight = in_flight || s->xfer_id == m.xfer_id;
     if (peer.cancelled_ids.insert(m.xfer_id).second) {
       peer.cancelled_order.push_back(m.xfer_id);
       if (peer.cancelled_order.size() > kArrivedMemory) {
@@ -865,7 +867,7 @@ void Agent::cancel_recv_now(PeerState& peer, const std::shared_ptr<RecvState>& r
     s.watch(recv);
     watched = true;
   } else {
-    for (const auto& s : peer.slots) watched = watched || s.watches(recv);
+    for (const auto& slot : peer.slots) watched = watched || slot.watches(recv);
   }
   if (!watched) peer.cancelled_recvs[x] = recv;
   queue_control(peer, ControlType::Cancel, x, 0);
@@ -883,9 +885,13 @@ void Agent::fail_send(const std::shared_ptr<SendState>& owner, ErrorKind kind, c
     std::lock_guard<std::mutex> lock(peer.mu);
     if (peer.send_by_slot[send.slot].get() == &send) peer.send_by_slot[send.slot].reset();
     peer.live_sends.erase(send.xfer_id);
-    if (quarantine) peer.quarantined[send.slot] = send.xfer_id;
+    if (quarantine) peer.quarantined[send.slot] = owner;
   }
-  if (!quarantine) return;
+  if (send.released) send.writes_over = true;  // the receiver counted everything before we failed
+  if (!quarantine) {
+    if (!send.released) drain_locally(owner);
+    return;
+  }
   if (copies_landed(send)) {
     queue_abort(send);
   } else {
@@ -914,6 +920,37 @@ bool Agent::copies_landed(const SendState& send) {
   return true;
 }
 
+void Agent::drain_locally(const std::shared_ptr<SendState>& send) {
+  std::lock_guard<std::mutex> lock(draining_mu_);
+  draining_.push_back(send);
+  has_draining_ = true;
+}
+
+// A failed send to a lost peer gets no ABORT_ACK: its writes are over once every op it posted completed here and
+// every copy it started landed (its source blocks are then read no more).
+bool Agent::settle_draining() {
+  if (!has_draining_.load(std::memory_order_acquire)) return false;
+  std::vector<std::shared_ptr<SendState>> todo;
+  {
+    std::lock_guard<std::mutex> lock(draining_mu_);
+    todo.swap(draining_);
+  }
+  bool any = false;
+  std::vector<std::shared_ptr<SendState>> keep;
+  for (auto& s : todo) {
+    if (s->ops_completed == s->ops_posted && copies_landed(*s)) {
+      s->writes_over = true;
+      any = true;
+    } else {
+      keep.push_back(std::move(s));
+    }
+  }
+  std::lock_guard<std::mutex> lock(draining_mu_);
+  for (auto& s : keep) draining_.push_back(std::move(s));
+  has_draining_ = !draining_.empty();
+  return any;
+}
+
 bool Agent::flush_deferred_aborts() {
   if (deferred_aborts_.empty()) return false;
   size_t keep = 0;
@@ -938,6 +975,8 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     if (peer.lost.exchange(true)) return;
     peer.lost_reason = why;
     for (auto& [id, s] : peer.live_sends) sends.push_back(s);
+    for (auto& [slot, s] : peer.quarantined) drain_locally(s);  // their ABORT_ACK will never come
+    peer.quarantined.clear();
     for (auto& [id, r] : peer.live_recvs) recvs.push_back(r);
     for (auto& [id, r] : peer.waiting_recvs) recvs.push_back(r);
     for (auto& [id, r] : peer.cancelled_recvs) recvs.push_back(r);  // failed already: only writes_over is left
@@ -955,7 +994,7 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
   if (std::this_thread::get_id() == progress_.get_id()) drain_landings(peer);
   for (auto& s : sends) {
     s->aborted = true;
-    s->fail(kind, why);
+    if (s->fail(kind, why)) drain_locally(s);
   }
   for (auto& r : recvs) {
     if (writes_over_now) r->writes_over = true;  // the sender's process is gone: it posts nothing more

@@ -81,7 +81,7 @@ struct PeerState {
   std::vector<uint32_t> free_slots;
   std::vector<std::shared_ptr<SendState>> send_by_slot;          // [kMaxSlots]
   std::unordered_map<uint64_t, std::shared_ptr<SendState>> live_sends;
-  std::unordered_map<uint32_t, uint64_t> quarantined;            // slot -> failed transfer id, until ABORT_ACK
+  std::unordered_map<uint32_t, std::shared_ptr<SendState>> quarantined;  // slot -> failed send, until ABORT_ACK
   // Ids the peer cancelled (CANCEL) before we sent them: send() refuses them. Bounded like `arrived`.
   std::unordered_set<uint64_t> cancelled_ids;
   std::deque<uint64_t> cancelled_order;
@@ -122,7 +122,8 @@ struct PeerState {
   // A slot returns to the free list once (RELEASE or ABORT_ACK for a quarantined slot, whichever comes first).
   bool reclaim(uint32_t slot, uint64_t xfer_id) {
     auto it = quarantined.find(slot);
-    if (it == quarantined.end() || it->second != xfer_id) return false;
+    if (it == quarantined.end() || it->second->xfer_id != xfer_id) return false;
+    it->second->writes_over.store(true, std::memory_order_release);  // the receiver counted every write it posted
     quarantined.erase(it);
     free_slots.push_back(slot);
     return true;

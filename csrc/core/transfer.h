@@ -125,6 +125,10 @@ class SendState : public TransferBase {
   uint64_t granules_posted = 0;  // sum of the immediates' granules posted so far (an ABORT reports it)
   uint32_t layers_posted = 0;
   bool begin_sent = false, released = false, aborted = false;
+  // Nothing this send posted is in flight any more, so its source blocks may be reused: it completed, or it failed
+  // and the receiver has counted every write it posted (RELEASE / ABORT_ACK), or the peer is lost and every write
+  // and copy it started has completed here.
+  std::atomic<bool> writes_over{false};
 };
 
 // The message for a recv whose expectation differs from what the sender announced (layers, chunks per layer).

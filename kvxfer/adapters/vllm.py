@@ -27,8 +27,8 @@ server's threads never call back into vLLM. Layout arithmetic, plans, counters a
 A failed load (the recv failed or timed out, or the push connection closed) is cancelled (Recv.cancel: the prefill
 side posts nothing more) and reported to vLLM only once none of its writes can still land (Recv.writes_over), since
 vLLM may recompute into those blocks; at most transfer_timeout_s later it is reported regardless, with a warning.
-Limits: one worker per engine (TP=1), CPU KV caches only (never run with vLLM on a GPU), no drain after a failed
-send on the prefill side (Send.abort has none: see README "Not done yet").
+A prefill request is reported sent (vLLM frees its blocks) only once its send's writes are over (Send.writes_over).
+Limits: one worker per engine (TP=1), CPU KV caches only (never run with vLLM on a GPU).
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ class KvxferConnector(KVConnectorBase_V1):
         self._layer_index: dict[str, int] = {}
         self._recvs: dict[str, tuple[kvxfer.Recv | None, PushClient | None, list[int]]] = {}
         self._load_errors: set[int] = set()
-        self._given_up: dict[str, float] = {}             # decode: failed loads cancelled, since (monotonic)
+        self._given_up: dict[str, float] = {}             # failed loads cancelled / failed sends, since (monotonic)
         self._sends: dict[str, kvxfer.Send | None] = {}   # None: ended without a send (no registration, refused)
         self._waiting: dict[str, tuple[SaveSpec, float]] = {}  # prefill: forward done, registration not yet here
         self._layerwise: set[str] = set()                 # sends opened at this step's first save_kv_layer
@@ -326,7 +326,7 @@ class KvxferConnector(KVConnectorBase_V1):
             elif self._recvs or self._sends:
                 time.sleep(0.001)
         for rid, send in list(self._sends.items()):
-            if rid in self._finished and (send is None or send.state != kvxfer.TransferState.PENDING):
+            if rid in self._finished and (send is None or self._send_over(rid, send)):
                 if send is not None and send.state == kvxfer.TransferState.FAILED:
                     log.warning("kvxfer: send of request %s failed: %s", rid, send.error)
                 sending.add(rid)
@@ -334,6 +334,23 @@ class KvxferConnector(KVConnectorBase_V1):
         # only prefill sends wait for their id here; forget finished ids that have nothing left to report
         self._finished = {rid for rid in self._finished - sending if rid in self._sends or rid in self._waiting}
         return (sending or None), (recving or None)
+
+    def _send_over(self, rid: str, send) -> bool:
+        """vLLM frees a request's blocks once it is reported sent: only once the send ended and none of its writes
+        still reads them (Send.writes_over: DONE, or a failed send whose receiver counted what it posted), or
+        transfer_timeout_s after it failed (a receiver that never answers), with a warning."""
+        if send.state == kvxfer.TransferState.PENDING:
+            return False
+        if send.writes_over:
+            self._given_up.pop(rid, None)
+            return True
+        since = self._given_up.setdefault(rid, time.monotonic())
+        if time.monotonic() - since < self.timeout_s:
+            return False
+        log.warning("kvxfer: request %s: the decode side did not answer the failed send's abort within %.0f s; "
+                    "freeing its blocks anyway", rid, self.timeout_s)
+        del self._given_up[rid]
+        return True
 
     def _writes_ended(self, rid: str, recv) -> bool:
         """A failed load: cancel its recv once (the prefill side posts nothing more) and say True once none of its

@@ -12,8 +12,9 @@ the compute ends; only then does the worker wait for the sends. Local blocks are
 (DONE: the decode side counted every byte), so no write can still read them.
 
 If the batch fails, or a send does not end within timeout_s, its unfinished sends are aborted (the decode side's
-recvs fail at once). Writes posted before the abort may still be in flight when the blocks are freed: kvxfer has no
-drain handshake yet (see README); the decode side holds such blocks until the router relays that the send ended.
+recvs fail at once), and the local blocks are freed once the decode side has counted every write posted before the
+abort (Send.writes_over; at most 5 s later regardless). The decode side holds its blocks until Recv.writes_over
+(or the router relays that the send ended).
 A request the decode side cancelled (its Recv.cancel) fails alone: its send is refused at opening or fails where it
 stands, and the batch's other requests go on.
 
@@ -153,8 +154,14 @@ class PrefillWorker:
         for s in sends:
             s.abort(reason)  # no-op for sends that ended
 
-    def _release(self, sends, tables, reason: str) -> None:
+    def _release(self, sends, tables, reason: str, drain_s: float = 5.0) -> None:
+        """Abort what is still live, then free the local blocks once no write of the sends still reads them
+        (Send.writes_over), waiting at most drain_s (a receiver that never answers an abort): a block handed to the
+        next batch while a write still reads it would send that batch's KV to the failed request's receiver."""
         self._abort(sends, reason)
+        deadline = time.monotonic() + drain_s
+        while not all(s.writes_over for s in sends) and time.monotonic() < deadline:
+            time.sleep(0.0005)
         for table in tables:
             self.cache.allocator.free(table)
 
@@ -176,7 +183,7 @@ class _RefusedSend:
     """A request of the batch whose send the decode side refused before it opened (Recv.cancel): computed with the
     others, nothing sent; finish() reports its error."""
 
-    nbytes, path, finished_at = 0, "none", None
+    nbytes, path, finished_at, writes_over = 0, "none", None, True
 
     def __init__(self, error: KvxferError):
         self.error = error
