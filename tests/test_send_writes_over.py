@@ -23,6 +23,14 @@ def receiver():
     r.close()
 
 
+def all_threads_stopped(pid: int) -> bool:
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return all(st in ("T", "t") for st in states)
+
+
 def sender_to(receiver, transport):
     layout = PRESETS["vllm_flash"]()
     md = receiver.call("init", (transport, "vllm_flash", 7, [], 1, {"name": f"drain-receiver-{transport}"}))
@@ -56,6 +64,8 @@ def test_an_aborted_send_waits_for_the_receivers_answer(receiver, transport):
     send.layer_ready(0)
     receiver.call("recv_wait", (1, 0, 30))
     os.kill(receiver.proc.pid, signal.SIGSTOP)
+    # Every thread of it stopped (a loaded machine delivers the stop late), so none can answer the ABORT.
+    wait_for(lambda: all_threads_stopped(receiver.proc.pid), "the receiver's threads stopping", timeout_s=10)
     try:
         send.abort("the prefill failed")
         wait_for(lambda: send.state == TransferState.FAILED, "the aborted send failing", timeout_s=5)
