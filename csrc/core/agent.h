@@ -318,6 +318,7 @@ class Agent {
   std::unique_ptr<CmaWorkers> cma_workers_;                 // created on the first large CMA copy
   unsigned cma_threads_ = 0;
   std::vector<std::shared_ptr<SendState>> deferred_aborts_;  // failed sends whose ABORT waits for a copy
+  uint64_t cma_bytes_left_ = 0;                              // this loop turn's share of progress-thread CMA copies
   std::mutex draining_mu_;                                   // mark_peer_lost may run on a caller's thread
   std::vector<std::shared_ptr<SendState>> draining_;         // failed sends to lost peers, not yet drained here
   std::atomic<bool> has_draining_{false};

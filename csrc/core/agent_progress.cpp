@@ -22,6 +22,10 @@ constexpr auto kSpinBeforeBlock = std::chrono::microseconds(300);
 constexpr int kMaxBlockMs = 10;             // deadlines and peer liveness are checked at least this often
 constexpr size_t kArrivedMemory = 65536;    // completed-but-unclaimed transfers remembered per peer
 constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step before polling again
+// Bytes the progress thread copies itself (no CMA workers) per loop turn, over all layers and sends: between turns
+// it reads messages, so a CANCEL or an abort stops a large all_ready() send within a few milliseconds instead of
+// after the whole request was copied.
+constexpr uint64_t kCmaBytesPerTurn = uint64_t(8) << 20;
 constexpr size_t kCmaLayersInFlight = 4;    // layers of one send queued on the CMA workers at once
 // True when pid no longer runs: gone (ESRCH) or a zombie its parent has not reaped yet. kill(pid, 0) alone
 // succeeds on a zombie, which left a dead, unreaped peer undetected until its transfers' deadlines.
@@ -256,6 +260,7 @@ void Agent::return_context(OpContext* ctx) {
 bool Agent::post_pending_writes() {
   bool any = false;
   size_t budget = free_contexts_.size();
+  cma_bytes_left_ = kCmaBytesPerTurn;
   if (!staged_.empty()) any |= advance_staged(budget);  // batches whose copy landed go out before new copies
   size_t keep = 0;
   for (size_t i = 0; i < active_sends_.size(); ++i) {
@@ -356,10 +361,15 @@ bool Agent::post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budg
       job->rethrow_if_failed();
       cur.next = nwrites;
     } else {
-      const uint32_t n = std::min<uint32_t>(nwrites - cur.next, kCmaOpsPerStep);
+      if (cma_bytes_left_ == 0) return false;  // this turn's share is copied: messages first
+      const uint32_t max_n = std::min<uint32_t>(nwrites - cur.next, kCmaOpsPerStep);
       CmaOp ops[kCmaOpsPerStep];
-      cma_ops(send, begin + cur.next, n, ops);
+      cma_ops(send, begin + cur.next, max_n, ops);
+      uint32_t n = 0;
+      uint64_t bytes = 0;
+      while (n < max_n && (n == 0 || bytes + ops[n].nbytes <= cma_bytes_left_)) bytes += ops[n++].nbytes;
       CmaCopier(static_cast<pid_t>(peer.info.pid)).copy(ops, n);
+      cma_bytes_left_ -= std::min(cma_bytes_left_, bytes);
       cur.next += n;
       if (cur.next < nwrites) return false;
     }
