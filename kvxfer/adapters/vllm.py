@@ -24,8 +24,8 @@ Per request (the proxy sets kv_transfer_params; the transfer id is the proxy's, 
 
 Threads: vLLM calls every method from its scheduler or worker thread; kvxfer's progress thread and the push
 server's threads never call back into vLLM. Layout arithmetic, plans, counters and failure detection are kvxfer's.
-A failed load (the recv failed or timed out, or the push connection closed) is cancelled (Recv.cancel: the prefill
-side posts nothing more) and reported to vLLM only once none of its writes can still land (Recv.writes_over), since
+A failed load (the recv failed or timed out, or the push connection closed), or the load of a request vLLM aborted
+(its client left), is cancelled (Recv.cancel: the prefill side posts nothing more) and reported to vLLM only once none of its writes can still land (Recv.writes_over), since
 vLLM may recompute into those blocks; at most transfer_timeout_s later it is reported regardless, with a warning.
 A prefill request is reported sent (vLLM frees its blocks) only once its send's writes are over (Send.writes_over).
 Limits: one worker per engine (TP=1), CPU KV caches only (never run with vLLM on a GPU).
@@ -117,6 +117,7 @@ class KvxferConnector(KVConnectorBase_V1):
         self._recvs: dict[str, tuple[kvxfer.Recv | None, PushClient | None, list[int]]] = {}
         self._load_errors: set[int] = set()
         self._given_up: dict[str, float] = {}             # failed loads cancelled / failed sends, since (monotonic)
+        self._aborted_loads: set[str] = set()             # decode: vLLM finished these while their load was live
         self._sends: dict[str, kvxfer.Send | None] = {}   # None: ended without a send (no registration, refused)
         self._waiting: dict[str, tuple[SaveSpec, float]] = {}  # prefill: forward done, registration not yet here
         self._layerwise: set[str] = set()                 # sends opened at this step's first save_kv_layer
@@ -303,8 +304,13 @@ class KvxferConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids):
         self._finished |= set(finished_req_ids)
+        # vLLM finishes a request whose KV is still loading only when it aborts it (the client went away): the
+        # prefill side is told to stop (Recv.cancel), and the load is reported once its writes are over.
+        self._aborted_loads |= {rid for rid in finished_req_ids if rid in self._recvs}
         sending, recving = set(), set()
         for rid, (recv, client, dst) in list(self._recvs.items()):
+            if rid in self._aborted_loads and recv is not None and recv.state == kvxfer.TransferState.PENDING:
+                recv.cancel("vLLM aborted the request")
             state = recv.state if recv is not None else kvxfer.TransferState.FAILED
             if state == kvxfer.TransferState.PENDING and not (client.lost or client.peer.lost):
                 continue
@@ -313,9 +319,14 @@ class KvxferConnector(KVConnectorBase_V1):
                     continue  # vLLM may recompute into these blocks: not while the prefill side can still write
                 why = (recv.error if recv is not None and state == kvxfer.TransferState.FAILED
                        else "could not start" if recv is None else "the prefill side's push connection closed")
-                log.warning("kvxfer: load of request %s failed (%s); %d blocks reported to vLLM", rid, why, len(dst))
-                self._load_errors.update(dst)
+                if rid in self._aborted_loads:
+                    log.info("kvxfer: load of aborted request %s stopped (%s)", rid, why)
+                else:
+                    log.warning("kvxfer: load of request %s failed (%s); %d blocks reported to vLLM", rid, why,
+                                len(dst))
+                    self._load_errors.update(dst)
             recving.add(rid)
+            self._aborted_loads.discard(rid)
             del self._recvs[rid]
         if self.server is not None:
             self._open_waiting()

@@ -1,5 +1,6 @@
 """A stand-in prefill process for failure tests: a real kvxfer agent and push server that accept one decode
-registration and then send nothing ("before") or only layer 0 ("during") of random KV, and wait to be killed.
+registration and then send nothing ("before") or only layer 0 ("during") of random KV, and wait to be killed; or
+("hold") open the send with no layer ready and report how it ended ("ended STATE ERROR_CLASS").
 
     python -m tests.adapters.fake_prefill MODE PORT NUM_LAYERS NUM_BLOCKS BLOCK_SIZE KV_HEADS HEAD_DIM
 Prints "ready", then "registered XFER_ID", then "sent" (after layer 0 for "during", all layers for "all").
@@ -27,6 +28,15 @@ def main(mode, port, *dims):
     server.take(reg.xfer_id)
     print("registered", reg.xfer_id, flush=True)
     src = np.arange(1, 1 + len(reg.dst_ids), dtype=np.int32)
+    if mode == "hold":  # the decode side is expected to give the request up: its cancel ends this send
+        send = agent.send(reg.peer, reg.xfer_id, src, reg.dst_ids)
+        print("opened", flush=True)
+        try:
+            send.wait(timeout_s=120)
+        except kvxfer.KvxferError as e:
+            print("ended", send.state.name, type(e).__name__, flush=True)
+        else:
+            print("ended", send.state.name, "-", flush=True)
     if mode in ("during", "all"):
         send = agent.send(reg.peer, reg.xfer_id, src, reg.dst_ids)
         if mode == "during":

@@ -283,3 +283,40 @@ def test_prefill_killed_during_transfer_fails_request(cluster, baseline):
     elapsed, status, resp = _kill_prefill_mid_request(cluster, "during")
     print(f"request failed {elapsed:.1f}s after the prefill process was killed (HTTP {status})")
     assert tokens_and_logprobs(resp)[0] == tokens_and_logprobs(baseline[PROMPTS[0]])[0]
+
+
+def test_client_leaving_the_decode_engine_cancels_the_prefill_send(cluster, baseline):
+    """The client goes away while its request waits on the decode engine for KV: vLLM aborts the request, the
+    connector cancels the load (Recv.cancel), and the prefill side's open send ends with Cancelled at once instead
+    of at its deadline; the decode engine then serves the next disaggregated request exactly."""
+    import select
+    import urllib.parse
+
+    port, xfer_id = _free_port(), 6001
+    fake = subprocess.Popen([sys.executable, "-m", "tests.adapters.fake_prefill", "hold", str(port), str(NUM_LAYERS),
+                             "64", str(BLOCK_SIZE), str(KV_HEADS), str(HEAD_DIM)], cwd=ROOT, env=loopback_env(),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline().strip() == "ready"
+        body = json.dumps({"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0.0,
+                           **_direct_params(port, xfer_id)}).encode()
+        client = socket.create_connection(("127.0.0.1", urllib.parse.urlparse(cluster["decode"]).port))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert fake.stdout.readline().split() == ["registered", str(xfer_id)]
+        assert fake.stdout.readline().strip() == "opened"
+        t_leave = time.monotonic()
+        client.close()  # the client leaves: vLLM aborts the request
+        ready, _, _ = select.select([fake.stdout], [], [], 60)
+        assert ready, "the prefill side's send did not end within 60 s of the client leaving"
+        assert fake.stdout.readline().split() == ["ended", "FAILED", "Cancelled"]
+        elapsed = time.monotonic() - t_leave
+        print(f"prefill send cancelled {elapsed:.1f}s after the client left")
+        # Not by the load's own timeout, which would cancel it too (a failed load is cancelled), but later.
+        assert elapsed < TRANSFER_TIMEOUT_S / 3
+    finally:
+        fake.kill()
+        fake.wait(10)
+    status, resp = complete(cluster["proxy"], PROMPTS[0])
+    assert status == 200, resp
+    assert tokens_and_logprobs(resp)[0] == tokens_and_logprobs(baseline[PROMPTS[0]])[0]
