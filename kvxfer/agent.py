@@ -232,13 +232,18 @@ class Agent:
         self._peers[peer.epoch] = peer
         return peer
 
-    def remove_peer(self, peer: Peer) -> None:
+    def remove_peer(self, peer: Peer, drain_s: float = 0.0) -> None:
         """End everything with `peer`: its sends and recvs fail with PeerUnknown naming the removal, new ones are
         refused, and the peer is told (BYE), so a live peer fails its transfers with this agent (PeerLost) and posts
         nothing more. The ended recvs' writes_over stays False while the peer's process may live (writes it posted
         before the BYE could still land); on the same host it turns True once that process exited. No-op on a peer
-        already lost or removed."""
-        self._c.remove_peer(peer._h)
+        already lost or removed.
+
+        With drain_s > 0 the transfers are ended through the peer first (Recv.cancel for the recvs, Send.abort for
+        the sends; they fail with Cancelled / TransferFailed naming the removal) and this call waits, at most
+        drain_s, until the peer has answered: their writes_over is then True even for a live peer on another host,
+        so the engine can reuse those blocks instead of retiring them."""
+        self._c.remove_peer(peer._h, float(drain_s))
 
     def wait_connected(self, peer: Peer, timeout_s: float = 10.0) -> None:
         self._c.wait_connected(peer._h, timeout_s)

@@ -126,6 +126,7 @@ class Recv(_Transfer):
     def writes_over(self) -> bool:
         """True once no write of this transfer can land in its blocks any more: it completed, the sender's process is
         gone, or it failed (or was cancelled) and the sender has since said it posted nothing or the receiver counted
-        every write the sender had posted. A failed recv's blocks are safe to reuse only then. A recv ended by remove_peer (either side's) stays False while the
-        sender's process may live: writes it had posted could still land (same host: True once it exited)."""
+        every write the sender had posted. A failed recv's blocks are safe to reuse only then. A recv ended by
+        remove_peer (either side's) stays False while the sender's process may live: writes it had posted could
+        still land (same host: True once it exited; remove_peer(peer, drain_s) settles it through the peer first)."""
         return self._h.writes_over

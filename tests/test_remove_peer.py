@@ -8,7 +8,7 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import assert_ended_sender_was_told, connect, wait_for
+from tests.conftest import RemoteError, assert_ended_sender_was_told, connect, wait_for
 from tests.reference import PRESETS, apply, make_pool
 
 
@@ -83,3 +83,36 @@ def test_a_removed_live_sender_is_told_and_writes_nothing_more(remote, transport
     remote.conn.send(("crash", None))  # exits without answering
     remote.proc.join(10)
     wait_for(lambda: recv.writes_over, "writes_over once the removed sender exited", timeout_s=5)
+
+
+def test_removing_a_live_peer_on_another_host_with_drain_settles_every_transfer(remote):
+    """The peer runs under another host name (a UTS namespace of its own), so its process cannot be watched from
+    here: without a drain its ended transfers never learn their writes are over. remove_peer(drain_s) first ends
+    them through the peer (CANCEL for our recvs, ABORT for our sends) and returns once it answered: every ended
+    transfer's writes_over is True at return, while the peer still runs, and only layer 0's bytes landed."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the peer a host name of its own (unshare CLONE_NEWUTS)")
+    assert remote.call("hostname", "kvxfer-elsewhere") == "kvxfer-elsewhere"
+    agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", 5)
+    assert not peer.same_host
+    expected = [x.copy() for x in dst]
+    apply(layout, make_pool(layout, 5), expected, [0, 1], [3, 4], [0])
+    recv = agent.recv(peer, 1, [3, 4])
+    remote.call("send", (1, [0, 1], [3, 4], None, None))
+    remote.call("mark", (1, 0))
+    recv.wait(layer=0, timeout_s=30)
+    not_started = agent.recv(peer, 2, [5, 6])  # the peer never sends this one
+    remote.call("recv", (7, [1]))  # and it receives from us: a send with layer 0 posted
+    send = agent.send(peer, 7, [0], [1])
+    send.layer_ready(0)
+    agent.remove_peer(peer, drain_s=10)
+    assert recv.writes_over and not_started.writes_over and send.writes_over
+    assert isinstance(recv.error, errors.Cancelled) and "was removed" in str(recv.error)
+    assert send.state == kvxfer.TransferState.FAILED
+    assert remote.proc.is_alive()
+    with pytest.raises(RemoteError, match="Cancelled"):
+        remote.call("wait", (1, 10))
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)

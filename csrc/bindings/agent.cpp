@@ -125,7 +125,8 @@ void register_agent(py::module_& m) {
         py::gil_scoped_release nogil;
         return a.add_peer(reinterpret_cast<const uint8_t*>(s.data()), s.size());
       })
-      .def("remove_peer", &Agent::remove_peer, py::call_guard<py::gil_scoped_release>())
+      .def("remove_peer", &Agent::remove_peer, py::arg("peer"), py::arg("drain_s") = 0.0,
+           py::call_guard<py::gil_scoped_release>())
       .def("wait_connected", &Agent::wait_connected, py::call_guard<py::gil_scoped_release>())
       .def("send",
            [](Agent& a, const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t src_pool,

@@ -478,9 +478,41 @@ uint32_t Agent::assign_window(const std::shared_ptr<PeerState>& peer) {
                                                           << "agent can receive from; remove peers it no longer uses");
 }
 
-void Agent::remove_peer(const std::shared_ptr<PeerState>& peer) {
+void Agent::remove_peer(const std::shared_ptr<PeerState>& peer, double drain_s) {
   if (peer->lost) return;
-  end_live_peer(peer, ErrorKind::PeerUnknown, "peer '" + peer->info.name + "' was removed");
+  const std::string why = "peer '" + peer->info.name + "' was removed";
+  if (drain_s > 0) drain_peer(peer, drain_s, why);
+  end_live_peer(peer, ErrorKind::PeerUnknown, why);
+}
+
+// Ends every transfer with a live peer through the peer itself (CANCEL for our recvs, ABORT for our sends), whose
+// answers say when nothing more can land: unlike the BYE, this settles writes_over for a peer on another host.
+void Agent::drain_peer(const std::shared_ptr<PeerState>& peer, double drain_s, const std::string& why) {
+  std::vector<std::shared_ptr<RecvState>> recvs;
+  std::vector<std::shared_ptr<SendState>> sends;
+  {
+    std::lock_guard<std::mutex> lock(peer->mu);
+    for (auto& [id, r] : peer->live_recvs) recvs.push_back(r);
+    for (auto& [id, r] : peer->waiting_recvs) recvs.push_back(r);
+    for (auto& [id, r] : peer->cancelled_recvs) recvs.push_back(r);
+    for (auto& slot : peer->slots)
+      for (auto& w : slot.watchers) recvs.push_back(w);  // failed earlier, still waiting for the sender's writes
+    for (auto& [id, s] : peer->live_sends) sends.push_back(s);
+    for (auto& [slot, s] : peer->quarantined) sends.push_back(s);
+  }
+  std::sort(recvs.begin(), recvs.end());
+  recvs.erase(std::unique(recvs.begin(), recvs.end()), recvs.end());
+  for (auto& r : recvs) cancel_recv(peer, r, why);
+  for (auto& s : sends) abort_send(s, why);
+  const auto deadline = Clock::now() + std::chrono::duration<double>(drain_s);
+  auto over = [&] {
+    for (auto& r : recvs)
+      if (!r->writes_over && r->state() != TransferState::Done) return false;
+    for (auto& s : sends)
+      if (!s->writes_over) return false;
+    return true;
+  };
+  while (!over() && !peer->lost && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::microseconds(500));
 }
 
 // Ends a peer whose process may still run. Tell it first (BYE goes out even though the peer is lost by then), so

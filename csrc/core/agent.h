@@ -104,7 +104,10 @@ class Agent {
   std::vector<uint8_t> metadata() const;
   uint32_t register_pool(const std::string& name, const LayoutSpec& layout, const std::vector<LocalRegion>& regions);
   std::shared_ptr<PeerState> add_peer(const uint8_t* data, size_t nbytes);
-  void remove_peer(const std::shared_ptr<PeerState>& peer);
+  // drain_s > 0: first cancel the recvs from the peer and abort the sends to it, and wait (at most drain_s, without
+  // the GIL) until their writes are over, so the ended transfers' blocks are known free even for a live peer on
+  // another host; then the BYE.
+  void remove_peer(const std::shared_ptr<PeerState>& peer, double drain_s = 0.0);
   // Blocks (without the GIL) until the peer's HELLO arrived; throws TransferTimeout.
   void wait_connected(const std::shared_ptr<PeerState>& peer, double timeout_s);
 
@@ -193,6 +196,7 @@ class Agent {
   void post_command(Command c);
   void post_commands(std::vector<Command> cmds);
   void end_live_peer(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why);
+  void drain_peer(const std::shared_ptr<PeerState>& peer, double drain_s, const std::string& why);
 
   // progress thread (agent_progress.cpp)
   void progress_loop();
