@@ -59,15 +59,20 @@ def run(transport: str, reps: int, small: int) -> dict:
     src_ids, dst_ids = ids(3)
     xfer = 0
     one_block, before = [], []
-    for _ in range(small):
-        xfer += 1
-        recv = b.recv(peer_a, xfer, dst_ids[:1])
-        send = a.send(peer_b, xfer, src_ids[:1], dst_ids[:1])
+    def transfer_s(x: int, n: int) -> float:
+        """all_ready() -> the receiver's recv done, for the request's first n blocks (transfer x)."""
+        recv = b.recv(peer_a, x, dst_ids[:n])
+        send = a.send(peer_b, x, src_ids[:n], dst_ids[:n])
         t0 = time.perf_counter()
         send.all_ready()
-        recv.wait(timeout_s=30)
-        one_block.append(time.perf_counter() - t0)
-        send.wait(timeout_s=30)
+        recv.wait(timeout_s=60)
+        dt = time.perf_counter() - t0
+        send.wait(timeout_s=60)
+        return dt
+
+    for _ in range(small):
+        xfer += 1
+        one_block.append(transfer_s(xfer, 1))
         xfer += 1
         recv = b.recv(peer_a, xfer, dst_ids[:1])
         t0 = time.perf_counter()
@@ -78,13 +83,7 @@ def run(transport: str, reps: int, small: int) -> dict:
     L = layout()
     for _ in range(reps):
         xfer += 1
-        recv = b.recv(peer_a, xfer, dst_ids)
-        send = a.send(peer_b, xfer, src_ids, dst_ids)
-        t0 = time.perf_counter()
-        send.all_ready()
-        recv.wait(timeout_s=60)
-        full.append(time.perf_counter() - t0)
-        send.wait(timeout_s=60)
+        full.append(transfer_s(xfer, len(dst_ids)))
         xfer += 1
         recv = b.recv(peer_a, xfer, dst_ids)
         send = a.send(peer_b, xfer, src_ids, dst_ids)
