@@ -673,8 +673,7 @@ void Agent::cancel_recv(const std::shared_ptr<PeerState>& peer, const std::share
                                        "' was cancelled by this receiver: " + why +
                                        "; free its blocks once writes_over is true");
   Command c{Command::Kind::CancelRecv, nullptr, 0, peer, {}};
-  c.reason = why;
-  c.recv = recv;
+  c.recv = recv;  // the CANCEL itself carries only the id: the reason stays in this recv's error
   post_command(std::move(c));
 }
 

@@ -177,7 +177,7 @@ class Agent {
     uint32_t layer_index = 0;  // LayerReady: index within the send's layer range
     std::shared_ptr<PeerState> peer;
     ControlMessage msg;
-    std::string reason{};  // AbortSend, CancelRecv
+    std::string reason{};  // AbortSend
     std::vector<uint8_t> bytes{};  // InjectLanding
     std::shared_ptr<RecvState> recv{};  // CancelRecv
   };
