@@ -253,3 +253,34 @@ def test_a_chunk_larger_than_a_landing_batch_is_refused_at_send():
     assert peer_b._h.landing_slots == (4, 5120)
     with pytest.raises(errors.InvalidArgument, match="landing_slot_bytes on the peer"):
         a.send(peer_b, 1, np.array([0], np.int32), np.array([0], np.int32))
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])
+def test_receiver_cancel_through_landing_slots(transport, remote):
+    """The receiver cancels after layer 0 went through its landing slots (sender staging, receiver copying batches
+    into the pool): the sender's send fails with Cancelled, writes_over turns True once every batch posted before
+    landed and was counted, only layer 0's addressed bytes changed, and the next transfer through the same landing
+    slots is exact."""
+    from tests.conftest import RemoteError
+
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed=43, sender_kwargs=SMALL_RING,
+                                          receiver_kwargs=LANDING)
+    src_ids, dst_ids = [0, 1, 2], [5, 6, 7]
+    expected = expected_after(layout, dst, 43, src_ids, dst_ids, [0])
+    recv = agent.recv(peer, 1, dst_ids)
+    remote.call("send", (1, src_ids, dst_ids, None, None))
+    remote.call("mark", (1, 0))
+    recv.wait(layer=0, timeout_s=30)
+    recv.cancel("preempted")
+    with pytest.raises(RemoteError, match="Cancelled"):
+        remote.call("wait", (1, 10))
+    wait_for(lambda: recv.writes_over, "writes_over of a cancelled landing transfer", timeout_s=10)
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+    expected = expected_after(layout, dst, 43, [3, 4], [8, 9], range(layout.num_layers))
+    r = agent.recv(peer, 2, [8, 9])
+    remote.call("send", (2, [3, 4], [8, 9], None, "all"))
+    r.wait(timeout_s=30)
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+    assert agent.stats()["landing_rejected"] == 0
