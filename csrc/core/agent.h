@@ -161,6 +161,7 @@ class Agent {
     alignas(16) uint8_t transport[Transport::kContextBytes];  // the provider's per-op space (fi_context2)
     SendState* send = nullptr;
     int staging_slot = -1;  // a staged write: the bounce slot to hand back when it completes
+    uint64_t nbytes = 0;    // a direct fabric write: its bytes, in flight until it completes (bytes_in_flight)
   };
   // A batch of one layer's writes in a bounce slot: copied in (ticket), then written out from the slot.
   struct StagedOp {
@@ -323,6 +324,7 @@ class Agent {
   unsigned cma_threads_ = 0;
   std::vector<std::shared_ptr<SendState>> deferred_aborts_;  // failed sends whose ABORT waits for a copy
   uint64_t cma_bytes_left_ = 0;                              // this loop turn's share of progress-thread CMA copies
+  size_t first_send_ = 0;                                    // round robin: the send that posts first this turn
   std::mutex draining_mu_;                                   // mark_peer_lost may run on a caller's thread
   std::vector<std::shared_ptr<SendState>> draining_;         // failed sends to lost peers, not yet drained here
   std::atomic<bool> has_draining_{false};

@@ -26,6 +26,11 @@ constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step b
 // it reads messages, so a CANCEL or an abort stops a large all_ready() send within a few milliseconds instead of
 // after the whole request was copied.
 constexpr uint64_t kCmaBytesPerTurn = uint64_t(8) << 20;
+// Bytes one send may have posted on the fabric and not yet completed. Writes wait in the provider's queue in order,
+// so whatever one send has queued delays every later send to that peer: a small request behind a 512 MiB one waited
+// for most of it (the provider window allowed 1024 gathered writes, up to 128 MiB). 16 MiB is still several times
+// what a loopback socket or a NIC keeps in flight (per rail: each rail is a connection of its own).
+constexpr uint64_t kBytesInFlightPerSend = uint64_t(16) << 20;
 constexpr size_t kCmaLayersInFlight = 4;    // layers of one send queued on the CMA workers at once
 // True when pid no longer runs: gone (ESRCH) or a zombie its parent has not reaped yet. kill(pid, 0) alone
 // succeeds on a zombie, which left a dead, unreaped peer undetected until its transfers' deadlines.
@@ -254,6 +259,7 @@ Agent::OpContext* Agent::take_context() {
 void Agent::return_context(OpContext* ctx) {
   ctx->send = nullptr;
   ctx->staging_slot = -1;
+  ctx->nbytes = 0;
   free_contexts_.push_back(ctx);
 }
 
@@ -262,11 +268,18 @@ bool Agent::post_pending_writes() {
   size_t budget = free_contexts_.size();
   cma_bytes_left_ = kCmaBytesPerTurn;
   if (!staged_.empty()) any |= advance_staged(budget);  // batches whose copy landed go out before new copies
+  // Each turn another send posts first, so one large send cannot take every turn's contexts and CMA bytes.
+  const size_t n = active_sends_.size();
+  const size_t first = n ? first_send_++ % n : 0;
+  for (size_t k = 0; k < n && budget > 0; ++k) {
+    const auto& send = active_sends_[(first + k) % n];
+    const bool live = send->state() == TransferState::Pending && !send->aborted;
+    if (live && send->peer->connected && !send->ready.empty()) any |= post_send_ops(send, budget);
+  }
   size_t keep = 0;
   for (size_t i = 0; i < active_sends_.size(); ++i) {
     auto& send = active_sends_[i];
     const bool live = send->state() == TransferState::Pending && !send->aborted;
-    if (live && budget > 0 && send->peer->connected && !send->ready.empty()) any |= post_send_ops(send, budget);
     // Keep a send until nothing of it is in flight and it can post nothing more.
     const bool drained = send->ops_completed == send->ops_posted;
     if (!drained || (live && (send->layers_posted < send->num_layers || !send->released ||
@@ -296,7 +309,7 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
         const uint32_t begin = send.plan.layer_begin(cur.layer_index), end = send.plan.layer_begin(cur.layer_index + 1);
         // Gather up to max_iov consecutive chunks-runs into one write whose immediate carries their granule sum.
         const size_t max_iov = transport_->capabilities().max_iov;
-        while (begin + cur.next < end && budget > 0) {
+        while (begin + cur.next < end && budget > 0 && send.bytes_in_flight < kBytesInFlightPerSend * peer.rails) {
           uint32_t granules;
           const size_t n = gather_run(send.plan, begin + cur.next, end, max_iov, &granules);
           WriteIov iov[16];
@@ -310,6 +323,7 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
           const uint32_t layer = send.plan.first_layer + cur.layer_index;
           OpContext* ctx = take_context();
           ctx->send = &send;
+          for (size_t k = 0; k < n; ++k) ctx->nbytes += iov[k].nbytes;
           const int rc = post_on_rails(peer, iov, n, ImmCode::encode(send.slot, layer, granules), ctx);
           if (rc == -EAGAIN) {
             return_context(ctx);
@@ -317,6 +331,7 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
             return any;  // the window is full in the provider; poll, then come back
           }
           cur.next += static_cast<uint32_t>(n);
+          send.bytes_in_flight += ctx->nbytes;
           ++send.ops_posted;
           send.granules_posted += granules;
           --budget;
@@ -528,6 +543,7 @@ bool Agent::poll_completions() {
 void Agent::on_write_done(OpContext* ctx, const std::string* error) {
   SendState* send = ctx->send;
   if (ctx->staging_slot >= 0) staging_->release(ctx->staging_slot);
+  if (send) send->bytes_in_flight -= ctx->nbytes;
   return_context(ctx);
   if (!send) return;
   ++send->ops_completed;
