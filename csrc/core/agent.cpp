@@ -492,16 +492,10 @@ void Agent::drain_peer(const std::shared_ptr<PeerState>& peer, double drain_s, c
   std::vector<std::shared_ptr<SendState>> sends;
   {
     std::lock_guard<std::mutex> lock(peer->mu);
-    for (auto& [id, r] : peer->live_recvs) recvs.push_back(r);
-    for (auto& [id, r] : peer->waiting_recvs) recvs.push_back(r);
-    for (auto& [id, r] : peer->cancelled_recvs) recvs.push_back(r);
-    for (auto& slot : peer->slots)
-      for (auto& w : slot.watchers) recvs.push_back(w);  // failed earlier, still waiting for the sender's writes
+    recvs = peer->unsettled_recvs();
     for (auto& [id, s] : peer->live_sends) sends.push_back(s);
     for (auto& [slot, s] : peer->quarantined) sends.push_back(s);
   }
-  std::sort(recvs.begin(), recvs.end());
-  recvs.erase(std::unique(recvs.begin(), recvs.end()), recvs.end());
   for (auto& r : recvs) cancel_recv(peer, r, why);
   for (auto& s : sends) abort_send(s, why);
   const auto deadline = Clock::now() + std::chrono::duration<double>(drain_s);

@@ -378,11 +378,15 @@ bool Agent::post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budg
     } else {
       if (cma_bytes_left_ == 0) return false;  // this turn's share is copied: messages first
       const uint32_t max_n = std::min<uint32_t>(nwrites - cur.next, kCmaOpsPerStep);
-      CmaOp ops[kCmaOpsPerStep];
-      cma_ops(send, begin + cur.next, max_n, ops);
       uint32_t n = 0;
       uint64_t bytes = 0;
-      while (n < max_n && (n == 0 || bytes + ops[n].nbytes <= cma_bytes_left_)) bytes += ops[n++].nbytes;
+      for (; n < max_n; ++n) {  // sizes from the plan's shapes: only the ops this turn copies are built
+        const uint64_t b = send.plan.shape(begin + cur.next + n).nbytes;
+        if (n > 0 && bytes + b > cma_bytes_left_) break;
+        bytes += b;
+      }
+      CmaOp ops[kCmaOpsPerStep];
+      cma_ops(send, begin + cur.next, n, ops);
       CmaCopier(static_cast<pid_t>(peer.info.pid)).copy(ops, n);
       cma_bytes_left_ -= std::min(cma_bytes_left_, bytes);
       cur.next += n;
@@ -1003,14 +1007,8 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     for (auto& [id, s] : peer.live_sends) sends.push_back(s);
     for (auto& [slot, s] : peer.quarantined) drain_locally(s);  // their ABORT_ACK will never come
     peer.quarantined.clear();
-    for (auto& [id, r] : peer.live_recvs) recvs.push_back(r);
-    for (auto& [id, r] : peer.waiting_recvs) recvs.push_back(r);
-    for (auto& [id, r] : peer.cancelled_recvs) recvs.push_back(r);  // failed already: only writes_over is left
-    for (auto& slot : peer.slots) {  // failed or cancelled recvs still waiting for their sender's writes to end
-      for (auto& w : slot.watchers)
-        if (std::find(recvs.begin(), recvs.end(), w) == recvs.end()) recvs.push_back(w);
-      slot.watchers.clear();
-    }
+    recvs = peer.unsettled_recvs();  // the failed and cancelled ones among them: only writes_over is left
+    for (auto& slot : peer.slots) slot.watchers.clear();
     peer.live_sends.clear();
     peer.live_recvs.clear();
     peer.waiting_recvs.clear();

@@ -129,6 +129,21 @@ struct PeerState {
     return true;
   }
 
+  // Every recv from this peer whose end is not settled yet, once each (mu held): live ones, those waiting for their
+  // BEGIN, cancelled ones waiting for the sender's answer, and failed ones a slot still watches.
+  std::vector<std::shared_ptr<RecvState>> unsettled_recvs() const {
+    std::vector<std::shared_ptr<RecvState>> out;
+    auto add = [&](const std::shared_ptr<RecvState>& r) {
+      if (std::find(out.begin(), out.end(), r) == out.end()) out.push_back(r);
+    };
+    for (const auto& [id, r] : live_recvs) add(r);
+    for (const auto& [id, r] : waiting_recvs) add(r);
+    for (const auto& [id, r] : cancelled_recvs) add(r);
+    for (const auto& slot : slots)
+      for (const auto& w : slot.watchers) add(w);
+    return out;
+  }
+
   // The peer's HELLO named our window [base, base + kSlotWindow) (mu held).
   void take_window(uint32_t base) {
     if (have_window) return;
