@@ -24,21 +24,8 @@ import time
 os.environ.setdefault("FI_TCP_IFACE", "lo")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_reference import ids, layout, make_pool  # noqa: E402
-
-
-def pair(transport: str):
-    import kvxfer
-
-    L = layout()
-    a = kvxfer.Agent(f"cancel-bench-a-{transport}", transport=transport, interface="lo", timeout_s=60)
-    b = kvxfer.Agent(f"cancel-bench-b-{transport}", transport=transport, interface="lo", timeout_s=60)
-    a.register_pool(make_pool(1), L)
-    b.register_pool(make_pool(2), L)
-    peer_b, peer_a = a.add_peer(b.metadata()), b.add_peer(a.metadata())
-    a.wait_connected(peer_b, 20)
-    b.wait_connected(peer_a, 20)
-    return a, b, peer_b, peer_a
+from benchmarks.agent_pair import reference_pair, transfer_seconds  # noqa: E402
+from benchmarks.bench_reference import ids, layout  # noqa: E402
 
 
 def until(pred, timeout_s: float = 60.0) -> float:
@@ -55,20 +42,12 @@ def pct(xs, q):
 
 
 def run(transport: str, reps: int, small: int) -> dict:
-    a, b, peer_b, peer_a = pair(transport)
+    a, b, peer_b, peer_a = reference_pair(transport, "cancel-bench")
     src_ids, dst_ids = ids(3)
     xfer = 0
     one_block, before = [], []
-    def transfer_s(x: int, n: int) -> float:
-        """all_ready() -> the receiver's recv done, for the request's first n blocks (transfer x)."""
-        recv = b.recv(peer_a, x, dst_ids[:n])
-        send = a.send(peer_b, x, src_ids[:n], dst_ids[:n])
-        t0 = time.perf_counter()
-        send.all_ready()
-        recv.wait(timeout_s=60)
-        dt = time.perf_counter() - t0
-        send.wait(timeout_s=60)
-        return dt
+    def transfer_s(x: int, n: int) -> float:  # the request's first n blocks
+        return transfer_seconds(a, b, peer_b, peer_a, x, src_ids[:n], dst_ids[:n])
 
     for _ in range(small):
         xfer += 1

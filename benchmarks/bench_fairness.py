@@ -18,26 +18,19 @@ import time
 os.environ.setdefault("FI_TCP_IFACE", "lo")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_cancel import pair  # noqa: E402
+from benchmarks.agent_pair import reference_pair, transfer_seconds  # noqa: E402
 from benchmarks.bench_reference import ids  # noqa: E402
 
 
 def run(transport: str, reps: int) -> dict:
-    a, b, peer_b, peer_a = pair(transport)
+    a, b, peer_b, peer_a = reference_pair(transport, "cancel-bench")
     src, dst = ids(3)
     x = 0
 
     def small_ms() -> float:
         nonlocal x
         x += 1
-        recv = b.recv(peer_a, x, dst[-1:])
-        send = a.send(peer_b, x, src[-1:], dst[-1:])
-        t0 = time.perf_counter()
-        send.all_ready()
-        recv.wait(timeout_s=60)
-        dt = (time.perf_counter() - t0) * 1e3
-        send.wait(timeout_s=60)
-        return dt
+        return transfer_seconds(a, b, peer_b, peer_a, x, src[-1:], dst[-1:]) * 1e3
 
     alone, behind, big_ms = [], [], []
     for _ in range(reps):

@@ -50,15 +50,10 @@ def child_idle(transport: str) -> None:
 def child_latency(transport: str, n: int = 200, gap_s: float = 0.02) -> None:
     a, b, peer_b, peer_a, _, _ = pair(transport)
 
+    from benchmarks.agent_pair import transfer_seconds
+
     def one(i: int) -> float:
-        recv = b.recv(peer_a, i, [i % 32])
-        send = a.send(peer_b, i, [i % 32], [i % 32])
-        t0 = time.perf_counter()
-        send.all_ready()
-        recv.wait(timeout_s=30)
-        dt = time.perf_counter() - t0
-        send.wait(timeout_s=30)
-        return dt
+        return transfer_seconds(a, b, peer_b, peer_a, i, [i % 32], [i % 32], timeout_s=30)
 
     for i in range(20):
         one(i)

@@ -33,6 +33,24 @@ def assert_ended_sender_was_told(remote, xfer, dst, before):
         np.testing.assert_array_equal(got, want)
 
 
+def cancel_after_layer_0(agent, peer, remote, xfer, src_ids, dst_ids, reason="preempted"):
+    """The sender in `remote` has layer 0 of transfer xfer landed here when this receiver cancels: its send fails
+    with Cancelled naming the receiver's cancel (not at its deadline), marking more layers is refused, and the
+    recv's writes_over turns True once the sender's ABORT total was counted. Returns the recv."""
+    recv = agent.recv(peer, xfer, dst_ids)
+    remote.call("send", (xfer, src_ids, dst_ids, None, None))
+    remote.call("mark", (xfer, 0))
+    recv.wait(layer=0, timeout_s=30)
+    recv.cancel(reason)
+    with pytest.raises(RemoteError, match=f"Cancelled: transfer {xfer} to peer '{agent.name}' was cancelled by the "
+                                          "receiver"):
+        remote.call("wait", (xfer, 10))
+    with pytest.raises(RemoteError, match="already failed"):
+        remote.call("mark", (xfer, 1))
+    wait_for(lambda: recv.writes_over, "writes_over once the sender's posted writes were counted", timeout_s=10)
+    return recv
+
+
 class RemoteSender:
     def __init__(self, serve=None):
         ctx = mp.get_context("spawn")

@@ -14,7 +14,7 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import TRANSPORTS, assert_layerwise_concurrent, connect, local_pair, wait_for
+from tests.conftest import TRANSPORTS, assert_layerwise_concurrent, cancel_after_layer_0, connect, local_pair, wait_for
 from tests.reference import PRESETS, apply, expected_after, make_pool
 
 SMALL_RING = {"staging": "always", "staging_slot_bytes": 8192, "staging_slots": 3}
@@ -261,20 +261,11 @@ def test_receiver_cancel_through_landing_slots(transport, remote):
     into the pool): the sender's send fails with Cancelled, writes_over turns True once every batch posted before
     landed and was counted, only layer 0's addressed bytes changed, and the next transfer through the same landing
     slots is exact."""
-    from tests.conftest import RemoteError
-
     agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed=43, sender_kwargs=SMALL_RING,
                                           receiver_kwargs=LANDING)
     src_ids, dst_ids = [0, 1, 2], [5, 6, 7]
     expected = expected_after(layout, dst, 43, src_ids, dst_ids, [0])
-    recv = agent.recv(peer, 1, dst_ids)
-    remote.call("send", (1, src_ids, dst_ids, None, None))
-    remote.call("mark", (1, 0))
-    recv.wait(layer=0, timeout_s=30)
-    recv.cancel("preempted")
-    with pytest.raises(RemoteError, match="Cancelled"):
-        remote.call("wait", (1, 10))
-    wait_for(lambda: recv.writes_over, "writes_over of a cancelled landing transfer", timeout_s=10)
+    cancel_after_layer_0(agent, peer, remote, 1, src_ids, dst_ids)
     for got, want in zip(dst, expected):
         np.testing.assert_array_equal(got, want)
     expected = expected_after(layout, dst, 43, [3, 4], [8, 9], range(layout.num_layers))

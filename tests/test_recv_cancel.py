@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvxfer import TransferState, errors
-from tests.conftest import RemoteError, assert_exact_transfer, connect, local_pair, wait_for
+from tests.conftest import RemoteError, assert_exact_transfer, cancel_after_layer_0, connect, local_pair, wait_for
 from tests.reference import PRESETS, apply, block_view, make_pool
 
 SEED = 5  # the remote sender's pool is make_pool(layout, SEED)
@@ -48,16 +48,7 @@ def test_cancel_mid_transfer_stops_the_sender(remote, transport):
     src_ids, dst_ids = [0, 1], [3, 4]
     expected = [x.copy() for x in dst]
     apply(layout, make_pool(layout, SEED), expected, src_ids, dst_ids, [0])
-    recv = agent.recv(peer, 1, dst_ids)
-    remote.call("send", (1, src_ids, dst_ids, None, None))
-    remote.call("mark", (1, 0))
-    recv.wait(layer=0, timeout_s=30)
-    recv.cancel("preempted")
-    with pytest.raises(RemoteError, match="Cancelled: transfer 1 to peer 'test-receiver' was cancelled by the receiver"):
-        remote.call("wait", (1, 10))
-    with pytest.raises(RemoteError, match="already failed"):
-        remote.call("mark", (1, 1))
-    wait_for(lambda: recv.writes_over, "writes_over once the sender's posted writes were counted", timeout_s=10)
+    recv = cancel_after_layer_0(agent, peer, remote, 1, src_ids, dst_ids)
     assert recv.layers_done == 1 and isinstance(recv.error, errors.Cancelled)
     for got, want in zip(dst, expected):
         np.testing.assert_array_equal(got, want)
