@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 
 
-def reference_pair(transport: str, name: str):
+def reference_pair(transport: str, name: str, **sender_kwargs):
     """Two connected agents (`name`-a sends, `name`-b receives) with pools of the reference request's shape
-    (bench_reference.py): (sender, receiver, peer of the receiver, peer of the sender)."""
+    (bench_reference.py): (sender, receiver, peer of the receiver, peer of the sender). sender_kwargs go to the
+    sender's Agent (staging='always', ...)."""
     import kvxfer
     from benchmarks.bench_reference import layout, make_pool
 
     L = layout()
-    a = kvxfer.Agent(f"{name}-a-{transport}", transport=transport, interface="lo", timeout_s=60)
+    a = kvxfer.Agent(f"{name}-a-{transport}", transport=transport, interface="lo", timeout_s=60, **sender_kwargs)
     b = kvxfer.Agent(f"{name}-b-{transport}", transport=transport, interface="lo", timeout_s=60)
     a.register_pool(make_pool(1), L)
     b.register_pool(make_pool(2), L)

@@ -170,6 +170,7 @@ class Agent {
     uint32_t layer, first_write, num_writes, granules;
     uint64_t ticket;    // copy-in event (0: a host copy, already done)
     bool copied_out;    // CMA destination: the bytes are in the peer, the zero-byte immediate is still to post
+    uint64_t bytes;     // data bytes of the batch
     std::shared_ptr<CmaJob> cma = nullptr;  // CMA destination: the copy-out running on the workers
   };
   struct Command {
@@ -226,6 +227,9 @@ class Agent {
   void write_landing_batch_header(const SendState& send, uint32_t first, size_t n, uint32_t granules,
                                   uint8_t* slot) const;
   void submit_staged_copy_outs(CmaWorkers& workers);
+  std::vector<size_t> staged_turn_order() const;
+  void release_staging(SendState* send, int slot);
+  void share_staging();
   void staged_cma_ops(const StagedOp& op, CmaOp* ops) const;
   gpu::CopyQueue& copy_queue(int device);
   void open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_pool);
@@ -323,8 +327,16 @@ class Agent {
   std::unique_ptr<CmaWorkers> cma_workers_;                 // created on the first large CMA copy
   unsigned cma_threads_ = 0;
   std::vector<std::shared_ptr<SendState>> deferred_aborts_;  // failed sends whose ABORT waits for a copy
-  uint64_t cma_bytes_left_ = 0;                              // this loop turn's share of progress-thread CMA copies
+  // Bytes the progress thread copies itself per loop turn, over all layers and sends (CMA without workers and staged
+  // copy-outs; host copy-ins into bounce slots have a part of their own): between turns it reads messages, so a
+  // CANCEL or an abort stops a large all_ready() send within a few milliseconds instead of after the whole request.
+  static constexpr uint64_t kCopyBytesPerTurn = uint64_t(8) << 20;
+  uint64_t copy_bytes_left_ = 0;                              // this turn's share of the copies this thread does (CMA, staging)
   size_t first_send_ = 0;                                    // round robin: the send that posts first this turn
+  uint32_t staging_share_ = 0;                               // this turn: bounce slots one staged send may hold
+  uint64_t copy_in_share_ = 0;                               // this turn: host bytes one staged send may copy in
+  uint64_t copy_in_left_ = 0;                                // this turn: host bytes all staged sends may copy in
+  uint64_t turn_ = 0;                                        // post_pending_writes calls so far
   std::mutex draining_mu_;                                   // mark_peer_lost may run on a caller's thread
   std::vector<std::shared_ptr<SendState>> draining_;         // failed sends to lost peers, not yet drained here
   std::atomic<bool> has_draining_{false};

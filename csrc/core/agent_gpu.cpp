@@ -14,6 +14,7 @@
 // batch i overlaps the write of batch i-1. Towards a pool the peer reaches through landing slots (landing.h), the
 // slot also carries a header naming where each write goes, and the batch is one contiguous write into a free
 // landing slot of that peer, which comes back with the peer's LANDED.
+#include <algorithm>
 #include <cstring>
 
 #include "core/agent.h"
@@ -200,8 +201,14 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
   std::vector<const void*> srcs;
   std::vector<size_t> sizes;
   while (begin + cur.next < end) {
+    if (send.staging_held >= staging_share_) return false;  // its share of the ring is in flight: others' turn
+    if (send.copy_device < 0) {  // a copy-in this thread makes: within its share of this turn's copies
+      if (send.copy_in_turn != turn_) send.copy_in_turn = turn_, send.copied_in = 0;
+      if (copy_in_left_ == 0 || send.copied_in >= copy_in_share_) return false;
+    }
     const int slot = staging_->acquire();
     if (slot < 0) return false;  // every slot is in flight: advance_staged hands them back
+    ++send.staging_held;
     uint32_t granules;
     const uint32_t first = begin + cur.next;
     const size_t n = staged_run(send.plan, first, end, send.batch_bytes, pieces, &granules);
@@ -214,12 +221,14 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
     dsts.clear();
     srcs.clear();
     sizes.clear();
+    uint64_t bytes = 0;
     for (size_t k = 0; k < n; ++k) {
       const Write w = send.plan.write(first + k);
       dsts.push_back(at);
       srcs.push_back(reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset));
       sizes.push_back(w.nbytes);
       at += w.nbytes;
+      bytes += w.nbytes;
     }
     uint64_t ticket = 0;
     if (send.copy_device >= 0) {
@@ -228,9 +237,11 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
       ticket = queue.record();
     } else {
       for (size_t k = 0; k < n; ++k) std::memcpy(dsts[k], srcs[k], sizes[k]);
+      copy_in_left_ -= std::min(copy_in_left_, bytes);
+      send.copied_in += bytes;
     }
     staged_.push_back(StagedOp{owner, slot, send.plan.first_layer + cur.layer_index, first, static_cast<uint32_t>(n),
-                               granules, ticket, false, nullptr});
+                               granules, ticket, false, bytes, nullptr});
     ++send.ops_posted;
     cur.next += static_cast<uint32_t>(n);
   }
@@ -256,21 +267,23 @@ void Agent::write_landing_batch_header(const SendState& send, uint32_t first, si
   write_landing_header(slot, h, entries);
 }
 
-// Starts the CMA copy-out of batches whose copy-in landed on the workers, a few slots ahead of the one posted next.
+// Starts the CMA copy-out of batches whose copy-in landed on the workers, a few slots ahead of the ones posted next,
+// in the sends' turn order.
 void Agent::submit_staged_copy_outs(CmaWorkers& workers) {
   size_t in_flight = 0;
+  for (const StagedOp& op : staged_) in_flight += op.cma && !op.copied_out;
   std::vector<CmaOp> ops;
-  for (StagedOp& op : staged_) {
-    if (in_flight == kStagedCopyOutsInFlight) break;
+  std::vector<const SendState*> waiting;  // sends whose next batch has not landed: their later ones have not either
+  for (size_t i : staged_turn_order()) {
+    if (in_flight >= kStagedCopyOutsInFlight) break;
+    StagedOp& op = staged_[i];
     SendState& send = *op.send;
-    if (op.ticket && !copy_queue(send.copy_device).done(op.ticket)) break;  // copy-ins land in queue order
-    if (op.cma) {
-      ++in_flight;
+    if (op.cma || op.copied_out || std::find(waiting.begin(), waiting.end(), &send) != waiting.end()) continue;
+    if (op.ticket && !copy_queue(send.copy_device).done(op.ticket)) {
+      waiting.push_back(&send);
       continue;
     }
-    if (!send.staged_to_cma || op.copied_out || send.state() != TransferState::Pending || send.aborted ||
-        send.peer->lost)
-      continue;
+    if (!send.staged_to_cma || send.state() != TransferState::Pending || send.aborted || send.peer->lost) continue;
     ops.resize(op.num_writes);
     staged_cma_ops(op, ops.data());
     op.cma = workers.submit(static_cast<pid_t>(send.peer->info.pid), ops.data(), ops.size());
@@ -290,20 +303,78 @@ void Agent::staged_cma_ops(const StagedOp& op, CmaOp* ops) const {
   }
 }
 
-// Writes out queued batches whose copy-in has landed, in queue order.
+// Indices into staged_ in the order sends take turns, fair by bytes: a batch ranks by the bytes of its send's batches
+// queued before it, so a send of small batches gets as many bytes out per round as a send of large ones (its batches
+// are short because its layers are). Ties keep queue order; a send's own batches keep their order.
+std::vector<size_t> Agent::staged_turn_order() const {
+  std::vector<const SendState*> sends;
+  std::vector<uint64_t> queued;  // [send] bytes of its batches ranked so far
+  std::vector<std::pair<uint64_t, size_t>> ranked;  // (bytes ahead in its send, index)
+  ranked.reserve(staged_.size());
+  for (size_t i = 0; i < staged_.size(); ++i) {
+    const SendState* s = staged_[i].send.get();
+    const size_t k = std::find(sends.begin(), sends.end(), s) - sends.begin();
+    if (k == sends.size()) {
+      sends.push_back(s);
+      queued.push_back(0);
+    }
+    ranked.emplace_back(queued[k], i);
+    queued[k] += staged_[i].bytes;
+  }
+  std::stable_sort(ranked.begin(), ranked.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+  std::vector<size_t> order(ranked.size());
+  for (size_t i = 0; i < ranked.size(); ++i) order[i] = ranked[i].second;
+  return order;
+}
+
+void Agent::release_staging(SendState* send, int slot) {
+  staging_->release(slot);
+  if (send) --send->staging_held;
+}
+
+// A staged send may hold an equal share of the bounce ring (at least 2 slots, for the copy/write overlap) while
+// other staged sends wait for slots, and the whole ring when it is alone: one large send otherwise keeps every slot,
+// and a small send behind it waits for the large one's whole ring of batches.
+void Agent::share_staging() {
+  size_t wanting = 0;
+  for (const auto& s : active_sends_)
+    wanting += s->path == SendPath::Staged && (s->staging_held > 0 || !s->ready.empty());
+  if (wanting == 0) return;  // (and staging_ is only read once a staged send came through the command queue)
+  const size_t slots = staging_->num_slots();
+  staging_share_ = static_cast<uint32_t>(std::max<size_t>(2, slots / wanting));
+  // Host copy-ins likewise: each send may memcpy an equal part of the turn's bytes (at least one batch: a send
+  // stops once it reached its part). Without it the turn's first send took the whole part, and with two sends
+  // taking turns every other loop turn, the same one was first on every turn that had room for copies.
+  copy_in_left_ = kCopyBytesPerTurn;
+  copy_in_share_ = std::max<uint64_t>(1, kCopyBytesPerTurn / wanting);
+}
+
+// Writes out queued batches whose copy-in has landed, sends taking turns (staged_turn_order), so a small send's
+// batch goes out after one batch of each other send rather than after all of theirs queued before it.
 bool Agent::advance_staged(size_t& budget) {
   bool any = false;
-  if (staged_.front().send->staged_to_cma && staging_->slot_bytes() >= CmaWorkers::kMinParallelBytes)
-    if (CmaWorkers* workers = cma_workers()) submit_staged_copy_outs(*workers);
-  while (!staged_.empty() && budget > 0) {
-    StagedOp& op = staged_.front();
+  if (staging_->slot_bytes() >= CmaWorkers::kMinParallelBytes)
+    if (CmaWorkers* workers = cma_workers(); workers && staged_.front().send->staged_to_cma)
+      submit_staged_copy_outs(*workers);
+  std::vector<char> gone(staged_.size(), 0);
+  std::vector<const SendState*> waiting;  // sends whose next batch cannot go yet: their later batches wait too
+  for (size_t i : staged_turn_order()) {
+    if (budget == 0) break;
+    StagedOp& op = staged_[i];
     SendState& send = *op.send;
-    if (op.ticket && !copy_queue(send.copy_device).done(op.ticket)) break;
-    if (op.cma && !op.cma->done()) break;  // the workers still read the slot and write into the peer
+    if (std::find(waiting.begin(), waiting.end(), &send) != waiting.end()) continue;
+    const bool landed = !(op.ticket && !copy_queue(send.copy_device).done(op.ticket)) &&
+                        !(op.cma && !op.cma->done());  // else the copy engines or workers still use the slot
+    // A copy-out on this thread takes from the turn's copy share (messages and completions come between shares).
+    const bool copy_here = send.staged_to_cma && !op.copied_out && !op.cma;
+    if (!landed || (copy_here && copy_bytes_left_ == 0)) {
+      waiting.push_back(&send);
+      continue;
+    }
     if (send.state() != TransferState::Pending || send.aborted || send.peer->lost) {
-      if (!op.copied_out) staging_->release(op.slot);
+      if (!op.copied_out) release_staging(&send, op.slot);
       ++send.ops_completed;
-      staged_.pop_front();
+      gone[i] = 1;
       any = true;
       continue;
     }
@@ -311,18 +382,29 @@ bool Agent::advance_staged(size_t& budget) {
     try {
       posted = post_staged_op(op);
     } catch (const Error& e) {
-      if (!op.copied_out) staging_->release(op.slot);
+      if (!op.copied_out) release_staging(&send, op.slot);
       ++send.ops_completed;
       fail_send(op.send, e.kind(), e.what());
-      staged_.pop_front();
+      gone[i] = 1;
       any = true;
       continue;
     }
-    if (!posted) break;  // counted where it was refused: eagain (fabric or ring full) or landing_waits
+    if (copy_here && op.copied_out) copy_bytes_left_ -= std::min(copy_bytes_left_, op.bytes);
+    if (!posted) {  // counted where it was refused: eagain (fabric or ring full) or landing_waits
+      waiting.push_back(&send);
+      continue;
+    }
     --budget;
-    staged_.pop_front();
+    gone[i] = 1;
     any = true;
   }
+  size_t keep = 0;
+  for (size_t i = 0; i < staged_.size(); ++i)
+    if (!gone[i]) {
+      if (keep != i) staged_[keep] = std::move(staged_[i]);
+      ++keep;
+    }
+  staged_.resize(keep);
   return any;
 }
 
@@ -342,7 +424,7 @@ bool Agent::post_staged_op(StagedOp& op) {
         CmaCopier(static_cast<pid_t>(peer.info.pid)).copy(ops.data(), ops.size());
       }
       op.copied_out = true;
-      staging_->release(op.slot);  // CMA is synchronous: the slot is free as soon as the copy returns
+      release_staging(&send, op.slot);  // CMA is synchronous: the slot is free as soon as the copy returns
     }
     return post_signal(send, ImmCode::encode(send.slot, op.layer, op.granules));
   }

@@ -22,10 +22,6 @@ constexpr auto kSpinBeforeBlock = std::chrono::microseconds(300);
 constexpr int kMaxBlockMs = 10;             // deadlines and peer liveness are checked at least this often
 constexpr size_t kArrivedMemory = 65536;    // completed-but-unclaimed transfers remembered per peer
 constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step before polling again
-// Bytes the progress thread copies itself (no CMA workers) per loop turn, over all layers and sends: between turns
-// it reads messages, so a CANCEL or an abort stops a large all_ready() send within a few milliseconds instead of
-// after the whole request was copied.
-constexpr uint64_t kCmaBytesPerTurn = uint64_t(8) << 20;
 // Bytes one send may have posted on the fabric and not yet completed. Writes wait in the provider's queue in order,
 // so whatever one send has queued delays every later send to that peer: a small request behind a 512 MiB one waited
 // for most of it (the provider window allowed 1024 gathered writes, up to 128 MiB). 16 MiB is still several times
@@ -266,7 +262,9 @@ void Agent::return_context(OpContext* ctx) {
 bool Agent::post_pending_writes() {
   bool any = false;
   size_t budget = free_contexts_.size();
-  cma_bytes_left_ = kCmaBytesPerTurn;
+  copy_bytes_left_ = kCopyBytesPerTurn;
+  ++turn_;
+  share_staging();
   if (!staged_.empty()) any |= advance_staged(budget);  // batches whose copy landed go out before new copies
   // Each turn another send posts first, so one large send cannot take every turn's contexts and CMA bytes.
   const size_t n = active_sends_.size();
@@ -376,19 +374,19 @@ bool Agent::post_cma_layer(SendState& send, SendState::Cursor& cur, size_t& budg
       job->rethrow_if_failed();
       cur.next = nwrites;
     } else {
-      if (cma_bytes_left_ == 0) return false;  // this turn's share is copied: messages first
+      if (copy_bytes_left_ == 0) return false;  // this turn's share is copied: messages first
       const uint32_t max_n = std::min<uint32_t>(nwrites - cur.next, kCmaOpsPerStep);
       uint32_t n = 0;
       uint64_t bytes = 0;
       for (; n < max_n; ++n) {  // sizes from the plan's shapes: only the ops this turn copies are built
         const uint64_t b = send.plan.shape(begin + cur.next + n).nbytes;
-        if (n > 0 && bytes + b > cma_bytes_left_) break;
+        if (n > 0 && bytes + b > copy_bytes_left_) break;
         bytes += b;
       }
       CmaOp ops[kCmaOpsPerStep];
       cma_ops(send, begin + cur.next, n, ops);
       CmaCopier(static_cast<pid_t>(peer.info.pid)).copy(ops, n);
-      cma_bytes_left_ -= std::min(cma_bytes_left_, bytes);
+      copy_bytes_left_ -= std::min(copy_bytes_left_, bytes);
       cur.next += n;
       if (cur.next < nwrites) return false;
     }
@@ -546,7 +544,7 @@ bool Agent::poll_completions() {
 
 void Agent::on_write_done(OpContext* ctx, const std::string* error) {
   SendState* send = ctx->send;
-  if (ctx->staging_slot >= 0) staging_->release(ctx->staging_slot);
+  if (ctx->staging_slot >= 0) release_staging(send, ctx->staging_slot);
   if (send) send->bytes_in_flight -= ctx->nbytes;
   return_context(ctx);
   if (!send) return;

@@ -124,6 +124,8 @@ class SendState : public TransferBase {
   uint64_t ops_posted = 0, ops_completed = 0, ops_expected = 0;
   uint64_t granules_posted = 0;  // sum of the immediates' granules posted so far (an ABORT reports it)
   uint64_t bytes_in_flight = 0;  // fabric path: bytes posted and not yet completed here
+  uint32_t staging_held = 0;     // staged path: bounce slots holding this send's batches (copied in, not written out)
+  uint64_t copy_in_turn = 0, copied_in = 0;  // staged from host memory: bytes memcpy'd into slots in that turn
   uint32_t layers_posted = 0;
   bool begin_sent = false, released = false, aborted = false;
   // Nothing this send posted is in flight any more, so its source blocks may be reused: it completed, or it failed
