@@ -267,11 +267,14 @@ class Agent:
                          _ids(dst_ids, "dst_ids"), first, count, timeout_s or 0.0)
         return Send(self, peer, h)
 
-    def recv(self, peer: Peer, xfer_id: int, dst_ids, *, pool=None, layers=None, timeout_s: float | None = None) -> Recv:
-        """Expect transfer xfer_id from peer into dst_ids of a local pool; may be called before or after the data."""
+    def recv(self, peer: Peer, xfer_id: int, dst_ids, *, pool=None, src_pool: str = "", layers=None,
+             timeout_s: float | None = None) -> Recv:
+        """Expect transfer xfer_id from peer into dst_ids of a local pool; may be called before or after the data.
+        src_pool names the peer's pool the blocks come from (default: its first); it matters only between pools of
+        different TP ranks, where the count to expect depends on the KV heads both hold."""
         first, count = _layers(layers)
         h = self._c.recv(peer._h, _xfer(xfer_id), self._pool(pool).index, _ids(dst_ids, "dst_ids"), first, count,
-                         timeout_s or 0.0)
+                         timeout_s or 0.0, src_pool)
         return Recv(self, peer, h)
 
     def stats(self) -> dict:

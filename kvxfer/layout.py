@@ -3,10 +3,17 @@
 Each chunk (one block of one K/V plane of one layer) is contiguous; the C++ core addresses it as
 layer_offset[layer] + plane * plane_stride + block * block_stride. `tensor_layer_bytes` is the size of one
 per-layer tensor (per-layer layouts) or of the whole pool (`blocks_first`).
+
+Tensor parallelism: a rank's pool holds KV heads [head_begin, head_begin + num_kv_heads) of the model's
+total_kv_heads (`with_heads`, `for_tp_rank`). Pools of different ranks exchange the heads they have in common: a
+decode rank of TP 2 takes its half of every head of a TP 1 prefill block, two TP 2 prefill ranks each write their
+half into one TP 1 decode block. Inside a chunk the rows (one head of one token) are token-major ([block_size,
+heads, ...], "NHD", vLLM's default) or head-major ([heads, block_size, ...], "HND": `head_major=True`); between
+ranks a head-major chunk moves as one contiguous piece, a token-major one as one piece per token.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvxfer import _C
 from kvxfer.errors import InvalidArgument
@@ -54,21 +61,29 @@ class KVLayout:
     layer_stride: int        # bytes between layers when all layers share one tensor
     tensor_layer_bytes: int  # bytes of one per-layer tensor (or of the whole pool when per_layer is False)
     per_layer: bool          # True: one tensor per layer (or one stacked [layers, ...] tensor)
+    head_begin: int = 0      # the first of the model's KV heads this pool holds (tensor parallelism)
+    total_kv_heads: int = 0  # the model's KV heads (0: this pool holds all of them)
+    head_major: bool = False  # inside a chunk: [heads, block_size, ...] (HND) instead of [block_size, heads, ...]
 
     # ---- presets -------------------------------------------------------------------------------------------
     @classmethod
-    def vllm_flash(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="bfloat16"):
-        """vLLM FlashAttention, per layer [2, num_blocks, block_size, kv_heads, head_dim]."""
+    def vllm_flash(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="bfloat16", *,
+                   head_major=False):
+        """vLLM FlashAttention, per layer [2, num_blocks, block_size, kv_heads, head_dim] (head_major: [2,
+        num_blocks, kv_heads, block_size, head_dim], vLLM's HND)."""
         chunk = block_size * num_kv_heads * head_dim * _dtype_bytes(dtype)
         return cls("vllm_flash", num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim, _dtype_name(dtype), chunk,
-                   num_blocks * chunk, chunk, 2 * num_blocks * chunk, 2 * num_blocks * chunk, True)
+                   num_blocks * chunk, chunk, 2 * num_blocks * chunk, 2 * num_blocks * chunk, True,
+                   head_major=bool(head_major))
 
     @classmethod
-    def flashinfer(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="bfloat16"):
-        """FlashInfer, per layer [num_blocks, 2, block_size, kv_heads, head_dim]."""
+    def flashinfer(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="bfloat16", *,
+                   head_major=False):
+        """FlashInfer, per layer [num_blocks, 2, block_size, kv_heads, head_dim] (head_major: [num_blocks, 2,
+        kv_heads, block_size, head_dim], FlashInfer's HND)."""
         chunk = block_size * num_kv_heads * head_dim * _dtype_bytes(dtype)
         return cls("flashinfer", num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim, _dtype_name(dtype), chunk,
-                   chunk, 2 * chunk, 2 * num_blocks * chunk, 2 * num_blocks * chunk, True)
+                   chunk, 2 * chunk, 2 * num_blocks * chunk, 2 * num_blocks * chunk, True, head_major=bool(head_major))
 
     @classmethod
     def mla(cls, num_layers, num_blocks, block_size, latent_dim, dtype="bfloat16"):
@@ -82,14 +97,17 @@ class KVLayout:
         """vLLM CPU backend, per layer [num_blocks, kv_heads, block_size, 2 * head_dim] (K and V in one chunk)."""
         chunk = num_kv_heads * block_size * 2 * head_dim * _dtype_bytes(dtype)
         return cls("vllm_cpu", num_layers, num_blocks, 1, block_size, num_kv_heads, head_dim, _dtype_name(dtype), chunk, 0,
-                   chunk, num_blocks * chunk, num_blocks * chunk, True)
+                   chunk, num_blocks * chunk, num_blocks * chunk, True, head_major=True)
 
     @classmethod
-    def blocks_first(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="bfloat16"):
-        """One tensor [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]: a block holds every layer."""
+    def blocks_first(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="bfloat16", *,
+                     head_major=False):
+        """One tensor [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]: a block holds every layer
+        (head_major: [..., 2, kv_heads, block_size, head_dim])."""
         chunk = block_size * num_kv_heads * head_dim * _dtype_bytes(dtype)
         return cls("blocks_first", num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim, _dtype_name(dtype), chunk,
-                   chunk, num_layers * 2 * chunk, 2 * chunk, num_blocks * num_layers * 2 * chunk, False)
+                   chunk, num_layers * 2 * chunk, 2 * chunk, num_blocks * num_layers * 2 * chunk, False,
+                   head_major=bool(head_major))
 
     @classmethod
     def contiguous(cls, num_blocks, block_bytes):
@@ -129,6 +147,47 @@ class KVLayout:
                                   f"{dim['2*head_dim']} is odd")
         return getattr(cls, kind)(num_layers, dim["blocks"], dim["block_size"], dim["heads"], head_dim, dtype)
 
+    # ---- tensor parallelism --------------------------------------------------------------------------------
+    def with_heads(self, head_begin: int, total_kv_heads: int) -> "KVLayout":
+        """This layout as one TP rank's pool: it holds the model's KV heads [head_begin, head_begin +
+        num_kv_heads) of total_kv_heads."""
+        if self.num_kv_heads == 0:
+            raise InvalidArgument(f"a {self.kind} layout has no KV heads to split (MLA latents): every TP rank holds "
+                                  "the whole latent, so send it from one rank")
+        if not (0 <= head_begin and head_begin + self.num_kv_heads <= total_kv_heads):
+            raise InvalidArgument(f"KV heads [{head_begin}, {head_begin + self.num_kv_heads}) are outside the model's "
+                                  f"{total_kv_heads} (total_kv_heads)")
+        return replace(self, head_begin=int(head_begin), total_kv_heads=int(total_kv_heads))
+
+    @staticmethod
+    def tp_heads(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+        """(head_begin, num_kv_heads) of TP rank tp_rank of tp_size, as vLLM and SGLang shard KV heads: an equal
+        slice each, or, with more ranks than heads, each head replicated on tp_size // total_kv_heads ranks."""
+        if not (0 <= tp_rank < tp_size) or total_kv_heads < 1:
+            raise InvalidArgument(f"tp_rank={tp_rank} must be in 0..{tp_size - 1} and total_kv_heads >= 1")
+        if tp_size <= total_kv_heads:
+            if total_kv_heads % tp_size:
+                raise InvalidArgument(f"{total_kv_heads} KV heads do not split evenly over {tp_size} TP ranks")
+            n = total_kv_heads // tp_size
+            return tp_rank * n, n
+        if tp_size % total_kv_heads:
+            raise InvalidArgument(f"{tp_size} TP ranks do not replicate {total_kv_heads} KV heads evenly")
+        return tp_rank // (tp_size // total_kv_heads), 1
+
+    def for_tp_rank(self, tp_size: int, tp_rank: int) -> "KVLayout":
+        """This layout (of the whole model: num_kv_heads is the model's) as TP rank tp_rank's pool."""
+        if self.num_kv_heads == 0:
+            return self.with_heads(0, 0)  # raises: MLA latents are not split
+        begin, n = self.tp_heads(self.num_kv_heads, tp_size, tp_rank)
+        rows = self.chunk_bytes // self.num_kv_heads
+        chunk = rows * n
+        per_block = self.block_stride // self.chunk_bytes  # chunks a block stride spans (1, 2 or layers x 2)
+        plane = self.plane_stride // self.chunk_bytes if self.plane_stride else 0
+        return replace(self, num_kv_heads=n, chunk_bytes=chunk, block_stride=per_block * chunk,
+                       plane_stride=plane * chunk, layer_stride=self.layer_stride // self.num_kv_heads * n,
+                       tensor_layer_bytes=self.tensor_layer_bytes // self.num_kv_heads * n, head_begin=begin,
+                       total_kv_heads=self.num_kv_heads)
+
     # ---- derived -------------------------------------------------------------------------------------------
     @property
     def block_bytes_per_layer(self) -> int:
@@ -141,7 +200,8 @@ class KVLayout:
     def spec(self, layer_regions, layer_offsets) -> "_C.LayoutSpec":
         s = _C.LayoutSpec()
         for f in ("kind", "num_layers", "num_blocks", "num_planes", "block_size", "num_kv_heads", "head_dim",
-                  "dtype", "chunk_bytes", "plane_stride", "block_stride"):
+                  "dtype", "chunk_bytes", "plane_stride", "block_stride", "head_begin", "total_kv_heads",
+                  "head_major"):
             setattr(s, f, getattr(self, f))
         s.layer_region = list(layer_regions)
         s.layer_offset = list(layer_offsets)

@@ -47,3 +47,24 @@ def expected_after(layout: KVLayout, dst, seed: int, src_ids, dst_ids, layers) -
     expected = [a.copy() for a in dst]
     apply(layout, make_pool(layout, seed), expected, src_ids, dst_ids, layers)
     return expected
+
+
+def head_rows(layout: KVLayout, chunks: np.ndarray) -> np.ndarray:
+    """[..., chunk_bytes] chunks as [..., block_size, heads, row] (token-major order, whatever the layout's)."""
+    lead, bs, h = chunks.shape[:-1], layout.block_size, layout.num_kv_heads
+    if layout.head_major:
+        return chunks.reshape(*lead, h, bs, -1).swapaxes(-3, -2)
+    return chunks.reshape(*lead, bs, h, -1)
+
+
+def apply_heads(src_layout: KVLayout, dst_layout: KVLayout, src_pool, dst_pool, src_ids, dst_ids, layers) -> None:
+    """What a transfer between pools of different TP ranks must do: the KV heads both pools hold move from src blocks
+    into dst blocks; the destination's other heads keep their bytes."""
+    h0 = max(src_layout.head_begin, dst_layout.head_begin)
+    h1 = min(src_layout.head_begin + src_layout.num_kv_heads, dst_layout.head_begin + dst_layout.num_kv_heads)
+    for layer in layers:
+        sv, dv = block_view(src_layout, src_pool, layer), block_view(dst_layout, dst_pool, layer)
+        got = head_rows(src_layout, sv[:, src_ids])[..., h0 - src_layout.head_begin:h1 - src_layout.head_begin, :]
+        cur = dv[:, dst_ids]  # a copy (fancy indexing): set its common heads, then store it back
+        head_rows(dst_layout, cur)[..., h0 - dst_layout.head_begin:h1 - dst_layout.head_begin, :] = got
+        dv[:, dst_ids] = cur

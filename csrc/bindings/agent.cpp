@@ -143,11 +143,14 @@ void register_agent(py::module_& m) {
       .def("layer_ready", &Agent::layer_ready)  // microseconds, never blocks: keep the GIL (cheaper than dropping it)
       .def("recv",
            [](Agent& a, const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
-              py::array_t<int32_t, py::array::c_style> dst_ids, int first_layer, int num_layers, double timeout_s) {
+              py::array_t<int32_t, py::array::c_style> dst_ids, int first_layer, int num_layers, double timeout_s,
+              const std::string& src_pool) {
              Ids d = take_ids(dst_ids, "dst_ids");
              py::gil_scoped_release nogil;
-             return a.recv(peer, xfer_id, dst_pool, d.ptr, d.n, first_layer, num_layers, timeout_s);
-           })
+             return a.recv(peer, xfer_id, dst_pool, d.ptr, d.n, first_layer, num_layers, timeout_s, src_pool);
+           },
+           py::arg("peer"), py::arg("xfer_id"), py::arg("dst_pool"), py::arg("dst_ids"), py::arg("first_layer"),
+           py::arg("num_layers"), py::arg("timeout_s"), py::arg("src_pool") = "")
       .def("choose_path",
            [](const Agent& a, const std::shared_ptr<PeerState>& peer, uint32_t src_pool, uint32_t dst_pool) {
              PathChoice c = a.choose_path(*peer, src_pool, dst_pool);

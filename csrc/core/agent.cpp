@@ -692,9 +692,34 @@ void Agent::layer_ready(const std::shared_ptr<SendState>& send, int layer) {
   if (!cmds.empty()) post_commands(std::move(cmds));
 }
 
+// Granules per chunk a recv from this peer's pool src_pool into `dst` counts (plan.h chunk_pieces): 1 unless the
+// two pools hold different KV heads (TP ranks) or order them differently. Pools that cannot exchange blocks count
+// 1 here; the sender's send() refuses them with the LayoutMismatch that names the field.
+size_t Agent::pieces_from(const PeerState& peer, const std::string& src_pool, const LayoutSpec& dst) const {
+  const std::vector<PoolInfo>& pools = peer.info.pools;
+  const PoolInfo* src = pools.empty() ? nullptr : &pools[0];
+  if (!src_pool.empty()) {
+    src = nullptr;
+    std::string names;
+    for (const PoolInfo& p : pools) {
+      if (p.name == src_pool) src = &p;
+      names += (names.empty() ? "" : ", ") + p.name;
+    }
+    KVXFER_CHECK(src, PeerUnknown, "peer '" << peer.info.name << "' exposes no pool named '" << src_pool
+                                            << "' (it exposes: " << (names.empty() ? "none" : names) << ")");
+  }
+  if (!src) return 1;
+  try {
+    check_compatible(src->layout, dst);
+  } catch (const Error&) {
+    return 1;
+  }
+  return chunk_pieces(src->layout, dst).size();
+}
+
 std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
                                        const int32_t* dst_ids, size_t num_ids, int first_layer, int num_layers,
-                                       double timeout_s) {
+                                       double timeout_s, const std::string& src_pool) {
   KVXFER_CHECK(!peer->lost, PeerLost, "peer '" << peer->info.name << "' is lost: " << peer->lost_reason);
   LayoutSpec layout;
   {
@@ -702,7 +727,7 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
     KVXFER_CHECK(dst_pool < pools_.size(), InvalidArgument, "no local pool with index " << dst_pool);
     layout = pools_[dst_pool]->layout;
   }
-  const uint32_t granules = expected_granules(layout, dst_ids, num_ids);
+  const uint32_t granules = expected_granules(layout, dst_ids, num_ids, pieces_from(*peer, src_pool, layout));
   const uint32_t first = first_layer < 0 ? 0 : static_cast<uint32_t>(first_layer);
   const uint32_t count = num_layers < 0 ? (first < layout.num_layers ? layout.num_layers - first : 0)
                                         : static_cast<uint32_t>(num_layers);

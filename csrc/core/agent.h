@@ -119,9 +119,11 @@ class Agent {
   // fails with TransferFailed and the receiver's recv fails too (ABORT). No-op on a send that already ended. Writes
   // already posted may still complete afterwards: there is no drain handshake yet.
   void abort_send(const std::shared_ptr<SendState>& send, const std::string& why);
+  // src_pool names the peer's pool the data comes from (empty: its first): with pools of different TP ranks the
+  // count the recv expects depends on the heads both hold.
   std::shared_ptr<RecvState> recv(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
                                   const int32_t* dst_ids, size_t num_ids, int first_layer, int num_layers,
-                                  double timeout_s);
+                                  double timeout_s, const std::string& src_pool = "");
   // The receiver gives up on a transfer (the request was aborted or preempted): a pending recv fails with Cancelled
   // at once and the sender is told (CANCEL) to post nothing more; writes_over turns true once nothing it posted can
   // still land. Also useful on a recv that already failed here (timed out) while the sender may still write. No-op
@@ -192,6 +194,7 @@ class Agent {
     uint64_t ticket;
   };
 
+  size_t pieces_from(const PeerState& peer, const std::string& src_pool, const LayoutSpec& dst) const;
   PathChoice landing_choice(const PeerState& peer, const PoolInfo& dst, const std::string& src_where,
                             const std::string& slots, const std::string& why_not_ipc, PathChoice c) const;
 

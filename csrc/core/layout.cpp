@@ -1,5 +1,7 @@
 #include "core/layout.h"
 
+#include <algorithm>
+
 #include "core/errors.h"
 #include "core/imm.h"
 
@@ -20,11 +22,31 @@ void check_field(const char* name, const T& src, const T& dst) {
                                       "(same block_size, dtype, KV heads, head_dim and layer count)");
 }
 
+// The head range fits the model's heads, and a pool whose heads can be sliced cuts into whole rows.
+void check_heads(const LayoutSpec& l) {
+  if (l.num_kv_heads == 0) {
+    KVXFER_CHECK(l.head_begin == 0 && l.total_kv_heads == 0 && !l.head_major, InvalidArgument,
+                 "a layout without KV heads (MLA latents) cannot hold a head range: every TP rank holds the whole "
+                 "latent, so send it from one rank");
+    return;
+  }
+  KVXFER_CHECK(l.total_kv_heads == 0 || l.head_end() <= l.total_kv_heads, InvalidArgument,
+               "KV heads [" << l.head_begin << ", " << l.head_end() << ") are outside the model's "
+                            << l.total_kv_heads << " (total_kv_heads)");
+  KVXFER_CHECK(l.total_kv_heads != 0 || l.head_begin == 0, InvalidArgument,
+               "head_begin=" << l.head_begin << " needs total_kv_heads (the model's KV heads) as well");
+  KVXFER_CHECK(l.block_size >= 1 && l.chunk_bytes % (static_cast<uint64_t>(l.block_size) * l.num_kv_heads) == 0,
+               InvalidArgument,
+               "chunk_bytes=" << l.chunk_bytes << " is not block_size x num_kv_heads (" << l.block_size << " x "
+                              << l.num_kv_heads << ") rows of equal size");
+}
+
 }  // namespace
 
 uint64_t LayoutSpec::fingerprint() const {
   uint64_t h = 0xcbf29ce484222325ull;
-  const uint64_t fields[] = {num_layers, num_planes, block_size, num_kv_heads, head_dim, chunk_bytes};
+  const uint64_t fields[] = {num_layers, num_planes,    block_size,         num_kv_heads, head_dim,
+                             chunk_bytes, head_begin, total_heads(), uint64_t(head_major)};
   h = fnv1a(h, fields, sizeof(fields));
   return fnv1a(h, dtype.data(), dtype.size());
 }
@@ -47,6 +69,7 @@ void validate_layout(const LayoutSpec& l, const std::vector<uint64_t>& region_nb
   KVXFER_CHECK(l.num_planes == 1 || l.plane_stride >= l.chunk_bytes, InvalidArgument,
                "plane_stride=" << l.plane_stride << " is smaller than chunk_bytes=" << l.chunk_bytes
                                << ": K and V planes would overlap");
+  check_heads(l);
   for (uint32_t layer = 0; layer < l.num_layers; ++layer) {
     const uint32_t r = l.layer_region[layer];
     KVXFER_CHECK(r < region_nbytes.size(), InvalidArgument,
@@ -63,10 +86,25 @@ void check_compatible(const LayoutSpec& src, const LayoutSpec& dst) {
   check_field("num_layers", src.num_layers, dst.num_layers);
   check_field("block_size", src.block_size, dst.block_size);
   check_field("dtype", src.dtype, dst.dtype);
-  check_field("num_kv_heads", src.num_kv_heads, dst.num_kv_heads);
   check_field("head_dim", src.head_dim, dst.head_dim);
   check_field("num_planes (K/V split)", src.num_planes, dst.num_planes);
-  check_field("chunk_bytes (bytes per block per plane)", src.chunk_bytes, dst.chunk_bytes);
+  const bool sharded = src.total_kv_heads || dst.total_kv_heads;
+  if (!sharded || src.num_kv_heads == 0 || dst.num_kv_heads == 0) {
+    KVXFER_CHECK(src.num_kv_heads == dst.num_kv_heads, LayoutMismatch,
+                 "layout mismatch: num_kv_heads is " << src.num_kv_heads << " on the sender but " << dst.num_kv_heads
+                 << " on the receiver; pools of different tensor-parallel ranks must say which heads they hold "
+                    "(KVLayout.with_heads(head_begin, total_kv_heads)), others must describe the same model shard");
+  }
+  check_field("total_kv_heads (the model's KV heads)", src.total_heads(), dst.total_heads());
+  if (src.same_heads(dst)) {
+    check_field("chunk_bytes (bytes per block per plane)", src.chunk_bytes, dst.chunk_bytes);
+    return;
+  }
+  check_field("row bytes (one head of one token)", src.row_bytes(), dst.row_bytes());
+  KVXFER_CHECK(std::max(src.head_begin, dst.head_begin) < std::min(src.head_end(), dst.head_end()), LayoutMismatch,
+               "layout mismatch: the sender's pool holds KV heads [" << src.head_begin << ", " << src.head_end()
+               << ") and the receiver's [" << dst.head_begin << ", " << dst.head_end()
+               << "): no head in common; pair each rank with the ranks that hold its heads");
 }
 
 }  // namespace kvxfer

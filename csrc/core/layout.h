@@ -6,7 +6,9 @@
 // within region layer_region[layer]. This covers per-layer tensors (one region per layer, or one allocation with
 // a layer stride) and blocks-first pools (block_stride spans every layer). The semantic fields (block_size, heads,
 // head_dim, dtype) only take part in the compatibility check: two pools exchange blocks when every field but
-// num_blocks and the addressing matches.
+// num_blocks and the addressing matches, or, for pools of different tensor-parallel ranks, when they hold KV heads
+// of the same model and have at least one head in common (the plan then moves the common heads: plan.h
+// chunk_pieces).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -26,6 +28,12 @@ struct LayoutSpec {
   uint64_t chunk_bytes = 0;   // bytes of one (layer, plane, block) chunk
   uint64_t plane_stride = 0;  // bytes between plane p and p+1 of the same block and layer
   uint64_t block_stride = 0;  // bytes between block b and b+1 of the same plane and layer
+  // Tensor parallelism: the pool holds KV heads [head_begin, head_begin + num_kv_heads) of total_kv_heads (0: all
+  // of them). Inside a chunk the bytes are [block_size][num_kv_heads][row] (token-major, "NHD") or, head_major,
+  // [num_kv_heads][block_size][row] ("HND"); a row is one head of one token (head_dim elements, or K and V together).
+  uint32_t head_begin = 0;
+  uint32_t total_kv_heads = 0;
+  bool head_major = false;
   std::vector<uint32_t> layer_region;  // [num_layers] index into the pool's regions
   std::vector<uint64_t> layer_offset;  // [num_layers] byte offset of (layer, plane 0, block 0) in that region
 
@@ -34,7 +42,16 @@ struct LayoutSpec {
   }
   // Bytes one block occupies across all planes of one layer (what the receiver counts per block per layer).
   uint64_t block_bytes_per_layer() const { return chunk_bytes * num_planes; }
-  // A 64-bit hash of the semantic fields: equal fingerprints <=> the pools can exchange blocks.
+  uint32_t total_heads() const { return total_kv_heads ? total_kv_heads : num_kv_heads; }
+  uint32_t head_end() const { return head_begin + num_kv_heads; }
+  // Bytes of one row (one head of one token); pools with KV heads only.
+  uint64_t row_bytes() const { return chunk_bytes / (static_cast<uint64_t>(block_size) * num_kv_heads); }
+  // Both pools hold the same heads in the same byte order: a chunk moves whole.
+  bool same_heads(const LayoutSpec& o) const {
+    return head_begin == o.head_begin && num_kv_heads == o.num_kv_heads &&
+           (head_major == o.head_major || num_kv_heads <= 1 || block_size <= 1);
+  }
+  // A 64-bit hash of the semantic fields: equal fingerprints <=> the pools hold the same heads of the same model.
   uint64_t fingerprint() const;
 };
 
@@ -43,7 +60,8 @@ struct LayoutSpec {
 void validate_layout(const LayoutSpec& layout, const std::vector<uint64_t>& region_nbytes);
 
 // Throws LayoutMismatch naming the first field that differs (with both values) when src blocks cannot be written
-// into dst blocks.
+// into dst blocks: the model's shape (layers, block_size, dtype, head_dim, K/V planes, total KV heads) must agree;
+// pools holding the same heads must have equal chunks; pools of different TP ranks need a head in common.
 void check_compatible(const LayoutSpec& src, const LayoutSpec& dst);
 
 }  // namespace kvxfer

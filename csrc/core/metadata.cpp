@@ -84,6 +84,7 @@ void write_layout(Writer& w, const LayoutSpec& l) {
   for (uint32_t v : {l.num_layers, l.num_blocks, l.num_planes, l.block_size, l.num_kv_heads, l.head_dim}) w.put(v);
   w.str(l.dtype);
   for (uint64_t v : {l.chunk_bytes, l.plane_stride, l.block_stride}) w.put(v);
+  for (uint32_t v : {l.head_begin, l.total_kv_heads, uint32_t(l.head_major)}) w.put(v);
   for (uint32_t i = 0; i < l.num_layers; ++i) {
     w.put(l.layer_region[i]);
     w.put(l.layer_offset[i]);
@@ -104,6 +105,11 @@ LayoutSpec read_layout(Reader& r) {
   l.chunk_bytes = r.get<uint64_t>("chunk_bytes");
   l.plane_stride = r.get<uint64_t>("plane_stride");
   l.block_stride = r.get<uint64_t>("block_stride");
+  l.head_begin = r.get<uint32_t>("head_begin");
+  l.total_kv_heads = r.get<uint32_t>("total_kv_heads");
+  const uint32_t head_major = r.get<uint32_t>("head_major");
+  KVXFER_CHECK(head_major <= 1, MetadataError, "peer metadata: head_major " << head_major << " is not 0 or 1");
+  l.head_major = head_major != 0;
   for (uint32_t i = 0; i < l.num_layers; ++i) {
     l.layer_region.push_back(r.get<uint32_t>("layer region"));
     l.layer_offset.push_back(r.get<uint64_t>("layer offset"));

@@ -13,8 +13,8 @@
 
 namespace kvxfer {
 
-constexpr uint16_t kMetadataVersion = 5;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell;
-                                          // 5: landing slots
+constexpr uint16_t kMetadataVersion = 6;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell;
+                                          // 5: landing slots; 6: layouts carry their KV head range and order
 
 struct RemoteRegion {
   uint64_t addr = 0;    // virtual address in the owner's process

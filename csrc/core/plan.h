@@ -1,5 +1,9 @@
 // WritePlan: block ids x layers as merged writes, sliced per layer. Built in C++ only.
 //
+// A chunk moves whole when both pools hold the same KV heads in the same order; between pools of different
+// tensor-parallel ranks (or token- vs head-major chunks) it moves as the pieces chunk_pieces finds, each counted as
+// one granule, so both sides still derive the count from the two layouts alone.
+//
 // Chunks are visited block by block in the caller's order (planes inner when the destination keeps a block's
 // planes closer together than consecutive blocks, planes outer otherwise) and a chunk is merged into the previous
 // write when it follows it on both sides in the same regions. A write never spans layers (its immediate names one
@@ -60,6 +64,16 @@ struct WritePlan {
   }
 };
 
+// Where the bytes of one source chunk land in one destination chunk: the rows (one head of one token) of the heads
+// both pools hold, merged where consecutive on both sides, offsets relative to the chunks' starts. One piece of the
+// whole chunk when the pools hold the same heads in the same order; one per token when token-major pools hold
+// different heads; one per chunk when head-major pools do (their heads are contiguous); one per row when one pool
+// is token-major and the other head-major. check_compatible first.
+struct ChunkPiece {
+  uint64_t src_offset, dst_offset, nbytes;
+};
+std::vector<ChunkPiece> chunk_pieces(const LayoutSpec& src, const LayoutSpec& dst);
+
 // Validates the ids (in range on their side, same count, no duplicate destination) and the layer range, then
 // expands. Throws BlockOutOfRange / InvalidArgument / LayoutMismatch before producing anything.
 WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t* src_ids, const int32_t* dst_ids,
@@ -76,7 +90,8 @@ size_t gather_run(const WritePlan& plan, uint32_t i, uint32_t end, size_t max_io
 size_t staged_run(const WritePlan& plan, uint32_t i, uint32_t end, uint64_t slot_bytes, size_t max_pieces,
                   uint32_t* granules);
 
-// The receiver's expectation for one layer of dst_ids: granules it must count. Validates dst ids as above.
-uint32_t expected_granules(const LayoutSpec& dst, const int32_t* dst_ids, size_t num_ids);
+// The receiver's expectation for one layer of dst_ids: granules it must count (pieces_per_chunk: the size of
+// chunk_pieces between the sender's pool and dst). Validates dst ids as above.
+uint32_t expected_granules(const LayoutSpec& dst, const int32_t* dst_ids, size_t num_ids, size_t pieces_per_chunk = 1);
 
 }  // namespace kvxfer
