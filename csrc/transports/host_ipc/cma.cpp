@@ -10,22 +10,52 @@
 
 namespace kvxfer {
 
+namespace {
+
+// Appends [base, base + n) to an iovec list, extending the last entry when the range follows it.
+void append(iovec* v, size_t& count, const void* base, size_t n) {
+  if (count && static_cast<char*>(v[count - 1].iov_base) + v[count - 1].iov_len == base) {
+    v[count - 1].iov_len += n;
+    return;
+  }
+  v[count++] = {const_cast<void*>(base), n};
+}
+
+// Moves the list's start forward by `bytes` (a partial copy stopped there).
+void advance(iovec* v, size_t count, size_t& first, size_t bytes) {
+  while (first < count && bytes >= v[first].iov_len) bytes -= v[first++].iov_len;
+  if (first < count && bytes) {
+    v[first].iov_base = static_cast<char*>(v[first].iov_base) + bytes;
+    v[first].iov_len -= bytes;
+  }
+}
+
+}  // namespace
+
 void CmaCopier::copy(const CmaOp* ops, size_t count) {
+  // Each side's ranges are merged where they follow each other, independently: the kernel copies the local byte
+  // stream into the remote one, and its cost grows with remote entries (it pins each one's pages). A head slice of
+  // token-major blocks is strided in the source but contiguous in the receiving rank's block: 16 local entries,
+  // one remote.
   iovec local[kMaxIov], remote[kMaxIov];
   size_t i = 0;
   while (i < count) {
-    const size_t n = std::min(kMaxIov, count - i);
-    size_t total = 0;
-    for (size_t k = 0; k < n; ++k) {
-      local[k] = {const_cast<void*>(ops[i + k].src), ops[i + k].nbytes};
-      remote[k] = {reinterpret_cast<void*>(ops[i + k].remote_addr), ops[i + k].nbytes};
-      total += ops[i + k].nbytes;
+    size_t nl = 0, nr = 0, total = 0;
+    for (; i < count; ++i) {
+      const CmaOp& op = ops[i];
+      const bool joins_local = nl && static_cast<const char*>(local[nl - 1].iov_base) + local[nl - 1].iov_len ==
+                                         static_cast<const char*>(op.src);
+      const bool joins_remote =
+          nr && reinterpret_cast<uint64_t>(remote[nr - 1].iov_base) + remote[nr - 1].iov_len == op.remote_addr;
+      if ((!joins_local && nl == kMaxIov) || (!joins_remote && nr == kMaxIov)) break;
+      append(local, nl, op.src, op.nbytes);
+      append(remote, nr, reinterpret_cast<const void*>(op.remote_addr), op.nbytes);
+      total += op.nbytes;
     }
     // A partial copy is possible (a fault mid-way); resume from where it stopped rather than recopying.
-    size_t done = 0;
-    size_t first = 0;
+    size_t done = 0, first_l = 0, first_r = 0;
     while (done < total) {
-      ssize_t rc = process_vm_writev(pid_, local + first, n - first, remote + first, n - first, 0);
+      ssize_t rc = process_vm_writev(pid_, local + first_l, nl - first_l, remote + first_r, nr - first_r, 0);
       if (rc < 0) {
         const int err = errno;
         KVXFER_CHECK(err != ESRCH, PeerLost, "peer process " << pid_ << " is gone (process_vm_writev: ESRCH)");
@@ -36,16 +66,9 @@ void CmaCopier::copy(const CmaOp* ops, size_t count) {
       }
       KVXFER_CHECK(rc > 0, TransferFailed, "process_vm_writev into peer " << pid_ << " made no progress");
       done += static_cast<size_t>(rc);
-      size_t left = static_cast<size_t>(rc);
-      while (first < n && left >= local[first].iov_len) left -= local[first++].iov_len;
-      if (first < n && left) {
-        local[first].iov_base = static_cast<char*>(local[first].iov_base) + left;
-        local[first].iov_len -= left;
-        remote[first].iov_base = static_cast<char*>(remote[first].iov_base) + left;
-        remote[first].iov_len -= left;
-      }
+      advance(local, nl, first_l, static_cast<size_t>(rc));
+      advance(remote, nr, first_r, static_cast<size_t>(rc));
     }
-    i += n;
   }
 }
 
