@@ -98,6 +98,8 @@ def test_tp1_prefill_to_two_tp2_decode_ranks(transport, head_major):
         apply_heads(whole, layout, src, want, src_ids, dst_ids, range(whole.num_layers))
         send = move(p, d, pd, pp, r + 1, src_ids, dst_ids)
         assert send.nbytes == 9 * 2 * whole.num_layers * layout.chunk_bytes  # half of every chunk
+        pieces = "1 piece of 4096 bytes" if head_major else "16 pieces of 256 bytes"
+        assert f"KV heads [{4 * r}, {4 * r + 4}) of each chunk move as {pieces}" in send.path_reason, send.path_reason
         assert_pools_equal(dst, want)
         d.close()
     p.close()

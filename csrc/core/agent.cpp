@@ -9,6 +9,7 @@
 #include <chrono>
 #include <fstream>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include "core/host_range.h"
@@ -551,6 +552,24 @@ void Agent::wait_connected(const std::shared_ptr<PeerState>& peer, double timeou
   wait_for_peer(*peer, timeout_s, "did not answer", std::chrono::microseconds(200), [&] { return peer->connected.load(); });
 }
 
+// What a send between pools of different TP ranks (or head orders) costs, for Send.path_reason: nothing is said
+// when chunks move whole.
+namespace {
+std::string pieces_note(const LayoutSpec& src, const LayoutSpec& dst) {
+  if (src.same_heads(dst)) return "";
+  const std::vector<ChunkPiece> pieces = chunk_pieces(src, dst);
+  std::ostringstream os;
+  os << "; KV heads [" << std::max(src.head_begin, dst.head_begin) << ", " << std::min(src.head_end(), dst.head_end())
+     << ") of each chunk move as " << pieces.size() << (pieces.size() == 1 ? " piece" : " pieces") << " of "
+     << pieces[0].nbytes << " bytes";
+  if (pieces.size() > 1 && src.head_major != dst.head_major)
+    os << " (one pool's chunks are token-major, the other's head-major: one piece per row)";
+  else if (pieces.size() > 1)
+    os << " (token-major chunks: a head-major (HND) layout on both sides moves one piece per chunk)";
+  return os.str();
+}
+}  // namespace
+
 std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t src_pool,
                                        const std::string& dst_pool, const int32_t* src_ids, const int32_t* dst_ids,
                                        size_t num_ids, int first_layer, int num_layers, double timeout_s) {
@@ -611,7 +630,7 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
   send->src = src;
   send->dst_pool = dst_index;
   send->path = choice.path;
-  send->path_reason = choice.reason;
+  send->path_reason = choice.reason + pieces_note(src->layout, dst.layout);
   send->staged_to_cma = choice.staged_to_cma;
   send->landing = choice.landing;
   send->batch_bytes = batch_bytes;
@@ -695,6 +714,7 @@ void Agent::layer_ready(const std::shared_ptr<SendState>& send, int layer) {
 // Granules per chunk a recv from this peer's pool src_pool into `dst` counts (plan.h chunk_pieces): 1 unless the
 // two pools hold different KV heads (TP ranks) or order them differently. Pools that cannot exchange blocks count
 // 1 here; the sender's send() refuses them with the LayoutMismatch that names the field.
+
 size_t Agent::pieces_from(const PeerState& peer, const std::string& src_pool, const LayoutSpec& dst) const {
   const std::vector<PoolInfo>& pools = peer.info.pools;
   const PoolInfo* src = pools.empty() ? nullptr : &pools[0];

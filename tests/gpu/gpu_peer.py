@@ -34,7 +34,11 @@ def _init(state, args, name, pool_seed_offset):
     from tests.reference import PRESETS, make_pool
 
     transport, kind, seed, layout_args, where, agent_kwargs = args
-    layout = getattr(KVLayout, kind)(*layout_args) if layout_args else PRESETS[kind]()
+    opts = layout_args.pop() if layout_args and isinstance(layout_args[-1], dict) else {}  # head_major, tp
+    layout = getattr(KVLayout, kind)(*layout_args, head_major=opts.get("head_major", False)) if layout_args \
+        else PRESETS[kind]()
+    if "tp" in opts:  # (tp_size, tp_rank): this rank's share of the model's KV heads
+        layout = layout.for_tp_rank(*opts["tp"])
     state["agent"] = kvxfer.Agent(name, transport=transport, interface="lo", **agent_kwargs)
     state["pool"] = to_device(make_pool(layout, seed + pool_seed_offset), where)
     state["agent"].register_pool(state["pool"], layout)
