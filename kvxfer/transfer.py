@@ -112,6 +112,70 @@ class Send(_Transfer):
         return self._h.path_reason
 
 
+class SendGroup:
+    """One request's sends to several peers, driven as one: a prefill rank feeding the decode ranks that hold slices
+    of its KV heads (kvxfer.tp.rank_pairs). Layers are marked on every send; the group is DONE when every send is
+    DONE and FAILED as soon as one failed (the others go on: abort() them, or let them finish); writes_over when
+    every send's writes are over."""
+
+    def __init__(self, sends):
+        self.sends = list(sends)
+        if not self.sends:
+            raise errors.InvalidArgument("a SendGroup needs at least one send")
+
+    def layer_ready(self, layer: int) -> None:
+        """Marks `layer` on every send, then raises the first send's error if any refused it."""
+        self._each(lambda s: s.layer_ready(layer))
+
+    def all_ready(self) -> None:
+        self._each(lambda s: s.all_ready())
+
+    def abort(self, reason: str = "aborted") -> None:
+        for s in self.sends:
+            s.abort(reason)
+
+    def _each(self, fn) -> None:
+        first = None
+        for s in self.sends:
+            try:
+                fn(s)
+            except errors.KvxferError as e:
+                first = first or e
+        if first:
+            raise first
+
+    @property
+    def state(self) -> TransferState:
+        states = [s.state for s in self.sends]
+        if TransferState.FAILED in states:
+            return TransferState.FAILED
+        return TransferState.DONE if all(x == TransferState.DONE for x in states) else TransferState.PENDING
+
+    @property
+    def done(self) -> bool:
+        return self.state == TransferState.DONE
+
+    @property
+    def error(self) -> errors.KvxferError | None:
+        return next((s.error for s in self.sends if s.error is not None), None)
+
+    @property
+    def writes_over(self) -> bool:
+        return all(s.writes_over for s in self.sends)
+
+    def wait(self, timeout_s: float = 30.0) -> None:
+        """Block until every send is DONE; raises the first failure (the peer it came from is in its message) or
+        TransferTimeout."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        for s in self.sends:
+            s.wait(timeout_s=max(0.001, deadline - time.monotonic()))
+
+    def __repr__(self) -> str:
+        return f"<SendGroup {self.state.name} of {len(self.sends)} sends>"
+
+
 class Recv(_Transfer):
     def cancel(self, reason: str = "cancelled") -> None:
         """Give up on this transfer (the request was aborted, preempted or timed out here). A pending recv fails at

@@ -1,0 +1,159 @@
+"""kvxfer.tp.rank_pairs (which prefill rank sends which heads to which decode rank) and SendGroup (one prefill rank's
+sends of a request to several decode ranks), end to end: prefill and decode ranks as separate agents with pools
+from KVLayout.for_tp_rank, every decode pool checked byte for byte against the numpy reference. Prefill ranks'
+pools are seeded differently, so bytes from a rank that should not have sent (a second replica, a second MLA
+sender) show."""
+import itertools
+
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer import errors
+from kvxfer.tp import RankPair, rank_pairs
+from tests.reference import apply, apply_heads, make_pool
+
+
+# ---- the table ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("heads,ptp,dtp", [c for c in itertools.product([1, 2, 4, 8], [1, 2, 4, 8, 16], [1, 2, 4, 8, 16])
+                                           if max(c[1], c[2]) % c[0] == 0 or c[0] % max(c[1], c[2]) == 0])
+def test_every_decode_head_comes_from_exactly_one_prefill_rank_holding_it(heads, ptp, dtp):
+    pairs = rank_pairs(heads, ptp, dtp)
+    for d in range(dtp):
+        first, n = kvxfer.KVLayout.tp_heads(heads, dtp, d)
+        got = sorted(h for p in pairs if p.decode_rank == d for h in range(*p.heads))
+        assert got == list(range(first, first + n)), (d, pairs)
+    for p in pairs:
+        # the pair's heads are what the transport moves: the heads the two rank pools have in common
+        pb, pn = kvxfer.KVLayout.tp_heads(heads, ptp, p.prefill_rank)
+        db, dn = kvxfer.KVLayout.tp_heads(heads, dtp, p.decode_rank)
+        assert p.heads == (max(pb, db), min(pb + pn, db + dn)), p
+
+
+def test_replicated_heads_are_sent_once_and_spread_over_the_replicas():
+    # 2 heads on 4 prefill ranks (ranks 0, 1 hold head 0; ranks 2, 3 head 1), 2 decode ranks of 1 head each
+    assert rank_pairs(2, 4, 2) == [RankPair(0, 0, (0, 1)), RankPair(3, 1, (1, 2))]
+    senders = {p.prefill_rank for p in rank_pairs(8, 16, 8)}
+    assert len(senders) == 8  # 8 decode ranks of one head each, each fed by one of the head's 2 replicas
+
+
+def test_mla_latents_are_sent_once_per_decode_rank():
+    assert rank_pairs(0, 4, 2) == [RankPair(0, 0, (0, 0)), RankPair(1, 1, (0, 0))]
+    assert [p.prefill_rank for p in rank_pairs(0, 2, 4)] == [0, 1, 0, 1]
+
+
+def test_bad_tp_sizes_are_refused():
+    with pytest.raises(errors.InvalidArgument, match="do not split evenly"):
+        rank_pairs(8, 3, 1)
+    with pytest.raises(errors.InvalidArgument, match="must be >= 1"):
+        rank_pairs(8, 0, 1)
+
+
+# ---- end to end --------------------------------------------------------------------------------------------------
+
+def run_tp(model, ptp, dtp, transport="cma", tag=""):
+    """Prefill ranks send one request to the decode ranks rank_pairs names (a SendGroup each); decode ranks receive
+    one recv per pair. Returns (decode pools, expected pools)."""
+    mla = model.num_kv_heads == 0
+    p_layout = [model if mla else model.for_tp_rank(ptp, p) for p in range(ptp)]
+    d_layout = [model if mla else model.for_tp_rank(dtp, d) for d in range(dtp)]
+    pre = [kvxfer.Agent(f"p{p}-{tag}", transport=transport, interface="lo", timeout_s=30) for p in range(ptp)]
+    dec = [kvxfer.Agent(f"d{d}-{tag}", transport=transport, interface="lo", timeout_s=30) for d in range(dtp)]
+    src = [make_pool(lay, 100 + p) for p, lay in enumerate(p_layout)]
+    dst = [make_pool(lay, 200 + d) for d, lay in enumerate(d_layout)]
+    for a, pool, lay in zip(pre + dec, src + dst, p_layout + d_layout):
+        a.register_pool(pool, lay)
+    pairs = rank_pairs(0 if mla else model.num_kv_heads, ptp, dtp)
+    peers = {}
+    for pr in pairs:
+        if (pr.prefill_rank, pr.decode_rank) not in peers:
+            a, b = pre[pr.prefill_rank], dec[pr.decode_rank]
+            pb, pa = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+            a.wait_connected(pb, 20)
+            b.wait_connected(pa, 20)
+            peers[pr.prefill_rank, pr.decode_rank] = (pb, pa)
+    rng = np.random.default_rng(ptp * 10 + dtp)
+    src_ids = [rng.permutation(model.num_blocks)[:7].astype(np.int32) for _ in range(ptp)]
+    dst_ids = [rng.permutation(model.num_blocks)[:7].astype(np.int32) for _ in range(dtp)]
+    want = [[x.copy() for x in pool] for pool in dst]
+    recvs = []
+    for pr in pairs:
+        p, d = pr.prefill_rank, pr.decode_rank
+        recvs.append(dec[d].recv(peers[p, d][1], 42, dst_ids[d]))
+        layers = range(model.num_layers)
+        if mla:
+            apply(model, src[p], want[d], src_ids[p], dst_ids[d], layers)
+        else:
+            apply_heads(p_layout[p], d_layout[d], src[p], want[d], src_ids[p], dst_ids[d], layers)
+    groups = []
+    for p in range(ptp):
+        mine = [pr for pr in pairs if pr.prefill_rank == p]
+        if mine:
+            groups.append(kvxfer.SendGroup(pre[p].send(peers[p, pr.decode_rank][0], 42, src_ids[p],
+                                                       dst_ids[pr.decode_rank]) for pr in mine))
+    for layer in range(model.num_layers):
+        for g in groups:
+            g.layer_ready(layer)
+    for g in groups:
+        g.wait(timeout_s=30)
+        assert g.done and g.writes_over and g.error is None
+    for r in recvs:
+        r.wait(timeout_s=30)
+    for a in pre + dec:
+        a.close()
+    return dst, want
+
+
+@pytest.mark.parametrize("ptp,dtp", [(1, 4), (2, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("head_major", [False, True], ids=["NHD", "HND"])
+def test_prefill_and_decode_of_different_tp_sizes(ptp, dtp, head_major):
+    model = kvxfer.KVLayout.vllm_flash(3, 16, 8, 4, 16, "bfloat16", head_major=head_major)
+    dst, want = run_tp(model, ptp, dtp, tag=f"{ptp}{dtp}{int(head_major)}")
+    for got_pool, want_pool in zip(dst, want):
+        for g, w in zip(got_pool, want_pool):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_replicated_prefill_heads_arrive_from_one_replica_each():
+    model = kvxfer.KVLayout.vllm_flash(3, 16, 8, 2, 16, "bfloat16")  # 2 heads, prefill TP 4: each head twice
+    dst, want = run_tp(model, 4, 2, tag="rep")
+    for got_pool, want_pool in zip(dst, want):
+        for g, w in zip(got_pool, want_pool):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_mla_latents_from_one_prefill_rank_per_decode_rank():
+    model = kvxfer.KVLayout.mla(3, 16, 8, 64, "bfloat16")
+    dst, want = run_tp(model, 2, 3, tag="mla")
+    for got_pool, want_pool in zip(dst, want):
+        for g, w in zip(got_pool, want_pool):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_a_send_group_fails_when_one_of_its_sends_fails():
+    model = kvxfer.KVLayout.vllm_flash(2, 8, 4, 2, 8, "float16")
+    a = kvxfer.Agent("group-p", transport="tcp", interface="lo", timeout_s=5)
+    bs = [kvxfer.Agent(f"group-d{i}", transport="tcp", interface="lo", timeout_s=5) for i in range(2)]
+    a.register_pool(make_pool(model, 1), model)
+    peers = []
+    for i, b in enumerate(bs):
+        rank = model.for_tp_rank(2, i)
+        b.register_pool(make_pool(rank, 2 + i), rank)
+        pb, pa = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+        a.wait_connected(pb, 20)
+        b.wait_connected(pa, 20)
+        peers.append((pb, pa))
+    recv0 = bs[0].recv(peers[0][1], 1, [1, 2])
+    recv1 = bs[1].recv(peers[1][1], 1, [1, 2])
+    group = kvxfer.SendGroup([a.send(peers[i][0], 1, [3, 4], [1, 2]) for i in range(2)])
+    recv1.cancel("decode rank 1 dropped the request")
+    group.all_ready()
+    with pytest.raises(errors.Cancelled, match="to peer 'group-d1' was cancelled by the receiver"):
+        group.wait(timeout_s=10)
+    recv0.wait(timeout_s=10)  # the other rank's transfer went on
+    assert group.state == kvxfer.TransferState.FAILED and isinstance(group.error, errors.Cancelled)
+    for x in [a, *bs]:
+        x.close()
+    with pytest.raises(errors.InvalidArgument, match="at least one send"):
+        kvxfer.SendGroup([])
