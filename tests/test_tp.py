@@ -13,7 +13,6 @@ from kvxfer import errors
 from kvxfer.tp import RankPair, rank_pairs
 from tests.reference import apply, apply_heads, make_pool
 
-
 # ---- the table ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("heads,ptp,dtp", [c for c in itertools.product([1, 2, 4, 8], [1, 2, 4, 8, 16], [1, 2, 4, 8, 16])

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="llama3-8b", choices=sorted(workloads.MODELS), help="(default: llama3-8b)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of the request (default: 4096)")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    ap.add_argument("--tp", metavar="P:D", help="prefill and decode tensor parallelism: prefill rank 0's KV heads into "
+                    "decode rank 0's (the heads both hold move; e.g. 1:2 moves half of every block)")
+    ap.add_argument("--head-major", action="store_true",
+                    help="HND blocks ([heads, block_size, head_dim] inside a block) instead of vLLM's default NHD")
     ap.add_argument("--block-bytes", help="explicit block size in bytes (with --blocks), instead of a model")
     ap.add_argument("--blocks", type=int, help="explicit block count (with --block-bytes)")
     ap.add_argument("--sweep", help=f"message sizes for the contiguous sweep, or 'none' (default: {DEFAULT_SWEEP} "
@@ -89,8 +93,13 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         ap.error("--timeout and --duration must be > 0, --layer-delay-ms >= 0")
     if a.iters is not None and a.duration is not None:
         ap.error("give --iters or --duration, not both")
+    if a.block_bytes and (a.tp or a.head_major):
+        ap.error("--tp and --head-major describe a model's KV heads: use them with --model, not --block-bytes")
     try:
         sizes(a)
+        if a.tp and not a.block_bytes:  # the model's heads must split over both TP sizes
+            workloads.model_workload("paged", a.model, a.block_size, a.block_size, tp=parse_tp(a.tp),
+                                     head_major=a.head_major)
         if a.block_bytes:
             report.parse_size(a.block_bytes)
     except InvalidArgument as e:
@@ -100,6 +109,18 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 def sizes(a) -> list[int]:
     text = a.sweep if a.sweep is not None else (DEFAULT_SWEEP if a.pattern is None else "none")
     return [] if text == "none" else [report.parse_size(s) for s in text.split(",") if s]
+
+
+def parse_tp(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        p, d = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise InvalidArgument(f"--tp {text!r}: give prefill and decode TP sizes as P:D, e.g. 1:2") from None
+    if p < 1 or d < 1:
+        raise InvalidArgument(f"--tp {text!r}: TP sizes must be >= 1")
+    return p, d
 
 
 def plan_workloads(a) -> list[workloads.Workload]:
@@ -113,7 +134,7 @@ def plan_workloads(a) -> list[workloads.Workload]:
                                           a.layer_delay_ms))
     else:
         out.append(workloads.model_workload(pattern, a.model, a.tokens, a.block_size, layer_delay_ms=a.layer_delay_ms,
-                                            depth=depth))
+                                            depth=depth, tp=parse_tp(a.tp), head_major=a.head_major))
     out += [workloads.sweep_workload(s, a.depth or 4) for s in sizes(a)]
     return out
 

@@ -1,6 +1,7 @@
 """Same-run limits: what the bytes of a workload cost to move without kvxfer, between the same two processes.
 
     same host, host memory : one thread's process_vm_writev of the same chunks into the same destination addresses
+                             (between TP ranks: of the same pieces, the plan's writes)
     tcp (and other wires)  : raw TCP, one sendall of the same bytes to the peer process, acked after the last byte
 
 Small transfers are repeated until about 64 MiB moved, so one timing is not a single syscall. The limit is the
@@ -29,6 +30,10 @@ def cma_limit_gbps(workload: Workload, src: list[np.ndarray], peer_pid: int, dst
     """process_vm_writev of the same chunks (the rotating sweep: the same block, repeated)."""
     lay = workload.kv_layout
     k = repeats(workload)
+    if workload.tp:
+        s, d, n = _plan_addresses(workload, src, dst_bases)
+        seconds = min(_C.cma_copy_seconds(peer_pid, np.tile(s, k), np.tile(d, k), np.tile(n, k)) for _ in range(reps))
+        return workload.nbytes * k / seconds / 1e9
     s_addr, d_addr = [], []
     # Transfer i of the run addresses ids_for(i): the sweep rotates over `depth` buffers, so the limit does too
     # (copying one small buffer k times would run from cache and overstate the limit).
@@ -43,6 +48,23 @@ def cma_limit_gbps(workload: Workload, src: list[np.ndarray], peer_pid: int, dst
     n = np.full(s.size, lay.chunk_bytes, np.uint64)
     seconds = min(_C.cma_copy_seconds(peer_pid, s, d, n) for _ in range(reps))
     return workload.nbytes * k / seconds / 1e9
+
+
+def _plan_addresses(workload: Workload, src: list[np.ndarray], dst_bases: list[int]):
+    """(source addresses, destination addresses, sizes) of the writes kvxfer's plan makes for one transfer."""
+    def spec(lay):
+        if lay.per_layer:
+            return lay.spec(range(lay.num_layers), [0] * lay.num_layers)
+        return lay.spec([0] * lay.num_layers, [i * lay.layer_stride for i in range(lay.num_layers)])
+
+    src_ids, dst_ids = workload.ids_for(0)
+    sl, dl = workload.src_layout, workload.dst_layout
+    p = _C.build_plan(spec(sl), spec(dl), src_ids, dst_ids, 0, sl.num_layers, 1 << 30)
+    s_base = np.array([a.ctypes.data for a in src], np.uint64)
+    d_base = np.array(dst_bases, np.uint64)
+    s = np.ascontiguousarray(s_base[p["src_region"]] + p["src_offset"])
+    d = np.ascontiguousarray(d_base[p["dst_region"]] + p["dst_offset"])
+    return s, d, np.ascontiguousarray(p["nbytes"].astype(np.uint64))
 
 
 def tcp_limit_gbps(workload: Workload, host: str, port: int, reps: int = REPS) -> float:

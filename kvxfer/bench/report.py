@@ -43,7 +43,9 @@ def parse_size(text: str) -> int:
 
 
 def table(records: list[dict]) -> str:
-    head = (f"{'pattern':10} {'model':11} {'path':6} {'size':>9} {'blocks':>6} {'GB/s':>7} {'msgs/s':>9} "
+    mw = max([11] + [len(r["model"]) for r in records])
+    pw = max([6] + [len(r["path"]) for r in records])
+    head = (f"{'pattern':10} {'model':{mw}} {'path':{pw}} {'size':>9} {'blocks':>6} {'GB/s':>7} {'msgs/s':>9} "
             f"{'p50 us':>9} {'p99 us':>9} {'limit GB/s':>10} {'% limit':>7}  verified")
     lines = [head, "-" * len(head)]
     for r in records:
@@ -53,7 +55,7 @@ def table(records: list[dict]) -> str:
         mem = (r.get("src_mem", "cpu"), r.get("dst_mem", "cpu"))
         if mem != ("cpu", "cpu"):
             extra += f"  {mem[0]} -> {mem[1]}"
-        lines.append(f"{r['pattern']:10} {r['model']:11} {r['path']:6} {human_bytes(r['nbytes']):>9} {r['blocks']:>6} "
+        lines.append(f"{r['pattern']:10} {r['model']:{mw}} {r['path']:{pw}} {human_bytes(r['nbytes']):>9} {r['blocks']:>6} "
                      f"{r['gbps']:7.2f} {r['msgs_per_s']:9.0f} {r['p50_us']:9.0f} {r['p99_us']:9.0f} "
                      f"{r['limit_gbps']:10.2f} {ratio}  {_verified(r)}{extra}")
     limits = sorted({r["limit"] for r in records})

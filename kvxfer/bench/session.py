@@ -104,7 +104,7 @@ class Peer:
         self.workload = Workload.from_json(msg["workload"])
         where = msg.get("dst_mem", "cpu")
         pools.require(where)
-        self.dst = pools.empty([a.nbytes for a in allocate(self.workload.kv_layout)], where)
+        self.dst = pools.empty([a.nbytes for a in allocate(self.workload.dst_layout)], where)
         pools.fill(self.dst, FILL)
         self.ch.send_json({"ok": True, "dst_bases": pools.addresses(self.dst)})
 
@@ -112,7 +112,7 @@ class Peer:
         pools.fill(self.dst, FILL)  # the limit copied into this memory; start the transfers from FILL again
         self.agent = kvxfer.Agent(f"bench-peer-{self.count}", transport=msg["transport"], interface=msg["interface"],
                                   timeout_s=self.timeout_s, rails=msg["rails"], landing=msg.get("landing", "auto"))
-        self.agent.register_pool(self.dst, self.workload.kv_layout)
+        self.agent.register_pool(self.dst, self.workload.dst_layout)
         self.ch.send_json({"ok": True})
         self.ch.send(self.agent.metadata())
         peer = self.agent.add_peer(self.ch.recv(self.timeout_s))
@@ -139,7 +139,7 @@ class Driver:
     def run(self, workload: Workload) -> dict:
         cfg = self.cfg
         self.count += 1
-        lay = workload.kv_layout
+        lay = workload.src_layout
         self.ch.send_json({"cmd": "prepare", "workload": workload.to_json(), "dst_mem": cfg.dst_mem})
         dst_bases = _expect_ok(self.ch.recv_json(max(cfg.timeout_s, 120)))["dst_bases"]
         src_host = allocate(lay)
@@ -188,7 +188,8 @@ class Driver:
                "rails": cfg.rails, "pattern": workload.pattern, "model": workload.label,
                "nbytes": workload.nbytes, "blocks": workload.blocks, "depth": workload.depth,
                "layer_delay_ms": workload.layer_delay_ms, "limit": limit_name, "limit_gbps": limit_gbps,
-               "verified": verified, "verify_detail": detail, "src_mem": cfg.src_mem, "dst_mem": cfg.dst_mem}
+               "verified": verified, "verify_detail": detail, "src_mem": cfg.src_mem, "dst_mem": cfg.dst_mem,
+               "tp": ":".join(map(str, workload.tp)) if workload.tp else None}
         rec.update({k: v for k, v in timing.items() if k not in ("transfers", "send_path")})
         rec["ratio"] = rec["gbps"] / limit_gbps if limit_gbps > 0 else None
         return rec
@@ -203,7 +204,7 @@ class Driver:
         if same_host_copy:
             try:
                 return (limits.cma_limit_gbps(workload, src, self.peer_pid, dst_bases),
-                        "process_vm_writev, one thread, same chunks, best of 5")
+                        f"process_vm_writev, one thread, same {'pieces' if workload.tp else 'chunks'}, best of 5")
             except KvxferError:
                 pass  # CMA not permitted here (ptrace scope): fall back to the socket limit, and say so below
         self.ch.send_json({"cmd": "tcp_limit", "reps": limits.REPS})

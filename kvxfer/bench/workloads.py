@@ -44,10 +44,27 @@ class Workload:
     rotate_blocks: int = 1       # sweep: blocks per transfer
     layer_delay_ms: float = 0.0  # layerwise: compute time per layer before it is marked ready
     seed: int = 1
+    tp: list = field(default_factory=list)  # [prefill_tp, decode_tp]: prefill rank 0's pool into decode rank 0's
 
     @property
     def kv_layout(self) -> KVLayout:
+        """The model's layout (every KV head)."""
         return KVLayout(**self.layout)
+
+    @property
+    def src_layout(self) -> KVLayout:
+        """The sender's pool: the model's, or prefill rank 0's heads."""
+        return self.kv_layout.for_tp_rank(self.tp[0], 0) if self.tp else self.kv_layout
+
+    @property
+    def dst_layout(self) -> KVLayout:
+        return self.kv_layout.for_tp_rank(self.tp[1], 0) if self.tp else self.kv_layout
+
+    @property
+    def moved_heads(self) -> tuple[int, int]:
+        """[first, end) of the model's KV heads a transfer moves (TP ranks: the heads both ranks hold)."""
+        s, d = self.src_layout, self.dst_layout
+        return max(s.head_begin, d.head_begin), min(s.head_begin + s.num_kv_heads, d.head_begin + d.num_kv_heads)
 
     @property
     def blocks(self) -> int:
@@ -57,7 +74,11 @@ class Workload:
     def nbytes(self) -> int:
         """Bytes of one transfer."""
         lay = self.kv_layout
-        return self.blocks * lay.num_layers * lay.num_planes * lay.chunk_bytes
+        chunk = lay.chunk_bytes
+        if self.tp:
+            lo, hi = self.moved_heads
+            chunk = chunk // lay.num_kv_heads * (hi - lo)
+        return self.blocks * lay.num_layers * lay.num_planes * chunk
 
     def ids_for(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if self.rotate:
@@ -86,7 +107,10 @@ class Workload:
 
 
 def model_workload(pattern: str, model: str, tokens: int, block_size: int = 16, dtype: str = "bfloat16",
-                   layer_delay_ms: float = 1.0, depth: int = 1, seed: int = 1) -> Workload:
+                   layer_delay_ms: float = 1.0, depth: int = 1, seed: int = 1, tp: tuple[int, int] | None = None,
+                   head_major: bool = False) -> Workload:
+    """tp=(prefill_tp, decode_tp): prefill rank 0's heads into decode rank 0's (the heads both hold move);
+    head_major: HND blocks ([heads, block_size, head_dim] inside a block) instead of vLLM's default NHD."""
     if model not in MODELS:
         raise InvalidArgument(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     if tokens <= 0 or block_size <= 0:
@@ -95,10 +119,19 @@ def model_workload(pattern: str, model: str, tokens: int, block_size: int = 16, 
     blocks = -(-tokens // block_size)
     pool_blocks = 2 * blocks  # room for the ids to be scattered
     if m["kind"] == "mla":
+        if tp or head_major:
+            raise InvalidArgument(f"{model} keeps an MLA latent (no KV heads): --tp and --head-major do not apply; "
+                                  "every TP rank holds the whole latent")
         lay = KVLayout.mla(m["num_layers"], pool_blocks, block_size, m["head_dim"], dtype)
     else:
-        lay = KVLayout.vllm_flash(m["num_layers"], pool_blocks, block_size, m["num_kv_heads"], m["head_dim"], dtype)
-    return _with_ids(pattern, model, lay, blocks, depth, layer_delay_ms, seed)
+        lay = KVLayout.vllm_flash(m["num_layers"], pool_blocks, block_size, m["num_kv_heads"], m["head_dim"], dtype,
+                                  head_major=head_major)
+    label = model + (f" tp{tp[0]}:{tp[1]}" if tp else "") + (" HND" if head_major else "")
+    w = _with_ids(pattern, label, lay, blocks, depth, layer_delay_ms, seed)
+    if tp:
+        w.tp = [int(tp[0]), int(tp[1])]
+        w.src_layout, w.dst_layout  # noqa: B018 - refuses TP sizes that do not split the heads
+    return w
 
 
 def raw_workload(pattern: str, block_bytes: int, blocks: int, depth: int = 1, layer_delay_ms: float = 0.0,
@@ -168,8 +201,18 @@ def chunk_rows(layout: KVLayout, ids: np.ndarray) -> list[tuple[int, np.ndarray]
     return out
 
 
+def head_rows(layout: KVLayout, chunks: np.ndarray) -> np.ndarray:
+    """[n, chunk_bytes] chunks as [n, block_size, heads, row] (token-major order whatever the layout's)."""
+    n, bs, h = chunks.shape[0], layout.block_size, layout.num_kv_heads
+    if layout.head_major:
+        return chunks.reshape(n, h, bs, -1).swapaxes(1, 2)
+    return chunks.reshape(n, bs, h, -1)
+
+
 def verify(workload: Workload, dst: list[np.ndarray], transfers: int) -> tuple[bool, str]:
     """Addressed chunks equal the source pattern's; every other byte still holds FILL."""
+    if workload.tp:
+        return _verify_tp(workload, dst, transfers)
     lay = workload.kv_layout
     src_ids, dst_ids = workload.addressed_ids(transfers)
     src_rows, dst_rows = chunk_rows(lay, src_ids), chunk_rows(lay, dst_ids)
@@ -188,4 +231,28 @@ def verify(workload: Workload, dst: list[np.ndarray], transfers: int) -> tuple[b
         rows = a.reshape(-1, lay.chunk_bytes)
         if not (rows[~touched[r]] == FILL).all():
             return False, f"array {r}: a chunk that no transfer addressed was modified"
+    return True, "ok"
+
+
+def _verify_tp(workload: Workload, dst: list[np.ndarray], transfers: int) -> tuple[bool, str]:
+    """Between TP ranks: the moved heads of the addressed chunks equal the source rank's; the rest of the
+    destination rank's pool (its other heads, other chunks) still holds FILL."""
+    src_l, dst_l = workload.src_layout, workload.dst_layout
+    lo, hi = workload.moved_heads
+    src_ids, dst_ids = workload.addressed_ids(transfers)
+    src_rows, dst_rows = chunk_rows(src_l, src_ids), chunk_rows(dst_l, dst_ids)
+    expected = [np.full(a.nbytes, FILL, np.uint8) for a in dst]
+    for (sr, srows), (dr, drows) in zip(src_rows, dst_rows):
+        words = src_l.tensor_layer_bytes // 8
+        src = _pattern(sr, words, workload.seed).view(np.uint8).reshape(-1, src_l.chunk_bytes)[srows]
+        want = expected[dr].reshape(-1, dst_l.chunk_bytes)
+        rows = want[drows]
+        head_rows(dst_l, rows)[:, :, lo - dst_l.head_begin:hi - dst_l.head_begin] = \
+            head_rows(src_l, src)[:, :, lo - src_l.head_begin:hi - src_l.head_begin]
+        want[drows] = rows
+    for r, (got, want) in enumerate(zip(dst, expected)):
+        if not np.array_equal(got, want):
+            at = int(np.argmax(got != want))
+            return False, (f"array {r}: byte {at} (chunk {at // dst_l.chunk_bytes}) differs from the source rank's "
+                           f"heads [{lo}, {hi}) / the untouched fill")
     return True, "ok"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from kvxfer.bench import cli, report, workloads
@@ -34,6 +35,9 @@ def bench(*args, timeout=240):
     (["--transport", "carrier-pigeon"], "invalid choice"),
     (["--model", "gpt-9"], "invalid choice"),
     (["--listen", "--connect", "h:1"], "not allowed with"),
+    (["--tp", "2"], "give prefill and decode TP sizes as P:D"),
+    (["--tp", "3:1"], "do not split evenly"),
+    (["--tp", "1:2", "--block-bytes", "4K", "--blocks", "2"], "use them with --model"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(args, cause, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -50,6 +54,42 @@ def test_workload_shapes_from_model_presets():
     assert mla.kv_layout.kind == "mla" and mla.nbytes == 61 * 576 * 2 * 32
     assert mla.src_ids == mla.dst_ids == [0, 1]
     assert [report.parse_size(s) for s in ("4096", "64K", "1M", "16MiB")] == [4096, 65536, 1 << 20, 16 << 20]
+
+
+@pytest.mark.parametrize("transport, tp, hnd", [("shm", "1:2", False), ("tcp", "2:1", True), ("tcp", "2:4", False)])
+def test_tp_ranks_move_the_heads_both_hold_verified(transport, tp, hnd, tmp_path):
+    """--tp P:D: prefill rank 0's pool into decode rank 0's; the peer checks the moved heads against the source
+    rank's and every other byte of its pool against the fill; the limit copies the same pieces (cma)."""
+    out = tmp_path / "tp.json"
+    r = bench("--transport", transport, "--pattern", "paged", "--model", "llama3-8b", "--tokens", "128", "--tp", tp,
+              "--iters", "2", "--quiet", "--timeout", "30", *(["--head-major"] if hnd else []), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    (rec,) = json.loads(out.read_text())["records"]
+    p, d = map(int, tp.split(":"))
+    heads = min(8 // p, 8 // d)  # rank 0 of each side: heads [0, 8 / tp)
+    assert rec["tp"] == tp and rec["verified"] is True and rec["model"].startswith(f"llama3-8b tp{tp}")
+    assert rec["nbytes"] == 8 * 32 * 2 * 16 * heads * 128 * 2
+    assert ("pieces" in rec["limit"]) == (transport == "shm")
+
+
+def test_tp_verification_catches_a_row_in_the_wrong_head():
+    w = workloads.model_workload("paged", "llama3-8b", 64, tp=(1, 2))
+    src = workloads.allocate(w.src_layout)
+    workloads.fill_source(src, w.seed)
+    dst = [np.full(a.nbytes, workloads.FILL, np.uint8) for a in workloads.allocate(w.dst_layout)]
+    assert workloads.verify(w, dst, 1)[0] is False  # nothing moved yet
+    # do the transfer by hand from the layouts: decode rank 0 of 2 holds heads 0-3 of each token's 8
+    s_ids, d_ids = w.ids_for(0)
+    for (sr, srows), (dr, drows) in zip(workloads.chunk_rows(w.src_layout, s_ids), workloads.chunk_rows(w.dst_layout, d_ids)):
+        got = src[sr].reshape(-1, w.src_layout.chunk_bytes)[srows]
+        rows = dst[dr].reshape(-1, w.dst_layout.chunk_bytes)
+        rows[drows] = workloads.head_rows(w.src_layout, got)[:, :, 0:4].reshape(len(drows), -1)
+    assert workloads.verify(w, dst, 1) == (True, "ok")
+    rows = dst[5].reshape(-1, w.dst_layout.chunk_bytes)
+    chunk = int(workloads.chunk_rows(w.dst_layout, d_ids)[5][1][0])
+    rows[chunk, :256] = src[5].reshape(-1, w.src_layout.chunk_bytes)[0, 256:512]  # head 1's row where head 0's goes
+    ok, why = workloads.verify(w, dst, 1)
+    assert not ok and "array 5" in why and "heads [0, 4)" in why
 
 
 @pytest.mark.parametrize("flags, path", [(["--staging", "always"], "staged->tcp"),
