@@ -8,6 +8,7 @@ Cases, each between two agents in this process:
   equal TP       a TP 2 rank's pool into the same rank's pool: whole 16 KiB chunks (the same bytes, no slicing)
   TP1->TP2 HND   head-major chunks: each rank's heads are contiguous, one 16 KiB piece per chunk
   TP1->TP2 NHD   token-major chunks (vLLM's default): one 1 KiB piece (4 heads of one token) per token, 16 per chunk
+                 (over a fabric packed through the sender's bounce ring: path "staged")
 Each is reported against limits measured in the same run: a one-thread numpy copy of 256 MiB (memcpy) and, for
 tcp, raw loopback TCP of 256 MiB (one sendall between two threads); and against the equal-TP transfer. The
 destination's moved blocks are checked against the source's heads after the timed runs.
@@ -115,13 +116,13 @@ def run_case(transport: str, src_l, dst_l, src, dst, src_ids, dst_ids, reps: int
         recv.wait(timeout_s=120)
         dt = time.perf_counter() - t
         send.wait(timeout_s=120)
-        nbytes, writes = send.nbytes, send.num_writes
+        nbytes, writes, path = send.nbytes, send.num_writes, send.path
         if x:
             times.append(dt)
     ok = verify(src_l, dst_l, src, dst, src_ids, dst_ids)
     a.close()
     b.close()
-    return {"case": name, "transport": transport, "nbytes": nbytes, "writes": writes, "seconds": times,
+    return {"case": name, "transport": transport, "path": path, "nbytes": nbytes, "writes": writes, "seconds": times,
             "gbps_best": nbytes / min(times) / 1e9, "gbps_median": nbytes / statistics.median(times) / 1e9,
             "verified": ok}
 
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
             r["limits_gbps"] = limits
             equal = equal or r["gbps_median"]
             lim = limits.get(transport, limits["memcpy"])
-            print(f"  {name:13s} {r['writes']:>8,} writes  median {r['gbps_median']:6.2f} GB/s (best "
+            print(f"  {name:13s} {r['path']:7s} {r['writes']:>8,} writes  median {r['gbps_median']:6.2f} GB/s (best "
                   f"{r['gbps_best']:.2f})  {r['gbps_median'] / lim:5.2f} of {'tcp' if transport == 'tcp' else 'memcpy'}"
                   f"  {r['gbps_median'] / equal:5.2f} of equal TP  verified={r['verified']}", flush=True)
             out.append(r)

@@ -100,6 +100,9 @@ def test_tp1_prefill_to_two_tp2_decode_ranks(transport, head_major):
         assert send.nbytes == 9 * 2 * whole.num_layers * layout.chunk_bytes  # half of every chunk
         pieces = "1 piece of 4096 bytes" if head_major else "16 pieces of 256 bytes"
         assert f"KV heads [{4 * r}, {4 * r + 4}) of each chunk move as {pieces}" in send.path_reason, send.path_reason
+        # token-major pieces are packed through the bounce ring on a fabric (cma copies them where they go)
+        packed = not head_major and transport != "cma"
+        assert (send.path == "staged") == packed and ("packed" in send.path_reason) == packed, send.path_reason
         assert_pools_equal(dst, want)
         d.close()
     p.close()
@@ -198,5 +201,31 @@ def test_a_rank_layout_describes_its_own_tensors(kind):
     apply_heads(whole, rank, src, want, ids, ids, range(4))
     move(a, b, pb, pa, 1, ids, ids)
     assert_pools_equal(dst, want)
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])
+def test_staged_token_major_slices_go_out_packed(transport):
+    """Through the bounce ring a token-major slice is packed: the 16 pieces of a chunk land contiguously in the
+    rank's chunk, so they leave as one remote range, and a fabric write carries up to iov_limit such chunks instead
+    of iov_limit pieces. Bytes exact; on tcp the posted writes are counted."""
+    whole = model()
+    rank = whole.for_tp_rank(2, 1)
+    a = kvxfer.Agent(f"pack-p-{transport}", transport=transport, interface="lo", timeout_s=30, staging="always")
+    b = agent(f"pack-d-{transport}", transport)
+    src, dst = make_pool(whole, 1), make_pool(rank, 2)
+    a.register_pool(src, whole)
+    b.register_pool(dst, rank)
+    pb, pa = connect(a, b)
+    src_ids, dst_ids = [3, 9, 11, 0, 5, 20, 7, 14, 2], [1, 4, 8, 16, 23, 0, 6, 12, 19]
+    want = [x.copy() for x in dst]
+    apply_heads(whole, rank, src, want, src_ids, dst_ids, range(whole.num_layers))
+    before = a.stats()["writes_posted"]
+    send = move(a, b, pb, pa, 1, src_ids, dst_ids)
+    assert send.path == "staged" and send.num_writes == 9 * 2 * 4 * 16
+    assert_pools_equal(dst, want)
+    if transport == "tcp":  # 4 chunks per write, batches within a layer: 4 x ceil(18 / 4) = 20 (unpacked: 288)
+        assert a.stats()["writes_posted"] - before == 20
     a.close()
     b.close()

@@ -289,6 +289,26 @@ PathChoice Agent::landing_choice(const PeerState& peer, const PoolInfo& dst, con
   return c;
 }
 
+namespace {
+// Pieces below this go through the bounce ring on a fabric (tcp, 1 KiB pieces: 0.40 -> 0.71 of the same bytes
+// between equal ranks, benchmarks/RESULTS.md).
+constexpr uint64_t kPackPiecesBelow = 4096;
+
+// The largest piece a chunk moves as between pools of different TP ranks (or head orders); UINT64_MAX when
+// chunks move whole, or when the pools cannot exchange blocks (send() then names the mismatch).
+uint64_t largest_piece(const LayoutSpec& src, const LayoutSpec& dst) {
+  if (src.same_heads(dst)) return UINT64_MAX;
+  try {
+    check_compatible(src, dst);
+  } catch (const Error&) {
+    return UINT64_MAX;
+  }
+  uint64_t largest = 0;
+  for (const ChunkPiece& p : chunk_pieces(src, dst)) largest = std::max(largest, p.nbytes);
+  return largest;
+}
+}  // namespace
+
 PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t dst_pool) const {
   const LocalPool* src;
   {
@@ -364,6 +384,19 @@ PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t
                             : " (staging='always'; host memory could be written directly)");
     if (src->on_gpu && !cma) c.reason += "; provider " + caps.provider + " cannot read GPU memory (no FI_HMEM)";
     return c;
+  }
+  if (!cma && !src->on_gpu) {
+    // Small pieces (a TP rank's heads of token-major chunks) would go a few per write (iov_limit); packed into
+    // the bounce ring they leave as whole ranges of the receiver's chunks.
+    const uint64_t piece = largest_piece(src->layout, dst.layout);
+    if (piece < kPackPiecesBelow) {
+      c.path = SendPath::Staged;
+      c.reason = "staged: host memory -> host bounce slots (" + slots + ") -> " + caps.provider + ": the pools' " +
+                 "chunks move as pieces of " + std::to_string(piece) + " bytes (KV heads of different TP ranks in " +
+                 "token-major chunks), which " + caps.provider + " would write " + std::to_string(caps.max_iov) +
+                 " at a time; packed, a write carries whole ranges of the receiver's chunks (one memcpy per byte)";
+      return c;
+    }
   }
   c.path = cma ? SendPath::Cma : SendPath::Fabric;
   c.reason = src->on_gpu ? "GPU-direct RDMA: " + caps.provider + " reads cuda:" + std::to_string(src->device)

@@ -49,7 +49,7 @@ uint64_t Agent::count_staged_ops(const SendState& send) const {
   uint64_t ops = 0;
   uint32_t granules;
   for (uint32_t i = 0, end = plan.writes_per_layer(); i < end; ++ops)
-    i += static_cast<uint32_t>(staged_run(plan, i, end, send.batch_bytes, pieces, &granules));
+    i += static_cast<uint32_t>(staged_run(plan, i, end, send.batch_bytes, pieces, &granules, !send.landing));
   return ops * plan.num_layers;  // every layer is cut alike
 }
 
@@ -211,7 +211,7 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
     ++send.staging_held;
     uint32_t granules;
     const uint32_t first = begin + cur.next;
-    const size_t n = staged_run(send.plan, first, end, send.batch_bytes, pieces, &granules);
+    const size_t n = staged_run(send.plan, first, end, send.batch_bytes, pieces, &granules, !send.landing);
     KVXFER_ASSERT(n > 0);
     uint8_t* at = staging_->slot_ptr(slot);
     if (send.landing) {
@@ -444,12 +444,18 @@ bool Agent::post_staged_op(StagedOp& op) {
     iov[niov++] = landing_iov(op, landing);
     imm = ImmCode::encode(send.slot, landing, 0);
   } else {
-    KVXFER_ASSERT(op.num_writes <= 16);
-    for (; niov < op.num_writes; ++niov) {
-      const Write w = send.plan.write(op.first_write + niov);
+    // Writes whose destinations follow each other go as one range (staged_run counted them as one piece).
+    for (uint32_t k = 0; k < op.num_writes; ++k) {
+      const Write w = send.plan.write(op.first_write + k);
       const auto& dreg = dst.regions[w.dst_region];
-      iov[niov] = {at, w.nbytes, staging_->desc(), (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset,
-                   dreg.rkey};
+      const uint64_t to = (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset;
+      WriteIov* last = niov ? &iov[niov - 1] : nullptr;
+      if (last && last->rkey == dreg.rkey && last->remote_addr + last->nbytes == to) {
+        last->nbytes += w.nbytes;
+      } else {
+        KVXFER_ASSERT(niov < 16);
+        iov[niov++] = {at, w.nbytes, staging_->desc(), to, dreg.rkey};
+      }
       at += w.nbytes;
     }
   }

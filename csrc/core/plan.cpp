@@ -43,13 +43,17 @@ size_t gather_run(const WritePlan& plan, uint32_t i, uint32_t end, size_t max_io
 }
 
 size_t staged_run(const WritePlan& plan, uint32_t i, uint32_t end, uint64_t slot_bytes, size_t max_pieces,
-                  uint32_t* granules) {
-  size_t n = 0;
+                  uint32_t* granules, bool merge_dst) {
+  size_t n = 0, pieces = 0;
   uint32_t sum = 0;
   uint64_t bytes = 0;
-  while (n < max_pieces && i + n < end) {
+  while (i + n < end) {
     const Write& w = plan.shape(i + n);
-    if (sum + w.granules > ImmCode::kMaxGranules || bytes + w.nbytes > slot_bytes) break;
+    // Shapes are relative to the layer's bases and a batch stays in one layer, so following shapes follow on the wire.
+    const bool joins = merge_dst && n > 0 && plan.shape(i + n - 1).dst_offset + plan.shape(i + n - 1).nbytes == w.dst_offset;
+    if ((!joins && pieces == max_pieces) || sum + w.granules > ImmCode::kMaxGranules || bytes + w.nbytes > slot_bytes)
+      break;
+    pieces += !joins;
     sum += w.granules;
     bytes += w.nbytes;
     ++n;

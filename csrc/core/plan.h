@@ -84,11 +84,13 @@ WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t
 // posts with this rule and counts its expected completions with it, so the two can never disagree.
 size_t gather_run(const WritePlan& plan, uint32_t i, uint32_t end, size_t max_iov, uint32_t* granules);
 
-// How many writes starting at i one staging slot takes: their bytes fit in slot_bytes, at most max_pieces of them
-// and at most ImmCode::kMaxGranules granules together (*granules receives the sum). Posting through the staging
+// How many writes starting at i one staging slot takes: their bytes fit in slot_bytes, at most max_pieces pieces
+// and at most ImmCode::kMaxGranules granules together (*granules receives the sum). A piece is a write, or with
+// merge_dst a run of writes whose destinations follow each other (the slot is contiguous, so such a run goes out
+// as one remote range: a token-major head slice packs 16 writes of a chunk into one). Posting through the staging
 // ring and counting a staged send's expected completions both use this rule.
 size_t staged_run(const WritePlan& plan, uint32_t i, uint32_t end, uint64_t slot_bytes, size_t max_pieces,
-                  uint32_t* granules);
+                  uint32_t* granules, bool merge_dst = false);
 
 // The receiver's expectation for one layer of dst_ids: granules it must count (pieces_per_chunk: the size of
 // chunk_pieces between the sender's pool and dst). Validates dst ids as above.
