@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         r = run(t, args.reps, args.staging)
         out.append(r)
         med = statistics.median
-        print(f"{t:4s} {r['path']:7s} 1-block transfer alone median {med(r['alone_ms']):.2f} ms; started 10 ms after a 510 MiB one: "
+        print(f"{t:4s} {r['path']:7s} 1-block transfer alone median {med(r['alone_ms']):.2f} ms; "
+              f"started 10 ms after a 510 MiB one: "
               f"median {med(r['behind_ms']):.2f} ms (min-max {min(r['behind_ms']):.1f}-{max(r['behind_ms']):.1f}); "
               f"the 510 MiB one took median {med(r['big_ms']):.0f} ms")
     if args.json:

@@ -40,6 +40,9 @@ class Peer:
     same_host = property(lambda self: self._h.same_host)
     rails = property(lambda self: self._h.rails)
     pools = property(lambda self: [name for name, _ in self._h.pools])
+    heads = property(lambda self: {name: (l.head_begin, l.head_begin + l.num_kv_heads, l.total_kv_heads or l.num_kv_heads)
+                                   for name, l in self._h.pools},
+                     doc="per pool: (first, end, model total) of the KV heads it holds, from its metadata")
 
     def __repr__(self) -> str:
         return f"<Peer {self.name} path={self.path} connected={self.connected}>"
@@ -186,6 +189,20 @@ class Agent:
         if path == "cuda_ipc":
             reason += _gpu_link_note(self._pool(pool), peer)
         return path, reason
+
+    def check_peer(self, peer: Peer, *, pool=None, dst_pool: str = "") -> None:
+        """At handshake time, what send() would say at the first request: raises LayoutMismatch naming the field
+        (with both values) when this agent's `pool` cannot write the peer's `dst_pool` (other model shape, dtype,
+        block size, or TP ranks with no KV head in common)."""
+        layouts = dict(peer._h.pools)
+        if not layouts:
+            raise InvalidArgument(f"peer {peer.name} exposes no pool; it must register its pool before its metadata "
+                                  "is taken")
+        if dst_pool and dst_pool not in layouts:
+            raise InvalidArgument(f"peer {peer.name} exposes no pool {dst_pool!r} (it exposes {list(layouts)})")
+        mine = self._pool(pool).layout
+        _C.check_compatible(mine.spec([0] * mine.num_layers, [0] * mine.num_layers),
+                            layouts[dst_pool or next(iter(layouts))])
 
     def staging(self) -> dict:
         """The bounce ring of the staged path: slot_bytes, slots, pinned (zeros before the first staged send)."""

@@ -229,3 +229,18 @@ def test_staged_token_major_slices_go_out_packed(transport):
         assert a.stats()["writes_posted"] - before == 20
     a.close()
     b.close()
+
+
+def test_peers_say_which_heads_they_hold_and_mismatches_show_at_handshake():
+    whole = model()
+    a, b, c = agent("hs-tp1", "tcp"), agent("hs-tp4-r0", "tcp"), agent("hs-tp4-r3", "tcp")
+    a.register_pool(make_pool(whole.for_tp_rank(4, 0), 1), whole.for_tp_rank(4, 0))
+    b.register_pool(make_pool(whole.for_tp_rank(4, 0), 2), whole.for_tp_rank(4, 0))
+    c.register_pool(make_pool(whole.for_tp_rank(4, 3), 3), whole.for_tp_rank(4, 3))
+    pb, pc = a.add_peer(b.metadata()), a.add_peer(c.metadata())
+    assert list(pc.heads.values()) == [(6, 8, 8)] and list(pb.heads.values()) == [(0, 2, 8)]
+    a.check_peer(pb)  # same heads: fine
+    with pytest.raises(errors.LayoutMismatch, match=r"\[0, 2\).*\[6, 8\).*no head in common"):
+        a.check_peer(pc)
+    for x in (a, b, c):
+        x.close()

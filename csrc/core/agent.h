@@ -334,7 +334,7 @@ class Agent {
   // copy-outs; host copy-ins into bounce slots have a part of their own): between turns it reads messages, so a
   // CANCEL or an abort stops a large all_ready() send within a few milliseconds instead of after the whole request.
   static constexpr uint64_t kCopyBytesPerTurn = uint64_t(8) << 20;
-  uint64_t copy_bytes_left_ = 0;                              // this turn's share of the copies this thread does (CMA, staging)
+  uint64_t copy_bytes_left_ = 0;                             // what is left of it this turn
   size_t first_send_ = 0;                                    // round robin: the send that posts first this turn
   uint32_t staging_share_ = 0;                               // this turn: bounce slots one staged send may hold
   uint64_t copy_in_share_ = 0;                               // this turn: host bytes one staged send may copy in

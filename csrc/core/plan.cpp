@@ -50,7 +50,8 @@ size_t staged_run(const WritePlan& plan, uint32_t i, uint32_t end, uint64_t slot
   while (i + n < end) {
     const Write& w = plan.shape(i + n);
     // Shapes are relative to the layer's bases and a batch stays in one layer, so following shapes follow on the wire.
-    const bool joins = merge_dst && n > 0 && plan.shape(i + n - 1).dst_offset + plan.shape(i + n - 1).nbytes == w.dst_offset;
+    const Write* prev = n > 0 ? &plan.shape(i + n - 1) : nullptr;
+    const bool joins = merge_dst && prev && prev->dst_offset + prev->nbytes == w.dst_offset;
     if ((!joins && pieces == max_pieces) || sum + w.granules > ImmCode::kMaxGranules || bytes + w.nbytes > slot_bytes)
       break;
     pieces += !joins;

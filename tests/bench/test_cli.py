@@ -80,7 +80,8 @@ def test_tp_verification_catches_a_row_in_the_wrong_head():
     assert workloads.verify(w, dst, 1)[0] is False  # nothing moved yet
     # do the transfer by hand from the layouts: decode rank 0 of 2 holds heads 0-3 of each token's 8
     s_ids, d_ids = w.ids_for(0)
-    for (sr, srows), (dr, drows) in zip(workloads.chunk_rows(w.src_layout, s_ids), workloads.chunk_rows(w.dst_layout, d_ids)):
+    pairs = zip(workloads.chunk_rows(w.src_layout, s_ids), workloads.chunk_rows(w.dst_layout, d_ids))
+    for (sr, srows), (dr, drows) in pairs:
         got = src[sr].reshape(-1, w.src_layout.chunk_bytes)[srows]
         rows = dst[dr].reshape(-1, w.dst_layout.chunk_bytes)
         rows[drows] = workloads.head_rows(w.src_layout, got)[:, :, 0:4].reshape(len(drows), -1)
