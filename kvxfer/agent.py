@@ -40,8 +40,8 @@ class Peer:
     same_host = property(lambda self: self._h.same_host)
     rails = property(lambda self: self._h.rails)
     pools = property(lambda self: [name for name, _ in self._h.pools])
-    heads = property(lambda self: {name: (l.head_begin, l.head_begin + l.num_kv_heads, l.total_kv_heads or l.num_kv_heads)
-                                   for name, l in self._h.pools},
+    heads = property(lambda self: {name: (lay.head_begin, lay.head_begin + lay.num_kv_heads,
+                                          lay.total_kv_heads or lay.num_kv_heads) for name, lay in self._h.pools},
                      doc="per pool: (first, end, model total) of the KV heads it holds, from its metadata")
 
     def __repr__(self) -> str:
@@ -65,6 +65,14 @@ def _ids(ids, what: str) -> np.ndarray:
     if arr.dtype != np.int32 and arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
         raise InvalidArgument(f"{what} holds ids beyond int32; block ids are indexes into the pool")
     return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def _tokens(num_tokens) -> int:
+    if num_tokens is None:
+        return 0
+    if int(num_tokens) < 1 or int(num_tokens) >= 1 << 32:
+        raise InvalidArgument(f"num_tokens={num_tokens!r} must be a positive token count")
+    return int(num_tokens)
 
 
 def _layers(layers) -> tuple[int, int]:
@@ -277,21 +285,24 @@ class Agent:
         return self._pools[pool]
 
     def send(self, peer: Peer, xfer_id: int, src_ids, dst_ids, *, pool=None, dst_pool: str = "", layers=None,
-             timeout_s: float | None = None) -> Send:
-        """Open a send of src blocks into the peer's dst blocks. Nothing is posted until layer_ready/all_ready."""
+             timeout_s: float | None = None, num_tokens: int | None = None) -> Send:
+        """Open a send of src blocks into the peer's dst blocks. Nothing is posted until layer_ready/all_ready.
+        num_tokens: the request's tokens, in order through src_ids and through dst_ids (needed when the pools'
+        block sizes differ, and then on recv too; without it every token of the blocks moves, block i into i)."""
         first, count = _layers(layers)
         h = self._c.send(peer._h, _xfer(xfer_id), self._pool(pool).index, dst_pool, _ids(src_ids, "src_ids"),
-                         _ids(dst_ids, "dst_ids"), first, count, timeout_s or 0.0)
+                         _ids(dst_ids, "dst_ids"), first, count, timeout_s or 0.0, _tokens(num_tokens))
         return Send(self, peer, h)
 
     def recv(self, peer: Peer, xfer_id: int, dst_ids, *, pool=None, src_pool: str = "", layers=None,
-             timeout_s: float | None = None) -> Recv:
+             timeout_s: float | None = None, num_tokens: int | None = None) -> Recv:
         """Expect transfer xfer_id from peer into dst_ids of a local pool; may be called before or after the data.
         src_pool names the peer's pool the blocks come from (default: its first); it matters only between pools of
-        different TP ranks, where the count to expect depends on the KV heads both hold."""
+        different TP ranks or block sizes, where the count to expect depends on both layouts. num_tokens: as the
+        sender's send() got it."""
         first, count = _layers(layers)
         h = self._c.recv(peer._h, _xfer(xfer_id), self._pool(pool).index, _ids(dst_ids, "dst_ids"), first, count,
-                         timeout_s or 0.0, src_pool)
+                         timeout_s or 0.0, src_pool, _tokens(num_tokens))
         return Recv(self, peer, h)
 
     def stats(self) -> dict:

@@ -51,7 +51,7 @@ def expected_after(layout: KVLayout, dst, seed: int, src_ids, dst_ids, layers) -
 
 def head_rows(layout: KVLayout, chunks: np.ndarray) -> np.ndarray:
     """[..., chunk_bytes] chunks as [..., block_size, heads, row] (token-major order, whatever the layout's)."""
-    lead, bs, h = chunks.shape[:-1], layout.block_size, layout.num_kv_heads
+    lead, bs, h = chunks.shape[:-1], layout.block_size, max(1, layout.num_kv_heads)  # a latent: one "head"
     if layout.head_major:
         return chunks.reshape(*lead, h, bs, -1).swapaxes(-3, -2)
     return chunks.reshape(*lead, bs, h, -1)
@@ -68,3 +68,20 @@ def apply_heads(src_layout: KVLayout, dst_layout: KVLayout, src_pool, dst_pool, 
         cur = dv[:, dst_ids]  # a copy (fancy indexing): set its common heads, then store it back
         head_rows(dst_layout, cur)[..., h0 - dst_layout.head_begin:h1 - dst_layout.head_begin, :] = got
         dv[:, dst_ids] = cur
+
+
+def apply_tokens(src_layout: KVLayout, dst_layout: KVLayout, src_pool, dst_pool, src_ids, dst_ids, num_tokens: int,
+                 layers) -> None:
+    """A request's tokens in order: token t of src block src_ids[t // Bs] (row t % Bs) into dst block
+    dst_ids[t // Bd] (row t % Bd), the heads both pools hold; every other byte of the destination kept. Token by
+    token, independent of the plan's runs."""
+    bs, bd = src_layout.block_size, dst_layout.block_size
+    sh, dh = src_layout.head_begin, dst_layout.head_begin
+    h0 = max(sh, dh)
+    h1 = min(sh + max(1, src_layout.num_kv_heads), dh + max(1, dst_layout.num_kv_heads))
+    for layer in layers:
+        sv, dv = block_view(src_layout, src_pool, layer), block_view(dst_layout, dst_pool, layer)
+        for t in range(num_tokens):
+            src = head_rows(src_layout, sv[:, src_ids[t // bs]])  # views: [planes, block_size, heads, row]
+            dst = head_rows(dst_layout, dv[:, dst_ids[t // bd]])
+            dst[:, t % bd, h0 - dh:h1 - dh] = src[:, t % bs, h0 - sh:h1 - sh]

@@ -39,8 +39,8 @@ def test_layout_mismatch_names_the_field():
     with pytest.raises(errors.LayoutMismatch, match="num_layers is 4 on the sender but 3"):
         a.send(peer_b, 1, [0], [0])
     l1 = kvxfer.KVLayout.vllm_flash(4, 8, 16, 2, 32, "float16")
-    with pytest.raises(errors.LayoutMismatch, match="block_size"):
-        l1.check_compatible(kvxfer.KVLayout.vllm_flash(4, 8, 32, 2, 32, "float16"))
+    with pytest.raises(errors.LayoutMismatch, match="head_dim is 32 on the sender but 64"):
+        l1.check_compatible(kvxfer.KVLayout.vllm_flash(4, 8, 16, 2, 64, "float16"))
     with pytest.raises(errors.LayoutMismatch, match="dtype"):
         l1.check_compatible(kvxfer.KVLayout.vllm_flash(4, 8, 16, 2, 32, "bfloat16"))
 

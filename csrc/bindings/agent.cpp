@@ -131,26 +131,30 @@ void register_agent(py::module_& m) {
       .def("send",
            [](Agent& a, const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t src_pool,
               const std::string& dst_pool, py::array_t<int32_t, py::array::c_style> src_ids,
-              py::array_t<int32_t, py::array::c_style> dst_ids, int first_layer, int num_layers, double timeout_s) {
+              py::array_t<int32_t, py::array::c_style> dst_ids, int first_layer, int num_layers, double timeout_s,
+              uint32_t num_tokens) {
              Ids s = take_ids(src_ids, "src_ids"), d = take_ids(dst_ids, "dst_ids");
-             KVXFER_CHECK(s.n == d.n, InvalidArgument,
-                          "src_ids has " << s.n << " block ids but dst_ids has " << d.n << "; pass one destination per source");
              py::gil_scoped_release nogil;
-             return a.send(peer, xfer_id, src_pool, dst_pool, s.ptr, d.ptr, s.n, first_layer, num_layers, timeout_s);
-           })
+             return a.send(peer, xfer_id, src_pool, dst_pool, s.ptr, s.n, d.ptr, d.n, num_tokens, first_layer,
+                           num_layers, timeout_s);
+           },
+           py::arg("peer"), py::arg("xfer_id"), py::arg("src_pool"), py::arg("dst_pool"), py::arg("src_ids"),
+           py::arg("dst_ids"), py::arg("first_layer"), py::arg("num_layers"), py::arg("timeout_s"),
+           py::arg("num_tokens") = 0)
       .def("abort_send", &Agent::abort_send)
       .def("cancel_recv", &Agent::cancel_recv)  // never blocks
       .def("layer_ready", &Agent::layer_ready)  // microseconds, never blocks: keep the GIL (cheaper than dropping it)
       .def("recv",
            [](Agent& a, const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
               py::array_t<int32_t, py::array::c_style> dst_ids, int first_layer, int num_layers, double timeout_s,
-              const std::string& src_pool) {
+              const std::string& src_pool, uint32_t num_tokens) {
              Ids d = take_ids(dst_ids, "dst_ids");
              py::gil_scoped_release nogil;
-             return a.recv(peer, xfer_id, dst_pool, d.ptr, d.n, first_layer, num_layers, timeout_s, src_pool);
+             return a.recv(peer, xfer_id, dst_pool, d.ptr, d.n, first_layer, num_layers, timeout_s, src_pool,
+                           num_tokens);
            },
            py::arg("peer"), py::arg("xfer_id"), py::arg("dst_pool"), py::arg("dst_ids"), py::arg("first_layer"),
-           py::arg("num_layers"), py::arg("timeout_s"), py::arg("src_pool") = "")
+           py::arg("num_layers"), py::arg("timeout_s"), py::arg("src_pool") = "", py::arg("num_tokens") = 0)
       .def("choose_path",
            [](const Agent& a, const std::shared_ptr<PeerState>& peer, uint32_t src_pool, uint32_t dst_pool) {
              PathChoice c = a.choose_path(*peer, src_pool, dst_pool);

@@ -35,15 +35,14 @@ void register_layout(py::module_& m) {
       "build_plan",
       [](const LayoutSpec& src, const LayoutSpec& dst, py::array_t<int32_t, py::array::c_style> src_ids,
          py::array_t<int32_t, py::array::c_style> dst_ids, uint32_t first_layer, uint32_t num_layers,
-         uint64_t max_write_bytes) {
-        KVXFER_CHECK(src_ids.size() == dst_ids.size(), InvalidArgument,
-                     "src_ids has " << src_ids.size() << " ids but dst_ids has " << dst_ids.size());
+         uint64_t max_write_bytes, uint32_t num_tokens) {
         WritePlan plan;
         {
           const int32_t* s = ids_ptr(src_ids, "src_ids");
           const int32_t* d = ids_ptr(dst_ids, "dst_ids");
           py::gil_scoped_release nogil;
-          plan = build_plan(src, dst, s, d, src_ids.size(), first_layer, num_layers, max_write_bytes);
+          plan = build_plan(src, dst, s, src_ids.size(), d, dst_ids.size(), num_tokens, first_layer, num_layers,
+                            max_write_bytes);
         }
         const size_t n = plan.num_writes();
         py::array_t<uint64_t> so(n), doff(n), nb(n);
@@ -73,7 +72,7 @@ void register_layout(py::module_& m) {
         return out;
       },
       py::arg("src"), py::arg("dst"), py::arg("src_ids"), py::arg("dst_ids"), py::arg("first_layer") = 0,
-      py::arg("num_layers") = 0, py::arg("max_write_bytes") = 8ull << 20);
+      py::arg("num_layers") = 0, py::arg("max_write_bytes") = 8ull << 20, py::arg("num_tokens") = 0);
 
   // Plan building timed in C++ alone (no numpy conversion), for benchmarks: returns (seconds, num_writes).
   m.def("time_build_plan", [](const LayoutSpec& src, const LayoutSpec& dst, py::array_t<int32_t, py::array::c_style> s,

@@ -290,6 +290,13 @@ PathChoice Agent::landing_choice(const PeerState& peer, const PoolInfo& dst, con
 }
 
 namespace {
+// The pieces of a request's first run of tokens (plan.h token_runs): a whole chunk's when the block sizes agree.
+std::vector<ChunkPiece> first_run_pieces(const LayoutSpec& src, const LayoutSpec& dst) {
+  if (src.block_size == dst.block_size) return chunk_pieces(src, dst);
+  const TokenRun r = token_runs(src.block_size, dst.block_size, std::max(src.block_size, dst.block_size)).front();
+  return chunk_pieces(src, dst, r.src_row, r.dst_row, r.tokens);
+}
+
 // Pieces below this go through the bounce ring on a fabric (tcp, 1 KiB pieces: 0.40 -> 0.71 of the same bytes
 // between equal ranks, benchmarks/RESULTS.md).
 constexpr uint64_t kPackPiecesBelow = 4096;
@@ -297,14 +304,14 @@ constexpr uint64_t kPackPiecesBelow = 4096;
 // The largest piece a chunk moves as between pools of different TP ranks (or head orders); UINT64_MAX when
 // chunks move whole, or when the pools cannot exchange blocks (send() then names the mismatch).
 uint64_t largest_piece(const LayoutSpec& src, const LayoutSpec& dst) {
-  if (src.same_heads(dst)) return UINT64_MAX;
+  if (src.same_heads(dst) && src.block_size == dst.block_size) return UINT64_MAX;
   try {
     check_compatible(src, dst);
   } catch (const Error&) {
     return UINT64_MAX;
   }
   uint64_t largest = 0;
-  for (const ChunkPiece& p : chunk_pieces(src, dst)) largest = std::max(largest, p.nbytes);
+  for (const ChunkPiece& p : first_run_pieces(src, dst)) largest = std::max(largest, p.nbytes);
   return largest;
 }
 }  // namespace
@@ -589,9 +596,15 @@ void Agent::wait_connected(const std::shared_ptr<PeerState>& peer, double timeou
 // when chunks move whole.
 namespace {
 std::string pieces_note(const LayoutSpec& src, const LayoutSpec& dst) {
-  if (src.same_heads(dst)) return "";
-  const std::vector<ChunkPiece> pieces = chunk_pieces(src, dst);
+  const bool same_blocks = src.block_size == dst.block_size;
+  if (src.same_heads(dst) && same_blocks) return "";
+  const std::vector<ChunkPiece> pieces = first_run_pieces(src, dst);
   std::ostringstream os;
+  if (!same_blocks)
+    os << "; blocks of " << src.block_size << " tokens land in blocks of " << dst.block_size
+       << " (a run of tokens inside one block on each side moves as " << pieces.size()
+       << (pieces.size() == 1 ? " piece)" : " pieces)");
+  if (src.same_heads(dst)) return os.str();
   os << "; KV heads [" << std::max(src.head_begin, dst.head_begin) << ", " << std::min(src.head_end(), dst.head_end())
      << ") of each chunk move as " << pieces.size() << (pieces.size() == 1 ? " piece" : " pieces") << " of "
      << pieces[0].nbytes << " bytes";
@@ -604,8 +617,9 @@ std::string pieces_note(const LayoutSpec& src, const LayoutSpec& dst) {
 }  // namespace
 
 std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t src_pool,
-                                       const std::string& dst_pool, const int32_t* src_ids, const int32_t* dst_ids,
-                                       size_t num_ids, int first_layer, int num_layers, double timeout_s) {
+                                       const std::string& dst_pool, const int32_t* src_ids, size_t n_src,
+                                       const int32_t* dst_ids, size_t n_dst, uint32_t num_tokens, int first_layer,
+                                       int num_layers, double timeout_s) {
   KVXFER_CHECK(!peer->lost, PeerLost, "peer '" << peer->info.name << "' is lost: " << peer->lost_reason);
   const LocalPool* src = nullptr;
   {
@@ -655,7 +669,8 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
     }
     batch_bytes = max_write;
   }
-  WritePlan plan = build_plan(src->layout, dst.layout, src_ids, dst_ids, num_ids, first, count, max_write);
+  WritePlan plan = build_plan(src->layout, dst.layout, src_ids, n_src, dst_ids, n_dst, num_tokens, first, count,
+                              max_write);
 
   auto send = std::make_shared<SendState>(xfer_id, std::move(plan), timeout_s > 0 ? timeout_s : options_.default_timeout_s);
   send->peer = peer;
@@ -744,11 +759,11 @@ void Agent::layer_ready(const std::shared_ptr<SendState>& send, int layer) {
   if (!cmds.empty()) post_commands(std::move(cmds));
 }
 
-// Granules per chunk a recv from this peer's pool src_pool into `dst` counts (plan.h chunk_pieces): 1 unless the
-// two pools hold different KV heads (TP ranks) or order them differently. Pools that cannot exchange blocks count
-// 1 here; the sender's send() refuses them with the LayoutMismatch that names the field.
-
-size_t Agent::pieces_from(const PeerState& peer, const std::string& src_pool, const LayoutSpec& dst) const {
+// The granules a recv of dst_ids from this peer's pool src_pool (empty: its first) counts per layer: the pieces
+// build_plan cuts between the two layouts (plan.h). Pools that cannot exchange blocks are counted as equal ones
+// here; the sender's send() refuses them with the LayoutMismatch that names the field.
+uint32_t Agent::granules_from(const PeerState& peer, const std::string& src_pool, const LayoutSpec& dst,
+                              const int32_t* dst_ids, size_t n, uint32_t num_tokens) const {
   const std::vector<PoolInfo>& pools = peer.info.pools;
   const PoolInfo* src = pools.empty() ? nullptr : &pools[0];
   if (!src_pool.empty()) {
@@ -761,18 +776,18 @@ size_t Agent::pieces_from(const PeerState& peer, const std::string& src_pool, co
     KVXFER_CHECK(src, PeerUnknown, "peer '" << peer.info.name << "' exposes no pool named '" << src_pool
                                             << "' (it exposes: " << (names.empty() ? "none" : names) << ")");
   }
-  if (!src) return 1;
+  bool compatible = src != nullptr;
   try {
-    check_compatible(src->layout, dst);
+    if (src) check_compatible(src->layout, dst);
   } catch (const Error&) {
-    return 1;
+    compatible = false;
   }
-  return chunk_pieces(src->layout, dst).size();
+  return expected_granules(compatible ? src->layout : dst, dst, dst_ids, n, num_tokens);
 }
 
 std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
                                        const int32_t* dst_ids, size_t num_ids, int first_layer, int num_layers,
-                                       double timeout_s, const std::string& src_pool) {
+                                       double timeout_s, const std::string& src_pool, uint32_t num_tokens) {
   KVXFER_CHECK(!peer->lost, PeerLost, "peer '" << peer->info.name << "' is lost: " << peer->lost_reason);
   LayoutSpec layout;
   {
@@ -780,7 +795,7 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
     KVXFER_CHECK(dst_pool < pools_.size(), InvalidArgument, "no local pool with index " << dst_pool);
     layout = pools_[dst_pool]->layout;
   }
-  const uint32_t granules = expected_granules(layout, dst_ids, num_ids, pieces_from(*peer, src_pool, layout));
+  const uint32_t granules = granules_from(*peer, src_pool, layout, dst_ids, num_ids, num_tokens);
   const uint32_t first = first_layer < 0 ? 0 : static_cast<uint32_t>(first_layer);
   const uint32_t count = num_layers < 0 ? (first < layout.num_layers ? layout.num_layers - first : 0)
                                         : static_cast<uint32_t>(num_layers);

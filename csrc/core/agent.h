@@ -111,9 +111,11 @@ class Agent {
   // Blocks (without the GIL) until the peer's HELLO arrived; throws TransferTimeout.
   void wait_connected(const std::shared_ptr<PeerState>& peer, double timeout_s);
 
+  // num_tokens: the request's tokens (0: every token of the blocks; needed when the pools' block sizes differ).
   std::shared_ptr<SendState> send(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t src_pool,
-                                  const std::string& dst_pool, const int32_t* src_ids, const int32_t* dst_ids,
-                                  size_t num_ids, int first_layer, int num_layers, double timeout_s);
+                                  const std::string& dst_pool, const int32_t* src_ids, size_t n_src,
+                                  const int32_t* dst_ids, size_t n_dst, uint32_t num_tokens, int first_layer,
+                                  int num_layers, double timeout_s);
   void layer_ready(const std::shared_ptr<SendState>& send, int layer);   // layer < 0: every layer not yet marked
   // Gives up on a send (the model failed mid-prefill, the request was cancelled): nothing more is posted, the send
   // fails with TransferFailed and the receiver's recv fails too (ABORT). No-op on a send that already ended. Writes
@@ -123,7 +125,7 @@ class Agent {
   // count the recv expects depends on the heads both hold.
   std::shared_ptr<RecvState> recv(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,
                                   const int32_t* dst_ids, size_t num_ids, int first_layer, int num_layers,
-                                  double timeout_s, const std::string& src_pool = "");
+                                  double timeout_s, const std::string& src_pool = "", uint32_t num_tokens = 0);
   // The receiver gives up on a transfer (the request was aborted or preempted): a pending recv fails with Cancelled
   // at once and the sender is told (CANCEL) to post nothing more; writes_over turns true once nothing it posted can
   // still land. Also useful on a recv that already failed here (timed out) while the sender may still write. No-op
@@ -194,7 +196,8 @@ class Agent {
     uint64_t ticket;
   };
 
-  size_t pieces_from(const PeerState& peer, const std::string& src_pool, const LayoutSpec& dst) const;
+  uint32_t granules_from(const PeerState& peer, const std::string& src_pool, const LayoutSpec& dst,
+                         const int32_t* dst_ids, size_t n, uint32_t num_tokens) const;
   PathChoice landing_choice(const PeerState& peer, const PoolInfo& dst, const std::string& src_where,
                             const std::string& slots, const std::string& why_not_ipc, PathChoice c) const;
 

@@ -84,7 +84,6 @@ void validate_layout(const LayoutSpec& l, const std::vector<uint64_t>& region_nb
 
 void check_compatible(const LayoutSpec& src, const LayoutSpec& dst) {
   check_field("num_layers", src.num_layers, dst.num_layers);
-  check_field("block_size", src.block_size, dst.block_size);
   check_field("dtype", src.dtype, dst.dtype);
   check_field("head_dim", src.head_dim, dst.head_dim);
   check_field("num_planes (K/V split)", src.num_planes, dst.num_planes);
@@ -96,11 +95,12 @@ void check_compatible(const LayoutSpec& src, const LayoutSpec& dst) {
                     "(KVLayout.with_heads(head_begin, total_kv_heads)), others must describe the same model shard");
   }
   check_field("total_kv_heads (the model's KV heads)", src.total_heads(), dst.total_heads());
-  if (src.same_heads(dst)) {
+  if (src.same_heads(dst) && src.block_size == dst.block_size) {
     check_field("chunk_bytes (bytes per block per plane)", src.chunk_bytes, dst.chunk_bytes);
     return;
   }
   check_field("row bytes (one head of one token)", src.row_bytes(), dst.row_bytes());
+  if (src.num_kv_heads == 0) return;  // latents: blocks of different sizes, one row per token
   KVXFER_CHECK(std::max(src.head_begin, dst.head_begin) < std::min(src.head_end(), dst.head_end()), LayoutMismatch,
                "layout mismatch: the sender's pool holds KV heads [" << src.head_begin << ", " << src.head_end()
                << ") and the receiver's [" << dst.head_begin << ", " << dst.head_end()

@@ -8,7 +8,7 @@
 // head_dim, dtype) only take part in the compatibility check: two pools exchange blocks when every field but
 // num_blocks and the addressing matches, or, for pools of different tensor-parallel ranks, when they hold KV heads
 // of the same model and have at least one head in common (the plan then moves the common heads: plan.h
-// chunk_pieces).
+// chunk_pieces), or when only their block sizes differ (the plan moves the request's tokens: plan.h token_runs).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -44,8 +44,10 @@ struct LayoutSpec {
   uint64_t block_bytes_per_layer() const { return chunk_bytes * num_planes; }
   uint32_t total_heads() const { return total_kv_heads ? total_kv_heads : num_kv_heads; }
   uint32_t head_end() const { return head_begin + num_kv_heads; }
-  // Bytes of one row (one head of one token); pools with KV heads only.
-  uint64_t row_bytes() const { return chunk_bytes / (static_cast<uint64_t>(block_size) * num_kv_heads); }
+  // Bytes of one row: one head of one token (one token of a latent cache, which has no heads).
+  uint64_t row_bytes() const {
+    return chunk_bytes / (static_cast<uint64_t>(block_size) * (num_kv_heads ? num_kv_heads : 1));
+  }
   // Both pools hold the same heads in the same byte order: a chunk moves whole.
   bool same_heads(const LayoutSpec& o) const {
     return head_begin == o.head_begin && num_kv_heads == o.num_kv_heads &&
@@ -60,8 +62,9 @@ struct LayoutSpec {
 void validate_layout(const LayoutSpec& layout, const std::vector<uint64_t>& region_nbytes);
 
 // Throws LayoutMismatch naming the first field that differs (with both values) when src blocks cannot be written
-// into dst blocks: the model's shape (layers, block_size, dtype, head_dim, K/V planes, total KV heads) must agree;
-// pools holding the same heads must have equal chunks; pools of different TP ranks need a head in common.
+// into dst blocks: the model's shape (layers, dtype, head_dim, K/V planes, total KV heads) must agree; pools holding
+// the same heads in blocks of the same size must have equal chunks, others equal rows (one head of one token);
+// pools of different TP ranks need a head in common.
 void check_compatible(const LayoutSpec& src, const LayoutSpec& dst);
 
 }  // namespace kvxfer

@@ -69,15 +69,39 @@ struct WritePlan {
 // whole chunk when the pools hold the same heads in the same order; one per token when token-major pools hold
 // different heads; one per chunk when head-major pools do (their heads are contiguous); one per row when one pool
 // is token-major and the other head-major. check_compatible first.
+// With src_row / dst_row / tokens, only those tokens: tokens [src_row, src_row + tokens) of the source chunk land
+// from row dst_row of the destination chunk (pools of different block sizes; tokens 0: the whole block).
 struct ChunkPiece {
   uint64_t src_offset, dst_offset, nbytes;
 };
-std::vector<ChunkPiece> chunk_pieces(const LayoutSpec& src, const LayoutSpec& dst);
+std::vector<ChunkPiece> chunk_pieces(const LayoutSpec& src, const LayoutSpec& dst, uint32_t src_row = 0,
+                                     uint32_t dst_row = 0, uint32_t tokens = 0);
+
+// A request's tokens move from the sender's blocks into the receiver's in order: token t sits in src_ids[t / Bs]
+// at row t % Bs and lands in dst_ids[t / Bd] at row t % Bd. With equal block sizes and every token of the blocks
+// (num_tokens 0) that is block i into block i; with different ones (a prefill block of 16 tokens, a decode block of
+// 32) a block lands in part of one, or across several. A run is a stretch of tokens inside one block on each side.
+struct TokenRun {
+  uint32_t src_index, src_row, dst_index, dst_row, tokens;  // src_index / dst_index: positions in src_ids / dst_ids
+};
+std::vector<TokenRun> token_runs(uint32_t src_block_size, uint32_t dst_block_size, uint32_t num_tokens);
+
+// The tokens a transfer moves, checking the id counts against them: num_tokens, or (0) every token of the blocks,
+// which needs equal block sizes. Throws InvalidArgument naming the counts and the fix.
+uint32_t transfer_tokens(const LayoutSpec& src, const LayoutSpec& dst, size_t n_src, size_t n_dst,
+                         uint32_t num_tokens);
 
 // Validates the ids (in range on their side, same count, no duplicate destination) and the layer range, then
 // expands. Throws BlockOutOfRange / InvalidArgument / LayoutMismatch before producing anything.
-WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t* src_ids, const int32_t* dst_ids,
-                     size_t num_ids, uint32_t first_layer, uint32_t num_layers, uint64_t max_write_bytes);
+WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t* src_ids, size_t n_src,
+                     const int32_t* dst_ids, size_t n_dst, uint32_t num_tokens, uint32_t first_layer,
+                     uint32_t num_layers, uint64_t max_write_bytes);
+// Equal block sizes, one destination block per source block, every token.
+inline WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t* src_ids,
+                            const int32_t* dst_ids, size_t num_ids, uint32_t first_layer, uint32_t num_layers,
+                            uint64_t max_write_bytes) {
+  return build_plan(src, dst, src_ids, num_ids, dst_ids, num_ids, 0, first_layer, num_layers, max_write_bytes);
+}
 
 // How many writes starting at index i (and before end, within one layer) one gathered write takes: at most
 // max_iov, and never more than ImmCode::kMaxGranules granules together (*granules receives their sum). The agent
@@ -92,8 +116,9 @@ size_t gather_run(const WritePlan& plan, uint32_t i, uint32_t end, size_t max_io
 size_t staged_run(const WritePlan& plan, uint32_t i, uint32_t end, uint64_t slot_bytes, size_t max_pieces,
                   uint32_t* granules, bool merge_dst = false);
 
-// The receiver's expectation for one layer of dst_ids: granules it must count (pieces_per_chunk: the size of
-// chunk_pieces between the sender's pool and dst). Validates dst ids as above.
-uint32_t expected_granules(const LayoutSpec& dst, const int32_t* dst_ids, size_t num_ids, size_t pieces_per_chunk = 1);
+// The receiver's expectation for one layer of dst_ids from the sender's pool `src`: granules it must count (the
+// pieces of every token run, as build_plan cuts them). Validates dst ids as above.
+uint32_t expected_granules(const LayoutSpec& src, const LayoutSpec& dst, const int32_t* dst_ids, size_t n_dst,
+                           uint32_t num_tokens = 0);
 
 }  // namespace kvxfer

@@ -1,0 +1,100 @@
+"""Pools whose blocks hold different numbers of tokens (a prefill engine with 16-token blocks, a decode engine with
+32, or the other way round): send/recv with num_tokens move the request's tokens in order, token t from
+src_ids[t // Bs] into dst_ids[t // Bd]. Checked token by token against tests/reference.apply_tokens over the whole
+destination pool (the rows after the request's last token, and every other block, keep their bytes)."""
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer import _C, errors
+from tests.reference import apply_tokens, make_pool
+
+
+def flash(block_size, num_blocks=12, head_major=False):
+    return kvxfer.KVLayout.vllm_flash(3, num_blocks, block_size, 4, 16, "bfloat16", head_major=head_major)
+
+
+def transfer(transport, src_l, dst_l, src_ids, dst_ids, tokens, tag, **sender_kwargs):
+    a = kvxfer.Agent(f"bs-a-{tag}", transport=transport, interface="lo", timeout_s=30, **sender_kwargs)
+    b = kvxfer.Agent(f"bs-b-{tag}", transport=transport, interface="lo", timeout_s=30)
+    src, dst = make_pool(src_l, 1), make_pool(dst_l, 2)
+    a.register_pool(src, src_l)
+    b.register_pool(dst, dst_l)
+    pb, pa = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+    a.wait_connected(pb, 20)
+    b.wait_connected(pa, 20)
+    want = [x.copy() for x in dst]
+    apply_tokens(src_l, dst_l, src, want, src_ids, dst_ids, tokens, range(src_l.num_layers))
+    recv = b.recv(pa, 1, dst_ids, num_tokens=tokens)
+    send = a.send(pb, 1, src_ids, dst_ids, num_tokens=tokens)
+    send.all_ready()
+    recv.wait(timeout_s=30)
+    send.wait(timeout_s=30)
+    for g, w in zip(dst, want):
+        np.testing.assert_array_equal(g, w)
+    a.close()
+    b.close()
+    return send
+
+
+@pytest.mark.parametrize("transport", ["tcp", "fi_shm", "cma"])
+@pytest.mark.parametrize("bs,bd", [(16, 32), (32, 16), (16, 48), (8, 16)])
+def test_blocks_of_different_sizes(transport, bs, bd):
+    tokens = 40  # a partial last block on both sides
+    src_l, dst_l = flash(bs), flash(bd)
+    rng = np.random.default_rng(bs * 100 + bd)
+    src_ids = rng.permutation(12)[:-(-tokens // bs)].astype(np.int32)
+    dst_ids = rng.permutation(12)[:-(-tokens // bd)].astype(np.int32)
+    send = transfer(transport, src_l, dst_l, src_ids, dst_ids, tokens, f"{transport}-{bs}-{bd}")
+    assert send.nbytes == tokens * 3 * 2 * 4 * 16 * 2  # tokens x layers x K,V x heads x head_dim x bf16
+    assert f"blocks of {bs} tokens land in blocks of {bd}" in send.path_reason
+
+
+@pytest.mark.parametrize("head_major", [False, True], ids=["NHD", "HND"])
+def test_different_block_sizes_and_tp_ranks_together(head_major):
+    """A TP 1 prefill pool of 16-token blocks into decode rank 1 of TP 2 with 32-token blocks."""
+    src_l = flash(16, head_major=head_major)
+    dst_l = flash(32, head_major=head_major).for_tp_rank(2, 1)
+    transfer("tcp", src_l, dst_l, np.array([7, 2, 9], np.int32), np.array([4, 0], np.int32), 37, f"tp-{head_major}")
+
+
+def test_mla_latents_of_different_block_sizes():
+    src_l = kvxfer.KVLayout.mla(3, 12, 16, 64, "bfloat16")
+    dst_l = kvxfer.KVLayout.mla(3, 12, 64, 64, "bfloat16")
+    transfer("cma", src_l, dst_l, np.array([3, 1, 8, 0, 5], np.int32), np.array([2, 6], np.int32), 70, "mla")
+
+
+def test_equal_block_sizes_with_num_tokens_leave_the_tail_alone():
+    """20 tokens of two 16-token blocks: the second block's last 12 rows keep their bytes (and move no bytes)."""
+    send = transfer("tcp", flash(16), flash(16), np.array([3, 4], np.int32), np.array([9, 1], np.int32), 20, "tail")
+    assert send.nbytes == 20 * 3 * 2 * 4 * 16 * 2
+
+
+def test_contiguous_runs_still_merge_into_one_write():
+    # 16-token source blocks 0, 1 into one 32-token destination block: both halves follow on both sides
+    src_l, dst_l = flash(16), flash(32)
+    spec = lambda lay: lay.spec([0] * 3, [0] * 3)  # noqa: E731
+    p = _C.build_plan(spec(src_l), spec(dst_l), np.array([0, 1], np.int32), np.array([0], np.int32), 0, 3, 8 << 20, 32)
+    per_layer = len(p["nbytes"]) // 3
+    assert per_layer == 2 and set(p["nbytes"]) == {dst_l.chunk_bytes}  # K and V: one write each
+    assert set(p["granules"]) == {2}  # each carries two runs' pieces
+
+
+def test_what_is_refused():
+    a = kvxfer.Agent("bs-refuse-a", transport="tcp", interface="lo", timeout_s=5)
+    b = kvxfer.Agent("bs-refuse-b", transport="tcp", interface="lo", timeout_s=5)
+    a.register_pool(make_pool(flash(16), 1), flash(16))
+    b.register_pool(make_pool(flash(32), 2), flash(32))
+    pb, pa = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+    a.wait_connected(pb, 20)
+    with pytest.raises(errors.InvalidArgument, match="blocks hold 16 and 32 tokens: pass num_tokens"):
+        a.send(pb, 1, [0, 1], [0])
+    with pytest.raises(errors.InvalidArgument, match="blocks hold 16 and 32 tokens: pass num_tokens"):
+        b.recv(pa, 1, [0])
+    with pytest.raises(errors.InvalidArgument, match="40 tokens fill 3 source blocks of 16 tokens and 2 destination "
+                                                     "blocks of 32, but src_ids has 2 and dst_ids 2"):
+        a.send(pb, 2, [0, 1], [0, 1], num_tokens=40)
+    with pytest.raises(errors.InvalidArgument, match="num_tokens=0 must be a positive token count"):
+        a.send(pb, 3, [0], [0], num_tokens=0)
+    a.close()
+    b.close()
