@@ -1,12 +1,13 @@
 // WritePlan: block ids x layers as merged writes, sliced per layer. Built in C++ only.
 //
-// A chunk moves whole when both pools hold the same KV heads in the same order; between pools of different
-// tensor-parallel ranks (or token- vs head-major chunks) it moves as the pieces chunk_pieces finds, each counted as
-// one granule, so both sides still derive the count from the two layouts alone.
+// A chunk moves whole when both pools hold the same KV heads in the same order in blocks of the same size; between
+// pools of different tensor-parallel ranks (or token- vs head-major chunks) it moves as the pieces chunk_pieces
+// finds, and between pools of different block sizes the request's tokens move as runs (token_runs), each cut into
+// pieces. A piece counts as one granule, so both sides still derive the count from the two layouts alone.
 //
-// Chunks are visited block by block in the caller's order (planes inner when the destination keeps a block's
-// planes closer together than consecutive blocks, planes outer otherwise) and a chunk is merged into the previous
-// write when it follows it on both sides in the same regions. A write never spans layers (its immediate names one
+// Chunks (runs) are visited block by block in the caller's order (planes inner when the destination keeps a
+// block's planes closer together than consecutive blocks, planes outer otherwise) and a piece is merged into the
+// previous write when it follows it on both sides in the same regions. A write never spans layers (its immediate names one
 // layer), never exceeds ImmCode::kMaxGranules chunks and never exceeds max_write_bytes.
 #pragma once
 #include <cstddef>
@@ -41,8 +42,9 @@ struct LayerBase {
 struct WritePlan {
   uint32_t first_layer = 0;
   uint32_t num_layers = 0;
-  uint32_t num_blocks = 0;
-  uint32_t granules_per_layer = 0;     // num_blocks * num_planes: what the receiver counts per layer
+  uint32_t num_blocks = 0;             // destination blocks
+  uint32_t granules_per_layer = 0;     // pieces per layer (num_blocks * num_planes when chunks move whole): what
+                                       // the receiver counts per layer
   uint64_t bytes_per_layer = 0;
   std::vector<Write> layer_writes;     // one layer's writes, offsets relative to the layer's bases, layer 0
   std::vector<LayerBase> layers;       // [num_layers]: where layer first_layer+i starts on both sides
