@@ -55,9 +55,9 @@ def serve(conn):
         if cmd == "add_peer":
             state["peer"] = agent.add_peer(args)
             return state["peer"].path
-        if cmd == "send":
-            xfer, src, dst = args
-            sends[xfer] = agent.send(state["peer"], xfer, src, dst)
+        if cmd == "send":  # (xfer, src ids, dst ids[, num_tokens])
+            xfer, src, dst, *tokens = args
+            sends[xfer] = agent.send(state["peer"], xfer, src, dst, num_tokens=tokens[0] if tokens else None)
             sends[xfer].all_ready()
             return sends[xfer].path, sends[xfer].path_reason
         if cmd == "send_layers":  # layers marked one at a time in the given order, a pause after each
