@@ -77,7 +77,7 @@ def test_contiguous_runs_still_merge_into_one_write():
     p = _C.build_plan(spec(src_l), spec(dst_l), np.array([0, 1], np.int32), np.array([0], np.int32), 0, 3, 8 << 20, 32)
     per_layer = len(p["nbytes"]) // 3
     assert per_layer == 2 and set(p["nbytes"]) == {dst_l.chunk_bytes}  # K and V: one write each
-    assert set(p["granules"]) == {2}  # each carries two runs' pieces
+    assert set(p["granules"]) == {2 * 16 * 4}  # two runs of 16 tokens x 4 heads: a granule per row
 
 
 def test_what_is_refused():
@@ -98,3 +98,30 @@ def test_what_is_refused():
         a.send(pb, 3, [0], [0], num_tokens=0)
     a.close()
     b.close()
+
+
+def test_sides_disagreeing_on_num_tokens_fail_instead_of_completing():
+    """The sender moves 40 tokens, the receiver expects 48 (both fill 2 blocks of 32): the counts differ, so the
+    recv fails naming the mismatch rather than completing with 8 tokens never written."""
+    a = kvxfer.Agent("bs-dis-a", transport="tcp", interface="lo", timeout_s=10)
+    b = kvxfer.Agent("bs-dis-b", transport="tcp", interface="lo", timeout_s=10)
+    a.register_pool(make_pool(flash(16), 1), flash(16))
+    b.register_pool(make_pool(flash(32), 2), flash(32))
+    pb, pa = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+    a.wait_connected(pb, 20)
+    b.wait_connected(pa, 20)
+    recv = b.recv(pa, 1, [3, 5], num_tokens=48)
+    a.send(pb, 1, [0, 1, 2], [3, 5], num_tokens=40).all_ready()
+    with pytest.raises(errors.TransferFailed, match="block count or layer range differs"):
+        recv.wait(timeout_s=10)
+    a.close()
+    b.close()
+
+
+def test_a_run_of_more_rows_than_one_immediate_counts_is_split():
+    """256 tokens x 32 heads = 8,192 rows in one contiguous run: more than an immediate's 4,095 granules, so the
+    run leaves as several writes; bytes exact and the count complete."""
+    src_l = kvxfer.KVLayout.vllm_flash(2, 4, 256, 32, 4, "uint8")
+    dst_l = kvxfer.KVLayout.vllm_flash(2, 4, 512, 32, 4, "uint8")
+    send = transfer("tcp", src_l, dst_l, np.array([2, 0], np.int32), np.array([3], np.int32), 300, "rows")
+    assert send.num_writes > 2 * 2 * 2  # layers x planes x runs, each of the 256-token runs split in two

@@ -75,16 +75,29 @@ void check_dst_ids(const LayoutSpec& dst, const int32_t* dst_ids, size_t n) {
 // in a few shapes that repeat block after block.
 class PieceCache {
  public:
-  PieceCache(const LayoutSpec& src, const LayoutSpec& dst) : src_(src), dst_(dst) {}
+  // by_rows: each piece counts its rows (a request of num_tokens), split to at most kMaxGranules rows a piece.
+  PieceCache(const LayoutSpec& src, const LayoutSpec& dst, bool by_rows) : src_(src), dst_(dst), by_rows_(by_rows) {}
   const std::vector<ChunkPiece>& get(const TokenRun& r) {
     for (const auto& [key, pieces] : cache_)
       if (key.src_row == r.src_row && key.dst_row == r.dst_row && key.tokens == r.tokens) return pieces;
-    cache_.emplace_back(r, chunk_pieces(src_, dst_, r.src_row, r.dst_row, r.tokens));
+    std::vector<ChunkPiece> pieces = chunk_pieces(src_, dst_, r.src_row, r.dst_row, r.tokens);
+    cache_.emplace_back(r, by_rows_ ? by_rows(pieces) : std::move(pieces));
     return cache_.back().second;
   }
 
  private:
+  std::vector<ChunkPiece> by_rows(const std::vector<ChunkPiece>& pieces) const {
+    const uint64_t row = src_.row_bytes(), most = uint64_t(ImmCode::kMaxGranules) * row;
+    std::vector<ChunkPiece> out;
+    for (const ChunkPiece& p : pieces)
+      for (uint64_t at = 0; at < p.nbytes; at += most) {
+        const uint64_t n = std::min(most, p.nbytes - at);
+        out.push_back(ChunkPiece{p.src_offset + at, p.dst_offset + at, n, static_cast<uint32_t>(n / row)});
+      }
+    return out;
+  }
   const LayoutSpec &src_, &dst_;
+  const bool by_rows_;
   std::deque<std::pair<TokenRun, std::vector<ChunkPiece>>> cache_;  // deque: references stay valid
 };
 
@@ -139,9 +152,9 @@ uint32_t expected_granules(const LayoutSpec& src, const LayoutSpec& dst, const i
     KVXFER_CHECK(n == blocks, InvalidArgument,
                  num_tokens << " tokens fill " << blocks << " destination blocks of " << dst.block_size
                             << " tokens, but dst_ids has " << n);
-    PieceCache cache(src, dst);
+    PieceCache cache(src, dst, true);
     for (const TokenRun& r : token_runs(src.block_size, dst.block_size, num_tokens))
-      g += static_cast<uint64_t>(dst.num_planes) * cache.get(r).size();
+      for (const ChunkPiece& p : cache.get(r)) g += static_cast<uint64_t>(dst.num_planes) * p.granules;
   }
   KVXFER_CHECK(g <= UINT32_MAX, InvalidArgument, "too many blocks in one transfer: " << n);
   return static_cast<uint32_t>(g);
@@ -205,10 +218,10 @@ WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t
   } else {
     runs = token_runs(src.block_size, dst.block_size, tokens);
   }
-  PieceCache cache(src, dst);
-  uint64_t bytes = 0, largest = 0;
+  PieceCache cache(src, dst, !whole_blocks(src, dst, num_tokens));
+  uint64_t bytes = 0, largest = 0, pieces = 0;
   for (const TokenRun& r : runs)
-    for (const ChunkPiece& p : cache.get(r)) bytes += p.nbytes, largest = std::max(largest, p.nbytes);
+    for (const ChunkPiece& p : cache.get(r)) bytes += p.nbytes, largest = std::max(largest, p.nbytes), ++pieces;
   KVXFER_CHECK(max_write_bytes >= largest, InvalidArgument,
                "max_write_bytes=" << max_write_bytes << " is below one chunk (" << largest << " bytes)");
 
@@ -224,8 +237,9 @@ WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t
     plan.layers.push_back(LayerBase{src.layer_offset[layer], dst.layer_offset[layer], src.layer_region[layer],
                                     dst.layer_region[layer]});
   }
-  // Random block ids (the common case) rarely coalesce: reserve every piece of the layer up front.
-  plan.layer_writes.reserve(granules);
+  // Random block ids (the common case) rarely coalesce: reserve every piece of the layer up front (no write moves
+  // while `cur` points at it).
+  plan.layer_writes.reserve(pieces * src.num_planes);
   const bool planes_inner = dst.num_planes == 1 || dst.plane_stride < dst.block_stride;
   const uint32_t P = src.num_planes;
   Write* cur = nullptr;
@@ -236,12 +250,12 @@ WritePlan build_plan(const LayoutSpec& src, const LayoutSpec& dst, const int32_t
     for (const ChunkPiece& p : cache.get(r)) {
       const uint64_t so = sc + p.src_offset, d_o = dc + p.dst_offset;
       if (cur && cur->src_offset + cur->nbytes == so && cur->dst_offset + cur->nbytes == d_o &&
-          cur->granules < ImmCode::kMaxGranules && cur->nbytes + p.nbytes <= max_write_bytes) {
+          cur->granules + p.granules <= ImmCode::kMaxGranules && cur->nbytes + p.nbytes <= max_write_bytes) {
         cur->nbytes += p.nbytes;
-        cur->granules += 1;
+        cur->granules += p.granules;
         continue;
       }
-      plan.layer_writes.push_back(Write{so, d_o, p.nbytes, 0, 0, 0, 1});
+      plan.layer_writes.push_back(Write{so, d_o, p.nbytes, 0, 0, 0, p.granules});
       cur = &plan.layer_writes.back();
     }
   };

@@ -75,6 +75,7 @@ struct WritePlan {
 // from row dst_row of the destination chunk (pools of different block sizes; tokens 0: the whole block).
 struct ChunkPiece {
   uint64_t src_offset, dst_offset, nbytes;
+  uint32_t granules = 1;  // what its immediate counts: 1, or its rows when the request's tokens are counted (below)
 };
 std::vector<ChunkPiece> chunk_pieces(const LayoutSpec& src, const LayoutSpec& dst, uint32_t src_row = 0,
                                      uint32_t dst_row = 0, uint32_t tokens = 0);
@@ -83,6 +84,8 @@ std::vector<ChunkPiece> chunk_pieces(const LayoutSpec& src, const LayoutSpec& ds
 // at row t % Bs and lands in dst_ids[t / Bd] at row t % Bd. With equal block sizes and every token of the blocks
 // (num_tokens 0) that is block i into block i; with different ones (a prefill block of 16 tokens, a decode block of
 // 32) a block lands in part of one, or across several. A run is a stretch of tokens inside one block on each side.
+// Then a piece counts one granule per row it carries, so sides that disagree on num_tokens disagree on the count
+// (BEGIN compares them) instead of completing with rows never written.
 struct TokenRun {
   uint32_t src_index, src_row, dst_index, dst_row, tokens;  // src_index / dst_index: positions in src_ids / dst_ids
 };
