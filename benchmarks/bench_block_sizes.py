@@ -27,7 +27,7 @@ os.environ.setdefault("FI_TCP_IFACE", "lo")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kvxfer  # noqa: E402
-from benchmarks.bench_tp_heads import memcpy_gbps, pool, rows, tcp_gbps  # noqa: E402
+from benchmarks.bench_tp_heads import pool, rows, same_run_limits  # noqa: E402
 
 LAYERS, HEADS, DIM, TOKENS = 32, 8, 128, 4096
 
@@ -92,10 +92,7 @@ def main(argv=None) -> int:
     out = []
     nbytes = TOKENS * LAYERS * 2 * HEADS * DIM * 2
     for transport in args.transports.split(","):
-        limits = {"memcpy": memcpy_gbps(nbytes)}
-        if transport == "tcp":
-            limits["tcp"] = tcp_gbps(nbytes)
-        print(f"{transport}: limits " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in limits.items()), flush=True)
+        limits = same_run_limits(transport, nbytes)
         equal = None
         for bs, bd, hm in ((16, 16, False), (16, 32, False), (32, 16, False), (16, 32, True)):
             r = run_case(transport, bs, bd, hm, args.reps, np.random.default_rng(bs * 100 + bd))

@@ -99,6 +99,15 @@ def tcp_gbps(nbytes: int) -> float:
     return nbytes / best / 1e9
 
 
+def same_run_limits(transport: str, nbytes: int) -> dict:
+    """The limits of this run, printed: a one-thread memcpy of nbytes, and raw loopback TCP for tcp."""
+    limits = {"memcpy": memcpy_gbps(nbytes)}
+    if transport == "tcp":
+        limits["tcp"] = tcp_gbps(nbytes)
+    print(f"{transport}: limits " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in limits.items()), flush=True)
+    return limits
+
+
 def run_case(transport: str, src_l, dst_l, src, dst, src_ids, dst_ids, reps: int, name: str) -> dict:
     a = kvxfer.Agent(f"tp-{name}-a-{transport}", transport=transport, interface="lo", timeout_s=120)
     b = kvxfer.Agent(f"tp-{name}-b-{transport}", transport=transport, interface="lo", timeout_s=120)
@@ -144,10 +153,7 @@ def main(argv=None) -> int:
     out = []
     for transport in args.transports.split(","):
         nbytes = REQ_BLOCKS * 2 * LAYERS * rank_nhd.chunk_bytes
-        limits = {"memcpy": memcpy_gbps(nbytes)}
-        if transport == "tcp":
-            limits["tcp"] = tcp_gbps(nbytes)
-        print(f"{transport}: limits " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in limits.items()))
+        limits = same_run_limits(transport, nbytes)
         equal = None
         for name, sl, dl, s, d in cases:
             r = run_case(transport, sl, dl, s, d, src_ids, dst_ids, args.reps, name)

@@ -95,17 +95,19 @@ def remote():
 
 
 def local_pair(layout, transport="tcp", names=("sender", "receiver"), seeds=(11, 12), timeout_s=60.0,
-               sender_kwargs=None, receiver_kwargs=None):
-    """Two connected agents in this process, each with a seeded pool of `layout`.
+               sender_kwargs=None, receiver_kwargs=None, dst_layout=None):
+    """Two connected agents in this process, each with a seeded pool of `layout` (the receiver's of dst_layout
+    when given: another TP rank, another block size).
     Returns (sender, receiver, peer_of_receiver, peer_of_sender, src_pool, dst_pool)."""
     import kvxfer
     from tests.reference import make_pool
 
+    dst_layout = dst_layout or layout
     a = kvxfer.Agent(names[0], transport=transport, interface="lo", timeout_s=timeout_s, **(sender_kwargs or {}))
     b = kvxfer.Agent(names[1], transport=transport, interface="lo", timeout_s=timeout_s, **(receiver_kwargs or {}))
-    src, dst = make_pool(layout, seeds[0]), make_pool(layout, seeds[1])
+    src, dst = make_pool(layout, seeds[0]), make_pool(dst_layout, seeds[1])
     a.register_pool(src, layout)
-    b.register_pool(dst, layout)
+    b.register_pool(dst, dst_layout)
     peer_b = a.add_peer(b.metadata())
     peer_a = b.add_peer(a.metadata())
     b.wait_connected(peer_a, 20)

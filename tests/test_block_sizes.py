@@ -7,22 +7,20 @@ import pytest
 
 import kvxfer
 from kvxfer import _C, errors
-from tests.reference import apply_tokens, make_pool
+from tests.conftest import local_pair
+from tests.reference import apply_tokens
 
 
 def flash(block_size, num_blocks=12, head_major=False):
     return kvxfer.KVLayout.vllm_flash(3, num_blocks, block_size, 4, 16, "bfloat16", head_major=head_major)
 
 
-def transfer(transport, src_l, dst_l, src_ids, dst_ids, tokens, tag, **sender_kwargs):
-    a = kvxfer.Agent(f"bs-a-{tag}", transport=transport, interface="lo", timeout_s=30, **sender_kwargs)
-    b = kvxfer.Agent(f"bs-b-{tag}", transport=transport, interface="lo", timeout_s=30)
-    src, dst = make_pool(src_l, 1), make_pool(dst_l, 2)
-    a.register_pool(src, src_l)
-    b.register_pool(dst, dst_l)
-    pb, pa = a.add_peer(b.metadata()), b.add_peer(a.metadata())
-    a.wait_connected(pb, 20)
-    b.wait_connected(pa, 20)
+def pair(transport, src_l, dst_l, tag, timeout_s=30):
+    return local_pair(src_l, transport, (f"bs-a-{tag}", f"bs-b-{tag}"), timeout_s=timeout_s, dst_layout=dst_l)
+
+
+def transfer(transport, src_l, dst_l, src_ids, dst_ids, tokens, tag):
+    a, b, pb, pa, src, dst = pair(transport, src_l, dst_l, tag)
     want = [x.copy() for x in dst]
     apply_tokens(src_l, dst_l, src, want, src_ids, dst_ids, tokens, range(src_l.num_layers))
     recv = b.recv(pa, 1, dst_ids, num_tokens=tokens)
@@ -81,12 +79,7 @@ def test_contiguous_runs_still_merge_into_one_write():
 
 
 def test_what_is_refused():
-    a = kvxfer.Agent("bs-refuse-a", transport="tcp", interface="lo", timeout_s=5)
-    b = kvxfer.Agent("bs-refuse-b", transport="tcp", interface="lo", timeout_s=5)
-    a.register_pool(make_pool(flash(16), 1), flash(16))
-    b.register_pool(make_pool(flash(32), 2), flash(32))
-    pb, pa = a.add_peer(b.metadata()), b.add_peer(a.metadata())
-    a.wait_connected(pb, 20)
+    a, b, pb, pa, _, _ = pair("tcp", flash(16), flash(32), "refuse", timeout_s=5)
     with pytest.raises(errors.InvalidArgument, match="blocks hold 16 and 32 tokens: pass num_tokens"):
         a.send(pb, 1, [0, 1], [0])
     with pytest.raises(errors.InvalidArgument, match="blocks hold 16 and 32 tokens: pass num_tokens"):
@@ -103,13 +96,7 @@ def test_what_is_refused():
 def test_sides_disagreeing_on_num_tokens_fail_instead_of_completing():
     """The sender moves 40 tokens, the receiver expects 48 (both fill 2 blocks of 32): the counts differ, so the
     recv fails naming the mismatch rather than completing with 8 tokens never written."""
-    a = kvxfer.Agent("bs-dis-a", transport="tcp", interface="lo", timeout_s=10)
-    b = kvxfer.Agent("bs-dis-b", transport="tcp", interface="lo", timeout_s=10)
-    a.register_pool(make_pool(flash(16), 1), flash(16))
-    b.register_pool(make_pool(flash(32), 2), flash(32))
-    pb, pa = a.add_peer(b.metadata()), b.add_peer(a.metadata())
-    a.wait_connected(pb, 20)
-    b.wait_connected(pa, 20)
+    a, b, pb, pa, _, _ = pair("tcp", flash(16), flash(32), "dis", timeout_s=10)
     recv = b.recv(pa, 1, [3, 5], num_tokens=48)
     a.send(pb, 1, [0, 1, 2], [3, 5], num_tokens=40).all_ready()
     with pytest.raises(errors.TransferFailed, match="block count or layer range differs"):

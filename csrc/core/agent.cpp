@@ -304,12 +304,7 @@ constexpr uint64_t kPackPiecesBelow = 4096;
 // The largest piece a chunk moves as between pools of different TP ranks (or head orders); UINT64_MAX when
 // chunks move whole, or when the pools cannot exchange blocks (send() then names the mismatch).
 uint64_t largest_piece(const LayoutSpec& src, const LayoutSpec& dst) {
-  if (src.same_heads(dst) && src.block_size == dst.block_size) return UINT64_MAX;
-  try {
-    check_compatible(src, dst);
-  } catch (const Error&) {
-    return UINT64_MAX;
-  }
+  if ((src.same_heads(dst) && src.block_size == dst.block_size) || !can_exchange(src, dst)) return UINT64_MAX;
   uint64_t largest = 0;
   for (const ChunkPiece& p : first_run_pieces(src, dst)) largest = std::max(largest, p.nbytes);
   return largest;
@@ -627,19 +622,7 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
     KVXFER_CHECK(src_pool < pools_.size(), InvalidArgument, "no local pool with index " << src_pool);
     src = pools_[src_pool].get();
   }
-  uint32_t dst_index = UINT32_MAX;
-  std::string names;
-  for (uint32_t i = 0; i < peer->info.pools.size(); ++i) {
-    if (dst_pool.empty() || peer->info.pools[i].name == dst_pool) {
-      dst_index = i;
-      break;
-    }
-    names += (names.empty() ? "" : ", ") + peer->info.pools[i].name;
-  }
-  KVXFER_CHECK(dst_index != UINT32_MAX, PeerUnknown,
-               "peer '" << peer->info.name << "' exposes no pool"
-                        << (dst_pool.empty() ? "" : " named '" + dst_pool + "'") << " (it exposes: "
-                        << (names.empty() ? "none" : names) << "); register the pool before taking its metadata");
+  const uint32_t dst_index = peer_pool_index(*peer, dst_pool);
   const PoolInfo& dst = peer->info.pools[dst_index];
   const uint32_t first = first_layer < 0 ? 0 : static_cast<uint32_t>(first_layer);
   const uint32_t count = num_layers < 0 ? (first < src->layout.num_layers ? src->layout.num_layers - first : 0)
@@ -759,30 +742,28 @@ void Agent::layer_ready(const std::shared_ptr<SendState>& send, int layer) {
   if (!cmds.empty()) post_commands(std::move(cmds));
 }
 
+// The index of the peer's pool named `name` (empty: its first). Throws PeerUnknown naming the pools it has.
+uint32_t Agent::peer_pool_index(const PeerState& peer, const std::string& name) {
+  std::string names;
+  for (uint32_t i = 0; i < peer.info.pools.size(); ++i) {
+    if (name.empty() || peer.info.pools[i].name == name) return i;
+    names += (names.empty() ? "" : ", ") + peer.info.pools[i].name;
+  }
+  KVXFER_THROW(PeerUnknown, "peer '" << peer.info.name << "' exposes no pool"
+                                     << (name.empty() ? "" : " named '" + name + "'") << " (it exposes: "
+                                     << (names.empty() ? "none" : names)
+                                     << "); register the pool before taking its metadata");
+}
+
 // The granules a recv of dst_ids from this peer's pool src_pool (empty: its first) counts per layer: the pieces
 // build_plan cuts between the two layouts (plan.h). Pools that cannot exchange blocks are counted as equal ones
 // here; the sender's send() refuses them with the LayoutMismatch that names the field.
 uint32_t Agent::granules_from(const PeerState& peer, const std::string& src_pool, const LayoutSpec& dst,
                               const int32_t* dst_ids, size_t n, uint32_t num_tokens) const {
   const std::vector<PoolInfo>& pools = peer.info.pools;
-  const PoolInfo* src = pools.empty() ? nullptr : &pools[0];
-  if (!src_pool.empty()) {
-    src = nullptr;
-    std::string names;
-    for (const PoolInfo& p : pools) {
-      if (p.name == src_pool) src = &p;
-      names += (names.empty() ? "" : ", ") + p.name;
-    }
-    KVXFER_CHECK(src, PeerUnknown, "peer '" << peer.info.name << "' exposes no pool named '" << src_pool
-                                            << "' (it exposes: " << (names.empty() ? "none" : names) << ")");
-  }
-  bool compatible = src != nullptr;
-  try {
-    if (src) check_compatible(src->layout, dst);
-  } catch (const Error&) {
-    compatible = false;
-  }
-  return expected_granules(compatible ? src->layout : dst, dst, dst_ids, n, num_tokens);
+  const PoolInfo* src = src_pool.empty() && pools.empty() ? nullptr : &pools[peer_pool_index(peer, src_pool)];
+  const bool known = src && can_exchange(src->layout, dst);
+  return expected_granules(known ? src->layout : dst, dst, dst_ids, n, num_tokens);
 }
 
 std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t dst_pool,

@@ -196,6 +196,7 @@ class Agent {
     uint64_t ticket;
   };
 
+  static uint32_t peer_pool_index(const PeerState& peer, const std::string& name);
   uint32_t granules_from(const PeerState& peer, const std::string& src_pool, const LayoutSpec& dst,
                          const int32_t* dst_ids, size_t n, uint32_t num_tokens) const;
   PathChoice landing_choice(const PeerState& peer, const PoolInfo& dst, const std::string& src_where,
@@ -232,7 +233,7 @@ class Agent {
   WriteIov landing_iov(const StagedOp& op, uint32_t index) const;
   void write_landing_batch_header(const SendState& send, uint32_t first, size_t n, uint32_t granules,
                                   uint8_t* slot) const;
-  void submit_staged_copy_outs(CmaWorkers& workers);
+  void submit_staged_copy_outs(CmaWorkers& workers, const std::vector<size_t>& order);  // order: staged_turn_order
   std::vector<size_t> staged_turn_order() const;
   void release_staging(SendState* send, int slot);
   void share_staging();

@@ -269,12 +269,12 @@ void Agent::write_landing_batch_header(const SendState& send, uint32_t first, si
 
 // Starts the CMA copy-out of batches whose copy-in landed on the workers, a few slots ahead of the ones posted next,
 // in the sends' turn order.
-void Agent::submit_staged_copy_outs(CmaWorkers& workers) {
+void Agent::submit_staged_copy_outs(CmaWorkers& workers, const std::vector<size_t>& order) {
   size_t in_flight = 0;
   for (const StagedOp& op : staged_) in_flight += op.cma && !op.copied_out;
   std::vector<CmaOp> ops;
   std::vector<const SendState*> waiting;  // sends whose next batch has not landed: their later ones have not either
-  for (size_t i : staged_turn_order()) {
+  for (size_t i : order) {
     if (in_flight >= kStagedCopyOutsInFlight) break;
     StagedOp& op = staged_[i];
     SendState& send = *op.send;
@@ -353,12 +353,13 @@ void Agent::share_staging() {
 // batch goes out after one batch of each other send rather than after all of theirs queued before it.
 bool Agent::advance_staged(size_t& budget) {
   bool any = false;
+  const std::vector<size_t> order = staged_turn_order();
   if (staging_->slot_bytes() >= CmaWorkers::kMinParallelBytes)
     if (CmaWorkers* workers = cma_workers(); workers && staged_.front().send->staged_to_cma)
-      submit_staged_copy_outs(*workers);
+      submit_staged_copy_outs(*workers, order);
   std::vector<char> gone(staged_.size(), 0);
   std::vector<const SendState*> waiting;  // sends whose next batch cannot go yet: their later batches wait too
-  for (size_t i : staged_turn_order()) {
+  for (size_t i : order) {
     if (budget == 0) break;
     StagedOp& op = staged_[i];
     SendState& send = *op.send;

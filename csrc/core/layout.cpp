@@ -107,4 +107,13 @@ void check_compatible(const LayoutSpec& src, const LayoutSpec& dst) {
                << "): no head in common; pair each rank with the ranks that hold its heads");
 }
 
+bool can_exchange(const LayoutSpec& src, const LayoutSpec& dst) {
+  try {
+    check_compatible(src, dst);
+  } catch (const Error&) {
+    return false;
+  }
+  return true;
+}
+
 }  // namespace kvxfer

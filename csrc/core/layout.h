@@ -66,5 +66,7 @@ void validate_layout(const LayoutSpec& layout, const std::vector<uint64_t>& regi
 // the same heads in blocks of the same size must have equal chunks, others equal rows (one head of one token);
 // pools of different TP ranks need a head in common.
 void check_compatible(const LayoutSpec& src, const LayoutSpec& dst);
+// check_compatible as a yes/no, for callers that leave naming the mismatch to send().
+bool can_exchange(const LayoutSpec& src, const LayoutSpec& dst);
 
 }  // namespace kvxfer

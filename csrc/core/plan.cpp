@@ -101,6 +101,15 @@ class PieceCache {
   std::deque<std::pair<TokenRun, std::vector<ChunkPiece>>> cache_;  // deque: references stay valid
 };
 
+// Pools of different block sizes (or a count of tokens) need num_tokens on both sides.
+void require_num_tokens(const LayoutSpec& src, const LayoutSpec& dst, uint32_t num_tokens) {
+  KVXFER_CHECK(num_tokens > 0, InvalidArgument,
+               "the pools' blocks hold " << src.block_size << " and " << dst.block_size
+                                         << " tokens: pass num_tokens (the request's tokens) to send() and recv()");
+}
+
+uint64_t blocks_for(uint32_t tokens, uint32_t block_size) { return (uint64_t(tokens) + block_size - 1) / block_size; }
+
 // Runs of a whole-block transfer with equal block sizes: block i into block i, whole (the common case, no cutting).
 bool whole_blocks(const LayoutSpec& src, const LayoutSpec& dst, uint32_t num_tokens) {
   return num_tokens == 0 && src.block_size == dst.block_size;
@@ -127,10 +136,8 @@ uint32_t transfer_tokens(const LayoutSpec& src, const LayoutSpec& dst, size_t n_
                                 << "; pass one destination per source");
     return static_cast<uint32_t>(std::min<uint64_t>(n_src * uint64_t(src.block_size), UINT32_MAX));
   }
-  KVXFER_CHECK(num_tokens > 0, InvalidArgument,
-               "the pools' blocks hold " << src.block_size << " and " << dst.block_size
-                                         << " tokens: pass num_tokens (the request's tokens) to send() and recv()");
-  auto blocks = [&](uint32_t bs) { return (uint64_t(num_tokens) + bs - 1) / bs; };
+  require_num_tokens(src, dst, num_tokens);
+  auto blocks = [&](uint32_t bs) { return blocks_for(num_tokens, bs); };
   KVXFER_CHECK(n_src == blocks(src.block_size) && n_dst == blocks(dst.block_size), InvalidArgument,
                num_tokens << " tokens fill " << blocks(src.block_size) << " source blocks of " << src.block_size
                           << " tokens and " << blocks(dst.block_size) << " destination blocks of " << dst.block_size
@@ -145,10 +152,8 @@ uint32_t expected_granules(const LayoutSpec& src, const LayoutSpec& dst, const i
   if (whole_blocks(src, dst, num_tokens)) {
     g = static_cast<uint64_t>(n) * dst.num_planes * chunk_pieces(src, dst).size();
   } else {
-    KVXFER_CHECK(num_tokens > 0, InvalidArgument,
-                 "the pools' blocks hold " << src.block_size << " and " << dst.block_size
-                                           << " tokens: pass num_tokens (the request's tokens) to send() and recv()");
-    const uint64_t blocks = (uint64_t(num_tokens) + dst.block_size - 1) / dst.block_size;
+    require_num_tokens(src, dst, num_tokens);
+    const uint64_t blocks = blocks_for(num_tokens, dst.block_size);
     KVXFER_CHECK(n == blocks, InvalidArgument,
                  num_tokens << " tokens fill " << blocks << " destination blocks of " << dst.block_size
                             << " tokens, but dst_ids has " << n);
