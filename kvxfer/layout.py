@@ -94,7 +94,10 @@ class KVLayout:
 
     @classmethod
     def vllm_cpu(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="bfloat16"):
-        """vLLM CPU backend, per layer [num_blocks, kv_heads, block_size, 2 * head_dim] (K and V in one chunk)."""
+        """vLLM CPU backend, per layer [num_blocks, kv_heads, block_size, 2 * head_dim] (K and V in one chunk).
+        Inside each (block, head) K is stored transposed ([head_dim][block_size]) and then V: a head's bytes are
+        contiguous (TP ranks exchange heads), a token's are not, so pools of different block sizes are refused and
+        num_tokens moves a partial last block whole."""
         chunk = num_kv_heads * block_size * 2 * head_dim * _dtype_bytes(dtype)
         return cls("vllm_cpu", num_layers, num_blocks, 1, block_size, num_kv_heads, head_dim, _dtype_name(dtype), chunk, 0,
                    chunk, num_blocks * chunk, num_blocks * chunk, True, head_major=True)

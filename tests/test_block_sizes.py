@@ -8,7 +8,7 @@ import pytest
 import kvxfer
 from kvxfer import _C, errors
 from tests.conftest import local_pair
-from tests.reference import apply_tokens
+from tests.reference import apply, apply_tokens
 
 
 def flash(block_size, num_blocks=12, head_major=False):
@@ -112,3 +112,44 @@ def test_a_run_of_more_rows_than_one_immediate_counts_is_split():
     dst_l = kvxfer.KVLayout.vllm_flash(2, 4, 512, 32, 4, "uint8")
     send = transfer("tcp", src_l, dst_l, np.array([2, 0], np.int32), np.array([3], np.int32), 300, "rows")
     assert send.num_writes > 2 * 2 * 2  # layers x planes x runs, each of the 256-token runs split in two
+
+
+def cpu_attn(block_size, num_blocks=12):
+    return kvxfer.KVLayout.vllm_cpu(3, num_blocks, block_size, 4, 16, "float32")
+
+
+def test_cpu_pools_of_different_block_sizes_are_refused():
+    """vLLM's CPU backend keeps K transposed per (block, head) ([head_dim][block_size]): a token's K is a column, not
+    a row, so 16- and 32-token blocks cannot exchange tokens; refused at handshake and at send, naming why."""
+    a, b, pb, pa, _, _ = pair("tcp", cpu_attn(16), cpu_attn(32), "cpu-refuse", timeout_s=5)
+    with pytest.raises(errors.LayoutMismatch, match="blocks of 16 tokens on the sender and 32 on the receiver, but a "
+                                                    "vllm_cpu pool does not store a token's K contiguously"):
+        a.check_peer(pb)
+    with pytest.raises(errors.LayoutMismatch, match="K transposed per block"):
+        a.send(pb, 1, [0, 1, 2], [0, 1], num_tokens=40)
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])
+def test_cpu_pools_move_a_partial_last_block_whole(transport):
+    """20 tokens of two 16-token CPU blocks: a row-wise copy of the first 4 tokens would write K's first 8 head_dim
+    columns of every token instead; the whole second block moves (its tail is the request's own unused rows)."""
+    layout = cpu_attn(16)
+    a, b, pb, pa, src, dst = pair(transport, layout, layout, f"cpu-tail-{transport}")
+    src_ids, dst_ids = np.array([3, 4], np.int32), np.array([9, 1], np.int32)
+    want = [x.copy() for x in dst]
+    apply(layout, src, want, src_ids, dst_ids, range(layout.num_layers))
+    recv = b.recv(pa, 1, dst_ids, num_tokens=20)
+    send = a.send(pb, 1, src_ids, dst_ids, num_tokens=20)
+    send.all_ready()
+    recv.wait(timeout_s=30)
+    for g, w in zip(dst, want):
+        np.testing.assert_array_equal(g, w)
+    assert send.nbytes == 2 * layout.chunk_bytes * layout.num_layers
+    with pytest.raises(errors.InvalidArgument, match="40 tokens fill 3 blocks of 16 tokens, but src_ids has 2"):
+        a.send(pb, 2, src_ids, dst_ids, num_tokens=40)
+    with pytest.raises(errors.InvalidArgument, match="40 tokens fill 3 blocks of 16 tokens, but dst_ids has 2"):
+        b.recv(pa, 2, dst_ids, num_tokens=40)
+    a.close()
+    b.close()

@@ -100,6 +100,11 @@ void check_compatible(const LayoutSpec& src, const LayoutSpec& dst) {
     return;
   }
   check_field("row bytes (one head of one token)", src.row_bytes(), dst.row_bytes());
+  KVXFER_CHECK(src.block_size == dst.block_size || (src.token_rows() && dst.token_rows()), LayoutMismatch,
+               "layout mismatch: blocks of " << src.block_size << " tokens on the sender and " << dst.block_size
+               << " on the receiver, but a " << (src.token_rows() ? dst.kind : src.kind)
+               << " pool does not store a token's K contiguously (vLLM's CPU backend keeps K transposed per block), "
+                  "so tokens cannot move between blocks of different sizes; run both engines with one block size");
   if (src.num_kv_heads == 0) return;  // latents: blocks of different sizes, one row per token
   KVXFER_CHECK(std::max(src.head_begin, dst.head_begin) < std::min(src.head_end(), dst.head_end()), LayoutMismatch,
                "layout mismatch: the sender's pool holds KV heads [" << src.head_begin << ", " << src.head_end()

@@ -48,6 +48,10 @@ struct LayoutSpec {
   uint64_t row_bytes() const {
     return chunk_bytes / (static_cast<uint64_t>(block_size) * (num_kv_heads ? num_kv_heads : 1));
   }
+  // Whether one token's row of one head is contiguous, so that tokens can move between blocks of different sizes
+  // or a partial block can move alone. vLLM's CPU backend stores each (block, head) as K transposed
+  // ([head_dim][block_size]) then V ([block_size][head_dim]): a head's bytes are contiguous, a token's are not.
+  bool token_rows() const { return kind != "vllm_cpu"; }
   // Both pools hold the same heads in the same byte order: a chunk moves whole.
   bool same_heads(const LayoutSpec& o) const {
     return head_begin == o.head_begin && num_kv_heads == o.num_kv_heads &&

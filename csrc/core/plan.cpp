@@ -111,8 +111,19 @@ void require_num_tokens(const LayoutSpec& src, const LayoutSpec& dst, uint32_t n
 uint64_t blocks_for(uint32_t tokens, uint32_t block_size) { return (uint64_t(tokens) + block_size - 1) / block_size; }
 
 // Runs of a whole-block transfer with equal block sizes: block i into block i, whole (the common case, no cutting).
+// A pool whose tokens are not rows (vLLM CPU's transposed K) moves a request's partial last block whole too: its
+// first tokens' bytes are not one range, and the bytes past them are the request's own block's unused tail.
 bool whole_blocks(const LayoutSpec& src, const LayoutSpec& dst, uint32_t num_tokens) {
-  return num_tokens == 0 && src.block_size == dst.block_size;
+  return src.block_size == dst.block_size && (num_tokens == 0 || !src.token_rows() || !dst.token_rows());
+}
+
+// With num_tokens in whole-block mode, the ids must still be the blocks those tokens fill.
+void check_whole_block_count(const char* which, size_t n, uint32_t num_tokens, uint32_t block_size) {
+  if (num_tokens == 0) return;
+  const uint64_t blocks = blocks_for(num_tokens, block_size);
+  KVXFER_CHECK(n == blocks, InvalidArgument,
+               num_tokens << " tokens fill " << blocks << " blocks of " << block_size << " tokens, but " << which
+                          << " has " << n);
 }
 
 }  // namespace
@@ -134,6 +145,7 @@ uint32_t transfer_tokens(const LayoutSpec& src, const LayoutSpec& dst, size_t n_
     KVXFER_CHECK(n_src == n_dst, InvalidArgument,
                  "src_ids has " << n_src << " block ids but dst_ids has " << n_dst
                                 << "; pass one destination per source");
+    check_whole_block_count("src_ids", n_src, num_tokens, src.block_size);
     return static_cast<uint32_t>(std::min<uint64_t>(n_src * uint64_t(src.block_size), UINT32_MAX));
   }
   require_num_tokens(src, dst, num_tokens);
@@ -150,6 +162,7 @@ uint32_t expected_granules(const LayoutSpec& src, const LayoutSpec& dst, const i
   check_dst_ids(dst, dst_ids, n);
   uint64_t g = 0;
   if (whole_blocks(src, dst, num_tokens)) {
+    check_whole_block_count("dst_ids", n, num_tokens, dst.block_size);
     g = static_cast<uint64_t>(n) * dst.num_planes * chunk_pieces(src, dst).size();
   } else {
     require_num_tokens(src, dst, num_tokens);

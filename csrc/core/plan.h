@@ -85,7 +85,8 @@ std::vector<ChunkPiece> chunk_pieces(const LayoutSpec& src, const LayoutSpec& ds
 // (num_tokens 0) that is block i into block i; with different ones (a prefill block of 16 tokens, a decode block of
 // 32) a block lands in part of one, or across several. A run is a stretch of tokens inside one block on each side.
 // Then a piece counts one granule per row it carries, so sides that disagree on num_tokens disagree on the count
-// (BEGIN compares them) instead of completing with rows never written.
+// (BEGIN compares them) instead of completing with rows never written. A pool without token rows (vLLM CPU)
+// moves whole blocks even with num_tokens (equal block sizes only; check_compatible refuses different ones).
 struct TokenRun {
   uint32_t src_index, src_row, dst_index, dst_row, tokens;  // src_index / dst_index: positions in src_ids / dst_ids
 };
