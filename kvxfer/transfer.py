@@ -112,16 +112,83 @@ class Send(_Transfer):
         return self._h.path_reason
 
 
-class SendGroup:
+class _Group:
+    """Transfers of one request with several peers, seen as one: FAILED as soon as one failed, DONE when all are,
+    writes_over when every one's writes are over."""
+
+    kind = "transfer"
+
+    def __init__(self, transfers):
+        self._all = list(transfers)
+        if not self._all:
+            raise errors.InvalidArgument(f"a {type(self).__name__} needs at least one {self.kind}")
+
+    def _each(self, fn) -> None:
+        first = None
+        for t in self._all:
+            try:
+                fn(t)
+            except errors.KvxferError as e:
+                first = first or e
+        if first:
+            raise first
+
+    @property
+    def state(self) -> TransferState:
+        states = [t.state for t in self._all]
+        if TransferState.FAILED in states:
+            return TransferState.FAILED
+        return TransferState.DONE if all(x == TransferState.DONE for x in states) else TransferState.PENDING
+
+    @property
+    def done(self) -> bool:
+        return self.state == TransferState.DONE
+
+    @property
+    def error(self) -> errors.KvxferError | None:
+        return next((t.error for t in self._all if t.error is not None), None)
+
+    @property
+    def writes_over(self) -> bool:
+        return all(t.writes_over for t in self._all)
+
+    def wait(self, timeout_s: float = 30.0) -> None:
+        """Block until every one is DONE; raises the first failure as soon as one failed (the peer it came from is
+        in its message), or TransferTimeout naming those still pending."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            failed = next((t for t in self._all if t.state == TransferState.FAILED), None)
+            if failed is not None:
+                _raise_failure(failed._h)
+            pending = [t for t in self._all if t.state != TransferState.DONE]
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                raise errors.TransferTimeout(
+                    f"{len(pending)} of the {len(self._all)} {self.kind}s of transfer {pending[0].xfer_id} not done "
+                    f"within {timeout_s}s (peers {', '.join(repr(t.peer.name) for t in pending)})")
+            try:  # sleeps until it changes, or 5 ms: another one may fail meanwhile
+                pending[0]._h.wait(-1, min(0.005, max(0.001, deadline - time.monotonic())))
+            except errors.TransferTimeout:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.state.name} of {len(self._all)} {self.kind}s>"
+
+
+class SendGroup(_Group):
     """One request's sends to several peers, driven as one: a prefill rank feeding the decode ranks that hold slices
     of its KV heads (kvxfer.tp.rank_pairs). Layers are marked on every send; the group is DONE when every send is
     DONE and FAILED as soon as one failed (the others go on: abort() them, or let them finish); writes_over when
     every send's writes are over."""
 
-    def __init__(self, sends):
-        self.sends = list(sends)
-        if not self.sends:
-            raise errors.InvalidArgument("a SendGroup needs at least one send")
+    kind = "send"
+
+    @property
+    def sends(self) -> list:
+        return self._all
 
     def layer_ready(self, layer: int) -> None:
         """Marks `layer` on every send, then raises the first send's error if any refused it."""
@@ -134,46 +201,31 @@ class SendGroup:
         for s in self.sends:
             s.abort(reason)
 
-    def _each(self, fn) -> None:
-        first = None
-        for s in self.sends:
-            try:
-                fn(s)
-            except errors.KvxferError as e:
-                first = first or e
-        if first:
-            raise first
+
+class RecvGroup(_Group):
+    """One request's recvs from several peers into the same blocks: a decode rank whose KV heads come from several
+    prefill ranks (kvxfer.tp.rank_pairs). DONE when every recv is, FAILED as soon as one failed (cancel() the group
+    so the other senders stop too), writes_over when no write of any of them can land any more: only then reuse the
+    blocks."""
+
+    kind = "recv"
 
     @property
-    def state(self) -> TransferState:
-        states = [s.state for s in self.sends]
-        if TransferState.FAILED in states:
-            return TransferState.FAILED
-        return TransferState.DONE if all(x == TransferState.DONE for x in states) else TransferState.PENDING
+    def recvs(self) -> list:
+        return self._all
+
+    def layer_done(self, layer: int) -> bool:
+        return all(r.layer_done(layer) for r in self._all)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Recv.cancel on every recv of the group (no-op on those that completed)."""
+        for r in self._all:
+            r.cancel(reason)
 
     @property
-    def done(self) -> bool:
-        return self.state == TransferState.DONE
-
-    @property
-    def error(self) -> errors.KvxferError | None:
-        return next((s.error for s in self.sends if s.error is not None), None)
-
-    @property
-    def writes_over(self) -> bool:
-        return all(s.writes_over for s in self.sends)
-
-    def wait(self, timeout_s: float = 30.0) -> None:
-        """Block until every send is DONE; raises the first failure (the peer it came from is in its message) or
-        TransferTimeout."""
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        for s in self.sends:
-            s.wait(timeout_s=max(0.001, deadline - time.monotonic()))
-
-    def __repr__(self) -> str:
-        return f"<SendGroup {self.state.name} of {len(self.sends)} sends>"
+    def peers_lost(self) -> bool:
+        """True when a sender of the group is lost: the group can only fail."""
+        return any(r.peer.lost for r in self._all)
 
 
 class Recv(_Transfer):

@@ -39,7 +39,7 @@ def test_registration_drives_a_byte_exact_write(pair):
     before = [x.copy() for x in dst]
     assert server.take(11) is None
     client.register(11, [5, 3, 9], skip_blocks=1)
-    reg = _wait_for(lambda: server.take(11))
+    (reg,) = _wait_for(lambda: server.take(11))
     assert reg.xfer_id == 11 and reg.skip_blocks == 1 and reg.dst_ids.dtype == np.int32
     assert reg.dst_ids.tolist() == [5, 3, 9]
     assert server.take(11) is None  # taken once
@@ -73,15 +73,20 @@ def test_malformed_frames_close_only_that_connection(pair):
     rogue = kvxfer.Agent("rogue", transport="tcp", interface="lo")
     rogue.register_pool(make_pool(layout, 3), layout)
     for bad in ({"op": "push", "xfer_id": -1, "dst_ids": [1]}, {"op": "push", "xfer_id": 1, "dst_ids": ["x"]},
-                {"op": "push", "xfer_id": 1, "dst_ids": [1], "skip_blocks": -2}, {"op": "drop-table"}, [1, 2]):
+                {"op": "push", "xfer_id": 1, "dst_ids": [1], "skip_blocks": -2}, {"op": "drop-table"}, [1, 2],
+                {"op": "push", "xfer_id": 1, "dst_ids": [1], "num_tokens": 2**32},
+                {"op": "push", "xfer_id": 1, "dst_ids": [1], "tp_size": 2, "tp_rank": 2},
+                {"op": "push", "xfer_id": 1, "dst_ids": [1], "tp_size": 0, "tp_rank": 0},
+                {"op": "push", "xfer_id": 1, "dst_ids": [1], "tp_size": True}):
         ch = bootstrap.connect(*server.address)
         ch.exchange(rogue.metadata())
+        assert ch.recv_json(timeout_s=10) == {"op": "hello", "version": 2, "tp_size": 1, "tp_rank": 0}
         ch.send_json(bad)
         with pytest.raises(errors.PeerLost):
             ch.recv_json(timeout_s=10)  # the server closed this connection
         ch.close()
     client.register(31, [2])  # the well-behaved client is still served
-    assert _wait_for(lambda: server.take(31)).dst_ids.tolist() == [2]
+    assert _wait_for(lambda: server.take(31))[0].dst_ids.tolist() == [2]
 
 
 def test_client_sees_the_server_go_away():
@@ -96,6 +101,7 @@ def test_client_sees_the_server_go_away():
     def serve_once():
         ch = lst.accept(timeout_s=10)
         ch.exchange(fake.metadata())
+        ch.send_json({"op": "hello", "version": 2, "tp_size": 1, "tp_rank": 0})
         ch.close()  # the prefill process "dies" right after the handshake
 
     t = threading.Thread(target=serve_once)
@@ -119,3 +125,66 @@ def test_client_arguments_are_checked():
         port = lst.address[1]
         lst.close()
         PushClient(decode, "127.0.0.1", port, timeout_s=0.5)
+
+
+def test_a_server_that_says_no_hello_is_refused_naming_it():
+    """A prefill side of another kvxfer version (no hello after the metadata): the client refuses it at connect."""
+    layout = PRESETS["vllm_cpu"]()
+    decode = kvxfer.Agent("push-decode-4", transport="tcp", interface="lo")
+    decode.register_pool(make_pool(layout, 4), layout)
+    old = kvxfer.Agent("old-prefill", transport="tcp", interface="lo")
+    old.register_pool(make_pool(layout, 5), layout)
+    lst = bootstrap.listen("127.0.0.1", 0)
+    import threading
+
+    def serve_once():
+        ch = lst.accept(timeout_s=10)
+        ch.exchange(old.metadata())
+        ch.send_json({"op": "hi"})
+        time.sleep(1)
+        ch.close()
+
+    t = threading.Thread(target=serve_once)
+    t.start()
+    with pytest.raises(errors.MetadataError, match=r"answered .\{'op': 'hi'\}., not a version 2 hello: run the same "
+                                                   "kvxfer version"):
+        PushClient(decode, *lst.address)
+    t.join(10)
+    lst.close()
+
+
+def test_tensor_parallel_registrations_are_taken_once_every_decode_rank_sent_its():
+    """A prefill rank (1 of 2) served by three decode-rank agents: take() is None until all three registered, then
+    gives them by rank, each with its own peer, ids and token counts; a rank registering again replaces its frame;
+    a rank naming another tp_size closes its connection and the group waits on."""
+    layout = PRESETS["vllm_cpu"]()
+    prefill = kvxfer.Agent("push-tp-prefill", transport="tcp", interface="lo", timeout_s=10)
+    prefill.register_pool(make_pool(layout, 1), layout)
+    server = PushServer(prefill, "127.0.0.1", 0, tp_size=2, tp_rank=1)
+    agents = [kvxfer.Agent(f"push-tp-decode-{r}", transport="tcp", interface="lo") for r in range(3)]
+    clients = []
+    for a in agents:
+        a.register_pool(make_pool(layout, 2), layout)
+        clients.append(PushClient(a, *server.address))
+    assert [(c.tp_size, c.tp_rank) for c in clients] == [(2, 1)] * 3
+    clients[2].register(7, [9, 8], tp_size=3, tp_rank=2, num_tokens=40, skip_tokens=16, skip_blocks=1)
+    clients[0].register(7, [1, 2], tp_size=3, tp_rank=0, num_tokens=40, skip_tokens=16, skip_blocks=1)
+    clients[0].register(7, [3, 4], tp_size=3, tp_rank=0, num_tokens=40, skip_tokens=16, skip_blocks=1)
+    time.sleep(0.3)
+    assert server.take(7) is None  # rank 1 has not registered
+    rogue = kvxfer.Agent("push-tp-rogue", transport="tcp", interface="lo")
+    rogue.register_pool(make_pool(layout, 3), layout)
+    bad = PushClient(rogue, *server.address)
+    bad.register(7, [5], tp_size=2, tp_rank=1)
+    assert _wait_for(lambda: bad.lost)
+    assert server.take(7) is None
+    clients[1].register(7, [6, 0], tp_size=3, tp_rank=1, num_tokens=40, skip_tokens=16, skip_blocks=1)
+    regs = _wait_for(lambda: server.take(7))
+    assert [r.tp_rank for r in regs] == [0, 1, 2] and {r.tp_size for r in regs} == {3}
+    assert [r.dst_ids.tolist() for r in regs] == [[3, 4], [6, 0], [9, 8]]
+    assert [r.peer.name for r in regs] == [f"push-tp-decode-{r}" for r in range(3)]
+    assert {(r.num_tokens, r.skip_tokens, r.skip_blocks) for r in regs} == {(40, 16, 1)}
+    assert server.take(7) is None
+    with pytest.raises(errors.InvalidArgument, match="tp_rank=2 must be a rank of tp_size=2"):
+        PushServer(prefill, "127.0.0.1", 0, tp_size=2, tp_rank=2)
+    server.close()

@@ -101,8 +101,10 @@ def run_tp(model, ptp, dtp, transport="cma", tag=""):
     for g in groups:
         g.wait(timeout_s=30)
         assert g.done and g.writes_over and g.error is None
-    for r in recvs:
-        r.wait(timeout_s=30)
+    for d in range(dtp):
+        group = kvxfer.RecvGroup(r for r, pr in zip(recvs, pairs) if pr.decode_rank == d)
+        group.wait(timeout_s=30)
+        assert group.done and group.writes_over and group.layer_done(model.num_layers - 1) and not group.peers_lost
     for a in pre + dec:
         a.close()
     return dst, want
@@ -164,3 +166,44 @@ def test_a_send_group_fails_when_one_of_its_sends_fails():
         x.close()
     with pytest.raises(errors.InvalidArgument, match="at least one send"):
         kvxfer.SendGroup([])
+
+
+def test_a_recv_group_fails_when_one_sender_fails_and_cancel_stops_the_others():
+    """A TP 1 decode rank receives one request from two TP 2 prefill ranks: rank 1 aborts, the group fails at once
+    (rank 0's recv still pending); cancelling the group stops rank 0's send too (Cancelled), and writes_over turns True once both are over."""
+    model = kvxfer.KVLayout.vllm_flash(2, 8, 4, 2, 8, "float16")
+    d = kvxfer.Agent("rgroup-d", transport="tcp", interface="lo", timeout_s=10)
+    ps = [kvxfer.Agent(f"rgroup-p{i}", transport="tcp", interface="lo", timeout_s=10) for i in range(2)]
+    d.register_pool(make_pool(model, 1), model)
+    peers = []
+    for i, p in enumerate(ps):
+        rank = model.for_tp_rank(2, i)
+        p.register_pool(make_pool(rank, 2 + i), rank)
+        pd, pp = p.add_peer(d.metadata()), d.add_peer(p.metadata())
+        p.wait_connected(pd, 20)
+        d.wait_connected(pp, 20)
+        peers.append((pd, pp))
+    group = kvxfer.RecvGroup(d.recv(peers[i][1], 5, [1, 2]) for i in range(2))
+    with pytest.raises(errors.TransferTimeout, match="2 of the 2 recvs of transfer 5 not done within 0.2s "
+                                                     "\\(peers 'rgroup-p0', 'rgroup-p1'\\)"):
+        group.wait(timeout_s=0.2)
+    sends = [ps[i].send(peers[i][0], 5, [3, 4], [1, 2]) for i in range(2)]
+    sends[0].layer_ready(0)
+    group.recvs[0].wait(layer=0, timeout_s=10)
+    assert not group.layer_done(0)  # rank 1 has not sent layer 0
+    sends[1].abort("prefill rank 1 hit an error")
+    with pytest.raises(errors.TransferFailed, match="the sender abandoned transfer 5"):
+        group.wait(timeout_s=10)  # returns at rank 1's failure while rank 0's recv is still pending
+    assert group.state == kvxfer.TransferState.FAILED and group.recvs[0].state == kvxfer.TransferState.PENDING
+    assert "sender abandoned" in str(group.error)
+    group.cancel("decode gave the request up")
+    with pytest.raises(errors.Cancelled, match="cancelled by the receiver"):
+        sends[0].wait(timeout_s=10)
+    deadline = time.monotonic() + 10
+    while not group.writes_over and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert group.writes_over
+    for x in [d, *ps]:
+        x.close()
+    with pytest.raises(errors.InvalidArgument, match="at least one recv"):
+        kvxfer.RecvGroup([])

@@ -23,13 +23,13 @@ def main(mode, port, *dims):
     agent.register_pool(pool, layout)
     server = PushServer(agent, "127.0.0.1", int(port))
     print("ready", flush=True)
-    while (reg := next((r for r in list(server._table.values())), None)) is None:
+    while (regs := next((server.take(x) for x in list(server._table)), None)) is None:
         time.sleep(0.01)
-    server.take(reg.xfer_id)
+    reg = regs[0]
     print("registered", reg.xfer_id, flush=True)
     src = np.arange(1, 1 + len(reg.dst_ids), dtype=np.int32)
     if mode == "hold":  # the decode side is expected to give the request up: its cancel ends this send
-        send = agent.send(reg.peer, reg.xfer_id, src, reg.dst_ids)
+        send = agent.send(reg.peer, reg.xfer_id, src, reg.dst_ids, num_tokens=reg.num_tokens or None)
         print("opened", flush=True)
         try:
             send.wait(timeout_s=120)
@@ -38,7 +38,7 @@ def main(mode, port, *dims):
         else:
             print("ended", send.state.name, "-", flush=True)
     if mode in ("during", "all"):
-        send = agent.send(reg.peer, reg.xfer_id, src, reg.dst_ids)
+        send = agent.send(reg.peer, reg.xfer_id, src, reg.dst_ids, num_tokens=reg.num_tokens or None)
         if mode == "during":
             send.layer_ready(0)
         else:

@@ -225,11 +225,14 @@ def test_negative_control_other_kv_changes_the_output(cluster, baseline):
                                                                  **_direct_params(port, xfer_id))))
     t.start()
     deadline = time.monotonic() + 60
-    while (reg := server.take(xfer_id)) is None:
+    while (regs := server.take(xfer_id)) is None:
         assert time.monotonic() < deadline, "the decode engine never registered its blocks"
         time.sleep(0.01)
+    (reg,) = regs
     assert len(reg.dst_ids) == -(-baseline[prompt]["usage"]["prompt_tokens"] // BLOCK_SIZE)
-    send = agent.send(reg.peer, xfer_id, np.arange(1, 1 + len(reg.dst_ids), dtype=np.int32), reg.dst_ids)
+    assert reg.num_tokens == baseline[prompt]["usage"]["prompt_tokens"]
+    send = agent.send(reg.peer, xfer_id, np.arange(1, 1 + len(reg.dst_ids), dtype=np.int32), reg.dst_ids,
+                      num_tokens=reg.num_tokens)
     send.all_ready()
     send.wait(timeout_s=30)
     t.join(120)
