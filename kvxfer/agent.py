@@ -12,6 +12,7 @@ engine's request keys, scoped per peer. Python never loops per block: ids go to 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from kvxfer import _C, envs
 from kvxfer.errors import InvalidArgument
 from kvxfer.layout import KVLayout
 from kvxfer.memory import as_region
-from kvxfer.transfer import Recv, Send
+from kvxfer.transfer import Recv, Send, TransferState
 
 
 class Peer:
@@ -304,6 +305,20 @@ class Agent:
         h = self._c.recv(peer._h, _xfer(xfer_id), self._pool(pool).index, _ids(dst_ids, "dst_ids"), first, count,
                          timeout_s or 0.0, src_pool, _tokens(num_tokens))
         return Recv(self, peer, h)
+
+    def wait_any(self, transfers, timeout_s: float) -> bool:
+        """Sleeps until one of `transfers` (this agent's sends and recvs, or groups of them) is no longer pending,
+        or timeout_s passed; True in the first case. For an engine that has nothing to do but wait on many
+        transfers: it wakes when one ends instead of polling each (any transfer of this agent ending wakes it, and
+        it looks again)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seen = self._c.ended_count()
+            if any(t.state != TransferState.PENDING for t in transfers):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._c.wait_ended(seen, left):
+                return False
 
     def stats(self) -> dict:
         return self._c.stats()

@@ -74,9 +74,9 @@ def _parse(msg) -> tuple[str, int, dict]:
     if (not isinstance(dst, list) or len(dst) > MAX_BLOCKS
             or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 2**31 for b in dst)):
         raise MetadataError(f"push frame for {xfer_id}: dst_ids must be a list of at most {MAX_BLOCKS} block ids")
-    fields = dict(dst_ids=np.asarray(dst, dtype=np.int32), skip_blocks=_count(msg, "skip_blocks", xfer_id),
-                  num_tokens=_count(msg, "num_tokens", xfer_id), skip_tokens=_count(msg, "skip_tokens", xfer_id),
-                  tp_size=_count(msg, "tp_size", xfer_id, 1, MAX_TP + 1), tp_rank=_count(msg, "tp_rank", xfer_id))
+    fields = {"dst_ids": np.asarray(dst, dtype=np.int32), "skip_blocks": _count(msg, "skip_blocks", xfer_id),
+              "num_tokens": _count(msg, "num_tokens", xfer_id), "skip_tokens": _count(msg, "skip_tokens", xfer_id),
+              "tp_size": _count(msg, "tp_size", xfer_id, 1, MAX_TP + 1), "tp_rank": _count(msg, "tp_rank", xfer_id)}
     if not fields["tp_rank"] < fields["tp_size"] or fields["tp_size"] < 1:
         raise MetadataError(f"push frame for {xfer_id}: tp_rank {fields['tp_rank']} is not a rank of tp_size "
                             f"{fields['tp_size']}")

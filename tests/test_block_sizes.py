@@ -121,7 +121,7 @@ def cpu_attn(block_size, num_blocks=12):
 def test_cpu_pools_of_different_block_sizes_are_refused():
     """vLLM's CPU backend keeps K transposed per (block, head) ([head_dim][block_size]): a token's K is a column, not
     a row, so 16- and 32-token blocks cannot exchange tokens; refused at handshake and at send, naming why."""
-    a, b, pb, pa, _, _ = pair("tcp", cpu_attn(16), cpu_attn(32), "cpu-refuse", timeout_s=5)
+    a, b, pb, _, _, _ = pair("tcp", cpu_attn(16), cpu_attn(32), "cpu-refuse", timeout_s=5)
     with pytest.raises(errors.LayoutMismatch, match="blocks of 16 tokens on the sender and 32 on the receiver, but a "
                                                     "vllm_cpu pool does not store a token's K contiguously"):
         a.check_peer(pb)

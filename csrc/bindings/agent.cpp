@@ -184,6 +184,9 @@ void register_agent(py::module_& m) {
       .def_property_readonly("doorbell", [](const Agent& a) {
         return py::make_tuple(a.has_doorbell(), a.doorbell_unavailable());
       })
+      .def("ended_count", &Agent::ended_count)
+      .def("wait_ended", &Agent::wait_ended, py::arg("seen"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>())
       .def("stats", [](const Agent& a) {
         AgentStats s = a.stats();
         py::dict d;

@@ -656,6 +656,7 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
                               max_write);
 
   auto send = std::make_shared<SendState>(xfer_id, std::move(plan), timeout_s > 0 ? timeout_s : options_.default_timeout_s);
+  send->set_end_signal(ends_);
   send->peer = peer;
   send->src_pool = src_pool;
   send->src = src;
@@ -785,6 +786,7 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
                                << " layers");
   auto recv = std::make_shared<RecvState>(xfer_id, first, count, granules,
                                           timeout_s > 0 ? timeout_s : options_.default_timeout_s);
+  recv->set_end_signal(ends_);
   std::lock_guard<std::mutex> lock(peer->mu);
   KVXFER_CHECK(!peer->live_recvs.count(xfer_id), DuplicateTransfer,
                "transfer id " << xfer_id << " from peer '" << peer->info.name << "' already has a live recv");

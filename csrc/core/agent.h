@@ -154,6 +154,10 @@ class Agent {
   bool has_doorbell() const { return doorbell_ != nullptr; }
   const std::string& doorbell_unavailable() const { return doorbell_why_; }
   AgentStats stats() const;
+  // How many of this agent's transfers have ended so far, and a wait (without the GIL) until that changes from
+  // `seen` or timeout_s passes: an engine with many transfers open sleeps until one ends instead of polling.
+  uint64_t ended_count() const { return ends_->count(); }
+  bool wait_ended(uint64_t seen, double timeout_s) { return ends_->wait_changed(seen, timeout_s); }
   // The path send() would take from local pool src_pool to the peer's pool dst_pool; throws TransportUnavailable
   // when no path can reach it, with what to change.
   PathChoice choose_path(const PeerState& peer, uint32_t src_pool, uint32_t dst_pool) const;
@@ -313,6 +317,7 @@ class Agent {
 
   std::mutex cmd_mu_;
   std::condition_variable cmd_cv_;
+  std::shared_ptr<EndSignal> ends_ = std::make_shared<EndSignal>();
   int wake_fd_ = -1;                // eventfd: commands end the progress thread's blocking wait on the CQ fds
   std::vector<int> cq_fds_;         // the transport's wait fds (empty: it has none; idle means short sleeps)
   std::vector<Command> commands_;

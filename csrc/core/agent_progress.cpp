@@ -1,5 +1,6 @@
 // Agent: the progress-thread half. Posts writes within a bounded window, polls completions, counts immediates,
 // handles control messages and enforces deadlines and peer liveness. Never holds the GIL, never calls Python.
+#include <pthread.h>
 #include <poll.h>
 #include <signal.h>
 #include <unistd.h>
@@ -47,6 +48,7 @@ bool process_gone(pid_t pid) {
 }  // namespace
 
 void Agent::progress_loop() {
+  pthread_setname_np(pthread_self(), "kvxfer-progress");  // what top, gdb and /proc show for this thread
   uint32_t idle = 0;
   auto last_busy = Clock::now();
   while (!stop_.load(std::memory_order_relaxed)) {

@@ -67,6 +67,7 @@ bool TransferBase::finish() {
   stamp_finish();
   state_.store(static_cast<int>(TransferState::Done), std::memory_order_release);
   notify();
+  if (ends_) ends_->bump();
   return true;
 }
 
@@ -83,6 +84,7 @@ bool TransferBase::fail(ErrorKind kind, const std::string& message) {
   if (const LayerMirror* m = mirror_.load(std::memory_order_acquire))
     m->fail_word->store(m->value, std::memory_order_release);
   notify();
+  if (ends_) ends_->bump();
   return true;
 }
 

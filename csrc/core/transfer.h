@@ -31,6 +31,30 @@ struct LayerMirror {
   uint32_t value = 0;
 };
 
+// Counts the transfers of one agent that ended (DONE or FAILED), so an engine watching many of them can sleep until
+// one ends instead of polling each (Agent::wait_ended).
+class EndSignal {
+ public:
+  uint64_t count() const { return count_.load(std::memory_order_acquire); }
+  void bump() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      count_.fetch_add(1, std::memory_order_acq_rel);
+    }
+    cv_.notify_all();
+  }
+  // True once the count differs from `seen`; false when timeout_s passed first. Call without the GIL.
+  bool wait_changed(uint64_t seen, double timeout_s) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), [&] { return count() != seen; });
+  }
+
+ private:
+  std::atomic<uint64_t> count_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+};
+
 class TransferBase {
  public:
   TransferBase(uint64_t xfer_id, uint32_t first_layer, uint32_t num_layers, double timeout_s);
@@ -58,6 +82,9 @@ class TransferBase {
   // state; throws TransferTimeout when timeout_s passes first (the transfer itself goes on).
   TransferState wait(int layer, double timeout_s);
 
+  // The agent's EndSignal, bumped when this transfer ends (set once, before the transfer is shared).
+  void set_end_signal(std::shared_ptr<EndSignal> ends) { ends_ = std::move(ends); }
+
   // Progress-thread side.
   void mark_layer_done(uint32_t layer);
   bool finish();                                             // -> Done; false if already finished
@@ -74,6 +101,7 @@ class TransferBase {
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<bool> finishing_{false};
+  std::shared_ptr<EndSignal> ends_;
   std::atomic<double> finished_at_{0.0};
   void stamp_finish();
   std::shared_ptr<const LayerMirror> mirror_owner_;           // written once, before mirror_ is published

@@ -28,7 +28,16 @@ A failed load (the recv failed or timed out, or the push connection closed), or 
 (its client left), is cancelled (Recv.cancel: the prefill side posts nothing more) and reported to vLLM only once none of its writes can still land (Recv.writes_over), since
 vLLM may recompute into those blocks; at most transfer_timeout_s later it is reported regardless, with a warning.
 A prefill request is reported sent (vLLM frees its blocks) only once its send's writes are over (Send.writes_over).
-Limits: one worker per engine (TP=1), CPU KV caches only (never run with vLLM on a GPU).
+Tensor parallelism: prefill and decode engines may run different TP sizes. Every worker registers its pool as its
+TP rank's (the model's KV heads it holds); prefill rank r serves pushes on push_port + r and says its rank and
+TP size in its hello. A decode rank opens one recv per prefill rank holding some of its heads
+(kvxfer.tp.rank_pairs) as a kvxfer.RecvGroup and registers its blocks with every prefill rank; a prefill rank
+sends, once every decode rank registered, to the decode ranks that take heads from it (a kvxfer.SendGroup; none
+for a replica the pairs do not use), and reports the request sent when those sends are over. Registrations
+carry token counts (num_tokens, skip_tokens), so pools of different block sizes agree on what moves where the
+layout allows it (vLLM's CPU cache does not: its K is stored transposed per block, so both engines need one
+block size there; the refusal names it).
+Limits: no pipeline parallelism; CPU KV caches only (never run with vLLM on a GPU).
 """
 from __future__ import annotations
 
@@ -46,6 +55,7 @@ from kvxfer.errors import InvalidArgument, KvxferError
 from kvxfer.push import PushClient, PushServer
 
 log = logging.getLogger("kvxfer.adapters.vllm")
+IDLE_WAIT_S = 0.01  # longest sleep of an empty engine step while transfers are open (see _idle_wait)
 
 
 @dataclass
@@ -55,6 +65,7 @@ class LoadSpec:          # decode: receive X into dst_ids; the first skip_blocks
     port: int
     dst_ids: list[int]
     skip_blocks: int
+    num_tokens: int      # the prompt's tokens after the skipped blocks: what the prefill side writes
 
 
 @dataclass
@@ -100,9 +111,13 @@ class KvxferConnector(KVConnectorBase_V1):
         extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
         self.block_size = vllm_config.cache_config.block_size
         self.timeout_s = float(extra.get("transfer_timeout_s", 30.0))
-        if vllm_config.parallel_config.world_size != 1:
-            raise InvalidArgument("kvxfer's vLLM connector supports one worker per engine (tensor/pipeline parallel "
-                                  f"size 1), got world size {vllm_config.parallel_config.world_size}")
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size != 1:
+            raise InvalidArgument("kvxfer's vLLM connector supports tensor parallelism but not pipeline parallelism "
+                                  f"(got pipeline_parallel_size={parallel.pipeline_parallel_size}); run with "
+                                  "--pipeline-parallel-size 1")
+        self.tp_size, self.tp_rank = parallel.tensor_parallel_size, 0  # the rank: at register_kv_caches
+        self.total_kv_heads = vllm_config.model_config.get_total_num_kv_heads()
         self._extra = extra
         # scheduler side
         self._loads: dict[str, LoadSpec] = {}             # decode: registered this step, not yet in metadata
@@ -114,11 +129,13 @@ class KvxferConnector(KVConnectorBase_V1):
         self.server: PushServer | None = None
         self._clients: dict[tuple[str, int], PushClient] = {}
         self._layer_index: dict[str, int] = {}
-        self._recvs: dict[str, tuple[kvxfer.Recv | None, PushClient | None, list[int]]] = {}
+        # decode: a load's recvs (one per prefill rank holding its heads), the clients of every prefill rank, ids
+        self._recvs: dict[str, tuple[kvxfer.RecvGroup | None, list[PushClient], list[int]]] = {}
         self._load_errors: set[int] = set()
         self._given_up: dict[str, float] = {}             # failed loads cancelled / failed sends, since (monotonic)
         self._aborted_loads: set[str] = set()             # decode: vLLM finished these while their load was live
-        self._sends: dict[str, kvxfer.Send | None] = {}   # None: ended without a send (no registration, refused)
+        self._sends: dict[str, kvxfer.SendGroup | None] = {}  # None: nothing sent (no registration, refused, or
+                                                               # no decode rank takes heads from this rank)
         self._waiting: dict[str, tuple[SaveSpec, float]] = {}  # prefill: forward done, registration not yet here
         self._layerwise: set[str] = set()                 # sends opened at this step's first save_kv_layer
         self._step_started = False
@@ -150,7 +167,8 @@ class KvxferConnector(KVConnectorBase_V1):
         new_ids = blocks.get_unhashed_block_ids()
         num_blocks = -(-request.num_prompt_tokens // self.block_size)
         skip = len(all_ids) - len(new_ids)
-        self._loads[rid] = LoadSpec(x, host, port, list(new_ids)[:num_blocks - skip], skip)
+        self._loads[rid] = LoadSpec(x, host, port, list(new_ids)[:num_blocks - skip], skip,
+                                    request.num_prompt_tokens - skip * self.block_size)
 
     def build_connector_meta(self, scheduler_output):
         meta = KvxferConnectorMetadata(loads=self._loads)
@@ -203,32 +221,77 @@ class KvxferConnector(KVConnectorBase_V1):
         if backend is None:
             raise kvxfer.errors.TransportUnavailable(
                 f"KV cache on {first.device}: kvxfer moves host memory only so far (GPU paths are not done)")
-        layout = kvxfer.KVLayout.from_vllm(backend, first.shape, str(first.dtype), len(names))
+        layout = self._rank_layout(kvxfer.KVLayout.from_vllm(backend, first.shape, str(first.dtype), len(names)))
         self._layer_index = {name: i for i, name in enumerate(names)}
         self.agent = kvxfer.Agent(f"vllm-{os.getpid()}", transport=self._extra.get("transport"),
                                   interface=self._extra.get("interface"), timeout_s=self.timeout_s)
         self.agent.register_pool([kv_caches[n] for n in names], layout)
-        if self._extra.get("push_port") is not None:
+        if self._extra.get("push_port") is not None:  # TP rank r serves on push_port + r
             self.server = PushServer(self.agent, self._extra.get("push_host", "127.0.0.1"),
-                                     int(self._extra["push_port"]), ttl_s=self.timeout_s)
-            log.info("kvxfer: %s pool of %d layers x %d blocks; push server on %s:%d", layout.kind,
-                     layout.num_layers, layout.num_blocks, *self.server.address)
+                                     int(self._extra["push_port"]) + self.tp_rank, ttl_s=self.timeout_s,
+                                     tp_size=self.tp_size, tp_rank=self.tp_rank)
+            log.info("kvxfer: %s pool of %d layers x %d blocks (KV heads [%d, %d) of %d, TP rank %d of %d); push "
+                     "server on %s:%d", layout.kind, layout.num_layers, layout.num_blocks, layout.head_begin,
+                     layout.head_begin + layout.num_kv_heads, self.total_kv_heads, self.tp_rank, self.tp_size,
+                     *self.server.address)
+
+    def _rank_layout(self, layout):
+        """This worker's pool as its TP rank's: which of the model's KV heads it holds, so that prefill and decode
+        engines of different tensor parallelism exchange the heads they have in common."""
+        if self.tp_size > 1:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            self.tp_rank = get_tensor_model_parallel_rank()
+        if layout.num_kv_heads == 0:  # MLA: every rank holds the whole latent
+            self.total_kv_heads = 0
+            return layout
+        begin, n = kvxfer.KVLayout.tp_heads(self.total_kv_heads, self.tp_size, self.tp_rank)
+        if n != layout.num_kv_heads:
+            raise InvalidArgument(f"TP rank {self.tp_rank} of {self.tp_size} holds {layout.num_kv_heads} KV heads, "
+                                  f"but {self.total_kv_heads} heads split over {self.tp_size} ranks give {n}")
+        return layout.with_heads(begin, self.total_kv_heads)
 
     def start_load_kv(self, forward_context, **kwargs):
         meta = self._get_connector_metadata()
         # vLLM steps without a forward while it waits on transfers only; get_finished then idles briefly
         self._idle_step = getattr(forward_context, "attn_metadata", None) is None
         for rid, spec in meta.loads.items():
-            recv, client = None, None
-            try:
-                client = self._client(spec.host, spec.port)
-                recv = self.agent.recv(client.peer, spec.xfer_id, spec.dst_ids, timeout_s=self.timeout_s)
-                client.register(spec.xfer_id, spec.dst_ids, spec.skip_blocks)
-            except (KvxferError, TypeError, ValueError) as e:
-                log.warning("kvxfer: load of request %s from %s:%s failed to start: %s", rid, spec.host,
-                            spec.port, e)
-                recv = None
-            self._recvs[rid] = (recv, client, spec.dst_ids)
+            self._recvs[rid] = self._start_load(rid, spec)
+
+    def _start_load(self, rid: str, spec: LoadSpec):
+        """Opens one recv per prefill rank holding some of this rank's heads (kvxfer.tp.rank_pairs), then
+        registers the blocks with every prefill rank (each must hear from every decode rank). Returns the load's
+        (RecvGroup or None, clients, dst_ids)."""
+        group, clients = None, []
+        try:
+            clients = self._prefill_ranks(spec.host, spec.port)
+            sources = sorted({pr.prefill_rank for pr in kvxfer.tp.rank_pairs(self.total_kv_heads, len(clients),
+                                                                              self.tp_size)
+                              if pr.decode_rank == self.tp_rank})
+            group = kvxfer.RecvGroup(self.agent.recv(clients[p].peer, spec.xfer_id, spec.dst_ids,
+                                                     timeout_s=self.timeout_s, num_tokens=spec.num_tokens)
+                                     for p in sources)
+            for c in clients:
+                c.register(spec.xfer_id, spec.dst_ids, spec.skip_blocks, num_tokens=spec.num_tokens,
+                           skip_tokens=spec.skip_blocks * self.block_size, tp_size=self.tp_size,
+                           tp_rank=self.tp_rank)
+        except (KvxferError, TypeError, ValueError) as e:
+            log.warning("kvxfer: load of request %s from %s:%s failed to start: %s", rid, spec.host, spec.port, e)
+            if group is not None:  # a prefill rank may have its registration: tell them to post nothing
+                group.cancel(f"the load failed to start: {e}")
+        return group, clients, spec.dst_ids
+
+    def _prefill_ranks(self, host: str, port: int) -> list[PushClient]:
+        """A push client per TP rank of the prefill engine at host:port (its rank r serves on port + r; rank 0's
+        hello says how many there are)."""
+        first = self._client(host, port)
+        clients = [first] + [self._client(host, port + r) for r in range(1, first.tp_size)]
+        for r, c in enumerate(clients):
+            if (c.tp_size, c.tp_rank) != (first.tp_size, r):
+                raise InvalidArgument(f"the push server at {host}:{port + r} is TP rank {c.tp_rank} of {c.tp_size}, "
+                                      f"expected rank {r} of {first.tp_size}: prefill rank r must serve on "
+                                      "push_port + r")
+        return clients
 
     def _client(self, host: str, port) -> PushClient:
         client = self._clients.get((host, port))
@@ -248,15 +311,18 @@ class KvxferConnector(KVConnectorBase_V1):
         if not self._step_started:  # the step's first layer: open the sends whose registration is already here
             self._step_started = True
             for rid, spec in meta.saves.items():
-                reg = self.server.take(spec.xfer_id)
-                if reg is not None:
-                    self._sends[rid] = self._open(rid, spec, reg)
+                regs = self.server.take(spec.xfer_id)
+                if regs is not None:
+                    self._sends[rid] = self._open(rid, spec, regs)
                     self._layerwise.add(rid)
         if self._layerwise:
             layer = self._layer_index[layer_name]
             for rid in self._layerwise:
-                if self._sends[rid] is not None:
-                    self._sends[rid].layer_ready(layer)
+                if self._sends[rid] is not None and self._sends[rid].state != kvxfer.TransferState.FAILED:
+                    try:
+                        self._sends[rid].layer_ready(layer)
+                    except KvxferError as e:  # a decode rank went away mid-forward; get_finished reports it
+                        log.warning("kvxfer: request %s: %s", rid, e)
 
     def wait_for_save(self):
         self._step_started = False
@@ -265,35 +331,68 @@ class KvxferConnector(KVConnectorBase_V1):
         now = time.monotonic()
         for rid, spec in self._get_connector_metadata().saves.items():
             if rid in self._layerwise:
-                if self._sends[rid] is not None:
-                    self._sends[rid].all_ready()  # no-op for layers already marked
+                if self._sends[rid] is not None and self._sends[rid].state != kvxfer.TransferState.FAILED:
+                    try:
+                        self._sends[rid].all_ready()  # no-op for layers already marked
+                    except KvxferError as e:
+                        log.warning("kvxfer: request %s: %s", rid, e)
             else:
                 self._waiting[rid] = (spec, now)
         self._layerwise.clear()
         self._open_waiting()
 
-    def _open(self, rid: str, spec: SaveSpec, reg) -> kvxfer.Send | None:
-        src = spec.src_ids[reg.skip_blocks:]
-        if len(src) != len(reg.dst_ids):
-            log.error("kvxfer: request %s (xfer %d): the prompt has %d blocks to send but the decode side "
-                      "registered %d; nothing sent (its load fails at its timeout)", rid, spec.xfer_id, len(src),
-                      len(reg.dst_ids))
+    def _open(self, rid: str, spec: SaveSpec, regs) -> kvxfer.SendGroup | None:
+        """One send per decode rank that takes heads from this prefill rank (kvxfer.tp.rank_pairs over both
+        engines' TP sizes); None when there is none, or every one was refused (its loads fail at their timeout)."""
+        decode_tp = regs[0].tp_size
+        targets = [pr.decode_rank for pr in kvxfer.tp.rank_pairs(self.total_kv_heads, self.tp_size, decode_tp)
+                   if pr.prefill_rank == self.tp_rank]
+        sends = [s for s in (self._send_to(rid, spec, regs[d]) for d in dict.fromkeys(targets)) if s is not None]
+        return kvxfer.SendGroup(sends) if sends else None
+
+    def _send_to(self, rid: str, spec: SaveSpec, reg) -> kvxfer.Send | None:
+        src, why = self._source_blocks(spec, reg)
+        if src is None:
+            log.error("kvxfer: request %s (xfer %d) to decode rank %d: %s; nothing sent (its load fails at its "
+                      "timeout)", rid, spec.xfer_id, reg.tp_rank, why)
             return None
         try:
             return self.agent.send(reg.peer, spec.xfer_id, np.asarray(src, np.int32), reg.dst_ids,
-                                   timeout_s=self.timeout_s)
+                                   timeout_s=self.timeout_s, num_tokens=reg.num_tokens or None)
         except KvxferError as e:
             log.error("kvxfer: request %s (xfer %d): send refused: %s", rid, spec.xfer_id, e)
             return None
 
+    def _source_blocks(self, spec: SaveSpec, reg) -> tuple[list[int] | None, str]:
+        """The prompt's blocks holding the tokens the decode side registered for (its skip and count are in
+        tokens, so engines of different block sizes agree), or None and why not."""
+        if not reg.num_tokens:  # whole blocks after skip_blocks
+            src = spec.src_ids[reg.skip_blocks:]
+            if len(src) != len(reg.dst_ids):
+                return None, (f"the prompt has {len(src)} blocks to send but the decode side registered "
+                              f"{len(reg.dst_ids)}")
+            return src, ""
+        if reg.skip_tokens % self.block_size:
+            return None, (f"the decode side holds the first {reg.skip_tokens} tokens already, which ends inside a "
+                          f"{self.block_size}-token block here")
+        first = reg.skip_tokens // self.block_size
+        src = spec.src_ids[first:first - (-reg.num_tokens // self.block_size)]
+        if (first + len(src)) * self.block_size < reg.skip_tokens + reg.num_tokens:
+            return None, (f"the decode side registered {reg.skip_tokens} + {reg.num_tokens} tokens but the prompt "
+                          f"has {len(spec.src_ids)} blocks of {self.block_size} here")
+        return src, ""
+
     def _open_waiting(self):
         now = time.monotonic()
         for rid, (spec, t0) in list(self._waiting.items()):
-            reg = self.server.take(spec.xfer_id)
-            if reg is not None:
-                send = self._sends[rid] = self._open(rid, spec, reg)
+            regs = self.server.take(spec.xfer_id)
+            if regs is not None:
+                send = self._sends[rid] = self._open(rid, spec, regs)
                 if send is not None:
-                    send.all_ready()
+                    try:
+                        send.all_ready()
+                    except KvxferError as e:  # one send already failed; get_finished reports the group
+                        log.warning("kvxfer: request %s (xfer %d): %s", rid, spec.xfer_id, e)
             elif self.server.cancelled(spec.xfer_id) or now - t0 > self.timeout_s:
                 log.warning("kvxfer: request %s (xfer %d): no decode registration within %.0f s (or cancelled); "
                             "freeing its blocks", rid, spec.xfer_id, self.timeout_s)
@@ -308,11 +407,11 @@ class KvxferConnector(KVConnectorBase_V1):
         # prefill side is told to stop (Recv.cancel), and the load is reported once its writes are over.
         self._aborted_loads |= {rid for rid in finished_req_ids if rid in self._recvs}
         sending, recving = set(), set()
-        for rid, (recv, client, dst) in list(self._recvs.items()):
+        for rid, (recv, clients, dst) in list(self._recvs.items()):
             if rid in self._aborted_loads and recv is not None and recv.state == kvxfer.TransferState.PENDING:
                 recv.cancel("vLLM aborted the request")
             state = recv.state if recv is not None else kvxfer.TransferState.FAILED
-            if state == kvxfer.TransferState.PENDING and not (client.lost or client.peer.lost):
+            if state == kvxfer.TransferState.PENDING and not (recv.peers_lost or any(c.lost for c in clients)):
                 continue
             if state != kvxfer.TransferState.DONE:
                 if not self._writes_ended(rid, recv):
@@ -331,11 +430,8 @@ class KvxferConnector(KVConnectorBase_V1):
         if self.server is not None:
             self._open_waiting()
             self.server.expired()  # registrations for requests this engine never got: nothing to hold
-        if self._idle_step and not sending and not recving:  # do not spin a core on empty steps
-            if self._waiting:
-                self.server.wait(0.002)
-            elif self._recvs or self._sends:
-                time.sleep(0.001)
+        if self._idle_step and not sending and not recving:
+            self._idle_wait()
         for rid, send in list(self._sends.items()):
             if rid in self._finished and (send is None or self._send_over(rid, send)):
                 if send is not None and send.state == kvxfer.TransferState.FAILED:
@@ -345,6 +441,21 @@ class KvxferConnector(KVConnectorBase_V1):
         # only prefill sends wait for their id here; forget finished ids that have nothing left to report
         self._finished = {rid for rid in self._finished - sending if rid in self._sends or rid in self._waiting}
         return (sending or None), (recving or None)
+
+    def _idle_wait(self) -> None:
+        """A step with nothing to compute while transfers are open: vLLM steps again at once, so sleep here until
+        a registration arrives or one of our transfers ends (at most IDLE_WAIT_S: what a new request waits at
+        worst). Polling every millisecond cost a TP 2 engine (three processes per step) both cores of a 2-core
+        machine, and starved the prefill engine beside it for 20 s."""
+        if self._waiting:
+            self.server.wait(IDLE_WAIT_S)
+            return
+        pending = [t for t in (*(g for g, _, _ in self._recvs.values()), *self._sends.values())
+                   if t is not None and t.state == kvxfer.TransferState.PENDING]
+        if pending:
+            self.agent.wait_any(pending, IDLE_WAIT_S)
+        elif self._recvs or self._sends:  # ended, waiting on writes_over or on vLLM: nothing to wake us
+            time.sleep(0.002)
 
     def _send_over(self, rid: str, send) -> bool:
         """vLLM frees a request's blocks once it is reported sent: only once the send ended and none of its writes
@@ -367,7 +478,7 @@ class KvxferConnector(KVConnectorBase_V1):
         """A failed load: cancel its recv once (the prefill side posts nothing more) and say True once none of its
         writes can still land (Recv.writes_over, or the prefill agent is lost), or after transfer_timeout_s more
         with a warning (the old behaviour: vLLM gets the blocks back regardless)."""
-        if recv is None or recv.writes_over or recv.peer.lost:
+        if recv is None or all(r.writes_over or r.peer.lost for r in recv.recvs):
             self._given_up.pop(rid, None)
             return True
         if rid not in self._given_up:

@@ -111,14 +111,35 @@ class Server:
                 self.proc.wait(10)
 
 
-def _vllm_cmd(model: Path, port: int, extra: dict) -> list[str]:
+def _vllm_cmd(model: Path, port: int, extra: dict, tp: int = 1) -> list[str]:
     kv = {"kv_connector": "KvxferConnector", "kv_connector_module_path": "kvxfer.adapters.vllm",
           "kv_role": "kv_both", "kv_connector_extra_config": extra}
     return [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
             "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
             "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--no-enable-prefix-caching", "--max-num-seqs", "4",
             "--max-num-batched-tokens", "256", "--seed", "0", "--kv-cache-memory-bytes", str(16 << 20),
-            "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(kv)]
+            "--enable-prompt-tokens-details", "--tensor-parallel-size", str(tp), "--kv-transfer-config",
+            json.dumps(kv)]
+
+
+def _free_ports(n: int) -> int:
+    """The first of n consecutive free ports (a TP prefill engine's rank r serves pushes on push_port + r)."""
+    for _ in range(100):
+        base = _free_port()
+        try:
+            socks = [socket.create_server(("127.0.0.1", base + i)) for i in range(1, n)]
+        except OSError:
+            continue
+        for sk in socks:
+            sk.close()
+        return base
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
+
+
+def _proxy(name: str, port: int, prefill_port: int, push_port: int, decode_port: int, d: Path, env: dict) -> Server:
+    return Server(name, [sys.executable, "-m", "kvxfer.adapters.vllm_proxy", "--port", str(port), "--prefill",
+                         f"http://127.0.0.1:{prefill_port}", "--prefill-push", f"127.0.0.1:{push_port}", "--decode",
+                         f"http://127.0.0.1:{decode_port}"], d, {**env, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")
@@ -129,16 +150,13 @@ def cluster(tmp_path_factory):
                    capture_output=True, timeout=300)
     env = loopback_env()
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))  # kvxfer of this checkout (the .pth names one)
     p_port, d_port, push_port, proxy_port = (_free_port() for _ in range(4))
     servers = {
         "prefill": Server("prefill", _vllm_cmd(model, p_port, {"push_port": push_port,
                                                                "transfer_timeout_s": TRANSFER_TIMEOUT_S}), d, env),
         "decode": Server("decode", _vllm_cmd(model, d_port, {"transfer_timeout_s": TRANSFER_TIMEOUT_S}), d, env),
-        "proxy": Server("proxy", [sys.executable, "-m", "kvxfer.adapters.vllm_proxy", "--port", str(proxy_port),
-                                  "--prefill", f"http://127.0.0.1:{p_port}", "--prefill-push",
-                                  f"127.0.0.1:{push_port}", "--decode", f"http://127.0.0.1:{d_port}"], d,
-                        {**env, "PYTHONPATH": str(ROOT)}),
+        "proxy": _proxy("proxy", proxy_port, p_port, push_port, d_port, d, env),
     }
     try:
         t0 = time.monotonic()
@@ -154,7 +172,8 @@ def cluster(tmp_path_factory):
         assert status == 200, resp
         print(f"prefill server's first request took {time.monotonic() - t1:.1f}s")
         yield {"prefill": f"http://127.0.0.1:{p_port}", "decode": f"http://127.0.0.1:{d_port}",
-               "proxy": f"http://127.0.0.1:{proxy_port}", "servers": servers, "dir": d}
+               "proxy": f"http://127.0.0.1:{proxy_port}", "servers": servers, "dir": d, "model": model, "env": env,
+               "ports": {"prefill": p_port, "push": push_port, "decode": d_port}}
     finally:
         for s in servers.values():
             s.stop()
@@ -323,3 +342,66 @@ def test_client_leaving_the_decode_engine_cancels_the_prefill_send(cluster, base
     status, resp = complete(cluster["proxy"], PROMPTS[0])
     assert status == 200, resp
     assert tokens_and_logprobs(resp)[0] == tokens_and_logprobs(baseline[PROMPTS[0]])[0]
+
+
+@pytest.fixture(scope="module")
+def tp_cluster(cluster):
+    """A prefill and a decode engine of tensor parallelism 2 (each worker holds one of the model's two KV heads)
+    beside the TP 1 pair, and proxies for the pairings of different TP sizes: TP 1 -> 2, 2 -> 1, and 2 -> 2."""
+    # nobind: vLLM would pin TP rank 0 and the TP 1 prefill to core 0 of this 2-core machine, where its spinning
+    # workers kept the prefill's kvxfer progress thread runnable but unscheduled for 10+ s (a load timed out)
+    d, env = cluster["dir"], {**cluster["env"], "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    p_port, d_port, push_port = _free_port(), _free_port(), _free_ports(2)
+    servers = {
+        "prefill2": Server("prefill2", _vllm_cmd(cluster["model"], p_port, {"push_port": push_port,
+                                                                         "transfer_timeout_s": TRANSFER_TIMEOUT_S},
+                                                 tp=2), d, env),
+        "decode2": Server("decode2", _vllm_cmd(cluster["model"], d_port, {"transfer_timeout_s": TRANSFER_TIMEOUT_S},
+                                               tp=2), d, env),
+    }
+    ports = cluster["ports"]
+    routes = {"1->2": (ports["prefill"], ports["push"], d_port), "2->1": (p_port, push_port, ports["decode"]),
+              "2->2": (p_port, push_port, d_port)}
+    proxies = {}
+    try:
+        servers["prefill2"].wait_healthy(f"http://127.0.0.1:{p_port}/health", 400)
+        servers["decode2"].wait_healthy(f"http://127.0.0.1:{d_port}/health", 400)
+        for name, (pp, push, dp) in routes.items():
+            proxies[name] = _free_port()
+            servers[name] = _proxy(f"proxy{name.replace('->', '-')}", proxies[name], pp, push, dp, d, env)
+            servers[name].wait_healthy(f"http://127.0.0.1:{proxies[name]}/health", 60)
+        status, resp = complete(f"http://127.0.0.1:{p_port}", PROMPTS[0])  # warm the prefill (as in `cluster`)
+        assert status == 200, resp
+        yield {"decode2": f"http://127.0.0.1:{d_port}", "servers": servers,
+               **{name: f"http://127.0.0.1:{port}" for name, port in proxies.items()}}
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def baseline_tp2(tp_cluster):
+    """The TP 2 decode engine's own run of each prompt."""
+    out = {}
+    for p in PROMPTS:
+        status, resp = complete(tp_cluster["decode2"], p)
+        assert status == 200, resp
+        out[p] = resp
+    return out
+
+
+@pytest.mark.parametrize("route", ["1->2", "2->1", "2->2"])
+def test_engines_of_different_tensor_parallelism(tp_cluster, baseline, baseline_tp2, route):
+    """Each decode rank receives its KV head from the prefill rank holding it (TP 1 -> 2: prefill rank 0 sends each
+    decode rank its half; 2 -> 1: the decode worker receives from both prefill ranks into the same blocks), and
+    the disaggregated tokens equal the decode engine's own run. Logprobs within 1e-4: a TP 2 prefill sums its
+    all-reduces in another order than a TP 1 decode engine would."""
+    base = baseline_tp2 if route.endswith("2") else baseline
+    for p in PROMPTS:
+        status, resp = complete(tp_cluster[route], p)
+        assert status == 200, resp
+        toks, lps = tokens_and_logprobs(resp)
+        base_toks, base_lps = tokens_and_logprobs(base[p])
+        assert len(toks) == 8 and toks == base_toks, (route, p, toks, base_toks)
+        np.testing.assert_allclose(lps, base_lps, rtol=0, atol=1e-4 if route in ("1->2", "2->1") else 1e-5)
+        assert cached_tokens(resp) == resp["usage"]["prompt_tokens"]  # loaded over kvxfer, not recomputed
