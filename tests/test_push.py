@@ -89,23 +89,33 @@ def test_malformed_frames_close_only_that_connection(pair):
     assert _wait_for(lambda: server.take(31))[0].dst_ids.tolist() == [2]
 
 
-def test_client_sees_the_server_go_away():
+def _one_shot_server(tag, first_frame, linger_s=0.0):
+    """A decode agent and a stand-in prefill that accepts one connection, exchanges metadata, sends `first_frame`,
+    waits linger_s and closes. Returns (decode agent, listener, its thread)."""
+    import threading
+
     layout = PRESETS["vllm_cpu"]()
-    decode = kvxfer.Agent("push-decode-2", transport="tcp", interface="lo")
+    decode = kvxfer.Agent(f"push-decode-{tag}", transport="tcp", interface="lo")
     decode.register_pool(make_pool(layout, 4), layout)
-    fake = kvxfer.Agent("fake-prefill", transport="tcp", interface="lo")
+    fake = kvxfer.Agent(f"fake-prefill-{tag}", transport="tcp", interface="lo")
     fake.register_pool(make_pool(layout, 5), layout)
     lst = bootstrap.listen("127.0.0.1", 0)
-    import threading
 
     def serve_once():
         ch = lst.accept(timeout_s=10)
         ch.exchange(fake.metadata())
-        ch.send_json({"op": "hello", "version": 2, "tp_size": 1, "tp_rank": 0})
-        ch.close()  # the prefill process "dies" right after the handshake
+        ch.send_json(first_frame)
+        time.sleep(linger_s)
+        ch.close()
 
     t = threading.Thread(target=serve_once)
     t.start()
+    return decode, lst, t
+
+
+def test_client_sees_the_server_go_away():
+    # the prefill process "dies" right after the handshake
+    decode, lst, t = _one_shot_server("gone", {"op": "hello", "version": 2, "tp_size": 1, "tp_rank": 0})
     client = PushClient(decode, *lst.address)
     t.join(10)
     assert _wait_for(lambda: client.lost)
@@ -129,23 +139,7 @@ def test_client_arguments_are_checked():
 
 def test_a_server_that_says_no_hello_is_refused_naming_it():
     """A prefill side of another kvxfer version (no hello after the metadata): the client refuses it at connect."""
-    layout = PRESETS["vllm_cpu"]()
-    decode = kvxfer.Agent("push-decode-4", transport="tcp", interface="lo")
-    decode.register_pool(make_pool(layout, 4), layout)
-    old = kvxfer.Agent("old-prefill", transport="tcp", interface="lo")
-    old.register_pool(make_pool(layout, 5), layout)
-    lst = bootstrap.listen("127.0.0.1", 0)
-    import threading
-
-    def serve_once():
-        ch = lst.accept(timeout_s=10)
-        ch.exchange(old.metadata())
-        ch.send_json({"op": "hi"})
-        time.sleep(1)
-        ch.close()
-
-    t = threading.Thread(target=serve_once)
-    t.start()
+    decode, lst, t = _one_shot_server("old", {"op": "hi"}, linger_s=1.0)
     with pytest.raises(errors.MetadataError, match=r"answered .\{'op': 'hi'\}., not a version 2 hello: run the same "
                                                    "kvxfer version"):
         PushClient(decode, *lst.address)

@@ -136,19 +136,26 @@ def test_mla_latents_from_one_prefill_rank_per_decode_rank():
             np.testing.assert_array_equal(g, w)
 
 
-def test_a_send_group_fails_when_one_of_its_sends_fails():
+def tp1_with_two_tp2_ranks(tag, timeout_s):
+    """An agent with a TP 1 pool and two with the TP 2 ranks' pools, connected over tcp. Returns (one, ranks,
+    links): links[i] = (rank i as a peer of one, one as a peer of rank i)."""
     model = kvxfer.KVLayout.vllm_flash(2, 8, 4, 2, 8, "float16")
-    a = kvxfer.Agent("group-p", transport="tcp", interface="lo", timeout_s=5)
-    bs = [kvxfer.Agent(f"group-d{i}", transport="tcp", interface="lo", timeout_s=5) for i in range(2)]
-    a.register_pool(make_pool(model, 1), model)
-    peers = []
-    for i, b in enumerate(bs):
+    one = kvxfer.Agent(f"{tag}-1", transport="tcp", interface="lo", timeout_s=timeout_s)
+    ranks = [kvxfer.Agent(f"{tag}-r{i}", transport="tcp", interface="lo", timeout_s=timeout_s) for i in range(2)]
+    one.register_pool(make_pool(model, 1), model)
+    links = []
+    for i, r in enumerate(ranks):
         rank = model.for_tp_rank(2, i)
-        b.register_pool(make_pool(rank, 2 + i), rank)
-        pb, pa = a.add_peer(b.metadata()), b.add_peer(a.metadata())
-        a.wait_connected(pb, 20)
-        b.wait_connected(pa, 20)
-        peers.append((pb, pa))
+        r.register_pool(make_pool(rank, 2 + i), rank)
+        to_rank, to_one = one.add_peer(r.metadata()), r.add_peer(one.metadata())
+        one.wait_connected(to_rank, 20)
+        r.wait_connected(to_one, 20)
+        links.append((to_rank, to_one))
+    return one, ranks, links
+
+
+def test_a_send_group_fails_when_one_of_its_sends_fails():
+    a, bs, peers = tp1_with_two_tp2_ranks("group", 5)
     recv0 = bs[0].recv(peers[0][1], 1, [1, 2])
     recv1 = bs[1].recv(peers[1][1], 1, [1, 2])
     group = kvxfer.SendGroup([a.send(peers[i][0], 1, [3, 4], [1, 2]) for i in range(2)])
@@ -156,10 +163,10 @@ def test_a_send_group_fails_when_one_of_its_sends_fails():
     deadline = time.monotonic() + 10
     while group.sends[1].state != kvxfer.TransferState.FAILED and time.monotonic() < deadline:
         time.sleep(0.001)
-    with pytest.raises(errors.Cancelled, match="to peer 'group-d1' was cancelled by the receiver"):
+    with pytest.raises(errors.Cancelled, match="to peer 'group-r1' was cancelled by the receiver"):
         group.all_ready()  # the failed send refuses; the other one is marked all the same
     recv0.wait(timeout_s=10)
-    with pytest.raises(errors.Cancelled, match="to peer 'group-d1' was cancelled by the receiver"):
+    with pytest.raises(errors.Cancelled, match="to peer 'group-r1' was cancelled by the receiver"):
         group.wait(timeout_s=10)
     assert group.state == kvxfer.TransferState.FAILED and isinstance(group.error, errors.Cancelled)
     for x in [a, *bs]:
@@ -170,24 +177,14 @@ def test_a_send_group_fails_when_one_of_its_sends_fails():
 
 def test_a_recv_group_fails_when_one_sender_fails_and_cancel_stops_the_others():
     """A TP 1 decode rank receives one request from two TP 2 prefill ranks: rank 1 aborts, the group fails at once
-    (rank 0's recv still pending); cancelling the group stops rank 0's send too (Cancelled), and writes_over turns True once both are over."""
-    model = kvxfer.KVLayout.vllm_flash(2, 8, 4, 2, 8, "float16")
-    d = kvxfer.Agent("rgroup-d", transport="tcp", interface="lo", timeout_s=10)
-    ps = [kvxfer.Agent(f"rgroup-p{i}", transport="tcp", interface="lo", timeout_s=10) for i in range(2)]
-    d.register_pool(make_pool(model, 1), model)
-    peers = []
-    for i, p in enumerate(ps):
-        rank = model.for_tp_rank(2, i)
-        p.register_pool(make_pool(rank, 2 + i), rank)
-        pd, pp = p.add_peer(d.metadata()), d.add_peer(p.metadata())
-        p.wait_connected(pd, 20)
-        d.wait_connected(pp, 20)
-        peers.append((pd, pp))
-    group = kvxfer.RecvGroup(d.recv(peers[i][1], 5, [1, 2]) for i in range(2))
+    (rank 0's recv still pending); cancelling the group stops rank 0's send too (Cancelled), and writes_over turns
+    True once both are over."""
+    d, ps, peers = tp1_with_two_tp2_ranks("rgroup", 10)
+    group = kvxfer.RecvGroup(d.recv(peers[i][0], 5, [1, 2]) for i in range(2))
     with pytest.raises(errors.TransferTimeout, match="2 of the 2 recvs of transfer 5 not done within 0.2s "
-                                                     "\\(peers 'rgroup-p0', 'rgroup-p1'\\)"):
+                                                     "\\(peers 'rgroup-r0', 'rgroup-r1'\\)"):
         group.wait(timeout_s=0.2)
-    sends = [ps[i].send(peers[i][0], 5, [3, 4], [1, 2]) for i in range(2)]
+    sends = [ps[i].send(peers[i][1], 5, [3, 4], [1, 2]) for i in range(2)]
     sends[0].layer_ready(0)
     group.recvs[0].wait(layer=0, timeout_s=10)
     assert not group.layer_done(0)  # rank 1 has not sent layer 0

@@ -194,26 +194,37 @@ def cached_tokens(resp: dict) -> int:
     return (resp["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
 
 
-@pytest.fixture(scope="module")
-def baseline(cluster):
-    """The decode engine's own single-engine run of each prompt (no kv_transfer_params: the connector is idle)."""
+def _own_runs(url: str) -> dict:
+    """A decode engine's own single-engine run of each prompt (no kv_transfer_params: the connector is idle)."""
     out = {}
     for p in PROMPTS:
-        status, resp = complete(cluster["decode"], p)
+        status, resp = complete(url, p)
         assert status == 200, resp
         assert cached_tokens(resp) == 0  # prefix caching is off: everything computed locally
         out[p] = resp
     return out
 
 
+@pytest.fixture(scope="module")
+def baseline(cluster):
+    return _own_runs(cluster["decode"])
+
+
+def _completes_like(url: str, base: dict, prompt: str, atol: float) -> dict:
+    """A disaggregated completion of `prompt` through `url`: the same 8 greedy tokens as the decode engine's own run
+    `base[prompt]`, logprobs within atol. Returns the response."""
+    status, resp = complete(url, prompt)
+    assert status == 200, resp
+    toks, lps = tokens_and_logprobs(resp)
+    base_toks, base_lps = tokens_and_logprobs(base[prompt])
+    assert len(toks) == 8 and toks == base_toks, (url, prompt, toks, base_toks)
+    np.testing.assert_allclose(lps, base_lps, rtol=0, atol=atol)
+    return resp
+
+
 def test_disaggregated_equals_single_engine(cluster, baseline):
     for p in PROMPTS:
-        status, resp = complete(cluster["proxy"], p)
-        assert status == 200, resp
-        toks, lps = tokens_and_logprobs(resp)
-        base_toks, base_lps = tokens_and_logprobs(baseline[p])
-        assert len(toks) == 8 and toks == base_toks, (p, toks, base_toks)
-        np.testing.assert_allclose(lps, base_lps, rtol=0, atol=1e-5)
+        resp = _completes_like(cluster["proxy"], baseline, p, 1e-5)
         n_prompt = resp["usage"]["prompt_tokens"]
         # the whole prompt's KV came over kvxfer: vLLM 0.32 counts every token the connector loaded as cached
         # (it still recomputes the last one for its logits); a local prefill would report 0
@@ -381,13 +392,7 @@ def tp_cluster(cluster):
 
 @pytest.fixture(scope="module")
 def baseline_tp2(tp_cluster):
-    """The TP 2 decode engine's own run of each prompt."""
-    out = {}
-    for p in PROMPTS:
-        status, resp = complete(tp_cluster["decode2"], p)
-        assert status == 200, resp
-        out[p] = resp
-    return out
+    return _own_runs(tp_cluster["decode2"])
 
 
 @pytest.mark.parametrize("route", ["1->2", "2->1", "2->2"])
@@ -398,10 +403,5 @@ def test_engines_of_different_tensor_parallelism(tp_cluster, baseline, baseline_
     all-reduces in another order than a TP 1 decode engine would."""
     base = baseline_tp2 if route.endswith("2") else baseline
     for p in PROMPTS:
-        status, resp = complete(tp_cluster[route], p)
-        assert status == 200, resp
-        toks, lps = tokens_and_logprobs(resp)
-        base_toks, base_lps = tokens_and_logprobs(base[p])
-        assert len(toks) == 8 and toks == base_toks, (route, p, toks, base_toks)
-        np.testing.assert_allclose(lps, base_lps, rtol=0, atol=1e-4 if route in ("1->2", "2->1") else 1e-5)
+        resp = _completes_like(tp_cluster[route], base, p, 1e-4 if route in ("1->2", "2->1") else 1e-5)
         assert cached_tokens(resp) == resp["usage"]["prompt_tokens"]  # loaded over kvxfer, not recomputed
