@@ -135,11 +135,8 @@ def _idle(worker: DecodeWorker, inbox: queue.Queue) -> None:
     if any(s.state is SeqState.RUNNING for s in seqs):
         return
     ready = [s for s in seqs if s.state is SeqState.WAITING and s.tokens and s.recv is not None]
-    if ready:
-        try:
-            ready[0].recv.wait(timeout_s=0.005)
-        except KvxferError:
-            pass  # failed or not yet: the next step() reports or retries
+    if ready:  # wakes when any of their recvs ends (failed ones too: the next step() reports them)
+        worker.agent.wait_any([s.recv for s in ready], 0.005)
         return
     try:
         inbox.put(inbox.get(timeout=0.05))
