@@ -123,14 +123,16 @@ class _Group:
         if not self._all:
             raise errors.InvalidArgument(f"a {type(self).__name__} needs at least one {self.kind}")
 
-    def _each(self, fn) -> None:
+    def _each(self, fn, skip_failed: bool = False) -> None:
         first = None
         for t in self._all:
+            if skip_failed and t.state == TransferState.FAILED:
+                continue
             try:
                 fn(t)
             except errors.KvxferError as e:
                 first = first or e
-        if first:
+        if first and not skip_failed:
             raise first
 
     @property
@@ -190,12 +192,15 @@ class SendGroup(_Group):
     def sends(self) -> list:
         return self._all
 
-    def layer_ready(self, layer: int) -> None:
-        """Marks `layer` on every send, then raises the first send's error if any refused it."""
-        self._each(lambda s: s.layer_ready(layer))
+    def layer_ready(self, layer: int, *, skip_failed: bool = False) -> None:
+        """Marks `layer` on every send, then raises the first send's error if any refused it. skip_failed: mark the
+        sends that have not failed and raise nothing (one decode rank gone must not hold back the others; the
+        group's state and error still say it failed)."""
+        self._each(lambda s: s.layer_ready(layer), skip_failed)
 
-    def all_ready(self) -> None:
-        self._each(lambda s: s.all_ready())
+    def all_ready(self, *, skip_failed: bool = False) -> None:
+        """Marks every layer not marked yet on every send (skip_failed: as in layer_ready)."""
+        self._each(lambda s: s.all_ready(), skip_failed)
 
     def abort(self, reason: str = "aborted") -> None:
         for s in self.sends:

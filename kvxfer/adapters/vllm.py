@@ -318,11 +318,8 @@ class KvxferConnector(KVConnectorBase_V1):
         if self._layerwise:
             layer = self._layer_index[layer_name]
             for rid in self._layerwise:
-                if self._sends[rid] is not None and self._sends[rid].state != kvxfer.TransferState.FAILED:
-                    try:
-                        self._sends[rid].layer_ready(layer)
-                    except KvxferError as e:  # a decode rank went away mid-forward; get_finished reports it
-                        log.warning("kvxfer: request %s: %s", rid, e)
+                if self._sends[rid] is not None:  # a decode rank gone must not hold back the others' layers
+                    self._sends[rid].layer_ready(layer, skip_failed=True)
 
     def wait_for_save(self):
         self._step_started = False
@@ -331,11 +328,8 @@ class KvxferConnector(KVConnectorBase_V1):
         now = time.monotonic()
         for rid, spec in self._get_connector_metadata().saves.items():
             if rid in self._layerwise:
-                if self._sends[rid] is not None and self._sends[rid].state != kvxfer.TransferState.FAILED:
-                    try:
-                        self._sends[rid].all_ready()  # no-op for layers already marked
-                    except KvxferError as e:
-                        log.warning("kvxfer: request %s: %s", rid, e)
+                if self._sends[rid] is not None:
+                    self._sends[rid].all_ready(skip_failed=True)  # the layers not marked yet
             else:
                 self._waiting[rid] = (spec, now)
         self._layerwise.clear()
@@ -389,10 +383,7 @@ class KvxferConnector(KVConnectorBase_V1):
             if regs is not None:
                 send = self._sends[rid] = self._open(rid, spec, regs)
                 if send is not None:
-                    try:
-                        send.all_ready()
-                    except KvxferError as e:  # one send already failed; get_finished reports the group
-                        log.warning("kvxfer: request %s (xfer %d): %s", rid, spec.xfer_id, e)
+                    send.all_ready(skip_failed=True)
             elif self.server.cancelled(spec.xfer_id) or now - t0 > self.timeout_s:
                 log.warning("kvxfer: request %s (xfer %d): no decode registration within %.0f s (or cancelled); "
                             "freeing its blocks", rid, spec.xfer_id, self.timeout_s)
