@@ -55,6 +55,12 @@ class Registration:
     arrived_s: float = field(default_factory=time.monotonic)
 
 
+def _is_rank(tp_rank, tp_size) -> bool:
+    """tp_rank is a rank of a tensor-parallel size kvxfer accepts (integers, 0 <= rank < size <= MAX_TP)."""
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (tp_rank, tp_size))
+    return ints and 0 <= tp_rank < tp_size <= MAX_TP
+
+
 def _count(msg: dict, key: str, xfer_id: int, default: int = 0, below: int = 2**32) -> int:
     v = msg.get(key, default)
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < below:
@@ -77,7 +83,7 @@ def _parse(msg) -> tuple[str, int, dict]:
     fields = {"dst_ids": np.asarray(dst, dtype=np.int32), "skip_blocks": _count(msg, "skip_blocks", xfer_id),
               "num_tokens": _count(msg, "num_tokens", xfer_id), "skip_tokens": _count(msg, "skip_tokens", xfer_id),
               "tp_size": _count(msg, "tp_size", xfer_id, 1, MAX_TP + 1), "tp_rank": _count(msg, "tp_rank", xfer_id)}
-    if not fields["tp_rank"] < fields["tp_size"] or fields["tp_size"] < 1:
+    if not _is_rank(fields["tp_rank"], fields["tp_size"]):
         raise MetadataError(f"push frame for {xfer_id}: tp_rank {fields['tp_rank']} is not a rank of tp_size "
                             f"{fields['tp_size']}")
     return "push", xfer_id, fields
@@ -88,7 +94,10 @@ class _Group:
 
     def __init__(self, tp_size: int):
         self.tp_size, self.by_rank = tp_size, {}
-        self.arrived_s = time.monotonic()
+
+    @property
+    def arrived_s(self) -> float:  # its oldest registration's: the group's age for ttl_s
+        return min(r.arrived_s for r in self.by_rank.values())
 
     def add(self, reg: Registration) -> None:
         if reg.tp_size != self.tp_size:
@@ -107,7 +116,7 @@ class PushServer:
 
     def __init__(self, agent, host: str = "127.0.0.1", port: int = 0, *, ttl_s: float = 60.0,
                  handshake_timeout_s: float = 30.0, tp_size: int = 1, tp_rank: int = 0):
-        if not 0 <= tp_rank < tp_size <= MAX_TP:
+        if not _is_rank(tp_rank, tp_size):
             raise InvalidArgument(f"tp_rank={tp_rank} must be a rank of tp_size={tp_size} (1..{MAX_TP})")
         self.agent, self.ttl_s, self._handshake_timeout_s = agent, float(ttl_s), float(handshake_timeout_s)
         self.tp_size, self.tp_rank = int(tp_size), int(tp_rank)
@@ -191,7 +200,7 @@ def _hello(msg, address) -> tuple[int, int]:
         raise MetadataError(f"push server {address[0]}:{address[1]} answered {str(msg)[:80]!r}, not a version "
                             f"{VERSION} hello: run the same kvxfer version on prefill and decode")
     size, rank = msg.get("tp_size"), msg.get("tp_rank")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, rank)) or not 0 <= rank < size <= MAX_TP:
+    if not _is_rank(rank, size):
         raise MetadataError(f"push server {address[0]}:{address[1]}: hello names tp_rank {rank!r} of tp_size "
                             f"{size!r}")
     return size, rank
