@@ -120,7 +120,9 @@ class Agent:
                  staging_slot_bytes: int = 4 << 20, staging_slots: int = 16, cma_threads: int | None = None,
                  doorbell: bool | None = None, gpu=None, landing: str = "auto", landing_slots: int = 4,
                  landing_slot_bytes: int = 256 << 10):
-        """transport: auto | shm | cma | cuda_ipc | tcp | fi_shm | efa | verbs (see `python -m kvxfer info`).
+        """transport: auto | shm | cma | cuda_ipc | tcp | fi_shm | efa | verbs | ucx (see `python -m kvxfer info`).
+        ucx: UCX picks the wires (UCX_TLS, UCX_NET_DEVICES; `interface` sets the latter); Peer.path_reason names
+        the UCX lanes in use.
         staging: "auto" stages only GPU sources the fabric cannot read (GPU -> pinned bounce slots -> network);
         "always" sends every transfer through the bounce slots (to test or measure the staged pipeline).
         cma_threads: threads that run same-host copies of 1 MiB and more in parallel (0 or 1: the progress thread

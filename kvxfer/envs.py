@@ -2,7 +2,7 @@
 import os
 
 ENV_VARS = {
-    "KVXFER_TRANSPORT": ("str", "auto", "default Agent transport: auto|shm|cma|tcp|fi_shm|efa|verbs"),
+    "KVXFER_TRANSPORT": ("str", "auto", "default Agent transport: auto|shm|cma|tcp|fi_shm|efa|verbs|ucx"),
     "KVXFER_PROVIDER": ("str", "", "libfabric provider override for transport=auto (efa|verbs|tcp|shm)"),
     "KVXFER_IFACE": ("str", "", "network interface for IP providers, e.g. 'lo' (empty: any)"),
     "KVXFER_TIMEOUT_S": ("float", "60", "default transfer deadline in seconds"),

@@ -118,12 +118,15 @@ def collect() -> dict:
     else:
         for name in ("tcp", "fi_shm", "efa", "verbs"):
             transports[name] = (False, "this build has no libfabric (apt-get install libfabric-dev pkg-config; rebuild)")
+    transports["ucx"] = (_C.probe_ucx() if _C.have_ucx else
+                         (False, "this build has no UCX (apt-get install libucx-dev pkg-config; rebuild)"))
     cma = _cma_status()
     transports["cma"] = cma if _C.have_libfabric else (False, "needs libfabric for its completion signals")
     gpu_paths = _gpu_paths(transports)
     transports["cuda_ipc"] = gpu_paths["cuda_ipc"]
     return {"version": _C.__version__, "build": _C.build_info, "doorbell": _doorbell_status(),
-            "libfabric": _C.fabric_version() if _C.have_libfabric else None, "transports": transports,
+            "libfabric": _C.fabric_version() if _C.have_libfabric else None,
+            "ucx": _C.ucx_version() if _C.have_ucx else None, "transports": transports,
             "gpu_paths": gpu_paths, "topology": _topology()}
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine (root, Python 3.11) lacks and builds kvxfer in .venv:
-# libfabric-dev + pkg-config + iproute2 (apt), a venv, numpy/pytest/torch, and an editable build (CUDA compiled when nvcc exists).
+# libfabric-dev + libucx-dev + pkg-config + iproute2 (apt), a venv, numpy/pytest/torch, and an editable build (CUDA compiled when nvcc exists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
 pkg-config --exists libfabric 2>/dev/null || need_apt+=(libfabric-dev libfabric-bin)
+pkg-config --exists ucx 2>/dev/null || need_apt+=(libucx-dev)  # transport 'ucx' (optional in the build, tested in CI)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v ip >/dev/null || need_apt+=(iproute2)  # kvxfer-demo runs its nodes in two network namespaces when it can
 if [ ${#need_apt[@]} -gt 0 ]; then

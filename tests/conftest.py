@@ -7,7 +7,18 @@ import pytest
 
 os.environ.setdefault("FI_TCP_IFACE", "lo")  # libfabric's tcp provider: loopback only
 
-TRANSPORTS = ["tcp", "fi_shm", "cma"]
+def _have_ucx():
+    try:
+        from kvxfer import _C
+    except ImportError:
+        return False
+    return _C.have_ucx
+
+
+# ucx: scripts/setup.sh installs libucx-dev, so CI always builds it; a build without it skips these, saying so.
+UCX = pytest.param("ucx", marks=pytest.mark.skipif(not _have_ucx(), reason="this kvxfer build has no UCX "
+                                                   "(apt-get install libucx-dev, then pip install -e .)"))
+TRANSPORTS = ["tcp", "fi_shm", "cma", UCX]
 
 
 def wait_for(pred, what, timeout_s=30.0):

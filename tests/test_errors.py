@@ -5,7 +5,7 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import connect
+from tests.conftest import UCX, connect
 from tests.reference import make_pool
 
 
@@ -147,7 +147,7 @@ def test_bad_ids_arguments():
         kvxfer.Agent("x", transport="carrier-pigeon")
 
 
-@pytest.mark.parametrize("transport", ["tcp", "cma"])
+@pytest.mark.parametrize("transport", ["tcp", "cma", UCX])
 def test_sender_killed_mid_transfer_fails_receiver(transport, remote):
     """The sender dies after some layers: the recv fails with a typed error within its timeout, never completes,
     and blocks the transfer did not address stay byte-identical."""

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from kvxfer import errors
-from tests.conftest import RemoteError, RemoteSender, assert_ended_sender_was_told, connect, wait_for
+from tests.conftest import UCX, RemoteError, RemoteSender, assert_ended_sender_was_told, connect, wait_for
 from tests.reference import apply, make_pool
 
 
-@pytest.mark.parametrize("transport", ["tcp", "cma"])  # cma: the BYE goes through the same-host doorbell ring
+@pytest.mark.parametrize("transport", ["tcp", "cma", UCX])  # cma: the BYE goes through the same-host doorbell ring
 def test_restart_while_the_old_incarnation_still_runs(transport):
     old, new = RemoteSender(), RemoteSender()  # both agents are named "peer-sender": the second is a restart
     try:

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from kvxfer import TransferState, errors
-from tests.conftest import RemoteError, assert_exact_transfer, cancel_after_layer_0, connect, local_pair, wait_for
+from tests.conftest import UCX, RemoteError, assert_exact_transfer, cancel_after_layer_0, connect, local_pair, wait_for
 from tests.reference import PRESETS, apply, block_view, make_pool
 
 SEED = 5  # the remote sender's pool is make_pool(layout, SEED)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "cma"])
+@pytest.mark.parametrize("transport", ["tcp", "cma", UCX])
 def test_cancel_before_the_sender_sends_refuses_its_send(remote, transport):
     agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", SEED)
     before = [x.copy() for x in dst]
@@ -39,7 +39,7 @@ def test_cancel_before_the_sender_sends_refuses_its_send(remote, transport):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "cma"])
+@pytest.mark.parametrize("transport", ["tcp", "cma", UCX])
 def test_cancel_mid_transfer_stops_the_sender(remote, transport):
     """Layer 0 has landed when the receiver cancels: the sender's send fails with Cancelled (not at its deadline),
     marking more layers is refused, no byte of layers 1.. ever lands, and writes_over turns True once the sender's

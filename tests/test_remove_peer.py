@@ -8,7 +8,7 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import RemoteError, assert_ended_sender_was_told, connect, wait_for
+from tests.conftest import UCX, RemoteError, assert_ended_sender_was_told, connect, wait_for
 from tests.reference import PRESETS, apply, make_pool
 
 
@@ -65,7 +65,7 @@ def test_sender_removing_a_receiver_fails_its_sends_and_refuses_new_ones():
     r.wait(timeout_s=30)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "cma"])  # cma: the BYE goes through the same-host doorbell ring
+@pytest.mark.parametrize("transport", ["tcp", "cma", UCX])  # cma: the BYE goes through the same-host doorbell ring
 def test_a_removed_live_sender_is_told_and_writes_nothing_more(remote, transport):
     """The sender in another process has written layer 0 when the receiver removes it: its send fails at once
     (PeerLost naming the removal, not at its deadline), marking more layers is refused, no byte of layers 1.. lands,

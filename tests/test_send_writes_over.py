@@ -10,7 +10,7 @@ import pytest
 
 import kvxfer
 from kvxfer import TransferState
-from tests.conftest import RemoteSender, assert_exact_transfer, local_pair, wait_for
+from tests.conftest import UCX, RemoteSender, assert_exact_transfer, local_pair, wait_for
 from tests.reference import PRESETS, make_pool
 
 
@@ -54,7 +54,7 @@ def test_a_done_send_has_its_writes_over():
     assert send.writes_over
 
 
-@pytest.mark.parametrize("transport", ["tcp", "cma"])
+@pytest.mark.parametrize("transport", ["tcp", "cma", UCX])
 def test_an_aborted_send_waits_for_the_receivers_answer(receiver, transport):
     """Layer 0 landed, then the receiver's process is stopped and the send aborted: the send fails at once, but its
     writes are not over until the receiver, resumed, has counted what was posted and answered (ABORT_ACK)."""

@@ -3,7 +3,7 @@ other byte of the destination pool (guard blocks included) is unchanged, and cou
 import numpy as np
 import pytest
 
-from tests.conftest import TRANSPORTS, connect
+from tests.conftest import TRANSPORTS, UCX, connect
 from tests.reference import PRESETS, apply, make_pool
 
 
@@ -86,7 +86,7 @@ def test_many_concurrent_requests_counters_exact(transport, remote):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["cma", "tcp"])
+@pytest.mark.parametrize("transport", ["cma", "tcp", UCX])
 def test_512mib_request(transport, remote):
     """The reference request: 256 random blocks x 32 layers x K/V of 32 KiB = 512 MiB, verified byte for byte."""
     args = (32, 256, 16, 8, 128, "bfloat16")

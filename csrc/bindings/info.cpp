@@ -10,6 +10,9 @@
 #ifdef KVXFER_HAVE_LIBFABRIC
 #include "transports/fabric/fabric_transport.h"
 #endif
+#ifdef KVXFER_HAVE_UCX
+#include "transports/ucx/ucx_transport.h"
+#endif
 
 namespace kvxfer {
 
@@ -31,6 +34,21 @@ void register_info(py::module_& m) {
   });
 #else
   m.attr("have_libfabric") = false;
+#endif
+#ifdef KVXFER_HAVE_UCX
+  m.attr("have_ucx") = true;
+  m.def("ucx_version", &ucx_version);
+  m.def("probe_ucx", [] {
+    std::string detail;
+    bool ok;
+    {
+      py::gil_scoped_release nogil;
+      ok = probe_ucx(&detail);
+    }
+    return py::make_tuple(ok, detail);
+  });
+#else
+  m.attr("have_ucx") = false;
 #endif
 #ifdef KVXFER_HAVE_CUDA
   m.attr("have_cuda") = true;

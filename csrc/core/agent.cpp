@@ -20,6 +20,9 @@
 #ifdef KVXFER_HAVE_LIBFABRIC
 #include "transports/fabric/fabric_transport.h"
 #endif
+#ifdef KVXFER_HAVE_UCX
+#include "transports/ucx/ucx_transport.h"
+#endif
 
 namespace kvxfer {
 
@@ -48,10 +51,31 @@ std::string fabric_provider_for(const AgentOptions& o) {
   else if (t == "tcp" || t == "efa" || t == "verbs") provider = t;
   else
     KVXFER_THROW(InvalidArgument, "unknown transport '" << t
-                                                        << "'; choose auto, shm, cma, cuda_ipc, tcp, fi_shm, efa or verbs "
+                                                        << "'; choose auto, shm, cma, cuda_ipc, tcp, fi_shm, efa, verbs or ucx "
                                                            "(`python -m kvxfer info` lists what works here)");
   if (!o.interface.empty()) provider += "@" + o.interface;
   return provider;
+}
+
+std::unique_ptr<Transport> open_transport(const AgentOptions& o) {
+  if (o.transport == "ucx") {
+#ifdef KVXFER_HAVE_UCX
+    KVXFER_CHECK(o.rails == 1, InvalidArgument,
+                 "rails=" << o.rails << " with transport 'ucx': UCX spreads over its own rails (UCX_MAX_RMA_RAILS, "
+                          "UCX_NET_DEVICES); leave rails at 1");
+    return make_ucx_transport(o.interface);
+#else
+    KVXFER_THROW(TransportUnavailable, "this kvxfer build has no UCX (apt-get install libucx-dev pkg-config, then "
+                                       "pip install -e . again)");
+#endif
+  }
+#ifdef KVXFER_HAVE_LIBFABRIC
+  return make_fabric_transport(fabric_provider_for(o), o.rails);
+#else
+  fabric_provider_for(o);
+  KVXFER_THROW(TransportUnavailable, "this kvxfer build has no libfabric (apt-get install libfabric-dev "
+                                     "pkg-config, then pip install -e . again); every transport but ucx needs it");
+#endif
 }
 
 // How many writes post_send_ops will post for this plan (the same gather_run rule; every layer alike).
@@ -88,13 +112,7 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
     KVXFER_CHECK(gpu::available(&why), TransportUnavailable,
                  "transport 'cuda_ipc' needs a usable GPU, but " << why << "; use auto, shm or tcp on this machine");
   }
-#ifdef KVXFER_HAVE_LIBFABRIC
-  transport_ = make_fabric_transport(fabric_provider_for(options_), options_.rails);
-#else
-  fabric_provider_for(options_);
-  KVXFER_THROW(TransportUnavailable, "this kvxfer build has no libfabric (apt-get install libfabric-dev "
-                                     "pkg-config, then pip install -e . again); every transport needs it");
-#endif
+  transport_ = open_transport(options_);
   const auto& caps = transport_->capabilities();
   info_.name = options_.name;
   info_.epoch = random_u64();
@@ -161,7 +179,11 @@ Agent::~Agent() {
 
 std::vector<uint8_t> Agent::metadata() const {
   std::lock_guard<std::mutex> lock(pools_mu_);
-  return encode_agent_info(info_);
+  std::vector<uint8_t> keys = transport_->exported_keys();
+  if (keys.empty()) return encode_agent_info(info_);
+  AgentInfo with_keys = info_;
+  with_keys.transport_keys = std::move(keys);
+  return encode_agent_info(with_keys);
 }
 
 AgentStats Agent::stats() const {
@@ -461,6 +483,8 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   if (want_cma) open_doorbell(*peer);
   else peer->signals_reason = "fabric: transport '" + options_.transport + "' requested";
   peer->addr = transport_->insert_peer(peer->info.fabric_address);
+  transport_->import_keys(peer->addr, peer->info.transport_keys);
+  if (std::string lanes = transport_->describe_peer(peer->addr); !lanes.empty()) peer->path_reason += "; " + lanes;
   peer->rails = std::max<uint32_t>(1, transport_->peer_rails(peer->addr));
   premap_ipc_pools(*peer);
   {

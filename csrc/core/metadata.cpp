@@ -10,7 +10,8 @@ namespace {
 
 constexpr char kMagic[4] = {'K', 'V', 'X', 'F'};
 constexpr size_t kHeaderBytes = 16;
-constexpr uint32_t kMaxString = 4096, kMaxPools = 64, kMaxRegions = 4096, kMaxAddress = 1024;
+constexpr uint32_t kMaxString = 4096, kMaxPools = 64, kMaxRegions = 4096, kMaxAddress = 4096;
+constexpr uint32_t kMaxTransportKeys = 4u << 20;  // UCX: packed rkeys of every region, tens to hundreds of bytes each
 constexpr uint32_t kMaxPayload = 64u << 20;
 constexpr uint32_t kIpcHandleBytes = 64;  // cudaIpcMemHandle_t
 
@@ -145,6 +146,7 @@ std::vector<uint8_t> encode_agent_info(const AgentInfo& a) {
   w.put(a.landing_rkey);
   w.put(a.landing_slots);
   w.put(a.landing_slot_bytes);
+  w.bytes(a.transport_keys.data(), a.transport_keys.size());
   w.put<uint32_t>(static_cast<uint32_t>(a.pools.size()));
   for (const auto& p : a.pools) {
     w.str(p.name);
@@ -230,6 +232,7 @@ AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes) {
   a.landing_rkey = r.get<uint64_t>("landing key");
   a.landing_slots = r.get<uint32_t>("landing slots");
   a.landing_slot_bytes = r.get<uint64_t>("landing slot bytes");
+  a.transport_keys = r.bytes("transport keys", kMaxTransportKeys);
   KVXFER_CHECK(a.landing_slots <= kLandingMaxSlotsPerPeer &&
                    (a.landing_slots == 0 || (a.landing_slot_bytes >= kLandingDataOffset + 4096 &&
                                              a.landing_slot_bytes <= (1ull << 30))),

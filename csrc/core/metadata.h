@@ -13,8 +13,9 @@
 
 namespace kvxfer {
 
-constexpr uint16_t kMetadataVersion = 6;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell;
-                                          // 5: landing slots; 6: layouts carry their KV head range and order
+constexpr uint16_t kMetadataVersion = 7;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell;
+                                          // 5: landing slots; 6: layouts carry their KV head range and order;
+                                          // 7: transport keys (UCX's packed rkeys)
 
 struct RemoteRegion {
   uint64_t addr = 0;    // virtual address in the owner's process
@@ -63,6 +64,9 @@ struct AgentInfo {
   uint64_t landing_rkey = 0;
   uint32_t landing_slots = 0;
   uint64_t landing_slot_bytes = 0;
+  // Remote keys that do not fit the 64-bit rkey fields (Transport::exported_keys: UCX's packed rkeys, keyed by the
+  // 64-bit values those fields carry); empty for libfabric.
+  std::vector<uint8_t> transport_keys;
   std::vector<PoolInfo> pools;
 
   // Hash over every pool's layout fingerprint: a quick "same model shard" check for engines.

@@ -1,4 +1,5 @@
-// Transport: what the Agent needs from a wire. FabricTransport (libfabric: efa, verbs, tcp, shm) implements it.
+// Transport: what the Agent needs from a wire. FabricTransport (libfabric: efa, verbs, tcp, shm) and UcxTransport
+// (UCX's UCP: whatever wires UCX picks) implement it.
 // The same-host CMA path (host_ipc/) moves bytes itself and signals through its doorbell rings, or this interface's
 // zero-byte writes where a peer's rings cannot be mapped.
 //
@@ -86,6 +87,16 @@ class Transport {
   virtual std::vector<int> wait_fds() const { return {}; }
   // True when blocking on wait_fds() now cannot miss an event (fi_trywait); false: poll() again first.
   virtual bool ready_to_wait() { return false; }
+  // Transports whose remote keys do not fit in 64 bits (UCX's packed rkeys) publish them here, keyed by the rkey
+  // register_memory returned; the bytes travel in the agent's metadata and the peer hands them to import_keys.
+  // Empty: the 64-bit keys are the whole story (libfabric).
+  virtual std::vector<uint8_t> exported_keys() const { return {}; }
+  // Throws MetadataError when the bytes are malformed. Called again with a newer blob when the peer re-sends its
+  // metadata (more pools registered); keys already imported stay valid.
+  virtual void import_keys(PeerAddr peer, const std::vector<uint8_t>& keys) {}
+  // What carries bytes to this peer, for Peer.path_reason ("ucx lanes: tcp/lo (rma, am)"); empty when the
+  // transport has nothing to add to its name.
+  virtual std::string describe_peer(PeerAddr peer) const { return {}; }
   static constexpr size_t kContextBytes = 64;  // >= sizeof(struct fi_context2)
   static constexpr size_t kMaxMessageBytes = 256;
 };

@@ -19,7 +19,7 @@ from kvxfer.bench import pools, report, workloads
 from kvxfer.bench.session import Driver, Peer, RunConfig
 from kvxfer.errors import InvalidArgument, KvxferError
 
-TRANSPORTS = ("auto", "shm", "cma", "tcp", "fi_shm", "efa", "verbs", "cuda_ipc")
+TRANSPORTS = ("auto", "shm", "cma", "tcp", "fi_shm", "efa", "verbs", "cuda_ipc", "ucx")
 DEFAULT_SWEEP = "4K,16K,64K,256K,1M,4M,16M,64M"
 DEFAULT_PORT = 5555
 

@@ -1,0 +1,675 @@
+#include "transports/ucx/ucx_transport.h"
+
+#include <ucp/api/ucp.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <set>
+#include <unordered_map>
+#include <vector>
+
+#include "core/errors.h"
+
+namespace kvxfer {
+namespace {
+
+constexpr unsigned kImmAm = 0x4b56;  // an active message carrying immediates (u32 each)
+constexpr unsigned kMsgAm = 0x4b57;  // an active message carrying one control message
+constexpr size_t kMaxImmsPerAm = 256;
+constexpr uint32_t kMaxKeys = 4096;
+constexpr uint32_t kMaxPackedKey = 16384;
+constexpr uint8_t kAddressTag = 'U';
+constexpr const char* kTcpSegSize = "64k";  // first byte of our address: a libfabric peer's address is refused by name
+
+std::string status_text(ucs_status_t s) { return std::string(ucs_status_string(s)) + " (" + std::to_string(s) + ")"; }
+
+#define KVXFER_UCS_CALL(kind, call, what)                                                    \
+  do {                                                                                       \
+    const ucs_status_t kvxfer_st_ = (call);                                                  \
+    KVXFER_CHECK(kvxfer_st_ == UCS_OK, kind, what << " failed: " << status_text(kvxfer_st_)); \
+  } while (0)
+
+// An immediate or a control message waiting for the flush that makes the puts before it visible at the peer.
+struct Outgoing {
+  uint64_t after_put = 0;  // the peer's put count when this was posted: sendable once flushed >= after_put
+  bool is_message = false;
+  uint32_t imm = 0;
+  void* context = nullptr;  // the write's completion context (WriteDone once the immediate leaves)
+  uint16_t msg_len = 0;
+  std::array<uint8_t, Transport::kMaxMessageBytes> msg{};
+};
+
+class UcxTransport;
+
+struct UcxPeer {
+  UcxTransport* owner = nullptr;
+  ucp_ep_h ep = nullptr;
+  bool failed = false;
+  std::string error;
+  std::unordered_map<uint64_t, std::vector<uint8_t>> packed;  // the peer's rkeys as it published them
+  std::unordered_map<uint64_t, ucp_rkey_h> rkeys;             // unpacked on first use (progress thread)
+  uint64_t puts = 0;             // puts posted so far
+  uint64_t flush_requested = 0;  // puts covered by the last flush asked for
+  uint64_t flushed = 0;          // puts known to be in the peer's memory
+  std::deque<Outgoing> queue;
+};
+
+struct FlushRequest {
+  UcxTransport* transport;
+  UcxPeer* peer;
+  uint64_t puts;
+};
+
+struct PendingEvent {
+  Event event;
+  std::vector<uint8_t> msg;  // a Message's bytes, owned here until handed out
+};
+
+class UcxTransport final : public Transport {
+ public:
+  explicit UcxTransport(const std::string& interface) {
+    ucp_config_t* config = nullptr;
+    KVXFER_UCS_CALL(TransportUnavailable, ucp_config_read(nullptr, nullptr, &config), "ucp_config_read");
+    if (!interface.empty()) {
+      const ucs_status_t st = ucp_config_modify(config, "NET_DEVICES", interface.c_str());
+      if (st != UCS_OK) ucp_config_release(config);
+      KVXFER_CHECK(st == UCS_OK, TransportUnavailable,
+                   "UCX refused NET_DEVICES=" << interface << ": " << status_text(st));
+    }
+    // UCX's tcp moves a put in segments of UCX_TCP_TX_SEG_SIZE (8 KiB by default); KV chunks are tens of KiB, and
+    // on loopback 64 KiB segments doubled a 512 MiB request's bandwidth (benchmarks/RESULTS.md). Set here by the
+    // unprefixed field name (the form ucp_config_modify applies to transports); the user's UCX_TCP_* wins.
+    for (const char* name : {"TX_SEG_SIZE", "RX_SEG_SIZE"})
+      if (!std::getenv((std::string("UCX_TCP_") + name).c_str())) ucp_config_modify(config, name, kTcpSegSize);
+    ucp_params_t params{};
+    params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
+    params.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+    params.mt_workers_shared = 1;  // registrations come from caller threads while the progress thread runs
+    params.name = "kvxfer";
+    const ucs_status_t st = ucp_init(&params, config, &context_);
+    ucp_config_release(config);
+    KVXFER_CHECK(st == UCS_OK, TransportUnavailable,
+                 "ucp_init failed: " << status_text(st) << "; check UCX_TLS / UCX_NET_DEVICES (`ucx_info -d` lists "
+                                                           "what UCX sees here)");
+    ucp_context_attr_t attr{};
+    attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+    ucp_context_query(context_, &attr);
+
+    ucp_worker_params_t wp{};
+    wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    // add_peer (endpoint creation) runs on caller threads beside the progress thread.
+    wp.thread_mode = UCS_THREAD_MODE_MULTI;
+    KVXFER_UCS_CALL(TransportUnavailable, ucp_worker_create(context_, &wp, &worker_), "ucp_worker_create");
+    set_am_handler(kImmAm, &UcxTransport::on_imm_am);
+    set_am_handler(kMsgAm, &UcxTransport::on_msg_am);
+    if (ucp_worker_get_efd(worker_, &efd_) != UCS_OK) efd_ = -1;
+
+    caps_.provider = "ucx " + ucx_version();
+    caps_.name = "ucx";
+    caps_.remote_virt_addr = true;  // ucp_put_nbx addresses the peer's virtual addresses
+    caps_.max_write_bytes = 8ull << 20;
+    caps_.max_inflight = 1024;
+    caps_.max_iov = 16;  // a gathered write is n puts and one immediate
+    caps_.num_rails = 1;  // UCX spreads over its own lanes and rails (UCX_MAX_RMA_RAILS)
+    caps_.hmem = (attr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
+  }
+
+  ~UcxTransport() override {
+    std::vector<ucs_status_ptr_t> closing;
+    for (auto& p : peers_) {
+      for (auto& [id, rkey] : p->rkeys) ucp_rkey_destroy(rkey);
+      if (!p->ep) continue;
+      ucp_request_param_t rp{};
+      rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      rp.flags = UCP_EP_CLOSE_FLAG_FORCE;  // a dead peer would hold a flushing close forever
+      ucs_status_ptr_t req = ucp_ep_close_nbx(p->ep, &rp);
+      if (UCS_PTR_IS_PTR(req)) closing.push_back(req);
+    }
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    for (auto req : closing) {
+      while (ucp_request_check_status(req) == UCS_INPROGRESS && std::chrono::steady_clock::now() < until)
+        ucp_worker_progress(worker_);
+      ucp_request_free(req);
+    }
+    if (worker_) ucp_worker_destroy(worker_);
+    for (auto& [id, reg] : exported_) ucp_mem_unmap(context_, reg.memh);
+    if (context_) ucp_cleanup(context_);
+  }
+
+  const Capabilities& capabilities() const override { return caps_; }
+
+  std::vector<uint8_t> address() const override {
+    ucp_address_t* addr = nullptr;
+    size_t len = 0;
+    KVXFER_UCS_CALL(TransportUnavailable, ucp_worker_get_address(worker_, &addr, &len), "ucp_worker_get_address");
+    std::vector<uint8_t> out{kAddressTag};
+    out.insert(out.end(), reinterpret_cast<uint8_t*>(addr), reinterpret_cast<uint8_t*>(addr) + len);
+    ucp_worker_release_address(worker_, addr);
+    return out;
+  }
+
+  MemoryKey register_memory(void* addr, size_t nbytes, uint64_t requested_key, int device) override {
+    KVXFER_CHECK(device < 0 || caps_.hmem, TransportUnavailable,
+                 "this UCX (" << ucx_version() << ") was built without CUDA, so it cannot register GPU memory; the "
+                              "agent stages GPU pools through pinned host buffers instead");
+    ucp_mem_map_params_t mp{};
+    mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+    mp.address = addr;
+    mp.length = nbytes;
+    if (device >= 0) {
+      mp.field_mask |= UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+      mp.memory_type = UCS_MEMORY_TYPE_CUDA;
+    }
+    ucp_mem_h memh = nullptr;
+    ucs_status_t st = ucp_mem_map(context_, &mp, &memh);
+    KVXFER_CHECK(st == UCS_OK, RegistrationFailed,
+                 "ucp_mem_map of " << nbytes << " bytes at " << addr << " failed: " << status_text(st)
+                                   << "; check that the memory is allocated");
+    void* packed = nullptr;
+    size_t packed_len = 0;
+    st = ucp_rkey_pack(context_, memh, &packed, &packed_len);
+    if (st != UCS_OK || packed_len > kMaxPackedKey) {
+      if (st == UCS_OK) ucp_rkey_buffer_release(packed);
+      ucp_mem_unmap(context_, memh);
+      KVXFER_THROW(RegistrationFailed, "ucp_rkey_pack failed: " << (st == UCS_OK ? "key of " + std::to_string(packed_len) + " bytes" : status_text(st)));
+    }
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    KVXFER_ASSERT(exported_.count(requested_key) == 0 && requested_key != 0);
+    exported_[requested_key] = {memh, std::vector<uint8_t>(static_cast<uint8_t*>(packed),
+                                                           static_cast<uint8_t*>(packed) + packed_len)};
+    ucp_rkey_buffer_release(packed);
+    return MemoryKey{memh, nullptr, requested_key};
+  }
+
+  void deregister_memory(MemoryKey& key) override {
+    if (key.handle) {
+      std::lock_guard<std::recursive_mutex> lock(mu_);
+      ucp_mem_unmap(context_, static_cast<ucp_mem_h>(key.handle));
+      exported_.erase(key.rkey);
+    }
+    key = MemoryKey{};
+  }
+
+  // u32 count | count x (u64 key | u32 length | packed rkey)
+  std::vector<uint8_t> exported_keys() const override {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    std::vector<uint8_t> out;
+    put_u32(out, static_cast<uint32_t>(exported_.size()));
+    for (const auto& [id, reg] : exported_) {
+      for (int i = 0; i < 8; ++i) out.push_back(static_cast<uint8_t>(id >> (8 * i)));
+      put_u32(out, static_cast<uint32_t>(reg.packed.size()));
+      out.insert(out.end(), reg.packed.begin(), reg.packed.end());
+    }
+    return out;
+  }
+
+  void import_keys(PeerAddr peer, const std::vector<uint8_t>& keys) override {
+    auto parsed = parse_keys(keys);
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    UcxPeer& p = peer_at(peer);
+    for (auto& [id, bytes] : parsed) {
+      auto it = p.rkeys.find(id);
+      if (it != p.rkeys.end() && p.packed[id] != bytes) {  // the peer re-registered under that key
+        ucp_rkey_destroy(it->second);
+        p.rkeys.erase(it);
+      }
+      p.packed[id] = std::move(bytes);
+    }
+  }
+
+  PeerAddr insert_peer(const std::vector<uint8_t>& address) override {
+    KVXFER_CHECK(address.size() > 1 && address[0] == kAddressTag, TransportUnavailable,
+                 "the peer's address is not a UCX worker address: it uses another transport; create both agents "
+                 "with transport='ucx'");
+    auto peer = std::make_unique<UcxPeer>();
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                    UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep.address = reinterpret_cast<const ucp_address_t*>(address.data() + 1);
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;  // a dead peer fails its operations instead of hanging them
+    ep.err_handler.cb = &UcxTransport::on_ep_error;
+    ep.err_handler.arg = peer.get();
+    peer->owner = this;
+    ucs_status_t st = ucp_ep_create(worker_, &ep, &peer->ep);
+    KVXFER_CHECK(st == UCS_OK, PeerUnknown,
+                 "ucp_ep_create towards the peer failed: " << status_text(st)
+                                                           << "; the peer may be unreachable with this UCX_TLS");
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    peers_.push_back(std::move(peer));
+    return peers_.size() - 1;
+  }
+
+  void remove_peer(PeerAddr peer) override {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    UcxPeer& p = peer_at(peer);
+    fail_peer(p, "the peer was removed");
+  }
+
+  uint32_t peer_rails(PeerAddr peer) const override { return 1; }
+
+  std::string describe_peer(PeerAddr peer) const override {
+    ucp_ep_h ep;
+    {
+      std::lock_guard<std::recursive_mutex> lock(mu_);
+      if (peer >= peers_.size() || !peers_[peer]->ep) return {};
+      ep = peers_[peer]->ep;
+    }
+    return describe_lanes(ep);
+  }
+
+  int post_write(const void* src, size_t nbytes, void* desc, uint32_t imm, PeerAddr peer, uint64_t remote_addr,
+                 uint64_t rkey, void* context, uint32_t rail) override {
+    WriteIov w{src, nbytes, desc, remote_addr, rkey};
+    return post_writev(&w, nbytes ? 1 : 0, imm, peer, context, rail);
+  }
+
+  int post_writev(const WriteIov* w, size_t n, uint32_t imm, PeerAddr peer, void* context, uint32_t rail) override {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    UcxPeer& p = peer_at(peer);
+    if (p.failed) return report_failed(p, context);
+    if (queued_ >= caps_.max_inflight) return -EAGAIN;
+    for (size_t i = 0; i < n; ++i) {
+      if (w[i].nbytes == 0) continue;
+      ucp_request_param_t rp{};  // no callback: the flush behind the put reports its completion
+      ucs_status_ptr_t req = ucp_put_nbx(p.ep, w[i].src, w[i].nbytes, w[i].remote_addr, rkey_for(p, w[i].rkey), &rp);
+      if (UCS_PTR_IS_ERR(req)) {
+        fail_peer(p, "ucp_put_nbx(" + std::to_string(w[i].nbytes) + " bytes) failed: " +
+                         status_text(UCS_PTR_STATUS(req)));
+        return report_failed(p, context);
+      }
+      if (req) ucp_request_free(req);  // released by UCX once done
+      ++p.puts;
+    }
+    Outgoing o;
+    o.after_put = p.puts;
+    o.imm = imm;
+    o.context = context;
+    p.queue.push_back(o);
+    ++queued_;
+    writes_.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+  }
+
+  int post_message(const void* msg, size_t nbytes, PeerAddr peer, void* context, uint32_t rail) override {
+    KVXFER_ASSERT(nbytes <= kMaxMessageBytes);
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    UcxPeer& p = peer_at(peer);
+    if (p.failed) return 0;  // as a libfabric send to a gone peer: it never arrives
+    Outgoing o;
+    o.after_put = p.puts;
+    o.is_message = true;
+    o.context = context;
+    o.msg_len = static_cast<uint16_t>(nbytes);
+    std::memcpy(o.msg.data(), msg, nbytes);
+    p.queue.push_back(o);
+    return 0;
+  }
+
+  size_t poll(Event* events, size_t max) override {
+    delivered_.clear();
+    while (ucp_worker_progress(worker_) != 0) {
+    }
+    {
+      std::lock_guard<std::recursive_mutex> lock(mu_);
+      for (auto& p : peers_) {
+        request_flush(*p);
+        drain(*p);
+      }
+    }
+    size_t out = 0;
+    while (out < max && !pending_.empty()) {
+      PendingEvent& pe = pending_.front();
+      events[out] = pe.event;
+      if (pe.event.kind == Event::Kind::Message) {
+        delivered_.push_back(std::move(pe.msg));
+        events[out].msg = delivered_.back().data();
+      }
+      ++out;
+      pending_.pop_front();
+    }
+    return out;
+  }
+
+  std::vector<int> wait_fds() const override { return efd_ >= 0 ? std::vector<int>{efd_} : std::vector<int>{}; }
+
+  bool ready_to_wait() override {
+    if (!pending_.empty()) return false;
+    {
+      std::lock_guard<std::recursive_mutex> lock(mu_);
+      for (const auto& p : peers_) {
+        if (p->puts > p->flush_requested) return false;
+        if (!p->queue.empty() && (p->failed || p->queue.front().after_put <= p->flushed)) return false;
+      }
+    }
+    return ucp_worker_arm(worker_) == UCS_OK;  // UCS_ERR_BUSY: events are waiting, progress first
+  }
+
+  std::vector<RailStats> rail_stats() const override { return {{writes_.load(), imms_.load()}}; }
+
+ private:
+  struct Exported {
+    ucp_mem_h memh;
+    std::vector<uint8_t> packed;
+  };
+
+  static void put_u32(std::vector<uint8_t>& out, uint32_t v) {
+    for (int i = 0; i < 4; ++i) out.push_back(static_cast<uint8_t>(v >> (8 * i)));
+  }
+
+  static std::vector<std::pair<uint64_t, std::vector<uint8_t>>> parse_keys(const std::vector<uint8_t>& b) {
+    size_t at = 0;
+    auto need = [&](size_t n, const char* what) {
+      KVXFER_CHECK(at + n <= b.size(), MetadataError,
+                   "peer's UCX keys truncated in " << what << " at byte " << at << " of " << b.size());
+    };
+    auto u32 = [&](const char* what) {
+      need(4, what);
+      uint32_t v = 0;
+      for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(b[at + i]) << (8 * i);
+      at += 4;
+      return v;
+    };
+    KVXFER_CHECK(!b.empty(), MetadataError,
+                 "the peer sent no UCX keys: it does not use transport 'ucx'; create both agents with "
+                 "transport='ucx'");
+    const uint32_t count = u32("the key count");
+    KVXFER_CHECK(count <= kMaxKeys, MetadataError, "peer's UCX keys claim " << count << " keys (at most " << kMaxKeys << ")");
+    std::vector<std::pair<uint64_t, std::vector<uint8_t>>> out;
+    for (uint32_t k = 0; k < count; ++k) {
+      need(8, "a key id");
+      uint64_t id = 0;
+      for (int i = 0; i < 8; ++i) id |= static_cast<uint64_t>(b[at + i]) << (8 * i);
+      at += 8;
+      const uint32_t len = u32("a key length");
+      KVXFER_CHECK(len > 0 && len <= kMaxPackedKey, MetadataError,
+                   "peer's UCX key " << k << " claims " << len << " bytes (1 to " << kMaxPackedKey << ")");
+      need(len, "a packed key");
+      out.emplace_back(id, std::vector<uint8_t>(b.begin() + at, b.begin() + at + len));
+      at += len;
+    }
+    KVXFER_CHECK(at == b.size(), MetadataError, "peer's UCX keys have " << b.size() - at << " trailing bytes");
+    return out;
+  }
+
+  UcxPeer& peer_at(PeerAddr peer) const {
+    KVXFER_CHECK(peer < peers_.size(), PeerUnknown, "no UCX endpoint " << peer << " (the peer was never added)");
+    return *peers_[peer];
+  }
+
+  ucp_rkey_h rkey_for(UcxPeer& p, uint64_t id) {
+    auto it = p.rkeys.find(id);
+    if (it != p.rkeys.end()) return it->second;
+    auto packed = p.packed.find(id);
+    KVXFER_CHECK(packed != p.packed.end(), AccessViolation,
+                 "the peer exposed no memory under key " << id << "; re-add it with its current metadata");
+    ucp_rkey_h rkey = nullptr;
+    KVXFER_UCS_CALL(MetadataError, ucp_ep_rkey_unpack(p.ep, packed->second.data(), &rkey),
+                    "ucp_ep_rkey_unpack of the peer's key " << id);
+    p.rkeys[id] = rkey;
+    return rkey;
+  }
+
+  int report_failed(UcxPeer& p, void* context) {
+    if (context) {
+      PendingEvent pe;
+      pe.event.kind = Event::Kind::OpError;
+      pe.event.context = context;
+      pe.event.error = "UCX endpoint failed: " + p.error;
+      pending_.push_back(std::move(pe));
+    }
+    return 0;
+  }
+
+  // Every queued write of a failed peer completes with its error; queued messages are dropped.
+  void fail_peer(UcxPeer& p, const std::string& why) {
+    if (!p.failed) {
+      p.failed = true;
+      p.error = why;
+    }
+    for (auto& o : p.queue) {
+      if (!o.is_message) --queued_;
+      if (!o.is_message) report_failed(p, o.context);
+    }
+    p.queue.clear();
+  }
+
+  void request_flush(UcxPeer& p) {
+    if (p.failed || p.puts == p.flush_requested) return;
+    auto* fr = new FlushRequest{this, &p, p.puts};
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    rp.cb.send = &UcxTransport::on_flushed;
+    rp.user_data = fr;
+    p.flush_requested = p.puts;
+    ucs_status_ptr_t req = ucp_ep_flush_nbx(p.ep, &rp);
+    if (req == nullptr) {
+      p.flushed = std::max(p.flushed, fr->puts);
+      delete fr;
+    } else if (UCS_PTR_IS_ERR(req)) {
+      delete fr;
+      fail_peer(p, "ucp_ep_flush_nbx failed: " + status_text(UCS_PTR_STATUS(req)));
+    }
+  }
+
+  // Sends what the flushes released, in order: runs of immediates as one active message each, messages alone.
+  void drain(UcxPeer& p) {
+    while (!p.failed && !p.queue.empty() && p.queue.front().after_put <= p.flushed) {
+      if (p.queue.front().is_message) {
+        const Outgoing& o = p.queue.front();
+        send_am(p, kMsgAm, o.msg.data(), o.msg_len);
+        p.queue.pop_front();
+        continue;
+      }
+      std::vector<uint8_t> imms;
+      while (!p.queue.empty() && !p.queue.front().is_message && p.queue.front().after_put <= p.flushed &&
+             imms.size() < 4 * kMaxImmsPerAm) {
+        const Outgoing& o = p.queue.front();
+        put_u32(imms, o.imm);
+        if (o.context) {
+          PendingEvent pe;
+          pe.event.kind = Event::Kind::WriteDone;
+          pe.event.context = o.context;
+          pending_.push_back(std::move(pe));
+        }
+        --queued_;
+        p.queue.pop_front();
+      }
+      send_am(p, kImmAm, imms.data(), imms.size());
+    }
+  }
+
+  void send_am(UcxPeer& p, unsigned id, const void* data, size_t len) {
+    auto* copy = new std::vector<uint8_t>(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + len);
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    rp.cb.send = &UcxTransport::on_am_sent;
+    rp.user_data = copy;
+    rp.flags = UCP_AM_SEND_FLAG_EAGER;  // small: the receiver's handler gets the bytes at once
+    ucs_status_ptr_t req = ucp_am_send_nbx(p.ep, id, nullptr, 0, copy->data(), copy->size(), &rp);
+    if (req == nullptr) {
+      delete copy;
+    } else if (UCS_PTR_IS_ERR(req)) {
+      delete copy;
+      fail_peer(p, "ucp_am_send_nbx failed: " + status_text(UCS_PTR_STATUS(req)));
+    }
+  }
+
+  void set_am_handler(unsigned id, ucp_am_recv_callback_t cb) {
+    ucp_am_handler_param_t hp{};
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG |
+                    UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    hp.id = id;
+    hp.cb = cb;
+    hp.arg = this;
+    hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+    KVXFER_UCS_CALL(TransportUnavailable, ucp_worker_set_am_recv_handler(worker_, &hp), "ucp_worker_set_am_recv_handler");
+  }
+
+  // Runs inside ucp_worker_progress (our poll), so pending_ needs no lock.
+  static ucs_status_t on_imm_am(void* arg, const void* header, size_t header_len, void* data, size_t len,
+                                const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<UcxTransport*>(arg);
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || len % 4 != 0) return UCS_OK;  // not ours: ignore
+    const auto* b = static_cast<const uint8_t*>(data);
+    for (size_t at = 0; at < len; at += 4) {
+      PendingEvent pe;
+      pe.event.kind = Event::Kind::RemoteData;
+      pe.event.imm = static_cast<uint32_t>(b[at]) | static_cast<uint32_t>(b[at + 1]) << 8 |
+                     static_cast<uint32_t>(b[at + 2]) << 16 | static_cast<uint32_t>(b[at + 3]) << 24;
+      self->pending_.push_back(std::move(pe));
+    }
+    self->imms_.fetch_add(len / 4, std::memory_order_relaxed);
+    return UCS_OK;
+  }
+
+  static ucs_status_t on_msg_am(void* arg, const void* header, size_t header_len, void* data, size_t len,
+                                const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<UcxTransport*>(arg);
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || len == 0 || len > kMaxMessageBytes) return UCS_OK;
+    PendingEvent pe;
+    pe.event.kind = Event::Kind::Message;
+    pe.event.msg_len = len;
+    pe.msg.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + len);
+    self->pending_.push_back(std::move(pe));
+    return UCS_OK;
+  }
+
+  static void on_flushed(void* request, ucs_status_t status, void* user_data) {
+    auto* fr = static_cast<FlushRequest*>(user_data);
+    {
+      std::lock_guard<std::recursive_mutex> lock(fr->transport->mu_);
+      if (status == UCS_OK) fr->peer->flushed = std::max(fr->peer->flushed, fr->puts);
+      else fr->transport->fail_peer(*fr->peer, "flush failed: " + status_text(status));
+    }
+    delete fr;
+    ucp_request_free(request);
+  }
+
+  static void on_am_sent(void* request, ucs_status_t status, void* user_data) {
+    delete static_cast<std::vector<uint8_t>*>(user_data);
+    ucp_request_free(request);
+  }
+
+  // Called from progress when UCX declares the endpoint dead (PEER error mode).
+  static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t status) {
+    auto* peer = static_cast<UcxPeer*>(arg);
+    std::lock_guard<std::recursive_mutex> lock(peer->owner->mu_);
+    peer->owner->fail_peer(*peer, "the peer is unreachable: " + status_text(status));
+  }
+
+  // "ucx lanes: tcp/lo (am, rma)": which of UCX's transports carry what, from ucp_ep_print_info, so a slow fallback
+  // (tcp where rc was expected) is visible instead of silent.
+  static std::string describe_lanes(ucp_ep_h ep) {
+    const std::string text = print_to_string([ep](FILE* f) { ucp_ep_print_info(ep, f); });
+    // Lines look like "#   lane[0]:  3:tcp/lo.0 md[1]  -> md[1]/tcp/sysdev[255] rma_bw#0 am am_bw#0".
+    std::vector<std::string> order;
+    std::unordered_map<std::string, std::set<std::string>> uses;
+    size_t pos = 0;
+    while ((pos = text.find("lane[", pos)) != std::string::npos) {
+      const size_t eol = std::min(text.find('\n', pos), text.size());
+      const std::string line = text.substr(pos, eol - pos);
+      pos = eol;
+      const size_t colon = line.find(':', line.find("]:") + 2);
+      if (colon == std::string::npos) continue;
+      const size_t end = line.find(' ', colon);
+      std::string tl = line.substr(colon + 1, end == std::string::npos ? std::string::npos : end - colon - 1);
+      if (auto dot = tl.rfind('.'); dot != std::string::npos && tl.find('/') < dot) tl = tl.substr(0, dot);
+      if (!uses.count(tl)) order.push_back(tl);
+      for (const char* u : {"rma", "am", "amo", "rkey_ptr", "keepalive"})
+        if (line.find(std::string(" ") + u) != std::string::npos) uses[tl].insert(u);
+    }
+    std::string out = "ucx lanes:";
+    for (const auto& tl : order) {
+      out += " " + tl + " (";
+      bool first = true;
+      for (const auto& u : uses[tl]) {
+        out += (first ? "" : ", ") + u;
+        first = false;
+      }
+      out += ");";
+    }
+    if (!order.empty()) out.pop_back();
+    return order.empty() ? std::string{} : out;
+  }
+
+
+ public:
+  // "tcp/lo, sysv/memory, cma/memory": the UCX resources this context opened (ucp_context_print_info).
+  std::string resources() const {
+    std::string text = print_to_string([this](FILE* f) { ucp_context_print_info(context_, f); });
+    std::string out;
+    size_t pos = 0;
+    while ((pos = text.find("resource ", pos)) != std::string::npos) {
+      const size_t eol = std::min(text.find('\n', pos), text.size());
+      const std::string line = text.substr(pos, eol - pos);
+      pos = eol;
+      const size_t last = line.find_last_of(' ');
+      const std::string tl = line.substr(last + 1);
+      if (tl.rfind("self/", 0) == 0) continue;  // loopback within one worker: never a peer's path
+      out += (out.empty() ? "" : ", ") + tl;
+    }
+    return out;
+  }
+
+ private:
+  template <typename Print>
+  static std::string print_to_string(Print print) {
+    char* buf = nullptr;
+    size_t len = 0;
+    FILE* f = open_memstream(&buf, &len);
+    if (!f) return {};
+    print(f);
+    fclose(f);
+    std::string text(buf, len);
+    free(buf);
+    return text;
+  }
+
+  Capabilities caps_;
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  int efd_ = -1;
+  // peers_, exported_, every peer's queue and keys. Recursive: UCX may run a completion callback (which locks it)
+  // from inside a call we make holding it.
+  mutable std::recursive_mutex mu_;
+  std::vector<std::unique_ptr<UcxPeer>> peers_;
+  std::unordered_map<uint64_t, Exported> exported_;
+  size_t queued_ = 0;  // writes waiting for their immediate to leave: the in-flight window
+  std::deque<PendingEvent> pending_;             // progress thread only
+  std::vector<std::vector<uint8_t>> delivered_;  // messages handed out by the last poll
+  std::atomic<uint64_t> writes_{0}, imms_{0};
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> make_ucx_transport(const std::string& interface) {
+  return std::make_unique<UcxTransport>(interface);
+}
+
+std::string ucx_version() {
+  unsigned major = 0, minor = 0, release = 0;
+  ucp_get_version(&major, &minor, &release);
+  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(release);
+}
+
+bool probe_ucx(std::string* detail) {
+  try {
+    UcxTransport t("");
+    *detail = t.capabilities().provider + ": " + t.resources() +
+              " (peers get those that can report a dead peer, UCX's error mode peer; Peer.path_reason names them)";
+    if (const char* tls = std::getenv("UCX_TLS")) *detail += std::string(", UCX_TLS=") + tls;
+    return true;
+  } catch (const Error& e) {
+    *detail = e.what();
+    return false;
+  }
+}
+
+}  // namespace kvxfer

@@ -1,0 +1,112 @@
+"""transport='ucx' (csrc/transports/ucx): what is particular to it. The byte-exact transfers, layer-wise arrival,
+cancels, restarts and a killed sender run for ucx beside the libfabric transports (TRANSPORTS in conftest)."""
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer import errors
+from tests.conftest import UCX, connect, local_pair
+from tests.reference import PRESETS, make_pool
+
+pytestmark = list(UCX.marks)
+
+
+def test_the_peer_names_the_ucx_lanes_that_carry_its_bytes():
+    """A slow fallback (UCX over tcp where rc was expected) must be visible: Peer.path_reason lists the UCX
+    transports of the endpoint and what each carries."""
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, _, _ = local_pair(layout, "ucx", ("lanes-a", "lanes-b"))
+    assert peer_b.path == "ucx"
+    lanes = re.search(r"ucx lanes: (.*)$", peer_b.path_reason)
+    assert lanes, peer_b.path_reason
+    carried = dict(re.findall(r"(\w+/[\w.:-]+) \(([^)]*)\)", lanes.group(1)))
+    assert any("am" in uses.split(", ") for uses in carried.values()), lanes.group(1)
+    assert "tcp/lo" in carried  # interface='lo' is UCX_NET_DEVICES=lo (and UCX 1.13 keeps shm out, see the README)
+
+
+def test_ucx_and_libfabric_agents_refuse_each_other_naming_both():
+    ucx = kvxfer.Agent("u", transport="ucx", interface="lo")
+    tcp = kvxfer.Agent("t", transport="tcp", interface="lo")
+    with pytest.raises(errors.TransportUnavailable, match="runs transport tcp but this agent runs ucx"):
+        ucx.add_peer(tcp.metadata())
+    with pytest.raises(errors.TransportUnavailable, match="runs transport ucx but this agent runs tcp"):
+        tcp.add_peer(ucx.metadata())
+
+
+def test_bad_ucx_settings_are_refused_when_the_agent_is_created(monkeypatch):
+    with pytest.raises(errors.InvalidArgument, match="rails=2 with transport 'ucx'.*UCX_MAX_RMA_RAILS"):
+        kvxfer.Agent("r", transport="ucx", interface="lo", rails=2)
+    monkeypatch.setenv("UCX_TLS", "no-such-transport")
+    with pytest.raises(errors.TransportUnavailable, match="ucp_init failed.*UCX_TLS"):
+        kvxfer.Agent("t", transport="ucx", interface="lo")
+
+
+def test_malformed_ucx_keys_in_peer_metadata_are_refused():
+    """The packed UCX keys travel in the metadata; a key length beyond the limit is refused when the peer is added,
+    before any write could use it."""
+    from tests.test_errors import _reseal
+
+    layout = kvxfer.KVLayout.contiguous(4, 4096)
+    a = kvxfer.Agent("keys-a", transport="ucx", interface="lo")
+    a.register_pool(np.zeros(4 * 4096, np.uint8), layout)
+    md = a.metadata()
+    payload = md[16:]
+    pool_key = (1 << 16).to_bytes(8, "little")  # the first pool's first region (agent.cpp)
+    at = next(i for i in (m.start() for m in re.finditer(re.escape(pool_key), payload))
+              if 0 < int.from_bytes(payload[i + 8:i + 12], "little") <= 16384)  # key id, then its packed length
+    tampered = payload[:at + 8] + (1 << 30).to_bytes(4, "little") + payload[at + 12:]
+    b = kvxfer.Agent("keys-b", transport="ucx", interface="lo")
+    with pytest.raises(errors.MetadataError, match="UCX key .* claims 1073741824 bytes"):
+        b.add_peer(_reseal(md, tampered))
+    b.add_peer(_reseal(md, payload))  # resealed untampered: accepted
+
+
+def test_a_receiver_on_another_host_that_dies_fails_the_send_through_ucx(remote):
+    """The receiver runs under another host name, so its process cannot be watched from here and sends no BYE when
+    killed: only UCX's endpoint error (error mode peer) can tell. The send fails with PeerLost naming the UCX
+    failure long before its 60 s deadline."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the peer a host name of its own (unshare CLONE_NEWUTS)")
+    assert remote.call("hostname", "kvxfer-ucx-elsewhere") == "kvxfer-ucx-elsewhere"
+    agent, peer, layout, _, _ = connect("ucx", remote, "vllm_flash", 3, timeout_s=60)
+    assert not peer.same_host
+    remote.call("recv", (7, [1, 2]))
+    send = agent.send(peer, 7, [0, 1], [1, 2])
+    send.layer_ready(0)
+    assert remote.call("recv_wait", (7, 0, 30)) == "PENDING"
+    remote.conn.send(("crash", None))
+    remote.proc.join(10)
+    t0 = time.monotonic()
+    with pytest.raises(errors.PeerLost, match="UCX endpoint failed"):
+        for layer in range(1, layout.num_layers):
+            send.layer_ready(layer)
+            time.sleep(0.05)
+        send.wait(timeout_s=30)
+    assert time.monotonic() - t0 < 30
+
+
+def test_many_layers_of_small_writes_share_flushes():
+    """Immediates wait for a flush of the puts before them; the flush is asked once per poll for every put since
+    the last, so a request of many small writes completes exactly without one flush round trip per write."""
+    layout = kvxfer.KVLayout.vllm_flash(num_layers=16, num_blocks=256, block_size=1, num_kv_heads=1, head_dim=8,
+                                         dtype="float32")
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "ucx", ("flush-a", "flush-b"))
+    rng = np.random.default_rng(4)
+    src_ids = rng.permutation(256).astype(np.int32)
+    dst_ids = rng.permutation(256).astype(np.int32)
+    from tests.conftest import assert_exact_transfer
+
+    assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 1, src_ids, dst_ids)
+    assert a.stats()["writes_posted"] == b.stats()["imms_received"] > 256
+
+
+def test_info_lists_ucx_with_the_resources_it_opened():
+    from kvxfer import info
+
+    usable, detail = info.collect()["transports"]["ucx"]
+    assert usable, detail
+    assert detail.startswith("ucx 1.") and "tcp/lo" in detail, detail
