@@ -1,5 +1,6 @@
 """Build kvxfer._C with CMake (csrc/CMakeLists.txt). Options: KVXFER_BUILD_CUDA=0/1, KVXFER_BUILD_TYPE."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,9 +40,30 @@ class CMakeBuild(build_ext):
             args.append("-GNinja")
         except ImportError:
             pass
+        (out_dir / "_ucx.so").unlink(missing_ok=True)  # this build makes it again only when UCX is found
         subprocess.run(["cmake", ext.source_dir, *args], cwd=build_dir, check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
+
+    # The UCX transport is a plugin beside _C (csrc/CMakeLists.txt) that setuptools does not know of: in-place and
+    # editable builds copy it into the source tree with _C (a wheel takes it from build_lib with the package), and
+    # drop a stale one when this build has no UCX.
+    def _ucx_plugin(self) -> tuple[Path, Path]:
+        return Path(self.build_lib) / "kvxfer" / "_ucx.so", ROOT / "kvxfer" / "_ucx.so"
+
+    def copy_extensions_to_source(self) -> None:
+        super().copy_extensions_to_source()
+        built, placed = self._ucx_plugin()
+        if built.exists():
+            shutil.copy2(built, placed)
+        elif placed.exists():
+            placed.unlink()
+
+    def _get_output_mapping(self):
+        yield from super()._get_output_mapping()
+        built, placed = self._ucx_plugin()
+        if self.inplace and built.exists():
+            yield str(built), str(placed)
 
 
 setup(

@@ -3,13 +3,20 @@
 Paged KV blocks move from a prefill process straight into a decode process's KV cache, layer by layer, and the
 receiver learns that each layer arrived by counting immediate data, exactly and in any order.
 """
-from kvxfer import errors
-from kvxfer.errors import KvxferError
-from kvxfer.layout import KVLayout
-from kvxfer.transfer import Recv, RecvGroup, Send, SendGroup, TransferState
-from kvxfer.agent import Agent, Peer, Pool
-from kvxfer.signals import DeviceCounter, LayerSignal
-from kvxfer import tp
+import os as _os
+
+# Debian's libfabric carries the psm provider, whose libinfinipath installs SIGSEGV/SIGBUS/SIGILL handlers when it
+# loads (with _C): they would replace the engine's own (Python's faulthandler, a crash reporter) and end a crashing
+# process with exit status 1 and a backtrace on a stderr the engine may not show. Off unless the user set it.
+_os.environ.setdefault("IPATH_NO_BACKTRACE", "1")
+
+from kvxfer import errors  # noqa: E402
+from kvxfer.errors import KvxferError  # noqa: E402
+from kvxfer.layout import KVLayout  # noqa: E402
+from kvxfer.transfer import Recv, RecvGroup, Send, SendGroup, TransferState  # noqa: E402
+from kvxfer.agent import Agent, Peer, Pool  # noqa: E402
+from kvxfer.signals import DeviceCounter, LayerSignal  # noqa: E402
+from kvxfer import tp  # noqa: E402
 
 __version__ = "0.1.0"
 

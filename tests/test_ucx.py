@@ -110,3 +110,59 @@ def test_info_lists_ucx_with_the_resources_it_opened():
     usable, detail = info.collect()["transports"]["ucx"]
     assert usable, detail
     assert detail.startswith("ucx 1.") and "tcp/lo" in detail, detail
+
+
+def test_importing_kvxfer_loads_no_ucx_and_a_ucx_agent_keeps_the_process_signal_handlers():
+    """UCX lives in the plugin kvxfer/_ucx.so, loaded when an agent first asks for transport 'ucx': an engine that
+    imports kvxfer gets none of UCX's libraries, and one that uses it keeps its own SIGSEGV/SIGBUS/SIGILL/SIGFPE
+    handlers. Two libraries would replace them when they load: UCX's libucs (the loader sets UCX_ERROR_SIGNALS
+    empty) and libfabric's psm provider, libinfinipath, loaded with _C (kvxfer sets IPATH_NO_BACKTRACE=1); either
+    is left alone when the user set it."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, signal
+libc = ctypes.CDLL(None)
+def handler(sig):
+    buf = ctypes.create_string_buffer(256)
+    assert libc.sigaction(sig, None, buf) == 0
+    return bytes(buf.raw[:8])
+before = {s: handler(s) for s in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)}
+import kvxfer
+assert 'libucs' not in open('/proc/self/maps').read(), 'importing kvxfer loaded UCX'
+kvxfer.Agent('sig', transport='ucx', interface='lo')
+assert 'libucs' in open('/proc/self/maps').read(), 'a ucx agent without UCX?'
+after = {s: handler(s) for s in before}
+assert after == before, f'UCX replaced signal handlers: {before} -> {after}'
+print('ok')
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("UCX_ERROR_SIGNALS", "IPATH_NO_BACKTRACE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_peer_key_its_metadata_does_not_publish_fails_the_send_without_writing():
+    """A region naming a UCX key id the peer's metadata holds no packed key for (a corrupted or hostile peer) fails
+    the send with AccessViolation naming the key, and no byte of the destination changes."""
+    from tests.test_errors import _reseal
+
+    layout = kvxfer.KVLayout.contiguous(4, 4096)
+    dst = np.full(4 * 4096, 7, np.uint8)
+    b = kvxfer.Agent("akv-b", transport="ucx", interface="lo")
+    b.register_pool(dst, layout)
+    md = b.metadata()
+    payload = md[16:]
+    region_key = (1 << 16).to_bytes(8, "little") + (-1).to_bytes(4, "little", signed=True)  # rkey, then device -1
+    at = payload.index(region_key)
+    forged = payload[:at] + (1 << 16 | 9).to_bytes(8, "little") + payload[at + 8:]
+    a = kvxfer.Agent("akv-a", transport="ucx", interface="lo")
+    a.register_pool(np.ones(4 * 4096, np.uint8), layout)
+    peer_b = a.add_peer(_reseal(md, forged))
+    b.add_peer(a.metadata())
+    a.wait_connected(peer_b, 20)
+    send = a.send(peer_b, 1, [0, 1], [2, 3])
+    send.all_ready()
+    with pytest.raises(errors.AccessViolation, match=f"exposed no memory under key {1 << 16 | 9}"):
+        send.wait(timeout_s=20)
+    assert (dst == 7).all()

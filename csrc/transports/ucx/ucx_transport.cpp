@@ -1,4 +1,20 @@
-#include "transports/ucx/ucx_transport.h"
+// UcxTransport, built as the plugin kvxfer/_ucx.so (ucx_plugin.h): one UCP worker, one endpoint per peer.
+//
+// UCX has no write-with-immediate, so the immediate travels behind the data: writes are ucp_put_nbx, their
+// immediates wait in a per-peer queue until an endpoint flush covering those puts completes (the bytes are then in
+// the peer's memory), and go out as one active message carrying every immediate the flush released. Control
+// messages wait in the same queue, so a peer sees messages and immediates in the order they were posted, as on a
+// libfabric endpoint. The flush is issued once per poll for all the puts posted since the last one, so its cost is
+// shared by a batch, not paid per write.
+//
+// UCX remote keys are opaque blobs of tens of bytes, not 64-bit keys: register_memory hands the agent its requested
+// key as the "rkey", exported_keys() maps every such key to its packed UCX rkey for the metadata, and the peer's
+// import_keys() / first write unpacks them.
+#include "transports/ucx/ucx_plugin.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
 
 #include <ucp/api/ucp.h>
 
@@ -10,12 +26,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <unordered_map>
 #include <vector>
 
 #include "core/errors.h"
+#include "transports/transport.h"
 
 namespace kvxfer {
 namespace {
@@ -111,7 +129,9 @@ class UcxTransport final : public Transport {
     set_am_handler(kMsgAm, &UcxTransport::on_msg_am);
     if (ucp_worker_get_efd(worker_, &efd_) != UCS_OK) efd_ = -1;
 
-    caps_.provider = "ucx " + ucx_version();
+    char version[32];
+    kvxfer_ucx_version(version, sizeof(version));
+    caps_.provider = std::string("ucx ") + version;
     caps_.name = "ucx";
     caps_.remote_virt_addr = true;  // ucp_put_nbx addresses the peer's virtual addresses
     caps_.max_write_bytes = 8ull << 20;
@@ -149,15 +169,16 @@ class UcxTransport final : public Transport {
     ucp_address_t* addr = nullptr;
     size_t len = 0;
     KVXFER_UCS_CALL(TransportUnavailable, ucp_worker_get_address(worker_, &addr, &len), "ucp_worker_get_address");
-    std::vector<uint8_t> out{kAddressTag};
-    out.insert(out.end(), reinterpret_cast<uint8_t*>(addr), reinterpret_cast<uint8_t*>(addr) + len);
+    std::vector<uint8_t> out(1 + len);
+    out[0] = kAddressTag;
+    std::memcpy(out.data() + 1, addr, len);
     ucp_worker_release_address(worker_, addr);
     return out;
   }
 
   MemoryKey register_memory(void* addr, size_t nbytes, uint64_t requested_key, int device) override {
     KVXFER_CHECK(device < 0 || caps_.hmem, TransportUnavailable,
-                 "this UCX (" << ucx_version() << ") was built without CUDA, so it cannot register GPU memory; the "
+                 "this UCX (" << caps_.provider << ") was built without CUDA, so it cannot register GPU memory; the "
                               "agent stages GPU pools through pinned host buffers instead");
     ucp_mem_map_params_t mp{};
     mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
@@ -180,7 +201,7 @@ class UcxTransport final : public Transport {
       ucp_mem_unmap(context_, memh);
       KVXFER_THROW(RegistrationFailed, "ucp_rkey_pack failed: " << (st == UCS_OK ? "key of " + std::to_string(packed_len) + " bytes" : status_text(st)));
     }
-    std::lock_guard<std::recursive_mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     KVXFER_ASSERT(exported_.count(requested_key) == 0 && requested_key != 0);
     exported_[requested_key] = {memh, std::vector<uint8_t>(static_cast<uint8_t*>(packed),
                                                            static_cast<uint8_t*>(packed) + packed_len)};
@@ -190,16 +211,18 @@ class UcxTransport final : public Transport {
 
   void deregister_memory(MemoryKey& key) override {
     if (key.handle) {
-      std::lock_guard<std::recursive_mutex> lock(mu_);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        exported_.erase(key.rkey);
+      }
       ucp_mem_unmap(context_, static_cast<ucp_mem_h>(key.handle));
-      exported_.erase(key.rkey);
     }
     key = MemoryKey{};
   }
 
   // u32 count | count x (u64 key | u32 length | packed rkey)
   std::vector<uint8_t> exported_keys() const override {
-    std::lock_guard<std::recursive_mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     std::vector<uint8_t> out;
     put_u32(out, static_cast<uint32_t>(exported_.size()));
     for (const auto& [id, reg] : exported_) {
@@ -212,7 +235,7 @@ class UcxTransport final : public Transport {
 
   void import_keys(PeerAddr peer, const std::vector<uint8_t>& keys) override {
     auto parsed = parse_keys(keys);
-    std::lock_guard<std::recursive_mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     UcxPeer& p = peer_at(peer);
     for (auto& [id, bytes] : parsed) {
       auto it = p.rkeys.find(id);
@@ -241,13 +264,13 @@ class UcxTransport final : public Transport {
     KVXFER_CHECK(st == UCS_OK, PeerUnknown,
                  "ucp_ep_create towards the peer failed: " << status_text(st)
                                                            << "; the peer may be unreachable with this UCX_TLS");
-    std::lock_guard<std::recursive_mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     peers_.push_back(std::move(peer));
     return peers_.size() - 1;
   }
 
   void remove_peer(PeerAddr peer) override {
-    std::lock_guard<std::recursive_mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     UcxPeer& p = peer_at(peer);
     fail_peer(p, "the peer was removed");
   }
@@ -257,7 +280,7 @@ class UcxTransport final : public Transport {
   std::string describe_peer(PeerAddr peer) const override {
     ucp_ep_h ep;
     {
-      std::lock_guard<std::recursive_mutex> lock(mu_);
+      std::lock_guard<std::mutex> lock(mu_);
       if (peer >= peers_.size() || !peers_[peer]->ep) return {};
       ep = peers_[peer]->ep;
     }
@@ -271,7 +294,7 @@ class UcxTransport final : public Transport {
   }
 
   int post_writev(const WriteIov* w, size_t n, uint32_t imm, PeerAddr peer, void* context, uint32_t rail) override {
-    std::lock_guard<std::recursive_mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     UcxPeer& p = peer_at(peer);
     if (p.failed) return report_failed(p, context);
     if (queued_ >= caps_.max_inflight) return -EAGAIN;
@@ -299,7 +322,7 @@ class UcxTransport final : public Transport {
 
   int post_message(const void* msg, size_t nbytes, PeerAddr peer, void* context, uint32_t rail) override {
     KVXFER_ASSERT(nbytes <= kMaxMessageBytes);
-    std::lock_guard<std::recursive_mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     UcxPeer& p = peer_at(peer);
     if (p.failed) return 0;  // as a libfabric send to a gone peer: it never arrives
     Outgoing o;
@@ -317,7 +340,8 @@ class UcxTransport final : public Transport {
     while (ucp_worker_progress(worker_) != 0) {
     }
     {
-      std::lock_guard<std::recursive_mutex> lock(mu_);
+      std::lock_guard<std::mutex> lock(mu_);
+      apply_outcomes();
       for (auto& p : peers_) {
         request_flush(*p);
         drain(*p);
@@ -342,7 +366,11 @@ class UcxTransport final : public Transport {
   bool ready_to_wait() override {
     if (!pending_.empty()) return false;
     {
-      std::lock_guard<std::recursive_mutex> lock(mu_);
+      std::lock_guard<std::mutex> lock(done_mu_);
+      if (!outcomes_.empty()) return false;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
       for (const auto& p : peers_) {
         if (p->puts > p->flush_requested) return false;
         if (!p->queue.empty() && (p->failed || p->queue.front().after_put <= p->flushed)) return false;
@@ -541,12 +569,14 @@ class UcxTransport final : public Transport {
     return UCS_OK;
   }
 
+  // UCX callbacks record what happened under done_mu_ only (never held across a UCX call), and poll() applies it
+  // under mu_: a callback run inside a UCX call made by a thread holding mu_, or by the worker's lock holder, can
+  // then never deadlock.
   static void on_flushed(void* request, ucs_status_t status, void* user_data) {
     auto* fr = static_cast<FlushRequest*>(user_data);
     {
-      std::lock_guard<std::recursive_mutex> lock(fr->transport->mu_);
-      if (status == UCS_OK) fr->peer->flushed = std::max(fr->peer->flushed, fr->puts);
-      else fr->transport->fail_peer(*fr->peer, "flush failed: " + status_text(status));
+      std::lock_guard<std::mutex> lock(fr->transport->done_mu_);
+      fr->transport->outcomes_.push_back({fr->peer, fr->puts, status});
     }
     delete fr;
     ucp_request_free(request);
@@ -557,11 +587,24 @@ class UcxTransport final : public Transport {
     ucp_request_free(request);
   }
 
-  // Called from progress when UCX declares the endpoint dead (PEER error mode).
+  // UCX declares the endpoint dead (error mode peer).
   static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t status) {
     auto* peer = static_cast<UcxPeer*>(arg);
-    std::lock_guard<std::recursive_mutex> lock(peer->owner->mu_);
-    peer->owner->fail_peer(*peer, "the peer is unreachable: " + status_text(status));
+    std::lock_guard<std::mutex> lock(peer->owner->done_mu_);
+    peer->owner->outcomes_.push_back({peer, 0, status});
+  }
+
+  // Under mu_: flushes that completed move their peers' `flushed` on; failures fail the peer.
+  void apply_outcomes() {
+    std::vector<Outcome> outcomes;
+    {
+      std::lock_guard<std::mutex> lock(done_mu_);
+      outcomes.swap(outcomes_);
+    }
+    for (const auto& o : outcomes) {
+      if (o.status == UCS_OK) o.peer->flushed = std::max(o.peer->flushed, o.puts);
+      else fail_peer(*o.peer, (o.puts ? "flush failed: " : "the peer is unreachable: ") + status_text(o.status));
+    }
   }
 
   // "ucx lanes: tcp/lo (am, rma)": which of UCX's transports carry what, from ucp_ep_print_info, so a slow fallback
@@ -636,9 +679,14 @@ class UcxTransport final : public Transport {
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
   int efd_ = -1;
-  // peers_, exported_, every peer's queue and keys. Recursive: UCX may run a completion callback (which locks it)
-  // from inside a call we make holding it.
-  mutable std::recursive_mutex mu_;
+  mutable std::mutex mu_;  // peers_, exported_, every peer's queue and keys
+  struct Outcome {
+    UcxPeer* peer;
+    uint64_t puts;  // a flush: the puts it covered; 0: an endpoint error
+    ucs_status_t status;
+  };
+  std::mutex done_mu_;  // outcomes_, filled by UCX callbacks
+  std::vector<Outcome> outcomes_;
   std::vector<std::unique_ptr<UcxPeer>> peers_;
   std::unordered_map<uint64_t, Exported> exported_;
   size_t queued_ = 0;  // writes waiting for their immediate to leave: the in-flight window
@@ -649,27 +697,41 @@ class UcxTransport final : public Transport {
 
 }  // namespace
 
-std::unique_ptr<Transport> make_ucx_transport(const std::string& interface) {
-  return std::make_unique<UcxTransport>(interface);
+}  // namespace kvxfer
+
+// The plugin's C entry points (ucx_plugin.h). No exception leaves them: errors come back as kind + message.
+namespace {
+void fill(KvxferUcxError* err, const kvxfer::Error& e) {
+  err->kind = static_cast<int>(e.kind());
+  std::snprintf(err->message, sizeof(err->message), "%s", e.what());
+}
+}  // namespace
+
+extern "C" KVXFER_UCX_EXPORT kvxfer::Transport* kvxfer_ucx_open(const char* interface, KvxferUcxError* err) {
+  try {
+    return new kvxfer::UcxTransport(interface ? interface : "");
+  } catch (const kvxfer::Error& e) {
+    fill(err, e);
+  } catch (const std::exception& e) {
+    err->kind = static_cast<int>(kvxfer::ErrorKind::TransportUnavailable);
+    std::snprintf(err->message, sizeof(err->message), "UCX transport: %s", e.what());
+  }
+  return nullptr;
 }
 
-std::string ucx_version() {
+extern "C" KVXFER_UCX_EXPORT void kvxfer_ucx_version(char* out, size_t len) {
   unsigned major = 0, minor = 0, release = 0;
   ucp_get_version(&major, &minor, &release);
-  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(release);
+  std::snprintf(out, len, "%u.%u.%u", major, minor, release);
 }
 
-bool probe_ucx(std::string* detail) {
+extern "C" KVXFER_UCX_EXPORT int kvxfer_ucx_resources(char* out, size_t len) {
   try {
-    UcxTransport t("");
-    *detail = t.capabilities().provider + ": " + t.resources() +
-              " (peers get those that can report a dead peer, UCX's error mode peer; Peer.path_reason names them)";
-    if (const char* tls = std::getenv("UCX_TLS")) *detail += std::string(", UCX_TLS=") + tls;
-    return true;
-  } catch (const Error& e) {
-    *detail = e.what();
-    return false;
+    kvxfer::UcxTransport t("");
+    std::snprintf(out, len, "%s", t.resources().c_str());
+    return 1;
+  } catch (const std::exception& e) {
+    std::snprintf(out, len, "%s", e.what());
+    return 0;
   }
 }
-
-}  // namespace kvxfer

@@ -1,17 +1,8 @@
-// UcxTransport: the Transport interface over UCX's UCP layer (one worker, one endpoint per peer). UCX picks the
-// wires itself (rc/dc verbs, tcp, shared memory, cma; cuda_ipc/cuda_copy when it was built with CUDA), steered by
-// its own UCX_TLS / UCX_NET_DEVICES variables; the agent's `interface` becomes UCX_NET_DEVICES.
+// Transport 'ucx': the Transport interface over UCX's UCP layer. The implementation (ucx_transport.cpp) is built as
+// a plugin, kvxfer/_ucx.so, the only binary that links UCX; these functions load it on first use (ucx_loader.cpp).
 //
-// UCX has no write-with-immediate, so the immediate travels behind the data: writes are ucp_put_nbx, their
-// immediates wait in a per-peer queue until an endpoint flush covering those puts completes (the bytes are then in
-// the peer's memory), and go out as one active message carrying every immediate the flush released. Control
-// messages wait in the same queue, so a peer sees messages and immediates in the order they were posted, as on a
-// libfabric endpoint. The flush is issued once per poll for all the puts posted since the last one, so its cost is
-// shared by a batch, not paid per write.
-//
-// UCX remote keys are opaque blobs of tens of bytes, not 64-bit keys: register_memory hands the agent its requested
-// key as the "rkey", exported_keys() maps every such key to its packed UCX rkey for the metadata, and the peer's
-// import_keys() / first write unpacks them.
+// UCX picks the wires itself (rc/dc verbs, tcp, shared memory, cma; cuda_ipc/cuda_copy when it was built with
+// CUDA), steered by its own UCX_TLS / UCX_NET_DEVICES variables; the agent's `interface` becomes UCX_NET_DEVICES.
 #pragma once
 #include <memory>
 #include <string>
@@ -20,13 +11,13 @@
 
 namespace kvxfer {
 
-// interface: UCX_NET_DEVICES for this agent ("lo", "mlx5_0:1"); empty leaves UCX's own choice.
+// interface: UCX_NET_DEVICES for this agent ("lo", "mlx5_0:1"); empty leaves UCX's own choice. Throws
+// TransportUnavailable naming what is missing (the plugin, UCX itself, a usable device).
 std::unique_ptr<Transport> make_ucx_transport(const std::string& interface);
 
-// "1.13.1", the UCX library this build linked.
+// "1.13.1", the UCX the plugin linked; throws TransportUnavailable when the plugin cannot be loaded.
 std::string ucx_version();
-// Whether a UCP context and worker open here, and which transports UCX would use (from its resource list); the
-// reason when they do not.
+// Whether a UCP context opens here, with the UCX resources it opened, or the reason it did not.
 bool probe_ucx(std::string* detail);
 
 }  // namespace kvxfer
