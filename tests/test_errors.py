@@ -204,3 +204,32 @@ def test_killed_unreaped_sender_is_lost_long_before_the_deadline(remote):
     os.kill(remote.proc.pid, sig.SIGKILL)  # the parent (this process) does not reap it until teardown
     with pytest.raises(errors.PeerLost, match="exited"):
         recv.wait(timeout_s=30)
+
+
+def test_transfers_that_end_early_say_how_far_they_got():
+    """A recv's timeout names what arrived (BEGIN, and each incomplete layer's granules), and a send cancelled by
+    its receiver names how many layers were marked, posted and completed: a log line then tells a sender that never
+    marked a layer from a layer that was posted and lost."""
+    import re
+
+    from tests.conftest import local_pair as pair
+    from tests.reference import PRESETS
+
+    layout = PRESETS["vllm_flash"]()  # 4 layers
+    a, b, peer_b, peer_a, _, _ = pair(layout, "tcp", ("far-a", "far-b"))
+    ids = [3, 5, 9]  # 3 blocks x K/V = 6 granules per layer
+    recv = b.recv(peer_a, 1, ids, timeout_s=1.5)
+    send = a.send(peer_b, 1, ids, ids)
+    send.layer_ready(0)
+    send.layer_ready(1)
+    with pytest.raises(errors.TransferTimeout, match=r"2/4 layers complete; BEGIN received; layer 2: 0/6 granules; "
+                                                     r"layer 3: 0/6 granules\)"):
+        recv.wait(timeout_s=10)
+    recv.cancel("gave up")
+    with pytest.raises(errors.Cancelled) as e:
+        send.wait(timeout_s=10)
+    m = re.search(r"\(2/4 layers marked, 2/4 posted, (\d+)/(\d+) writes complete\)", str(e.value))
+    assert m and 2 * int(m.group(1)) == int(m.group(2)), str(e.value)
+    never = b.recv(peer_a, 2, ids, timeout_s=0.5)
+    with pytest.raises(errors.TransferTimeout, match=r"0/4 layers complete; nothing of it arrived: no BEGIN, no data"):
+        never.wait(timeout_s=10)

@@ -854,7 +854,8 @@ void Agent::on_cancel(PeerState& peer, const ControlMessage& m) {
   if (send) {
     fail_send(send, ErrorKind::Cancelled,
               "transfer " + std::to_string(m.xfer_id) + " to peer '" + peer.info.name +
-                  "' was cancelled by the receiver (its Recv.cancel); nothing more is posted for it");
+                  "' was cancelled by the receiver (its Recv.cancel); nothing more is posted for it (" +
+                  describe_progress(*send) + ")");
     return;
   }
   if (!in_flight) queue_control(peer, ControlType::CancelAck, m.xfer_id, 0);
@@ -1048,9 +1049,7 @@ void Agent::check_deadlines() {
     if (send->state() == TransferState::Pending && now >= send->deadline) {
       fail_send(send, ErrorKind::TransferTimeout,
                 "transfer " + std::to_string(send->xfer_id) + " to peer '" + send->peer->info.name +
-                    "' missed its deadline: " + std::to_string(send->layers_posted) + "/" +
-                    std::to_string(send->num_layers) + " layers posted, " + std::to_string(send->ops_completed) + "/" +
-                    std::to_string(send->ops_expected) + " writes complete, receiver confirmation " +
+                    "' missed its deadline: " + describe_progress(*send) + ", receiver confirmation " +
                     (send->released ? "received" : "missing") +
                     (send->layers_posted < send->num_layers ? " (were all layers marked ready?)" : ""));
     }
@@ -1071,25 +1070,54 @@ void Agent::check_deadlines() {
                                                   ") exited; transfers with it can never complete");
       continue;
     }
-    std::vector<std::shared_ptr<RecvState>> expired;
+    std::vector<std::pair<std::shared_ptr<RecvState>, std::string>> expired;
     {
       std::lock_guard<std::mutex> lock(p->mu);
       for (auto it = p->live_recvs.begin(); it != p->live_recvs.end();) {
         if (now >= it->second->deadline) {
-          expired.push_back(it->second);
+          auto s = p->slot_of_xfer.find(it->first);
+          expired.emplace_back(it->second, s == p->slot_of_xfer.end()
+                                               ? std::string("nothing of it arrived: no BEGIN, no data")
+                                               : describe_arrival(p->slots[s->second], *it->second));
           p->waiting_recvs.erase(it->first);
-          if (auto s = p->slot_of_xfer.find(it->first); s != p->slot_of_xfer.end()) p->slots[s->second].recv.reset();
+          if (s != p->slot_of_xfer.end()) p->slots[s->second].recv.reset();
           it = p->live_recvs.erase(it);
         } else {
           ++it;
         }
       }
     }
-    for (auto& r : expired)
+    for (auto& [r, arrival] : expired)
       r->fail(ErrorKind::TransferTimeout,
               "transfer " + std::to_string(r->xfer_id) + " from peer '" + p->info.name + "' did not fully arrive by its deadline (" +
-                  std::to_string(r->layers_done()) + "/" + std::to_string(r->num_layers) + " layers complete)");
+                  std::to_string(r->layers_done()) + "/" + std::to_string(r->num_layers) + " layers complete; " +
+                  arrival + ")");
   }
+}
+
+// "2/2 layers marked, 1/2 posted, 3/4 writes complete": where a send stood when it ended early.
+std::string Agent::describe_progress(const SendState& send) {
+  uint32_t marked = 0;
+  for (uint32_t i = 0; i < send.num_layers; ++i) marked += send.marked[i].load(std::memory_order_relaxed);
+  return std::to_string(marked) + "/" + std::to_string(send.num_layers) + " layers marked, " +
+         std::to_string(send.layers_posted) + "/" + std::to_string(send.num_layers) + " posted, " +
+         std::to_string(send.ops_completed) + "/" + std::to_string(send.ops_expected) + " writes complete";
+}
+
+// What a recv that timed out got, so a log line tells a sender that never started from one whose last layer never
+// came or came in part: "BEGIN received; layer 1: 0/8 granules".
+std::string Agent::describe_arrival(const SlotCounter& slot, const RecvState& recv) {
+  if (!slot.begun) return "no BEGIN from the sender; " + std::to_string(slot.seen) + " granules arrived before it";
+  std::string out = "BEGIN received";
+  int listed = 0;
+  for (uint32_t l = recv.first_layer; l < recv.first_layer + recv.num_layers && listed < 4; ++l) {
+    const uint32_t got = l < slot.counts.size() ? slot.counts[l] : 0;
+    if (got >= recv.granules_per_layer) continue;
+    out += "; layer " + std::to_string(l) + ": " + std::to_string(got) + "/" +
+           std::to_string(recv.granules_per_layer) + " granules";
+    ++listed;
+  }
+  return out;
 }
 
 }  // namespace kvxfer

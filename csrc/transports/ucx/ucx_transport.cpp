@@ -298,10 +298,13 @@ class UcxTransport final : public Transport {
     UcxPeer& p = peer_at(peer);
     if (p.failed) return report_failed(p, context);
     if (queued_ >= caps_.max_inflight) return -EAGAIN;
+    ucp_rkey_h rkeys[16];
+    KVXFER_ASSERT(n <= 16);
+    for (size_t i = 0; i < n; ++i) rkeys[i] = w[i].nbytes ? rkey_for(p, w[i].rkey) : nullptr;  // may throw: first
     for (size_t i = 0; i < n; ++i) {
       if (w[i].nbytes == 0) continue;
       ucp_request_param_t rp{};  // no callback: the flush behind the put reports its completion
-      ucs_status_ptr_t req = ucp_put_nbx(p.ep, w[i].src, w[i].nbytes, w[i].remote_addr, rkey_for(p, w[i].rkey), &rp);
+      ucs_status_ptr_t req = ucp_put_nbx(p.ep, w[i].src, w[i].nbytes, w[i].remote_addr, rkeys[i], &rp);
       if (UCS_PTR_IS_ERR(req)) {
         fail_peer(p, "ucp_put_nbx(" + std::to_string(w[i].nbytes) + " bytes) failed: " +
                          status_text(UCS_PTR_STATUS(req)));
