@@ -3,15 +3,29 @@
 // The same-host CMA path (host_ipc/) moves bytes itself and signals through its doorbell rings, or this interface's
 // zero-byte writes where a peer's rings cannot be mapped.
 //
-// Threading: every method except the constructor, address() and register_memory() is called from the Agent's
-// progress thread only, so implementations need no locks (libfabric FI_THREAD_DOMAIN).
+// Threading: the constructor, address(), register_memory()/deregister_memory(), exported_keys(), insert_peer(),
+// import_keys() and describe_peer() run on caller threads (register_pool, metadata, add_peer), beside the progress
+// thread; every other method runs on the Agent's progress thread only.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
+#include "core/errors.h"
+
 namespace kvxfer {
+
+// KVXFER_IDLE_WAIT: "fd" (default) lets an idle progress thread block on the transport's wait fds, "poll" keeps it
+// polling. Refused by name: a typo that silently kept the default would make an A/B comparison measure nothing.
+inline bool idle_wait_fd_wanted() {
+  const char* v = std::getenv("KVXFER_IDLE_WAIT");
+  if (!v || !*v || std::strcmp(v, "fd") == 0) return true;
+  if (std::strcmp(v, "poll") == 0) return false;
+  KVXFER_THROW(InvalidArgument, "KVXFER_IDLE_WAIT='" << v << "' is not one of fd, poll; unset it or fix it");
+}
 
 using PeerAddr = uint64_t;  // transport-local handle of a peer (fi_addr_t for libfabric)
 constexpr PeerAddr kUnknownPeer = ~0ull;

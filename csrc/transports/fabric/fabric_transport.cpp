@@ -258,14 +258,6 @@ class FabricTransport final : public Transport {
     return peers_[peer][rail];
   }
 
-  static bool want_wait_fd() {
-    // Refused by name: a typo that silently kept the default would make an A/B comparison measure nothing.
-    const char* v = std::getenv("KVXFER_IDLE_WAIT");
-    if (!v || !*v || std::strcmp(v, "fd") == 0) return true;
-    if (std::strcmp(v, "poll") == 0) return false;
-    KVXFER_THROW(InvalidArgument, "KVXFER_IDLE_WAIT='" << v << "' is not one of fd, poll; unset it or fix it");
-  }
-
   static std::vector<std::vector<uint8_t>> parse_address(const std::vector<uint8_t>& a) {
     KVXFER_CHECK(!a.empty() && a[0] >= 1 && a[0] <= kMaxRails, MetadataError,
                  "peer fabric address names " << (a.empty() ? 0 : a[0]) << " endpoints; expected 1 to " << kMaxRails);
@@ -291,7 +283,7 @@ class FabricTransport final : public Transport {
     cq_attr.format = FI_CQ_FORMAT_DATA;
     cq_attr.size = kCqSize;
     // A wait fd lets an idle agent block instead of polling (tcp;ofi_rxm has one; shm answers -FI_ENOSYS).
-    cq_attr.wait_obj = want_wait_fd() ? FI_WAIT_FD : FI_WAIT_NONE;
+    cq_attr.wait_obj = idle_wait_fd_wanted() ? FI_WAIT_FD : FI_WAIT_NONE;
     if (cq_attr.wait_obj == FI_WAIT_FD && fi_cq_open(domain_, &cq_attr, &rail.cq, nullptr) == 0) {
       if (fi_control(&rail.cq->fid, FI_GETWAIT, &rail.wait_fd) != 0) rail.wait_fd = -1;
     } else {

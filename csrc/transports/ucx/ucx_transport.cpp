@@ -127,7 +127,7 @@ class UcxTransport final : public Transport {
     KVXFER_UCS_CALL(TransportUnavailable, ucp_worker_create(context_, &wp, &worker_), "ucp_worker_create");
     set_am_handler(kImmAm, &UcxTransport::on_imm_am);
     set_am_handler(kMsgAm, &UcxTransport::on_msg_am);
-    if (ucp_worker_get_efd(worker_, &efd_) != UCS_OK) efd_ = -1;
+    if (!idle_wait_fd_wanted() || ucp_worker_get_efd(worker_, &efd_) != UCS_OK) efd_ = -1;
 
     char version[32];
     kvxfer_ucx_version(version, sizeof(version));
