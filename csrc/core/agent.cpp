@@ -170,11 +170,16 @@ Agent::~Agent() {
     for (auto& [id, s] : peer->live_sends) s->fail(ErrorKind::PeerLost, "the local agent was closed");
     for (auto& [id, r] : peer->live_recvs) r->fail(ErrorKind::PeerLost, "the local agent was closed");
   }
+  // Endpoints close first, while the op contexts, bounce slots and pools their pending operations point at are
+  // alive (members are destroyed in reverse order, so contexts_ and the rings would otherwise go before transport_).
+  transport_->shutdown();
   for (auto& pool : pools_) {
     for (auto& key : pool->keys) transport_->deregister_memory(key);
     gpu::close_vmm_export(pool->vmm_exports);
   }
   transport_->deregister_memory(signal_key_);
+  staging_.reset();
+  landing_.reset();
 }
 
 std::vector<uint8_t> Agent::metadata() const {

@@ -94,6 +94,10 @@ class Transport {
   virtual int post_message(const void* msg, size_t nbytes, PeerAddr peer, void* context, uint32_t rail = 0) = 0;
   // Fills up to max events from every rail; never blocks. RemoteData sources are insert_peer handles.
   virtual size_t poll(Event* events, size_t max) = 0;
+  // Stops all traffic: closes the endpoints (and their queues) while the memory their pending operations point at
+  // (op contexts, bounce buffers, pools) is still alive; registrations stay valid until deregistered. The agent
+  // calls it once, after its progress thread stopped; nothing but deregister_memory() may follow.
+  virtual void shutdown() = 0;
   // Safe to call from any thread (atomics).
   virtual std::vector<RailStats> rail_stats() const = 0;
   // File descriptors that become readable when poll() may have something (one per rail), or empty when the

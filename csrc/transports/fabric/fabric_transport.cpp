@@ -66,11 +66,7 @@ class FabricTransport final : public Transport {
   }
 
   ~FabricTransport() override {
-    for (auto& rail : rails_) {
-      if (rail.ep) fi_close(&rail.ep->fid);
-      if (rail.av) fi_close(&rail.av->fid);
-      if (rail.cq) fi_close(&rail.cq->fid);
-    }
+    shutdown();
     if (msg_mr_) fi_close(&msg_mr_->fid);
     if (send_mr_key_.handle) fi_close(&static_cast<fid_mr*>(send_mr_key_.handle)->fid);
     if (domain_) fi_close(&domain_->fid);
@@ -79,6 +75,18 @@ class FabricTransport final : public Transport {
   }
 
   const Capabilities& capabilities() const override { return caps_; }
+
+  void shutdown() override {
+    for (auto& rail : rails_) {
+      if (rail.ep) fi_close(&rail.ep->fid);
+      if (rail.av) fi_close(&rail.av->fid);
+      if (rail.cq) fi_close(&rail.cq->fid);
+      rail.ep = nullptr;
+      rail.av = nullptr;
+      rail.cq = nullptr;
+      rail.wait_fd = -1;
+    }
+  }
 
   // u8 rail count, then per rail: u16 length | endpoint name.
   std::vector<uint8_t> address() const override {

@@ -142,14 +142,26 @@ class UcxTransport final : public Transport {
   }
 
   ~UcxTransport() override {
+    shutdown();
+    if (worker_) ucp_worker_destroy(worker_);
+    for (auto& [id, reg] : exported_) ucp_mem_unmap(context_, reg.memh);
+    if (context_) ucp_cleanup(context_);
+  }
+
+  // Closes every endpoint (force: a dead peer would hold a flushing close forever) and lets the worker finish the
+  // closes; what the endpoints had pending completes with an error into callbacks that only free their own memory.
+  void shutdown() override {
     std::vector<ucs_status_ptr_t> closing;
     for (auto& p : peers_) {
       for (auto& [id, rkey] : p->rkeys) ucp_rkey_destroy(rkey);
+      p->rkeys.clear();
       if (!p->ep) continue;
       ucp_request_param_t rp{};
       rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      rp.flags = UCP_EP_CLOSE_FLAG_FORCE;  // a dead peer would hold a flushing close forever
+      rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
       ucs_status_ptr_t req = ucp_ep_close_nbx(p->ep, &rp);
+      p->ep = nullptr;
+      p->failed = true;
       if (UCS_PTR_IS_PTR(req)) closing.push_back(req);
     }
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
@@ -158,9 +170,8 @@ class UcxTransport final : public Transport {
         ucp_worker_progress(worker_);
       ucp_request_free(req);
     }
-    if (worker_) ucp_worker_destroy(worker_);
-    for (auto& [id, reg] : exported_) ucp_mem_unmap(context_, reg.memh);
-    if (context_) ucp_cleanup(context_);
+    while (worker_ && ucp_worker_progress(worker_) != 0) {
+    }
   }
 
   const Capabilities& capabilities() const override { return caps_; }
