@@ -253,6 +253,7 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
     sizes.push_back(r.nbytes);
   }
   validate_layout(layout, sizes);
+  std::lock_guard<std::mutex> domain(transport_mu_);  // registrations go to the transport's domain
   std::lock_guard<std::mutex> lock(pools_mu_);
   for (const auto& p : pools_)
     KVXFER_CHECK(p->name != name, InvalidArgument, "a pool named '" << name << "' is already registered");
@@ -487,10 +488,13 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   }
   if (want_cma) open_doorbell(*peer);
   else peer->signals_reason = "fabric: transport '" + options_.transport + "' requested";
-  peer->addr = transport_->insert_peer(peer->info.fabric_address);
-  transport_->import_keys(peer->addr, peer->info.transport_keys);
-  if (std::string lanes = transport_->describe_peer(peer->addr); !lanes.empty()) peer->path_reason += "; " + lanes;
-  peer->rails = std::max<uint32_t>(1, transport_->peer_rails(peer->addr));
+  {
+    std::lock_guard<std::mutex> domain(transport_mu_);
+    peer->addr = transport_->insert_peer(peer->info.fabric_address);
+    transport_->import_keys(peer->addr, peer->info.transport_keys);
+    if (std::string lanes = transport_->describe_peer(peer->addr); !lanes.empty()) peer->path_reason += "; " + lanes;
+    peer->rails = std::max<uint32_t>(1, transport_->peer_rails(peer->addr));
+  }
   premap_ipc_pools(*peer);
   {
     std::lock_guard<std::mutex> lock(peers_mu_);

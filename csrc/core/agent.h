@@ -306,6 +306,11 @@ class Agent {
   std::string doorbell_why_;
   std::atomic<uint32_t> doorbell_windows_{0};  // bit w: window w belongs to a same-host peer, so its ring is polled
   std::vector<std::unique_ptr<LocalPool>> pools_;
+  // The transport's domain is single-threaded (libfabric FI_THREAD_DOMAIN: fi_av_insert or fi_mr_reg beside the
+  // progress thread's CQ reads and posts is a data race inside the provider). The progress thread holds this while
+  // it works (not while it sleeps); callers hold it around their transport calls. Order: transport_mu_ before
+  // pools_mu_ or staging_mu_.
+  std::mutex transport_mu_;
   mutable std::mutex pools_mu_;
 
   std::mutex peers_mu_;

@@ -30,6 +30,7 @@ constexpr size_t kStagedCopyOutsInFlight = 4;  // bounce slots whose CMA copy-ou
 }  // namespace
 
 void Agent::ensure_staging() {
+  std::lock_guard<std::mutex> domain(transport_mu_);  // the ring registers with the transport
   std::lock_guard<std::mutex> lock(staging_mu_);
   if (staging_) return;
   KVXFER_CHECK(options_.staging_slots >= 2 && options_.staging_slot_bytes >= 4096, InvalidArgument,

@@ -54,6 +54,7 @@ void Agent::progress_loop() {
   while (!stop_.load(std::memory_order_relaxed)) {
     bool busy = false;
     try {
+      std::lock_guard<std::mutex> domain(transport_mu_);
       busy |= run_commands();
       busy |= flush_control();
       busy |= post_pending_writes();
@@ -108,7 +109,10 @@ bool Agent::may_block() const {
 }
 
 void Agent::block_until_event() {
-  if (!transport_->ready_to_wait()) return;  // something is already there: poll it first
+  {
+    std::lock_guard<std::mutex> domain(transport_mu_);
+    if (!transport_->ready_to_wait()) return;  // something is already there: poll it first
+  }
   // Same-host peers ring instead of writing on the fabric: they must see we sleep, and we must see their entries.
   const uint32_t rings = doorbell_windows_.load(std::memory_order_relaxed);
   if (rings && !doorbell_->prepare_to_sleep(rings)) return;
