@@ -107,9 +107,8 @@ class UcxTransport final : public Transport {
     for (const char* name : {"TX_SEG_SIZE", "RX_SEG_SIZE"})
       if (!std::getenv((std::string("UCX_TCP_") + name).c_str())) ucp_config_modify(config, name, kTcpSegSize);
     ucp_params_t params{};
-    params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
+    params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_NAME;
     params.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
-    params.mt_workers_shared = 1;  // registrations come from caller threads while the progress thread runs
     params.name = "kvxfer";
     const ucs_status_t st = ucp_init(&params, config, &context_);
     ucp_config_release(config);
@@ -122,8 +121,8 @@ class UcxTransport final : public Transport {
 
     ucp_worker_params_t wp{};
     wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-    // add_peer (endpoint creation) runs on caller threads beside the progress thread.
-    wp.thread_mode = UCS_THREAD_MODE_MULTI;
+    // The agent serializes every call into a transport (its transport_mu_), so the worker needs no locks of its own.
+    wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;
     KVXFER_UCS_CALL(TransportUnavailable, ucp_worker_create(context_, &wp, &worker_), "ucp_worker_create");
     set_am_handler(kImmAm, &UcxTransport::on_imm_am);
     set_am_handler(kMsgAm, &UcxTransport::on_msg_am);
