@@ -41,6 +41,7 @@ namespace {
 constexpr unsigned kImmAm = 0x4b56;  // an active message carrying immediates (u32 each)
 constexpr unsigned kMsgAm = 0x4b57;  // an active message carrying one control message
 constexpr size_t kMaxImmsPerAm = 256;
+constexpr int kProgressPerPoll = 64;
 constexpr uint32_t kMaxKeys = 4096;
 constexpr uint32_t kMaxPackedKey = 16384;
 constexpr uint8_t kAddressTag = 'U';
@@ -350,7 +351,9 @@ class UcxTransport final : public Transport {
 
   size_t poll(Event* events, size_t max) override {
     delivered_.clear();
-    while (ucp_worker_progress(worker_) != 0) {
+    // Bounded: a worker that keeps finding work (a connection handshake, a stream of messages) must not keep the
+    // agent's loop (commands, deadlines, the transport lock) waiting.
+    for (int i = 0; i < kProgressPerPoll && ucp_worker_progress(worker_) != 0; ++i) {
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
