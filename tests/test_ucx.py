@@ -10,7 +10,7 @@ import pytest
 import kvxfer
 from kvxfer import errors
 from tests.conftest import UCX, connect, local_pair
-from tests.reference import PRESETS, make_pool
+from tests.reference import PRESETS
 
 pytestmark = list(UCX.marks)
 
@@ -19,7 +19,7 @@ def test_the_peer_names_the_ucx_lanes_that_carry_its_bytes():
     """A slow fallback (UCX over tcp where rc was expected) must be visible: Peer.path_reason lists the UCX
     transports of the endpoint and what each carries."""
     layout = PRESETS["vllm_flash"]()
-    a, b, peer_b, peer_a, _, _ = local_pair(layout, "ucx", ("lanes-a", "lanes-b"))
+    _a, _b, peer_b, _, _, _ = local_pair(layout, "ucx", ("lanes-a", "lanes-b"))
     assert peer_b.path == "ucx"
     lanes = re.search(r"ucx lanes: (.*)$", peer_b.path_reason)
     assert lanes, peer_b.path_reason
@@ -138,7 +138,7 @@ assert after == before, f'UCX replaced signal handlers: {before} -> {after}'
 print('ok')
 """
     env = {k: v for k, v in os.environ.items() if k not in ("UCX_ERROR_SIGNALS", "IPATH_NO_BACKTRACE")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
@@ -206,7 +206,7 @@ def test_a_transfer_between_two_network_namespaces_over_ucx():
              ["ip", "netns", "exec", ns, "ip", "link", "set", if_b, "up"]]
     try:
         for cmd in setup:
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if r.returncode != 0:
                 pytest.skip(f"cannot build the namespace here: {' '.join(cmd)}: {r.stderr.strip()}")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,5 +231,5 @@ def test_a_transfer_between_two_network_namespaces_over_ucx():
             recv.kill()
             recv.wait()
     finally:
-        subprocess.run(["ip", "link", "del", if_a], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", if_a], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
