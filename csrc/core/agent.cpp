@@ -170,7 +170,10 @@ Agent::~Agent() {
     for (auto& [id, s] : peer->live_sends) s->fail(ErrorKind::PeerLost, "the local agent was closed");
     for (auto& [id, r] : peer->live_recvs) r->fail(ErrorKind::PeerLost, "the local agent was closed");
   }
-  // Endpoints close first, while the op contexts, bounce slots and pools their pending operations point at are
+  // Writes already posted complete first (bounded): closing an rxm endpoint with RMA writes in flight crashed inside
+  // libfabric (a core from the suite: ~Agent -> libfabric, right after a test whose sender was still writing).
+  drain_posted_writes(std::chrono::seconds(2));
+  // Endpoints close next, while the op contexts, bounce slots and pools their pending operations point at are
   // alive (members are destroyed in reverse order, so contexts_ and the rings would otherwise go before transport_).
   transport_->shutdown();
   for (auto& pool : pools_) {
@@ -180,6 +183,27 @@ Agent::~Agent() {
   transport_->deregister_memory(signal_key_);
   staging_.reset();
   landing_.reset();
+}
+
+// Destructor only (the progress thread has stopped): polls until every op context is back or `limit` passed.
+void Agent::drain_posted_writes(std::chrono::milliseconds limit) {
+  const auto until = Clock::now() + limit;
+  Event events[64];
+  while (free_contexts_.size() < contexts_.size() && Clock::now() < until) {
+    size_t n = 0;
+    try {
+      n = transport_->poll(events, 64);
+    } catch (const std::exception&) {
+      return;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const auto kind = events[i].kind;
+      if (events[i].context && (kind == Event::Kind::WriteDone || kind == Event::Kind::SendDone ||
+                                kind == Event::Kind::OpError))
+        return_context(static_cast<OpContext*>(events[i].context));
+    }
+    if (n == 0) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
 }
 
 std::vector<uint8_t> Agent::metadata() const {

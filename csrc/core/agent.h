@@ -274,6 +274,7 @@ class Agent {
   void remember_abandoned(PeerState& peer, uint64_t xfer_id, uint32_t slot);  // peer.mu held
   void maybe_reclaim_aborted(PeerState& peer, uint32_t slot);
   void check_deadlines();
+  void drain_posted_writes(std::chrono::milliseconds limit);
   static std::string describe_arrival(const SlotCounter& slot, const RecvState& recv);
   static std::string describe_progress(const SendState& send);
   void check_slot(PeerState& peer, uint32_t slot);  // called with peer.mu held
