@@ -141,11 +141,9 @@ class UcxTransport final : public Transport {
     caps_.hmem = (attr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
   }
 
-  // The worker and the context are left to the process's exit on purpose: ucp_worker_destroy purges the endpoints
-  // UCX made for peers that connected to us, and UCX 1.13 aborts the process (ucp_request.c: "got REP message")
-  // when one of them still holds a wireup reply for a peer that is already gone; seen in this repository's suite
-  // when two agents of one process were destroyed one after the other. Endpoints are closed (peers see us go) and
-  // registrations released; what stays is the worker's memory pools and a few descriptors.
+  // The worker, its endpoints and the context are left to the process's exit on purpose (see shutdown()): UCX 1.13
+  // aborts when an endpoint that still owes a peer a wireup reply is closed or purged with its worker. Registrations
+  // are released; what stays is the worker's memory pools and a few descriptors.
   ~UcxTransport() override {
     shutdown();
     for (unsigned id : {kImmAm, kMsgAm}) {  // nothing of the leaked worker may call back into this object
@@ -158,30 +156,19 @@ class UcxTransport final : public Transport {
     for (auto& [id, reg] : exported_) ucp_mem_unmap(context_, reg.memh);
   }
 
-  // Closes every endpoint (force: a dead peer would hold a flushing close forever) and lets the worker finish the
-  // closes; what the endpoints had pending completes with an error into callbacks that only free their own memory.
+  // Stops using every endpoint but closes none: UCX 1.13 aborts the process ("got REP message") when an endpoint
+  // is closed, or its worker destroyed, while it still owes a peer a wireup reply (ucp_ep_close_nbx ->
+  // uct_tcp_ep_pending_purge in a suite run, ucp_worker_destroy in another). Endpoints and worker are left to the
+  // process's exit; peers learn we are gone from it (error mode peer) or from the agent's own protocol.
   void shutdown() override {
-    std::vector<ucs_status_ptr_t> closing;
+    std::lock_guard<std::mutex> lock(mu_);
     for (auto& p : peers_) {
       for (auto& [id, rkey] : p->rkeys) ucp_rkey_destroy(rkey);
       p->rkeys.clear();
-      if (!p->ep) continue;
-      ucp_request_param_t rp{};
-      rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      ucs_status_ptr_t req = ucp_ep_close_nbx(p->ep, &rp);
-      p->ep = nullptr;
       p->failed = true;
-      if (UCS_PTR_IS_PTR(req)) closing.push_back(req);
+      p->queue.clear();
     }
-    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-    for (auto req : closing) {
-      while (ucp_request_check_status(req) == UCS_INPROGRESS && std::chrono::steady_clock::now() < until)
-        ucp_worker_progress(worker_);
-      ucp_request_free(req);
-    }
-    while (worker_ && ucp_worker_progress(worker_) != 0) {
-    }
+    queued_ = 0;
   }
 
   const Capabilities& capabilities() const override { return caps_; }
