@@ -1,14 +1,19 @@
 """Idle progress threads block on the completion queue's wait fd (KVXFER_IDLE_WAIT=fd, the default) instead of
 spinning, and a transfer that starts while they sleep still lands exactly. KVXFER_IDLE_WAIT=poll keeps the
-old spin-and-sleep loop; any other value is refused by name."""
+old spin-and-sleep loop; any other value is refused by name. An agent waiting on a peer that does not answer its
+connection (stopped, starved of CPU) sleeps too."""
+import glob
+import os
+import signal
 import time
 
+import numpy as np
 import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import assert_exact_transfer, local_pair
-from tests.reference import PRESETS
+from tests.conftest import UCX, assert_exact_transfer, local_pair, wait_for
+from tests.reference import PRESETS, apply, make_pool
 
 
 def transfer_after_idle(monkeypatch, mode, transport="tcp"):
@@ -43,3 +48,52 @@ def test_unknown_idle_wait_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("KVXFER_IDLE_WAIT", "block")
     with pytest.raises(errors.InvalidArgument, match="KVXFER_IDLE_WAIT='block' is not one of fd, poll"):
         kvxfer.Agent("idle-bad", transport="tcp", interface="lo")
+
+
+def progress_threads() -> dict[int, int]:
+    """This process's kvxfer progress threads: {tid: CPU clock ticks used so far}."""
+    ticks = {}
+    for task in glob.glob(f"/proc/{os.getpid()}/task/*"):
+        try:
+            with open(f"{task}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended
+            continue
+        if stat[stat.index("(") + 1:stat.rindex(")")] == "kvxfer-progress":
+            fields = stat[stat.rindex(")") + 2:].split()
+            ticks[int(os.path.basename(task))] = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks
+
+
+@pytest.mark.parametrize("transport", ["tcp", UCX])
+def test_agent_waiting_on_a_stopped_peer_sleeps(remote, transport):
+    # vLLM over ucx: the prefill agent spun a whole core while the decode worker it waited for (stopped here) owed
+    # it UCX's connection reply; on 2 cores that starved the decode worker for the request's whole 15 s timeout.
+    layout = PRESETS["vllm_flash"]()
+    peer_md = remote.call("init", (transport, "vllm_flash", 31, [], 1, {}))
+    os.kill(remote.proc.pid, signal.SIGSTOP)
+    try:
+        before = set(progress_threads())
+        agent = kvxfer.Agent("idle-stopped-peer", transport=transport, interface="lo")
+        wait_for(lambda: set(progress_threads()) - before, "the new agent's progress thread named")  # it names itself
+        (tid,) = set(progress_threads()) - before
+        dst = make_pool(layout, 32)
+        agent.register_pool(dst, layout)
+        peer = agent.add_peer(peer_md)  # connects and says HELLO to a peer that cannot answer
+        time.sleep(0.2)
+        t0 = progress_threads()[tid]
+        time.sleep(2.0)
+        used = (progress_threads()[tid] - t0) / os.sysconf("SC_CLK_TCK")
+    finally:
+        os.kill(remote.proc.pid, signal.SIGCONT)
+    assert used < 0.4, f"the progress thread used {used:.2f} s of CPU in 2 s waiting on a stopped peer: it spins"
+    # Once the peer runs again the connection completes, and a transfer lands exactly.
+    remote.call("add_peer", agent.metadata())
+    agent.wait_connected(peer, 20)
+    want = [x.copy() for x in dst]
+    apply(layout, make_pool(layout, 31), want, [3, 1], [8, 2], range(layout.num_layers))
+    recv = agent.recv(peer, 1, [8, 2])
+    remote.call("send", (1, [3, 1], [8, 2], None, "all"))
+    recv.wait(timeout_s=30)
+    for got, w in zip(dst, want):
+        np.testing.assert_array_equal(got, w)

@@ -215,7 +215,7 @@ class Agent {
   void progress_loop();
   void wake_progress();            // a command was queued (or the agent stops): end an idle wait
   bool may_block() const;          // nothing to post: only a completion, a message or a command can make work
-  void block_until_event();
+  void block_until_event(bool retry_soon);
   bool run_commands();
   bool post_pending_writes();
   bool post_send_ops(const std::shared_ptr<SendState>& send, size_t& budget);
@@ -328,6 +328,8 @@ class Agent {
   std::shared_ptr<EndSignal> ends_ = std::make_shared<EndSignal>();
   int wake_fd_ = -1;                // eventfd: commands end the progress thread's blocking wait on the CQ fds
   std::vector<int> cq_fds_;         // the transport's wait fds (empty: it has none; idle means short sleeps)
+  bool woke_on_cq_ = false;         // the last blocking wait ended because a CQ fd was readable
+  uint32_t idle_cq_wakes_ = 0;      // such wakes in a row after which the loop found nothing to do
   std::vector<Command> commands_;
   std::atomic<bool> has_commands_{false};
 

@@ -21,6 +21,13 @@ namespace {
 // come in bursts (the next layer, the next request), and waking from a block costs more than a short spin.
 constexpr auto kSpinBeforeBlock = std::chrono::microseconds(300);
 constexpr int kMaxBlockMs = 10;             // deadlines and peer liveness are checked at least this often
+// Messages held back (a peer still connecting, a provider queue full) are retried this often while the agent
+// otherwise sleeps: spinning on them cost a core for as long as a peer took to answer.
+constexpr int kRetryHeldMs = 1;
+// A wait fd that keeps waking the agent with nothing to do (UCX's, while a peer owes it a connection reply) is
+// ignored after this many such wakes in a row, until the loop finds work again: the agent then sleeps
+// kRetryHeldMs at a time. Spinning on it cost a core, and on a 2-core machine starved the very peer it waited for.
+constexpr uint32_t kMaxIdleCqWakes = 16;
 constexpr size_t kArrivedMemory = 65536;    // completed-but-unclaimed transfers remembered per peer
 constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step before polling again
 // Bytes one send may have posted on the fabric and not yet completed. Writes wait in the provider's queue in order,
@@ -69,14 +76,18 @@ void Agent::progress_loop() {
     }
     if (busy) {
       idle = 0;
+      idle_cq_wakes_ = 0;
       last_busy = Clock::now();
       continue;
     }
     ++idle;
+    if (woke_on_cq_) ++idle_cq_wakes_;
+    woke_on_cq_ = false;
     // With a CQ wait fd, an agent with nothing to post blocks until a completion, a message or a command: an idle
     // agent then costs no CPU, which matters on the small machines that run prefill and decode side by side.
+    // Held messages (every one left in the outbox after flush_control) only need a retry now and then.
     if (!cq_fds_.empty() && may_block()) {
-      if (Clock::now() - last_busy >= kSpinBeforeBlock) block_until_event();
+      if (Clock::now() - last_busy >= kSpinBeforeBlock) block_until_event(!outbox_.empty());
       continue;
     }
     // Without one (shm), or with local work waiting (a GPU copy, a full provider window): spin briefly, then
@@ -96,7 +107,7 @@ void Agent::wake_progress() {
 }
 
 bool Agent::may_block() const {
-  if (has_commands_.load(std::memory_order_acquire) || !outbox_.empty() || !staged_.empty() ||
+  if (has_commands_.load(std::memory_order_acquire) || !staged_.empty() ||
       !deferred_aborts_.empty() || !pending_landings_.empty() || has_draining_.load(std::memory_order_acquire))
     return false;
   for (const auto& s : active_sends_) {
@@ -108,25 +119,35 @@ bool Agent::may_block() const {
   return true;
 }
 
-void Agent::block_until_event() {
+void Agent::block_until_event(bool retry_soon) {
+  const bool cq_fds_usable = idle_cq_wakes_ < kMaxIdleCqWakes;
   {
     std::lock_guard<std::mutex> domain(transport_mu_);
-    if (!transport_->ready_to_wait()) return;  // something is already there: poll it first
+    // Something is already there: poll it first (unless the transport keeps saying so and then has nothing).
+    if (!transport_->ready_to_wait() && cq_fds_usable) return;
   }
   // Same-host peers ring instead of writing on the fabric: they must see we sleep, and we must see their entries.
   const uint32_t rings = doorbell_windows_.load(std::memory_order_relaxed);
   if (rings && !doorbell_->prepare_to_sleep(rings)) return;
   pollfd fds[1 + 16];
-  const size_t n = std::min<size_t>(cq_fds_.size(), 16);
+  const size_t n = cq_fds_usable ? std::min<size_t>(cq_fds_.size(), 16) : 0;
   fds[0] = {wake_fd_, POLLIN, 0};
   for (size_t i = 0; i < n; ++i) fds[1 + i] = {cq_fds_[i], POLLIN, 0};
   const auto until_check = std::chrono::duration_cast<std::chrono::milliseconds>(next_deadline_check_ - Clock::now());
-  const int timeout = static_cast<int>(std::clamp<int64_t>(until_check.count() + 1, 1, kMaxBlockMs));
+  const int cap = retry_soon || !cq_fds_usable ? kRetryHeldMs : kMaxBlockMs;
+  const int timeout = static_cast<int>(std::clamp<int64_t>(until_check.count() + 1, 1, cap));
   counters_.idle_waits++;
-  if (::poll(fds, 1 + n, timeout) > 0 && (fds[0].revents & POLLIN)) {
-    uint64_t v;
-    [[maybe_unused]] ssize_t r = read(wake_fd_, &v, sizeof(v));
+  if (::poll(fds, 1 + n, timeout) > 0) {
+    if (fds[0].revents & POLLIN) {
+      uint64_t v;
+      [[maybe_unused]] ssize_t r = read(wake_fd_, &v, sizeof(v));
+    }
+    for (size_t i = 0; i < n; ++i) woke_on_cq_ |= fds[1 + i].revents != 0;
   }
+  // A wait that left the fds out tries them once more next time (they may have gone quiet: a connection reply
+  // came); a wait on them that no fd ended shows they are quiet.
+  if (!cq_fds_usable) idle_cq_wakes_ = kMaxIdleCqWakes - 1;
+  else if (!woke_on_cq_) idle_cq_wakes_ = 0;
   if (rings) doorbell_->wake_up();
 }
 
