@@ -215,7 +215,7 @@ class Agent {
   void progress_loop();
   void wake_progress();            // a command was queued (or the agent stops): end an idle wait
   bool may_block() const;          // nothing to post: only a completion, a message or a command can make work
-  void block_until_event(bool retry_soon);
+  void block_until_event(bool retry_soon, bool cq_fds_suspect);
   bool run_commands();
   bool post_pending_writes();
   bool post_send_ops(const std::shared_ptr<SendState>& send, size_t& budget);
