@@ -143,6 +143,36 @@ def _proxy(name: str, port: int, prefill_port: int, push_port: int, decode_port:
                          f"http://127.0.0.1:{decode_port}"], d, {**env, "PYTHONPATH": str(ROOT)})
 
 
+def _start_pair(d: Path, model: Path, env: dict, extra: dict) -> tuple[dict, dict]:
+    """A TP 1 prefill and decode vLLM server and the kvxfer proxy in front, healthy, the prefill warmed; their
+    connectors get `extra`. Returns (servers, ports); the caller stops the servers."""
+    p_port, d_port, push_port, proxy_port = (_free_port() for _ in range(4))
+    suffix = f"-{extra['transport']}" if "transport" in extra else ""
+    servers = {
+        "prefill": Server(f"prefill{suffix}", _vllm_cmd(model, p_port, {**extra, "push_port": push_port}), d, env),
+        "decode": Server(f"decode{suffix}", _vllm_cmd(model, d_port, extra), d, env),
+        "proxy": _proxy(f"proxy{suffix}", proxy_port, p_port, push_port, d_port, d, env),
+    }
+    try:
+        t0 = time.monotonic()
+        servers["prefill"].wait_healthy(f"http://127.0.0.1:{p_port}/health", 400)
+        servers["decode"].wait_healthy(f"http://127.0.0.1:{d_port}/health", 400)
+        servers["proxy"].wait_healthy(f"http://127.0.0.1:{proxy_port}/health", 60)
+        print(f"vLLM prefill+decode servers{suffix} healthy after {time.monotonic() - t0:.0f}s")
+        # A cold server's first request can take longer than the transfer timeout on a loaded 2-core machine (CI
+        # saw the decode give up on a first KV load at 15 s while the prefill was still on it): warm the prefill
+        # the way `baseline` warms the decode, with a plain request (no kv_transfer_params: its connector idles).
+        t1 = time.monotonic()
+        status, resp = complete(f"http://127.0.0.1:{p_port}", PROMPTS[0])
+        assert status == 200, resp
+        print(f"prefill server's first request took {time.monotonic() - t1:.1f}s")
+    except BaseException:
+        for srv in servers.values():
+            srv.stop()
+        raise
+    return servers, {"prefill": p_port, "push": push_port, "decode": d_port, "proxy": proxy_port}
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm")
@@ -152,29 +182,11 @@ def cluster(tmp_path_factory):
     env = loopback_env()
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))  # kvxfer of this checkout (the .pth names one)
-    p_port, d_port, push_port, proxy_port = (_free_port() for _ in range(4))
-    servers = {
-        "prefill": Server("prefill", _vllm_cmd(model, p_port, {"push_port": push_port,
-                                                               "transfer_timeout_s": TRANSFER_TIMEOUT_S}), d, env),
-        "decode": Server("decode", _vllm_cmd(model, d_port, {"transfer_timeout_s": TRANSFER_TIMEOUT_S}), d, env),
-        "proxy": _proxy("proxy", proxy_port, p_port, push_port, d_port, d, env),
-    }
+    servers, ports = _start_pair(d, model, env, {"transfer_timeout_s": TRANSFER_TIMEOUT_S})
     try:
-        t0 = time.monotonic()
-        servers["prefill"].wait_healthy(f"http://127.0.0.1:{p_port}/health", 400)
-        servers["decode"].wait_healthy(f"http://127.0.0.1:{d_port}/health", 400)
-        servers["proxy"].wait_healthy(f"http://127.0.0.1:{proxy_port}/health", 60)
-        print(f"vLLM prefill+decode servers healthy after {time.monotonic() - t0:.0f}s")
-        # A cold server's first request can take longer than the transfer timeout on a loaded 2-core machine (CI
-        # saw the decode give up on a first KV load at 15 s while the prefill was still on it): warm the prefill
-        # the way `baseline` warms the decode, with a plain request (no kv_transfer_params: its connector idles).
-        t1 = time.monotonic()
-        status, resp = complete(f"http://127.0.0.1:{p_port}", PROMPTS[0])
-        assert status == 200, resp
-        print(f"prefill server's first request took {time.monotonic() - t1:.1f}s")
-        yield {"prefill": f"http://127.0.0.1:{p_port}", "decode": f"http://127.0.0.1:{d_port}",
-               "proxy": f"http://127.0.0.1:{proxy_port}", "servers": servers, "dir": d, "model": model, "env": env,
-               "ports": {"prefill": p_port, "push": push_port, "decode": d_port}}
+        yield {"prefill": f"http://127.0.0.1:{ports['prefill']}", "decode": f"http://127.0.0.1:{ports['decode']}",
+               "proxy": f"http://127.0.0.1:{ports['proxy']}", "servers": servers, "dir": d, "model": model,
+               "env": env, "ports": ports}
     finally:
         for s in servers.values():
             s.stop()
@@ -354,6 +366,26 @@ def test_client_leaving_the_decode_engine_cancels_the_prefill_send(cluster, base
     status, resp = complete(cluster["proxy"], PROMPTS[0])
     assert status == 200, resp
     assert tokens_and_logprobs(resp)[0] == tokens_and_logprobs(baseline[PROMPTS[0]])[0]
+
+
+@pytest.mark.skipif(not kvxfer._C.have_ucx, reason="this kvxfer build has no UCX (apt-get install libucx-dev, "
+                    "then pip install -e .)")
+def test_disaggregated_over_ucx_equals_single_engine(cluster, baseline):
+    """The connector with transport "ucx" between a fresh prefill and decode engine: the first disaggregated request
+    (the engines' first contact, UCX's connection wireup) and every later one complete like the decode engine's own
+    run. The first one used to time out in most runs: the prefill's progress thread spun while the decode worker
+    owed its UCX connection reply, and the decode worker, pinned to the same core, got no CPU for 15 s."""
+    servers, ports = _start_pair(cluster["dir"], cluster["model"], cluster["env"],
+                                 {"transfer_timeout_s": TRANSFER_TIMEOUT_S, "transport": "ucx"})
+    try:
+        for p in PROMPTS + PROMPTS[:1]:
+            resp = _completes_like(f"http://127.0.0.1:{ports['proxy']}", baseline, p, 1e-5)
+            assert cached_tokens(resp) == resp["usage"]["prompt_tokens"], resp["usage"]  # loaded over kvxfer
+        log = servers["decode"].log.read_text(errors="replace")
+        assert "'transport': 'ucx'" in log and "kvxfer: load of request" not in log  # ucx, and no load failed
+    finally:
+        for srv in servers.values():
+            srv.stop()
 
 
 @pytest.fixture(scope="module")
