@@ -470,6 +470,7 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   KVXFER_CHECK(peer_info.transport == info_.transport, TransportUnavailable,
                "peer '" << peer_info.name << "' runs transport " << peer_info.transport << " but this agent runs "
                         << info_.transport << "; create both agents with the same transport");
+  std::lock_guard<std::mutex> adding(add_peer_mu_);
   std::shared_ptr<PeerState> restarted;
   {
     std::lock_guard<std::mutex> lock(peers_mu_);

@@ -315,6 +315,10 @@ class Agent {
   mutable std::mutex pools_mu_;
 
   std::mutex peers_mu_;
+  // Held through add_peer: its "already added?" check and the insertion are far apart (transport endpoint, CMA probe),
+  // so two threads adding the same metadata both created the peer (UCX: two endpoints, and neither connected).
+  // Taken before transport_mu_ and peers_mu_; the progress thread never takes it.
+  std::mutex add_peer_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<PeerState>> peers_by_epoch_;
   struct EarlyHello { uint32_t rails = 0, window_base = 0; bool window = false; };
   std::unordered_map<uint64_t, EarlyHello> early_hellos_;  // HELLOs from peers not added yet, by epoch
