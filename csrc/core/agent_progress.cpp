@@ -2,6 +2,7 @@
 // handles control messages and enforces deadlines and peer liveness. Never holds the GIL, never calls Python.
 #include <pthread.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -93,11 +94,16 @@ void Agent::progress_loop() {
       const auto idle_for = Clock::now() - last_busy;
       if (idle_for >= kSpinBeforeBlock)
         block_until_event(!outbox_.empty(), idle_cq_wakes_ >= kMaxIdleCqWakes && idle_for >= kIdleCqWakesFor);
+      else
+        sched_yield();
       continue;
     }
     // Without one (shm), or with local work waiting (a GPU copy, a full provider window): spin briefly, then
     // short sleeps. Manual-progress providers still need us to poll, so the sleep is bounded.
-    if (idle < 4000) continue;
+    if (idle < 4000) {
+      sched_yield();
+      continue;
+    }
     std::unique_lock<std::mutex> lock(cmd_mu_);
     if (!has_commands_) cmd_cv_.wait_for(lock, std::chrono::microseconds(idle < 20000 ? 20 : 200));
   }
