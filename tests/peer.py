@@ -69,6 +69,9 @@ def serve(conn):
                 result = extra[("recv", xfer)].state.name
             elif cmd == "stats":
                 result = (agent.stats(), peers[0].rails)
+            elif cmd == "close":  # close the agent, keep the process (peers must learn it from the agent)
+                agent.close()
+                result = None
             elif cmd == "exit":
                 conn.send(("ok", None))
                 return

@@ -159,6 +159,7 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
 }
 
 Agent::~Agent() {
+  say_goodbye(std::chrono::milliseconds(250));
   stop_.store(true);
   wake_progress();
   if (progress_.joinable()) progress_.join();
@@ -183,6 +184,29 @@ Agent::~Agent() {
   transport_->deregister_memory(signal_key_);
   staging_.reset();
   landing_.reset();
+}
+
+// Destructor only: tells every connected peer we are closing (BYE), so their transfers with us fail now with
+// PeerLost naming the close instead of at their deadlines (a peer on another host has no other way to learn it
+// until its writes fail). Waits at most `limit` for the progress thread to hand the BYEs over.
+void Agent::say_goodbye(std::chrono::milliseconds limit) {
+  std::vector<Command> cmds;
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    for (auto& [epoch, peer] : peers_by_epoch_) {
+      if (peer->lost || !peer->connected) continue;
+      Command c{Command::Kind::Control, nullptr, 0, peer, {}};
+      c.msg.type = static_cast<uint16_t>(ControlType::Bye);
+      c.msg.xfer_id = kByeClosed;
+      cmds.push_back(std::move(c));
+    }
+  }
+  if (cmds.empty() || !progress_.joinable()) return;
+  cmds.push_back(Command{Command::Kind::Goodbye, nullptr, 0, nullptr, {}});
+  post_commands(std::move(cmds));
+  const auto until = Clock::now() + limit;
+  while (!goodbye_sent_.load(std::memory_order_acquire) && Clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
 }
 
 // Destructor only (the progress thread has stopped): polls until every op context is back or `limit` passed.

@@ -182,7 +182,8 @@ class Agent {
     std::shared_ptr<CmaJob> cma = nullptr;  // CMA destination: the copy-out running on the workers
   };
   struct Command {
-    enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage, AbortSend, InjectLanding, CancelRecv } kind;
+    enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage, AbortSend, InjectLanding, CancelRecv,
+                      Goodbye } kind;
     std::shared_ptr<SendState> send;
     uint32_t layer_index = 0;  // LayerReady: index within the send's layer range
     std::shared_ptr<PeerState> peer;
@@ -207,6 +208,7 @@ class Agent {
                             const std::string& slots, const std::string& why_not_ipc, PathChoice c) const;
 
   void post_command(Command c);
+  void say_goodbye(std::chrono::milliseconds limit);  // destructor: BYE to every connected peer, bounded
   void post_commands(std::vector<Command> cmds);
   void end_live_peer(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why);
   void drain_peer(const std::shared_ptr<PeerState>& peer, double drain_s, const std::string& why);
@@ -332,6 +334,8 @@ class Agent {
   std::shared_ptr<EndSignal> ends_ = std::make_shared<EndSignal>();
   int wake_fd_ = -1;                // eventfd: commands end the progress thread's blocking wait on the CQ fds
   std::vector<int> cq_fds_;         // the transport's wait fds (empty: it has none; idle means short sleeps)
+  bool goodbye_queued_ = false;             // progress thread: the closing agent's BYEs are in the outbox
+  std::atomic<bool> goodbye_sent_{false};   // ... and all left it (handed to the transport or a doorbell ring)
   bool woke_on_cq_ = false;         // the last blocking wait ended because a CQ fd was readable
   uint32_t idle_cq_wakes_ = 0;      // such wakes in a row after which the loop found nothing to do
   std::vector<Command> commands_;

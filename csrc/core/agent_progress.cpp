@@ -68,6 +68,10 @@ void Agent::progress_loop() {
       std::lock_guard<std::mutex> domain(transport_mu_);
       busy |= run_commands();
       busy |= flush_control();
+      if (goodbye_queued_ && std::none_of(outbox_.begin(), outbox_.end(), [](const auto& e) {
+            return e.second.type == static_cast<uint16_t>(ControlType::Bye);
+          }))
+        goodbye_sent_.store(true, std::memory_order_release);
       busy |= post_pending_writes();
       busy |= flush_deferred_aborts();
       busy |= settle_draining();
@@ -214,6 +218,9 @@ bool Agent::run_commands() {
         break;
       case Command::Kind::CancelRecv:
         cancel_recv_now(*c.peer, c.recv);
+        break;
+      case Command::Kind::Goodbye:  // after the BYEs it follows: they are in the outbox now
+        goodbye_queued_ = true;
         break;
     }
   }
@@ -757,8 +764,10 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     case ControlType::Bye:
       mark_peer_lost(*peer, ErrorKind::PeerLost,
                      "peer '" + peer->info.name +
-                         "' removed this agent (its remove_peer, or it met a newer agent under this name); "
-                         "transfers with it ended",
+                         (m.xfer_id == kByeClosed
+                              ? "' closed its agent (Agent.close, or its process shut down); transfers with it ended"
+                              : "' removed this agent (its remove_peer, or it met a newer agent under this name); "
+                                "transfers with it ended"),
                      false);
       break;
     default: counters_.dropped_messages++;

@@ -29,6 +29,9 @@ enum class ControlType : uint16_t {
   Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5, Landed = 6, Bye = 7, Cancel = 8, CancelAck = 9
 };
 
+// BYE carries why in its xfer_id field (peers that predate this read any BYE as a removal).
+enum ByeReason : uint64_t { kByeRemoved = 0, kByeClosed = 1 };
+
 struct ControlMessage {
   static constexpr uint32_t kMagic = 0x4b584331;  // "1CXK"
   static constexpr uint16_t kVersion = 5;  // 2: ABORT total, ABORT_ACK; 3: LANDED; 4: BYE; 5: CANCEL(_ACK)

@@ -492,3 +492,5 @@ class KvxferConnector(KVConnectorBase_V1):
             self.server.close()
         for client in self._clients.values():
             client.close()
+        if getattr(self, "agent", None) is not None:
+            self.agent.close()  # peers' transfers with this engine fail now (PeerLost), not at their deadlines
