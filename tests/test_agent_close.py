@@ -10,7 +10,7 @@ from tests.conftest import TRANSPORTS, connect
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_peer_closing_its_agent_fails_our_recv_at_once(transport, remote):
-    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 51)
+    agent, peer, _, dst, _ = connect(transport, remote, "vllm_flash", 51)
     recv = agent.recv(peer, 1, [4, 5], timeout_s=60)
     remote.call("send", (1, [1, 2], [4, 5], None, None))  # opened, no layer marked: nothing will arrive
     before = [x.copy() for x in dst]
@@ -28,7 +28,7 @@ def test_peer_closing_its_agent_fails_our_recv_at_once(transport, remote):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_receiver_closing_its_agent_fails_our_send_at_once(transport, remote):
-    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 52)
+    agent, peer, *_ = connect(transport, remote, "vllm_flash", 52)
     send = agent.send(peer, 3, [1], [2], timeout_s=60)  # the remote never opens the recv: the send waits for it
     t0 = time.monotonic()
     remote.call("close", None)
