@@ -21,7 +21,8 @@ def receiver():
     a.add_peer(b.metadata())
     peer_a = b.add_peer(a.metadata())
     b.wait_connected(peer_a)
-    return b, peer_a
+    yield b, peer_a  # the sender agent stays open: closing it would end the transfers with it (its BYE)
+    a.close()
 
 
 def test_data_before_begin_reversed_and_split(receiver):

@@ -943,7 +943,7 @@ void Agent::cancel_recv_now(PeerState& peer, const std::shared_ptr<RecvState>& r
     s.watch(recv);
     watched = true;
   } else {
-    for (const auto& slot : peer.slots) watched = watched || slot.watches(recv);
+    peer.slots.for_each([&](const SlotCounter& slot) { watched = watched || slot.watches(recv); });
   }
   if (!watched) peer.cancelled_recvs[x] = recv;
   queue_control(peer, ControlType::Cancel, x, 0);
@@ -1054,7 +1054,7 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     for (auto& [slot, s] : peer.quarantined) drain_locally(s);  // their ABORT_ACK will never come
     peer.quarantined.clear();
     recvs = peer.unsettled_recvs();  // the failed and cancelled ones among them: only writes_over is left
-    for (auto& slot : peer.slots) slot.watchers.clear();
+    peer.slots.for_each([](SlotCounter& slot) { slot.watchers.clear(); });
     peer.live_sends.clear();
     peer.live_recvs.clear();
     peer.waiting_recvs.clear();

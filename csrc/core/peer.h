@@ -5,6 +5,7 @@
 // Everything mutable is guarded by mu (taken by the caller's thread in send()/recv() and by the progress thread).
 #pragma once
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <deque>
 #include <memory>
@@ -58,6 +59,34 @@ struct SlotCounter {
   }
 };
 
+// Per-slot state, allocated one window (ImmCode::kSlotWindow slots) at a time when first touched. A peer uses the
+// slots of one window each way, so a peer costs ~16 KiB of slot state instead of ~550 KiB for all kMaxSlots, which
+// every peer ever added (removed and restarted ones stay listed, lost) kept for the agent's lifetime.
+template <typename T>
+class WindowedSlots {
+ public:
+  T& operator[](uint32_t slot) {  // slot < ImmCode::kMaxSlots (messages and immediates are checked on arrival)
+    auto& w = windows_[slot / ImmCode::kSlotWindow];
+    if (!w) w = std::make_unique<std::array<T, ImmCode::kSlotWindow>>();
+    return (*w)[slot % ImmCode::kSlotWindow];
+  }
+  template <typename F>
+  void for_each(F&& f) {  // the slots of the windows touched so far (the others hold default state)
+    for (auto& w : windows_)
+      if (w)
+        for (auto& t : *w) f(t);
+  }
+  template <typename F>
+  void for_each(F&& f) const {
+    for (const auto& w : windows_)
+      if (w)
+        for (const auto& t : *w) f(t);
+  }
+
+ private:
+  std::array<std::unique_ptr<std::array<T, ImmCode::kSlotWindow>>, ImmCode::kMaxWindows> windows_{};
+};
+
 struct PeerState {
   AgentInfo info;
   PeerAddr addr = kUnknownPeer;
@@ -79,7 +108,7 @@ struct PeerState {
   // sender side: the slots of the window the peer gave us in its HELLO (empty until then)
   bool have_window = false;
   std::vector<uint32_t> free_slots;
-  std::vector<std::shared_ptr<SendState>> send_by_slot;          // [kMaxSlots]
+  WindowedSlots<std::shared_ptr<SendState>> send_by_slot;
   std::unordered_map<uint64_t, std::shared_ptr<SendState>> live_sends;
   std::unordered_map<uint32_t, std::shared_ptr<SendState>> quarantined;  // slot -> failed send, until ABORT_ACK
   // Ids the peer cancelled (CANCEL) before we sent them: send() refuses them. Bounded like `arrived`.
@@ -87,7 +116,7 @@ struct PeerState {
   std::deque<uint64_t> cancelled_order;
   // receiver side: the window of slots we gave the peer (ImmCode::kSlotWindow from rx_window * kSlotWindow)
   uint32_t rx_window = 0;
-  std::vector<SlotCounter> slots;                                // [kMaxSlots], counts allocated lazily
+  WindowedSlots<SlotCounter> slots;                              // counts allocated lazily too
   std::unordered_map<uint64_t, uint32_t> slot_of_xfer;
   std::unordered_map<uint64_t, std::shared_ptr<RecvState>> waiting_recvs;   // recv() before BEGIN
   std::unordered_map<uint64_t, std::shared_ptr<RecvState>> live_recvs;
@@ -117,7 +146,6 @@ struct PeerState {
   std::vector<uint32_t> landing_free;
   std::vector<uint8_t> landing_busy;
 
-  PeerState() : send_by_slot(ImmCode::kMaxSlots), slots(ImmCode::kMaxSlots) {}
 
   // A slot returns to the free list once (RELEASE or ABORT_ACK for a quarantined slot, whichever comes first).
   bool reclaim(uint32_t slot, uint64_t xfer_id) {
@@ -139,8 +167,9 @@ struct PeerState {
     for (const auto& [id, r] : live_recvs) add(r);
     for (const auto& [id, r] : waiting_recvs) add(r);
     for (const auto& [id, r] : cancelled_recvs) add(r);
-    for (const auto& slot : slots)
+    slots.for_each([&](const SlotCounter& slot) {
       for (const auto& w : slot.watchers) add(w);
+    });
     return out;
   }
 
