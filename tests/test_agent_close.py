@@ -1,11 +1,19 @@
 """Closing an agent tells its peers: their transfers with it fail at once with PeerLost naming the close, not at
-their deadlines. The closing agent's process stays alive here, so nothing but its BYE can tell them."""
+their deadlines. The closing agent's process stays alive here, so nothing but its BYE can tell them; and a process
+"on another host" that exits with its agent still open tells them the same way."""
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
+import kvxfer
 from kvxfer import errors
-from tests.conftest import TRANSPORTS, connect
+from tests.conftest import TRANSPORTS, UCX, connect
+from tests.reference import PRESETS, make_pool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -37,3 +45,49 @@ def test_receiver_closing_its_agent_fails_our_send_at_once(transport, remote):
         send.wait(timeout_s=30)
     assert time.monotonic() - t0 < 5
     assert remote.proc.is_alive()
+
+
+CHILD = r"""
+import ctypes, socket, sys
+if ctypes.CDLL(None, use_errno=True).unshare(0x04000000) != 0:  # CLONE_NEWUTS: a peer "on another host"
+    raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS) needs root")
+socket.sethostname("kvxfer-other-host")
+import kvxfer
+from tests.reference import PRESETS, make_pool
+layout = PRESETS["vllm_flash"]()
+AGENT = kvxfer.Agent("exiting-child", transport=sys.argv[1], interface="lo")  # a global, never closed by hand
+AGENT.register_pool(make_pool(layout, 3), layout)
+print(AGENT.metadata().hex(), flush=True)
+peer = AGENT.add_peer(bytes.fromhex(sys.stdin.readline()))
+AGENT.wait_connected(peer, 20)
+print("connected", flush=True)
+sys.stdin.readline()
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("transport", ["tcp", UCX])
+def test_process_on_another_host_exiting_fails_our_recv_at_once(transport):
+    # A peer on another host: we cannot watch its process, and a recv has nothing posted that could fail. The
+    # exiting interpreter destroys the agent it left open, which says BYE.
+    layout = PRESETS["vllm_flash"]()
+    agent = kvxfer.Agent("exit-watcher", transport=transport, interface="lo")
+    agent.register_pool(make_pool(layout, 4), layout)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, transport], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        peer = agent.add_peer(bytes.fromhex(child.stdout.readline()))
+        child.stdin.write(agent.metadata().hex() + "\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "connected"
+        recv = agent.recv(peer, 1, [2], timeout_s=60)
+        t0 = time.monotonic()
+        child.stdin.write("exit\n")
+        child.stdin.flush()
+        assert child.wait(20) == 0
+        with pytest.raises(errors.PeerLost, match="peer 'exiting-child' closed its agent"):
+            recv.wait(timeout_s=30)
+        assert time.monotonic() - t0 < 10
+    finally:
+        child.kill()
+        agent.close()
