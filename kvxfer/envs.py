@@ -11,6 +11,10 @@ ENV_VARS = {
                                       "one (read by the C++ core); poll = spin, then 20/200 us sleeps"),
     "KVXFER_CMA_THREADS": ("str", "", "threads for same-host copies of >= 1 MiB (0 or 1: the progress thread); "
                                       "empty: half the CPUs, 1 to 4 (read by the C++ core)"),
+    "KVXFER_PROGRESS_CPUS": ("str", "inherit", "CPUs the progress thread may run on: inherit = those of the thread "
+                                              "that creates the Agent (an engine may have pinned it to its compute "
+                                              "cores); all = any this process may use; or a list like 2,3 or 4-7 "
+                                              "(read by the C++ core)"),
     "KVXFER_DOORBELL": ("str", "1", "1: same-host peers signal layer completions and control messages through "
                                     "shared-memory rings; 0: through the fabric, like peers on other hosts"),
     "KVXFER_GPU_COPY": ("str", "auto", "GPU batch copies: auto = one gather kernel where the device reaches both "

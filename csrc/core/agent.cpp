@@ -2,11 +2,17 @@
 // agent_progress.cpp.
 #include "core/agent.h"
 
+#include <pthread.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -156,6 +162,60 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   if (wake_fd_ < 0) cq_fds_.clear();  // no eventfd: commands could not end a wait, so never block
   if (doorbell_ && !cq_fds_.empty()) info_.wake_fd = wake_fd_;  // else we never block: peers need not wake us
   progress_ = std::thread([this] { progress_loop(); });
+  place_progress_thread();
+}
+
+namespace {
+
+// KVXFER_PROGRESS_CPUS -> the CPU set it names; false (and why) for a value that is not "all" or a CPU list.
+bool parse_progress_cpus(const std::string& v, cpu_set_t* set, std::string* why) {
+  CPU_ZERO(set);
+  if (v == "all") {
+    for (int c = 0; c < CPU_SETSIZE; ++c) CPU_SET(c, set);  // the kernel keeps those this process may use
+    return true;
+  }
+  std::stringstream items(v);
+  std::string item;
+  bool any = false;
+  while (std::getline(items, item, ',')) {
+    int first = -1, last = -1;
+    char extra = 0;
+    const int n = std::sscanf(item.c_str(), "%d-%d%c", &first, &last, &extra);
+    if (n == 1) last = first;
+    if ((n != 1 && n != 2) || first < 0 || last < first || last >= CPU_SETSIZE) {
+      *why = "'" + item + "' is not a CPU number or range below " + std::to_string(CPU_SETSIZE);
+      return false;
+    }
+    for (int c = first; c <= last; ++c) CPU_SET(c, set);
+    any = true;
+  }
+  if (!any) *why = "it names no CPU";
+  return any;
+}
+
+}  // namespace
+
+// The progress thread starts with the affinity of the thread that created the agent. Engines often pin their
+// workers (vLLM's CPU backend pins each to its compute cores), and a progress thread sharing a pinned core with
+// spinning compute threads went unscheduled for seconds: KVXFER_PROGRESS_CPUS lets the operator place it.
+void Agent::place_progress_thread() {
+  const char* env = std::getenv("KVXFER_PROGRESS_CPUS");
+  const std::string v = env ? env : "";
+  if (v.empty() || v == "inherit") return;
+  cpu_set_t set;
+  std::string why;
+  int rc = 0;
+  if (parse_progress_cpus(v, &set, &why)) {
+    rc = pthread_setaffinity_np(progress_.native_handle(), sizeof(set), &set);
+    if (rc == 0) return;
+    why = rc == EINVAL ? "none of those CPUs is available to this process" : std::strerror(rc);
+  }
+  stop_.store(true);  // the constructor throws: the thread must not outlive it
+  wake_progress();
+  progress_.join();
+  if (wake_fd_ >= 0) close(wake_fd_);
+  KVXFER_THROW(InvalidArgument, "KVXFER_PROGRESS_CPUS='" << v << "': " << why
+                                                          << "; use inherit, all, or CPUs like 2,3 or 4-7");
 }
 
 Agent::~Agent() {

@@ -215,6 +215,7 @@ class Agent {
 
   // progress thread (agent_progress.cpp)
   void progress_loop();
+  void place_progress_thread();    // KVXFER_PROGRESS_CPUS (constructor; throws, with the thread joined)
   void wake_progress();            // a command was queued (or the agent stops): end an idle wait
   bool may_block() const;          // nothing to post: only a completion, a message or a command can make work
   void block_until_event(bool retry_soon, bool cq_fds_suspect);
