@@ -146,6 +146,21 @@ def assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, xfer_id, src_i
     return recv
 
 
+def assert_exact_from_remote(agent, peer, remote, layout, dst, seed, xfer_id, src_ids, dst_ids):
+    """The remote sender (pool from `seed`) moves src_ids -> dst_ids over every layer into `agent`'s pool `dst`;
+    checks the addressed chunks equal the source and every other byte is untouched."""
+    import numpy as np
+
+    from tests.reference import expected_after
+
+    want = expected_after(layout, dst, seed, src_ids, dst_ids, range(layout.num_layers))
+    recv = agent.recv(peer, xfer_id, dst_ids)
+    remote.call("send", (xfer_id, list(src_ids), list(dst_ids), None, "all"))
+    recv.wait(timeout_s=30)
+    for got, w in zip(dst, want):
+        np.testing.assert_array_equal(got, w)
+
+
 def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0, rails=1, remote_rails=None,
             sender_kwargs=None, receiver_kwargs=None):
     """Receiver agent here with a seeded destination pool; sender agent in `remote`. Returns (agent, peer, pool)."""

@@ -7,13 +7,12 @@ import os
 import signal
 import time
 
-import numpy as np
 import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import UCX, assert_exact_transfer, local_pair, wait_for
-from tests.reference import PRESETS, apply, make_pool
+from tests.conftest import UCX, assert_exact_from_remote, assert_exact_transfer, local_pair, wait_for
+from tests.reference import PRESETS, make_pool
 
 
 def transfer_after_idle(monkeypatch, mode, transport="tcp"):
@@ -90,10 +89,4 @@ def test_agent_waiting_on_a_stopped_peer_sleeps(remote, transport):
     # Once the peer runs again the connection completes, and a transfer lands exactly.
     remote.call("add_peer", agent.metadata())
     agent.wait_connected(peer, 20)
-    want = [x.copy() for x in dst]
-    apply(layout, make_pool(layout, 31), want, [3, 1], [8, 2], range(layout.num_layers))
-    recv = agent.recv(peer, 1, [8, 2])
-    remote.call("send", (1, [3, 1], [8, 2], None, "all"))
-    recv.wait(timeout_s=30)
-    for got, w in zip(dst, want):
-        np.testing.assert_array_equal(got, w)
+    assert_exact_from_remote(agent, peer, remote, layout, dst, 31, 1, [3, 1], [8, 2])

@@ -4,12 +4,18 @@ still runs, writes_over of the ended recvs is not claimed while the old process 
 exits), and the new incarnation's transfers are exact."""
 import time
 
-import numpy as np
 import pytest
 
 from kvxfer import errors
-from tests.conftest import UCX, RemoteError, RemoteSender, assert_ended_sender_was_told, connect, wait_for
-from tests.reference import apply, make_pool
+from tests.conftest import (
+    UCX,
+    RemoteError,
+    RemoteSender,
+    assert_ended_sender_was_told,
+    assert_exact_from_remote,
+    connect,
+    wait_for,
+)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "cma", UCX])  # cma: the BYE goes through the same-host doorbell ring
@@ -36,13 +42,7 @@ def test_restart_while_the_old_incarnation_still_runs(transport):
         # The new incarnation is an ordinary peer: an exact transfer.
         new.call("add_peer", agent.metadata())
         agent.wait_connected(peer_new, 20)
-        want = [x.copy() for x in dst]
-        apply(layout, make_pool(layout, 6), want, [2, 0], [5, 6], range(layout.num_layers))
-        r = agent.recv(peer_new, 2, [5, 6])
-        new.call("send", (2, [2, 0], [5, 6], None, "all"))
-        r.wait(timeout_s=30)
-        for got, w in zip(dst, want):
-            np.testing.assert_array_equal(got, w)
+        assert_exact_from_remote(agent, peer_new, new, layout, dst, 6, 2, [2, 0], [5, 6])
     finally:
         old.close()
         new.close()

@@ -246,6 +246,14 @@ Agent::~Agent() {
   landing_.reset();
 }
 
+// A BYE to `peer` saying why (ByeReason, in the message's xfer_id).
+Agent::Command Agent::bye_command(const std::shared_ptr<PeerState>& peer, ByeReason reason) {
+  Command c{Command::Kind::Control, nullptr, 0, peer, {}};
+  c.msg.type = static_cast<uint16_t>(ControlType::Bye);
+  c.msg.xfer_id = reason;
+  return c;
+}
+
 // Destructor only: tells every connected peer we are closing (BYE), so their transfers with us fail now with
 // PeerLost naming the close instead of at their deadlines (a peer on another host has no other way to learn it
 // until its writes fail). Waits at most `limit` for the progress thread to hand the BYEs over.
@@ -254,11 +262,7 @@ void Agent::say_goodbye(std::chrono::milliseconds limit) {
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     for (auto& [epoch, peer] : peers_by_epoch_) {
-      if (peer->lost || !peer->connected) continue;
-      Command c{Command::Kind::Control, nullptr, 0, peer, {}};
-      c.msg.type = static_cast<uint16_t>(ControlType::Bye);
-      c.msg.xfer_id = kByeClosed;
-      cmds.push_back(std::move(c));
+      if (!peer->lost && peer->connected) cmds.push_back(bye_command(peer, kByeClosed));
     }
   }
   if (cmds.empty() || !progress_.joinable()) return;
@@ -691,9 +695,7 @@ void Agent::drain_peer(const std::shared_ptr<PeerState>& peer, double drain_s, c
 // a live peer fails its transfers with us and posts nothing more instead of writing on until its deadlines; its
 // ended recvs' writes_over is settled later (settle_removed_recvs).
 void Agent::end_live_peer(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why) {
-  Command c{Command::Kind::Control, nullptr, 0, peer, {}};
-  c.msg.type = static_cast<uint16_t>(ControlType::Bye);
-  post_command(std::move(c));
+  post_command(bye_command(peer, kByeRemoved));
   mark_peer_lost(*peer, kind, why, /*writes_over_now=*/false);
 }
 

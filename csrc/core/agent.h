@@ -209,6 +209,7 @@ class Agent {
 
   void post_command(Command c);
   void say_goodbye(std::chrono::milliseconds limit);  // destructor: BYE to every connected peer, bounded
+  static Command bye_command(const std::shared_ptr<PeerState>& peer, ByeReason reason);
   void post_commands(std::vector<Command> cmds);
   void end_live_peer(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why);
   void drain_peer(const std::shared_ptr<PeerState>& peer, double drain_s, const std::string& why);
