@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -160,6 +161,7 @@ class UcxTransport final : public Transport {
   // uct_tcp_ep_pending_purge in a suite run, ucp_worker_destroy in another). Endpoints and worker are left to the
   // process's exit; peers learn we are gone from it (error mode peer) or from the agent's own protocol.
   void shutdown() override {
+    flush_messages(std::chrono::milliseconds(200));
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& p : peers_) {
       for (auto& [id, rkey] : p->rkeys) ucp_rkey_destroy(rkey);
@@ -525,19 +527,44 @@ class UcxTransport final : public Transport {
     }
   }
 
+  // Nobody progresses the worker once the agent stopped, so messages still queued here or in UCX (a closing
+  // agent's BYEs) would never leave: progress until they did, at most `limit`. Single-threaded (agent teardown).
+  void flush_messages(std::chrono::milliseconds limit) {
+    const auto until = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < until) {
+      ucp_worker_progress(worker_);
+      std::lock_guard<std::mutex> lock(mu_);
+      apply_outcomes();
+      bool waiting = ams_in_flight_ > 0;
+      for (auto& p : peers_) {
+        request_flush(*p);
+        drain(*p);
+        waiting = waiting || (!p->failed && !p->queue.empty());
+      }
+      if (!waiting) return;
+    }
+  }
+
+  struct AmSend {
+    UcxTransport* transport;
+    std::vector<uint8_t> bytes;
+  };
+
   void send_am(UcxPeer& p, unsigned id, const void* data, size_t len) {
-    auto* copy = new std::vector<uint8_t>(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + len);
+    auto* am = new AmSend{this, {static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + len}};
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
     rp.cb.send = &UcxTransport::on_am_sent;
-    rp.user_data = copy;
+    rp.user_data = am;
     rp.flags = UCP_AM_SEND_FLAG_EAGER;  // small: the receiver's handler gets the bytes at once
-    ucs_status_ptr_t req = ucp_am_send_nbx(p.ep, id, nullptr, 0, copy->data(), copy->size(), &rp);
+    ucs_status_ptr_t req = ucp_am_send_nbx(p.ep, id, nullptr, 0, am->bytes.data(), am->bytes.size(), &rp);
     if (req == nullptr) {
-      delete copy;
+      delete am;
     } else if (UCS_PTR_IS_ERR(req)) {
-      delete copy;
+      delete am;
       fail_peer(p, "ucp_am_send_nbx failed: " + status_text(UCS_PTR_STATUS(req)));
+    } else {
+      ++ams_in_flight_;
     }
   }
 
@@ -595,7 +622,9 @@ class UcxTransport final : public Transport {
   }
 
   static void on_am_sent(void* request, ucs_status_t status, void* user_data) {
-    delete static_cast<std::vector<uint8_t>*>(user_data);
+    auto* am = static_cast<AmSend*>(user_data);
+    --am->transport->ams_in_flight_;
+    delete am;
     ucp_request_free(request);
   }
 
@@ -705,6 +734,7 @@ class UcxTransport final : public Transport {
   std::deque<PendingEvent> pending_;             // progress thread only
   std::vector<std::vector<uint8_t>> delivered_;  // messages handed out by the last poll
   std::atomic<uint64_t> writes_{0}, imms_{0};
+  std::atomic<size_t> ams_in_flight_{0};  // active messages UCX has not sent yet (it calls on_am_sent when it did)
 };
 
 }  // namespace
