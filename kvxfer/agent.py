@@ -40,6 +40,9 @@ class Peer:
     lost = property(lambda self: self._h.lost)
     same_host = property(lambda self: self._h.same_host)
     rails = property(lambda self: self._h.rails)
+    send_window = property(lambda self: self._h.send_window,
+                           doc="transfers this agent may have in flight towards the peer (the peer's "
+                               "4096 / max_peers; 0 until its handshake arrived)")
     pools = property(lambda self: [name for name, _ in self._h.pools])
     heads = property(lambda self: {name: (lay.head_begin, lay.head_begin + lay.num_kv_heads,
                                           lay.total_kv_heads or lay.num_kv_heads) for name, lay in self._h.pools},
@@ -114,12 +117,23 @@ def _nearest_domain(gpu, transport: str) -> tuple[str | None, str]:
     return name, (f"nearest the GPU: {name} for {provider}; {why}" if name else why)
 
 
+def _max_peers(value) -> int:
+    source = "max_peers"
+    if value is None:
+        value, source = envs.get("KVXFER_MAX_PEERS"), "KVXFER_MAX_PEERS"
+    n = int(value)
+    if not 1 <= n <= 1024 or n & (n - 1):
+        raise InvalidArgument(f"{source}={value}: use a power of two from 1 to 1024 (each peer gets 4096 / max_peers "
+                              "transfers in flight; 32 gives 128, 256 gives 16)")
+    return n
+
+
 class Agent:
     def __init__(self, name: str | None = None, *, transport: str | None = None, interface: str | None = None,
                  timeout_s: float | None = None, rails: int | None = None, staging: str = "auto",
                  staging_slot_bytes: int = 4 << 20, staging_slots: int = 16, cma_threads: int | None = None,
                  doorbell: bool | None = None, gpu=None, landing: str = "auto", landing_slots: int = 4,
-                 landing_slot_bytes: int = 256 << 10):
+                 landing_slot_bytes: int = 256 << 10, max_peers: int | None = None):
         """transport: auto | shm | cma | cuda_ipc | tcp | fi_shm | efa | verbs | ucx (see `python -m kvxfer info`).
         ucx: UCX picks the wires (UCX_TLS, UCX_NET_DEVICES; `interface` sets the latter); Peer.path_reason names
         the UCX lanes in use.
@@ -135,7 +149,10 @@ class Agent:
         landing: how peers reach this agent's pools when the fabric cannot write them (a GPU pool on a host without
         GPU-direct RDMA, reached from another host): "auto" gives each sending peer landing_slots registered host
         slots of landing_slot_bytes; a sender writes a batch there and this agent copies it into the pool (host-to-
-        device) before counting it. "always" reaches every pool that way (to test or measure the pipeline)."""
+        device) before counting it. "always" reaches every pool that way (to test or measure the pipeline).
+        max_peers: peers this agent can hold at once, a power of two from 1 to 1024; None reads KVXFER_MAX_PEERS
+        (default 32). Every peer gets 4096 / max_peers transfers in flight towards this agent (32 peers: 128 each;
+        256 peers: 16 each), and a landing ring (when one is needed) holds max_peers x landing_slots slots."""
         opts = _C.AgentOptions()
         opts.name = name or f"kvxfer-{os.getpid()}"
         transport = transport or envs.get("KVXFER_TRANSPORT")
@@ -174,6 +191,7 @@ class Agent:
             raise InvalidArgument(f"landing needs 1 to 256 slots per peer of 5120 bytes to 1 GiB, got {landing_slots} x "
                                   f"{landing_slot_bytes}")
         opts.landing, opts.landing_slots, opts.landing_slot_bytes = landing, int(landing_slots), int(landing_slot_bytes)
+        opts.max_peers = _max_peers(max_peers)
         self._c = _C.Agent(opts)
         self._pools: dict[str, Pool] = {}
         self._peers: dict[int, Peer] = {}
@@ -183,6 +201,9 @@ class Agent:
     transport = property(lambda self: self._c.transport)
     provider = property(lambda self: self._c.provider)
     rails = property(lambda self: self._c.rails)
+    max_peers = property(lambda self: self._c.max_peers, doc="peers this agent can hold at once")
+    transfers_per_peer = property(lambda self: self._c.transfers_per_peer,
+                                  doc="transfers each peer may have in flight towards this agent (4096 / max_peers)")
     cma_threads = property(lambda self: self._c.cma_threads,
                            doc="threads that run large same-host copies (0: the progress thread copies)")
     doorbell = property(lambda self: self._c.doorbell[0],
@@ -290,6 +311,8 @@ class Agent:
     def send(self, peer: Peer, xfer_id: int, src_ids, dst_ids, *, pool=None, dst_pool: str = "", layers=None,
              timeout_s: float | None = None, num_tokens: int | None = None) -> Send:
         """Open a send of src blocks into the peer's dst blocks. Nothing is posted until layer_ready/all_ready.
+        With peer.send_window transfers already in flight to the peer, the send waits for a slot (waiting_for_slot;
+        its timeout runs meanwhile) and starts, in call order, when one comes back.
         num_tokens: the request's tokens, in order through src_ids and through dst_ids (needed when the pools'
         block sizes differ, and then on recv too; without it every token of the blocks moves, block i into i)."""
         first, count = _layers(layers)

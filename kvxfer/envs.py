@@ -15,6 +15,8 @@ ENV_VARS = {
                                               "that creates the Agent (an engine may have pinned it to its compute "
                                               "cores); all = any this process may use; or a list like 2,3 or 4-7 "
                                               "(read by the C++ core)"),
+    "KVXFER_MAX_PEERS": ("int", "32", "peers an Agent can hold at once, a power of two from 1 to 1024; each gets "
+                                      "4096 / max_peers transfers in flight towards it"),
     "KVXFER_DOORBELL": ("str", "1", "1: same-host peers signal layer completions and control messages through "
                                     "shared-memory rings; 0: through the fabric, like peers on other hosts"),
     "KVXFER_GPU_COPY": ("str", "auto", "GPU batch copies: auto = one gather kernel where the device reaches both "

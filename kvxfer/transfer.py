@@ -95,6 +95,12 @@ class Send(_Transfer):
         self._agent._c.layer_ready(self._h, -1)
 
     @property
+    def waiting_for_slot(self) -> bool:
+        """True while every transfer slot the peer gave this agent is in flight: the send waits, in call order, for
+        one to come back (its deadline runs meanwhile; layers marked ready are posted once it has one)."""
+        return self._h.waiting_for_slot
+
+    @property
     def num_writes(self) -> int:
         return self._h.num_writes
 

@@ -74,9 +74,9 @@ def test_a_sleeping_receiver_is_woken_through_its_eventfd():
         link.set_ring(0)
         link.post_imm(imm(0, 0, 1))
         assert link.wakes == 0  # nobody sleeps: no syscall
-        assert not region.prepare_to_sleep(1 << 0)  # an entry is waiting: do not block
+        assert not region.prepare_to_sleep([0])  # an entry is waiting: do not block
         region.drain(0, 8)
-        assert region.prepare_to_sleep(1 << 0)
+        assert region.prepare_to_sleep([0])
         link.post_imm(imm(0, 0, 2))
         assert link.wakes == 1 and os.eventfd_read(wake) == 1
         region.wake_up()
@@ -155,7 +155,7 @@ def test_an_entry_naming_another_windows_slot_counts_for_nobody():
     w = peer_a._h._rx_window  # the ring a writes into at b
     intruder = _C._DoorbellLink(os.getpid(), *b._c._doorbell_fds)
     intruder.set_ring(w)
-    foreign_slot = ((w + 1) % 32) * 128
+    foreign_slot = ((w + 1) % b.max_peers) * b.transfers_per_peer
     assert intruder.post_imm(imm(foreign_slot, 0, 7))
     deadline = time.monotonic() + 10
     while b.stats()["doorbell_received"] < 1 and time.monotonic() < deadline:
@@ -190,3 +190,19 @@ def test_info_says_how_same_host_peers_signal(value, says):
     out = subprocess.run([sys.executable, "-m", "kvxfer", "info"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert says in out.stdout
+
+
+@pytest.mark.parametrize("rings", [1, 1024])
+def test_a_region_holds_one_ring_per_window_and_no_more(rings):
+    """An agent of max_peers=N exposes N rings; a producer reads the count from the region and refuses a ring past
+    it (a HELLO naming a window the region does not have falls back to the fabric)."""
+    region = _C._DoorbellRegion(rings)
+    link = _C._DoorbellLink(os.getpid(), region.fd, -1)
+    assert region.rings == link.rings == rings
+    with pytest.raises(errors.InvalidArgument, match=rf"ring {rings} does not exist \(the region has {rings}\)"):
+        link.set_ring(rings)
+    link.set_ring(rings - 1)
+    assert link.post_imm(imm(4095, 1, 2))
+    assert region.drain(rings - 1, 8) == [(IMM, imm(4095, 1, 2), 0)]
+    if rings > 1:
+        assert region.drain(0, 8) == []

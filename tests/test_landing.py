@@ -142,7 +142,7 @@ def test_a_well_formed_injected_batch_lands_exactly_and_counts(landing_pair):
     """The receiver alone: a BEGIN for 2 blocks, then one landing batch carrying both: the bytes land exactly where
     its entries say, the recv completes, and nothing else in the pool changes."""
     b, peer_a, dst = landing_pair
-    slot = peer_a._h._rx_window * 128
+    slot = peer_a._h._rx_window * b.transfers_per_peer
     recv = b.recv(peer_a, 77, np.array([5, 40], np.int32))
     b._c._inject_begin(peer_a._h, 77, slot, 0, 1, 2)
     payload = np.random.default_rng(3).integers(0, 256, 2 * 4096, dtype=np.uint8)
@@ -173,7 +173,7 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_malformed_landing_headers_are_refused_untouched(landing_pair, case):
     b, peer_a, dst = landing_pair
-    slot = peer_a._h._rx_window * 128
+    slot = peer_a._h._rx_window * b.transfers_per_peer
     before = dst[0].copy()
     kwargs, message = BAD[case]
     kwargs = dict(kwargs)
@@ -196,7 +196,7 @@ def test_malformed_landing_headers_are_refused_untouched(landing_pair, case):
 ])
 def test_entries_outside_the_pool_are_refused(landing_pair, entry, message):
     b, peer_a, dst = landing_pair
-    slot = peer_a._h._rx_window * 128
+    slot = peer_a._h._rx_window * b.transfers_per_peer
     before = dst[0].copy()
     b._c._inject_landing(peer_a._h, slot, 0, batch([entry], b"\x77" * 4096, slot=slot))
     wait_for(lambda: b.stats()["landing_rejected"] == 1, "the batch refused")
@@ -206,7 +206,7 @@ def test_entries_outside_the_pool_are_refused(landing_pair, entry, message):
 
 def test_landing_slot_index_beyond_the_peers_share_is_refused(landing_pair):
     b, peer_a, dst = landing_pair
-    slot = peer_a._h._rx_window * 128
+    slot = peer_a._h._rx_window * b.transfers_per_peer
     b._c._inject_landing(peer_a._h, slot, 2, b"")  # the peer has slots 0 and 1
     wait_for(lambda: b.stats()["landing_rejected"] == 1, "the batch refused")
     assert "landing immediate names slot 2" in b.last_landing_error
@@ -215,7 +215,7 @@ def test_landing_slot_index_beyond_the_peers_share_is_refused(landing_pair):
 def test_random_headers_never_write(landing_pair):
     """200 random slot contents behind a valid magic and version: every one refused, the pool untouched."""
     b, peer_a, dst = landing_pair
-    slot = peer_a._h._rx_window * 128
+    slot = peer_a._h._rx_window * b.transfers_per_peer
     before = dst[0].copy()
     rng = np.random.default_rng(99)
     for i in range(200):

@@ -50,7 +50,8 @@ void register_agent(py::module_& m) {
       .def_readwrite("doorbell", &AgentOptions::doorbell)
       .def_readwrite("landing", &AgentOptions::landing)
       .def_readwrite("landing_slots", &AgentOptions::landing_slots)
-      .def_readwrite("landing_slot_bytes", &AgentOptions::landing_slot_bytes);
+      .def_readwrite("landing_slot_bytes", &AgentOptions::landing_slot_bytes)
+      .def_readwrite("max_peers", &AgentOptions::max_peers);
 
   py::class_<LocalRegion>(m, "LocalRegion")
       .def(py::init<uint64_t, uint64_t, int>(), py::arg("addr"), py::arg("nbytes"), py::arg("device") = -1)
@@ -68,6 +69,10 @@ void register_agent(py::module_& m) {
       .def_property_readonly("signals", [](const PeerState& p) { return std::string(p.doorbell ? "doorbell" : "fabric"); })
       .def_property_readonly("signals_reason", [](const PeerState& p) { return p.signals_reason; })
       .def_property_readonly("_rx_window", [](const PeerState& p) { return p.rx_window; })
+      .def_property_readonly("send_window", [](PeerState& p) {
+        std::lock_guard<std::mutex> lock(p.mu);
+        return p.tx_window_slots;  // transfers we may have in flight towards it (its choice; 0 before its HELLO)
+      })
       .def_property_readonly("landing_slots", [](const PeerState& p) {
         return py::make_tuple(p.info.landing_slots, p.info.landing_slot_bytes);  // what it gives each sender
       })
@@ -105,6 +110,10 @@ void register_agent(py::module_& m) {
   send.def_property_readonly("num_writes", [](const SendState& s) { return s.plan.num_writes(); })
       .def_property_readonly("nbytes", [](const SendState& s) { return s.plan.total_bytes(); })
       .def_property_readonly("slot", [](const SendState& s) { return s.slot; })
+      .def_property_readonly("waiting_for_slot", [](const SendState& s) {
+        std::lock_guard<std::mutex> lock(s.peer->mu);
+        return s.waiting_for_slot;
+      })
       .def_property_readonly("path", [](const SendState& s) { return std::string(send_path_name(s.path)); })
       .def_property_readonly("path_reason", [](const SendState& s) { return s.path_reason; })
       .def_property_readonly("writes_over", [](const SendState& s) { return s.writes_over.load(std::memory_order_acquire); });
@@ -178,6 +187,9 @@ void register_agent(py::module_& m) {
       .def_property_readonly("max_inflight", [](const Agent& a) { return a.capabilities().max_inflight; })
       .def_property_readonly("rails", [](const Agent& a) { return a.capabilities().num_rails; })
       .def_property_readonly("cma_threads", &Agent::cma_threads)
+      .def_property_readonly("max_peers", [](const Agent& a) { return a.options().max_peers; })
+      .def_property_readonly("transfers_per_peer",
+                             [](const Agent& a) { return ImmCode::kMaxSlots / a.options().max_peers; })
       .def_property_readonly("_doorbell_fds", [](const Agent& a) {
         return py::make_tuple(a.info().doorbell_fd, a.info().wake_fd);
       })
@@ -196,6 +208,7 @@ void register_agent(py::module_& m) {
         d["dropped_messages"] = s.dropped_messages;
         d["unknown_imms"] = s.unknown_imms;
         d["slots_reclaimed"] = s.slots_reclaimed;
+        d["sends_waited_for_slot"] = s.sends_waited_for_slot;
         d["slot_violations"] = s.slot_violations;
         d["idle_waits"] = s.idle_waits;
         d["cma_jobs"] = s.cma_jobs;

@@ -14,13 +14,18 @@ struct LinkHandle {
 
 void register_doorbell(py::module_& m) {
   py::class_<DoorbellRegion>(m, "_DoorbellRegion")
-      .def(py::init<>())
+      .def(py::init<uint32_t>(), py::arg("rings") = ImmCode::kDefaultMaxPeers)
       .def_property_readonly("fd", &DoorbellRegion::fd)
+      .def_property_readonly("rings", &DoorbellRegion::rings)
       .def_property_readonly_static("entries_per_ring", [](py::object) { return doorbell::kEntries; })
-      .def("reset", &DoorbellRegion::reset)
+      .def("reset",
+           [](DoorbellRegion& r, uint32_t w) {
+             KVXFER_CHECK(w < r.rings(), InvalidArgument, "ring " << w << " does not exist");
+             r.reset(w);
+           })
       .def("drain",
            [](DoorbellRegion& r, uint32_t w, size_t max) {
-             KVXFER_CHECK(w < doorbell::kRings, InvalidArgument, "ring " << w << " does not exist");
+             KVXFER_CHECK(w < r.rings(), InvalidArgument, "ring " << w << " does not exist");
              std::vector<DoorbellItem> items(max);
              const size_t n = r.drain(w, items.data(), max);
              py::list out;
@@ -40,8 +45,8 @@ void register_doorbell(py::module_& m) {
       }))
       .def("set_ring",
            [](LinkHandle& h, uint32_t w) {
-             KVXFER_CHECK(w < doorbell::kRings, InvalidArgument, "ring " << w << " does not exist");
-             h.link->set_ring(w);
+             KVXFER_CHECK(h.link->set_ring(w), InvalidArgument,
+                          "ring " << w << " does not exist (the region has " << h.link->rings() << ")");
            })
       .def("post_imm",
            [](LinkHandle& h, uint32_t imm) {
@@ -55,6 +60,7 @@ void register_doorbell(py::module_& m) {
              m.xfer_id = xfer_id;
              return h.link->post_control(m);
            })
+      .def_property_readonly("rings", [](const LinkHandle& h) { return h.link->rings(); })
       .def_property_readonly("wakes", [](const LinkHandle& h) { return h.wakes.load(); });
 }
 

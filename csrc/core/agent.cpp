@@ -103,6 +103,11 @@ uint64_t random_u64() {
 
 Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   KVXFER_CHECK(options_.default_timeout_s > 0, InvalidArgument, "timeout_s must be > 0");
+  KVXFER_CHECK(ImmCode::valid_max_peers(options_.max_peers), InvalidArgument,
+               "max_peers=" << options_.max_peers << ": use a power of two from 1 to " << ImmCode::kMaxPeersLimit
+                            << " (each peer gets " << ImmCode::kMaxSlots << " / max_peers transfers in flight)");
+  window_slots_ = ImmCode::kMaxSlots / options_.max_peers;
+  window_owner_.resize(options_.max_peers);
   KVXFER_CHECK(options_.staging == "auto" || options_.staging == "always", InvalidArgument,
                "staging='" << options_.staging << "': choose auto or always");
   KVXFER_CHECK(options_.landing == "auto" || options_.landing == "always", InvalidArgument,
@@ -139,7 +144,7 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   info_.signal_rkey = signal_key_.rkey;
   if (options_.doorbell) {
     try {
-      doorbell_ = std::make_unique<DoorbellRegion>();
+      doorbell_ = std::make_unique<DoorbellRegion>(options_.max_peers);
       info_.doorbell_fd = doorbell_->fd();
     } catch (const Error& e) {
       doorbell_why_ = e.what();  // same-host peers then signal through the fabric, as before
@@ -311,6 +316,7 @@ AgentStats Agent::stats() const {
   s.dropped_messages = counters_.dropped_messages;
   s.unknown_imms = counters_.unknown_imms;
   s.slots_reclaimed = counters_.slots_reclaimed;
+  s.sends_waited_for_slot = counters_.sends_waited_for_slot;
   s.slot_violations = counters_.slot_violations;
   s.idle_waits = counters_.idle_waits;
   s.cma_jobs = counters_.cma_jobs;
@@ -619,7 +625,7 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
     if (early != early_hellos_.end()) {
       if (early->second.window) {
         std::lock_guard<std::mutex> pl(peer->mu);
-        peer->take_window(early->second.window_base);
+        peer->take_window(early->second.window_base, early->second.window_slots);
       }
       peer->hello_rails = early->second.rails;
       peer->connected = peer->hello_rails == (1u << peer->rails) - 1;
@@ -628,7 +634,7 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   }
   Command c{Command::Kind::Control, nullptr, 0, peer, {}};
   c.msg.type = static_cast<uint16_t>(ControlType::Hello);
-  c.msg.slot = peer->rx_window * ImmCode::kSlotWindow;
+  c.msg.slot = peer->rx_window * window_slots_;
   post_command(std::move(c));
   return peer;
 }
@@ -649,15 +655,17 @@ void Agent::open_doorbell(PeerState& peer) {
 // immediate of a live peer is never counted for another one.
 uint32_t Agent::assign_window(const std::shared_ptr<PeerState>& peer) {
   for (uint32_t pass = 0; pass < 2; ++pass) {
-    for (uint32_t w = 0; w < ImmCode::kMaxWindows; ++w) {
+    for (uint32_t w = 0; w < options_.max_peers; ++w) {
       auto owner = window_owner_[w].lock();
       if (owner && (pass == 0 || !owner->lost)) continue;
       window_owner_[w] = peer;
       return w;
     }
   }
-  KVXFER_THROW(InvalidArgument, "this agent already has " << ImmCode::kMaxWindows << " live peers, the most one "
-                                                          << "agent can receive from; remove peers it no longer uses");
+  KVXFER_THROW(InvalidArgument, "this agent already has " << options_.max_peers << " live peers, the most it can hold "
+                                << "(max_peers=" << options_.max_peers << "); remove peers it no longer uses, or "
+                                << "create it with a larger max_peers (Agent(max_peers=...) or KVXFER_MAX_PEERS; "
+                                << "each peer then gets " << ImmCode::kMaxSlots << " / max_peers transfers in flight)");
 }
 
 void Agent::remove_peer(const std::shared_ptr<PeerState>& peer, double drain_s) {
@@ -833,16 +841,18 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
                  "transfer " << xfer_id << " to peer '" << peer->info.name
                              << "' was cancelled by the receiver (its Recv.cancel) before it was sent; nothing was "
                                 "written: drop the request here");
-    KVXFER_CHECK(!peer->free_slots.empty(), TransferFailed,
-                 "no free transfer slot towards peer '" << peer->info.name << "': all " << ImmCode::kSlotWindow
-                     << " are taken (" << peer->live_sends.size() << " transfers in flight, "
-                     << peer->quarantined.size()
-                     << " failed ones whose posted writes the receiver has not all counted yet); wait for "
-                        "transfers to finish or fail, then retry");
+    peer->live_sends[xfer_id] = send;
+    if (peer->free_slots.empty() || !peer->slot_waiters.empty()) {
+      // Every slot of the window is in flight: wait, in call order, for one to come back (RELEASE, ABORT_ACK).
+      // The deadline runs meanwhile; layers marked ready are posted once the send has its slot.
+      send->waiting_for_slot = true;
+      peer->slot_waiters.push_back(send);
+      counters_.sends_waited_for_slot++;
+      return send;
+    }
     send->slot = peer->free_slots.back();
     peer->free_slots.pop_back();
     peer->send_by_slot[send->slot] = send;
-    peer->live_sends[xfer_id] = send;
   }
   post_command(Command{Command::Kind::NewSend, send, 0, nullptr, {}});
   return send;

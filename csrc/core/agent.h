@@ -48,6 +48,9 @@ struct AgentOptions {
                                    // always: every pool (tests and benchmarks of the receiver-side pipeline)
   uint32_t landing_slots = 4;      // landing slots per sending peer (transports/staged/landing.h)
   uint64_t landing_slot_bytes = 256u << 10;
+  // Peers this agent can hold at once (a power of two, 1..1024): each gets a window of kMaxSlots / max_peers
+  // transfers in flight towards us (core/imm.h), so more peers means fewer transfers in flight per peer.
+  uint32_t max_peers = ImmCode::kDefaultMaxPeers;
 };
 
 // The path a send from one of our pools to one of a peer's pools would take, and why (what it costs).
@@ -79,6 +82,7 @@ struct LocalPool {
 struct AgentStats {
   uint64_t writes_posted = 0, imms_received = 0, eagain = 0, dropped_messages = 0, unknown_imms = 0;
   uint64_t slots_reclaimed = 0;   // sender: slots of failed transfers handed back by the receiver
+  uint64_t sends_waited_for_slot = 0;  // sender: sends made while the peer's whole window was in flight
   uint64_t slot_violations = 0;   // receiver: an aborted slot got more granules than its sender posted
   uint64_t idle_waits = 0;        // times the progress thread blocked on its CQ fds (0: it never does)
   uint64_t cma_jobs = 0;          // CMA copies run in parallel on the worker threads
@@ -309,7 +313,7 @@ class Agent {
   MemoryKey signal_key_;
   std::unique_ptr<DoorbellRegion> doorbell_;  // our rings, one per slot window (null: options_.doorbell off, or failed)
   std::string doorbell_why_;
-  std::atomic<uint32_t> doorbell_windows_{0};  // bit w: window w belongs to a same-host peer, so its ring is polled
+  std::vector<uint32_t> doorbell_rings_;  // windows given to same-host peers, whose rings are polled (progress thread)
   std::vector<std::unique_ptr<LocalPool>> pools_;
   // The transport's domain is single-threaded (libfabric FI_THREAD_DOMAIN: fi_av_insert or fi_mr_reg beside the
   // progress thread's CQ reads and posts is a data race inside the provider). The progress thread holds this while
@@ -324,12 +328,16 @@ class Agent {
   // Taken before transport_mu_ and peers_mu_; the progress thread never takes it.
   std::mutex add_peer_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<PeerState>> peers_by_epoch_;
-  struct EarlyHello { uint32_t rails = 0, window_base = 0; bool window = false; };
+  struct EarlyHello { uint32_t rails = 0, window_base = 0, window_slots = 0; bool window = false; };
   std::unordered_map<uint64_t, EarlyHello> early_hellos_;  // HELLOs from peers not added yet, by epoch
   // Receiver side: which peer owns each window of slots (an immediate's slot names its sender), guarded by peers_mu_.
-  std::vector<std::weak_ptr<PeerState>> window_owner_ = std::vector<std::weak_ptr<PeerState>>(ImmCode::kMaxWindows);
+  // window_slots_ = kMaxSlots / options_.max_peers: the size of every window this agent gives out.
+  uint32_t window_slots_ = ImmCode::kMaxSlots / ImmCode::kDefaultMaxPeers;
+  std::vector<std::weak_ptr<PeerState>> window_owner_;  // [max_peers]
   uint32_t assign_window(const std::shared_ptr<PeerState>& peer);  // peers_mu_ held
   void wait_for_window(PeerState& peer, double timeout_s);
+  void grant_slots(PeerState& peer);  // peer.mu held
+  void fail_slot_waiters_past_deadline(PeerState& peer, Clock::time_point now);
 
   std::mutex cmd_mu_;
   std::condition_variable cmd_cv_;
@@ -378,7 +386,7 @@ class Agent {
     std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0}, idle_waits{0}, cma_jobs{0}, aborts_deferred{0};
     std::atomic<uint64_t> doorbell_sent{0}, doorbell_received{0}, doorbell_wakes{0};
     std::atomic<uint64_t> landings{0}, landing_rejected{0}, landing_waits{0}, gpu_layer_launches{0};
-    std::atomic<uint64_t> ipc_pools_mapped{0};
+    std::atomic<uint64_t> ipc_pools_mapped{0}, sends_waited_for_slot{0};
   } counters_;
 
   std::atomic<bool> stop_{false};

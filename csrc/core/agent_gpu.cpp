@@ -486,7 +486,7 @@ WriteIov Agent::landing_iov(const StagedOp& op, uint32_t index) const {
   const PeerState& peer = *send.peer;
   uint64_t data = 0;
   for (uint32_t k = 0; k < op.num_writes; ++k) data += send.plan.shape(op.first_write + k).nbytes;
-  const uint64_t window = send.slot / ImmCode::kSlotWindow;
+  const uint64_t window = send.slot / peer.tx_window_slots;  // the receiver's window index
   const uint64_t offset = (window * peer.info.landing_slots + index) * peer.info.landing_slot_bytes;
   return {staging_->slot_ptr(op.slot), kLandingDataOffset + data, staging_->desc(),
           (peer.info.remote_virt_addr ? peer.info.landing_addr : 0) + offset, peer.info.landing_rkey};

@@ -18,7 +18,7 @@ namespace kvxfer {
 void Agent::ensure_landing() {
   if (landing_) return;
   landing_ = std::make_unique<StagingRing>(*transport_, options_.landing_slot_bytes,
-                                           static_cast<size_t>(ImmCode::kMaxWindows) * options_.landing_slots,
+                                           static_cast<size_t>(options_.max_peers) * options_.landing_slots,
                                            kLandingRingKey);
   info_.landing_addr = reinterpret_cast<uint64_t>(landing_->base());
   info_.landing_rkey = landing_->rkey();
@@ -38,7 +38,7 @@ std::string Agent::last_landing_error() const {
 }
 
 uint8_t* Agent::landing_slot(uint32_t xfer_slot, uint32_t index) const {
-  return landing_->slot_ptr(static_cast<int>((xfer_slot / ImmCode::kSlotWindow) * options_.landing_slots + index));
+  return landing_->slot_ptr(static_cast<int>((xfer_slot / window_slots_) * options_.landing_slots + index));
 }
 
 void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {

@@ -142,8 +142,7 @@ void Agent::block_until_event(bool retry_soon, bool cq_fds_suspect) {
     if (!transport_->ready_to_wait() && cq_fds_usable) return;
   }
   // Same-host peers ring instead of writing on the fabric: they must see we sleep, and we must see their entries.
-  const uint32_t rings = doorbell_windows_.load(std::memory_order_relaxed);
-  if (rings && !doorbell_->prepare_to_sleep(rings)) return;
+  if (!doorbell_rings_.empty() && !doorbell_->prepare_to_sleep(doorbell_rings_)) return;
   pollfd fds[1 + 16];
   const size_t n = cq_fds_usable ? std::min<size_t>(cq_fds_.size(), 16) : 0;
   fds[0] = {wake_fd_, POLLIN, 0};
@@ -163,7 +162,7 @@ void Agent::block_until_event(bool retry_soon, bool cq_fds_suspect) {
   // came); a wait on them that no fd ended shows they are quiet.
   if (!cq_fds_usable) idle_cq_wakes_ = kMaxIdleCqWakes - 1;
   else if (!woke_on_cq_) idle_cq_wakes_ = 0;
-  if (rings) doorbell_->wake_up();
+  if (!doorbell_rings_.empty()) doorbell_->wake_up();
 }
 
 bool Agent::run_commands() {
@@ -192,10 +191,11 @@ bool Agent::run_commands() {
           // Its ring starts empty before the HELLO hands the window out: the new producer's first entry is 1.
           if (doorbell_ && c.peer->same_host) {
             doorbell_->reset(c.peer->rx_window);
-            doorbell_windows_.fetch_or(1u << c.peer->rx_window, std::memory_order_relaxed);
+            if (std::find(doorbell_rings_.begin(), doorbell_rings_.end(), c.peer->rx_window) == doorbell_rings_.end())
+              doorbell_rings_.push_back(c.peer->rx_window);
           }
           for (uint32_t rail = 0; rail < c.peer->rails; ++rail)
-            queue_control(*c.peer, ControlType::Hello, 0, c.msg.slot, rail, ImmCode::kSlotWindow);
+            queue_control(*c.peer, ControlType::Hello, 0, c.msg.slot, rail, window_slots_);
         } else {
           queue_control(*c.peer, static_cast<ControlType>(c.msg.type), c.msg.xfer_id, c.msg.slot);
         }
@@ -524,12 +524,9 @@ bool Agent::post_signal(SendState& send, uint32_t imm) {
 }
 
 bool Agent::poll_doorbell() {
-  uint32_t mask = doorbell_windows_.load(std::memory_order_relaxed);
-  if (!mask) return false;
   DoorbellItem items[64];
   bool any = false;
-  for (uint32_t w = 0; mask; ++w, mask >>= 1) {
-    if (!(mask & 1)) continue;
+  for (uint32_t w : doorbell_rings_) {
     const size_t n = doorbell_->drain(w, items, 64);
     if (n) {
       on_doorbell_items(w, items, n);
@@ -551,7 +548,7 @@ void Agent::on_doorbell_items(uint32_t w, const DoorbellItem* items, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     const DoorbellItem& it = items[i];
     if (it.kind == DoorbellEntry::kImm) {
-      if (owner && ImmCode::slot(it.imm) / ImmCode::kSlotWindow == w) count_imm(owner, it.imm);
+      if (owner && ImmCode::slot(it.imm) / window_slots_ == w) count_imm(owner, it.imm);
       else counters_.unknown_imms++;
     } else if (it.kind == DoorbellEntry::kControl && owner && it.msg.sender_epoch == owner->info.epoch &&
                it.msg.type != static_cast<uint16_t>(ControlType::Hello)) {
@@ -623,7 +620,7 @@ void Agent::on_remote_data(uint32_t imm) {
   std::shared_ptr<PeerState> peer;
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
-    peer = window_owner_[ImmCode::slot(imm) / ImmCode::kSlotWindow].lock();
+    peer = window_owner_[ImmCode::slot(imm) / window_slots_].lock();
   }
   if (!peer) {
     counters_.unknown_imms++;  // no peer owns that window: its writes cannot be attributed, so nothing counts them
@@ -726,7 +723,8 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
   }
   const auto type = static_cast<ControlType>(m.type);
   if (type == ControlType::Hello) {
-    if (m.first_layer >= 32 || m.num_layers != ImmCode::kSlotWindow || m.slot % ImmCode::kSlotWindow != 0) {
+    // A HELLO names the window we are to send with: its base (slot) and size (num_layers), the peer's choice.
+    if (m.first_layer >= 32 || !ImmCode::valid_window(m.slot, m.num_layers)) {
       counters_.dropped_messages++;
       return;
     }
@@ -737,12 +735,13 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
       e.rails |= 1u << m.first_layer;
       e.window = true;
       e.window_base = m.slot;
+      e.window_slots = m.num_layers;
       return;
     }
     PeerState& peer = *it->second;
     {
       std::lock_guard<std::mutex> pl(peer.mu);
-      peer.take_window(m.slot);
+      peer.take_window(m.slot, m.num_layers);
     }
     peer.hello_rails |= 1u << m.first_layer;
     if ((peer.hello_rails & ((1u << peer.rails) - 1)) == (1u << peer.rails) - 1) peer.connected = true;
@@ -817,13 +816,18 @@ void Agent::on_release(PeerState& peer, const ControlMessage& m) {
     send = peer.send_by_slot[m.slot];
     if (!send || send->xfer_id != m.xfer_id) {
       // The transfer completed on the receiver just as it failed here (a deadline): RELEASE frees the slot too.
-      if (peer.reclaim(m.slot, m.xfer_id)) counters_.slots_reclaimed++;
-      else counters_.dropped_messages++;
+      if (peer.reclaim(m.slot, m.xfer_id)) {
+        counters_.slots_reclaimed++;
+        grant_slots(peer);
+      } else {
+        counters_.dropped_messages++;
+      }
       return;
     }
     peer.send_by_slot[m.slot].reset();
     peer.live_sends.erase(m.xfer_id);
     peer.free_slots.push_back(m.slot);
+    grant_slots(peer);
   }
   send->released = true;
   maybe_finish_send(*send);
@@ -874,8 +878,26 @@ void Agent::remember_abandoned(PeerState& peer, uint64_t xfer_id, uint32_t slot)
 
 void Agent::on_abort_ack(PeerState& peer, const ControlMessage& m) {
   std::lock_guard<std::mutex> lock(peer.mu);
-  if (peer.reclaim(m.slot, m.xfer_id)) counters_.slots_reclaimed++;
-  else counters_.dropped_messages++;  // not quarantined (a RELEASE reclaimed it first) or a stale id
+  if (peer.reclaim(m.slot, m.xfer_id)) {
+    counters_.slots_reclaimed++;
+    grant_slots(peer);
+  } else {
+    counters_.dropped_messages++;  // not quarantined (a RELEASE reclaimed it first) or a stale id
+  }
+}
+
+// Slots that came back go to the sends waiting for one, oldest first; each then starts like any other (peer.mu held;
+// post_command takes only cmd_mu_).
+void Agent::grant_slots(PeerState& peer) {
+  while (!peer.free_slots.empty() && !peer.slot_waiters.empty()) {
+    std::shared_ptr<SendState> send = std::move(peer.slot_waiters.front());
+    peer.slot_waiters.pop_front();
+    send->waiting_for_slot = false;
+    send->slot = peer.free_slots.back();
+    peer.free_slots.pop_back();
+    peer.send_by_slot[send->slot] = send;
+    post_command(Command{Command::Kind::NewSend, send, 0, nullptr, {}});
+  }
 }
 
 // The receiver cancelled transfer X. A live send of X fails and ends with the usual ABORT (its posted total), which
@@ -956,12 +978,19 @@ void Agent::fail_send(const std::shared_ptr<SendState>& owner, ErrorKind kind, c
   PeerState& peer = *send.peer;
   // A released slot is already free (the receiver counted everything). Otherwise it stays quarantined: writes
   // already posted may still land, so it is handed out again only after the receiver counted all of them.
-  const bool quarantine = !send.released && !peer.lost;
+  bool quarantine = !send.released && !peer.lost;
   {
     std::lock_guard<std::mutex> lock(peer.mu);
-    if (peer.send_by_slot[send.slot].get() == &send) peer.send_by_slot[send.slot].reset();
     peer.live_sends.erase(send.xfer_id);
-    if (quarantine) peer.quarantined[send.slot] = owner;
+    if (send.waiting_for_slot) {  // it never had a slot: nothing was posted, nothing to count or hand back
+      send.waiting_for_slot = false;
+      auto it = std::find(peer.slot_waiters.begin(), peer.slot_waiters.end(), owner);
+      if (it != peer.slot_waiters.end()) peer.slot_waiters.erase(it);
+      quarantine = false;
+    } else {
+      if (peer.send_by_slot[send.slot].get() == &send) peer.send_by_slot[send.slot].reset();
+      if (quarantine) peer.quarantined[send.slot] = owner;
+    }
   }
   if (send.released) send.writes_over = true;  // the receiver counted everything before we failed
   if (!quarantine) {
@@ -1053,6 +1082,7 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     for (auto& [id, s] : peer.live_sends) sends.push_back(s);
     for (auto& [slot, s] : peer.quarantined) drain_locally(s);  // their ABORT_ACK will never come
     peer.quarantined.clear();
+    peer.slot_waiters.clear();  // among the live sends: they fail below, having posted nothing
     recvs = peer.unsettled_recvs();  // the failed and cancelled ones among them: only writes_over is left
     peer.slots.for_each([](SlotCounter& slot) { slot.watchers.clear(); });
     peer.live_sends.clear();
@@ -1104,6 +1134,7 @@ void Agent::check_deadlines() {
     std::lock_guard<std::mutex> lock(peers_mu_);
     for (auto& [epoch, p] : peers_by_epoch_) peers.push_back(p);
   }
+  for (auto& p : peers) fail_slot_waiters_past_deadline(*p, now);
   for (auto& p : peers) {
     if (p->lost) {
       settle_removed_recvs(*p);
@@ -1138,6 +1169,29 @@ void Agent::check_deadlines() {
                   std::to_string(r->layers_done()) + "/" + std::to_string(r->num_layers) + " layers complete; " +
                   arrival + ")");
   }
+}
+
+// A send still waiting for a slot at its deadline never started: the message says what held the window.
+void Agent::fail_slot_waiters_past_deadline(PeerState& peer, Clock::time_point now) {
+  std::vector<std::shared_ptr<SendState>> expired;
+  std::string held;
+  {
+    std::lock_guard<std::mutex> lock(peer.mu);
+    for (const auto& s : peer.slot_waiters)
+      if (now >= s->deadline) expired.push_back(s);
+    if (expired.empty()) return;
+    held = "all " + std::to_string(peer.tx_window_slots) + " slots of the window peer '" + peer.info.name +
+           "' gave this agent stayed taken (" + std::to_string(peer.live_sends.size() - peer.slot_waiters.size()) +
+           " transfers in flight, " + std::to_string(peer.quarantined.size()) +
+           " failed ones whose posted writes it has not all counted yet, " + std::to_string(peer.slot_waiters.size()) +
+           " waiting)";
+  }
+  for (auto& s : expired)
+    fail_send(s, ErrorKind::TransferTimeout,
+              "transfer " + std::to_string(s->xfer_id) + " to peer '" + peer.info.name +
+                  "' missed its deadline waiting for a transfer slot, nothing of it sent: " + held +
+                  "; finish or fail transfers sooner, give it a longer timeout, or have the peer use fewer max_peers "
+                  "(a larger window each)");
 }
 
 // "2/2 layers marked, 1/2 posted, 3/4 writes complete": where a send stood when it ended early.

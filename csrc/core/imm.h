@@ -6,7 +6,7 @@
 //  +--------------+-----------+-------------+
 //
 // slot     : the sender-chosen transfer slot for this (sender, receiver) pair; bound to the engine's transfer id by
-//            a BEGIN control message. 4096 transfers in flight per peer direction.
+//            a BEGIN control message. 4096 per receiver, one window of them per sending peer (below).
 // layer    : absolute layer index, 0..255.
 // granules : how many (block, plane) chunks of the layout this write carries, 1..4095. Writes larger than that are
 //            split by the plan.
@@ -27,10 +27,20 @@ struct ImmCode {
   static constexpr uint32_t kMaxSlots = 1u << kSlotBits;            // 4096
   // A receiver gives each peer its own window of slots (in its HELLO), so the slot alone says which peer an
   // immediate came from: rxm-based providers (tcp, verbs) report no source for remote-write completions.
+  // The window's size is the receiver's: kMaxSlots / max_peers (AgentOptions::max_peers; the default 32 peers
+  // leaves 128 transfers in flight per (sender, receiver) pair, 256 peers leave 16). A sender takes whatever
+  // window the HELLO names, so agents created with different max_peers talk to each other.
   // A failed send's slot stays quarantined until the receiver has counted every granule the sender posted for it
   // (ABORT carries the total, ABORT_ACK hands the slot back), so a late write can never land in a reused slot.
-  static constexpr uint32_t kSlotWindow = 128;                      // transfers in flight per (sender, receiver)
-  static constexpr uint32_t kMaxWindows = kMaxSlots / kSlotWindow;  // 32 peers per agent
+  static constexpr uint32_t kDefaultMaxPeers = 32;
+  static constexpr uint32_t kMaxPeersLimit = 1024;                  // windows of 4 slots
+  static constexpr uint32_t kMinWindow = kMaxSlots / kMaxPeersLimit;
+  static constexpr bool valid_max_peers(uint32_t n) { return n >= 1 && n <= kMaxPeersLimit && (n & (n - 1)) == 0; }
+  // A window a HELLO may name: a power of two of kMinWindow.. kMaxSlots slots, aligned to its size.
+  static constexpr bool valid_window(uint32_t base, uint32_t size) {
+    return size >= kMinWindow && size <= kMaxSlots && (size & (size - 1)) == 0 && base % size == 0 &&
+           base < kMaxSlots;
+  }
   static constexpr uint32_t kMaxLayers = 1u << kLayerBits;          // 256
   static constexpr uint32_t kMaxGranules = (1u << kGranuleBits) - 1;  // 4095 chunks per write
 

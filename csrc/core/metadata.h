@@ -58,7 +58,7 @@ struct AgentInfo {
   // Same-host doorbell (transports/host_ipc/doorbell.h): fd numbers in the owner's process, -1 when it has none.
   int32_t doorbell_fd = -1;
   int32_t wake_fd = -1;
-  // Landing ring (transports/staged/landing.h): ImmCode::kMaxWindows x landing_slots slots of landing_slot_bytes,
+  // Landing ring (transports/staged/landing.h): max_peers x landing_slots slots of landing_slot_bytes,
   // registered under landing_rkey; landing_slots == 0 when no pool needs it.
   uint64_t landing_addr = 0;
   uint64_t landing_rkey = 0;

@@ -59,32 +59,33 @@ struct SlotCounter {
   }
 };
 
-// Per-slot state, allocated one window (ImmCode::kSlotWindow slots) at a time when first touched. A peer uses the
-// slots of one window each way, so a peer costs ~16 KiB of slot state instead of ~550 KiB for all kMaxSlots, which
+// Per-slot state, allocated kChunk slots at a time when first touched. A peer uses the slots of one window each way
+// (at most 128 by default), so a peer costs ~16 KiB of slot state instead of ~550 KiB for all kMaxSlots, which
 // every peer ever added (removed and restarted ones stay listed, lost) kept for the agent's lifetime.
 template <typename T>
 class WindowedSlots {
  public:
+  static constexpr uint32_t kChunk = 128;
   T& operator[](uint32_t slot) {  // slot < ImmCode::kMaxSlots (messages and immediates are checked on arrival)
-    auto& w = windows_[slot / ImmCode::kSlotWindow];
-    if (!w) w = std::make_unique<std::array<T, ImmCode::kSlotWindow>>();
-    return (*w)[slot % ImmCode::kSlotWindow];
+    auto& w = chunks_[slot / kChunk];
+    if (!w) w = std::make_unique<std::array<T, kChunk>>();
+    return (*w)[slot % kChunk];
   }
   template <typename F>
-  void for_each(F&& f) {  // the slots of the windows touched so far (the others hold default state)
-    for (auto& w : windows_)
+  void for_each(F&& f) {  // the slots of the chunks touched so far (the others hold default state)
+    for (auto& w : chunks_)
       if (w)
         for (auto& t : *w) f(t);
   }
   template <typename F>
   void for_each(F&& f) const {
-    for (const auto& w : windows_)
+    for (const auto& w : chunks_)
       if (w)
         for (const auto& t : *w) f(t);
   }
 
  private:
-  std::array<std::unique_ptr<std::array<T, ImmCode::kSlotWindow>>, ImmCode::kMaxWindows> windows_{};
+  std::array<std::unique_ptr<std::array<T, kChunk>>, ImmCode::kMaxSlots / kChunk> chunks_{};
 };
 
 struct PeerState {
@@ -107,14 +108,17 @@ struct PeerState {
   std::mutex mu;
   // sender side: the slots of the window the peer gave us in its HELLO (empty until then)
   bool have_window = false;
+  uint32_t tx_window_slots = 0;  // its size (the peer's kMaxSlots / max_peers)
   std::vector<uint32_t> free_slots;
   WindowedSlots<std::shared_ptr<SendState>> send_by_slot;
   std::unordered_map<uint64_t, std::shared_ptr<SendState>> live_sends;
   std::unordered_map<uint32_t, std::shared_ptr<SendState>> quarantined;  // slot -> failed send, until ABORT_ACK
+  // Sends made while every slot was taken, in call order: each gets the next slot that comes back.
+  std::deque<std::shared_ptr<SendState>> slot_waiters;
   // Ids the peer cancelled (CANCEL) before we sent them: send() refuses them. Bounded like `arrived`.
   std::unordered_set<uint64_t> cancelled_ids;
   std::deque<uint64_t> cancelled_order;
-  // receiver side: the window of slots we gave the peer (ImmCode::kSlotWindow from rx_window * kSlotWindow)
+  // receiver side: the window of slots we gave the peer (the agent's window_slots from rx_window * window_slots)
   uint32_t rx_window = 0;
   WindowedSlots<SlotCounter> slots;                              // counts allocated lazily too
   std::unordered_map<uint64_t, uint32_t> slot_of_xfer;
@@ -173,13 +177,14 @@ struct PeerState {
     return out;
   }
 
-  // The peer's HELLO named our window [base, base + kSlotWindow) (mu held).
-  void take_window(uint32_t base) {
+  // The peer's HELLO named our window [base, base + size), checked with ImmCode::valid_window (mu held).
+  void take_window(uint32_t base, uint32_t size) {
     if (have_window) return;
     have_window = true;
-    if (doorbell) doorbell->set_ring(base / ImmCode::kSlotWindow);
-    free_slots.reserve(ImmCode::kSlotWindow);
-    for (uint32_t s = base + ImmCode::kSlotWindow; s-- > base;) free_slots.push_back(s);
+    tx_window_slots = size;
+    if (doorbell) doorbell->set_ring(base / size);
+    free_slots.reserve(size);
+    for (uint32_t s = base + size; s-- > base;) free_slots.push_back(s);
   }
 };
 

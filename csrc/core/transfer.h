@@ -129,6 +129,9 @@ class SendState : public TransferBase {
   const WritePlan plan;
   std::shared_ptr<PeerState> peer;
   uint32_t slot = 0;
+  // Every slot of the peer's window was in flight when send() ran: the send waits in PeerState::slot_waiters for
+  // one to come back and holds no slot until then (guarded by the peer's mu).
+  bool waiting_for_slot = false;
   uint32_t src_pool = 0, dst_pool = 0;
   const LocalPool* src = nullptr;   // stable: pools are never freed while the agent lives
   std::unique_ptr<std::atomic<uint8_t>[]> marked;  // [num_layers] layer_ready() called (caller thread)

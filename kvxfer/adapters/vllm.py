@@ -224,7 +224,8 @@ class KvxferConnector(KVConnectorBase_V1):
         layout = self._rank_layout(kvxfer.KVLayout.from_vllm(backend, first.shape, str(first.dtype), len(names)))
         self._layer_index = {name: i for i, name in enumerate(names)}
         self.agent = kvxfer.Agent(f"vllm-{os.getpid()}", transport=self._extra.get("transport"),
-                                  interface=self._extra.get("interface"), timeout_s=self.timeout_s)
+                                  interface=self._extra.get("interface"), timeout_s=self.timeout_s,
+                                  max_peers=self._extra.get("max_peers"))  # None: KVXFER_MAX_PEERS, else 32
         self.agent.register_pool([kv_caches[n] for n in names], layout)
         if self._extra.get("push_port") is not None:  # TP rank r serves on push_port + r
             self.server = PushServer(self.agent, self._extra.get("push_host", "127.0.0.1"),

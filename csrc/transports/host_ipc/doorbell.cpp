@@ -48,17 +48,18 @@ bool is_eventfd(int fd) {
 
 }  // namespace
 
-DoorbellRegion::DoorbellRegion() {
+DoorbellRegion::DoorbellRegion(uint32_t rings) : bytes_(doorbell::region_bytes(rings)), heads_(rings, 0) {
+  KVXFER_ASSERT(rings >= 1 && rings <= ImmCode::kMaxPeersLimit);
   fd_ = memfd_create("kvxfer-doorbell", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   KVXFER_CHECK(fd_ >= 0, TransportUnavailable, errno_text("memfd_create") << " (same-host doorbell)");
   // Sealed at its size: a peer holding the fd can neither shrink it (SIGBUS here) nor grow it.
-  if (ftruncate(fd_, doorbell::kRegionBytes) != 0 ||
+  if (ftruncate(fd_, static_cast<off_t>(bytes_)) != 0 ||
       fcntl(fd_, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
     const std::string why = errno_text("ftruncate/F_ADD_SEALS");
     close(fd_);
     KVXFER_THROW(TransportUnavailable, why << " (same-host doorbell)");
   }
-  void* p = mmap(nullptr, doorbell::kRegionBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+  void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
   if (p == MAP_FAILED) {
     const std::string why = errno_text("mmap");
     close(fd_);
@@ -68,12 +69,12 @@ DoorbellRegion::DoorbellRegion() {
   Header& h = *new (base_) Header();  // the memfd starts zeroed: every ring empty, nobody asleep
   h.magic = doorbell::kMagic;
   h.version = doorbell::kVersion;
-  h.rings = doorbell::kRings;
+  h.rings = rings;
   h.entries = doorbell::kEntries;
 }
 
 DoorbellRegion::~DoorbellRegion() {
-  if (base_) munmap(base_, doorbell::kRegionBytes);
+  if (base_) munmap(base_, bytes_);
   if (fd_ >= 0) close(fd_);
 }
 
@@ -111,12 +112,12 @@ size_t DoorbellRegion::drain(uint32_t w, DoorbellItem* out, size_t max) {
   return n;
 }
 
-bool DoorbellRegion::prepare_to_sleep(uint32_t mask) {
+bool DoorbellRegion::prepare_to_sleep(const std::vector<uint32_t>& rings) {
   Header& hd = header_of(base_);
   hd.sleeping.store(1, std::memory_order_relaxed);
   std::atomic_thread_fence(std::memory_order_seq_cst);  // pairs with the producer's fence in DoorbellLink::post
-  for (uint32_t w = 0; mask; ++w, mask >>= 1) {
-    if ((mask & 1) && has_entry(w)) {
+  for (uint32_t w : rings) {
+    if (has_entry(w)) {
       hd.sleeping.store(0, std::memory_order_relaxed);
       return false;
     }
@@ -139,26 +140,33 @@ std::unique_ptr<DoorbellLink> DoorbellLink::open(pid_t pid, int region_fd, int w
   const int fd = take_fd(pidfd, region_fd, why);
   bool ok = fd >= 0;
   if (ok) {
+    // The size says how many rings the region holds; the header, read once mapped, must agree with it.
     struct stat st;
     const int seals = fcntl(fd, F_GET_SEALS);
-    if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) != doorbell::kRegionBytes || seals < 0 ||
+    const size_t size = fstat(fd, &st) == 0 ? static_cast<size_t>(st.st_size) : 0;
+    const size_t ring_bytes = size > doorbell::kRingsOffset ? size - doorbell::kRingsOffset : 0;
+    const size_t rings = ring_bytes / sizeof(Ring);
+    if (rings < 1 || rings > ImmCode::kMaxPeersLimit || ring_bytes % sizeof(Ring) != 0 || seals < 0 ||
         !(seals & F_SEAL_SHRINK)) {
-      *why = "the peer's doorbell fd is not a sealed region of " + std::to_string(doorbell::kRegionBytes) + " bytes";
+      *why = "the peer's doorbell fd is not a sealed region of 1 to " + std::to_string(ImmCode::kMaxPeersLimit) +
+             " rings (" + std::to_string(size) + " bytes)";
       ok = false;
     } else {
-      void* p = mmap(nullptr, doorbell::kRegionBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
       if (p == MAP_FAILED) {
         *why = errno_text("mmap of the peer's doorbell");
         ok = false;
       } else {
         link->base_ = static_cast<uint8_t*>(p);
+        link->bytes_ = size;
         const Header& h = header_of(link->base_);
-        if (h.magic != doorbell::kMagic || h.version != doorbell::kVersion || h.rings != doorbell::kRings ||
+        if (h.magic != doorbell::kMagic || h.version != doorbell::kVersion || h.rings != rings ||
             h.entries != doorbell::kEntries) {
           *why = "the peer's doorbell region has another format (version " + std::to_string(h.version) +
                  "); run the same kvxfer release on both sides";
           ok = false;
         }
+        link->rings_ = static_cast<uint32_t>(rings);
       }
     }
     close(fd);
@@ -181,7 +189,7 @@ std::unique_ptr<DoorbellLink> DoorbellLink::open(pid_t pid, int region_fd, int w
 }
 
 DoorbellLink::~DoorbellLink() {
-  if (base_) munmap(base_, doorbell::kRegionBytes);
+  if (base_) munmap(base_, bytes_);
   if (wake_fd_ >= 0) close(wake_fd_);
 }
 
@@ -191,7 +199,7 @@ bool DoorbellLink::post_control(const ControlMessage& msg) { return post(Doorbel
 
 bool DoorbellLink::post(uint32_t kind, uint32_t imm, const ControlMessage* msg) {
   const int w = ring_.load(std::memory_order_acquire);
-  KVXFER_ASSERT(w >= 0 && w < static_cast<int>(doorbell::kRings));
+  KVXFER_ASSERT(w >= 0 && static_cast<uint32_t>(w) < rings_);
   Ring& r = ring_of(base_, static_cast<uint32_t>(w));
   const uint64_t pos = tail_;
   if (pos - r.head.load(std::memory_order_acquire) >= doorbell::kEntries) return false;

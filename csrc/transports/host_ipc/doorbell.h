@@ -4,7 +4,8 @@
 // completion used to cross the fabric as a zero-byte write with immediate data, and every BEGIN/RELEASE as a fabric
 // message: on loopback tcp each is a few syscalls and a provider progress round, on the GPU host tens of
 // microseconds of a ~1 ms transfer. Here every agent owns one memfd holding a single-producer single-consumer ring
-// per slot window (the window a peer was given in its HELLO, so a ring's producer is exactly one peer). A same-host
+// per slot window (the window a peer was given in its HELLO, so a ring's producer is exactly one peer): as many
+// rings as the agent has windows (max_peers). A same-host
 // sender maps its receiver's memfd once at add_peer (pidfd_getfd: the same ptrace permission CMA already needs)
 // and appends 64-byte entries - an immediate, or a control message - that the receiver's progress thread drains.
 //
@@ -25,6 +26,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/control.h"
 #include "core/imm.h"
@@ -53,7 +55,6 @@ struct DoorbellItem {
 namespace doorbell {
 constexpr uint32_t kMagic = 0x4244584b;  // "KXDB"
 constexpr uint32_t kVersion = 1;
-constexpr uint32_t kRings = ImmCode::kMaxWindows;  // one per slot window
 constexpr uint32_t kEntries = 1024;                // per ring: 64 KiB, touched only by peers that use it
 
 struct Header {
@@ -65,25 +66,27 @@ struct Ring {
   alignas(64) DoorbellEntry entries[kEntries];
 };
 constexpr size_t kRingsOffset = (sizeof(Header) + 63) / 64 * 64;
-constexpr size_t kRegionBytes = kRingsOffset + sizeof(Ring) * kRings;
+constexpr size_t region_bytes(uint32_t rings) { return kRingsOffset + sizeof(Ring) * rings; }
 }  // namespace doorbell
 
 // The receiving side: this agent's region. Everything but the constructor runs on the owner's progress thread.
 class DoorbellRegion {
  public:
-  DoorbellRegion();  // throws TransportUnavailable naming the call that failed
+  // One ring per slot window (1..ImmCode::kMaxPeersLimit); pages are touched only for rings in use.
+  explicit DoorbellRegion(uint32_t rings);  // throws TransportUnavailable naming the call that failed
   ~DoorbellRegion();
   DoorbellRegion(const DoorbellRegion&) = delete;
   DoorbellRegion& operator=(const DoorbellRegion&) = delete;
 
   int fd() const { return fd_; }
+  uint32_t rings() const { return static_cast<uint32_t>(heads_.size()); }
   // Empties ring w for a new producer (before the HELLO that hands the window out).
   void reset(uint32_t w);
   // Copies up to max complete entries of ring w into out and consumes them; returns how many.
   size_t drain(uint32_t w, DoorbellItem* out, size_t max);
   // Raises the sleeping flag and returns false if a ring in `mask` already holds an entry (the flag is then down
   // again); the caller may block until woken, then calls wake_up().
-  bool prepare_to_sleep(uint32_t mask);
+  bool prepare_to_sleep(const std::vector<uint32_t>& rings);
   void wake_up();
 
  private:
@@ -91,7 +94,8 @@ class DoorbellRegion {
   bool has_entry(uint32_t w) const;
   int fd_ = -1;
   uint8_t* base_ = nullptr;
-  uint64_t heads_[doorbell::kRings] = {};  // private copies: a producer cannot move our read position
+  size_t bytes_ = 0;
+  std::vector<uint64_t> heads_;  // private copies: a producer cannot move our read position
 };
 
 // The sending side: a same-host peer's region mapped into this process. Progress thread only.
@@ -107,8 +111,14 @@ class DoorbellLink {
   DoorbellLink& operator=(const DoorbellLink&) = delete;
 
   // The ring to write to: the window the peer gave us in its HELLO. Entries are posted only after this.
-  void set_ring(uint32_t w) { ring_.store(static_cast<int>(w), std::memory_order_release); }
+  // false: the region has no ring w (the HELLO does not match the region the peer exposes).
+  bool set_ring(uint32_t w) {
+    if (w >= rings_) return false;
+    ring_.store(static_cast<int>(w), std::memory_order_release);
+    return true;
+  }
   bool ready() const { return ring_.load(std::memory_order_acquire) >= 0; }
+  uint32_t rings() const { return rings_; }
   // false: the ring is full (the receiver has not drained it yet); retry later.
   bool post_imm(uint32_t imm);
   bool post_control(const ControlMessage& msg);
@@ -117,6 +127,8 @@ class DoorbellLink {
   DoorbellLink() = default;
   bool post(uint32_t kind, uint32_t imm, const ControlMessage* msg);
   uint8_t* base_ = nullptr;
+  size_t bytes_ = 0;
+  uint32_t rings_ = 0;
   int wake_fd_ = -1;
   std::atomic<int> ring_{-1};
   uint64_t tail_ = 0;

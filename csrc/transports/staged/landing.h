@@ -1,7 +1,7 @@
 // Landing slots: receiver-side staging, for destination pools the fabric cannot write (GPU memory on another host
 // without GPU-direct RDMA, or any pool of an agent created with landing='always').
 //
-// The receiver owns one registered host ring (pinned where a GPU is usable) of ImmCode::kMaxWindows x
+// The receiver owns one registered host ring (pinned where a GPU is usable) of max_peers x
 // landing_slots slots; the slots of window w belong to the peer that sends with window w, so no two senders ever
 // share one and no credit handshake is needed. A sender writes one staged batch into one of its landing slots as a
 // single contiguous fabric write whose immediate has granules = 0 (never sent otherwise) and the landing slot index
