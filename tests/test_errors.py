@@ -206,6 +206,31 @@ def test_killed_unreaped_sender_is_lost_long_before_the_deadline(remote):
         recv.wait(timeout_s=30)
 
 
+def test_same_host_peers_are_watched_through_a_pidfd_each(remote):
+    """Liveness of same-host peers is one poll() over a pidfd per peer every 10 ms (reading /proc/<pid>/stat per
+    peer cost a quarter of a core at 256 peers): adding a same-host peer opens one pidfd, of that peer's process."""
+    import os
+
+    from tests.conftest import connect
+
+    def pidfds():
+        fds = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                    with open(f"/proc/self/fdinfo/{fd}") as f:
+                        fds[fd] = next(int(x.split()[1]) for x in f if x.startswith("Pid:"))
+            except (FileNotFoundError, StopIteration):
+                pass
+        return fds
+
+    before = pidfds()
+    agent, peer, *_ = connect("tcp", remote, "vllm_flash", seed=1, timeout_s=120)
+    added = {fd: pid for fd, pid in pidfds().items() if fd not in before}
+    assert peer.same_host and list(added.values()).count(remote.proc.pid) == 1
+    agent.close()  # the pidfd goes with the agent's peers
+
+
 def test_transfers_that_end_early_say_how_far_they_got():
     """A recv's timeout names what arrived (BEGIN, and each incomplete layer's granules), and a send cancelled by
     its receiver names how many layers were marked, posted and completed: a log line then tells a sender that never

@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -42,6 +43,17 @@ std::string read_first_line(const char* path) {
   std::string line;
   std::getline(f, line);
   return line;
+}
+
+// A pidfd for a same-host peer's process (readable once it exits), or -1 (no pidfd_open here: Linux < 5.3, or
+// seccomp): liveness then falls back to kill() and /proc.
+int open_pidfd(pid_t pid) {
+#ifdef SYS_pidfd_open
+  return static_cast<int>(syscall(SYS_pidfd_open, pid, 0));  // close-on-exec by default
+#else
+  (void)pid;
+  return -1;
+#endif
 }
 
 // Same-host peers are reached directly (CMA for host pools, CUDA IPC for GPU pools) unless a fabric was named.
@@ -590,6 +602,7 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   peer->landing_busy.assign(peer->info.landing_slots, 0);
   for (uint32_t i = peer->info.landing_slots; i-- > 0;) peer->landing_free.push_back(i);
   peer->same_host = peer->info.boot_id == info_.boot_id && peer->info.hostname == info_.hostname;
+  if (peer->same_host) peer->pidfd = open_pidfd(static_cast<pid_t>(peer->info.pid));
   const bool want_cma = wants_direct_path(options_.transport);
   peer->path = transport_->capabilities().name;
   if (want_cma) {

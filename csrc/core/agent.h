@@ -338,6 +338,7 @@ class Agent {
   void wait_for_window(PeerState& peer, double timeout_s);
   void grant_slots(PeerState& peer);  // peer.mu held
   void fail_slot_waiters_past_deadline(PeerState& peer, Clock::time_point now);
+  std::vector<bool> same_host_peers_gone(const std::vector<std::shared_ptr<PeerState>>& peers);
 
   std::mutex cmd_mu_;
   std::condition_variable cmd_cv_;

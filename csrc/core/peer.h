@@ -4,6 +4,8 @@
 //                  their BEGIN, and transfers that completed before anyone asked for them.
 // Everything mutable is guarded by mu (taken by the caller's thread in send()/recv() and by the progress thread).
 #pragma once
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -89,12 +91,21 @@ class WindowedSlots {
 };
 
 struct PeerState {
+  PeerState() = default;
+  PeerState(const PeerState&) = delete;
+  PeerState& operator=(const PeerState&) = delete;
+  ~PeerState() {
+    if (pidfd >= 0) close(pidfd);
+  }
   AgentInfo info;
   PeerAddr addr = kUnknownPeer;
   uint32_t rails = 1;             // fabric rails usable towards this peer
   uint32_t next_rail = 0;         // progress thread only: round-robin cursor
   std::string path;               // "cma" or the fabric transport name: how we write to this peer
   bool same_host = false;
+  // Same-host peers: a pidfd of the peer's process, readable once it exited (zombie included); -1 where the kernel
+  // has no pidfd_open (liveness then falls back to kill() and /proc/<pid>/stat).
+  int pidfd = -1;
   std::string path_reason;        // why this path (e.g. why not cma)
   // Same-host peers: their doorbell rings mapped here; signals and control messages to them go there, not over the
   // fabric (null: signals_reason says why).
