@@ -9,6 +9,9 @@ import os as _os
 # loads (with _C): they would replace the engine's own (Python's faulthandler, a crash reporter) and end a crashing
 # process with exit status 1 and a backtrace on a stderr the engine may not show. Off unless the user set it.
 _os.environ.setdefault("IPATH_NO_BACKTRACE", "1")
+# A removed or lost peer's hidden rxm connection (tcp, verbs) is closed when the agent drops its address
+# (Agent.release_lost_peer), instead of staying open for the process's lifetime; libfabric reads it at its first use.
+_os.environ.setdefault("FI_AV_REMOVE_CLEANUP", "1")
 
 from kvxfer import errors  # noqa: E402
 from kvxfer.errors import KvxferError  # noqa: E402

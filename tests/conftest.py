@@ -21,6 +21,17 @@ UCX = pytest.param("ucx", marks=pytest.mark.skipif(not _have_ucx(), reason="this
 TRANSPORTS = ["tcp", "fi_shm", "cma", UCX]
 
 
+def open_fds() -> set:
+    """What this process's fds point at (sockets, eventfds, pidfds, files), to check nothing stayed open."""
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return fds
+
+
 def wait_for(pred, what, timeout_s=30.0):
     """Polls pred() every 10 ms; fails naming `what` when it is still false after timeout_s."""
     deadline = time.monotonic() + timeout_s

@@ -7,7 +7,7 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import wait_for
+from tests.conftest import open_fds, wait_for
 from tests.test_idle_wait import progress_threads
 
 
@@ -57,7 +57,9 @@ def test_progress_thread_placement(monkeypatch):
                                         ("1000", "none of those CPUs is available")])
 def test_bad_progress_cpus_refused_by_name(monkeypatch, value, why):
     monkeypatch.setenv("KVXFER_PROGRESS_CPUS", value)
-    before = set(progress_threads())
-    with pytest.raises(errors.InvalidArgument, match=f"KVXFER_PROGRESS_CPUS='{value}': {why}"):
-        kvxfer.Agent("progress-cpus-bad", transport="tcp", interface="lo")
-    assert set(progress_threads()) <= before  # the refused agent's thread did not stay behind
+    before, fds = set(progress_threads()), open_fds()
+    for _ in range(3):
+        with pytest.raises(errors.InvalidArgument, match=f"KVXFER_PROGRESS_CPUS='{value}': {why}"):
+            kvxfer.Agent("progress-cpus-bad", transport="tcp", interface="lo")
+    assert set(progress_threads()) <= before  # the refused agents' threads did not stay behind
+    assert open_fds() == fds  # nor their endpoints' sockets or wake fds

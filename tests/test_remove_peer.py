@@ -8,7 +8,8 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import UCX, RemoteError, assert_ended_sender_was_told, connect, wait_for
+from tests.conftest import (UCX, RemoteError, _have_ucx, assert_ended_sender_was_told, connect, open_fds,
+                            wait_for)
 from tests.reference import PRESETS, apply, make_pool
 
 
@@ -138,3 +139,42 @@ def test_removed_peers_keep_little_memory():
     for o in others:
         o.close()
     a.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])  # cma: also the doorbell mapping, its wake fd and the pidfd
+def test_a_removed_live_peer_leaves_no_connection_or_fd_behind(remote, transport):
+    """The peer's process lives on after the removal. Its connection (an rxm socket), doorbell wake fd and pidfd
+    used to stay open for the agent's lifetime, one set per peer ever removed: an engine whose peers come and go
+    ran out of fds after ~1000. They are released once the BYE is out and nothing of ours is in flight to it: the
+    process's fds are exactly those it had before the peer was added."""
+    layout = PRESETS["vllm_flash"]()
+    agent = kvxfer.Agent("rm-fds", transport=transport, interface="lo", timeout_s=30)
+    dst = make_pool(layout, 3)
+    agent.register_pool(dst, layout)
+    md = remote.call("init", (transport, "vllm_flash", 8, [], 1, {"name": "rm-fds-peer"}))
+    before = open_fds()
+    peer = agent.add_peer(md)
+    remote.call("add_peer", agent.metadata())
+    agent.wait_connected(peer, 20)
+    from tests.conftest import assert_exact_from_remote
+
+    assert_exact_from_remote(agent, peer, remote, layout, dst, 8, 1, [0, 1], [5, 9])
+    assert open_fds() - before  # the peer holds something: a connection (and on cma the doorbell's fds)
+    agent.remove_peer(peer)
+    wait_for(lambda: agent.stats()["peers_released"] == 1, "the removed peer released", timeout_s=10)
+    wait_for(lambda: open_fds() == before, "the fds back to those before add_peer", timeout_s=10)
+    assert remote.proc.is_alive()
+    with pytest.raises(RemoteError, match="removed this agent"):  # the BYE went out before the connection closed
+        remote.call("send", (2, [0], [0], None, "all"))
+        remote.call("wait", (2, 10))
+    agent.close()
+
+
+@pytest.mark.skipif(not _have_ucx(), reason="this kvxfer build has no UCX")
+def test_ucx_keeps_a_removed_peers_endpoint(remote):
+    """UCX 1.13 aborts the process when an endpoint that still owes its peer a wireup reply is closed, so a ucx agent
+    leaves a removed peer's endpoint open (until the process exits) and says so in its stats."""
+    agent, peer, *_ = connect("ucx", remote, "vllm_flash", 5)
+    agent.remove_peer(peer)
+    time.sleep(1.5)
+    assert agent.stats()["peers_released"] == 0

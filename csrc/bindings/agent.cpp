@@ -66,7 +66,10 @@ void register_agent(py::module_& m) {
       .def_property_readonly("hostname", [](const PeerState& p) { return p.info.hostname; })
       .def_property_readonly("path", [](const PeerState& p) { return p.path; })
       .def_property_readonly("path_reason", [](const PeerState& p) { return p.path_reason; })
-      .def_property_readonly("signals", [](const PeerState& p) { return std::string(p.doorbell ? "doorbell" : "fabric"); })
+      .def_property_readonly("signals", [](const PeerState& p) {
+        // From the reason set at add_peer, not the link itself: the progress thread drops a lost peer's link.
+        return std::string(p.signals_reason.rfind("doorbell", 0) == 0 ? "doorbell" : "fabric");
+      })
       .def_property_readonly("signals_reason", [](const PeerState& p) { return p.signals_reason; })
       .def_property_readonly("_rx_window", [](const PeerState& p) { return p.rx_window; })
       .def_property_readonly("send_window", [](PeerState& p) {
@@ -209,6 +212,7 @@ void register_agent(py::module_& m) {
         d["unknown_imms"] = s.unknown_imms;
         d["slots_reclaimed"] = s.slots_reclaimed;
         d["sends_waited_for_slot"] = s.sends_waited_for_slot;
+        d["peers_released"] = s.peers_released;
         d["slot_violations"] = s.slot_violations;
         d["idle_waits"] = s.idle_waits;
         d["cma_jobs"] = s.cma_jobs;

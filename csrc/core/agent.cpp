@@ -227,10 +227,14 @@ void Agent::place_progress_thread() {
     if (rc == 0) return;
     why = rc == EINVAL ? "none of those CPUs is available to this process" : std::strerror(rc);
   }
-  stop_.store(true);  // the constructor throws: the thread must not outlive it
+  // The constructor throws, so no destructor runs: stop the thread and release what the constructor took, in the
+  // destructor's order (no peer or pool exists yet).
+  stop_.store(true);
   wake_progress();
   progress_.join();
   if (wake_fd_ >= 0) close(wake_fd_);
+  transport_->shutdown();
+  transport_->deregister_memory(signal_key_);
   KVXFER_THROW(InvalidArgument, "KVXFER_PROGRESS_CPUS='" << v << "': " << why
                                                           << "; use inherit, all, or CPUs like 2,3 or 4-7");
 }
@@ -329,6 +333,7 @@ AgentStats Agent::stats() const {
   s.unknown_imms = counters_.unknown_imms;
   s.slots_reclaimed = counters_.slots_reclaimed;
   s.sends_waited_for_slot = counters_.sends_waited_for_slot;
+  s.peers_released = counters_.peers_released;
   s.slot_violations = counters_.slot_violations;
   s.idle_waits = counters_.idle_waits;
   s.cma_jobs = counters_.cma_jobs;

@@ -83,6 +83,7 @@ struct AgentStats {
   uint64_t writes_posted = 0, imms_received = 0, eagain = 0, dropped_messages = 0, unknown_imms = 0;
   uint64_t slots_reclaimed = 0;   // sender: slots of failed transfers handed back by the receiver
   uint64_t sends_waited_for_slot = 0;  // sender: sends made while the peer's whole window was in flight
+  uint64_t peers_released = 0;    // lost peers whose connection the transport closed (release_lost_peer)
   uint64_t slot_violations = 0;   // receiver: an aborted slot got more granules than its sender posted
   uint64_t idle_waits = 0;        // times the progress thread blocked on its CQ fds (0: it never does)
   uint64_t cma_jobs = 0;          // CMA copies run in parallel on the worker threads
@@ -338,6 +339,7 @@ class Agent {
   void wait_for_window(PeerState& peer, double timeout_s);
   void grant_slots(PeerState& peer);  // peer.mu held
   void fail_slot_waiters_past_deadline(PeerState& peer, Clock::time_point now);
+  void release_lost_peer(PeerState& peer);
   std::vector<bool> same_host_peers_gone(const std::vector<std::shared_ptr<PeerState>>& peers);
 
   std::mutex cmd_mu_;
@@ -387,7 +389,7 @@ class Agent {
     std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0}, idle_waits{0}, cma_jobs{0}, aborts_deferred{0};
     std::atomic<uint64_t> doorbell_sent{0}, doorbell_received{0}, doorbell_wakes{0};
     std::atomic<uint64_t> landings{0}, landing_rejected{0}, landing_waits{0}, gpu_layer_launches{0};
-    std::atomic<uint64_t> ipc_pools_mapped{0}, sends_waited_for_slot{0};
+    std::atomic<uint64_t> ipc_pools_mapped{0}, sends_waited_for_slot{0}, peers_released{0};
   } counters_;
 
   std::atomic<bool> stop_{false};

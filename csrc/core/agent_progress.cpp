@@ -40,6 +40,7 @@ constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step b
 // what a loopback socket or a NIC keeps in flight (per rail: each rail is a connection of its own).
 constexpr uint64_t kBytesInFlightPerSend = uint64_t(16) << 20;
 constexpr size_t kCmaLayersInFlight = 4;    // layers of one send queued on the CMA workers at once
+constexpr auto kReleaseLostPeerAfter = std::chrono::seconds(1);  // release_lost_peer's grace period
 // True when pid no longer runs: gone (ESRCH) or a zombie its parent has not reaped yet. kill(pid, 0) alone
 // succeeds on a zombie, which left a dead, unreaped peer undetected until its transfers' deadlines.
 bool process_gone(pid_t pid) {
@@ -1079,6 +1080,7 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     std::lock_guard<std::mutex> lock(peer.mu);
     if (peer.lost.exchange(true)) return;
     peer.lost_reason = why;
+    peer.lost_at = Clock::now();
     for (auto& [id, s] : peer.live_sends) sends.push_back(s);
     for (auto& [slot, s] : peer.quarantined) drain_locally(s);  // their ABORT_ACK will never come
     peer.quarantined.clear();
@@ -1140,6 +1142,7 @@ void Agent::check_deadlines() {
     auto& p = peers[i];
     if (p->lost) {
       settle_removed_recvs(*p);
+      release_lost_peer(*p);
       continue;
     }
     // A same-host peer whose process is gone is lost now, not at its transfers' deadlines.
@@ -1171,6 +1174,38 @@ void Agent::check_deadlines() {
                   std::to_string(r->layers_done()) + "/" + std::to_string(r->num_layers) + " layers complete; " +
                   arrival + ")");
   }
+}
+
+// A lost peer (removed, restarted, closed, gone) keeps no connection: its socket or queue pair, and the mapping of its
+// doorbell rings, would otherwise stay for the agent's lifetime, one per peer ever removed (fds run out after ~1000
+// peers come and go). Released once nothing of ours can still need them: no message to it left in the outbox (the
+// BYE went out), no write or copy of a send to it in flight, and a grace period for the provider to deliver what
+// it accepted.
+void Agent::release_lost_peer(PeerState& peer) {
+  if (peer.transport_released || !transport_->capabilities().releases_peers) return;
+  {
+    std::lock_guard<std::mutex> lock(peer.mu);
+    if (Clock::now() - peer.lost_at < kReleaseLostPeerAfter) return;
+  }
+  for (const auto& [p, msg] : outbox_)
+    if (p.get() == &peer) return;
+  for (const auto& s : active_sends_)
+    if (s->peer.get() == &peer && s->ops_completed != s->ops_posted) return;
+  for (const auto& op : staged_)
+    if (op.send->peer.get() == &peer) return;
+  {
+    std::lock_guard<std::mutex> lock(draining_mu_);
+    for (const auto& s : draining_)
+      if (s->peer.get() == &peer) return;
+  }
+  transport_->remove_peer(peer.addr);  // the progress thread holds transport_mu_ here
+  peer.doorbell.reset();
+  if (peer.pidfd >= 0) {  // lost peers are not polled (settle_removed_recvs uses kill() and /proc)
+    close(peer.pidfd);
+    peer.pidfd = -1;
+  }
+  peer.transport_released = true;
+  counters_.peers_released++;
 }
 
 // Which live same-host peers' processes are gone: one poll() over their pidfds (this runs every 10 ms; reading

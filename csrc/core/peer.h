@@ -115,6 +115,8 @@ struct PeerState {
   uint32_t hello_rails = 0;             // bit r: HELLO arrived on rail r (guarded by the agent's peers_mu_)
   std::atomic<bool> lost{false};
   std::string lost_reason;
+  Clock::time_point lost_at;     // guarded by mu
+  bool transport_released = false;  // progress thread: the transport dropped its connection (release_lost_peer)
 
   std::mutex mu;
   // sender side: the slots of the window the peer gave us in its HELLO (empty until then)

@@ -45,6 +45,7 @@ struct Capabilities {
   size_t max_iov = 1;         // chunks one write may gather (min of the provider's iov and rma_iov limits)
   uint32_t num_rails = 1;     // endpoints writes can be spread over (control messages use rail 0)
   bool hmem = false;          // can register CUDA memory (FI_HMEM): GPU-direct RDMA, no staging needed
+  bool releases_peers = true; // remove_peer closes the peer's connection (false: UCX, see ucx_transport.cpp)
 };
 
 struct RailStats {

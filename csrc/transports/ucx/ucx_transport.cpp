@@ -138,6 +138,9 @@ class UcxTransport final : public Transport {
     caps_.max_inflight = 1024;
     caps_.max_iov = 16;  // a gathered write is n puts and one immediate
     caps_.num_rails = 1;  // UCX spreads over its own lanes and rails (UCX_MAX_RMA_RAILS)
+    // Closing an endpoint that still owes its peer a wireup reply aborts UCX 1.13 (see shutdown()): a removed
+    // peer's endpoint stays until the process exits.
+    caps_.releases_peers = false;
     caps_.hmem = (attr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
   }
 
