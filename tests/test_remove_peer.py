@@ -8,8 +8,7 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import (UCX, RemoteError, _have_ucx, assert_ended_sender_was_told, connect, open_fds,
-                            wait_for)
+from tests.conftest import UCX, RemoteError, _have_ucx, assert_ended_sender_was_told, connect, open_fds, wait_for
 from tests.reference import PRESETS, apply, make_pool
 
 
