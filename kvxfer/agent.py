@@ -40,6 +40,11 @@ class Peer:
     lost = property(lambda self: self._h.lost)
     same_host = property(lambda self: self._h.same_host)
     rails = property(lambda self: self._h.rails)
+    heartbeat_ms = property(lambda self: self._h.heartbeat_ms,
+                            doc="how often the peer PINGs this agent (0: never, so its silence is not judged)")
+    silent_s = property(lambda self: self._h.silent_s,
+                        doc="seconds since anything (message, write, heartbeat) came from the peer, checked every "
+                            "10 ms; 0 before it connected")
     send_window = property(lambda self: self._h.send_window,
                            doc="transfers this agent may have in flight towards the peer (the peer's "
                                "4096 / max_peers; 0 until its handshake arrived)")
@@ -133,7 +138,8 @@ class Agent:
                  timeout_s: float | None = None, rails: int | None = None, staging: str = "auto",
                  staging_slot_bytes: int = 4 << 20, staging_slots: int = 16, cma_threads: int | None = None,
                  doorbell: bool | None = None, gpu=None, landing: str = "auto", landing_slots: int = 4,
-                 landing_slot_bytes: int = 256 << 10, max_peers: int | None = None):
+                 landing_slot_bytes: int = 256 << 10, max_peers: int | None = None,
+                 peer_timeout_s: float | None = None):
         """transport: auto | shm | cma | cuda_ipc | tcp | fi_shm | efa | verbs | ucx (see `python -m kvxfer info`).
         ucx: UCX picks the wires (UCX_TLS, UCX_NET_DEVICES; `interface` sets the latter); Peer.path_reason names
         the UCX lanes in use.
@@ -152,7 +158,12 @@ class Agent:
         device) before counting it. "always" reaches every pool that way (to test or measure the pipeline).
         max_peers: peers this agent can hold at once, a power of two from 1 to 1024; None reads KVXFER_MAX_PEERS
         (default 32). Every peer gets 4096 / max_peers transfers in flight towards this agent (32 peers: 128 each;
-        256 peers: 16 each), and a landing ring (when one is needed) holds max_peers x landing_slots slots."""
+        256 peers: 16 each), and a landing ring (when one is needed) holds max_peers x landing_slots slots.
+        peer_timeout_s: a connected peer that sends nothing at all (no message, write or heartbeat) for this long is
+        lost (PeerLost naming the silence; it is told with a BYE): its host may be down or cut off, or its process
+        stopped. Heartbeats go to every connected peer every peer_timeout_s / 4; a peer whose own interval is longer
+        is given 4 of its intervals. 0 turns them off (peers then do not judge this agent's silence); None reads
+        KVXFER_PEER_TIMEOUT_S (default 30)."""
         opts = _C.AgentOptions()
         opts.name = name or f"kvxfer-{os.getpid()}"
         transport = transport or envs.get("KVXFER_TRANSPORT")
@@ -192,6 +203,11 @@ class Agent:
                                   f"{landing_slot_bytes}")
         opts.landing, opts.landing_slots, opts.landing_slot_bytes = landing, int(landing_slots), int(landing_slot_bytes)
         opts.max_peers = _max_peers(max_peers)
+        timeout = float(peer_timeout_s if peer_timeout_s is not None else envs.get("KVXFER_PEER_TIMEOUT_S"))
+        if timeout != 0 and not 0.2 <= timeout <= 3600:
+            source = "peer_timeout_s" if peer_timeout_s is not None else "KVXFER_PEER_TIMEOUT_S"
+            raise InvalidArgument(f"{source}={timeout}: use 0 (no heartbeat) or 0.2 to 3600 seconds")
+        opts.peer_timeout_s = timeout
         self._c = _C.Agent(opts)
         self._pools: dict[str, Pool] = {}
         self._peers: dict[int, Peer] = {}

@@ -17,6 +17,8 @@ ENV_VARS = {
                                               "(read by the C++ core)"),
     "KVXFER_MAX_PEERS": ("int", "32", "peers an Agent can hold at once, a power of two from 1 to 1024; each gets "
                                       "4096 / max_peers transfers in flight towards it"),
+    "KVXFER_PEER_TIMEOUT_S": ("float", "30", "a connected peer silent this long (no message, write or heartbeat) is "
+                                             "lost; heartbeats every peer_timeout_s / 4; 0: off"),
     "KVXFER_DOORBELL": ("str", "1", "1: same-host peers signal layer completions and control messages through "
                                     "shared-memory rings; 0: through the fabric, like peers on other hosts"),
     "KVXFER_GPU_COPY": ("str", "auto", "GPU batch copies: auto = one gather kernel where the device reaches both "

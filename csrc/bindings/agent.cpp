@@ -51,7 +51,8 @@ void register_agent(py::module_& m) {
       .def_readwrite("landing", &AgentOptions::landing)
       .def_readwrite("landing_slots", &AgentOptions::landing_slots)
       .def_readwrite("landing_slot_bytes", &AgentOptions::landing_slot_bytes)
-      .def_readwrite("max_peers", &AgentOptions::max_peers);
+      .def_readwrite("max_peers", &AgentOptions::max_peers)
+      .def_readwrite("peer_timeout_s", &AgentOptions::peer_timeout_s);
 
   py::class_<LocalRegion>(m, "LocalRegion")
       .def(py::init<uint64_t, uint64_t, int>(), py::arg("addr"), py::arg("nbytes"), py::arg("device") = -1)
@@ -72,6 +73,12 @@ void register_agent(py::module_& m) {
       })
       .def_property_readonly("signals_reason", [](const PeerState& p) { return p.signals_reason; })
       .def_property_readonly("_rx_window", [](const PeerState& p) { return p.rx_window; })
+      .def_property_readonly("silent_s", [](const PeerState& p) {
+        const int64_t at = p.last_heard_ns.load(std::memory_order_relaxed);
+        const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+        return at ? (now - at) / 1e9 : 0.0;  // seconds since anything came from the peer (checked every 10 ms)
+      })
+      .def_property_readonly("heartbeat_ms", [](const PeerState& p) { return p.info.heartbeat_ms; })
       .def_property_readonly("send_window", [](PeerState& p) {
         std::lock_guard<std::mutex> lock(p.mu);
         return p.tx_window_slots;  // transfers we may have in flight towards it (its choice; 0 before its HELLO)
@@ -213,6 +220,8 @@ void register_agent(py::module_& m) {
         d["slots_reclaimed"] = s.slots_reclaimed;
         d["sends_waited_for_slot"] = s.sends_waited_for_slot;
         d["peers_released"] = s.peers_released;
+        d["heartbeats_sent"] = s.heartbeats_sent;
+        d["peers_silent"] = s.peers_silent;
         d["slot_violations"] = s.slot_violations;
         d["idle_waits"] = s.idle_waits;
         d["cma_jobs"] = s.cma_jobs;

@@ -140,6 +140,10 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   info_.name = options_.name;
   info_.epoch = random_u64();
   info_.pid = static_cast<uint32_t>(getpid());
+  KVXFER_CHECK(options_.peer_timeout_s == 0 || (options_.peer_timeout_s >= 0.2 && options_.peer_timeout_s <= 3600),
+               InvalidArgument,
+               "peer_timeout_s=" << options_.peer_timeout_s << ": use 0 (no heartbeat) or 0.2 to 3600 seconds");
+  info_.heartbeat_ms = static_cast<uint32_t>(options_.peer_timeout_s * 1000 / 4);
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
   info_.hostname = host;
@@ -334,6 +338,8 @@ AgentStats Agent::stats() const {
   s.slots_reclaimed = counters_.slots_reclaimed;
   s.sends_waited_for_slot = counters_.sends_waited_for_slot;
   s.peers_released = counters_.peers_released;
+  s.heartbeats_sent = counters_.heartbeats_sent;
+  s.peers_silent = counters_.peers_silent;
   s.slot_violations = counters_.slot_violations;
   s.idle_waits = counters_.idle_waits;
   s.cma_jobs = counters_.cma_jobs;
@@ -720,8 +726,9 @@ void Agent::drain_peer(const std::shared_ptr<PeerState>& peer, double drain_s, c
 // Ends a peer whose process may still run. Tell it first (BYE goes out even though the peer is lost by then), so
 // a live peer fails its transfers with us and posts nothing more instead of writing on until its deadlines; its
 // ended recvs' writes_over is settled later (settle_removed_recvs).
-void Agent::end_live_peer(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why) {
-  post_command(bye_command(peer, kByeRemoved));
+void Agent::end_live_peer(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why,
+                          ByeReason reason) {
+  post_command(bye_command(peer, reason));
   mark_peer_lost(*peer, kind, why, /*writes_over_now=*/false);
 }
 

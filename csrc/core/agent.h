@@ -51,6 +51,9 @@ struct AgentOptions {
   // Peers this agent can hold at once (a power of two, 1..1024): each gets a window of kMaxSlots / max_peers
   // transfers in flight towards us (core/imm.h), so more peers means fewer transfers in flight per peer.
   uint32_t max_peers = ImmCode::kDefaultMaxPeers;
+  // A connected peer we hear nothing from (message, write or PING) for this long is lost: its host may be down or
+  // partitioned, or its process stalled. PINGs go out every peer_timeout_s / 4. 0: no heartbeat.
+  double peer_timeout_s = 30.0;
 };
 
 // The path a send from one of our pools to one of a peer's pools would take, and why (what it costs).
@@ -84,6 +87,8 @@ struct AgentStats {
   uint64_t slots_reclaimed = 0;   // sender: slots of failed transfers handed back by the receiver
   uint64_t sends_waited_for_slot = 0;  // sender: sends made while the peer's whole window was in flight
   uint64_t peers_released = 0;    // lost peers whose connection the transport closed (release_lost_peer)
+  uint64_t heartbeats_sent = 0;   // PINGs queued to connected peers
+  uint64_t peers_silent = 0;      // peers lost because nothing came from them for peer_timeout_s
   uint64_t slot_violations = 0;   // receiver: an aborted slot got more granules than its sender posted
   uint64_t idle_waits = 0;        // times the progress thread blocked on its CQ fds (0: it never does)
   uint64_t cma_jobs = 0;          // CMA copies run in parallel on the worker threads
@@ -216,7 +221,8 @@ class Agent {
   void say_goodbye(std::chrono::milliseconds limit);  // destructor: BYE to every connected peer, bounded
   static Command bye_command(const std::shared_ptr<PeerState>& peer, ByeReason reason);
   void post_commands(std::vector<Command> cmds);
-  void end_live_peer(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why);
+  void end_live_peer(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why,
+                     ByeReason reason = kByeRemoved);
   void drain_peer(const std::shared_ptr<PeerState>& peer, double drain_s, const std::string& why);
 
   // progress thread (agent_progress.cpp)
@@ -340,6 +346,7 @@ class Agent {
   void grant_slots(PeerState& peer);  // peer.mu held
   void fail_slot_waiters_past_deadline(PeerState& peer, Clock::time_point now);
   void release_lost_peer(PeerState& peer);
+  void heartbeat(const std::vector<std::shared_ptr<PeerState>>& peers, Clock::time_point now);
   std::vector<bool> same_host_peers_gone(const std::vector<std::shared_ptr<PeerState>>& peers);
 
   std::mutex cmd_mu_;
@@ -384,12 +391,14 @@ class Agent {
   std::vector<std::shared_ptr<SendState>> draining_;         // failed sends to lost peers, not yet drained here
   std::atomic<bool> has_draining_{false};
   Clock::time_point next_deadline_check_;
+  Clock::time_point next_heartbeat_, last_heartbeat_check_;  // progress thread
   struct Counters {
     std::atomic<uint64_t> writes_posted{0}, imms_received{0}, eagain{0}, dropped_messages{0}, unknown_imms{0};
     std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0}, idle_waits{0}, cma_jobs{0}, aborts_deferred{0};
     std::atomic<uint64_t> doorbell_sent{0}, doorbell_received{0}, doorbell_wakes{0};
     std::atomic<uint64_t> landings{0}, landing_rejected{0}, landing_waits{0}, gpu_layer_launches{0};
     std::atomic<uint64_t> ipc_pools_mapped{0}, sends_waited_for_slot{0}, peers_released{0};
+    std::atomic<uint64_t> heartbeats_sent{0}, peers_silent{0};
   } counters_;
 
   std::atomic<bool> stop_{false};

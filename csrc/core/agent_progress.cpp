@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <sstream>
 
 #include "core/agent.h"
 #include "core/plan.h"
@@ -546,6 +547,7 @@ void Agent::on_doorbell_items(uint32_t w, const DoorbellItem* items, size_t n) {
     owner = window_owner_[w].lock();
   }
   counters_.doorbell_received += n;
+  if (owner) owner->heard += n;
   for (size_t i = 0; i < n; ++i) {
     const DoorbellItem& it = items[i];
     if (it.kind == DoorbellEntry::kImm) {
@@ -627,6 +629,7 @@ void Agent::on_remote_data(uint32_t imm) {
     counters_.unknown_imms++;  // no peer owns that window: its writes cannot be attributed, so nothing counts them
     return;
   }
+  peer->heard++;
   if (ImmCode::granules(imm) == 0) on_landing(peer, imm);  // a batch in a landing slot, counted once copied
   else count_imm(peer, imm);
 }
@@ -753,7 +756,9 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     counters_.dropped_messages++;
     return;
   }
+  peer->heard++;
   switch (type) {
+    case ControlType::Ping: break;  // "still here": counted above
     case ControlType::Begin: on_begin(*peer, m); break;
     case ControlType::Release: on_release(*peer, m); break;
     case ControlType::Abort: on_abort(*peer, m); break;
@@ -766,6 +771,9 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
                      "peer '" + peer->info.name +
                          (m.xfer_id == kByeClosed
                               ? "' closed its agent (Agent.close, or its process shut down); transfers with it ended"
+                          : m.xfer_id == kByeSilent
+                              ? "' heard nothing from this agent for its peer_timeout_s and ended transfers with it "
+                                "(was this process stopped or starved of CPU, or the network between cut?)"
                               : "' removed this agent (its remove_peer, or it met a newer agent under this name); "
                                 "transfers with it ended"),
                      false);
@@ -1137,6 +1145,7 @@ void Agent::check_deadlines() {
     for (auto& [epoch, p] : peers_by_epoch_) peers.push_back(p);
   }
   for (auto& p : peers) fail_slot_waiters_past_deadline(*p, now);
+  heartbeat(peers, now);
   const std::vector<bool> gone = same_host_peers_gone(peers);
   for (size_t i = 0; i < peers.size(); ++i) {
     auto& p = peers[i];
@@ -1206,6 +1215,46 @@ void Agent::release_lost_peer(PeerState& peer) {
   }
   peer.transport_released = true;
   counters_.peers_released++;
+}
+
+// Every peer_timeout_s / 4 a PING to each connected peer; a connected peer that sent nothing at all (no message,
+// write or PING) for peer_timeout_s is ended like a removed one (BYE saying why, its transfers fail with PeerLost):
+// a host that lost power or its network sends no FIN, and without this only each transfer's deadline noticed,
+// while an idle peer looked healthy for hours (TCP keepalive). Peers that never PING (heartbeat_ms 0) are not
+// judged; a peer whose interval is long gets 4 of them.
+void Agent::heartbeat(const std::vector<std::shared_ptr<PeerState>>& peers, Clock::time_point now) {
+  if (options_.peer_timeout_s <= 0) return;
+  const auto interval = std::chrono::milliseconds(info_.heartbeat_ms);
+  // A check that came late means this process stalled (stopped, swapped, starved): it cannot tell who went silent
+  // meanwhile, so everyone starts over from now.
+  const bool stalled = last_heartbeat_check_ != Clock::time_point{} && now - last_heartbeat_check_ > interval;
+  last_heartbeat_check_ = now;
+  const bool ping = now >= next_heartbeat_;
+  if (ping) next_heartbeat_ = now + interval;
+  const int64_t now_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch()).count();
+  for (const auto& p : peers) {
+    if (p->lost || !p->connected) continue;
+    if (ping) {
+      queue_control(*p, ControlType::Ping, 0, 0);
+      counters_.heartbeats_sent++;
+    }
+    if (p->heard != p->heard_seen || stalled || p->last_heard_ns.load(std::memory_order_relaxed) == 0) {
+      p->heard_seen = p->heard;
+      p->last_heard_ns.store(now_ns, std::memory_order_relaxed);
+      continue;
+    }
+    if (p->info.heartbeat_ms == 0) continue;
+    const double limit = std::max(options_.peer_timeout_s, 4.0 * p->info.heartbeat_ms / 1000.0);
+    const double silent = static_cast<double>(now_ns - p->last_heard_ns.load(std::memory_order_relaxed)) / 1e9;
+    if (silent < limit) continue;
+    counters_.peers_silent++;
+    std::ostringstream why;
+    why.precision(3);
+    why << "peer '" << p->info.name << "' sent nothing for " << silent << " s (no heartbeat, message or write; "
+        << "peer_timeout_s=" << limit << "): its host may be down or cut off, or its process stopped or starved; "
+        << "transfers with it ended";
+    end_live_peer(p, ErrorKind::PeerLost, why.str(), kByeSilent);
+  }
 }
 
 // Which live same-host peers' processes are gone: one poll() over their pidfds (this runs every 10 ms; reading

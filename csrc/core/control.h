@@ -26,15 +26,16 @@ namespace kvxfer {
 // BYE: the sender removed the receiver (remove_peer, or a newer agent under its name appeared); the receiver ends
 // its transfers with it and posts nothing more.
 enum class ControlType : uint16_t {
-  Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5, Landed = 6, Bye = 7, Cancel = 8, CancelAck = 9
+  Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5, Landed = 6, Bye = 7, Cancel = 8, CancelAck = 9,
+  Ping = 10  // heartbeat: says only "still here" (AgentInfo::heartbeat_ms)
 };
 
 // BYE carries why in its xfer_id field (peers that predate this read any BYE as a removal).
-enum ByeReason : uint64_t { kByeRemoved = 0, kByeClosed = 1 };
+enum ByeReason : uint64_t { kByeRemoved = 0, kByeClosed = 1, kByeSilent = 2 };
 
 struct ControlMessage {
   static constexpr uint32_t kMagic = 0x4b584331;  // "1CXK"
-  static constexpr uint16_t kVersion = 5;  // 2: ABORT total, ABORT_ACK; 3: LANDED; 4: BYE; 5: CANCEL(_ACK)
+  static constexpr uint16_t kVersion = 6;  // 2: ABORT total, ABORT_ACK; 3: LANDED; 4: BYE; 5: CANCEL(_ACK); 6: PING
   uint32_t magic = kMagic;
   uint16_t version = kVersion;
   uint16_t type = 0;

@@ -147,6 +147,7 @@ std::vector<uint8_t> encode_agent_info(const AgentInfo& a) {
   w.put(a.landing_slots);
   w.put(a.landing_slot_bytes);
   w.bytes(a.transport_keys.data(), a.transport_keys.size());
+  w.put(a.heartbeat_ms);
   w.put<uint32_t>(static_cast<uint32_t>(a.pools.size()));
   for (const auto& p : a.pools) {
     w.str(p.name);
@@ -233,6 +234,9 @@ AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes) {
   a.landing_slots = r.get<uint32_t>("landing slots");
   a.landing_slot_bytes = r.get<uint64_t>("landing slot bytes");
   a.transport_keys = r.bytes("transport keys", kMaxTransportKeys);
+  a.heartbeat_ms = r.get<uint32_t>("heartbeat interval");
+  KVXFER_CHECK(a.heartbeat_ms <= 3600u * 1000, MetadataError,
+               "peer metadata: heartbeat every " << a.heartbeat_ms << " ms is out of range");
   KVXFER_CHECK(a.landing_slots <= kLandingMaxSlotsPerPeer &&
                    (a.landing_slots == 0 || (a.landing_slot_bytes >= kLandingDataOffset + 4096 &&
                                              a.landing_slot_bytes <= (1ull << 30))),

@@ -13,9 +13,9 @@
 
 namespace kvxfer {
 
-constexpr uint16_t kMetadataVersion = 7;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell;
+constexpr uint16_t kMetadataVersion = 8;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell;
                                           // 5: landing slots; 6: layouts carry their KV head range and order;
-                                          // 7: transport keys (UCX's packed rkeys)
+                                          // 7: transport keys (UCX's packed rkeys); 8: heartbeat interval
 
 struct RemoteRegion {
   uint64_t addr = 0;    // virtual address in the owner's process
@@ -67,6 +67,8 @@ struct AgentInfo {
   // Remote keys that do not fit the 64-bit rkey fields (Transport::exported_keys: UCX's packed rkeys, keyed by the
   // 64-bit values those fields carry); empty for libfabric.
   std::vector<uint8_t> transport_keys;
+  // How often this agent sends each connected peer a PING (0: never; peers then cannot tell it went silent).
+  uint32_t heartbeat_ms = 0;
   std::vector<PoolInfo> pools;
 
   // Hash over every pool's layout fingerprint: a quick "same model shard" check for engines.

@@ -117,6 +117,10 @@ struct PeerState {
   std::string lost_reason;
   Clock::time_point lost_at;     // guarded by mu
   bool transport_released = false;  // progress thread: the transport dropped its connection (release_lost_peer)
+  // Heartbeat (progress thread): `heard` counts what came from the peer (messages, immediates, doorbell entries);
+  // each check that finds it moved stamps last_heard (steady-clock ns, read by Peer.silent_s).
+  uint64_t heard = 0, heard_seen = 0;
+  std::atomic<int64_t> last_heard_ns{0};
 
   std::mutex mu;
   // sender side: the slots of the window the peer gave us in its HELLO (empty until then)
