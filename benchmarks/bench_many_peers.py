@@ -31,6 +31,7 @@ def child(transport: str, n_peers: int, rounds: int) -> None:
 
     import kvxfer
     from benchmarks.agent_pair import transfer_seconds
+    from tests.conftest import fan_in
     from tests.reference import make_pool
 
     layout = kvxfer.KVLayout.vllm_flash(4, 2 * TRANSFERS_PER_ROUND + 8, 16, 2, 32, "float16")
@@ -38,16 +39,7 @@ def child(transport: str, n_peers: int, rounds: int) -> None:
     t0 = time.perf_counter()
     receiver = kvxfer.Agent("mp-r", transport=transport, interface="lo", timeout_s=60, max_peers=max_peers)
     receiver.register_pool(make_pool(layout, 1), layout)
-    senders, to_receiver, at_receiver = [], [], []
-    for i in range(n_peers):
-        s = kvxfer.Agent(f"mp-s{i}", transport=transport, interface="lo", timeout_s=60)
-        s.register_pool(make_pool(layout, 100 + i), layout)
-        to_receiver.append(s.add_peer(receiver.metadata()))
-        at_receiver.append(receiver.add_peer(s.metadata()))
-        senders.append(s)
-    for s, pr, ps in zip(senders, to_receiver, at_receiver):
-        s.wait_connected(pr, 60)
-        receiver.wait_connected(ps, 60)
+    senders, _, to_receiver, at_receiver = fan_in(receiver, n_peers, transport, layout, "mp", 100, 60.0, 60.0)
     connect_s = time.perf_counter() - t0
     nbytes = TRANSFERS_PER_ROUND * 2 * 2 * layout.num_layers * layout.chunk_bytes
     xfer, times = 0, []
@@ -102,10 +94,11 @@ def main() -> int:
         base = None
         for n in counts:
             print(f"{transport}: {n} peer(s)...", flush=True)
-            cmd = [sys.executable, __file__, "--child", transport, str(n), str(a.rounds)]
+            cmd = [sys.executable, "-X", "faulthandler", __file__, "--child", transport, str(n), str(a.rounds)]
             out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=900)
             if out.returncode != 0:
-                raise SystemExit(f"{transport} with {n} peers failed: {out.stderr[-2000:]}")
+                raise SystemExit(f"{transport} with {n} peers failed (exit status {out.returncode}): "
+                                 f"{out.stderr[-2000:]} {out.stdout[-500:]}")
             row = {"transport": transport, "peers": n, **json.loads(out.stdout.strip().splitlines()[-1])}
             base = base or row
             row["ratio_to_1_peer"] = row["gbps"] / base["gbps"]

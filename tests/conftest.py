@@ -137,6 +137,26 @@ def local_pair(layout, transport="tcp", names=("sender", "receiver"), seeds=(11,
     return a, b, peer_b, peer_a, src, dst
 
 
+def fan_in(receiver, n, transport, layout, name="fan-in", seed=1000, timeout_s=30.0, connect_timeout_s=20.0):
+    """n sender agents in this process, each with a pool of `layout` seeded seed + i, connected both ways to
+    `receiver`. Returns (senders, their pools, each sender's peer for the receiver, the receiver's peer for each)."""
+    import kvxfer
+    from tests.reference import make_pool
+
+    senders, pools, to_receiver, at_receiver = [], [], [], []
+    for i in range(n):
+        s = kvxfer.Agent(f"{name}-s{i}", transport=transport, interface="lo", timeout_s=timeout_s)
+        pools.append(make_pool(layout, seed + i))
+        s.register_pool(pools[-1], layout)
+        to_receiver.append(s.add_peer(receiver.metadata()))
+        at_receiver.append(receiver.add_peer(s.metadata()))
+        senders.append(s)
+    for s, pr, ps in zip(senders, to_receiver, at_receiver):
+        s.wait_connected(pr, connect_timeout_s)
+        receiver.wait_connected(ps, connect_timeout_s)
+    return senders, pools, to_receiver, at_receiver
+
+
 def assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, xfer_id, src_ids, dst_ids):
     """Moves src_ids -> dst_ids over every layer of a local_pair and checks the destination pool against the numpy
     reference: addressed chunks equal the source, every other byte untouched. Returns the finished recv."""

@@ -12,7 +12,7 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import assert_exact_transfer, local_pair
+from tests.conftest import assert_exact_transfer, fan_in, local_pair
 from tests.reference import PRESETS, apply, make_pool
 
 SMALL = kvxfer.KVLayout.vllm_flash(2, 64, 4, 2, 16, "float16")  # 64 blocks of 256 B per (layer, plane)
@@ -27,17 +27,7 @@ def test_forty_senders_into_one_receiver_each_land_exactly(transport):
     dst = make_pool(SMALL, 900)
     receiver.register_pool(dst, SMALL)
     expected = [x.copy() for x in dst]
-    senders, pools, peers_at_receiver, peers_of_receiver = [], [], [], []
-    for i in range(40):
-        s = kvxfer.Agent(f"many-s{i}", transport=transport, interface="lo", timeout_s=30)
-        pools.append(make_pool(SMALL, 1000 + i))
-        s.register_pool(pools[-1], SMALL)
-        peers_of_receiver.append(s.add_peer(receiver.metadata()))
-        peers_at_receiver.append(receiver.add_peer(s.metadata()))
-        senders.append(s)
-    for s, pr, ps in zip(senders, peers_of_receiver, peers_at_receiver):
-        s.wait_connected(pr, 20)
-        receiver.wait_connected(ps, 20)
+    senders, pools, peers_of_receiver, peers_at_receiver = fan_in(receiver, 40, transport, SMALL, "many")
     assert sorted(p._h._rx_window for p in peers_at_receiver) == list(range(40))
     assert {p.send_window for p in peers_of_receiver} == {64}
     recvs, sends = [], []
