@@ -158,7 +158,8 @@ class Agent:
         device) before counting it. "always" reaches every pool that way (to test or measure the pipeline).
         max_peers: peers this agent can hold at once, a power of two from 1 to 1024; None reads KVXFER_MAX_PEERS
         (default 32). Every peer gets 4096 / max_peers transfers in flight towards this agent (32 peers: 128 each;
-        256 peers: 16 each), and a landing ring (when one is needed) holds max_peers x landing_slots slots.
+        256 peers: 16 each), and a landing ring (when one is needed) holds max_peers x landing_slots slots (at most
+        16 GiB in all: a larger product is refused here).
         peer_timeout_s: a connected peer that sends nothing at all (no message, write or heartbeat) for this long is
         lost (PeerLost naming the silence; it is told with a BYE): its host may be down or cut off, or its process
         stopped. Heartbeats go to every connected peer every peer_timeout_s / 4; a peer whose own interval is longer

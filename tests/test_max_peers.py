@@ -141,3 +141,15 @@ def test_max_peers_from_the_environment(monkeypatch):
     assert (agent.max_peers, agent.transfers_per_peer) == (1024, 4)
     agent.close()
     assert kvxfer.Agent("arg-wins", transport="tcp", interface="lo", max_peers=1).transfers_per_peer == 4096
+
+
+def test_a_landing_ring_too_large_for_max_peers_is_refused_at_creation():
+    """The landing ring (max_peers x landing_slots x landing_slot_bytes) is pinned and registered whole when a pool
+    first needs it; a product past 16 GiB is refused when the Agent is made, naming the three factors."""
+    with pytest.raises(errors.InvalidArgument, match=r"landing ring of max_peers x landing_slots x landing_slot_bytes "
+                                                     r"= 1024 x 64 x 1048576 bytes \(65536 MiB\) is more than the 16 GiB"):
+        kvxfer.Agent("ring-big", transport="tcp", interface="lo", max_peers=1024, landing_slots=64,
+                     landing_slot_bytes=1 << 20)
+    agent = kvxfer.Agent("ring-ok", transport="tcp", interface="lo", max_peers=1024)  # 1024 x 4 x 256 KiB = 1 GiB
+    assert agent.landing() is None  # nothing allocated until a pool needs landing
+    agent.close()

@@ -37,6 +37,7 @@ namespace {
 
 // The signal pad's fabric key: pool regions use ((pool + 1) << 16) | region, so this one never collides.
 constexpr uint64_t kSignalPadKey = 0xFFFF;
+constexpr uint64_t kLandingRingMaxBytes = uint64_t{16} << 30;
 
 std::string read_first_line(const char* path) {
   std::ifstream f(path);
@@ -119,6 +120,14 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
                "max_peers=" << options_.max_peers << ": use a power of two from 1 to " << ImmCode::kMaxPeersLimit
                             << " (each peer gets " << ImmCode::kMaxSlots << " / max_peers transfers in flight)");
   window_slots_ = ImmCode::kMaxSlots / options_.max_peers;
+  // The landing ring is pinned and registered whole the first time a pool needs it: refuse a size that would fail
+  // (or take the host's memory) then, naming the product, now.
+  const uint64_t ring = uint64_t{options_.max_peers} * options_.landing_slots * options_.landing_slot_bytes;
+  KVXFER_CHECK(ring <= kLandingRingMaxBytes, InvalidArgument,
+               "a landing ring of max_peers x landing_slots x landing_slot_bytes = "
+                   << options_.max_peers << " x " << options_.landing_slots << " x " << options_.landing_slot_bytes
+                   << " bytes (" << (ring >> 20) << " MiB) is more than the " << (kLandingRingMaxBytes >> 30)
+                   << " GiB kvxfer allows; lower landing_slots or landing_slot_bytes, or max_peers");
   window_owner_.resize(options_.max_peers);
   KVXFER_CHECK(options_.staging == "auto" || options_.staging == "always", InvalidArgument,
                "staging='" << options_.staging << "': choose auto or always");
