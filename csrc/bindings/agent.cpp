@@ -198,8 +198,7 @@ void register_agent(py::module_& m) {
       .def_property_readonly("rails", [](const Agent& a) { return a.capabilities().num_rails; })
       .def_property_readonly("cma_threads", &Agent::cma_threads)
       .def_property_readonly("max_peers", [](const Agent& a) { return a.options().max_peers; })
-      .def_property_readonly("transfers_per_peer",
-                             [](const Agent& a) { return ImmCode::kMaxSlots / a.options().max_peers; })
+      .def_property_readonly("transfers_per_peer", &Agent::window_slots)
       .def_property_readonly("_doorbell_fds", [](const Agent& a) {
         return py::make_tuple(a.info().doorbell_fd, a.info().wake_fd);
       })

@@ -884,9 +884,7 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
       counters_.sends_waited_for_slot++;
       return send;
     }
-    send->slot = peer->free_slots.back();
-    peer->free_slots.pop_back();
-    peer->send_by_slot[send->slot] = send;
+    peer->take_slot(send);
   }
   post_command(Command{Command::Kind::NewSend, send, 0, nullptr, {}});
   return send;

@@ -159,6 +159,7 @@ class Agent {
   const AgentInfo& info() const { return info_; }
   const Capabilities& capabilities() const { return transport_->capabilities(); }
   const AgentOptions& options() const { return options_; }
+  uint32_t window_slots() const { return window_slots_; }  // transfers each peer may have in flight towards us
   unsigned cma_threads() const { return cma_threads_; }  // 0: large CMA copies run on the progress thread
   // Same-host peers can signal us through shared memory; otherwise why not (empty when they can).
   bool has_doorbell() const { return doorbell_ != nullptr; }

@@ -905,9 +905,7 @@ void Agent::grant_slots(PeerState& peer) {
     std::shared_ptr<SendState> send = std::move(peer.slot_waiters.front());
     peer.slot_waiters.pop_front();
     send->waiting_for_slot = false;
-    send->slot = peer.free_slots.back();
-    peer.free_slots.pop_back();
-    peer.send_by_slot[send->slot] = send;
+    peer.take_slot(send);
     post_command(Command{Command::Kind::NewSend, send, 0, nullptr, {}});
   }
 }

@@ -168,6 +168,13 @@ struct PeerState {
   std::vector<uint8_t> landing_busy;
 
 
+  // Hands `send` a free slot of our window (mu held; free_slots not empty).
+  void take_slot(const std::shared_ptr<SendState>& send) {
+    send->slot = free_slots.back();
+    free_slots.pop_back();
+    send_by_slot[send->slot] = send;
+  }
+
   // A slot returns to the free list once (RELEASE or ABORT_ACK for a quarantined slot, whichever comes first).
   bool reclaim(uint32_t slot, uint64_t xfer_id) {
     auto it = quarantined.find(slot);
