@@ -12,6 +12,11 @@ _os.environ.setdefault("IPATH_NO_BACKTRACE", "1")
 # A removed or lost peer's hidden rxm connection (tcp, verbs) is closed when the agent drops its address
 # (Agent.release_lost_peer), instead of staying open for the process's lifetime; libfabric reads it at its first use.
 _os.environ.setdefault("FI_AV_REMOVE_CLEANUP", "1")
+# rxm (tcp, verbs) gives every endpoint pools of bounce buffers of this size (~4000 here), touched when it opens:
+# at libfabric's default 16 KiB that is 68 MiB of RSS and 50-250 ms per agent. kvxfer's messages are at most 256
+# bytes and its data goes as RMA writes straight from registered memory (rxm copies only inject writes), so 1 KiB
+# loses nothing and costs 8.5 MiB and ~6 ms (benchmarks/bench_agent_cost.py). Read once, at libfabric's first use.
+_os.environ.setdefault("FI_OFI_RXM_BUFFER_SIZE", "1024")
 
 from kvxfer import errors  # noqa: E402
 from kvxfer.errors import KvxferError  # noqa: E402

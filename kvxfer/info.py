@@ -114,6 +114,8 @@ def collect() -> dict:
     if _C.have_libfabric:
         names = {"tcp": "tcp", "shm": "fi_shm", "efa": "efa", "verbs": "verbs"}
         for name, usable, detail in _C.probe_providers():
+            if usable and "ofi_rxm" in detail:
+                detail += f" (rxm bounce buffers of {os.environ.get('FI_OFI_RXM_BUFFER_SIZE', '16384')} B)"
             transports[names[name]] = (usable, detail)
     else:
         for name in ("tcp", "fi_shm", "efa", "verbs"):
