@@ -290,18 +290,16 @@ Agent::Command Agent::bye_command(const std::shared_ptr<PeerState>& peer, ByeRea
 
 // Destructor only: tells every connected peer we are closing (BYE), so their transfers with us fail now with
 // PeerLost naming the close instead of at their deadlines (a peer on another host has no other way to learn it
-// until its writes fail). Waits at most `limit` for the progress thread to hand the BYEs over.
+// until its writes fail), and how many writes each of our transfers posted (ABORT), so its blocks are known free
+// once those are counted. Waits at most `limit` for the progress thread to hand it all over.
 void Agent::say_goodbye(std::chrono::milliseconds limit) {
-  std::vector<Command> cmds;
+  bool any = false;
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
-    for (auto& [epoch, peer] : peers_by_epoch_) {
-      if (!peer->lost && peer->connected) cmds.push_back(bye_command(peer, kByeClosed));
-    }
+    for (auto& [epoch, peer] : peers_by_epoch_) any = any || !peer->lost;
   }
-  if (cmds.empty() || !progress_.joinable()) return;
-  cmds.push_back(Command{Command::Kind::Goodbye, nullptr, 0, nullptr, {}});
-  post_commands(std::move(cmds));
+  if (!any || !progress_.joinable()) return;
+  post_command(Command{Command::Kind::Goodbye, nullptr, 0, nullptr, {}});
   const auto until = Clock::now() + limit;
   while (!goodbye_sent_.load(std::memory_order_acquire) && Clock::now() < until)
     std::this_thread::sleep_for(std::chrono::microseconds(200));

@@ -303,7 +303,15 @@ class Agent {
   CmaWorkers* cma_workers();                  // nullptr when copies run on the progress thread
   // writes_over_now: the peer's process is gone (or replaced), so nothing it posted can still land; false for a
   // peer that was removed while it may live (its recvs' writes_over then waits for the process to be seen gone).
-  void mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why, bool writes_over_now = true);
+  // totals_sent: its BYE said every transfer of its with a slot here had its ABORT first (kByeTotalsSent), so an
+  // ended recv is settled by counting: at once if no slot still waits for its writes, else when that slot's total
+  // is counted.
+  void mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why, bool writes_over_now = true,
+                      bool totals_sent = false);
+  std::vector<std::shared_ptr<RecvState>> settle_by_totals(PeerState& peer,
+                                                           std::vector<std::shared_ptr<RecvState>>& recvs);
+  void begin_goodbye();        // progress thread, closing: fail every live send (ABORTs), then the BYEs
+  bool queue_goodbyes(bool force);  // the BYEs of peers with no ABORT still deferred (all of them when force)
   void settle_removed_recvs(PeerState& peer);
   void queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, uint32_t slot, uint32_t first_layer = 0,
                      uint32_t num_layers = 0, uint32_t granules = 0);
@@ -355,7 +363,11 @@ class Agent {
   std::shared_ptr<EndSignal> ends_ = std::make_shared<EndSignal>();
   int wake_fd_ = -1;                // eventfd: commands end the progress thread's blocking wait on the CQ fds
   std::vector<int> cq_fds_;         // the transport's wait fds (empty: it has none; idle means short sleeps)
+  bool closing_ = false;                    // progress thread: begin_goodbye ran (ABORTs say kAbortClosing)
   bool goodbye_queued_ = false;             // progress thread: the closing agent's BYEs are in the outbox
+  // progress thread, closing: peers whose BYE waits (until goodbye_wait_until_) for ABORTs deferred behind copies
+  std::vector<std::shared_ptr<PeerState>> goodbye_pending_;
+  Clock::time_point goodbye_wait_until_{};
   std::atomic<bool> goodbye_sent_{false};   // ... and all left it (handed to the transport or a doorbell ring)
   bool woke_on_cq_ = false;         // the last blocking wait ended because a CQ fd was readable
   uint32_t idle_cq_wakes_ = 0;      // such wakes in a row after which the loop found nothing to do

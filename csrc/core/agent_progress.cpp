@@ -63,6 +63,10 @@ bool process_gone(pid_t pid) {
 
 }  // namespace
 
+// Why transfers with a peer that closed its agent ended (its BYE, or the ABORTs before it), after the peer's name.
+constexpr const char* kClosedItsAgent =
+    "' closed its agent (Agent.close, or its process shut down); transfers with it ended";
+
 void Agent::progress_loop() {
   pthread_setname_np(pthread_self(), "kvxfer-progress");  // what top, gdb and /proc show for this thread
   uint32_t idle = 0;
@@ -73,7 +77,8 @@ void Agent::progress_loop() {
       std::lock_guard<std::mutex> domain(transport_mu_);
       busy |= run_commands();
       busy |= flush_control();
-      if (goodbye_queued_ && std::none_of(outbox_.begin(), outbox_.end(), [](const auto& e) {
+      if (!goodbye_pending_.empty()) busy |= queue_goodbyes(Clock::now() >= goodbye_wait_until_);
+      if (goodbye_queued_ && goodbye_pending_.empty() && std::none_of(outbox_.begin(), outbox_.end(), [](const auto& e) {
             return e.second.type == static_cast<uint16_t>(ControlType::Bye);
           }))
         goodbye_sent_.store(true, std::memory_order_release);
@@ -224,7 +229,8 @@ bool Agent::run_commands() {
       case Command::Kind::CancelRecv:
         cancel_recv_now(*c.peer, c.recv);
         break;
-      case Command::Kind::Goodbye:  // after the BYEs it follows: they are in the outbox now
+      case Command::Kind::Goodbye:
+        begin_goodbye();
         goodbye_queued_ = true;
         break;
     }
@@ -773,13 +779,13 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
       mark_peer_lost(*peer, ErrorKind::PeerLost,
                      "peer '" + peer->info.name +
                          (m.xfer_id == kByeClosed
-                              ? "' closed its agent (Agent.close, or its process shut down); transfers with it ended"
+                              ? kClosedItsAgent
                           : m.xfer_id == kByeSilent
                               ? "' heard nothing from this agent for its peer_timeout_s and ended transfers with it "
                                 "(was this process stopped or starved of CPU, or the network between cut?)"
                               : "' removed this agent (its remove_peer, or it met a newer agent under this name); "
                                 "transfers with it ended"),
-                     false);
+                     false, m.xfer_id == kByeClosed && m.num_layers == kByeTotalsSent);
       break;
     default: counters_.dropped_messages++;
   }
@@ -866,10 +872,16 @@ void Agent::on_abort(PeerState& peer, const ControlMessage& m) {
   s.xfer_id = m.xfer_id;
   s.abort_total_known = true;
   s.abort_total = m.posted_total();
-  const std::string why = "the sender abandoned transfer " + std::to_string(m.xfer_id) +
-                          " (it failed or timed out on the sending side); its blocks may be partly written";
-  if (s.recv) s.recv->fail(ErrorKind::TransferFailed, why);
-  if (auto it = peer.waiting_recvs.find(m.xfer_id); it != peer.waiting_recvs.end()) it->second->fail(ErrorKind::TransferFailed, why);
+  const bool closing = m.first_layer == kAbortClosing;
+  const ErrorKind kind = closing ? ErrorKind::PeerLost : ErrorKind::TransferFailed;
+  const std::string why = closing ? "peer '" + peer.info.name + kClosedItsAgent
+                                  : "the sender abandoned transfer " + std::to_string(m.xfer_id) +
+                                        " (it failed or timed out on the sending side); its blocks may be partly written";
+  if (s.recv) s.recv->fail(kind, why);
+  if (auto it = peer.waiting_recvs.find(m.xfer_id); it != peer.waiting_recvs.end()) {
+    it->second->fail(kind, why);
+    s.watch(it->second);  // its writes (granules can come before the BEGIN) are over when the total is counted
+  }
   if (!s.recv && !peer.waiting_recvs.count(m.xfer_id)) remember_abandoned(peer, m.xfer_id, m.slot);
   peer.waiting_recvs.erase(m.xfer_id);
   peer.live_recvs.erase(m.xfer_id);
@@ -1022,7 +1034,8 @@ void Agent::fail_send(const std::shared_ptr<SendState>& owner, ErrorKind kind, c
 void Agent::queue_abort(SendState& send) {
   ControlMessage total;  // only its two count fields: the 64-bit total, encoded the way on_abort decodes it
   total.set_posted_total(send.granules_posted);
-  queue_control(*send.peer, ControlType::Abort, send.xfer_id, send.slot, 0, total.num_layers, total.granules_per_layer);
+  queue_control(*send.peer, ControlType::Abort, send.xfer_id, send.slot, closing_ ? kAbortClosing : 0,
+                total.num_layers, total.granules_per_layer);
 }
 
 bool Agent::copies_landed(const SendState& send) {
@@ -1066,6 +1079,47 @@ bool Agent::settle_draining() {
   return any;
 }
 
+void Agent::begin_goodbye() {
+  closing_ = true;
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    // Not only connected peers: one whose HELLO to us is still on its way may already count us as connected (it
+    // had ours) and be waiting on us; its BYE goes once the HELLO arrived (messages wait for it), within the limit.
+    for (auto& [epoch, peer] : peers_by_epoch_)
+      if (!peer->lost) goodbye_pending_.push_back(peer);
+  }
+  for (auto& peer : goodbye_pending_) {
+    std::vector<std::shared_ptr<SendState>> sends;
+    {
+      std::lock_guard<std::mutex> lock(peer->mu);
+      for (auto& [id, s] : peer->live_sends) sends.push_back(s);
+    }
+    for (auto& s : sends) fail_send(s, ErrorKind::PeerLost, "the local agent was closed");  // ABORT with its total
+  }
+  // An ABORT behind a copy still running into the peer goes once the copy landed; its BYE waits for it, briefly
+  // (the destructor waits 250 ms in all).
+  goodbye_wait_until_ = Clock::now() + std::chrono::milliseconds(150);
+  queue_goodbyes(false);
+}
+
+bool Agent::queue_goodbyes(bool force) {
+  size_t keep = 0;
+  bool any = false;
+  for (auto& peer : goodbye_pending_) {
+    const bool deferred = std::any_of(deferred_aborts_.begin(), deferred_aborts_.end(),
+                                      [&](const auto& s) { return s->peer == peer; });
+    if (deferred && !force) {
+      goodbye_pending_[keep++] = std::move(peer);
+      continue;
+    }
+    // After this peer's ABORTs in the outbox (one order per peer): with none deferred, every total went before it.
+    queue_control(*peer, ControlType::Bye, kByeClosed, 0, 0, deferred ? 0 : kByeTotalsSent);
+    any = true;
+  }
+  goodbye_pending_.resize(keep);
+  return any;
+}
+
 bool Agent::flush_deferred_aborts() {
   if (deferred_aborts_.empty()) return false;
   size_t keep = 0;
@@ -1082,9 +1136,10 @@ bool Agent::flush_deferred_aborts() {
   return any;
 }
 
-void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why, bool writes_over_now) {
+void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& why, bool writes_over_now,
+                           bool totals_sent) {
   std::vector<std::shared_ptr<SendState>> sends;
-  std::vector<std::shared_ptr<RecvState>> recvs;
+  std::vector<std::shared_ptr<RecvState>> recvs, settled;
   {
     std::lock_guard<std::mutex> lock(peer.mu);
     if (peer.lost.exchange(true)) return;
@@ -1095,7 +1150,11 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     peer.quarantined.clear();
     peer.slot_waiters.clear();  // among the live sends: they fail below, having posted nothing
     recvs = peer.unsettled_recvs();  // the failed and cancelled ones among them: only writes_over is left
-    peer.slots.for_each([](SlotCounter& slot) { slot.watchers.clear(); });
+    if (!writes_over_now && totals_sent) {
+      settled = settle_by_totals(peer, recvs);  // recvs: those whose slot has no total to count towards
+    } else {
+      peer.slots.for_each([](SlotCounter& slot) { slot.watchers.clear(); });
+    }
     peer.live_sends.clear();
     peer.live_recvs.clear();
     peer.waiting_recvs.clear();
@@ -1111,6 +1170,33 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     if (writes_over_now) r->writes_over = true;  // the sender's process is gone: it posts nothing more
     r->fail(kind, why);
   }
+  for (auto& r : settled) {
+    r->writes_over = true;
+    r->fail(kind, why);
+  }
+}
+
+// A closing peer sent an ABORT with its posted total for every transfer that had a slot here, then its BYE (peer.mu
+// held). A recv that a slot still counts towards such a total stays watched there (told when the count is reached);
+// one no slot watches had nothing posted for it (a write belongs to a slot, and the slot's ABORT came first): its
+// writes are over now (returned). What is left in `recvs` is watched by a slot without a total and stays unsettled.
+std::vector<std::shared_ptr<RecvState>> Agent::settle_by_totals(PeerState& peer,
+                                                                std::vector<std::shared_ptr<RecvState>>& recvs) {
+  std::vector<std::shared_ptr<RecvState>> now, unknown;
+  for (auto& r : recvs) {
+    bool counting = false, without_total = false;
+    peer.slots.for_each([&](const SlotCounter& s) {
+      if (!s.watches(r) && s.recv != r) return;
+      (s.aborted && s.abort_total_known ? counting : without_total) = true;
+    });
+    if (without_total) unknown.push_back(r);
+    else if (!counting) now.push_back(r);
+  }
+  peer.slots.for_each([](SlotCounter& s) {
+    if (!(s.aborted && s.abort_total_known)) s.watchers.clear();
+  });
+  recvs.swap(unknown);
+  return now;
 }
 
 // A removed peer's process that is now gone posts nothing more: its ended recvs' writes are over. Across hosts

@@ -32,6 +32,13 @@ enum class ControlType : uint16_t {
 
 // BYE carries why in its xfer_id field (peers that predate this read any BYE as a removal).
 enum ByeReason : uint64_t { kByeRemoved = 0, kByeClosed = 1, kByeSilent = 2 };
+// A closing agent's BYE with this in num_layers follows an ABORT (with its posted total) for every transfer of its
+// that had a slot towards the receiver: the receiver can settle each ended recv by counting (peers that predate
+// this leave the field 0 and are settled as before, when their process is seen gone).
+constexpr uint32_t kByeTotalsSent = 1;
+// An ABORT with this in first_layer comes from an agent that is closing: the receiver names the close, as the BYE
+// that follows will.
+constexpr uint32_t kAbortClosing = 1;
 
 struct ControlMessage {
   static constexpr uint32_t kMagic = 0x4b584331;  // "1CXK"
