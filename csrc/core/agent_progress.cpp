@@ -1151,7 +1151,7 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     peer.slot_waiters.clear();  // among the live sends: they fail below, having posted nothing
     recvs = peer.unsettled_recvs();  // the failed and cancelled ones among them: only writes_over is left
     if (!writes_over_now && totals_sent) {
-      settled = settle_by_totals(peer, recvs);  // recvs: those whose slot has no total to count towards
+      settled = settle_by_totals(peer, recvs);  // recvs keeps the rest, settled as before (process seen gone)
     } else {
       peer.slots.for_each([](SlotCounter& slot) { slot.watchers.clear(); });
     }
@@ -1177,25 +1177,21 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
 }
 
 // A closing peer sent an ABORT with its posted total for every transfer that had a slot here, then its BYE (peer.mu
-// held). A recv that a slot still counts towards such a total stays watched there (told when the count is reached);
-// one no slot watches had nothing posted for it (a write belongs to a slot, and the slot's ABORT came first): its
-// writes are over now (returned). What is left in `recvs` is watched by a slot without a total and stays unsettled.
+// held). A recv no slot watches had nothing posted for it (a write belongs to a slot, and the slot's ABORT came
+// first): its writes are over now (returned). One that a slot still counts towards such a total stays watched there
+// and is told when the count is reached; it and any watched by a slot without a total stay in `recvs`.
 std::vector<std::shared_ptr<RecvState>> Agent::settle_by_totals(PeerState& peer,
                                                                 std::vector<std::shared_ptr<RecvState>>& recvs) {
-  std::vector<std::shared_ptr<RecvState>> now, unknown;
+  std::vector<std::shared_ptr<RecvState>> now, rest;
   for (auto& r : recvs) {
-    bool counting = false, without_total = false;
-    peer.slots.for_each([&](const SlotCounter& s) {
-      if (!s.watches(r) && s.recv != r) return;
-      (s.aborted && s.abort_total_known ? counting : without_total) = true;
-    });
-    if (without_total) unknown.push_back(r);
-    else if (!counting) now.push_back(r);
+    bool watched = false;
+    peer.slots.for_each([&](const SlotCounter& s) { watched = watched || s.watches(r) || s.recv == r; });
+    (watched ? rest : now).push_back(r);
   }
   peer.slots.for_each([](SlotCounter& s) {
     if (!(s.aborted && s.abort_total_known)) s.watchers.clear();
   });
-  recvs.swap(unknown);
+  recvs.swap(rest);
   return now;
 }
 
