@@ -151,3 +151,31 @@ def test_writes_in_flight_when_a_peer_closes_land_before_writes_over(remote):
         np.testing.assert_array_equal(now, then)  # nothing landed after writes_over
     for layer in range(layout.num_layers):  # and nothing outside the addressed blocks
         np.testing.assert_array_equal(block_view(layout, dst, layer)[:, :128], block_view(layout, before, layer)[:, :128])
+
+
+def test_a_closing_peer_with_more_transfers_than_its_window_settles_every_recv(remote):
+    # 300 sends into a window of 128 slots: half marked (some done, some posted), the rest opened or waiting for a
+    # slot. The closing agent's ABORTs and BYE settle every recv; the done ones keep their exact bytes.
+    another_host(remote, "kvxfer-closing-host")
+    agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", 63, layout_args=(4, 512, 16, 2, 32, "float16"))
+    expected = [x.copy() for x in dst]
+    apply(layout, make_pool(layout, 63), expected, list(range(300)), list(range(300)), range(4))
+    recvs = [agent.recv(peer, i + 1, [i], timeout_s=120) for i in range(300)]
+    for i in range(300):
+        remote.call("send", (i + 1, [i], [i], None, "all" if i % 2 else None))
+    remote.call("close", None)
+    for recv in recvs:
+        try:
+            recv.wait(timeout_s=30)
+        except errors.PeerLost as e:
+            assert "closed its agent" in str(e)
+    wait_for(lambda: all(r.writes_over for r in recvs), "writes_over of all 300 recvs", 10)
+    assert sum(r.done for r in recvs) > 0 and sum(r.state == kvxfer.TransferState.FAILED for r in recvs) > 0
+    for r in recvs:
+        if r.done:
+            for layer in range(4):
+                block = r.xfer_id - 1
+                np.testing.assert_array_equal(block_view(layout, dst, layer)[:, block],
+                                              block_view(layout, expected, layer)[:, block])
+    for layer in range(4):  # blocks no transfer addressed keep their bytes
+        np.testing.assert_array_equal(block_view(layout, dst, layer)[:, 300:], block_view(layout, expected, layer)[:, 300:])
