@@ -21,6 +21,9 @@ ENV_VARS = {
                                              "lost; heartbeats every peer_timeout_s / 4; 0: off"),
     "KVXFER_DOORBELL": ("str", "1", "1: same-host peers signal layer completions and control messages through "
                                     "shared-memory rings; 0: through the fabric, like peers on other hosts"),
+    "KVXFER_LANDING": ("str", "auto", "how peers reach this agent's pools besides direct writes: auto = landing slots "
+                                      "where the fabric cannot write a pool and for host pools of < 32 KiB chunks on "
+                                      "tcp; needed = only the former; always = every pool"),
     "KVXFER_GPU_COPY": ("str", "auto", "GPU batch copies: auto = one gather kernel where the device reaches both "
                                        "ends, else copy engines; kernel; copy_engine (read by the C++ core)"),
 }

@@ -239,11 +239,63 @@ def test_bad_landing_options_are_refused_by_name(kwargs, message):
         kvxfer.Agent("bad-landing", transport="tcp", interface="lo", **kwargs)
 
 
-def test_no_landing_ring_unless_a_pool_needs_one():
+def test_no_landing_ring_unless_a_pool_needs_or_offers_one():
     a = kvxfer.Agent("plain", transport="tcp", interface="lo")
-    layout = PRESETS["contiguous"]()
+    layout = kvxfer.KVLayout.contiguous(16, 32 << 10)
     a.register_pool(make_pool(layout, 1), layout)
-    assert a.landing() is None  # host pools the fabric writes directly: no ring, no pinned memory
+    assert a.landing() is None  # host pools of 32 KiB chunks are written directly: no ring, no pinned memory
+    small = PRESETS["contiguous"]()
+    for kwargs in ({"landing": "needed"}, {"max_peers": 128}):  # not asked for; a ring past 64 MiB
+        b = kvxfer.Agent("plain-small", transport="tcp", interface="lo", **kwargs)
+        b.register_pool(make_pool(small, 1), small)
+        assert b.landing() is None, kwargs
+    c = kvxfer.Agent("offering", transport="tcp", interface="lo")
+    c.register_pool(make_pool(small, 1), small)
+    assert c.landing() == {"slot_bytes": 256 << 10, "slots_per_peer": 4, "pinned": c.landing()["pinned"]}
+
+
+def test_host_pools_of_small_chunks_are_reached_through_landing_slots_over_tcp(remote):
+    # The receiver's defaults: its 2 KiB chunks make it offer landing slots; the tcp sender's chunks are as small,
+    # so it packs them (one write per batch instead of one per chunk). Bytes exact, every batch counted.
+    agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", seed=71)
+    assert layout.chunk_bytes == 2048
+    rng = np.random.default_rng(71)
+    src_ids = rng.choice(layout.num_blocks, 20, replace=False).astype(np.int32)
+    dst_ids = rng.choice(layout.num_blocks, 20, replace=False).astype(np.int32)
+    expected = expected_after(layout, dst, 71, src_ids, dst_ids, range(layout.num_layers))
+    recv = agent.recv(peer, 1, dst_ids)
+    remote.call("send", (1, src_ids.tolist(), dst_ids.tolist(), None, "all"))
+    recv.wait(timeout_s=30)
+    assert remote.call("wait", (1, 30)) == "DONE"
+    path, reason, _ = remote.call("path", 1)
+    assert path == "staged" and "landing slots (4 x 256 KiB)" in reason and "chunks of 2048 bytes" in reason, reason
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+    sender_stats, _ = remote.call("stats", None)
+    stats = agent.stats()
+    assert stats["landings"] == sender_stats["writes_posted"] < 20 * layout.num_layers * layout.num_planes
+    assert stats["landing_rejected"] == 0
+
+
+@pytest.mark.parametrize("transport, receiver, sender_layout, path", [
+    ("tcp", {"landing": "needed"}, None, "fabric"),       # the receiver did not offer
+    ("tcp", {}, ("vllm_flash", (4, 32, 16, 8, 128, "float16")), "fabric"),  # 32 KiB chunks here
+    ("cma", {}, None, "cma"),                             # same host: copied where they go
+    ("fi_shm", {}, None, "fabric"),                       # not a tcp fabric
+])
+def test_who_does_not_take_the_landing_slots(transport, receiver, sender_layout, path, remote):
+    kind, args = sender_layout or ("vllm_flash", ())
+    agent, peer, layout, dst, _ = connect(transport, remote, kind, seed=72, layout_args=args,
+                                          receiver_kwargs=receiver)
+    expected = expected_after(layout, dst, 72, [1, 2, 3], [4, 5, 6], range(layout.num_layers))
+    recv = agent.recv(peer, 1, [4, 5, 6])
+    remote.call("send", (1, [1, 2, 3], [4, 5, 6], None, "all"))
+    recv.wait(timeout_s=30)
+    got_path, reason, _ = remote.call("path", 1)
+    assert got_path == path, reason
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+    assert agent.stats()["landings"] == 0
 
 
 def test_a_chunk_larger_than_a_landing_batch_is_refused_at_send():

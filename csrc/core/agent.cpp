@@ -131,8 +131,8 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   window_owner_.resize(options_.max_peers);
   KVXFER_CHECK(options_.staging == "auto" || options_.staging == "always", InvalidArgument,
                "staging='" << options_.staging << "': choose auto or always");
-  KVXFER_CHECK(options_.landing == "auto" || options_.landing == "always", InvalidArgument,
-               "landing='" << options_.landing << "': choose auto or always");
+  KVXFER_CHECK(options_.landing == "auto" || options_.landing == "needed" || options_.landing == "always",
+               InvalidArgument, "landing='" << options_.landing << "': choose auto, needed or always");
   KVXFER_CHECK(options_.landing_slots >= 1 && options_.landing_slots <= kLandingMaxSlotsPerPeer, InvalidArgument,
                "landing_slots=" << options_.landing_slots << ": a peer gets 1 to " << kLandingMaxSlotsPerPeer);
   KVXFER_CHECK(options_.landing_slot_bytes >= kLandingDataOffset + 4096 && options_.landing_slot_bytes <= (1ull << 30),
@@ -416,8 +416,9 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
   // staged path reads it, same-host peers reach it by CUDA IPC and others through our landing slots.
   const bool fabric_registers = !on_gpu || transport_->capabilities().hmem;
   pool->landing = !fabric_registers || options_.landing == "always";
-  if (pool->landing) ensure_landing();
-  PoolInfo exposed{name, layout, {}, pool->landing};
+  pool->landing_offered = !pool->landing && offers_landing(layout, on_gpu);
+  if (pool->landing || pool->landing_offered) ensure_landing();
+  PoolInfo exposed{name, layout, {}, pool->landing, pool->landing_offered};
   for (size_t i = 0; i < regions.size(); ++i) {
     const uint64_t key = (static_cast<uint64_t>(pools_.size() + 1) << 16) | i;
     try {
@@ -448,20 +449,37 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
   return static_cast<uint32_t>(pools_.size() - 1);
 }
 
+namespace {
+// A software fabric (tcp) pays per write: one 4 KiB write per chunk moved 0.20-0.32 of raw TCP here, packed into
+// landing slots 0.59-0.65 (16 KiB chunks 0.55 -> 1.10; 32 KiB even). An RDMA NIC writes small chunks in hardware.
+constexpr uint64_t kLandChunksBelow = 32u << 10;
+// Offered landing costs a ring of max_peers x landing_slots x landing_slot_bytes registered at the first such pool:
+// not offered past this (the defaults: 32 MiB at 32 peers, 64 MiB at 64).
+constexpr uint64_t kOfferLandingRingMax = 64u << 20;
+
+bool software_fabric(const Capabilities& caps) { return caps.provider.rfind("tcp", 0) == 0; }
+}  // namespace
+
+// A host pool of small chunks on a tcp fabric offers landing slots: senders whose chunks are small too pack them.
+bool Agent::offers_landing(const LayoutSpec& layout, bool on_gpu) const {
+  const uint64_t ring = uint64_t{options_.max_peers} * options_.landing_slots * options_.landing_slot_bytes;
+  return options_.landing == "auto" && !on_gpu && software_fabric(transport_->capabilities()) &&
+         layout.chunk_bytes < kLandChunksBelow && ring <= kOfferLandingRingMax &&
+         layout.chunk_bytes + kLandingDataOffset <= options_.landing_slot_bytes;
+}
+
 // Staged at both ends: our bounce slots, one fabric write per batch into the peer's landing slots, its copy into
-// the pool. why_not_ipc: for a GPU pool, why CUDA IPC cannot reach it.
+// the pool. because: why this path (for a GPU pool, why CUDA IPC cannot reach it).
 PathChoice Agent::landing_choice(const PeerState& peer, const PoolInfo& dst, const std::string& src_where,
-                                 const std::string& slots, const std::string& why_not_ipc, PathChoice c) const {
+                                 const std::string& slots, const std::string& because, PathChoice c) const {
   const bool dst_gpu = dst.regions.front().device >= 0;
   c.path = SendPath::Staged;
   c.landing = true;
   c.reason = "staged at both ends: " + src_where + " -> host bounce slots (" + slots + ") -> " +
              transport_->capabilities().provider + " write into the peer's landing slots (" +
              std::to_string(peer.info.landing_slots) + " x " + std::to_string(peer.info.landing_slot_bytes >> 10) +
-             " KiB) -> copied into its " + (dst_gpu ? "GPU" : "host") + " pool there" +
-             (dst_gpu ? " (no CUDA IPC: " + why_not_ipc + "; the fabric cannot write its GPU memory)"
-                      : " (the peer asked for landing='always')") +
-             "; one extra copy per byte at each end, pipelined with the writes";
+             " KiB) -> copied into its " + (dst_gpu ? "GPU" : "host") + " pool there (" + because +
+             "); one extra copy per byte at each end, pipelined with the writes";
   return c;
 }
 
@@ -532,7 +550,9 @@ PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t
         return c;
       }
     }
-    if (dst.landing) return landing_choice(peer, dst, src_where, slots, why_not_ipc, c);
+    if (dst.landing)
+      return landing_choice(peer, dst, src_where, slots,
+                            "no CUDA IPC: " + why_not_ipc + "; the fabric cannot write its GPU memory", c);
     bool dst_registered = true;
     for (const auto& r : dst.regions) dst_registered &= r.rkey != 0;
     KVXFER_CHECK(dst_registered && caps.hmem, TransportUnavailable,
@@ -551,7 +571,7 @@ PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t
     }
     return c;
   }
-  if (dst.landing) return landing_choice(peer, dst, src_where, slots, "", c);
+  if (dst.landing) return landing_choice(peer, dst, src_where, slots, "the peer asked for landing='always'", c);
   const bool cma = peer.path == "cma";
   if (always_stage || !src_readable || (src->on_gpu && cma)) {
     c.path = SendPath::Staged;
@@ -575,6 +595,14 @@ PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t
                  " at a time; packed, a write carries whole ranges of the receiver's chunks (one memcpy per byte)";
       return c;
     }
+    // Small chunks (or pieces) to a pool that offers landing slots go packed, a batch per write, when this fabric
+    // pays per write. Only ours are known here: the receiver offered because its own chunks are small.
+    const uint64_t moves_as = std::min(piece, src->layout.chunk_bytes);
+    if (dst.landing_offered && software_fabric(caps) && moves_as < kLandChunksBelow &&
+        src->layout.chunk_bytes + kLandingDataOffset <= std::min(options_.staging_slot_bytes, peer.info.landing_slot_bytes))
+      return landing_choice(peer, dst, src_where, slots,
+                            "chunks of " + std::to_string(moves_as) + " bytes, which " + caps.provider +
+                                " writes one per operation; packed, a write carries up to a landing slot of them", c);
   }
   c.path = cma ? SendPath::Cma : SendPath::Fabric;
   c.reason = src->on_gpu ? "GPU-direct RDMA: " + caps.provider + " reads cuda:" + std::to_string(src->device)

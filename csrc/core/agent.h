@@ -44,8 +44,9 @@ struct AgentOptions {
   int cma_threads = -1;            // threads for large same-host copies; 0/1: the progress thread; -1: from
                                    // KVXFER_CMA_THREADS, else half the CPUs (1 to 4)
   bool doorbell = true;            // same-host peers signal through shared memory, not the fabric (doorbell.h)
-  std::string landing = "auto";    // auto: GPU pools the fabric cannot write are reached through landing slots;
-                                   // always: every pool (tests and benchmarks of the receiver-side pipeline)
+  std::string landing = "auto";    // auto: GPU pools the fabric cannot write are reached through landing slots,
+                                   // and host pools of small chunks on a tcp fabric offer them (PoolInfo::
+                                   // landing_offered); needed: only the former; always: every pool (tests, benchmarks)
   uint32_t landing_slots = 4;      // landing slots per sending peer (transports/staged/landing.h)
   uint64_t landing_slot_bytes = 256u << 10;
   // Peers this agent can hold at once (a power of two, 1..1024): each gets a window of kMaxSlots / max_peers
@@ -78,6 +79,7 @@ struct LocalPool {
   std::vector<MemoryKey> keys;  // [regions] fabric registrations (empty handle: GPU memory the fabric cannot register)
   bool on_gpu = false;          // every region is CUDA memory (pools never mix host and device regions)
   bool landing = false;         // peers write it through our landing slots (PoolInfo::landing)
+  bool landing_offered = false; // ... or may, when their chunks are small (PoolInfo::landing_offered)
   std::vector<gpu::VmmPiece> vmm_exports;  // VMM regions' exported handles (fds stay open while the agent lives)
   int device = -1;              // the CUDA device of a GPU pool
 };
@@ -216,7 +218,8 @@ class Agent {
   uint32_t granules_from(const PeerState& peer, const std::string& src_pool, const LayoutSpec& dst,
                          const int32_t* dst_ids, size_t n, uint32_t num_tokens) const;
   PathChoice landing_choice(const PeerState& peer, const PoolInfo& dst, const std::string& src_where,
-                            const std::string& slots, const std::string& why_not_ipc, PathChoice c) const;
+                            const std::string& slots, const std::string& because, PathChoice c) const;
+  bool offers_landing(const LayoutSpec& layout, bool on_gpu) const;
 
   void post_command(Command c);
   void say_goodbye(std::chrono::milliseconds limit);  // destructor: BYE to every connected peer, bounded

@@ -57,7 +57,8 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
       if (batch.header.xfer_slot != slot)
         why = "landing header names transfer slot " + std::to_string(batch.header.xfer_slot) + ", its immediate " +
               std::to_string(slot);
-      else if (batch.header.dst_pool >= pools_.size() || !pools_[batch.header.dst_pool]->landing)
+      else if (batch.header.dst_pool >= pools_.size() ||
+               !(pools_[batch.header.dst_pool]->landing || pools_[batch.header.dst_pool]->landing_offered))
         why = "landing header names pool " + std::to_string(batch.header.dst_pool) + ", not one exposed for landing";
       else
         pool = pools_[batch.header.dst_pool].get();

@@ -14,6 +14,9 @@ constexpr uint32_t kMaxString = 4096, kMaxPools = 64, kMaxRegions = 4096, kMaxAd
 constexpr uint32_t kMaxTransportKeys = 4u << 20;  // UCX: packed rkeys of every region, tens to hundreds of bytes each
 constexpr uint32_t kMaxPayload = 64u << 20;
 constexpr uint32_t kIpcHandleBytes = 64;  // cudaIpcMemHandle_t
+// A pool's landing byte. Readers before 2026-12-01 take any non-zero value as required: they still reach an offered
+// pool, through its landing slots.
+constexpr uint8_t kPoolLandingRequired = 1, kPoolLandingOffered = 2;
 
 uint32_t fnv1a32(const uint8_t* p, size_t n) {
   uint32_t h = 2166136261u;
@@ -152,7 +155,7 @@ std::vector<uint8_t> encode_agent_info(const AgentInfo& a) {
   for (const auto& p : a.pools) {
     w.str(p.name);
     write_layout(w, p.layout);
-    w.put<uint8_t>(p.landing ? 1 : 0);
+    w.put<uint8_t>(p.landing ? kPoolLandingRequired : p.landing_offered ? kPoolLandingOffered : 0);
     w.put<uint32_t>(static_cast<uint32_t>(p.regions.size()));
     for (const auto& r : p.regions) {
       w.put(r.addr);
@@ -248,8 +251,13 @@ AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes) {
     PoolInfo p;
     p.name = r.str("pool name");
     p.layout = read_layout(r);
-    p.landing = r.get<uint8_t>("pool landing flag") != 0;
-    KVXFER_CHECK(!p.landing || a.landing_slots > 0, MetadataError,
+    const uint8_t landing = r.get<uint8_t>("pool landing flag");
+    KVXFER_CHECK(landing <= kPoolLandingOffered, MetadataError,
+                 "peer metadata: pool '" << p.name << "' has landing mode " << int{landing}
+                                         << " (0 none, 1 required, 2 offered); is the peer a newer kvxfer?");
+    p.landing = landing == kPoolLandingRequired;
+    p.landing_offered = landing == kPoolLandingOffered;
+    KVXFER_CHECK((!p.landing && !p.landing_offered) || a.landing_slots > 0, MetadataError,
                  "peer metadata: pool '" << p.name << "' is reached through landing slots but the peer has none");
     const uint32_t num_regions = r.count("region", kMaxRegions);
     std::vector<uint64_t> sizes;

@@ -38,6 +38,9 @@ struct PoolInfo {
   // Senders cannot write this pool directly (GPU memory the fabric cannot register, or landing='always'): they
   // write into the owner's landing slots, which copies into the pool (transports/staged/landing.h).
   bool landing = false;
+  // Senders may write it directly or through the owner's landing slots: offered for host pools of small chunks on a
+  // software fabric (tcp), where one write per chunk costs more than two memcpys (benchmarks/RESULTS.md).
+  bool landing_offered = false;
 };
 
 struct AgentInfo {

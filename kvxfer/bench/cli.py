@@ -34,10 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--staging", choices=("auto", "always"), default="auto",
                     help="always: the sender stages every transfer through its bounce slots (measures the staged "
                          "pipeline against the same direct-path limit; default: auto)")
-    ap.add_argument("--landing", choices=("auto", "always"), default="auto",
+    ap.add_argument("--landing", choices=("auto", "needed", "always"), default="auto",
                     help="always: the receiver takes every transfer through its landing slots and copies them into "
                          "its pool (receiver-side staging, as for a GPU pool without GPU-direct RDMA); the sender "
-                         "then stages too: the whole staged-at-both-ends pipeline (default: auto)")
+                         "then stages too: the whole staged-at-both-ends pipeline; auto: also for chunks under "
+                         "32 KiB over tcp; needed: only where the fabric cannot write the pool (default: auto)")
     ap.add_argument("--iface", help="network interface for IP providers (default: lo on loopback, else any)")
     ap.add_argument("--pattern", choices=workloads.PATTERNS,
                     help="KV workload pattern (default: paged, plus the message-size sweep)")

@@ -40,7 +40,7 @@ def run_demo(tmp_path, *flags):
 
 def test_demo_reduced_run_on_loopback(tmp_path):
     doc, _ = run_demo(tmp_path, "--net", "loopback")
-    assert doc["network"]["kind"] == "loopback" and doc["disagg"]["transport"] == "kvxfer tcp, path fabric (loopback)"
+    assert doc["network"]["kind"] == "loopback" and doc["disagg"]["transport"] == "kvxfer tcp, path staged (loopback)"
 
 
 def netns_names():
@@ -53,7 +53,7 @@ def test_demo_reduced_run_across_two_network_namespaces(tmp_path):
     before = netns_names()
     doc, r = run_demo(tmp_path, "--net", "netns")
     assert doc["network"]["kind"] == "netns" and "veth" in doc["network"]["detail"]
-    assert doc["disagg"]["transport"] == "kvxfer tcp, path fabric (netns)"
+    assert doc["disagg"]["transport"] == "kvxfer tcp, path staged (netns)"  # small chunks: landing slots
     left = {n.split()[0] for n in netns_names().splitlines() if n} - {n.split()[0] for n in before.splitlines() if n}
     assert not left, f"namespaces left behind: {left}"
 
