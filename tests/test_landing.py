@@ -8,6 +8,7 @@ LANDED and reused many times. Rings are made much smaller than the transfers so 
 The receiver also parses headers that arrive from the wire: the injected ones below are malformed or point outside
 the pool, and must be refused without touching a byte."""
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -187,6 +188,36 @@ def test_malformed_landing_headers_are_refused_untouched(landing_pair, case):
         recv.wait(timeout_s=10)  # fails at once, naming why, instead of at its deadline
     assert b.stats()["landings"] == 0
     np.testing.assert_array_equal(dst[0], before)
+
+
+def test_a_refused_batch_ends_the_senders_send_at_once_and_frees_its_slot():
+    """A real sender's transfer through landing slots: layer 0 lands, then a malformed batch naming its slot is
+    refused: the recv fails naming why, the sender is told (its send fails now, not at its 60 s deadline), the
+    slot's total is counted so both writes_over turn True, and the next transfer is exact."""
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "tcp", ("refused-sender", "refused-receiver"),
+                                                sender_kwargs=SMALL_RING, receiver_kwargs=LANDING)
+    recv = b.recv(peer_a, 5, np.array([2], np.int32))
+    send = a.send(peer_b, 5, np.array([1], np.int32), np.array([2], np.int32))
+    send.layer_ready(0)
+    recv.wait(layer=0, timeout_s=10)
+    b._c._inject_landing(peer_a._h, send._h.slot, 0, batch([(0, 0, 16)], b"\x55" * 16, slot=send._h.slot,
+                                                              layer=1, magic=0x12345678))
+    with pytest.raises(errors.TransferFailed, match="landing batch .* was refused.*magic"):
+        recv.wait(timeout_s=10)
+    t0 = time.monotonic()
+    with pytest.raises(errors.TransferFailed, match="the receiver refused one of its landing batches"):
+        send.wait(timeout_s=10)
+    assert time.monotonic() - t0 < 5
+    wait_for(lambda: send.writes_over and recv.writes_over, "both ends settled by the sender's total")
+    expected = [x.copy() for x in dst]
+    apply(layout, src, expected, [1], [2], [0])  # layer 0 of the refused transfer landed before the refusal
+    apply(layout, src, expected, [3], [4], range(layout.num_layers))
+    again = b.recv(peer_a, 6, np.array([4], np.int32))
+    a.send(peer_b, 6, np.array([3], np.int32), np.array([4], np.int32)).all_ready()
+    again.wait(timeout_s=10)
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("entry,message", [

@@ -105,18 +105,28 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
 
 // The transfer a refused batch belongs to can never complete: fail its recv now, naming why, rather than at its
 // deadline. The slot stays quarantined like one whose counts went over (a protocol violation).
+// The sender is told (CANCEL saying why), so its send fails now and its ABORT names the total the slot waits for,
+// instead of the send running to its deadline with the slot held.
 void Agent::fail_landing_transfer(PeerState& peer, uint32_t slot, const std::string& why) {
-  std::lock_guard<std::mutex> lock(peer.mu);
-  SlotCounter& s = peer.slots[slot];
-  if (!s.begun || s.aborted) return;
-  if (s.recv)
-    s.recv->fail(ErrorKind::TransferFailed, "transfer " + std::to_string(s.xfer_id) + ": a landing batch from peer '" +
-                                                peer.info.name + "' was refused: " + why);
-  peer.live_recvs.erase(s.xfer_id);
-  peer.waiting_recvs.erase(s.xfer_id);
-  peer.slot_of_xfer.erase(s.xfer_id);
-  s.aborted = true;
-  s.recv.reset();
+  uint64_t xfer_id;
+  {
+    std::lock_guard<std::mutex> lock(peer.mu);
+    SlotCounter& s = peer.slots[slot];
+    if (!s.begun || s.aborted) return;
+    xfer_id = s.xfer_id;
+    if (s.recv) {
+      s.recv->fail(ErrorKind::TransferFailed, "transfer " + std::to_string(s.xfer_id) +
+                                                  ": a landing batch from peer '" + peer.info.name +
+                                                  "' was refused: " + why);
+      s.watch(s.recv);  // told when the sender's total is counted
+    }
+    peer.live_recvs.erase(s.xfer_id);
+    peer.waiting_recvs.erase(s.xfer_id);
+    peer.slot_of_xfer.erase(s.xfer_id);
+    s.aborted = true;
+    s.recv.reset();
+  }
+  queue_control(peer, ControlType::Cancel, xfer_id, 0, kCancelRefused);
 }
 
 void Agent::finish_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm, uint32_t index) {

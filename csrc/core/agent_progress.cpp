@@ -940,6 +940,13 @@ void Agent::on_cancel(PeerState& peer, const ControlMessage& m) {
       }
     }
   }
+  if (send && m.first_layer == kCancelRefused) {
+    fail_send(send, ErrorKind::TransferFailed,
+              "transfer " + std::to_string(m.xfer_id) + " to peer '" + peer.info.name +
+                  "': the receiver refused one of its landing batches (its Recv error and last_landing_error say "
+                  "why); nothing more is posted for it (" + describe_progress(*send) + ")");
+    return;
+  }
   if (send) {
     fail_send(send, ErrorKind::Cancelled,
               "transfer " + std::to_string(m.xfer_id) + " to peer '" + peer.info.name +

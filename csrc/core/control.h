@@ -39,6 +39,8 @@ constexpr uint32_t kByeTotalsSent = 1;
 // An ABORT with this in first_layer comes from an agent that is closing: the receiver names the close, as the BYE
 // that follows will.
 constexpr uint32_t kAbortClosing = 1;
+// A CANCEL with this in first_layer: the receiver refused one of the transfer's landing batches (not Recv.cancel).
+constexpr uint32_t kCancelRefused = 1;
 
 struct ControlMessage {
   static constexpr uint32_t kMagic = 0x4b584331;  // "1CXK"
