@@ -19,7 +19,7 @@ void Agent::ensure_landing() {
   if (landing_) return;
   landing_ = std::make_unique<StagingRing>(*transport_, options_.landing_slot_bytes,
                                            static_cast<size_t>(options_.max_peers) * options_.landing_slots,
-                                           kLandingRingKey);
+                                           kLandingRingKey, /*populate=*/false);
   info_.landing_addr = reinterpret_cast<uint64_t>(landing_->base());
   info_.landing_rkey = landing_->rkey();
   info_.landing_slots = options_.landing_slots;

@@ -7,14 +7,15 @@
 
 namespace kvxfer {
 
-StagingRing::StagingRing(Transport& transport, size_t slot_bytes, size_t num_slots, uint64_t key)
+StagingRing::StagingRing(Transport& transport, size_t slot_bytes, size_t num_slots, uint64_t key, bool populate)
     : transport_(transport), slot_bytes_(slot_bytes), num_slots_(num_slots) {
   KVXFER_CHECK(slot_bytes > 0 && num_slots > 0, InvalidArgument, "a staging ring needs slots of > 0 bytes");
   const size_t total = slot_bytes * num_slots;
   base_ = static_cast<uint8_t*>(gpu::alloc_pinned(total));
   pinned_ = base_ != nullptr;
   if (!base_) {
-    void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | (populate ? MAP_POPULATE : 0),
+                   -1, 0);
     KVXFER_CHECK(p != MAP_FAILED, RegistrationFailed, "could not allocate " << total << " bytes of staging buffers");
     base_ = static_cast<uint8_t*>(p);
   }

@@ -24,7 +24,10 @@ class StagingRing {
   static constexpr size_t kDefaultSlots = 16;
   static constexpr uint64_t kDefaultKey = 0x57A6ED;  // the fabric key it registers under
 
-  StagingRing(Transport& transport, size_t slot_bytes, size_t num_slots, uint64_t key = kDefaultKey);
+  // populate: touch every page now (no page faults in the pipeline). Off for a ring most of whose slots may never
+  // be written (landing slots: a peer's share is touched only once it sends through them).
+  StagingRing(Transport& transport, size_t slot_bytes, size_t num_slots, uint64_t key = kDefaultKey,
+              bool populate = true);
   ~StagingRing();
   StagingRing(const StagingRing&) = delete;
   StagingRing& operator=(const StagingRing&) = delete;
