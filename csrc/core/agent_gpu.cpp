@@ -36,7 +36,10 @@ void Agent::ensure_staging() {
   KVXFER_CHECK(options_.staging_slots >= 2 && options_.staging_slot_bytes >= 4096, InvalidArgument,
                "staging needs at least 2 slots of at least 4096 bytes (got " << options_.staging_slots << " x "
                                                                              << options_.staging_slot_bytes << ")");
-  staging_ = std::make_unique<StagingRing>(*transport_, options_.staging_slot_bytes, options_.staging_slots);
+  // Not populated: a batch into landing slots fills only the first landing slot's worth of each 4 MiB slot, and
+  // slots are reused last-in first-out, so a host-pool sender touches a few MiB of the 64, not all of them.
+  staging_ = std::make_unique<StagingRing>(*transport_, options_.staging_slot_bytes, options_.staging_slots,
+                                           StagingRing::kDefaultKey, /*populate=*/false);
 }
 
 size_t Agent::staged_pieces(const SendState& send) const {
