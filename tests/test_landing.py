@@ -286,13 +286,14 @@ def test_no_landing_ring_unless_a_pool_needs_or_offers_one():
 
 
 def test_host_pools_of_small_chunks_are_reached_through_landing_slots_over_tcp(remote):
-    # The receiver's defaults: its 2 KiB chunks make it offer landing slots; the tcp sender's chunks are as small,
-    # so it packs them (one write per batch instead of one per chunk). Bytes exact, every batch counted.
+    # The receiver's defaults: its 2 KiB chunks make it offer landing slots; the tcp sender's chunks are as small
+    # and a layer of this transfer is 128 KiB, so it packs them (one write per batch instead of one per chunk);
+    # a transfer of 4 blocks (16 KiB a layer) goes direct. Bytes exact, every batch counted.
     agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", seed=71)
-    assert layout.chunk_bytes == 2048
+    assert layout.chunk_bytes == 2048 and layout.num_blocks == 32
     rng = np.random.default_rng(71)
-    src_ids = rng.choice(layout.num_blocks, 20, replace=False).astype(np.int32)
-    dst_ids = rng.choice(layout.num_blocks, 20, replace=False).astype(np.int32)
+    src_ids = rng.permutation(32).astype(np.int32)
+    dst_ids = rng.permutation(32).astype(np.int32)
     expected = expected_after(layout, dst, 71, src_ids, dst_ids, range(layout.num_layers))
     recv = agent.recv(peer, 1, dst_ids)
     remote.call("send", (1, src_ids.tolist(), dst_ids.tolist(), None, "all"))
@@ -304,8 +305,13 @@ def test_host_pools_of_small_chunks_are_reached_through_landing_slots_over_tcp(r
         np.testing.assert_array_equal(got, want)
     sender_stats, _ = remote.call("stats", None)
     stats = agent.stats()
-    assert stats["landings"] == sender_stats["writes_posted"] < 20 * layout.num_layers * layout.num_planes
+    assert stats["landings"] == sender_stats["writes_posted"] < 32 * layout.num_layers * layout.num_planes
     assert stats["landing_rejected"] == 0
+    small = agent.recv(peer, 2, dst_ids[:4])
+    remote.call("send", (2, src_ids[:4].tolist(), dst_ids[:4].tolist(), None, "all"))
+    small.wait(timeout_s=30)
+    assert remote.call("path", 2)[0] == "fabric"
+    assert agent.stats()["landings"] == stats["landings"]
 
 
 @pytest.mark.parametrize("transport, receiver, sender_layout, path", [

@@ -101,7 +101,7 @@ def test_tp1_prefill_to_two_tp2_decode_ranks(transport, head_major):
         pieces = "1 piece of 4096 bytes" if head_major else "16 pieces of 256 bytes"
         assert f"KV heads [{4 * r}, {4 * r + 4}) of each chunk move as {pieces}" in send.path_reason, send.path_reason
         # token-major pieces are packed through the bounce ring on a fabric (cma copies them where they go); the
-        # head-major 4 KiB pieces go packed into the decode rank's landing slots over tcp
+        # head-major 4 KiB pieces (72 KiB a layer) go packed into the decode rank's landing slots over tcp
         packed = not head_major and transport != "cma"
         landed = head_major and transport == "tcp"
         assert (send.path == "staged") == (packed or landed), send.path_reason

@@ -453,6 +453,11 @@ namespace {
 // A software fabric (tcp) pays per write: one 4 KiB write per chunk moved 0.20-0.32 of raw TCP here, packed into
 // landing slots 0.59-0.65 (16 KiB chunks 0.55 -> 1.10; 32 KiB even). An RDMA NIC writes small chunks in hardware.
 constexpr uint64_t kLandChunksBelow = 32u << 10;
+// ... but a transfer whose layer is small goes in a few gathered writes anyway (iov_limit chunks each), and packing
+// only adds its copies and the landing slots' round trip: 64 senders of 8 KiB layers into one receiver moved 0.61
+// of the 1-peer rate packed, 1.25 direct (bench_many_peers); one layer of 16 x 4 KiB p50 183 us direct vs 204
+// packed, 64 x 4 KiB 439 vs 343, 256 x 4 KiB 1272 vs 636; the demo's ~60 KiB layers gained (RESULTS.md).
+constexpr uint64_t kLandLayersFrom = 32u << 10;
 // Offered landing costs a ring of max_peers x landing_slots x landing_slot_bytes registered at the first such pool:
 // not offered past this (the defaults: 32 MiB at 32 peers, 64 MiB at 64).
 constexpr uint64_t kOfferLandingRingMax = 64u << 20;
@@ -505,7 +510,7 @@ uint64_t largest_piece(const LayoutSpec& src, const LayoutSpec& dst) {
 }
 }  // namespace
 
-PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t dst_pool) const {
+PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t dst_pool, uint64_t layer_bytes) const {
   const LocalPool* src;
   {
     std::lock_guard<std::mutex> lock(pools_mu_);
@@ -598,7 +603,7 @@ PathChoice Agent::choose_path(const PeerState& peer, uint32_t src_pool, uint32_t
     // Small chunks (or pieces) to a pool that offers landing slots go packed, a batch per write, when this fabric
     // pays per write. Only ours are known here: the receiver offered because its own chunks are small.
     const uint64_t moves_as = std::min(piece, src->layout.chunk_bytes);
-    if (dst.landing_offered && software_fabric(caps) && moves_as < kLandChunksBelow &&
+    if (dst.landing_offered && software_fabric(caps) && moves_as < kLandChunksBelow && layer_bytes >= kLandLayersFrom &&
         src->layout.chunk_bytes + kLandingDataOffset <= std::min(options_.staging_slot_bytes, peer.info.landing_slot_bytes))
       return landing_choice(peer, dst, src_where, slots,
                             "chunks of " + std::to_string(moves_as) + " bytes, which " + caps.provider +
@@ -839,7 +844,9 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
   const uint32_t first = first_layer < 0 ? 0 : static_cast<uint32_t>(first_layer);
   const uint32_t count = num_layers < 0 ? (first < src->layout.num_layers ? src->layout.num_layers - first : 0)
                                         : static_cast<uint32_t>(num_layers);
-  const PathChoice choice = choose_path(*peer, src_pool, dst_index);
+  // What a layer moves: whole chunks, or the heads both pools hold (at most the smaller chunk) between TP ranks.
+  const uint64_t layer_bytes = n_src * src->layout.num_planes * std::min(src->layout.chunk_bytes, dst.layout.chunk_bytes);
+  const PathChoice choice = choose_path(*peer, src_pool, dst_index, layer_bytes);
   uint64_t max_write = transport_->capabilities().max_write_bytes;
   if (choice.path == SendPath::Cma || choice.path == SendPath::CudaIpc) max_write = 64ull << 20;
   uint64_t batch_bytes = 0;

@@ -173,7 +173,9 @@ class Agent {
   bool wait_ended(uint64_t seen, double timeout_s) { return ends_->wait_changed(seen, timeout_s); }
   // The path send() would take from local pool src_pool to the peer's pool dst_pool; throws TransportUnavailable
   // when no path can reach it, with what to change.
-  PathChoice choose_path(const PeerState& peer, uint32_t src_pool, uint32_t dst_pool) const;
+  // layer_bytes: what one layer of the transfer moves (a small transfer is not packed; unknown: as if large).
+  PathChoice choose_path(const PeerState& peer, uint32_t src_pool, uint32_t dst_pool,
+                         uint64_t layer_bytes = UINT64_MAX) const;
   // Staging ring state for info/tests: {slot_bytes, slots, pinned} or zeros before the first staged send.
   std::vector<uint64_t> staging_info() const;
 

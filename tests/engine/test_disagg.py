@@ -113,9 +113,11 @@ def test_disaggregated_tokens_equal_colocated(prefill_node):
     layer_bytes = 2 * BS * model.cfg.num_kv_heads * model.cfg.head_dim * 4  # K and V of one block, fp32
     assert stats["kv_bytes"] == sum(blocks_for(n, BS) for n in PROMPT_LENS) * layer_bytes * model.cfg.num_layers
     assert worker.cache.allocator.num_free == 256  # every block freed on finish
-    # host pools over libfabric tcp, chunks of BS x heads x dim fp32 (< 32 KiB): packed into the decode node's
-    # landing slots (the direct path is the same with KVXFER_LANDING=needed)
-    assert stats["paths"] == ["staged"] * len(batch)
+    # host pools over libfabric tcp: chunks under 32 KiB go packed into the decode node's landing slots when a
+    # layer of the request moves 32 KiB or more, else written directly (KVXFER_LANDING=needed: always directly)
+    chunk = layer_bytes // 2
+    assert chunk < 32 << 10
+    assert stats["paths"] == ["staged" if blocks_for(n, BS) * layer_bytes >= 32 << 10 else "fabric" for n in PROMPT_LENS]
 
 
 def test_decode_really_uses_the_transferred_kv(prefill_node):
