@@ -237,7 +237,9 @@ class Agent:
 
     def path_to(self, peer: Peer, *, pool=None, dst_pool: str = "") -> tuple[str, str]:
         """(path, reason) that send() from `pool` to the peer's `dst_pool` would take: "cma", "fabric", "cuda_ipc"
-        or "staged", and why, with its expected cost. Raises TransportUnavailable when nothing reaches that pool."""
+        or "staged", and why, with its expected cost, for a large transfer (over tcp, a transfer of small chunks
+        whose layer moves under 32 KiB is written directly even where this says "staged": it is not packed).
+        Raises TransportUnavailable when nothing reaches that pool."""
         names = peer.pools
         if dst_pool and dst_pool not in names:
             raise InvalidArgument(f"peer {peer.name} exposes no pool {dst_pool!r} (it exposes {names})")
