@@ -5,7 +5,7 @@ import ctypes
 import os
 import time
 
-from kvxfer import _C
+from kvxfer import _C, envs
 
 
 def _cma_status() -> tuple[bool, str]:
@@ -116,6 +116,11 @@ def collect() -> dict:
         for name, usable, detail in _C.probe_providers():
             if usable and "ofi_rxm" in detail:
                 detail += f" (rxm bounce buffers of {os.environ.get('FI_OFI_RXM_BUFFER_SIZE', '16384')} B)"
+            if usable and name == "tcp":
+                mode = envs.get("KVXFER_LANDING")
+                detail += ("; host pools of chunks under 32 KiB offer landing slots and senders pack such chunks "
+                           "(layers of 32 KiB and more) into them (KVXFER_LANDING=auto)" if mode == "auto" else
+                           f"; small chunks written one by one (KVXFER_LANDING={mode})")
             transports[names[name]] = (usable, detail)
     else:
         for name in ("tcp", "fi_shm", "efa", "verbs"):

@@ -75,3 +75,12 @@ def test_info_names_the_rxm_buffer_size():
     tcp = next(line for line in out.stdout.splitlines() if line.split()[1:2] == ["tcp"])
     expected = os.environ.get("FI_OFI_RXM_BUFFER_SIZE", "1024")
     assert f"rxm bounce buffers of {expected} B" in tcp, tcp
+    landing = os.environ.get("KVXFER_LANDING", "auto")
+    assert f"KVXFER_LANDING={landing}" in tcp, tcp
+
+
+def test_info_says_when_small_chunks_are_not_packed():
+    out = subprocess.run([sys.executable, "-m", "kvxfer", "info"], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=ROOT, KVXFER_LANDING="needed"), check=False)
+    tcp = next(line for line in out.stdout.splitlines() if line.split()[1:2] == ["tcp"])
+    assert "small chunks written one by one (KVXFER_LANDING=needed)" in tcp, tcp
