@@ -104,9 +104,8 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
 }
 
 // The transfer a refused batch belongs to can never complete: fail its recv now, naming why, rather than at its
-// deadline. The slot stays quarantined like one whose counts went over (a protocol violation).
-// The sender is told (CANCEL saying why), so its send fails now and its ABORT names the total the slot waits for,
-// instead of the send running to its deadline with the slot held.
+// deadline, and tell the sender (CANCEL saying why): its send fails now too, and its ABORT names the total this
+// aborted slot counts to before it is reused and the recv's writes_over is settled.
 void Agent::fail_landing_transfer(PeerState& peer, uint32_t slot, const std::string& why) {
   uint64_t xfer_id;
   {
