@@ -309,10 +309,11 @@ class Agent:
 
     def remove_peer(self, peer: Peer, drain_s: float = 0.0) -> None:
         """End everything with `peer`: its sends and recvs fail with PeerUnknown naming the removal, new ones are
-        refused, and the peer is told (BYE), so a live peer fails its transfers with this agent (PeerLost) and posts
-        nothing more. The ended recvs' writes_over stays False while the peer's process may live (writes it posted
-        before the BYE could still land); on the same host it turns True once that process exited. No-op on a peer
-        already lost or removed.
+        refused, and the peer is told (an ABORT with the number of writes each of our sends posted, then a BYE), so
+        a live peer fails its transfers with this agent (PeerLost), posts nothing more, and answers with the totals
+        of its own sends: the ended recvs' writes_over turns True once those writes were counted here. A peer that
+        cannot answer (stopped, cut off) leaves it False while its process may live (same host: True once it
+        exited). No-op on a peer already lost or removed.
 
         With drain_s > 0 the transfers are ended through the peer first (Recv.cancel for the recvs, Send.abort for
         the sends; they fail with Cancelled / TransferFailed naming the removal) and this call waits, at most

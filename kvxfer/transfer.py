@@ -254,6 +254,7 @@ class Recv(_Transfer):
         """True once no write of this transfer can land in its blocks any more: it completed, the sender's process is
         gone, or it failed (or was cancelled) and the sender has since said it posted nothing or the receiver counted
         every write the sender had posted. A failed recv's blocks are safe to reuse only then. A recv ended by
-        remove_peer (either side's) stays False while the sender's process may live: writes it had posted could
-        still land (same host: True once it exited; remove_peer(peer, drain_s) settles it through the peer first)."""
+        remove_peer (either side's) turns True once the live peer's answer (its posted totals) was counted; a peer
+        that cannot answer (stopped, cut off) leaves it False while its process may live: writes it had posted could
+        still land (same host: True once it exited)."""
         return self._h.writes_over

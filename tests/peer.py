@@ -67,6 +67,9 @@ def serve(conn):
                 xfer, layer, timeout_s = args
                 extra[("recv", xfer)].wait(layer=layer, timeout_s=timeout_s)
                 result = extra[("recv", xfer)].state.name
+            elif cmd == "writes_over":  # of our recv ("recv", xfer) or send ("send", xfer)
+                kind, xfer = args
+                result = bool((extra[("recv", xfer)] if kind == "recv" else sends[xfer]).writes_over)
             elif cmd == "stats":
                 result = (agent.stats(), peers[0].rails)
             elif cmd == "close":  # close the agent, keep the process (peers must learn it from the agent)

@@ -9,7 +9,7 @@ import pytest
 import kvxfer
 from kvxfer import errors
 from tests.conftest import UCX, RemoteError, _have_ucx, assert_ended_sender_was_told, connect, open_fds, wait_for
-from tests.reference import PRESETS, apply, make_pool
+from tests.reference import PRESETS, apply, block_view, make_pool
 
 
 def three_agents():
@@ -33,7 +33,8 @@ def test_receiver_removing_a_sender_fails_its_recvs_and_refuses_new_ones():
     b.remove_peer(b_peer_a)
     with pytest.raises(errors.PeerUnknown, match="peer 'rm-a' was removed"):
         recv.wait(timeout_s=5)
-    assert not recv.writes_over  # a lives (this very process): writes it posted could still land
+    # a lives on, but it answers the BYE with the totals of its sends to b (none for this transfer): settled.
+    wait_for(lambda: recv.writes_over, "writes_over once the removed sender answered with its totals", timeout_s=5)
     with pytest.raises(errors.PeerLost, match="peer 'rm-a' is lost: peer 'rm-a' was removed"):
         b.recv(b_peer_a, 2, [5])
     b.remove_peer(b_peer_a)  # twice: no-op
@@ -69,7 +70,7 @@ def test_sender_removing_a_receiver_fails_its_sends_and_refuses_new_ones():
 def test_a_removed_live_sender_is_told_and_writes_nothing_more(remote, transport):
     """The sender in another process has written layer 0 when the receiver removes it: its send fails at once
     (PeerLost naming the removal, not at its deadline), marking more layers is refused, no byte of layers 1.. lands,
-    and writes_over turns True only once the sender's process has exited."""
+    and writes_over turns True once the sender's answer (its posted total) was counted, while it still runs."""
     agent, peer, _, dst, _ = connect(transport, remote, "vllm_flash", 5)
     src_ids, dst_ids = [0, 1], [3, 4]
     recv = agent.recv(peer, 1, dst_ids)
@@ -79,10 +80,11 @@ def test_a_removed_live_sender_is_told_and_writes_nothing_more(remote, transport
     before = [x.copy() for x in dst]
     agent.remove_peer(peer)
     assert_ended_sender_was_told(remote, 1, dst, before)
-    assert not recv.writes_over
-    remote.conn.send(("crash", None))  # exits without answering
-    remote.proc.join(10)
-    wait_for(lambda: recv.writes_over, "writes_over once the removed sender exited", timeout_s=5)
+    # Its process lives on; it answered the BYE with the total it posted, and that many were counted here.
+    wait_for(lambda: recv.writes_over, "writes_over from the removed sender's answer", timeout_s=5)
+    assert remote.proc.is_alive() and remote.call("writes_over", ("send", 1))
+    for got, want in zip(dst, before):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_removing_a_live_peer_on_another_host_with_drain_settles_every_transfer(remote):
@@ -116,6 +118,84 @@ def test_removing_a_live_peer_on_another_host_with_drain_settles_every_transfer(
         remote.call("wait", (1, 10))
     for got, want in zip(dst, expected):
         np.testing.assert_array_equal(got, want)
+
+
+def another_host(remote, name):
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the peer a host name of its own (unshare CLONE_NEWUTS)")
+    assert remote.call("hostname", name) == name
+
+
+@pytest.mark.parametrize("transport", ["tcp", UCX])
+def test_removing_a_live_sender_on_another_host_settles_our_recvs_by_its_answer(transport, remote):
+    """No drain: the removed peer answers our BYE with an ABORT (its posted total) per transfer and a BYE of its
+    own, so every recv we ended learns its writes are over while the peer still runs (they used to stay unsettled
+    for as long as it lived)."""
+    another_host(remote, "kvxfer-removed-host")
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 71)
+    assert not peer.same_host
+    expected = [x.copy() for x in dst]
+    apply(layout, make_pool(layout, 71), expected, [0, 1], [3, 4], [0])
+    partial = agent.recv(peer, 1, [3, 4], timeout_s=60)
+    remote.call("send", (1, [0, 1], [3, 4], None, None))
+    remote.call("mark", (1, 0))
+    partial.wait(layer=0, timeout_s=30)
+    opened = agent.recv(peer, 2, [5, 6], timeout_s=60)
+    remote.call("send", (2, [2, 3], [5, 6], None, None))  # opened, nothing marked
+    never_sent = agent.recv(peer, 3, [7], timeout_s=60)
+    agent.remove_peer(peer)
+    for recv in (partial, opened, never_sent):
+        with pytest.raises(errors.PeerUnknown, match="peer 'peer-sender' was removed"):
+            recv.wait(timeout_s=1)
+        wait_for(lambda r=recv: r.writes_over, f"writes_over of transfer {recv.xfer_id} from the answer", 5)
+    with pytest.raises(RemoteError, match="PeerLost.*removed this agent"):
+        remote.call("wait", (1, 10))
+    assert remote.proc.is_alive()
+    for got, want in zip(dst, expected):  # layer 0 of the first transfer landed; nothing else was written
+        np.testing.assert_array_equal(got, want)
+
+
+def test_writes_in_flight_when_we_remove_a_sender_land_before_writes_over(remote):
+    """64 MiB over two tcp rails, removed right after the sender marked every layer: its answer can overtake writes
+    still on the other rail, so writes_over waits until its ABORT's total was counted here."""
+    another_host(remote, "kvxfer-removed-host")
+    args = (8, 256, 16, 8, 128, "float16")  # 64 KiB per block and layer
+    agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", 72, layout_args=args, rails=2)
+    before = [x.copy() for x in dst]
+    recv = agent.recv(peer, 1, list(range(128, 256)), timeout_s=60)
+    remote.call("send", (1, list(range(128)), list(range(128, 256)), None, "all"))
+    recv.wait(layer=0, timeout_s=30)
+    agent.remove_peer(peer)
+    wait_for(lambda: recv.writes_over, "writes_over after the removed sender's writes were counted", 10)
+    settled = [x.copy() for x in dst]
+    time.sleep(0.5)
+    for now, then in zip(dst, settled):
+        np.testing.assert_array_equal(now, then)  # nothing landed after writes_over
+    for layer in range(layout.num_layers):  # and nothing outside the addressed blocks
+        np.testing.assert_array_equal(block_view(layout, dst, layer)[:, :128], block_view(layout, before, layer)[:, :128])
+
+
+@pytest.mark.parametrize("transport", ["tcp", UCX])
+def test_a_receiver_on_another_host_we_remove_settles_its_recvs_by_our_totals(transport, remote):
+    """We send to the peer and remove it mid-transfer: our ABORT (its posted total) goes before the BYE, so its recv
+    fails naming the removal and learns its writes are over while both processes run; our send's too, from the
+    peer's count."""
+    another_host(remote, "kvxfer-removed-host")
+    agent, peer, _, _, _ = connect(transport, remote, "vllm_flash", 73)
+    remote.call("recv", (5, [1, 2]))
+    send = agent.send(peer, 5, [0, 3], [1, 2])
+    send.layer_ready(0)
+    remote.call("recv_wait", (5, 0, 30))
+    agent.remove_peer(peer)
+    with pytest.raises(errors.PeerUnknown, match="peer 'peer-sender' was removed"):
+        send.wait(timeout_s=1)
+    with pytest.raises(RemoteError, match="PeerLost.*removed this agent"):
+        remote.call("recv_wait", (5, None, 10))
+    wait_for(lambda: remote.call("writes_over", ("recv", 5)), "the removed receiver's writes_over from our total", 5)
+    wait_for(lambda: send.writes_over, "our send's writes_over", 5)
+    assert remote.proc.is_alive()
 
 
 def rss_mib() -> float:

@@ -763,11 +763,26 @@ void Agent::drain_peer(const std::shared_ptr<PeerState>& peer, double drain_s, c
   while (!over() && !peer->lost && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::microseconds(500));
 }
 
-// Ends a peer whose process may still run. Tell it first (BYE goes out even though the peer is lost by then), so
-// a live peer fails its transfers with us and posts nothing more instead of writing on until its deadlines; its
-// ended recvs' writes_over is settled later (settle_removed_recvs).
+// Ends a peer whose process may still run, on the progress thread (end_peer_now), and returns once it is lost: the
+// caller's transfers with it have failed. The progress thread sends the ABORTs with our totals and the BYE after
+// them, so a live peer settles its recvs from us by counting, fails its sends to us and answers with their totals.
+// Should the progress thread not get to it in time (it never stalls that long), the peer is ended here, with a BYE
+// that carries no totals (settled as before: when its process is seen gone).
 void Agent::end_live_peer(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why,
                           ByeReason reason) {
+  if (progress_.joinable() && std::this_thread::get_id() == progress_.get_id()) {
+    end_peer_now(peer, kind, why, reason);
+    return;
+  }
+  if (progress_.joinable() && !stop_.load()) {
+    Command c{Command::Kind::EndPeer, nullptr, static_cast<uint32_t>(kind), peer, {}};
+    c.msg.xfer_id = reason;
+    c.reason = why;
+    post_command(std::move(c));
+    const auto until = Clock::now() + std::chrono::seconds(2);
+    while (!peer->lost && Clock::now() < until) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    if (peer->lost) return;
+  }
   post_command(bye_command(peer, reason));
   mark_peer_lost(*peer, kind, why, /*writes_over_now=*/false);
 }

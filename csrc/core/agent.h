@@ -198,12 +198,12 @@ class Agent {
   };
   struct Command {
     enum class Kind { NewSend, LayerReady, Control, InjectImm, InjectMessage, AbortSend, InjectLanding, CancelRecv,
-                      Goodbye } kind;
+                      Goodbye, EndPeer } kind;
     std::shared_ptr<SendState> send;
     uint32_t layer_index = 0;  // LayerReady: index within the send's layer range
     std::shared_ptr<PeerState> peer;
     ControlMessage msg;
-    std::string reason{};  // AbortSend
+    std::string reason{};  // AbortSend, EndPeer (why, for the failed transfers)
     std::vector<uint8_t> bytes{};  // InjectLanding
     std::shared_ptr<RecvState> recv{};  // CancelRecv
   };
@@ -316,7 +316,15 @@ class Agent {
   std::vector<std::shared_ptr<RecvState>> settle_by_totals(PeerState& peer,
                                                            std::vector<std::shared_ptr<RecvState>>& recvs);
   void begin_goodbye();        // progress thread, closing: fail every live send (ABORTs), then the BYEs
-  bool queue_goodbyes(bool force);  // the BYEs of peers with no ABORT still deferred (all of them when force)
+  bool queue_goodbyes();       // the BYEs of peers with no ABORT still deferred (or whose wait is over)
+  void fail_sends_to(PeerState& peer, ErrorKind kind, const std::string& why);  // each with its ABORT (total)
+  // Progress thread: ends a peer that may live on (removed, restarted, silent, or it ended us: kByeAnswer): our
+  // sends fail with their ABORT totals, then its BYE says so; its recvs stay watched for its own totals.
+  // totals_received: its own BYE (kByeTotalsSent) ended us first, so our recvs from it settle by counting.
+  void end_peer_now(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why,
+                    ByeReason reason, bool totals_received = false);
+  void on_bye(PeerState& peer, const ControlMessage& m);
+  void watch_removed(PeerState& peer, SlotCounter& s, uint64_t xfer_id);  // peer.mu held
   void settle_removed_recvs(PeerState& peer);
   void queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, uint32_t slot, uint32_t first_layer = 0,
                      uint32_t num_layers = 0, uint32_t granules = 0);
@@ -370,9 +378,13 @@ class Agent {
   std::vector<int> cq_fds_;         // the transport's wait fds (empty: it has none; idle means short sleeps)
   bool closing_ = false;                    // progress thread: begin_goodbye ran (ABORTs say kAbortClosing)
   bool goodbye_queued_ = false;             // progress thread: the closing agent's BYEs are in the outbox
-  // progress thread, closing: peers whose BYE waits (until goodbye_wait_until_) for ABORTs deferred behind copies
-  std::vector<std::shared_ptr<PeerState>> goodbye_pending_;
-  Clock::time_point goodbye_wait_until_{};
+  // progress thread: BYEs that wait (until `until`) for this peer's ABORTs deferred behind copies still running
+  struct PendingBye {
+    std::shared_ptr<PeerState> peer;
+    ByeReason reason;
+    Clock::time_point until;
+  };
+  std::vector<PendingBye> goodbye_pending_;
   std::atomic<bool> goodbye_sent_{false};   // ... and all left it (handed to the transport or a doorbell ring)
   bool woke_on_cq_ = false;         // the last blocking wait ended because a CQ fd was readable
   uint32_t idle_cq_wakes_ = 0;      // such wakes in a row after which the loop found nothing to do

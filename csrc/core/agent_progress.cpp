@@ -61,11 +61,38 @@ bool process_gone(pid_t pid) {
   return close && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X');
 }
 
-}  // namespace
+// Why transfers with a peer that ended us ended (its BYE, or the ABORTs before it), after "peer '<name>".
+std::string ended_because(ByeReason reason) {
+  switch (reason) {
+    case kByeClosed: return "' closed its agent (Agent.close, or its process shut down); transfers with it ended";
+    case kByeSilent:
+      return "' heard nothing from this agent for its peer_timeout_s and ended transfers with it (was this process "
+             "stopped or starved of CPU, or the network between cut?)";
+    case kByeAnswer: return "' ended its transfers with this agent in answer to this agent ending it";
+    default:
+      return "' removed this agent (its remove_peer, or it met a newer agent under this name); transfers with it ended";
+  }
+}
 
-// Why transfers with a peer that closed its agent ended (its BYE, or the ABORTs before it), after the peer's name.
-constexpr const char* kClosedItsAgent =
-    "' closed its agent (Agent.close, or its process shut down); transfers with it ended";
+ByeReason bye_reason_of_abort(uint32_t code) {
+  switch (code) {
+    case kAbortClosing: return kByeClosed;
+    case kAbortSilent: return kByeSilent;
+    case kAbortAnswer: return kByeAnswer;
+    default: return kByeRemoved;
+  }
+}
+
+uint32_t abort_code_of(ByeReason reason) {
+  switch (reason) {
+    case kByeClosed: return kAbortClosing;
+    case kByeSilent: return kAbortSilent;
+    case kByeAnswer: return kAbortAnswer;
+    default: return kAbortRemoved;
+  }
+}
+
+}  // namespace
 
 void Agent::progress_loop() {
   pthread_setname_np(pthread_self(), "kvxfer-progress");  // what top, gdb and /proc show for this thread
@@ -77,7 +104,7 @@ void Agent::progress_loop() {
       std::lock_guard<std::mutex> domain(transport_mu_);
       busy |= run_commands();
       busy |= flush_control();
-      if (!goodbye_pending_.empty()) busy |= queue_goodbyes(Clock::now() >= goodbye_wait_until_);
+      if (!goodbye_pending_.empty()) busy |= queue_goodbyes();
       if (goodbye_queued_ && goodbye_pending_.empty() && std::none_of(outbox_.begin(), outbox_.end(), [](const auto& e) {
             return e.second.type == static_cast<uint16_t>(ControlType::Bye);
           }))
@@ -233,6 +260,9 @@ bool Agent::run_commands() {
         begin_goodbye();
         goodbye_queued_ = true;
         break;
+      case Command::Kind::EndPeer:
+        end_peer_now(c.peer, static_cast<ErrorKind>(c.layer_index), c.reason, static_cast<ByeReason>(c.msg.xfer_id));
+        break;
     }
   }
   return !cmds.empty();
@@ -265,8 +295,11 @@ bool Agent::flush_control() {
   std::vector<const PeerState*> held;  // peers with a message kept back: their later ones wait too (order)
   for (size_t i = 0; i < outbox_.size(); ++i) {
     auto& [peer, msg] = outbox_[i];
-    // A lost peer gets nothing more, except the BYE that says we removed it (if it ever connected).
-    if (peer->lost && (msg.type != static_cast<uint16_t>(ControlType::Bye) || !peer->connected)) continue;
+    // A lost peer gets nothing more, except the BYE that says we ended it (if it ever connected) and, when we ended
+    // it ourselves, the ABORTs with our totals before that BYE.
+    const bool farewell = msg.type == static_cast<uint16_t>(ControlType::Bye) ||
+                          (peer->farewell && msg.type == static_cast<uint16_t>(ControlType::Abort));
+    if (peer->lost && (!farewell || !peer->connected)) continue;
     const bool hello = msg.type == static_cast<uint16_t>(ControlType::Hello);
     if ((!hello && !peer->connected) || std::find(held.begin(), held.end(), peer.get()) != held.end()) {
       outbox_[keep++] = outbox_[i];
@@ -761,7 +794,9 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     return;
   }
   PeerState* peer = peer_by_epoch(m.sender_epoch);
-  if (!peer || peer->lost) {
+  // From a peer we ended ourselves, its ABORTs and answering BYE still count: they settle our ended recvs from it.
+  const bool answer = peer && peer->farewell && (type == ControlType::Abort || type == ControlType::Bye);
+  if (!peer || (peer->lost && !answer)) {
     counters_.dropped_messages++;
     return;
   }
@@ -775,18 +810,7 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     case ControlType::Cancel: on_cancel(*peer, m); break;
     case ControlType::CancelAck: on_cancel_ack(*peer, m); break;
     case ControlType::Landed: on_landed(*peer, m); break;
-    case ControlType::Bye:
-      mark_peer_lost(*peer, ErrorKind::PeerLost,
-                     "peer '" + peer->info.name +
-                         (m.xfer_id == kByeClosed
-                              ? kClosedItsAgent
-                          : m.xfer_id == kByeSilent
-                              ? "' heard nothing from this agent for its peer_timeout_s and ended transfers with it "
-                                "(was this process stopped or starved of CPU, or the network between cut?)"
-                              : "' removed this agent (its remove_peer, or it met a newer agent under this name); "
-                                "transfers with it ended"),
-                     false, m.xfer_id == kByeClosed && m.num_layers == kByeTotalsSent);
-      break;
+    case ControlType::Bye: on_bye(*peer, m); break;
     default: counters_.dropped_messages++;
   }
 }
@@ -872,11 +896,12 @@ void Agent::on_abort(PeerState& peer, const ControlMessage& m) {
   s.xfer_id = m.xfer_id;
   s.abort_total_known = true;
   s.abort_total = m.posted_total();
-  const bool closing = m.first_layer == kAbortClosing;
-  const ErrorKind kind = closing ? ErrorKind::PeerLost : ErrorKind::TransferFailed;
-  const std::string why = closing ? "peer '" + peer.info.name + kClosedItsAgent
-                                  : "the sender abandoned transfer " + std::to_string(m.xfer_id) +
-                                        " (it failed or timed out on the sending side); its blocks may be partly written";
+  // An ABORT of a peer ending us names why, as its BYE will; one of a send that failed on its own is plain.
+  const bool ending = m.first_layer >= kAbortClosing && m.first_layer <= kAbortAnswer;
+  const ErrorKind kind = ending ? ErrorKind::PeerLost : ErrorKind::TransferFailed;
+  const std::string why = ending ? "peer '" + peer.info.name + ended_because(bye_reason_of_abort(m.first_layer))
+                                 : "the sender abandoned transfer " + std::to_string(m.xfer_id) +
+                                       " (it failed or timed out on the sending side); its blocks may be partly written";
   if (s.recv) s.recv->fail(kind, why);
   if (auto it = peer.waiting_recvs.find(m.xfer_id); it != peer.waiting_recvs.end()) {
     it->second->fail(kind, why);
@@ -888,7 +913,48 @@ void Agent::on_abort(PeerState& peer, const ControlMessage& m) {
   peer.slot_of_xfer.erase(m.xfer_id);
   s.recv.reset();
   watch_cancelled(peer, s, m.xfer_id);
+  watch_removed(peer, s, m.xfer_id);
   maybe_reclaim_aborted(peer, m.slot);
+}
+
+// A peer we ended ourselves (lost here) sent an ABORT with the total of its transfer: a recv of it that ended with
+// the peer while still waiting for its BEGIN is watched by the slot now, so the answering BYE does not take it as
+// never written (peer.mu held).
+void Agent::watch_removed(PeerState& peer, SlotCounter& s, uint64_t xfer_id) {
+  for (const auto& r : peer.removed_recvs)
+    if (r->xfer_id == xfer_id && !r->writes_over) s.watch(r);
+}
+
+// BYE: the peer ended us. Closed (or answering us): it posts nothing more and its totals came first (when the BYE
+// says so), so our recvs from it settle by counting. Removed or judged silent: it may live on and still count what
+// we wrote, so we end it in turn (end_peer_now): our sends fail with ABORTs carrying their totals and a BYE of ours
+// answers, which lets it settle its recvs from us. From a peer we ended ourselves (lost here), the BYE is that
+// answer: only its totals are new.
+void Agent::on_bye(PeerState& peer, const ControlMessage& m) {
+  const auto reason = static_cast<ByeReason>(m.xfer_id);
+  const bool totals = m.num_layers == kByeTotalsSent;
+  if (peer.lost) {
+    if (!totals) return;
+    std::vector<std::shared_ptr<RecvState>> settled;
+    {
+      std::lock_guard<std::mutex> lock(peer.mu);
+      std::vector<std::shared_ptr<RecvState>> recvs = peer.removed_recvs;
+      settled = settle_by_totals(peer, recvs);
+    }
+    for (auto& r : settled) r->writes_over = true;
+    return;
+  }
+  const std::string why = "peer '" + peer.info.name + ended_because(reason);
+  std::shared_ptr<PeerState> owner;
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    if (auto it = peers_by_epoch_.find(peer.info.epoch); it != peers_by_epoch_.end()) owner = it->second;
+  }
+  if (reason == kByeClosed || reason == kByeAnswer || !owner) {
+    mark_peer_lost(peer, ErrorKind::PeerLost, why, false, totals);
+    return;
+  }
+  end_peer_now(owner, ErrorKind::PeerLost, why, kByeAnswer, totals);
 }
 
 void Agent::remember_abandoned(PeerState& peer, uint64_t xfer_id, uint32_t slot) {
@@ -1041,8 +1107,8 @@ void Agent::fail_send(const std::shared_ptr<SendState>& owner, ErrorKind kind, c
 void Agent::queue_abort(SendState& send) {
   ControlMessage total;  // only its two count fields: the 64-bit total, encoded the way on_abort decodes it
   total.set_posted_total(send.granules_posted);
-  queue_control(*send.peer, ControlType::Abort, send.xfer_id, send.slot, closing_ ? kAbortClosing : 0,
-                total.num_layers, total.granules_per_layer);
+  queue_control(*send.peer, ControlType::Abort, send.xfer_id, send.slot,
+                closing_ ? kAbortClosing : send.peer->abort_code, total.num_layers, total.granules_per_layer);
 }
 
 bool Agent::copies_landed(const SendState& send) {
@@ -1088,39 +1154,57 @@ bool Agent::settle_draining() {
 
 void Agent::begin_goodbye() {
   closing_ = true;
+  // An ABORT behind a copy still running into the peer goes once the copy landed; its BYE waits for it, briefly
+  // (the destructor waits 250 ms in all).
+  const auto until = Clock::now() + std::chrono::milliseconds(150);
+  std::vector<std::shared_ptr<PeerState>> peers;
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     // Not only connected peers: one whose HELLO to us is still on its way may already count us as connected (it
     // had ours) and be waiting on us; its BYE goes once the HELLO arrived (messages wait for it), within the limit.
     for (auto& [epoch, peer] : peers_by_epoch_)
-      if (!peer->lost) goodbye_pending_.push_back(peer);
+      if (!peer->lost) peers.push_back(peer);
   }
-  for (auto& peer : goodbye_pending_) {
-    std::vector<std::shared_ptr<SendState>> sends;
-    {
-      std::lock_guard<std::mutex> lock(peer->mu);
-      for (auto& [id, s] : peer->live_sends) sends.push_back(s);
-    }
-    for (auto& s : sends) fail_send(s, ErrorKind::PeerLost, "the local agent was closed");  // ABORT with its total
+  for (auto& peer : peers) {
+    fail_sends_to(*peer, ErrorKind::PeerLost, "the local agent was closed");
+    goodbye_pending_.push_back({peer, kByeClosed, until});
   }
-  // An ABORT behind a copy still running into the peer goes once the copy landed; its BYE waits for it, briefly
-  // (the destructor waits 250 ms in all).
-  goodbye_wait_until_ = Clock::now() + std::chrono::milliseconds(150);
-  queue_goodbyes(false);
+  queue_goodbyes();
 }
 
-bool Agent::queue_goodbyes(bool force) {
+void Agent::fail_sends_to(PeerState& peer, ErrorKind kind, const std::string& why) {
+  std::vector<std::shared_ptr<SendState>> sends;
+  {
+    std::lock_guard<std::mutex> lock(peer.mu);
+    for (auto& [id, s] : peer.live_sends) sends.push_back(s);
+  }
+  for (auto& s : sends) fail_send(s, kind, why);  // an ABORT with its total (deferred behind a running copy)
+}
+
+void Agent::end_peer_now(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why,
+                         ByeReason reason, bool totals_received) {
+  if (peer->lost) return;  // ended already (its own BYE came first, or end_live_peer stopped waiting)
+  peer->abort_code = abort_code_of(reason);
+  fail_sends_to(*peer, kind, why);
+  peer->farewell = true;
+  mark_peer_lost(*peer, kind, why, /*writes_over_now=*/false, totals_received);
+  goodbye_pending_.push_back({peer, reason, Clock::now() + std::chrono::milliseconds(150)});
+  queue_goodbyes();
+}
+
+bool Agent::queue_goodbyes() {
   size_t keep = 0;
   bool any = false;
-  for (auto& peer : goodbye_pending_) {
+  const auto now = Clock::now();
+  for (auto& bye : goodbye_pending_) {
     const bool deferred = std::any_of(deferred_aborts_.begin(), deferred_aborts_.end(),
-                                      [&](const auto& s) { return s->peer == peer; });
-    if (deferred && !force) {
-      goodbye_pending_[keep++] = std::move(peer);
+                                      [&](const auto& s) { return s->peer == bye.peer; });
+    if (deferred && now < bye.until) {
+      goodbye_pending_[keep++] = std::move(bye);
       continue;
     }
     // After this peer's ABORTs in the outbox (one order per peer): with none deferred, every total went before it.
-    queue_control(*peer, ControlType::Bye, kByeClosed, 0, 0, deferred ? 0 : kByeTotalsSent);
+    queue_control(*bye.peer, ControlType::Bye, bye.reason, 0, 0, deferred ? 0 : kByeTotalsSent);
     any = true;
   }
   goodbye_pending_.resize(keep);
@@ -1136,7 +1220,7 @@ bool Agent::flush_deferred_aborts() {
       deferred_aborts_[keep++] = std::move(s);
       continue;
     }
-    if (!s->peer->lost) queue_abort(*s);
+    if (!s->peer->lost || s->peer->farewell) queue_abort(*s);
     any = true;
   }
   deferred_aborts_.resize(keep);
@@ -1159,9 +1243,9 @@ void Agent::mark_peer_lost(PeerState& peer, ErrorKind kind, const std::string& w
     recvs = peer.unsettled_recvs();  // the failed and cancelled ones among them: only writes_over is left
     if (!writes_over_now && totals_sent) {
       settled = settle_by_totals(peer, recvs);  // recvs keeps the rest, settled as before (process seen gone)
-    } else {
+    } else if (!peer.farewell) {
       peer.slots.for_each([](SlotCounter& slot) { slot.watchers.clear(); });
-    }
+    }  // else we are ending it: its slots keep watching until its answer says its totals (on_bye)
     peer.live_sends.clear();
     peer.live_recvs.clear();
     peer.waiting_recvs.clear();

@@ -23,22 +23,29 @@
 
 namespace kvxfer {
 
-// BYE: the sender removed the receiver (remove_peer, or a newer agent under its name appeared); the receiver ends
-// its transfers with it and posts nothing more.
+// BYE: the sender ended the receiver (remove_peer, a newer agent under its name, silence, or its own close); the
+// receiver ends its transfers with it and posts nothing more. A receiver that may live on answers a removal with
+// the ABORT totals of its own sends and a BYE of reason kByeAnswer, which the remover reads although the peer is
+// lost to it: both sides then settle their ended recvs by counting.
 enum class ControlType : uint16_t {
   Hello = 1, Begin = 2, Release = 3, Abort = 4, AbortAck = 5, Landed = 6, Bye = 7, Cancel = 8, CancelAck = 9,
   Ping = 10  // heartbeat: says only "still here" (AgentInfo::heartbeat_ms)
 };
 
-// BYE carries why in its xfer_id field (peers that predate this read any BYE as a removal).
-enum ByeReason : uint64_t { kByeRemoved = 0, kByeClosed = 1, kByeSilent = 2 };
-// A closing agent's BYE with this in num_layers follows an ABORT (with its posted total) for every transfer of its
-// that had a slot towards the receiver: the receiver can settle each ended recv by counting (peers that predate
-// this leave the field 0 and are settled as before, when their process is seen gone).
+// BYE carries why in its xfer_id field (peers that predate this read any BYE as a removal). kByeAnswer: the BYE
+// of an agent that was itself ended by a BYE (removed, silent), answering with the totals of its own sends so the
+// agent that ended it can settle its recvs from it too; that agent reads it although the peer is lost to it.
+enum ByeReason : uint64_t { kByeRemoved = 0, kByeClosed = 1, kByeSilent = 2, kByeAnswer = 3 };
+// A BYE with this in num_layers follows an ABORT (with its posted total) for every transfer of the sender's that
+// had a slot towards the receiver: the receiver can settle each ended recv by counting (peers that predate this
+// leave the field 0 and are settled as before, when their process is seen gone).
 constexpr uint32_t kByeTotalsSent = 1;
-// An ABORT with this in first_layer comes from an agent that is closing: the receiver names the close, as the BYE
-// that follows will.
-constexpr uint32_t kAbortClosing = 1;
+// An ABORT's first_layer says why the sender ended the transfer, so the receiver names it as the BYE that follows
+// will: 0 the send failed on its own (deadline, abort()); otherwise the sender is ending the whole peer.
+constexpr uint32_t kAbortClosing = 1;   // the sender closed its agent
+constexpr uint32_t kAbortRemoved = 2;   // the sender removed this agent (remove_peer, or a newer incarnation)
+constexpr uint32_t kAbortSilent = 3;    // the sender heard nothing from this agent for its peer_timeout_s
+constexpr uint32_t kAbortAnswer = 4;    // this agent ended the sender first (its recvs failed already)
 // A CANCEL with this in first_layer: the receiver refused one of the transfer's landing batches (not Recv.cancel).
 constexpr uint32_t kCancelRefused = 1;
 

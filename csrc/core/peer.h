@@ -117,6 +117,11 @@ struct PeerState {
   std::string lost_reason;
   Clock::time_point lost_at;     // guarded by mu
   bool transport_released = false;  // progress thread: the transport dropped its connection (release_lost_peer)
+  // Progress thread: we ended this peer ourselves (end_peer_now) after an ABORT with its total for each of our sends:
+  // its own ABORTs and its answering BYE (the totals of its sends to us) are still read after it is lost, to settle
+  // our ended recvs from it. abort_code: what our ABORTs to it say (kAbort*), set while we end it.
+  bool farewell = false;
+  uint32_t abort_code = 0;
   // Heartbeat (progress thread): `heard` counts what came from the peer (messages, immediates, doorbell entries);
   // each check that finds it moved stamps last_heard (steady-clock ns, read by Peer.silent_s).
   uint64_t heard = 0, heard_seen = 0;
