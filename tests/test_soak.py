@@ -1,0 +1,34 @@
+"""kvxfer.bench.soak as a test: sustained traffic with cancels, aborts, a sender killed and restarted and a live
+sender removed, judged byte for byte (every completed request, then every block whose content is known), with
+every failed request settled (writes_over) and a final request per sender completing (no slot leaked)."""
+import numpy as np
+import pytest
+
+from kvxfer.bench import soak
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])
+def test_sustained_traffic_with_restarts_and_removals_stays_exact(transport):
+    result = soak.run(transport, seconds=6, senders=2, in_flight=4, chaos_every_s=1.0, seed=7)
+    assert result["mismatched_blocks"] == 0, result["mismatch_examples"]
+    assert result["unsettled"] == 0 and result["final_requests_done"] == 2
+    assert result["restarts"] >= 1 and result["removals"] >= 1 and result["requests_struck"] > 0
+    failed = result["failed"]
+    assert failed.get("Cancelled", 0) > 0 and failed.get("TransferFailed", 0) > 0  # receiver cancels, sender aborts
+    assert failed.get("PeerUnknown", 0) > 0  # the removals ended live requests
+    assert result["completed"] > 100 and result["blocks_checked_at_end"] > 0
+    assert result["fds_after"] <= result["fds_before"] + 4  # removed and restarted peers leave no connection behind
+
+
+def test_the_soak_catches_a_block_changed_behind_its_back():
+    # The judge itself: a byte changed in a block whose content is known must be reported by the final check.
+    s = soak.Soak("tcp", 1, 2, 0.001, 0, 3, None)
+    try:
+        s.drive(1.0)
+        block = next(iter(s.known))
+        soak.planes_view(s.dst[3], s.lay)[1, block, 100] ^= np.uint32(1)
+        result = s.finish()
+    finally:
+        s.close()
+    assert result["mismatched_blocks"] == 1
+    assert f"final check: blocks [{block}]" in result["mismatch_examples"][0]
