@@ -24,6 +24,9 @@ ENV_VARS = {
     "KVXFER_LANDING": ("str", "auto", "how peers reach this agent's pools besides direct writes: auto = landing slots "
                                       "where the fabric cannot write a pool and for host pools of < 32 KiB chunks on "
                                       "tcp; needed = only the former; always = every pool"),
+    "KVXFER_UCX_WRITES": ("str", "auto", "ucx writes: auto = kvxfer's own active messages to peers UCX has no RMA lane "
+                          "to (its tcp: emulated puts abort UCX 1.13 when the writer dies), puts otherwise; am | put "
+                          "force one"),
     "KVXFER_GPU_COPY": ("str", "auto", "GPU batch copies: auto = one gather kernel where the device reaches both "
                                        "ends, else copy engines; kernel; copy_engine (read by the C++ core)"),
 }

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 from kvxfer.bench import soak
+from tests.conftest import UCX
 
 
-@pytest.mark.parametrize("transport", ["tcp", "cma"])
+# ucx: a sender killed mid-transfer used to abort the receiving process inside UCX 1.13 (its emulated puts)
+@pytest.mark.parametrize("transport", ["tcp", "cma", UCX])
 def test_sustained_traffic_with_restarts_and_removals_stays_exact(transport):
     result = soak.run(transport, seconds=6, senders=2, in_flight=4, chaos_every_s=1.0, seed=7)
     assert result["mismatched_blocks"] == 0, result["mismatch_examples"]
@@ -15,9 +17,10 @@ def test_sustained_traffic_with_restarts_and_removals_stays_exact(transport):
     assert result["restarts"] >= 1 and result["removals"] >= 1 and result["requests_struck"] > 0
     failed = result["failed"]
     assert failed.get("Cancelled", 0) > 0 and failed.get("TransferFailed", 0) > 0  # receiver cancels, sender aborts
-    assert failed.get("PeerUnknown", 0) > 0  # the removals ended live requests
+    assert failed.get("PeerUnknown", 0) + failed.get("PeerLost", 0) > 0  # restarts and removals ended live requests
     assert result["completed"] > 100 and result["blocks_checked_at_end"] > 0
-    assert result["fds_after"] <= result["fds_before"] + 4  # removed and restarted peers leave no connection behind
+    if transport != "ucx":  # UCX keeps a removed peer's endpoint (and socket) to process exit (README)
+        assert result["fds_after"] <= result["fds_before"] + 4  # removed and restarted peers leave no connection
 
 
 def test_the_soak_catches_a_block_changed_behind_its_back():

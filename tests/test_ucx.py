@@ -89,9 +89,36 @@ def test_a_receiver_on_another_host_that_dies_fails_the_send_through_ucx(remote)
     assert time.monotonic() - t0 < 30
 
 
-def test_many_layers_of_small_writes_share_flushes():
-    """Immediates wait for a flush of the puts before them; the flush is asked once per poll for every put since
-    the last, so a request of many small writes completes exactly without one flush round trip per write."""
+@pytest.mark.parametrize("writes", ["am", "put"])
+def test_writes_go_as_active_messages_without_an_rma_lane_and_both_ways_are_exact(monkeypatch, writes):
+    """UCX over tcp has no RMA lane: its puts would be emulated, and UCX 1.13 aborts the receiving process when a
+    sender dies mid-put (kvxfer.bench.soak). Such peers get kvxfer's own data messages by default, and the peer
+    says so; KVXFER_UCX_WRITES=put keeps UCX's puts (the path a native RMA lane takes). Both are exact."""
+    from tests.conftest import assert_exact_transfer
+
+    if writes == "put":
+        monkeypatch.setenv("KVXFER_UCX_WRITES", "put")
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "ucx", (f"w-{writes}-a", f"w-{writes}-b"))
+    assert ("writes: kvxfer active messages" if writes == "am" else "writes: ucp puts") in peer_b.path_reason
+    rng = np.random.default_rng(5)
+    assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 1, rng.permutation(32)[:20].astype(np.int32),
+                          rng.permutation(32)[:20].astype(np.int32))
+
+
+def test_a_bad_ucx_writes_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("KVXFER_UCX_WRITES", "rdma")
+    with pytest.raises(errors.InvalidArgument, match="KVXFER_UCX_WRITES='rdma': use auto"):
+        kvxfer.Agent("bad-writes", transport="ucx", interface="lo")
+
+
+@pytest.mark.parametrize("writes", ["am", "put"])
+def test_many_layers_of_small_writes_share_flushes(monkeypatch, writes):
+    """Puts: immediates wait for a flush of the puts before them; the flush is asked once per poll for every put
+    since the last, so a request of many small writes completes exactly without one flush round trip per write.
+    Data messages carry their immediate: one message per write, nothing to flush."""
+    if writes == "put":
+        monkeypatch.setenv("KVXFER_UCX_WRITES", "put")
     layout = kvxfer.KVLayout.vllm_flash(num_layers=16, num_blocks=256, block_size=1, num_kv_heads=1, head_dim=8,
                                          dtype="float32")
     a, b, peer_b, peer_a, src, dst = local_pair(layout, "ucx", ("flush-a", "flush-b"))

@@ -3,6 +3,7 @@
 #include "core/layout.h"
 #include "core/metadata.h"
 #include "core/plan.h"
+#include "transports/ucx/data_am.h"
 
 namespace kvxfer {
 
@@ -116,6 +117,23 @@ void register_layout(py::module_& m) {
     }
     d["pools"] = pools;
     return d;
+  });
+
+  // The UCX transport's check of a peer's data AM (transports/ucx/data_am.h), for tests: "" or why it is refused.
+  // regions: {key: (base, size)} as this agent exported them.
+  m.def("check_ucx_data_am", [](py::bytes header, uint64_t data_len, const std::map<uint64_t, std::pair<uint64_t, uint64_t>>& regions) {
+    std::string h = header;
+    std::map<uint64_t, ucx_data::Region> r;
+    for (const auto& [key, region] : regions) r[key] = {region.first, region.second};
+    ucx_data::DataHeader out;
+    ucx_data::DataPiece pieces[ucx_data::kMaxPieces];
+    return ucx_data::check(
+        reinterpret_cast<const uint8_t*>(h.data()), h.size(), data_len,
+        [&r](uint64_t key) -> const ucx_data::Region* {
+          auto it = r.find(key);
+          return it == r.end() ? nullptr : &it->second;
+        },
+        &out, pieces);
   });
 }
 

@@ -322,7 +322,8 @@ class Soak:
             if self.progress and now - last_report >= 5:
                 self.progress(f"  {now - start:5.0f} s: {self.tally.completed} done, {sum(self.tally.failed.values())} "
                               f"failed, {len(self.settling)} settling, {self.tally.restarts} restarts, "
-                              f"{self.tally.removals} removals, {self.tally.mismatched_blocks} mismatched blocks")
+                              f"{self.tally.removals} removals, {self.tally.mismatched_blocks} mismatched blocks, "
+                              f"{_rss_mib():.0f} MiB resident")
                 last_report = now
             self._poll()
             time.sleep(0.001)

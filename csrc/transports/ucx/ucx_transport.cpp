@@ -7,6 +7,15 @@
 // libfabric endpoint. The flush is issued once per poll for all the puts posted since the last one, so its cost is
 // shared by a batch, not paid per write.
 //
+// Where UCX has no RMA lane to a peer (its tcp transport: "ucx lanes: tcp/lo (am, keepalive)"), UCP emulates a put
+// with active messages and answers each with an acknowledgement; UCX 1.13 aborts the *target* process when that
+// acknowledgement meets an endpoint that failed meanwhile ("ucp_request.inl:346 Fatal: unexpected error: Endpoint
+// timeout": a sender killed mid-transfer took its receiver down, kvxfer.bench.soak, 3 of 3 runs). To such peers a
+// write is one active message of ours instead (data AM: its pieces, where each goes, and the immediate): the
+// receiver checks every piece against the memory it exported under the named key, copies it there and counts the
+// immediate, so nothing is acknowledged and the immediate can never arrive before its bytes. KVXFER_UCX_WRITES=put
+// keeps UCX's puts (the only choice with a native RMA lane, e.g. InfiniBand); =am forces the messages.
+//
 // UCX remote keys are opaque blobs of tens of bytes, not 64-bit keys: register_memory hands the agent its requested
 // key as the "rkey", exported_keys() maps every such key to its packed UCX rkey for the metadata, and the peer's
 // import_keys() / first write unpacks them.
@@ -34,12 +43,17 @@
 
 #include "core/errors.h"
 #include "transports/transport.h"
+#include "transports/ucx/data_am.h"
 
 namespace kvxfer {
 namespace {
 
 constexpr unsigned kImmAm = 0x4b56;  // an active message carrying immediates (u32 each)
 constexpr unsigned kMsgAm = 0x4b57;  // an active message carrying one control message
+constexpr unsigned kDataAm = 0x4b58;  // a write (data_am.h): where its pieces go in the header, their bytes as data
+using ucx_data::DataHeader;
+using ucx_data::DataPiece;
+using ucx_data::kMaxPieces;
 constexpr size_t kMaxImmsPerAm = 256;
 constexpr int kProgressPerPoll = 64;
 constexpr uint32_t kMaxKeys = 4096;
@@ -70,6 +84,7 @@ class UcxTransport;
 struct UcxPeer {
   UcxTransport* owner = nullptr;
   ucp_ep_h ep = nullptr;
+  bool am_writes = false;  // writes go as data AMs (no RMA lane to this peer, or KVXFER_UCX_WRITES=am)
   bool failed = false;
   std::string error;
   std::unordered_map<uint64_t, std::vector<uint8_t>> packed;  // the peer's rkeys as it published them
@@ -84,6 +99,15 @@ struct FlushRequest {
   UcxTransport* transport;
   UcxPeer* peer;
   uint64_t puts;
+};
+
+// A data AM in flight: the header and iov UCX reads until it calls back.
+struct DataSend {
+  UcxTransport* transport;
+  UcxPeer* peer;
+  void* context;
+  std::vector<uint8_t> header;
+  std::array<ucp_dt_iov_t, kMaxPieces> iov;
 };
 
 struct PendingEvent {
@@ -127,6 +151,13 @@ class UcxTransport final : public Transport {
     KVXFER_UCS_CALL(TransportUnavailable, ucp_worker_create(context_, &wp, &worker_), "ucp_worker_create");
     set_am_handler(kImmAm, &UcxTransport::on_imm_am);
     set_am_handler(kMsgAm, &UcxTransport::on_msg_am);
+    set_am_handler(kDataAm, &UcxTransport::on_data_am);
+    if (const char* w = std::getenv("KVXFER_UCX_WRITES"); w && *w) {
+      const std::string v = w;
+      KVXFER_CHECK(v == "auto" || v == "am" || v == "put", InvalidArgument,
+                   "KVXFER_UCX_WRITES='" << v << "': use auto (active messages where UCX has no RMA lane), am or put");
+      writes_mode_ = v;
+    }
     if (!idle_wait_fd_wanted() || ucp_worker_get_efd(worker_, &efd_) != UCS_OK) efd_ = -1;
 
     char version[32];
@@ -149,7 +180,7 @@ class UcxTransport final : public Transport {
   // are released; what stays is the worker's memory pools and a few descriptors.
   ~UcxTransport() override {
     shutdown();
-    for (unsigned id : {kImmAm, kMsgAm}) {  // nothing of the leaked worker may call back into this object
+    for (unsigned id : {kImmAm, kMsgAm, kDataAm}) {  // nothing of the leaked worker may call back into this object
       ucp_am_handler_param_t hp{};
       hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB;
       hp.id = id;
@@ -213,11 +244,17 @@ class UcxTransport final : public Transport {
       ucp_mem_unmap(context_, memh);
       KVXFER_THROW(RegistrationFailed, "ucp_rkey_pack failed: " << (st == UCS_OK ? "key of " + std::to_string(packed_len) + " bytes" : status_text(st)));
     }
-    std::lock_guard<std::mutex> lock(mu_);
-    KVXFER_ASSERT(exported_.count(requested_key) == 0 && requested_key != 0);
-    exported_[requested_key] = {memh, std::vector<uint8_t>(static_cast<uint8_t*>(packed),
-                                                           static_cast<uint8_t*>(packed) + packed_len)};
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      KVXFER_ASSERT(exported_.count(requested_key) == 0 && requested_key != 0);
+      exported_[requested_key] = {memh, std::vector<uint8_t>(static_cast<uint8_t*>(packed),
+                                                             static_cast<uint8_t*>(packed) + packed_len)};
+    }
     ucp_rkey_buffer_release(packed);
+    if (device < 0) {  // data AMs land in host memory only (a GPU pool takes puts, with a CUDA-enabled UCX)
+      std::lock_guard<std::mutex> lock(regions_mu_);
+      regions_[requested_key] = {reinterpret_cast<uint64_t>(addr), nbytes};
+    }
     return MemoryKey{memh, nullptr, requested_key};
   }
 
@@ -226,6 +263,10 @@ class UcxTransport final : public Transport {
       {
         std::lock_guard<std::mutex> lock(mu_);
         exported_.erase(key.rkey);
+      }
+      {
+        std::lock_guard<std::mutex> lock(regions_mu_);
+        regions_.erase(key.rkey);
       }
       ucp_mem_unmap(context_, static_cast<ucp_mem_h>(key.handle));
     }
@@ -276,6 +317,8 @@ class UcxTransport final : public Transport {
     KVXFER_CHECK(st == UCS_OK, PeerUnknown,
                  "ucp_ep_create towards the peer failed: " << status_text(st)
                                                            << "; the peer may be unreachable with this UCX_TLS");
+    // UCX chose the endpoint's lanes from the peer's address: without an RMA lane its puts are emulated (above).
+    peer->am_writes = writes_mode_ == "am" || (writes_mode_ == "auto" && !has_rma_lane(peer->ep));
     std::lock_guard<std::mutex> lock(mu_);
     peers_.push_back(std::move(peer));
     return peers_.size() - 1;
@@ -291,12 +334,17 @@ class UcxTransport final : public Transport {
 
   std::string describe_peer(PeerAddr peer) const override {
     ucp_ep_h ep;
+    bool am;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (peer >= peers_.size() || !peers_[peer]->ep) return {};
       ep = peers_[peer]->ep;
+      am = peers_[peer]->am_writes;
     }
-    return describe_lanes(ep);
+    const std::string lanes = describe_lanes(ep);
+    return lanes.empty() ? lanes
+                         : lanes + (am ? "; writes: kvxfer active messages (UCX emulates puts without an RMA lane)"
+                                       : "; writes: ucp puts");
   }
 
   int post_write(const void* src, size_t nbytes, void* desc, uint32_t imm, PeerAddr peer, uint64_t remote_addr,
@@ -310,6 +358,7 @@ class UcxTransport final : public Transport {
     UcxPeer& p = peer_at(peer);
     if (p.failed) return report_failed(p, context);
     if (queued_ >= caps_.max_inflight) return -EAGAIN;
+    if (p.am_writes) return post_data_am(p, w, n, imm, context);
     ucp_rkey_h rkeys[16];
     KVXFER_ASSERT(n <= 16);
     for (size_t i = 0; i < n; ++i) rkeys[i] = w[i].nbytes ? rkey_for(p, w[i].rkey) : nullptr;  // may throw: first
@@ -459,6 +508,56 @@ class UcxTransport final : public Transport {
                     "ucp_ep_rkey_unpack of the peer's key " << id);
     p.rkeys[id] = rkey;
     return rkey;
+  }
+
+  // A write to a peer without an RMA lane (mu_ held): one data AM, sent eagerly so the receiver's handler has the
+  // bytes at once (never a rendezvous, which would fetch them with the same emulated RMA).
+  int post_data_am(UcxPeer& p, const WriteIov* w, size_t n, uint32_t imm, void* context) {
+    KVXFER_ASSERT(n <= kMaxPieces);
+    auto ds = std::make_unique<DataSend>(DataSend{this, &p, context, {}, {}});
+    DataHeader h;
+    h.imm = imm;
+    h.has_imm = 1;
+    std::vector<DataPiece> pieces;
+    for (size_t i = 0; i < n; ++i) {
+      if (w[i].nbytes == 0) continue;
+      KVXFER_CHECK(p.packed.count(w[i].rkey), AccessViolation,
+                   "the peer exposed no memory under key " << w[i].rkey << "; re-add it with its current metadata");
+      pieces.push_back({w[i].rkey, w[i].remote_addr, w[i].nbytes});
+      ds->iov[h.pieces++] = {const_cast<void*>(w[i].src), w[i].nbytes};
+    }
+    ds->header.resize(sizeof(h) + pieces.size() * sizeof(DataPiece));
+    std::memcpy(ds->header.data(), &h, sizeof(h));
+    if (!pieces.empty()) std::memcpy(ds->header.data() + sizeof(h), pieces.data(), pieces.size() * sizeof(DataPiece));
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS |
+                      UCP_OP_ATTR_FIELD_DATATYPE;
+    rp.cb.send = &UcxTransport::on_data_sent;
+    rp.user_data = ds.get();
+    rp.flags = UCP_AM_SEND_FLAG_EAGER;
+    rp.datatype = h.pieces ? ucp_dt_make_iov() : ucp_dt_make_contig(1);
+    ucs_status_ptr_t req = ucp_am_send_nbx(p.ep, kDataAm, ds->header.data(), ds->header.size(),
+                                           h.pieces ? ds->iov.data() : nullptr, h.pieces, &rp);
+    writes_.fetch_add(1, std::memory_order_relaxed);
+    if (UCS_PTR_IS_ERR(req)) {
+      fail_peer(p, "ucp_am_send_nbx of a write failed: " + status_text(UCS_PTR_STATUS(req)));
+      return report_failed(p, context);
+    }
+    if (req == nullptr) {  // sent already: UCX copied what it needed
+      write_done(context);
+      return 0;
+    }
+    ds.release();  // on_data_sent frees it
+    ++queued_;
+    return 0;
+  }
+
+  void write_done(void* context) {
+    if (!context) return;
+    PendingEvent pe;
+    pe.event.kind = Event::Kind::WriteDone;
+    pe.event.context = context;
+    pending_.push_back(std::move(pe));
   }
 
   int report_failed(UcxPeer& p, void* context) {
@@ -611,6 +710,57 @@ class UcxTransport final : public Transport {
     return UCS_OK;
   }
 
+  // A peer's write (data AM): copied into our memory only when data_am.h's checks pass, then its immediate counts.
+  // A message that fails them is dropped and counted (its transfer then misses its deadline, naming the layers).
+  static ucs_status_t on_data_am(void* arg, const void* header, size_t header_len, void* data, size_t len,
+                                 const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<UcxTransport*>(arg);
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {  // our senders never ask for a rendezvous
+      self->rejected_writes_.fetch_add(1, std::memory_order_relaxed);
+      return UCS_OK;
+    }
+    DataHeader h;
+    DataPiece pieces[kMaxPieces];
+    {
+      // Held while copying: a region deregistered meanwhile (its memory may be freed next) is never written.
+      std::lock_guard<std::mutex> lock(self->regions_mu_);
+      const std::string why = ucx_data::check(
+          static_cast<const uint8_t*>(header), header_len, len,
+          [self](uint64_t key) -> const ucx_data::Region* {
+            auto it = self->regions_.find(key);
+            return it == self->regions_.end() ? nullptr : &it->second;
+          },
+          &h, pieces);
+      if (!why.empty()) {
+        self->rejected_writes_.fetch_add(1, std::memory_order_relaxed);
+        return UCS_OK;
+      }
+      const auto* from = static_cast<const uint8_t*>(data);
+      for (uint32_t i = 0; i < h.pieces; ++i) {
+        std::memcpy(reinterpret_cast<void*>(pieces[i].remote_addr), from, pieces[i].nbytes);
+        from += pieces[i].nbytes;
+      }
+    }
+    if (h.has_imm) {
+      PendingEvent pe;
+      pe.event.kind = Event::Kind::RemoteData;
+      pe.event.imm = h.imm;
+      self->pending_.push_back(std::move(pe));
+      self->imms_.fetch_add(1, std::memory_order_relaxed);
+    }
+    return UCS_OK;
+  }
+
+  static void on_data_sent(void* request, ucs_status_t status, void* user_data) {
+    auto* ds = static_cast<DataSend*>(user_data);
+    {
+      std::lock_guard<std::mutex> lock(ds->transport->done_mu_);
+      ds->transport->outcomes_.push_back({ds->peer, 0, status, ds->context, true});
+    }
+    delete ds;
+    ucp_request_free(request);
+  }
+
   // UCX callbacks record what happened under done_mu_ only (never held across a UCX call), and poll() applies it
   // under mu_: a callback run inside a UCX call made by a thread holding mu_, or by the worker's lock holder, can
   // then never deadlock.
@@ -618,7 +768,7 @@ class UcxTransport final : public Transport {
     auto* fr = static_cast<FlushRequest*>(user_data);
     {
       std::lock_guard<std::mutex> lock(fr->transport->done_mu_);
-      fr->transport->outcomes_.push_back({fr->peer, fr->puts, status});
+      fr->transport->outcomes_.push_back({fr->peer, fr->puts, status, nullptr, false});
     }
     delete fr;
     ucp_request_free(request);
@@ -635,7 +785,7 @@ class UcxTransport final : public Transport {
   static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t status) {
     auto* peer = static_cast<UcxPeer*>(arg);
     std::lock_guard<std::mutex> lock(peer->owner->done_mu_);
-    peer->owner->outcomes_.push_back({peer, 0, status});
+    peer->owner->outcomes_.push_back({peer, 0, status, nullptr, false});
   }
 
   // Under mu_: flushes that completed move their peers' `flushed` on; failures fail the peer.
@@ -646,9 +796,32 @@ class UcxTransport final : public Transport {
       outcomes.swap(outcomes_);
     }
     for (const auto& o : outcomes) {
+      if (o.data_write) {  // a data AM left (or failed with its endpoint)
+        --queued_;
+        if (o.status == UCS_OK) {
+          write_done(o.context);
+        } else {
+          fail_peer(*o.peer, "a write failed: " + status_text(o.status));
+          report_failed(*o.peer, o.context);
+        }
+        continue;
+      }
       if (o.status == UCS_OK) o.peer->flushed = std::max(o.peer->flushed, o.puts);
       else fail_peer(*o.peer, (o.puts ? "flush failed: " : "the peer is unreachable: ") + status_text(o.status));
     }
+  }
+
+  // True when one of the endpoint's lanes does RMA in hardware (rma_bw / rma lanes): UCX's puts are then real.
+  static bool has_rma_lane(ucp_ep_h ep) {
+    const std::string text = print_to_string([ep](FILE* f) { ucp_ep_print_info(ep, f); });
+    size_t pos = 0;
+    while ((pos = text.find("lane[", pos)) != std::string::npos) {
+      const size_t eol = std::min(text.find('\n', pos), text.size());
+      const std::string line = text.substr(pos, eol - pos);
+      pos = eol;
+      if (line.find(" rma") != std::string::npos) return true;
+    }
+    return false;
   }
 
   // "ucx lanes: tcp/lo (am, rma)": which of UCX's transports carry what, from ucp_ep_print_info, so a slow fallback
@@ -728,12 +901,18 @@ class UcxTransport final : public Transport {
     UcxPeer* peer;
     uint64_t puts;  // a flush: the puts it covered; 0: an endpoint error
     ucs_status_t status;
+    void* context;    // a data AM: its write's completion context
+    bool data_write;  // a data AM, not a flush or an endpoint error
   };
   std::mutex done_mu_;  // outcomes_, filled by UCX callbacks
   std::vector<Outcome> outcomes_;
   std::vector<std::unique_ptr<UcxPeer>> peers_;
   std::unordered_map<uint64_t, Exported> exported_;
-  size_t queued_ = 0;  // writes waiting for their immediate to leave: the in-flight window
+  size_t queued_ = 0;  // writes waiting for their immediate (or their data AM) to leave: the in-flight window
+  std::string writes_mode_ = "auto";  // KVXFER_UCX_WRITES
+  std::mutex regions_mu_;  // regions_: read by the data AM handler, changed by (de)registration
+  std::unordered_map<uint64_t, ucx_data::Region> regions_;  // host memory exported under each key
+  std::atomic<uint64_t> rejected_writes_{0};  // data AMs that failed data_am.h's checks
   std::deque<PendingEvent> pending_;             // progress thread only
   std::vector<std::vector<uint8_t>> delivered_;  // messages handed out by the last poll
   std::atomic<uint64_t> writes_{0}, imms_{0};
