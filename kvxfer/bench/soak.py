@@ -4,8 +4,9 @@ One receiver (this process) and N sender processes on this host. The receiver ha
 blocks the way a decode engine does: destination blocks come from a free list and go back to it only when the
 recv completed (after its bytes were checked) or, for a failed one, once `writes_over` is True. Mixed in, on a
 schedule: the receiver cancels some recvs after their first layer, senders abort some sends part way, a sender
-process is killed and restarted under the same name, and a live sender is removed (remove_peer) and comes back
-with a new agent. Every chunk's bytes name the sender incarnation, layer, plane and source block they came from,
+process is killed and restarted under the same name, a live sender is removed (remove_peer) and comes back with a
+new agent, and a sender is stopped (SIGSTOP) until the receiver's heartbeat ends it as silent, then runs again,
+finds the BYE, answers with its totals and comes back. Every chunk's bytes name the sender incarnation, layer, plane and source block they came from,
 so a late write of an ended transfer into a block handed to the next request, or a chunk written to the wrong
 place, shows up as a mismatch when that block is checked. At the end every sender completes one more request
 (no slot leaked) and every block whose content is known is checked again.
@@ -59,11 +60,14 @@ def planes_view(pool_layer: np.ndarray, lay) -> np.ndarray:
 
 
 # ---- sender process -----------------------------------------------------------------------------------------
-def _new_sender_agent(name, transport, incarnation):
+PEER_TIMEOUT_S = 1.0  # with "stop" among the chaos: a stopped sender is ended as silent after this long
+
+
+def _new_sender_agent(name, transport, incarnation, peer_timeout_s=None):
     import kvxfer
 
     lay = layout()
-    agent = kvxfer.Agent(name, transport=transport, interface="lo", timeout_s=30)
+    agent = kvxfer.Agent(name, transport=transport, interface="lo", timeout_s=30, peer_timeout_s=peer_timeout_s)
     pool = [np.empty(lay.tensor_layer_bytes, np.uint8) for _ in range(lay.num_layers)]
     every = np.arange(lay.num_blocks)
     for layer, arr in enumerate(pool):
@@ -72,11 +76,11 @@ def _new_sender_agent(name, transport, incarnation):
     return agent, pool
 
 
-def _sender_main(conn, name: str, transport: str, incarnation: int, layer_gap_s: float) -> None:
+def _sender_main(conn, name: str, transport: str, incarnation: int, layer_gap_s: float, peer_timeout_s) -> None:
     """Marks each send's layers `layer_gap_s` apart (a prefill's forward pass), aborting where told."""
     import kvxfer
 
-    agent, _pool = _new_sender_agent(name, transport, incarnation)  # the pool stays referenced
+    agent, _pool = _new_sender_agent(name, transport, incarnation, peer_timeout_s)  # the pool stays referenced
     conn.send(("md", agent.metadata()))
     peer, active = None, {}  # xfer -> [send, next layer, due time, abort at layer or -1]
     while True:
@@ -95,7 +99,7 @@ def _sender_main(conn, name: str, transport: str, incarnation: int, layer_gap_s:
             elif cmd == "renew":  # removed by the receiver: come back as a new agent (new epoch) under the name
                 agent.close()
                 incarnation, active, peer = arg, {}, None
-                agent, _pool = _new_sender_agent(name, transport, incarnation)  # the pool stays referenced
+                agent, _pool = _new_sender_agent(name, transport, incarnation, peer_timeout_s)  # the pool stays referenced
                 conn.send(("md", agent.metadata()))
             elif cmd == "exit":
                 agent.close()
@@ -127,6 +131,7 @@ class Sender:
     proc: mp.Process = None
     conn: object = None
     peer: object = None
+    stopped_at: float | None = None  # SIGSTOPped (chaos "stop") since
 
 
 @dataclass
@@ -151,7 +156,9 @@ class Tally:
     aborted: int = 0
     restarts: int = 0
     removals: int = 0
-    struck: int = 0          # requests in flight from a sender when it was killed or removed
+    stops: int = 0
+    unplanned_ends: int = 0  # senders the receiver lost without a chaos event (renewed)
+    struck: int = 0          # requests in flight from a sender when it was killed, removed or stopped
     mismatched_blocks: int = 0
     mismatch_examples: list = field(default_factory=list)
     unsettled: int = 0
@@ -170,7 +177,7 @@ def _rss_mib() -> float:
 
 class Soak:
     def __init__(self, transport: str, senders: int, in_flight: int, layer_gap_s: float, chaos_every_s: float,
-                 seed: int, progress, chaos: tuple = ("restart", "remove")):
+                 seed: int, progress, chaos: tuple = ("restart", "remove", "stop")):
         import kvxfer
 
         self.kvxfer, self.transport, self.progress = kvxfer, transport, progress
@@ -179,7 +186,9 @@ class Soak:
         self.words = chunk_words(self.lay)
         self.layer_gap_s, self.chaos_every_s, self.in_flight, self.chaos = layer_gap_s, chaos_every_s, in_flight, chaos
         self.ctx = mp.get_context("spawn")
-        self.agent = kvxfer.Agent("soak-receiver", transport=transport, interface="lo", timeout_s=30)
+        self.peer_timeout_s = PEER_TIMEOUT_S if "stop" in chaos else None
+        self.agent = kvxfer.Agent("soak-receiver", transport=transport, interface="lo", timeout_s=30,
+                                  peer_timeout_s=self.peer_timeout_s)
         # Resident from the start, so the memory reported after the run is what the run added.
         self.dst = [np.full(self.lay.tensor_layer_bytes, 0xA5, np.uint8) for _ in range(self.lay.num_layers)]
         self.agent.register_pool(self.dst, self.lay)
@@ -199,7 +208,7 @@ class Soak:
         s.incarnation, self.next_incarnation = self.next_incarnation, self.next_incarnation + 1
         s.conn, child = self.ctx.Pipe()
         s.proc = self.ctx.Process(target=_sender_main, args=(child, s.name, self.transport, s.incarnation,
-                                                              self.layer_gap_s), daemon=True)
+                                                              self.layer_gap_s, self.peer_timeout_s), daemon=True)
         s.proc.start()
         self._connect(s)
 
@@ -224,10 +233,34 @@ class Soak:
     def _remove_and_renew(self, s: Sender) -> None:
         self._struck(s)
         self.agent.remove_peer(s.peer)  # its process lives on: its answer must settle the ended recvs
+        self._renew(s)
+        self.tally.removals += 1
+
+    def _stop(self, s: Sender) -> None:
+        """SIGSTOP: to the receiver the sender falls silent (a host gone dark); the heartbeat ends it, and once it
+        runs again it finds the BYE and answers with its totals. drive() resumes it (_resume)."""
+        self._struck(s)
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        s.stopped_at = time.monotonic()
+        self.tally.stops += 1
+
+    def _resume_if_ended(self, s: Sender) -> None:
+        if s.stopped_at is None and s.peer.lost:  # ended by nobody's plan (heartbeat on a starved machine)
+            self.tally.unplanned_ends += 1
+            self._renew(s)
+            return
+        if s.stopped_at is None or not (s.peer.lost or time.monotonic() - s.stopped_at > 10 * PEER_TIMEOUT_S):
+            return
+        os.kill(s.proc.pid, signal.SIGCONT)
+        s.stopped_at = None
+        if not s.peer.lost:
+            self.agent.remove_peer(s.peer)
+        self._renew(s)
+
+    def _renew(self, s: Sender) -> None:
         s.incarnation, self.next_incarnation = self.next_incarnation, self.next_incarnation + 1
         s.conn.send(("renew", s.incarnation))
         self._connect(s)
-        self.tally.removals += 1
 
     # -- requests
     def _issue(self, s: Sender, fate: str | None = None) -> None:
@@ -307,15 +340,22 @@ class Soak:
         chaos = 0
         while time.monotonic() - start < seconds:
             for s in self.senders:
-                while sum(r.sender is s for r in self.live.values()) < self.in_flight and len(self.free) >= 32:
+                self._resume_if_ended(s)
+                while (s.stopped_at is None and sum(r.sender is s for r in self.live.values()) < self.in_flight
+                       and len(self.free) >= 32):
                     self._issue(s)
             now = time.monotonic()
             if self.chaos_every_s > 0 and now - last_chaos >= self.chaos_every_s:
                 # Strike while the sender has requests part way through (a few layers in), not between them.
                 time.sleep(self.rng.uniform(0, LAYERS * self.layer_gap_s))
                 s = self.senders[chaos % len(self.senders)]
-                if self.chaos[chaos % len(self.chaos)] == "restart":
+                kind = self.chaos[chaos % len(self.chaos)]
+                if s.stopped_at is not None:
+                    pass  # still stopped: strike again on the next turn
+                elif kind == "restart":
                     self._restart(s)
+                elif kind == "stop":
+                    self._stop(s)
                 else:
                     self._remove_and_renew(s)
                 chaos, last_chaos = chaos + 1, time.monotonic()
@@ -332,7 +372,9 @@ class Soak:
     def finish(self) -> dict:
         elapsed, fds0, rss0 = self.elapsed, self.fds0, self.rss0
         deadline = time.monotonic() + 45  # live recvs end by their 30 s deadline at the latest
-        while (self.live or self.settling) and time.monotonic() < deadline:
+        while (self.live or self.settling or any(s.stopped_at for s in self.senders)) and time.monotonic() < deadline:
+            for s in self.senders:
+                self._resume_if_ended(s)
             self._poll()
             time.sleep(0.005)
         self.tally.unsettled = len(self.live) + len(self.settling)
@@ -366,7 +408,7 @@ class Soak:
             "latency_p50_ms": round(1e3 * lat[len(lat) // 2], 2),
             "latency_p99_ms": round(1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2),
             "failed": t.failed, "cancelled": t.cancelled, "aborted": t.aborted, "restarts": t.restarts,
-            "removals": t.removals, "requests_struck": t.struck, "settle_p50_ms": round(1e3 * settle[len(settle) // 2], 2),
+            "removals": t.removals, "stops": t.stops, "unplanned_ends": t.unplanned_ends, "requests_struck": t.struck, "settle_p50_ms": round(1e3 * settle[len(settle) // 2], 2),
             "settle_max_ms": round(1e3 * settle[-1], 2), "unsettled": t.unsettled,
             "final_requests_done": final_ok, "mismatched_blocks": t.mismatched_blocks,
             "mismatch_examples": t.mismatch_examples, "blocks_checked_at_end": len(self.known),
@@ -375,6 +417,8 @@ class Soak:
 
     def close(self) -> None:
         for s in self.senders:
+            if s.stopped_at is not None and s.proc.is_alive():
+                os.kill(s.proc.pid, signal.SIGCONT)
             try:
                 s.conn.send(("exit", None))
             except (BrokenPipeError, OSError):
@@ -387,7 +431,7 @@ class Soak:
 
 
 def run(transport="tcp", seconds=30.0, senders=2, in_flight=6, layer_gap_ms=1.0, chaos_every_s=2.0, seed=1,
-        progress=None, chaos=("restart", "remove")) -> dict:
+        progress=None, chaos=("restart", "remove", "stop")) -> dict:
     soak = Soak(transport, senders, in_flight, layer_gap_ms / 1e3, chaos_every_s, seed, progress, tuple(chaos))
     try:
         return soak.run(seconds)
@@ -406,9 +450,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layer-gap-ms", type=float, default=1.0, help="sender's time between layers (default: 1)")
     ap.add_argument("--chaos-every", type=float, default=2.0,
                     help="seconds between a sender restart / removal, alternating; 0 = none (default: 2)")
-    ap.add_argument("--chaos", default="restart,remove",
+    ap.add_argument("--chaos", default="restart,remove,stop",
                     help="what strikes, in turn: restart (kill -9 a sender, start it again), remove (remove_peer a "
-                         "live sender, it comes back as a new agent) (default: restart,remove)")
+                         "live sender, it comes back as a new agent), stop (SIGSTOP a sender until the receiver's "
+                         f"heartbeat ends it, peer_timeout_s={PEER_TIMEOUT_S:g}, then it runs again and comes back) "
+                         "(default: restart,remove,stop)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", metavar="PATH", help="write the result here too")
     args = ap.parse_args(argv)
