@@ -1,4 +1,4 @@
-"""Soak: sustained traffic with failures mixed in, judged byte for byte. `python -m kvxfer.bench.soak --help`
+"""Soak: sustained traffic with failures mixed in, judged byte for byte. `kvxfer-soak --help`
 
 One receiver (this process) and N sender processes on this host. The receiver hands out requests of 1-32 random
 blocks the way a decode engine does: destination blocks come from a free list and go back to it only when the
@@ -442,7 +442,7 @@ def run(transport="tcp", seconds=30.0, senders=2, in_flight=6, layer_gap_ms=1.0,
 def main(argv=None) -> int:
     os.environ.setdefault("FI_TCP_IFACE", "lo")
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
-    ap = argparse.ArgumentParser(prog="python -m kvxfer.bench.soak", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="kvxfer-soak", description=__doc__.split("\n")[0])
     ap.add_argument("--transport", default="tcp", help="tcp, cma, shm, ucx (default: tcp)")
     ap.add_argument("--seconds", type=float, default=30.0, help="how long to run (default: 30)")
     ap.add_argument("--senders", type=int, default=2, help="sender processes (default: 2)")
