@@ -19,8 +19,7 @@ def test_sustained_traffic_with_restarts_and_removals_stays_exact(transport):
     assert failed.get("Cancelled", 0) > 0 and failed.get("TransferFailed", 0) > 0  # receiver cancels, sender aborts
     assert failed.get("PeerUnknown", 0) + failed.get("PeerLost", 0) > 0  # restarts and removals ended live requests
     assert result["completed"] > 100 and result["blocks_checked_at_end"] > 0
-    if transport != "ucx":  # UCX keeps a removed peer's endpoint (and socket) to process exit (README)
-        assert result["fds_after"] <= result["fds_before"] + 4  # removed and restarted peers leave no connection
+    assert result["fds_after"] <= result["fds_before"] + 4  # removed and restarted peers leave no connection
 
 
 def test_the_soak_catches_a_block_changed_behind_its_back():

@@ -1369,7 +1369,9 @@ void Agent::check_deadlines() {
 // BYE went out), no write or copy of a send to it in flight, and a grace period for the provider to deliver what
 // it accepted.
 void Agent::release_lost_peer(PeerState& peer) {
-  if (peer.transport_released || !transport_->capabilities().releases_peers) return;
+  const auto& caps = transport_->capabilities();
+  if (peer.transport_released || !caps.releases_peers || (caps.releases_connected_peers_only && !peer.connected))
+    return;
   {
     std::lock_guard<std::mutex> lock(peer.mu);
     if (Clock::now() - peer.lost_at < kReleaseLostPeerAfter) return;

@@ -45,7 +45,10 @@ struct Capabilities {
   size_t max_iov = 1;         // chunks one write may gather (min of the provider's iov and rma_iov limits)
   uint32_t num_rails = 1;     // endpoints writes can be spread over (control messages use rail 0)
   bool hmem = false;          // can register CUDA memory (FI_HMEM): GPU-direct RDMA, no staging needed
-  bool releases_peers = true; // remove_peer closes the peer's connection (false: UCX, see ucx_transport.cpp)
+  bool releases_peers = true; // remove_peer closes the peer's connection
+  // UCX: closing an endpoint still in its connection handshake aborts UCX 1.13, so only a peer that finished
+  // connecting (kvxfer's HELLOs both ways) is released; the transport itself keeps one it cannot close safely.
+  bool releases_connected_peers_only = false;
 };
 
 struct RailStats {

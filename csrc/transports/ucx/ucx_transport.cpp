@@ -85,6 +85,7 @@ struct UcxPeer {
   UcxTransport* owner = nullptr;
   ucp_ep_h ep = nullptr;
   bool am_writes = false;  // writes go as data AMs (no RMA lane to this peer, or KVXFER_UCX_WRITES=am)
+  std::atomic<bool> sent{false};  // UCX completed a send of ours on the endpoint: its lanes are wired
   bool failed = false;
   std::string error;
   std::unordered_map<uint64_t, std::vector<uint8_t>> packed;  // the peer's rkeys as it published them
@@ -169,9 +170,11 @@ class UcxTransport final : public Transport {
     caps_.max_inflight = 1024;
     caps_.max_iov = 16;  // a gathered write is n puts and one immediate
     caps_.num_rails = 1;  // UCX spreads over its own lanes and rails (UCX_MAX_RMA_RAILS)
-    // Closing an endpoint that still owes its peer a wireup reply aborts UCX 1.13 (see shutdown()): a removed
-    // peer's endpoint stays until the process exits.
-    caps_.releases_peers = false;
+    // Closing an endpoint that still owes its peer a wireup reply aborts UCX 1.13 (see shutdown()): a lost peer's
+    // endpoint is closed only once the handshake is over both ways (the agent saw the peer's HELLOs, and UCX
+    // completed a send of ours on it); otherwise it stays until the process exits.
+    caps_.releases_peers = true;
+    caps_.releases_connected_peers_only = true;
     caps_.hmem = (attr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
   }
 
@@ -324,10 +327,22 @@ class UcxTransport final : public Transport {
     return peers_.size() - 1;
   }
 
+  // The agent releases a lost peer once nothing of ours is in flight to it and it had connected: the endpoint is
+  // closed (its socket and buffers go) when UCX also completed a send on it; otherwise it is only marked failed.
   void remove_peer(PeerAddr peer) override {
     std::lock_guard<std::mutex> lock(mu_);
     UcxPeer& p = peer_at(peer);
     fail_peer(p, "the peer was removed");
+    if (!p.ep || !p.sent.load()) return;
+    for (auto& [id, rkey] : p.rkeys) ucp_rkey_destroy(rkey);  // before their endpoint goes
+    p.rkeys.clear();
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    rp.flags = UCP_EP_CLOSE_FLAG_FORCE;  // the peer may be gone: do not wait for it to agree
+    ucs_status_ptr_t req = ucp_ep_close_nbx(p.ep, &rp);
+    p.ep = nullptr;
+    if (req && !UCS_PTR_IS_ERR(req)) closing_.push_back(req);
+    ++released_;
   }
 
   uint32_t peer_rails(PeerAddr peer) const override { return 1; }
@@ -412,6 +427,7 @@ class UcxTransport final : public Transport {
         request_flush(*p);
         drain(*p);
       }
+      reap_closed();
     }
     size_t out = 0;
     while (out < max && !pending_.empty()) {
@@ -552,6 +568,16 @@ class UcxTransport final : public Transport {
     return 0;
   }
 
+  // Endpoint closes that completed hand their requests back (mu_ held).
+  void reap_closed() {
+    size_t keep = 0;
+    for (void* req : closing_) {
+      if (ucp_request_check_status(req) == UCS_INPROGRESS) closing_[keep++] = req;
+      else ucp_request_free(req);
+    }
+    closing_.resize(keep);
+  }
+
   void write_done(void* context) {
     if (!context) return;
     PendingEvent pe;
@@ -649,11 +675,12 @@ class UcxTransport final : public Transport {
 
   struct AmSend {
     UcxTransport* transport;
+    UcxPeer* peer;
     std::vector<uint8_t> bytes;
   };
 
   void send_am(UcxPeer& p, unsigned id, const void* data, size_t len) {
-    auto* am = new AmSend{this, {static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + len}};
+    auto* am = new AmSend{this, &p, {static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + len}};
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
     rp.cb.send = &UcxTransport::on_am_sent;
@@ -662,6 +689,7 @@ class UcxTransport final : public Transport {
     ucs_status_ptr_t req = ucp_am_send_nbx(p.ep, id, nullptr, 0, am->bytes.data(), am->bytes.size(), &rp);
     if (req == nullptr) {
       delete am;
+      p.sent = true;
     } else if (UCS_PTR_IS_ERR(req)) {
       delete am;
       fail_peer(p, "ucp_am_send_nbx failed: " + status_text(UCS_PTR_STATUS(req)));
@@ -776,6 +804,7 @@ class UcxTransport final : public Transport {
 
   static void on_am_sent(void* request, ucs_status_t status, void* user_data) {
     auto* am = static_cast<AmSend*>(user_data);
+    if (status == UCS_OK) am->peer->sent = true;
     --am->transport->ams_in_flight_;
     delete am;
     ucp_request_free(request);
@@ -913,6 +942,8 @@ class UcxTransport final : public Transport {
   std::mutex regions_mu_;  // regions_: read by the data AM handler, changed by (de)registration
   std::unordered_map<uint64_t, ucx_data::Region> regions_;  // host memory exported under each key
   std::atomic<uint64_t> rejected_writes_{0};  // data AMs that failed data_am.h's checks
+  std::vector<void*> closing_;  // ucp_ep_close_nbx requests still in progress
+  uint64_t released_ = 0;       // endpoints closed for lost peers
   std::deque<PendingEvent> pending_;             // progress thread only
   std::vector<std::vector<uint8_t>> delivered_;  // messages handed out by the last poll
   std::atomic<uint64_t> writes_{0}, imms_{0};
