@@ -211,6 +211,52 @@ def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0
     return agent, peer, layout, dst, path
 
 
+def another_host(remote, name):
+    """Puts the remote peer in a UTS namespace of its own under `name`: to this agent it is on another host, whose
+    process it cannot watch (skips without root)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the peer a host name of its own (unshare CLONE_NEWUTS)")
+    assert remote.call("hostname", name) == name
+
+
+def three_recvs_from_another_host(transport, remote, host, seed):
+    """A sender on another host and three of its transfers into this agent: `partial` (layer 0 landed), `opened`
+    (sent, nothing marked) and `never_sent` (only the recv). Returns (agent, peer, dst, expected, recvs), expected
+    being dst with exactly layer 0 of the first transfer applied."""
+    from tests.reference import apply, make_pool
+
+    another_host(remote, host)
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed)
+    assert not peer.same_host
+    expected = [x.copy() for x in dst]
+    apply(layout, make_pool(layout, seed), expected, [0, 1], [3, 4], [0])
+    partial = agent.recv(peer, 1, [3, 4], timeout_s=60)
+    remote.call("send", (1, [0, 1], [3, 4], None, None))
+    remote.call("mark", (1, 0))
+    partial.wait(layer=0, timeout_s=30)
+    opened = agent.recv(peer, 2, [5, 6], timeout_s=60)
+    remote.call("send", (2, [2, 3], [5, 6], None, None))
+    never_sent = agent.recv(peer, 3, [7], timeout_s=60)
+    return agent, peer, dst, expected, (partial, opened, never_sent)
+
+
+def assert_nothing_lands_after_writes_over(recv, layout, dst, before, untouched: slice, why: str):
+    """recv ended mid-transfer: once its writes_over turns True, no byte of dst changes any more (0.5 s watched),
+    and the blocks `untouched` (not addressed by it) still hold `before`."""
+    import numpy as np
+
+    from tests.reference import block_view
+
+    wait_for(lambda: recv.writes_over, why, 10)
+    settled = [x.copy() for x in dst]
+    time.sleep(0.5)
+    for now, then in zip(dst, settled):
+        np.testing.assert_array_equal(now, then)
+    for layer in range(layout.num_layers):
+        np.testing.assert_array_equal(block_view(layout, dst, layer)[:, untouched],
+                                      block_view(layout, before, layer)[:, untouched])
+
+
 def assert_layerwise_concurrent(agent, peer, layout, dst, remote, seed, first_id, requests=8):
     """`requests` transfers from the remote sender (its pool made from `seed`), 4 blocks each, their layers marked
     in random orders, interleaved: the first marked layer completes alone, every recv completes with exact counts,

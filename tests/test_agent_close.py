@@ -11,7 +11,15 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import TRANSPORTS, UCX, connect, wait_for
+from tests.conftest import (
+    TRANSPORTS,
+    UCX,
+    another_host,
+    assert_nothing_lands_after_writes_over,
+    connect,
+    three_recvs_from_another_host,
+    wait_for,
+)
 from tests.reference import PRESETS, apply, block_view, make_pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,30 +105,13 @@ def test_process_on_another_host_exiting_fails_our_recv_at_once(transport):
         agent.close()
 
 
-def another_host(remote, name):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give the peer a host name of its own (unshare CLONE_NEWUTS)")
-    assert remote.call("hostname", name) == name
-
-
 @pytest.mark.parametrize("transport", ["tcp", UCX])
 def test_a_peer_on_another_host_closing_settles_our_recvs_by_its_totals(transport, remote):
     # Its process cannot be watched from here and it stays alive: before the closing agent sent its totals (an ABORT
     # per transfer, then a BYE saying so), these recvs never learnt that their blocks were free.
-    another_host(remote, "kvxfer-closing-host")
-    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 61)
-    assert not peer.same_host
-    expected = [x.copy() for x in dst]
-    apply(layout, make_pool(layout, 61), expected, [0, 1], [3, 4], [0])
-    partial = agent.recv(peer, 1, [3, 4], timeout_s=60)
-    remote.call("send", (1, [0, 1], [3, 4], None, None))
-    remote.call("mark", (1, 0))
-    partial.wait(layer=0, timeout_s=30)
-    opened = agent.recv(peer, 2, [5, 6], timeout_s=60)
-    remote.call("send", (2, [2, 3], [5, 6], None, None))  # opened, nothing marked
-    never_sent = agent.recv(peer, 3, [7], timeout_s=60)
+    _agent, _peer, dst, expected, recvs = three_recvs_from_another_host(transport, remote, "kvxfer-closing-host", 61)
     remote.call("close", None)
-    for recv in (partial, opened, never_sent):
+    for recv in recvs:
         with pytest.raises(errors.PeerLost, match="peer 'peer-sender' closed its agent"):
             recv.wait(timeout_s=30)
         wait_for(lambda r=recv: r.writes_over, f"writes_over of transfer {recv.xfer_id} from its totals", 5)
@@ -144,13 +135,8 @@ def test_writes_in_flight_when_a_peer_closes_land_before_writes_over(remote):
         recv.wait(timeout_s=30)
     except errors.PeerLost:
         pass
-    wait_for(lambda: recv.writes_over, "writes_over after the closed sender's writes were counted", 10)
-    settled = [x.copy() for x in dst]
-    time.sleep(0.5)
-    for now, then in zip(dst, settled):
-        np.testing.assert_array_equal(now, then)  # nothing landed after writes_over
-    for layer in range(layout.num_layers):  # and nothing outside the addressed blocks
-        np.testing.assert_array_equal(block_view(layout, dst, layer)[:, :128], block_view(layout, before, layer)[:, :128])
+    assert_nothing_lands_after_writes_over(recv, layout, dst, before, slice(0, 128),
+                                           "writes_over after the closed sender's writes were counted")
 
 
 def test_a_closing_peer_with_more_transfers_than_its_window_settles_every_recv(remote):

@@ -8,8 +8,19 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import UCX, RemoteError, _have_ucx, assert_ended_sender_was_told, connect, open_fds, wait_for
-from tests.reference import PRESETS, apply, block_view, make_pool
+from tests.conftest import (
+    UCX,
+    RemoteError,
+    _have_ucx,
+    another_host,
+    assert_ended_sender_was_told,
+    assert_nothing_lands_after_writes_over,
+    connect,
+    open_fds,
+    three_recvs_from_another_host,
+    wait_for,
+)
+from tests.reference import PRESETS, apply, make_pool
 
 
 def three_agents():
@@ -120,33 +131,14 @@ def test_removing_a_live_peer_on_another_host_with_drain_settles_every_transfer(
         np.testing.assert_array_equal(got, want)
 
 
-def another_host(remote, name):
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give the peer a host name of its own (unshare CLONE_NEWUTS)")
-    assert remote.call("hostname", name) == name
-
-
 @pytest.mark.parametrize("transport", ["tcp", UCX])
 def test_removing_a_live_sender_on_another_host_settles_our_recvs_by_its_answer(transport, remote):
     """No drain: the removed peer answers our BYE with an ABORT (its posted total) per transfer and a BYE of its
     own, so every recv we ended learns its writes are over while the peer still runs (they used to stay unsettled
     for as long as it lived)."""
-    another_host(remote, "kvxfer-removed-host")
-    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 71)
-    assert not peer.same_host
-    expected = [x.copy() for x in dst]
-    apply(layout, make_pool(layout, 71), expected, [0, 1], [3, 4], [0])
-    partial = agent.recv(peer, 1, [3, 4], timeout_s=60)
-    remote.call("send", (1, [0, 1], [3, 4], None, None))
-    remote.call("mark", (1, 0))
-    partial.wait(layer=0, timeout_s=30)
-    opened = agent.recv(peer, 2, [5, 6], timeout_s=60)
-    remote.call("send", (2, [2, 3], [5, 6], None, None))  # opened, nothing marked
-    never_sent = agent.recv(peer, 3, [7], timeout_s=60)
+    agent, peer, dst, expected, recvs = three_recvs_from_another_host(transport, remote, "kvxfer-removed-host", 71)
     agent.remove_peer(peer)
-    for recv in (partial, opened, never_sent):
+    for recv in recvs:
         with pytest.raises(errors.PeerUnknown, match="peer 'peer-sender' was removed"):
             recv.wait(timeout_s=1)
         wait_for(lambda r=recv: r.writes_over, f"writes_over of transfer {recv.xfer_id} from the answer", 5)
@@ -168,13 +160,8 @@ def test_writes_in_flight_when_we_remove_a_sender_land_before_writes_over(remote
     remote.call("send", (1, list(range(128)), list(range(128, 256)), None, "all"))
     recv.wait(layer=0, timeout_s=30)
     agent.remove_peer(peer)
-    wait_for(lambda: recv.writes_over, "writes_over after the removed sender's writes were counted", 10)
-    settled = [x.copy() for x in dst]
-    time.sleep(0.5)
-    for now, then in zip(dst, settled):
-        np.testing.assert_array_equal(now, then)  # nothing landed after writes_over
-    for layer in range(layout.num_layers):  # and nothing outside the addressed blocks
-        np.testing.assert_array_equal(block_view(layout, dst, layer)[:, :128], block_view(layout, before, layer)[:, :128])
+    assert_nothing_lands_after_writes_over(recv, layout, dst, before, slice(0, 128),
+                                           "writes_over after the removed sender's writes were counted")
 
 
 @pytest.mark.parametrize("transport", ["tcp", UCX])
