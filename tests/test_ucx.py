@@ -106,6 +106,14 @@ def test_writes_go_as_active_messages_without_an_rma_lane_and_both_ways_are_exac
                           rng.permutation(32)[:20].astype(np.int32))
 
 
+def test_info_says_how_ucx_writes(monkeypatch):
+    from kvxfer import info
+
+    assert "kvxfer active messages where UCX has none (tcp)" in info.collect()["transports"]["ucx"][1]
+    monkeypatch.setenv("KVXFER_UCX_WRITES", "put")
+    assert "writes: ucp puts everywhere (KVXFER_UCX_WRITES=put)" in info.collect()["transports"]["ucx"][1]
+
+
 def test_a_bad_ucx_writes_setting_is_refused(monkeypatch):
     monkeypatch.setenv("KVXFER_UCX_WRITES", "rdma")
     with pytest.raises(errors.InvalidArgument, match="KVXFER_UCX_WRITES='rdma': use auto"):

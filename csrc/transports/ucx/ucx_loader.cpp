@@ -88,6 +88,11 @@ bool probe_ucx(std::string* detail) {
   }
   *detail = "ucx " + ucx_version() + ": " + out +
             " (peers get those that can report a dead peer, UCX's error mode peer; Peer.path_reason names them)";
+  const char* writes = std::getenv("KVXFER_UCX_WRITES");
+  const std::string mode = writes && *writes ? writes : "auto";
+  *detail += mode == "put"  ? "; writes: ucp puts everywhere (KVXFER_UCX_WRITES=put)"
+             : mode == "am" ? "; writes: kvxfer active messages everywhere (KVXFER_UCX_WRITES=am)"
+                            : "; writes: ucp puts over RMA lanes, kvxfer active messages where UCX has none (tcp)";
   if (const char* tls = std::getenv("UCX_TLS")) *detail += std::string(", UCX_TLS=") + tls;
   return true;
 }
