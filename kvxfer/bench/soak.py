@@ -238,7 +238,7 @@ class Soak:
 
     def _stop(self, s: Sender) -> None:
         """SIGSTOP: to the receiver the sender falls silent (a host gone dark); the heartbeat ends it, and once it
-        runs again it finds the BYE and answers with its totals. drive() resumes it (_resume)."""
+        runs again it finds the BYE and answers with its totals. drive() resumes it (_resume_if_ended)."""
         self._struck(s)
         os.kill(s.proc.pid, signal.SIGSTOP)
         s.stopped_at = time.monotonic()
@@ -283,14 +283,18 @@ class Soak:
         s.conn.send(("send", (xfer, src, dst, abort_at)))
         self.live[xfer] = Request(xfer, s, s.incarnation, src, dst, recv, fate, time.monotonic())
 
-    def _check(self, r: Request) -> None:
-        bad = []
+    def _wrong_blocks(self, incarnation: int, dst: list, src: list) -> set:
+        """The blocks of dst that do not hold, in every layer and plane, what src's blocks of that incarnation hold."""
+        bad = set()
         for layer in range(self.lay.num_layers):
-            got = planes_view(self.dst[layer], self.lay)[:, r.dst]
-            want = pattern(r.incarnation, layer, np.array(r.src), self.words)
-            wrong = np.nonzero((got != want).any(axis=(0, 2)))[0]
-            bad.extend(r.dst[i] for i in wrong)
-        self._mismatches(sorted(set(bad)), f"request {r.xfer} from {r.sender.name} (incarnation {r.incarnation})")
+            got = planes_view(self.dst[layer], self.lay)[:, dst]
+            want = pattern(incarnation, layer, np.array(src), self.words)
+            bad.update(dst[i] for i in np.nonzero((got != want).any(axis=(0, 2)))[0])
+        return bad
+
+    def _check(self, r: Request) -> None:
+        bad = self._wrong_blocks(r.incarnation, r.dst, r.src)
+        self._mismatches(sorted(bad), f"request {r.xfer} from {r.sender.name} (incarnation {r.incarnation})")
         for b, s in zip(r.dst, r.src):
             if b not in bad:
                 self.known[b] = (r.incarnation, s)
@@ -388,14 +392,15 @@ class Soak:
             time.sleep(0.002)
         final_ok = self.tally.completed - done_before
         # Every block whose content is known must still hold it: a late write after writes_over would show here.
-        stale = []
-        for b, (inc, src) in sorted(self.known.items()):
-            for layer in range(self.lay.num_layers):
-                got = planes_view(self.dst[layer], self.lay)[:, b]
-                if not np.array_equal(got, pattern(inc, layer, np.array([src]), self.words)[:, 0]):
-                    stale.append(b)
-                    break
-        self._mismatches(stale, "final check")
+        by_incarnation = {}
+        for b, (inc, src) in self.known.items():
+            by_incarnation.setdefault(inc, ([], []))
+            by_incarnation[inc][0].append(b)
+            by_incarnation[inc][1].append(src)
+        stale = set()
+        for inc, (dst, src) in by_incarnation.items():
+            stale |= self._wrong_blocks(inc, dst, src)
+        self._mismatches(sorted(stale), "final check")
         fds1, rss1 = _fds(), _rss_mib()
         t = self.tally
         lat = sorted(t.latency_s) or [0.0]
