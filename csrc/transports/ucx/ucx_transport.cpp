@@ -342,7 +342,6 @@ class UcxTransport final : public Transport {
     ucs_status_ptr_t req = ucp_ep_close_nbx(p.ep, &rp);
     p.ep = nullptr;
     if (req && !UCS_PTR_IS_ERR(req)) closing_.push_back(req);
-    ++released_;
   }
 
   uint32_t peer_rails(PeerAddr peer) const override { return 1; }
@@ -534,17 +533,17 @@ class UcxTransport final : public Transport {
     DataHeader h;
     h.imm = imm;
     h.has_imm = 1;
-    std::vector<DataPiece> pieces;
+    ds->header.resize(sizeof(h) + n * sizeof(DataPiece));
     for (size_t i = 0; i < n; ++i) {
       if (w[i].nbytes == 0) continue;
       KVXFER_CHECK(p.packed.count(w[i].rkey), AccessViolation,
                    "the peer exposed no memory under key " << w[i].rkey << "; re-add it with its current metadata");
-      pieces.push_back({w[i].rkey, w[i].remote_addr, w[i].nbytes});
+      const DataPiece piece{w[i].rkey, w[i].remote_addr, w[i].nbytes};
+      std::memcpy(ds->header.data() + sizeof(h) + h.pieces * sizeof(DataPiece), &piece, sizeof(piece));
       ds->iov[h.pieces++] = {const_cast<void*>(w[i].src), w[i].nbytes};
     }
-    ds->header.resize(sizeof(h) + pieces.size() * sizeof(DataPiece));
+    ds->header.resize(sizeof(h) + h.pieces * sizeof(DataPiece));
     std::memcpy(ds->header.data(), &h, sizeof(h));
-    if (!pieces.empty()) std::memcpy(ds->header.data() + sizeof(h), pieces.data(), pieces.size() * sizeof(DataPiece));
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS |
                       UCP_OP_ATTR_FIELD_DATATYPE;
@@ -739,14 +738,11 @@ class UcxTransport final : public Transport {
   }
 
   // A peer's write (data AM): copied into our memory only when data_am.h's checks pass, then its immediate counts.
-  // A message that fails them is dropped and counted (its transfer then misses its deadline, naming the layers).
+  // A message that fails them is dropped (its transfer then misses its deadline, naming the layers).
   static ucs_status_t on_data_am(void* arg, const void* header, size_t header_len, void* data, size_t len,
                                  const ucp_am_recv_param_t* param) {
     auto* self = static_cast<UcxTransport*>(arg);
-    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {  // our senders never ask for a rendezvous
-      self->rejected_writes_.fetch_add(1, std::memory_order_relaxed);
-      return UCS_OK;
-    }
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) return UCS_OK;  // our senders never ask for a rendezvous
     DataHeader h;
     DataPiece pieces[kMaxPieces];
     {
@@ -759,10 +755,7 @@ class UcxTransport final : public Transport {
             return it == self->regions_.end() ? nullptr : &it->second;
           },
           &h, pieces);
-      if (!why.empty()) {
-        self->rejected_writes_.fetch_add(1, std::memory_order_relaxed);
-        return UCS_OK;
-      }
+      if (!why.empty()) return UCS_OK;
       const auto* from = static_cast<const uint8_t*>(data);
       for (uint32_t i = 0; i < h.pieces; ++i) {
         std::memcpy(reinterpret_cast<void*>(pieces[i].remote_addr), from, pieces[i].nbytes);
@@ -840,31 +833,33 @@ class UcxTransport final : public Transport {
     }
   }
 
-  // True when one of the endpoint's lanes does RMA in hardware (rma_bw / rma lanes): UCX's puts are then real.
-  static bool has_rma_lane(ucp_ep_h ep) {
+  // The endpoint's lane lines from ucp_ep_print_info, each from "lane[" on, e.g.
+  // "lane[0]:  3:tcp/lo.0 md[1]  -> md[1]/tcp/sysdev[255] rma_bw#0 am am_bw#0".
+  static std::vector<std::string> lane_lines(ucp_ep_h ep) {
     const std::string text = print_to_string([ep](FILE* f) { ucp_ep_print_info(ep, f); });
+    std::vector<std::string> lines;
     size_t pos = 0;
     while ((pos = text.find("lane[", pos)) != std::string::npos) {
       const size_t eol = std::min(text.find('\n', pos), text.size());
-      const std::string line = text.substr(pos, eol - pos);
+      lines.push_back(text.substr(pos, eol - pos));
       pos = eol;
-      if (line.find(" rma") != std::string::npos) return true;
     }
+    return lines;
+  }
+
+  // True when one of the endpoint's lanes does RMA in hardware (rma_bw / rma lanes): UCX's puts are then real.
+  static bool has_rma_lane(ucp_ep_h ep) {
+    for (const auto& line : lane_lines(ep))
+      if (line.find(" rma") != std::string::npos) return true;
     return false;
   }
 
   // "ucx lanes: tcp/lo (am, rma)": which of UCX's transports carry what, from ucp_ep_print_info, so a slow fallback
   // (tcp where rc was expected) is visible instead of silent.
   static std::string describe_lanes(ucp_ep_h ep) {
-    const std::string text = print_to_string([ep](FILE* f) { ucp_ep_print_info(ep, f); });
-    // Lines look like "#   lane[0]:  3:tcp/lo.0 md[1]  -> md[1]/tcp/sysdev[255] rma_bw#0 am am_bw#0".
     std::vector<std::string> order;
     std::unordered_map<std::string, std::set<std::string>> uses;
-    size_t pos = 0;
-    while ((pos = text.find("lane[", pos)) != std::string::npos) {
-      const size_t eol = std::min(text.find('\n', pos), text.size());
-      const std::string line = text.substr(pos, eol - pos);
-      pos = eol;
+    for (const auto& line : lane_lines(ep)) {
       const size_t colon = line.find(':', line.find("]:") + 2);
       if (colon == std::string::npos) continue;
       const size_t end = line.find(' ', colon);
@@ -941,9 +936,7 @@ class UcxTransport final : public Transport {
   std::string writes_mode_ = "auto";  // KVXFER_UCX_WRITES
   std::mutex regions_mu_;  // regions_: read by the data AM handler, changed by (de)registration
   std::unordered_map<uint64_t, ucx_data::Region> regions_;  // host memory exported under each key
-  std::atomic<uint64_t> rejected_writes_{0};  // data AMs that failed data_am.h's checks
   std::vector<void*> closing_;  // ucp_ep_close_nbx requests still in progress
-  uint64_t released_ = 0;       // endpoints closed for lost peers
   std::deque<PendingEvent> pending_;             // progress thread only
   std::vector<std::vector<uint8_t>> delivered_;  // messages handed out by the last poll
   std::atomic<uint64_t> writes_{0}, imms_{0};
