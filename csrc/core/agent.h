@@ -323,14 +323,14 @@ class Agent {
   // totals_received: its own BYE (kByeTotalsSent) ended us first, so our recvs from it settle by counting.
   void end_peer_now(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why,
                     ByeReason reason, bool totals_received = false);
-  void on_bye(PeerState& peer, const ControlMessage& m);
+  void on_bye(const std::shared_ptr<PeerState>& peer, const ControlMessage& m);
   void watch_removed(PeerState& peer, SlotCounter& s, uint64_t xfer_id);  // peer.mu held
   void settle_removed_recvs(PeerState& peer);
   void queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, uint32_t slot, uint32_t first_layer = 0,
                      uint32_t num_layers = 0, uint32_t granules = 0);
   bool flush_control();
   void maybe_finish_send(SendState& send);
-  PeerState* peer_by_epoch(uint64_t epoch);
+  std::shared_ptr<PeerState> peer_by_epoch(uint64_t epoch);
   OpContext* take_context();
   void return_context(OpContext* ctx);
 

@@ -45,6 +45,9 @@ constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step b
 constexpr uint64_t kBytesInFlightPerSend = uint64_t(16) << 20;
 constexpr size_t kCmaLayersInFlight = 4;    // layers of one send queued on the CMA workers at once
 constexpr auto kReleaseLostPeerAfter = std::chrono::seconds(1);  // release_lost_peer's grace period
+// A BYE that ends a peer waits at most this long for the ABORTs deferred behind copies still running into it (the
+// destructor gives its BYEs 250 ms in all); past it the BYE goes without kByeTotalsSent.
+constexpr auto kByeWaitsForAborts = std::chrono::milliseconds(150);
 // True when pid no longer runs: gone (ESRCH) or a zombie its parent has not reaped yet. kill(pid, 0) alone
 // succeeds on a zombie, which left a dead, unreaped peer undetected until its transfers' deadlines.
 bool process_gone(pid_t pid) {
@@ -279,14 +282,8 @@ void Agent::queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, u
   m.first_layer = first_layer;
   m.num_layers = num_layers;
   m.granules_per_layer = granules;
-  std::shared_ptr<PeerState> owner;
-  {
-    std::lock_guard<std::mutex> lock(peers_mu_);
-    auto it = peers_by_epoch_.find(peer.info.epoch);
-    if (it == peers_by_epoch_.end()) return;
-    owner = it->second;
-  }
-  outbox_.emplace_back(owner, m);
+  std::shared_ptr<PeerState> owner = peer_by_epoch(peer.info.epoch);
+  if (owner) outbox_.emplace_back(std::move(owner), m);
 }
 
 bool Agent::flush_control() {
@@ -652,10 +649,10 @@ void Agent::maybe_finish_send(SendState& send) {
   }
 }
 
-PeerState* Agent::peer_by_epoch(uint64_t epoch) {
+std::shared_ptr<PeerState> Agent::peer_by_epoch(uint64_t epoch) {
   std::lock_guard<std::mutex> lock(peers_mu_);
   auto it = peers_by_epoch_.find(epoch);
-  return it == peers_by_epoch_.end() ? nullptr : it->second.get();
+  return it == peers_by_epoch_.end() ? nullptr : it->second;
 }
 
 // The sender of an immediate is the owner of its slot's window, not the completion's source address: rxm-based
@@ -793,7 +790,7 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     if ((peer.hello_rails & ((1u << peer.rails) - 1)) == (1u << peer.rails) - 1) peer.connected = true;
     return;
   }
-  PeerState* peer = peer_by_epoch(m.sender_epoch);
+  const std::shared_ptr<PeerState> peer = peer_by_epoch(m.sender_epoch);
   // From a peer we ended ourselves, its ABORTs and answering BYE still count: they settle our ended recvs from it.
   const bool answer = peer && peer->farewell && (type == ControlType::Abort || type == ControlType::Bye);
   if (!peer || (peer->lost && !answer)) {
@@ -810,7 +807,7 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     case ControlType::Cancel: on_cancel(*peer, m); break;
     case ControlType::CancelAck: on_cancel_ack(*peer, m); break;
     case ControlType::Landed: on_landed(*peer, m); break;
-    case ControlType::Bye: on_bye(*peer, m); break;
+    case ControlType::Bye: on_bye(peer, m); break;
     default: counters_.dropped_messages++;
   }
 }
@@ -930,7 +927,8 @@ void Agent::watch_removed(PeerState& peer, SlotCounter& s, uint64_t xfer_id) {
 // we wrote, so we end it in turn (end_peer_now): our sends fail with ABORTs carrying their totals and a BYE of ours
 // answers, which lets it settle its recvs from us. From a peer we ended ourselves (lost here), the BYE is that
 // answer: only its totals are new.
-void Agent::on_bye(PeerState& peer, const ControlMessage& m) {
+void Agent::on_bye(const std::shared_ptr<PeerState>& owner, const ControlMessage& m) {
+  PeerState& peer = *owner;
   const auto reason = static_cast<ByeReason>(m.xfer_id);
   const bool totals = m.num_layers == kByeTotalsSent;
   if (peer.lost) {
@@ -945,12 +943,7 @@ void Agent::on_bye(PeerState& peer, const ControlMessage& m) {
     return;
   }
   const std::string why = "peer '" + peer.info.name + ended_because(reason);
-  std::shared_ptr<PeerState> owner;
-  {
-    std::lock_guard<std::mutex> lock(peers_mu_);
-    if (auto it = peers_by_epoch_.find(peer.info.epoch); it != peers_by_epoch_.end()) owner = it->second;
-  }
-  if (reason == kByeClosed || reason == kByeAnswer || !owner) {
+  if (reason == kByeClosed || reason == kByeAnswer) {
     mark_peer_lost(peer, ErrorKind::PeerLost, why, false, totals);
     return;
   }
@@ -1156,7 +1149,7 @@ void Agent::begin_goodbye() {
   closing_ = true;
   // An ABORT behind a copy still running into the peer goes once the copy landed; its BYE waits for it, briefly
   // (the destructor waits 250 ms in all).
-  const auto until = Clock::now() + std::chrono::milliseconds(150);
+  const auto until = Clock::now() + kByeWaitsForAborts;
   std::vector<std::shared_ptr<PeerState>> peers;
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
@@ -1188,7 +1181,7 @@ void Agent::end_peer_now(const std::shared_ptr<PeerState>& peer, ErrorKind kind,
   fail_sends_to(*peer, kind, why);
   peer->farewell = true;
   mark_peer_lost(*peer, kind, why, /*writes_over_now=*/false, totals_received);
-  goodbye_pending_.push_back({peer, reason, Clock::now() + std::chrono::milliseconds(150)});
+  goodbye_pending_.push_back({peer, reason, Clock::now() + kByeWaitsForAborts});
   queue_goodbyes();
 }
 
