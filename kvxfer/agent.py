@@ -116,7 +116,7 @@ def _nearest_domain(gpu, transport: str) -> tuple[str | None, str]:
 
     provider = transport
     if transport in ("auto", "shm", "cma"):  # the fabric auto opens: efa > verbs > tcp
-        usable = {name for name, ok, _ in _C.probe_providers() if ok} if _C.have_libfabric else set()
+        usable = {name for name, ok, *_ in _C.probe_providers() if ok} if _C.have_libfabric else set()
         provider = next((p for p in ("efa", "verbs", "tcp") if p in usable), "tcp")
     name, why = topology.domain_for_gpu(_gpu_pci(gpu), provider)
     return name, (f"nearest the GPU: {name} for {provider}; {why}" if name else why)

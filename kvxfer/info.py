@@ -113,9 +113,15 @@ def collect() -> dict:
     transports = {}
     if _C.have_libfabric:
         names = {"tcp": "tcp", "shm": "fi_shm", "efa": "efa", "verbs": "verbs"}
-        for name, usable, detail in _C.probe_providers():
+        for name, usable, detail, own_keys in _C.probe_providers():
             if usable and "ofi_rxm" in detail:
                 detail += f" (rxm bounce buffers of {os.environ.get('FI_OFI_RXM_BUFFER_SIZE', '16384')} B)"
+            if usable:
+                detail += ("; each peer writes with keys of its own, closed once it is dropped: nothing it still "
+                           "posts lands, and its ended recvs settle (KVXFER_PEER_KEYS=own)" if own_keys else
+                           "; one key for all peers: a dropped peer on another host leaves its ended recvs unsettled"
+                           + (" (KVXFER_PEER_KEYS=shared)" if envs.get("KVXFER_PEER_KEYS") == "shared" else
+                              " (the provider chooses keys)"))
             if usable and name == "tcp":
                 mode = envs.get("KVXFER_LANDING")
                 detail += ("; host pools of chunks under 32 KiB offer landing slots and senders pack such chunks "

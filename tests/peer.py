@@ -5,6 +5,7 @@ Commands are (name, args) tuples of plain values; replies are ("ok", value) or (
 Source pools are regenerated from a seed by reference.make_pool, so the test can compute the expected image.
 """
 import os
+import signal
 import traceback
 
 os.environ.setdefault("FI_TCP_IFACE", "lo")
@@ -41,6 +42,13 @@ def serve(conn):
                 if mark == "all":
                     s.all_ready()
                 result = s.num_writes
+            elif cmd == "send_and_stop":  # every layer marked, then this whole process stops (SIGSTOP) mid-transfer
+                xfer, src, dst = args
+                sends[xfer] = agent.send(peers[0], xfer, src, dst)
+                sends[xfer].all_ready()
+                conn.send(("ok", None))
+                os.kill(os.getpid(), signal.SIGSTOP)  # the caller sends SIGCONT
+                continue
             elif cmd == "path":
                 result = (sends[args].path, sends[args].path_reason, agent.staging())
             elif cmd == "mark":

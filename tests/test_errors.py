@@ -95,8 +95,8 @@ def test_metadata_rejected_when_malformed():
         b.add_peer(md[:-1])
     with pytest.raises(errors.MetadataError, match="magic"):
         b.add_peer(b"XXXX" + md[4:])
-    bad_version = md[:4] + (9).to_bytes(2, "little") + md[6:]
-    with pytest.raises(errors.MetadataError, match="version 9"):
+    bad_version = md[:4] + (99).to_bytes(2, "little") + md[6:]
+    with pytest.raises(errors.MetadataError, match="version 99"):
         b.add_peer(bad_version)
     flipped = bytearray(md)
     flipped[40] ^= 0xFF

@@ -219,6 +219,7 @@ void register_agent(py::module_& m) {
         d["slots_reclaimed"] = s.slots_reclaimed;
         d["sends_waited_for_slot"] = s.sends_waited_for_slot;
         d["peers_released"] = s.peers_released;
+        d["peers_fenced"] = s.peers_fenced;
         d["heartbeats_sent"] = s.heartbeats_sent;
         d["peers_silent"] = s.peers_silent;
         d["slot_violations"] = s.slot_violations;

@@ -29,9 +29,25 @@ void register_info(py::module_& m) {
       probes = probe_fabric_providers();
     }
     py::list out;
-    for (const auto& p : probes) out.append(py::make_tuple(p.name, p.usable, p.detail));
+    for (const auto& p : probes) out.append(py::make_tuple(p.name, p.usable, p.detail, p.own_keys));
     return out;
   });
+  m.def("probe_peer_fence", [](const std::string& provider) {
+    FenceProbe f;
+    {
+      py::gil_scoped_release nogil;
+      f = probe_peer_fence(provider);
+    }
+    py::dict d;
+    d["fences_peers"] = f.fences_peers;
+    d["own_key_landed"] = f.own_key_landed;
+    d["shared_key_landed"] = f.shared_key_landed;
+    d["closed_key_landed"] = f.closed_key_landed;
+    d["new_key_landed"] = f.new_key_landed;
+    d["bytes_written"] = f.bytes_written;
+    d["immediates"] = f.immediates;
+    return d;
+  }, "Per-peer keys checked against the provider: which of four writes landed (see fence_probe.cpp).");
 #else
   m.attr("have_libfabric") = false;
 #endif

@@ -107,6 +107,7 @@ void register_layout(py::module_& m) {
     d["hostname"] = a.hostname;
     d["transport"] = a.transport;
     d["fingerprint"] = a.fingerprint();
+    d["peer_keys"] = a.peer_keys;
     py::list pools;
     for (const auto& p : a.pools) {
       py::dict pd;

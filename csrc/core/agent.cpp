@@ -167,6 +167,11 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   signal_key_ = transport_->register_memory(signal_pad_.get(), 8 * sizeof(uint64_t), kSignalPadKey);
   info_.signal_addr = reinterpret_cast<uint64_t>(signal_pad_.get());
   info_.signal_rkey = signal_key_.rkey;
+  info_.peer_keys = caps.fences_peers;
+  {
+    std::lock_guard<std::mutex> domain(transport_mu_);
+    expose_to_peers(signal_pad_.get(), 8 * sizeof(uint64_t), signal_key_.rkey);
+  }
   if (options_.doorbell) {
     try {
       doorbell_ = std::make_unique<DoorbellRegion>(options_.max_peers);
@@ -271,6 +276,7 @@ Agent::~Agent() {
   // Endpoints close next, while the op contexts, bounce slots and pools their pending operations point at are
   // alive (members are destroyed in reverse order, so contexts_ and the rings would otherwise go before transport_).
   transport_->shutdown();
+  for (auto& [epoch, peer] : peers_by_epoch_) close_peer_keys(*peer);
   for (auto& pool : pools_) {
     for (auto& key : pool->keys) transport_->deregister_memory(key);
     gpu::close_vmm_export(pool->vmm_exports);
@@ -345,6 +351,7 @@ AgentStats Agent::stats() const {
   s.slots_reclaimed = counters_.slots_reclaimed;
   s.sends_waited_for_slot = counters_.sends_waited_for_slot;
   s.peers_released = counters_.peers_released;
+  s.peers_fenced = counters_.peers_fenced;
   s.heartbeats_sent = counters_.heartbeats_sent;
   s.peers_silent = counters_.peers_silent;
   s.slot_violations = counters_.slot_violations;
@@ -442,6 +449,10 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
     }
     exposed.regions.push_back(std::move(rr));
   }
+  if (!pool->landing)
+    for (size_t i = 0; i < regions.size(); ++i)
+      if (pool->keys[i].rkey)
+        expose_to_peers(reinterpret_cast<void*>(regions[i].addr), regions[i].nbytes, pool->keys[i].rkey);
   for (auto& r : ranges) pool->vmm_exports.insert(pool->vmm_exports.end(), r.vmm.begin(), r.vmm.end());
   exports.keep = true;
   info_.pools.push_back(std::move(exposed));
@@ -627,6 +638,12 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   KVXFER_CHECK(peer_info.transport == info_.transport, TransportUnavailable,
                "peer '" << peer_info.name << "' runs transport " << peer_info.transport << " but this agent runs "
                         << info_.transport << "; create both agents with the same transport");
+  KVXFER_CHECK(peer_info.peer_keys == info_.peer_keys, TransportUnavailable,
+               "peer '" << peer_info.name << "' " << (peer_info.peer_keys ? "gives" : "does not give")
+                        << " each peer keys of its own but this agent " << (info_.peer_keys ? "does" : "does not")
+                        << " (provider " << transport_->capabilities().provider
+                        << "); run the same kvxfer and libfabric on both sides");
+  if (peer_info.peer_keys) write_with_own_keys(peer_info, info_.epoch);
   std::lock_guard<std::mutex> adding(add_peer_mu_);
   std::shared_ptr<PeerState> restarted;
   {
@@ -642,7 +659,8 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
     // once (the successor is the evidence), on the progress thread, which drains GPU landing copies first.
     {
       std::lock_guard<std::mutex> lock(restarted->mu);
-      restarted->settle_removed_now = !restarted->same_host;
+      // With per-peer keys the old one is settled when its keys close, as a removed peer is.
+      restarted->settle_removed_now = !restarted->same_host && !transport_->capabilities().fences_peers;
     }
     end_live_peer(restarted, ErrorKind::PeerRestarted,
                   "peer '" + peer_info.name + "' restarted (new epoch); its transfers were abandoned");
@@ -696,11 +714,49 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
       early_hellos_.erase(early);
     }
   }
+  if (transport_->capabilities().fences_peers) {  // once nothing can refuse the peer, before our HELLO lets it write
+    std::lock_guard<std::mutex> domain(transport_mu_);
+    try {
+      open_peer_keys(*peer);
+    } catch (...) {
+      close_peer_keys(*peer);
+      throw;
+    }
+    keyed_peers_.push_back(peer);
+  }
   Command c{Command::Kind::Control, nullptr, 0, peer, {}};
   c.msg.type = static_cast<uint16_t>(ControlType::Hello);
   c.msg.slot = peer->rx_window * window_slots_;
   post_command(std::move(c));
   return peer;
+}
+
+// Memory a peer may write into: every peer with keys gets one for it now, later peers when they are added.
+void Agent::expose_to_peers(void* addr, size_t nbytes, uint64_t base_key) {
+  if (!transport_->capabilities().fences_peers) return;
+  remote_windows_.push_back({addr, nbytes, base_key});
+  for (auto it = keyed_peers_.begin(); it != keyed_peers_.end();) {
+    auto peer = it->lock();
+    if (!peer || peer->transport_released) {
+      it = keyed_peers_.erase(it);
+      continue;
+    }
+    open_peer_keys(*peer);
+    ++it;
+  }
+}
+
+// Keys are derived (peer_key), not exchanged: the peer computes the same ones from what we published and its epoch.
+void Agent::open_peer_keys(PeerState& peer) {
+  while (peer.keys.size() < remote_windows_.size()) {
+    const RemoteWindow& w = remote_windows_[peer.keys.size()];
+    peer.keys.push_back(transport_->register_peer_key(w.addr, w.nbytes, peer_key(w.base_key, peer.info.epoch)));
+  }
+}
+
+void Agent::close_peer_keys(PeerState& peer) {
+  for (auto& k : peer.keys) transport_->deregister_memory(k);
+  peer.keys.clear();
 }
 
 // Signals and control messages to a same-host peer go through its doorbell rings when we can map them.

@@ -89,6 +89,7 @@ struct AgentStats {
   uint64_t slots_reclaimed = 0;   // sender: slots of failed transfers handed back by the receiver
   uint64_t sends_waited_for_slot = 0;  // sender: sends made while the peer's whole window was in flight
   uint64_t peers_released = 0;    // lost peers whose connection the transport closed (release_lost_peer)
+  uint64_t peers_fenced = 0;      // released peers whose keys were closed: nothing they post can land here
   uint64_t heartbeats_sent = 0;   // PINGs queued to connected peers
   uint64_t peers_silent = 0;      // peers lost because nothing came from them for peer_timeout_s
   uint64_t slot_violations = 0;   // receiver: an aborted slot got more granules than its sender posted
@@ -350,6 +351,15 @@ class Agent {
   // pools_mu_ or staging_mu_.
   std::mutex transport_mu_;
   mutable std::mutex pools_mu_;
+  // Per-peer keys (Capabilities::fences_peers): what peers may write into us, in registration order (signal pad,
+  // pools' regions, the landing ring), each with the base key published for it; and the peers holding keys of
+  // their own to it (not yet released). Both guarded by transport_mu_.
+  struct RemoteWindow { void* addr; size_t nbytes; uint64_t base_key; };
+  std::vector<RemoteWindow> remote_windows_;
+  std::vector<std::weak_ptr<PeerState>> keyed_peers_;
+  void expose_to_peers(void* addr, size_t nbytes, uint64_t base_key);  // transport_mu_ held
+  void open_peer_keys(PeerState& peer);   // transport_mu_ held: keys for the windows the peer has none for yet
+  void close_peer_keys(PeerState& peer);  // transport_mu_ held
 
   std::mutex peers_mu_;
   // Held through add_peer: its "already added?" check and the insertion are far apart (transport endpoint, CMA probe),
@@ -427,7 +437,7 @@ class Agent {
     std::atomic<uint64_t> slots_reclaimed{0}, slot_violations{0}, idle_waits{0}, cma_jobs{0}, aborts_deferred{0};
     std::atomic<uint64_t> doorbell_sent{0}, doorbell_received{0}, doorbell_wakes{0};
     std::atomic<uint64_t> landings{0}, landing_rejected{0}, landing_waits{0}, gpu_layer_launches{0};
-    std::atomic<uint64_t> ipc_pools_mapped{0}, sends_waited_for_slot{0}, peers_released{0};
+    std::atomic<uint64_t> ipc_pools_mapped{0}, sends_waited_for_slot{0}, peers_released{0}, peers_fenced{0};
     std::atomic<uint64_t> heartbeats_sent{0}, peers_silent{0};
   } counters_;
 

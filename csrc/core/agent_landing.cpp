@@ -15,13 +15,14 @@
 
 namespace kvxfer {
 
-void Agent::ensure_landing() {
+void Agent::ensure_landing() {  // transport_mu_ and pools_mu_ held (register_pool)
   if (landing_) return;
   landing_ = std::make_unique<StagingRing>(*transport_, options_.landing_slot_bytes,
                                            static_cast<size_t>(options_.max_peers) * options_.landing_slots,
                                            kLandingRingKey, /*populate=*/false);
   info_.landing_addr = reinterpret_cast<uint64_t>(landing_->base());
   info_.landing_rkey = landing_->rkey();
+  expose_to_peers(landing_->base(), landing_->slot_bytes() * landing_->num_slots(), info_.landing_rkey);
   info_.landing_slots = options_.landing_slots;
   info_.landing_slot_bytes = options_.landing_slot_bytes;
 }

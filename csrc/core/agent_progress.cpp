@@ -1279,15 +1279,18 @@ std::vector<std::shared_ptr<RecvState>> Agent::settle_by_totals(PeerState& peer,
   return now;
 }
 
-// A removed peer's process that is now gone posts nothing more: its ended recvs' writes are over. Across hosts
-// nothing says so, and writes_over stays false (the blocks of such recvs are for the engine to retire), except for
-// a restarted peer, whose successor says the old incarnation is over.
+// A removed peer's process that is now gone posts nothing more: its ended recvs' writes are over. So is a fenced
+// peer's (its keys closed: release_lost_peer). Otherwise, across hosts nothing says so, and writes_over stays false
+// (the blocks of such recvs are for the engine to retire), except for a restarted peer without per-peer keys, whose
+// successor is taken to say the old incarnation is over.
 void Agent::settle_removed_recvs(PeerState& peer) {
   std::vector<std::shared_ptr<RecvState>> settled;
   {
     std::lock_guard<std::mutex> lock(peer.mu);
     if (peer.removed_recvs.empty()) return;
-    if (!peer.settle_removed_now && (!peer.same_host || !process_gone(static_cast<pid_t>(peer.info.pid)))) return;
+    if (!peer.settle_removed_now && !peer.fenced &&
+        (!peer.same_host || !process_gone(static_cast<pid_t>(peer.info.pid))))
+      return;
     settled.swap(peer.removed_recvs);
   }
   drain_landings(peer);  // its batches still copying into a GPU pool land first (this is the progress thread)
@@ -1317,8 +1320,8 @@ void Agent::check_deadlines() {
   for (size_t i = 0; i < peers.size(); ++i) {
     auto& p = peers[i];
     if (p->lost) {
-      settle_removed_recvs(*p);
       release_lost_peer(*p);
+      settle_removed_recvs(*p);
       continue;
     }
     // A same-host peer whose process is gone is lost now, not at its transfers' deadlines.
@@ -1381,6 +1384,13 @@ void Agent::release_lost_peer(PeerState& peer) {
       if (s->peer.get() == &peer) return;
   }
   transport_->remove_peer(peer.addr);  // the progress thread holds transport_mu_ here
+  // Its keys close after its connection: whatever it still writes, now or over a new connection, is refused. Only
+  // a peer on another host has no other way in (a same-host one may write by CMA or CUDA IPC, without keys).
+  close_peer_keys(peer);
+  if (caps.fences_peers && !peer.same_host) {
+    peer.fenced = true;
+    counters_.peers_fenced++;
+  }
   peer.doorbell.reset();
   if (peer.pidfd >= 0) {  // lost peers are not polled (settle_removed_recvs uses kill() and /proc)
     close(peer.pidfd);

@@ -123,6 +123,24 @@ LayoutSpec read_layout(Reader& r) {
 
 }  // namespace
 
+uint64_t peer_key(uint64_t base, uint64_t writer_epoch) {
+  uint64_t z = base ^ (writer_epoch * 0x9e3779b97f4a7c15ull);  // splitmix64's finalizer over both
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return z ? z : 1;
+}
+
+void write_with_own_keys(AgentInfo& peer, uint64_t writer_epoch) {
+  auto own = [&](uint64_t& key) {
+    if (key) key = peer_key(key, writer_epoch);
+  };
+  own(peer.signal_rkey);
+  own(peer.landing_rkey);
+  for (auto& pool : peer.pools)
+    for (auto& region : pool.regions) own(region.rkey);
+}
+
 uint64_t AgentInfo::fingerprint() const {
   uint64_t h = 0xcbf29ce484222325ull;
   for (const auto& p : pools) h = (h ^ p.layout.fingerprint()) * 0x100000001b3ull;
@@ -151,6 +169,7 @@ std::vector<uint8_t> encode_agent_info(const AgentInfo& a) {
   w.put(a.landing_slot_bytes);
   w.bytes(a.transport_keys.data(), a.transport_keys.size());
   w.put(a.heartbeat_ms);
+  w.put<uint8_t>(a.peer_keys ? 1 : 0);
   w.put<uint32_t>(static_cast<uint32_t>(a.pools.size()));
   for (const auto& p : a.pools) {
     w.str(p.name);
@@ -238,6 +257,9 @@ AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes) {
   a.landing_slot_bytes = r.get<uint64_t>("landing slot bytes");
   a.transport_keys = r.bytes("transport keys", kMaxTransportKeys);
   a.heartbeat_ms = r.get<uint32_t>("heartbeat interval");
+  const uint8_t peer_keys = r.get<uint8_t>("key mode");
+  KVXFER_CHECK(peer_keys <= 1, MetadataError, "peer metadata: key mode " << int{peer_keys} << " (0 shared, 1 per peer)");
+  a.peer_keys = peer_keys == 1;
   KVXFER_CHECK(a.heartbeat_ms <= 3600u * 1000, MetadataError,
                "peer metadata: heartbeat every " << a.heartbeat_ms << " ms is out of range");
   KVXFER_CHECK(a.landing_slots <= kLandingMaxSlotsPerPeer &&

@@ -13,9 +13,10 @@
 
 namespace kvxfer {
 
-constexpr uint16_t kMetadataVersion = 8;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell;
+constexpr uint16_t kMetadataVersion = 9;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell;
                                           // 5: landing slots; 6: layouts carry their KV head range and order;
-                                          // 7: transport keys (UCX's packed rkeys); 8: heartbeat interval
+                                          // 7: transport keys (UCX's packed rkeys); 8: heartbeat interval;
+                                          // 9: per-peer keys
 
 struct RemoteRegion {
   uint64_t addr = 0;    // virtual address in the owner's process
@@ -72,11 +73,21 @@ struct AgentInfo {
   std::vector<uint8_t> transport_keys;
   // How often this agent sends each connected peer a PING (0: never; peers then cannot tell it went silent).
   uint32_t heartbeat_ms = 0;
+  // Every key above (regions, signal pad, landing ring) is a base: a peer writes with peer_key(base, its own epoch),
+  // registered for it alone (Transport::register_peer_key), so closing them fences that peer out.
+  bool peer_keys = false;
   std::vector<PoolInfo> pools;
 
   // Hash over every pool's layout fingerprint: a quick "same model shard" check for engines.
   uint64_t fingerprint() const;
 };
+
+// The key the agent of epoch `writer_epoch` writes with where the owner published `base` (AgentInfo::peer_keys): a
+// 64-bit mix of both, never 0 ("not registered"), so each writer's keys are its own and a new incarnation's differ.
+uint64_t peer_key(uint64_t base, uint64_t writer_epoch);
+// A peer's published base keys (signal pad, landing ring, regions; 0 stays 0) replaced by the ones `writer_epoch`
+// writes with.
+void write_with_own_keys(AgentInfo& peer, uint64_t writer_epoch);
 
 std::vector<uint8_t> encode_agent_info(const AgentInfo& info);
 // Throws MetadataError naming what is wrong (truncated at offset N, bad magic, version V unsupported, ...).

@@ -117,6 +117,11 @@ struct PeerState {
   std::string lost_reason;
   Clock::time_point lost_at;     // guarded by mu
   bool transport_released = false;  // progress thread: the transport dropped its connection (release_lost_peer)
+  // The keys this peer writes into us with (Agent::open_peer_keys), one per entry of the agent's remote_windows_,
+  // in its order; guarded by the agent's transport_mu_. Closed when the peer is released: then `fenced` (progress
+  // thread) says nothing it posted can land any more, where that is the peer's only way in (another host).
+  std::vector<MemoryKey> keys;
+  bool fenced = false;
   // Progress thread: we ended this peer ourselves (end_peer_now) after an ABORT with its total for each of our sends:
   // its own ABORTs and its answering BYE (the totals of its sends to us) are still read after it is lost, to settle
   // our ended recvs from it. abort_code: what our ABORTs to it say (kAbort*), set while we end it.

@@ -3,9 +3,10 @@
 // The same-host CMA path (host_ipc/) moves bytes itself and signals through its doorbell rings, or this interface's
 // zero-byte writes where a peer's rings cannot be mapped.
 //
-// Threading: the constructor, address(), register_memory()/deregister_memory(), exported_keys(), insert_peer(),
-// import_keys() and describe_peer() run on caller threads (register_pool, metadata, add_peer), beside the progress
-// thread; every other method runs on the Agent's progress thread only.
+// Threading: the constructor, address(), register_memory()/register_peer_key()/deregister_memory(), exported_keys(),
+// insert_peer(), import_keys() and describe_peer() run on caller threads (register_pool, metadata, add_peer), beside
+// the progress thread (the agent serializes them with its transport mutex); every other method runs on the Agent's
+// progress thread only.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -49,6 +50,10 @@ struct Capabilities {
   // UCX: closing an endpoint still in its connection handshake aborts UCX 1.13, so only a peer that finished
   // connecting (kvxfer's HELLOs both ways) is released; the transport itself keeps one it cannot close safely.
   bool releases_connected_peers_only = false;
+  // Peers write with keys of their own (register_peer_key): our registrations grant no remote access, and closing a
+  // peer's keys refuses whatever it still writes, however late it arrives or reconnects. libfabric with keys we
+  // choose (tcp, shm); providers that choose keys themselves (efa, verbs) and UCX share one key among all peers.
+  bool fences_peers = false;
 };
 
 struct RailStats {
@@ -84,6 +89,11 @@ class Transport {
   // device < 0: host memory; >= 0: CUDA memory of that device (only when capabilities().hmem).
   virtual MemoryKey register_memory(void* addr, size_t nbytes, uint64_t requested_key, int device = -1) = 0;
   virtual void deregister_memory(MemoryKey& key) = 0;
+  // Remote write access to host memory already registered, for one peer under `key` (capabilities().fences_peers;
+  // Agent::open_peer_keys); closed with deregister_memory.
+  virtual MemoryKey register_peer_key(void* addr, size_t nbytes, uint64_t key) {
+    KVXFER_THROW(InvalidArgument, "this transport has no per-peer keys (capabilities().fences_peers is false)");
+  }
   virtual PeerAddr insert_peer(const std::vector<uint8_t>& address) = 0;
   virtual void remove_peer(PeerAddr peer) = 0;
   // Rails usable towards this peer: min(ours, the peer's). Rail r of ours writes to rail r of the peer.

@@ -40,6 +40,14 @@ struct Rail {
   std::atomic<uint64_t> writes{0}, imms{0};
 };
 
+// KVXFER_PEER_KEYS: "own" (default) or "shared". Refused by name, like KVXFER_IDLE_WAIT.
+bool own_peer_keys_wanted() {
+  const char* v = std::getenv("KVXFER_PEER_KEYS");
+  if (!v || !*v || std::strcmp(v, "own") == 0) return true;
+  if (std::strcmp(v, "shared") == 0) return false;
+  KVXFER_THROW(InvalidArgument, "KVXFER_PEER_KEYS='" << v << "' is not one of own, shared; unset it or fix it");
+}
+
 class FabricTransport final : public Transport {
  public:
   FabricTransport(fi_info* info, const std::string& kvxfer_name, uint32_t rails) : info_(info) {
@@ -51,6 +59,8 @@ class FabricTransport final : public Transport {
     caps_.remote_virt_addr = (mr_mode & FI_MR_VIRT_ADDR) != 0;
     mr_local_ = (mr_mode & FI_MR_LOCAL) != 0;
     prov_key_ = (mr_mode & FI_MR_PROV_KEY) != 0;
+    // Keys we choose can be one per peer, derived on both sides (peer_key): no key exchange on connect.
+    caps_.fences_peers = !prov_key_ && own_peer_keys_wanted();
     caps_.max_write_bytes = std::min<uint64_t>(info_->ep_attr->max_msg_size, 8ull << 20);
     caps_.max_inflight = std::max<size_t>(16, std::min<size_t>(info_->tx_attr->size, 1024)) * rails;
     caps_.num_rails = rails;
@@ -104,7 +114,9 @@ class FabricTransport final : public Transport {
 
   MemoryKey register_memory(void* addr, size_t nbytes, uint64_t requested_key, int device) override {
     fid_mr* mr = nullptr;
-    const uint64_t access = FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV;
+    // With per-peer keys the shared registration is for our own writes only: remote access goes through each
+    // peer's key (register_peer_key), so closing that key shuts out exactly that peer.
+    const uint64_t access = FI_WRITE | FI_SEND | FI_RECV | (caps_.fences_peers ? 0 : FI_REMOTE_WRITE);
     int rc;
     if (device < 0) {
       rc = fi_mr_reg(domain_, addr, nbytes, access, 0, prov_key_ ? 0 : requested_key, 0, &mr, nullptr);
@@ -128,6 +140,19 @@ class FabricTransport final : public Transport {
                  "fi_mr_reg of " << nbytes << " bytes at " << addr << (device >= 0 ? " (cuda:" + std::to_string(device) + ")" : "")
                                  << " failed: rc=" << rc << " (" << fi_strerror(-rc) << ") on provider " << caps_.provider
                                  << "; check that the memory is allocated and not already registered");
+    return MemoryKey{mr, fi_mr_desc(mr), fi_mr_key(mr)};
+  }
+
+  MemoryKey register_peer_key(void* addr, size_t nbytes, uint64_t key) override {
+    KVXFER_ASSERT(caps_.fences_peers);
+    fid_mr* mr = nullptr;
+    const int rc = fi_mr_reg(domain_, addr, nbytes, FI_REMOTE_WRITE, 0, key, 0, &mr, nullptr);
+    KVXFER_CHECK(rc == 0, RegistrationFailed,
+                 "fi_mr_reg of a peer's key (" << nbytes << " bytes at " << addr << ", key " << std::hex << key
+                                               << std::dec << ") failed: rc=" << rc << " (" << fi_strerror(-rc)
+                                               << ") on provider " << caps_.provider
+                                               << "; -FI_ENOKEY: the key is taken (two peers' keys collided): restart that peer's agent, whose new epoch "
+                                                  "derives new keys");
     return MemoryKey{mr, fi_mr_desc(mr), fi_mr_key(mr)};
   }
 
@@ -440,6 +465,7 @@ std::unique_ptr<Transport> make_fabric_transport(const std::string& provider, ui
     name = provider.substr(0, at);
     interface = provider.substr(at + 1);
   }
+  own_peer_keys_wanted();  // a bad KVXFER_PEER_KEYS is refused before anything is opened
   std::string reasons;
   for (const auto& p : provider_order()) {
     if (name.empty() ? std::string(p.kvxfer_name) == "shm" : name != p.kvxfer_name) continue;
@@ -459,7 +485,8 @@ std::vector<ProviderProbe> probe_fabric_providers() {
   for (const auto& p : provider_order()) {
     std::string why;
     fi_info* info = get_provider_info(p.kvxfer_name, "", &why);
-    out.push_back({p.kvxfer_name, info != nullptr, info ? std::string(info->fabric_attr->prov_name) : why});
+    out.push_back({p.kvxfer_name, info != nullptr, info ? std::string(info->fabric_attr->prov_name) : why,
+                   info && !(info->domain_attr->mr_mode & FI_MR_PROV_KEY) && own_peer_keys_wanted()});
     if (info) fi_freeinfo(info);
   }
   return out;

@@ -20,8 +20,21 @@ struct ProviderProbe {
   std::string name;
   bool usable;
   std::string detail;  // the provider string when usable, the reason otherwise
+  bool own_keys = false;  // usable, and peers would write with keys of their own (Capabilities::fences_peers)
 };
 std::vector<ProviderProbe> probe_fabric_providers();
+
+// Per-peer keys against the provider itself (fence_probe.cpp): which of four 64-byte writes landed (own key; the
+// shared key; own key after it was closed; a new peer's key after that), the bytes changed and the immediates the
+// target saw. Only fences_peers is set where the provider has no per-peer keys.
+struct FenceProbe {
+  bool fences_peers = false;
+  bool own_key_landed = false, shared_key_landed = false, closed_key_landed = false, new_key_landed = false;
+  size_t bytes_written = 0;
+  std::vector<uint32_t> immediates;
+};
+FenceProbe probe_peer_fence(const std::string& provider);  // "tcp@lo", "shm"
+
 std::string fabric_version();
 
 }  // namespace kvxfer

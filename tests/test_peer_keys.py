@@ -1,0 +1,153 @@
+"""Per-peer keys (libfabric tcp and shm, whose keys kvxfer chooses): every peer writes into us with keys of its own,
+derived from the keys we publish and its epoch, and our shared registrations grant no remote access. Closing a
+released peer's keys fences it out: whatever it still posts, on its old connection or a new one, is refused (the
+provider probe shows the refusal itself; a kvxfer sender that wakes up also stops on its own once it sees its
+writes fail or our BYE). So a recv from a peer on another host that went silent (stopped, cut off) or restarted
+settles (writes_over) once its keys are closed, instead of never or on an assumption.
+
+A stopped process (SIGSTOP) stands in for the peer that went silent: the kernel keeps its sockets and, once it is
+continued, its progress thread goes on from where it was.
+"""
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import kvxfer
+from kvxfer import _C, errors
+from tests.conftest import RemoteError, RemoteSender, another_host, connect, wait_for
+from tests.reference import apply, block_view, make_pool
+
+@pytest.mark.parametrize("provider", ["tcp@lo", "shm"])
+def test_the_provider_applies_a_write_only_under_the_writers_own_open_key(provider):
+    """Four 64-byte writes of one writer into 4 KiB of a target: under its own key (lands), the target's shared key
+    (refused), its own key after the target closed it (refused), a new writer's key (lands). Exactly the 128 bytes
+    of the two that landed changed, and the target was told of exactly those two (their offsets as immediates)."""
+    got = _C.probe_peer_fence(provider)
+    assert got == {"fences_peers": True, "own_key_landed": True, "shared_key_landed": False,
+                   "closed_key_landed": False, "new_key_landed": True, "bytes_written": 128, "immediates": [0, 3072]}
+
+
+def test_an_agent_on_a_fencing_provider_gives_each_peer_its_own_keys():
+    md = _C.decode_metadata(kvxfer.Agent("keys-md", transport="tcp", interface="lo").metadata())
+    assert md["peer_keys"] is True
+
+
+BIG = (8, 256, 16, 8, 128, "float16")  # 8 layers x 2 planes x 128 blocks x 64 KiB: 128 MiB per transfer
+HEARTBEAT = {"peer_timeout_s": 1.0}
+
+
+@pytest.mark.parametrize("transport", ["tcp", "fi_shm"])
+def test_a_silent_sender_on_another_host_is_fenced_and_what_it_posts_later_never_lands(transport, remote):
+    another_host(remote, "kvxfer-fenced-host")
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 81, layout_args=BIG, timeout_s=120,
+                                          receiver_kwargs=HEARTBEAT, sender_kwargs=HEARTBEAT)
+    assert not peer.same_host
+    before = [x.copy() for x in dst]
+    recv = agent.recv(peer, 1, list(range(128, 256)), timeout_s=120)
+    remote.call("send_and_stop", (1, list(range(128)), list(range(128, 256))))
+    try:
+        with pytest.raises(errors.PeerLost, match="sent nothing for"):
+            recv.wait(timeout_s=30)
+        wait_for(lambda: recv.writes_over, "writes_over of the silent peer's recv once its keys closed", 15)
+        assert agent.stats()["peers_fenced"] == 1
+        # The precondition of what follows: the sender stopped with most of its writes still to post.
+        assert recv.layers_done < layout.num_layers, "the sender finished before it stopped: nothing was fenced"
+        settled = [x.copy() for x in dst]
+    finally:
+        os.kill(remote.proc.pid, signal.SIGCONT)
+    # Awake, its progress thread posts the rest with its closed keys (or reconnects to): it learns it was dropped,
+    # and not one more byte lands.
+    with pytest.raises(RemoteError):
+        remote.call("wait", (1, 30))
+    for now, then in zip(dst, settled):
+        np.testing.assert_array_equal(now, then)
+    for layer in range(layout.num_layers):  # blocks the transfer did not address were never touched
+        np.testing.assert_array_equal(block_view(layout, dst, layer)[:, :128], block_view(layout, before, layer)[:, :128])
+    assert remote.proc.is_alive()
+
+
+def test_a_stopped_old_incarnation_on_another_host_settles_once_fenced():
+    """A peer restarts on another host while its old process is stopped: the old one can neither exit (as seen from
+    here) nor answer, so its recvs settle when its keys close, not before (earlier the restart alone was taken as
+    proof)."""
+    old, new = RemoteSender(), RemoteSender()
+    try:
+        for r in (old, new):
+            another_host(r, "kvxfer-restarted-host")
+        agent, peer_old, layout, dst, _ = connect("tcp", old, "vllm_flash", 82, layout_args=BIG, timeout_s=120)
+        recv = agent.recv(peer_old, 1, list(range(128, 256)), timeout_s=120)
+        old.call("send_and_stop", (1, list(range(128)), list(range(128, 256))))
+        try:
+            agent.add_peer(new.call("init", ("tcp", "vllm_flash", 83, list(BIG), 1, {})))
+            with pytest.raises(errors.PeerRestarted, match="restarted"):
+                recv.wait(timeout_s=5)
+            wait_for(lambda: recv.writes_over, "writes_over of the stopped old incarnation's recv", 15)
+            assert agent.stats()["peers_fenced"] == 1, "writes_over came before the old incarnation's keys closed"
+            settled = [x.copy() for x in dst]
+        finally:
+            os.kill(old.proc.pid, signal.SIGCONT)
+        with pytest.raises(RemoteError):
+            old.call("wait", (1, 30))
+        for now, then in zip(dst, settled):
+            np.testing.assert_array_equal(now, then)
+    finally:
+        old.close()
+        new.close()
+
+
+def test_fencing_one_peer_leaves_the_others_writing(remote):
+    """Two senders on another host are connected; one is removed and fenced. The other one's keys are its own, so
+    it still moves a transfer byte for byte (with one key shared among peers, closing it would have cut both)."""
+    another_host(remote, "kvxfer-keys-host")
+    agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", 91, layout_args=BIG)
+    other = RemoteSender()
+    try:
+        another_host(other, "kvxfer-keys-host")
+        peer_other = agent.add_peer(other.call("init", ("tcp", "vllm_flash", 92, list(BIG), 1, {"name": "other"})))
+        other.call("add_peer", agent.metadata())
+        agent.wait_connected(peer_other, 20)
+        agent.remove_peer(peer_other)
+        wait_for(lambda: agent.stats()["peers_fenced"] == 1, "the removed peer fenced", 10)
+    finally:
+        other.close()
+    expected = [x.copy() for x in dst]
+    apply(layout, make_pool(layout, 91), expected, [1, 2, 3], [7, 9, 200], range(layout.num_layers))
+    recv = agent.recv(peer, 5, [7, 9, 200])
+    remote.call("send", (5, [1, 2, 3], [7, 9, 200], None, "all"))
+    recv.wait(timeout_s=30)
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_shared_keys_are_refused_by_an_agent_with_own_keys(monkeypatch):
+    """KVXFER_PEER_KEYS=shared (one key for all peers, as efa/verbs do) is said in the metadata; an agent giving each
+    peer its own keys refuses such a peer at add_peer, naming both sides, instead of timing out on refused writes."""
+    own = kvxfer.Agent("keys-own", transport="tcp", interface="lo")
+    monkeypatch.setenv("KVXFER_PEER_KEYS", "shared")
+    shared = kvxfer.Agent("keys-shared", transport="tcp", interface="lo")
+    assert _C.decode_metadata(shared.metadata())["peer_keys"] is False
+    with pytest.raises(errors.TransportUnavailable, match="peer 'keys-shared' does not give each peer keys of its own "
+                                                          "but this agent does"):
+        own.add_peer(shared.metadata())
+    shared.close()
+    own.close()
+
+
+def test_a_bad_key_mode_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("KVXFER_PEER_KEYS", "per-peer")
+    with pytest.raises(errors.InvalidArgument, match="KVXFER_PEER_KEYS='per-peer' is not one of own, shared"):
+        kvxfer.Agent("keys-bad", transport="tcp", interface="lo")
+
+
+def test_info_says_how_peers_are_keyed():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for mode, said in (("own", "each peer writes with keys of its own"), ("shared", "one key for all peers")):
+        out = subprocess.run([sys.executable, "-m", "kvxfer", "info"], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, PYTHONPATH=root, KVXFER_PEER_KEYS=mode), check=True)
+        tcp = next(line for line in out.stdout.splitlines() if line.split()[1:2] == ["tcp"])
+        assert said in tcp and f"KVXFER_PEER_KEYS={mode}" in tcp, tcp
