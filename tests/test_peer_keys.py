@@ -19,6 +19,7 @@ from kvxfer import _C, errors
 from tests.conftest import RemoteError, RemoteSender, another_host, connect, wait_for
 from tests.reference import apply, block_view, make_pool
 
+
 @pytest.mark.parametrize("provider", ["tcp@lo", "shm"])
 def test_the_provider_applies_a_write_only_under_the_writers_own_open_key(provider):
     """Four 64-byte writes of one writer into 4 KiB of a target: under its own key (lands), the target's shared key
@@ -76,7 +77,7 @@ def test_a_stopped_old_incarnation_on_another_host_settles_once_fenced():
     try:
         for r in (old, new):
             another_host(r, "kvxfer-restarted-host")
-        agent, peer_old, layout, dst, _ = connect("tcp", old, "vllm_flash", 82, layout_args=BIG, timeout_s=120)
+        agent, peer_old, _, dst, _ = connect("tcp", old, "vllm_flash", 82, layout_args=BIG, timeout_s=120)
         recv = agent.recv(peer_old, 1, list(range(128, 256)), timeout_s=120)
         old.call("send_and_stop", (1, list(range(128)), list(range(128, 256))))
         try:
