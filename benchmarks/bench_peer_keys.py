@@ -8,8 +8,9 @@ processes alternate own / shared (--pairs of each); each opens a receiver whose 
 layer, 64 blocks of 4 KiB chunks) and --peers sender agents, and reports:
 - add_peer: the median and worst time of the receiver's add_peer(metadata) over the peers;
 - register_pool: the time to register a second pool of as many regions with all those peers present;
-- bandwidth: one sender moving all 64 blocks of every layer (writes of single 4 KiB chunks or gathered runs, landing
-  slots off) while every other peer is added, as the median of 10 transfers; reported as own / shared.
+- bandwidth: one sender moving all 64 blocks of every layer into the reversed block ids (so every 4 KiB chunk is a
+  piece of its own, gathered up to the provider's iov limit per write; landing slots off) while every other peer
+  is added, as the median of 10 transfers; reported as own / shared.
 """
 from __future__ import annotations
 
@@ -49,12 +50,12 @@ def child(mode: str, peers: int, regions: int) -> dict:
     to_rx = senders[0].add_peer(receiver.metadata())
     senders[0].wait_connected(to_rx, 60)
     receiver.wait_connected(handles[0], 60)
-    ids = list(range(64))
+    src_ids, dst_ids = list(range(64)), list(range(63, -1, -1))  # reversed: no two chunks merge into one piece
     times = []
     for i in range(11):
-        recv = receiver.recv(handles[0], i, ids)
+        recv = receiver.recv(handles[0], i, dst_ids)
         t0 = time.perf_counter()
-        senders[0].send(to_rx, i, ids, ids).all_ready()
+        senders[0].send(to_rx, i, src_ids, dst_ids).all_ready()
         recv.wait(timeout_s=120)
         times.append(time.perf_counter() - t0)
     assert all((p == 7).all() for p in pool), "the destination pool does not hold the source bytes"
