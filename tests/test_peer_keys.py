@@ -98,6 +98,26 @@ def test_a_stopped_old_incarnation_on_another_host_settles_once_fenced():
         new.close()
 
 
+def test_a_killed_sender_on_another_host_is_released_and_its_recvs_settle(remote):
+    """kill -9 mid-transfer, on another host: the heartbeat ends it, and its BYE can never go out (rxm answers EAGAIN
+    for a dead peer). It used to wait in the outbox for good, so the peer was never released (its connection and
+    fds kept, its recvs unsettled); past 5 s the BYE is dropped, the peer released and fenced."""
+    another_host(remote, "kvxfer-killed-host")
+    agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", 84, layout_args=BIG, timeout_s=120,
+                                          receiver_kwargs=HEARTBEAT, sender_kwargs=HEARTBEAT)
+    recv = agent.recv(peer, 1, list(range(128, 256)), timeout_s=120)
+    remote.call("send", (1, list(range(128)), list(range(128, 256)), None, None))
+    remote.call("mark", (1, 0))
+    recv.wait(layer=0, timeout_s=30)
+    remote.conn.send(("crash", None))
+    remote.proc.join(10)
+    with pytest.raises(errors.PeerLost, match="sent nothing for"):
+        recv.wait(timeout_s=30)
+    wait_for(lambda: recv.writes_over, "writes_over of the killed peer's recv", 15)
+    stats = agent.stats()
+    assert stats["peers_released"] == 1 and stats["peers_fenced"] == 1
+
+
 def test_fencing_one_peer_leaves_the_others_writing(remote):
     """Two senders on another host are connected; one is removed and fenced. The other one's keys are its own, so
     it still moves a transfer byte for byte (with one key shared among peers, closing it would have cut both)."""

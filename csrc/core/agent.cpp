@@ -655,11 +655,11 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   }
   if (restarted) {
     // A new incarnation under the same name: the old one's transfers can never complete. It is ended like a removed
-    // peer (it may still run); its recvs' writes_over settles on this host once its process is gone, elsewhere at
-    // once (the successor is the evidence), on the progress thread, which drains GPU landing copies first.
+    // peer (it may still run); its recvs' writes_over settles on this host once its process is gone, elsewhere once
+    // its keys are closed (per-peer keys) or at once (shared keys: the successor is taken as the evidence), on the
+    // progress thread, which drains GPU landing copies first.
     {
       std::lock_guard<std::mutex> lock(restarted->mu);
-      // With per-peer keys the old one is settled when its keys close, as a removed peer is.
       restarted->settle_removed_now = !restarted->same_host && !transport_->capabilities().fences_peers;
     }
     end_live_peer(restarted, ErrorKind::PeerRestarted,
@@ -716,13 +716,15 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   }
   if (transport_->capabilities().fences_peers) {  // once nothing can refuse the peer, before our HELLO lets it write
     std::lock_guard<std::mutex> domain(transport_mu_);
-    try {
-      open_peer_keys(*peer);
-    } catch (...) {
-      close_peer_keys(*peer);
-      throw;
+    if (!peer->transport_released) {  // (lost and released already, in the meantime: it gets none)
+      try {
+        open_peer_keys(*peer);
+      } catch (...) {
+        close_peer_keys(*peer);
+        throw;
+      }
+      keyed_peers_.push_back(peer);
     }
-    keyed_peers_.push_back(peer);
   }
   Command c{Command::Kind::Control, nullptr, 0, peer, {}};
   c.msg.type = static_cast<uint16_t>(ControlType::Hello);
@@ -735,15 +737,8 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
 void Agent::expose_to_peers(void* addr, size_t nbytes, uint64_t base_key) {
   if (!transport_->capabilities().fences_peers) return;
   remote_windows_.push_back({addr, nbytes, base_key});
-  for (auto it = keyed_peers_.begin(); it != keyed_peers_.end();) {
-    auto peer = it->lock();
-    if (!peer || peer->transport_released) {
-      it = keyed_peers_.erase(it);
-      continue;
-    }
-    open_peer_keys(*peer);
-    ++it;
-  }
+  for (auto& w : keyed_peers_)  // released peers left the list (close_peer_keys)
+    if (auto peer = w.lock()) open_peer_keys(*peer);
 }
 
 // Keys are derived (peer_key), not exchanged: the peer computes the same ones from what we published and its epoch.
@@ -757,6 +752,12 @@ void Agent::open_peer_keys(PeerState& peer) {
 void Agent::close_peer_keys(PeerState& peer) {
   for (auto& k : peer.keys) transport_->deregister_memory(k);
   peer.keys.clear();
+  keyed_peers_.erase(std::remove_if(keyed_peers_.begin(), keyed_peers_.end(),
+                                    [&](const std::weak_ptr<PeerState>& w) {
+                                      auto p = w.lock();
+                                      return !p || p.get() == &peer;
+                                    }),
+                     keyed_peers_.end());
 }
 
 // Signals and control messages to a same-host peer go through its doorbell rings when we can map them.

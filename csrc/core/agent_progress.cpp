@@ -45,6 +45,10 @@ constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step b
 constexpr uint64_t kBytesInFlightPerSend = uint64_t(16) << 20;
 constexpr size_t kCmaLayersInFlight = 4;    // layers of one send queued on the CMA workers at once
 constexpr auto kReleaseLostPeerAfter = std::chrono::seconds(1);  // release_lost_peer's grace period
+// ... and how long its BYE (and the ABORTs before it) may wait to go out. A peer that died, or whose socket is full
+// because it is stopped, never takes them: rxm keeps answering EAGAIN. Past this it is released without them, so
+// its connection closes and (per-peer keys) its keys close, and its ended recvs settle.
+constexpr auto kFarewellGivesUpAfter = std::chrono::seconds(5);
 // A BYE that ends a peer waits at most this long for the ABORTs deferred behind copies still running into it (the
 // destructor gives its BYEs 250 ms in all); past it the BYE goes without kByeTotalsSent.
 constexpr auto kByeWaitsForAborts = std::chrono::milliseconds(150);
@@ -1368,12 +1372,15 @@ void Agent::release_lost_peer(PeerState& peer) {
   const auto& caps = transport_->capabilities();
   if (peer.transport_released || !caps.releases_peers || (caps.releases_connected_peers_only && !peer.connected))
     return;
+  Clock::duration lost_for;
   {
     std::lock_guard<std::mutex> lock(peer.mu);
-    if (Clock::now() - peer.lost_at < kReleaseLostPeerAfter) return;
+    lost_for = Clock::now() - peer.lost_at;
   }
-  for (const auto& [p, msg] : outbox_)
-    if (p.get() == &peer) return;
+  if (lost_for < kReleaseLostPeerAfter) return;
+  const bool farewell_pending =
+      std::any_of(outbox_.begin(), outbox_.end(), [&](const auto& e) { return e.first.get() == &peer; });
+  if (farewell_pending && lost_for < kFarewellGivesUpAfter) return;
   for (const auto& s : active_sends_)
     if (s->peer.get() == &peer && s->ops_completed != s->ops_posted) return;
   for (const auto& op : staged_)
@@ -1383,6 +1390,9 @@ void Agent::release_lost_peer(PeerState& peer) {
     for (const auto& s : draining_)
       if (s->peer.get() == &peer) return;
   }
+  if (farewell_pending)
+    outbox_.erase(std::remove_if(outbox_.begin(), outbox_.end(), [&](const auto& e) { return e.first.get() == &peer; }),
+                  outbox_.end());
   transport_->remove_peer(peer.addr);  // the progress thread holds transport_mu_ here
   // Its keys close after its connection: whatever it still writes, now or over a new connection, is refused. Only
   // a peer on another host has no other way in (a same-host one may write by CMA or CUDA IPC, without keys).

@@ -6,7 +6,10 @@ recv completed (after its bytes were checked) or, for a failed one, once `writes
 schedule: the receiver cancels some recvs after their first layer, senders abort some sends part way, a sender
 process is killed and restarted under the same name, a live sender is removed (remove_peer) and comes back with a
 new agent, and a sender is stopped (SIGSTOP) until the receiver's heartbeat ends it as silent, then runs again,
-finds the BYE, answers with its totals and comes back. Every chunk's bytes name the sender incarnation, layer, plane and source block they came from,
+finds the BYE, answers with its totals and comes back. With --elsewhere every sender runs under a host name of its
+own (a UTS namespace; needs root), so the receiver cannot watch its process: a stopped one's recvs settle only once
+its keys are closed (per-peer keys), it stays stopped until they did and their blocks went to new requests, and
+only then runs again. Every chunk's bytes name the sender incarnation, layer, plane and source block they came from,
 so a late write of an ended transfer into a block handed to the next request, or a chunk written to the wrong
 place, shows up as a mismatch when that block is checked. At the end every sender completes one more request
 (no slot leaked) and every block whose content is known is checked again.
@@ -76,9 +79,23 @@ def _new_sender_agent(name, transport, incarnation, peer_timeout_s=None):
     return agent, pool
 
 
-def _sender_main(conn, name: str, transport: str, incarnation: int, layer_gap_s: float, peer_timeout_s) -> None:
+def _elsewhere(name: str) -> None:
+    """This process gets a host name of its own (UTS namespace): to the receiver it is on another host."""
+    import ctypes
+    import socket
+
+    if ctypes.CDLL(None, use_errno=True).unshare(0x04000000) != 0:  # CLONE_NEWUTS
+        raise OSError(ctypes.get_errno(), "--elsewhere: unshare(CLONE_NEWUTS) needs root")
+    socket.sethostname(f"soak-elsewhere-{name}")
+
+
+def _sender_main(conn, name: str, transport: str, incarnation: int, layer_gap_s: float, peer_timeout_s,
+                 elsewhere: bool = False) -> None:
     """Marks each send's layers `layer_gap_s` apart (a prefill's forward pass), aborting where told."""
     import kvxfer
+
+    if elsewhere:
+        _elsewhere(name)
 
     agent, _pool = _new_sender_agent(name, transport, incarnation, peer_timeout_s)  # the pool stays referenced
     conn.send(("md", agent.metadata()))
@@ -177,8 +194,13 @@ def _rss_mib() -> float:
 
 class Soak:
     def __init__(self, transport: str, senders: int, in_flight: int, layer_gap_s: float, chaos_every_s: float,
-                 seed: int, progress, chaos: tuple = ("restart", "remove", "stop")):
+                 seed: int, progress, chaos: tuple = ("restart", "remove", "stop"), elsewhere: bool = False):
         import kvxfer
+
+        if elsewhere and os.geteuid() != 0:
+            raise PermissionError("--elsewhere gives each sender a host name of its own (unshare CLONE_NEWUTS), "
+                                  "which needs root; run as root or leave it out")
+        self.elsewhere = elsewhere
 
         self.kvxfer, self.transport, self.progress = kvxfer, transport, progress
         self.rng = random.Random(seed)
@@ -208,7 +230,8 @@ class Soak:
         s.incarnation, self.next_incarnation = self.next_incarnation, self.next_incarnation + 1
         s.conn, child = self.ctx.Pipe()
         s.proc = self.ctx.Process(target=_sender_main, args=(child, s.name, self.transport, s.incarnation,
-                                                              self.layer_gap_s, self.peer_timeout_s), daemon=True)
+                                                              self.layer_gap_s, self.peer_timeout_s, self.elsewhere),
+                                  daemon=True)
         s.proc.start()
         self._connect(s)
 
@@ -251,6 +274,9 @@ class Soak:
             return
         if s.stopped_at is None or not (s.peer.lost or time.monotonic() - s.stopped_at > 10 * PEER_TIMEOUT_S):
             return
+        if (self.elsewhere and time.monotonic() - s.stopped_at <= 10 * PEER_TIMEOUT_S
+                and any(r.sender is s for r in [*self.live.values(), *self.settling])):
+            return  # its recvs settle only once its keys close; their blocks then go to new requests first
         os.kill(s.proc.pid, signal.SIGCONT)
         s.stopped_at = None
         if not s.peer.lost:
@@ -417,6 +443,7 @@ class Soak:
             "settle_max_ms": round(1e3 * settle[-1], 2), "unsettled": t.unsettled,
             "final_requests_done": final_ok, "mismatched_blocks": t.mismatched_blocks,
             "mismatch_examples": t.mismatch_examples, "blocks_checked_at_end": len(self.known),
+            "elsewhere": self.elsewhere, "peers_fenced": self.agent.stats()["peers_fenced"],
             "fds_before": fds0, "fds_after": fds1, "rss_mib_before": round(rss0, 1), "rss_mib_after": round(rss1, 1),
         }
 
@@ -436,8 +463,9 @@ class Soak:
 
 
 def run(transport="tcp", seconds=30.0, senders=2, in_flight=6, layer_gap_ms=1.0, chaos_every_s=2.0, seed=1,
-        progress=None, chaos=("restart", "remove", "stop")) -> dict:
-    soak = Soak(transport, senders, in_flight, layer_gap_ms / 1e3, chaos_every_s, seed, progress, tuple(chaos))
+        progress=None, chaos=("restart", "remove", "stop"), elsewhere=False) -> dict:
+    soak = Soak(transport, senders, in_flight, layer_gap_ms / 1e3, chaos_every_s, seed, progress, tuple(chaos),
+                elsewhere)
     try:
         return soak.run(seconds)
     finally:
@@ -460,13 +488,16 @@ def main(argv=None) -> int:
                          "live sender, it comes back as a new agent), stop (SIGSTOP a sender until the receiver's "
                          f"heartbeat ends it, peer_timeout_s={PEER_TIMEOUT_S:g}, then it runs again and comes back) "
                          "(default: restart,remove,stop)")
+    ap.add_argument("--elsewhere", action="store_true",
+                    help="run each sender under a host name of its own (UTS namespace, needs root): the receiver "
+                         "cannot watch its process, so stopped senders settle by per-peer keys alone")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", metavar="PATH", help="write the result here too")
     args = ap.parse_args(argv)
     say = lambda line: print(line, file=sys.stderr, flush=True)
     say(f"soak: {args.seconds:.0f} s over {args.transport}, {args.senders} senders, chaos every {args.chaos_every} s")
     result = run(args.transport, args.seconds, args.senders, args.in_flight, args.layer_gap_ms, args.chaos_every,
-                 args.seed, say, args.chaos.split(","))
+                 args.seed, say, args.chaos.split(","), args.elsewhere)
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:
