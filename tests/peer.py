@@ -27,7 +27,8 @@ def serve(conn):
                 layout = getattr(KVLayout, kind)(*layout_args) if layout_args else PRESETS[kind]()
                 agent_kwargs = dict(agent_kwargs)
                 name = agent_kwargs.pop("name", "peer-sender")  # distinct names: same-named peers are restarts
-                agent = kvxfer.Agent(name, transport=transport, interface="lo", rails=rails, **agent_kwargs)
+                interface = agent_kwargs.pop("interface", "lo")
+                agent = kvxfer.Agent(name, transport=transport, interface=interface, rails=rails, **agent_kwargs)
                 pool = make_pool(layout, seed)
                 agent.register_pool(pool, layout)
                 result = agent.metadata()
@@ -88,6 +89,28 @@ def serve(conn):
                 return
             elif cmd == "crash":
                 os._exit(17)
+            elif cmd == "netns":  # into a network namespace (before "init"), its tcp on `iface`: a host of its own
+                import ctypes
+
+                ns, iface = args
+                fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+                try:
+                    if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                        raise OSError(ctypes.get_errno(), f"setns into {ns}")
+                finally:
+                    os.close(fd)
+                os.environ["FI_TCP_IFACE"] = iface  # libfabric reads it when the first agent opens
+                result = None
+            elif cmd == "recv_state":  # of our recv: (state, layers done, writes_over)
+                r = extra[("recv", args)]
+                result = (r.state.name, r.layers_done, bool(r.writes_over))
+            elif cmd == "pool_digest":  # of this agent's pool: what was written into it, in 32 bytes
+                import hashlib
+
+                h = hashlib.sha256()
+                for arr in pool:
+                    h.update(arr.tobytes())
+                result = h.hexdigest()
             elif cmd == "hostname":  # a UTS namespace of our own under another name: a peer "on another host"
                 import ctypes
                 import socket

@@ -102,3 +102,28 @@ def test_aborted_sends_writes_over_and_the_pair_carries_on():
     for s in sends:
         wait_for(lambda s=s: s.writes_over, f"writes_over of aborted send {s.xfer_id}", timeout_s=10)
     assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 100, [9, 10], [11, 12])
+
+
+@pytest.mark.parametrize("transport", ["tcp", UCX])
+def test_a_send_to_a_receiver_on_another_host_that_went_silent_settles_once_released(receiver, transport):
+    """The receiver (another host name, so its process cannot be watched) stops before it reads our 128 MiB: the
+    heartbeat ends it and our send fails, but the writes we posted sit in a full socket and never complete. They used
+    to keep the peer from being released, so writes_over stayed False for good (the prefill side could never free
+    its blocks). 5 s after the loss the peer is released anyway: its connection closes, the posted writes complete
+    with errors, and writes_over turns True while the receiver is still stopped."""
+    from tests.conftest import another_host, connect
+
+    another_host(receiver, "kvxfer-stopped-receiver")
+    big = (8, 256, 16, 8, 128, "float16")
+    hb = {"peer_timeout_s": 1.0}
+    agent, peer, _, _, _ = connect(transport, receiver, "vllm_flash", 5, layout_args=big, timeout_s=120,
+                                   receiver_kwargs=hb, sender_kwargs=hb)
+    receiver.call("recv", (9, list(range(128, 256))))
+    os.kill(receiver.proc.pid, signal.SIGSTOP)
+    send = agent.send(peer, 9, list(range(128)), list(range(128, 256)))
+    send.all_ready()
+    with pytest.raises(kvxfer.errors.PeerLost, match="sent nothing for"):
+        send.wait(timeout_s=30)
+    wait_for(lambda: send.writes_over, "writes_over of the send to the stopped receiver", 15)
+    assert agent.stats()["peers_released"] == 1
+    assert all_threads_stopped(receiver.proc.pid)

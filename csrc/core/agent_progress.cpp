@@ -45,9 +45,10 @@ constexpr size_t kCmaOpsPerStep = 1024;     // chunks copied per progress step b
 constexpr uint64_t kBytesInFlightPerSend = uint64_t(16) << 20;
 constexpr size_t kCmaLayersInFlight = 4;    // layers of one send queued on the CMA workers at once
 constexpr auto kReleaseLostPeerAfter = std::chrono::seconds(1);  // release_lost_peer's grace period
-// ... and how long its BYE (and the ABORTs before it) may wait to go out. A peer that died, or whose socket is full
-// because it is stopped, never takes them: rxm keeps answering EAGAIN. Past this it is released without them, so
-// its connection closes and (per-peer keys) its keys close, and its ended recvs settle.
+// ... and how long its BYE (and the ABORTs before it), and our writes posted to it, may wait to go out. A peer that
+// died, or whose socket is full because it is stopped, never takes them: rxm keeps answering EAGAIN and the writes
+// never complete. Past this it is released anyway: its connection closes, which completes those writes with errors
+// (so our failed sends' writes_over turns True), and with per-peer keys its keys close and its ended recvs settle.
 constexpr auto kFarewellGivesUpAfter = std::chrono::seconds(5);
 // A BYE that ends a peer waits at most this long for the ABORTs deferred behind copies still running into it (the
 // destructor gives its BYEs 250 ms in all); past it the BYE goes without kByeTotalsSent.
@@ -1378,14 +1379,15 @@ void Agent::release_lost_peer(PeerState& peer) {
     lost_for = Clock::now() - peer.lost_at;
   }
   if (lost_for < kReleaseLostPeerAfter) return;
+  const bool given_up = lost_for >= kFarewellGivesUpAfter;
   const bool farewell_pending =
       std::any_of(outbox_.begin(), outbox_.end(), [&](const auto& e) { return e.first.get() == &peer; });
-  if (farewell_pending && lost_for < kFarewellGivesUpAfter) return;
-  for (const auto& s : active_sends_)
-    if (s->peer.get() == &peer && s->ops_completed != s->ops_posted) return;
-  for (const auto& op : staged_)
+  if (farewell_pending && !given_up) return;
+  for (const auto& op : staged_)  // copies into our bounce slots: they finish here, whatever the peer does
     if (op.send->peer.get() == &peer) return;
-  {
+  if (!given_up) {
+    for (const auto& s : active_sends_)
+      if (s->peer.get() == &peer && s->ops_completed != s->ops_posted) return;
     std::lock_guard<std::mutex> lock(draining_mu_);
     for (const auto& s : draining_)
       if (s->peer.get() == &peer) return;

@@ -1,0 +1,95 @@
+"""A network partition between two hosts mid-transfer: the sender and the receiver each run in a network namespace
+(and under a host name) of their own, joined by a veth pair, and the link goes down while 128 MiB are in flight.
+Neither side can tell the other anything any more (no BYE, no ABORT total), so each must settle on its own: the
+receiver's recv once the silent sender is released and its keys are closed, the sender's send once its writes
+stuck in the dead link complete with errors (the peer released). Then the link comes back, the sender's kernel
+retransmits what it still held, and not one byte of the receiver's pool changes.
+"""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import RemoteError, RemoteSender, wait_for
+
+BIG = [8, 256, 16, 8, 128, "float16"]  # 128 MiB per transfer of 128 blocks
+HEARTBEAT_S = 1.0
+
+
+def _ip(*args):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: yields (rx_ns, rx_if, tx_ns, tx_if); removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create network namespaces and a veth pair")
+    tag = os.getpid() % 100000
+    rx_ns, tx_ns, rx_if, tx_if = f"kvpr{tag}", f"kvpt{tag}", f"kvp{tag}r", f"kvp{tag}t"
+    net = f"10.{150 + tag % 50}.{tag % 250}"
+    setup = [("netns", "add", rx_ns), ("netns", "add", tx_ns),
+             ("link", "add", rx_if, "netns", rx_ns, "type", "veth", "peer", "name", tx_if, "netns", tx_ns),
+             ("-n", rx_ns, "addr", "add", f"{net}.1/24", "dev", rx_if), ("-n", rx_ns, "link", "set", rx_if, "up"),
+             ("-n", tx_ns, "addr", "add", f"{net}.2/24", "dev", tx_if), ("-n", tx_ns, "link", "set", tx_if, "up"),
+             ("-n", rx_ns, "link", "set", "lo", "up"), ("-n", tx_ns, "link", "set", "lo", "up")]
+    try:
+        for args in setup:
+            r = _ip(*args)
+            if r.returncode != 0:
+                pytest.skip(f"cannot build the namespaces here: ip {' '.join(args)}: {r.stderr.strip()}")
+        yield rx_ns, rx_if, tx_ns, tx_if
+    finally:
+        _ip("-n", rx_ns, "link", "del", rx_if)
+        _ip("netns", "del", rx_ns)
+        _ip("netns", "del", tx_ns)
+
+
+def _agent_in(ns, iface, host, seed, name):
+    r = RemoteSender()
+    r.call("netns", (ns, iface))
+    r.call("hostname", host)
+    kwargs = {"name": name, "interface": iface, "peer_timeout_s": HEARTBEAT_S, "timeout_s": 120}
+    return r, r.call("init", ("tcp", "vllm_flash", seed, BIG, 1, kwargs))
+
+
+def test_a_partition_mid_transfer_settles_both_sides_and_nothing_lands_after_it_heals(two_hosts):
+    rx_ns, rx_if, tx_ns, tx_if = two_hosts
+    rx, rx_md = _agent_in(rx_ns, rx_if, "kvxfer-part-rx", 11, "part-rx")
+    tx, tx_md = _agent_in(tx_ns, tx_if, "kvxfer-part-tx", 12, "part-tx")
+    try:
+        rx.call("add_peer", tx_md)
+        tx.call("add_peer", rx_md)
+        rx.call("recv", (1, list(range(128, 256))))
+        tx.call("send", (1, list(range(128)), list(range(128, 256)), None, None))
+        tx.call("mark", (1, 0))
+        assert rx.call("recv_wait", (1, 0, 30)) == "PENDING"  # the link works: layer 0 arrived
+        for layer in range(1, 8):
+            tx.call("mark", (1, layer))
+        assert _ip("-n", tx_ns, "link", "set", tx_if, "down").returncode == 0  # the partition
+        cut = time.monotonic()
+        state, layers, _ = rx.call("recv_state", 1)
+        assert layers < 8, "the transfer completed before the link went down: nothing was cut off"
+
+        wait_for(lambda: rx.call("recv_state", 1)[2], "the receiver's writes_over after the partition", 20)
+        wait_for(lambda: tx.call("writes_over", ("send", 1)), "the sender's writes_over after the partition", 20)
+        settled_s = time.monotonic() - cut
+        state, layers, _ = rx.call("recv_state", 1)
+        assert state == "FAILED" and layers < 8
+        with pytest.raises(RemoteError, match="PeerLost"):
+            tx.call("wait", (1, 1))
+        rx_stats, _ = rx.call("stats", None)
+        assert rx_stats["peers_fenced"] == 1 and rx_stats["peers_silent"] == 1
+        settled = rx.call("pool_digest", None)
+
+        assert _ip("-n", tx_ns, "link", "set", tx_if, "up").returncode == 0  # healed
+        time.sleep(3)  # the sender's kernel retransmits what it still held; the receiver's socket is closed
+        assert rx.call("pool_digest", None) == settled, "bytes landed in the receiver after it settled"
+        assert settled_s < 15, f"settling took {settled_s:.1f} s"
+    finally:
+        for r in (rx, tx):
+            if r.proc.is_alive():
+                os.kill(r.proc.pid, signal.SIGCONT)
+            r.close()
