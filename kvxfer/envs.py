@@ -28,6 +28,11 @@ ENV_VARS = {
                                       "the peer is released, so nothing it still posts can land and its ended recvs "
                                       "settle; shared = one key for all peers (as efa/verbs always do; read by the "
                                       "C++ core)"),
+    "KVXFER_TCP_IMM": ("str", "split", "libfabric tcp: split = a write's data goes as a plain write and its immediate "
+                                      "in a zero-byte write after it (libfabric 1.17 crashes closing a connection "
+                                      "that holds a write with immediate half received, as releasing a peer cut off "
+                                      "mid-write does); inline = one write with immediate, to measure the split's "
+                                      "cost (read by the C++ core)"),
     "KVXFER_UCX_WRITES": ("str", "auto", "ucx writes: auto = kvxfer's own active messages to peers UCX has no RMA lane "
                           "to (its tcp: emulated puts abort UCX 1.13 when the writer dies), puts otherwise; am | put "
                           "force one"),

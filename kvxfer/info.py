@@ -123,6 +123,10 @@ def collect() -> dict:
                            + (" (KVXFER_PEER_KEYS=shared)" if envs.get("KVXFER_PEER_KEYS") == "shared" else
                               " (the provider chooses keys)"))
             if usable and name == "tcp":
+                detail += ("; immediates follow their data in a zero-byte write, so a peer cut off mid-write can be "
+                           "released safely (KVXFER_TCP_IMM=split)" if envs.get("KVXFER_TCP_IMM") != "inline" else
+                           "; one write with immediate each: releasing a peer cut off mid-write can crash libfabric "
+                           "1.17 (KVXFER_TCP_IMM=inline)")
                 mode = envs.get("KVXFER_LANDING")
                 detail += ("; host pools of chunks under 32 KiB offer landing slots and senders pack such chunks "
                            "(layers of 32 KiB and more) into them (KVXFER_LANDING=auto)" if mode == "auto" else

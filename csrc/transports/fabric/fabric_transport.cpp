@@ -15,6 +15,7 @@
 
 #include "transports/fabric/fabric_error.h"
 #include "transports/fabric/provider.h"
+#include "transports/fabric/split_writes.h"
 
 namespace kvxfer {
 namespace {
@@ -48,6 +49,15 @@ bool own_peer_keys_wanted() {
   KVXFER_THROW(InvalidArgument, "KVXFER_PEER_KEYS='" << v << "' is not one of own, shared; unset it or fix it");
 }
 
+// KVXFER_TCP_IMM: "split" (default: SplitWrites on rxm over tcp) or "inline" (one fi_writedata per write, which a
+// peer released mid-message can crash; for measuring what the split costs).
+bool split_immediates_wanted() {
+  const char* v = std::getenv("KVXFER_TCP_IMM");
+  if (!v || !*v || std::strcmp(v, "split") == 0) return true;
+  if (std::strcmp(v, "inline") == 0) return false;
+  KVXFER_THROW(InvalidArgument, "KVXFER_TCP_IMM='" << v << "' is not one of split, inline; unset it or fix it");
+}
+
 class FabricTransport final : public Transport {
  public:
   FabricTransport(fi_info* info, const std::string& kvxfer_name, uint32_t rails) : info_(info) {
@@ -66,6 +76,8 @@ class FabricTransport final : public Transport {
     caps_.num_rails = rails;
     caps_.hmem = (info_->caps & FI_HMEM) != 0;
     inject_size_ = info_->tx_attr->inject_size;
+    if (caps_.provider.rfind("tcp", 0) == 0 && split_immediates_wanted())
+      split_ = std::make_unique<SplitWrites>(caps_.max_inflight + 64);
     caps_.max_iov = std::max<size_t>(1, std::min<size_t>({static_cast<size_t>(info_->tx_attr->iov_limit), static_cast<size_t>(info_->tx_attr->rma_iov_limit), size_t{16}}));
     const auto& prov = caps_.provider;
     KVXFER_FI_CALL(TransportUnavailable, fi_fabric(info_->fabric_attr, &fabric_, nullptr), prov);
@@ -195,6 +207,10 @@ class FabricTransport final : public Transport {
   int post_write(const void* src, size_t nbytes, void* desc, uint32_t imm, PeerAddr peer, uint64_t remote_addr,
                  uint64_t rkey, void* context, uint32_t rail) override {
     Rail& r = rails_[rail];
+    if (split_ && nbytes > 0) {
+      WriteIov w{src, nbytes, desc, remote_addr, rkey};
+      return post_split(&w, 1, imm, peer, context, rail);
+    }
     ssize_t rc = fi_writedata(r.ep, src, nbytes, desc, imm, fi_peer(peer, rail), remote_addr, rkey, context);
     if (rc == -FI_EAGAIN) return -EAGAIN;
     KVXFER_CHECK(rc == 0, TransferFailed,
@@ -205,6 +221,7 @@ class FabricTransport final : public Transport {
   }
 
   int post_writev(const WriteIov* w, size_t n, uint32_t imm, PeerAddr peer, void* context, uint32_t rail) override {
+    if (split_) return post_split(w, n, imm, peer, context, rail);
     iovec iov[16];
     void* desc[16];
     fi_rma_iov rma[16];
@@ -254,6 +271,8 @@ class FabricTransport final : public Transport {
 
   size_t poll(Event* events, size_t max) override {
     repost_consumed_receives();
+    size_t failed = split_ ? post_deferred_immediates(events, max) : 0;
+    if (failed) return failed;
     size_t out = 0;
     for (size_t k = 0; k < rails_.size() && out < max; ++k) {
       const size_t r = (next_poll_ + k) % rails_.size();
@@ -397,6 +416,7 @@ class FabricTransport final : public Transport {
   }
 
   size_t decode(Rail& rail, const fi_cq_data_entry& e, fi_addr_t source, Event* ev) {
+    if (SplitWrites::Pair* p = split_ ? split_->owner(e.op_context) : nullptr) return finish_half(p, "", ev);
     const size_t ri = recv_index(e.op_context);
     if (e.flags & FI_REMOTE_CQ_DATA) {
       // Match on FI_REMOTE_CQ_DATA alone: rxm leaves FI_RMA out of these flags.
@@ -431,18 +451,113 @@ class FabricTransport final : public Transport {
       return 0;
     }
     if (is_send_buffer(err.op_context)) return 0;
-    ev->kind = Event::Kind::OpError;
-    ev->context = err.op_context;
     char buf[256];
     const char* prov_err = fi_cq_strerror(rail.cq, err.prov_errno, err.err_data, buf, sizeof(buf));
-    ev->error = std::string("write failed on provider ") + caps_.provider + ": " + fi_strerror(err.err) +
-                " (err=" + std::to_string(err.err) + ", provider: " + (prov_err ? prov_err : "?") + ")";
+    std::string why = std::string("write failed on provider ") + caps_.provider + ": " + fi_strerror(err.err) +
+                      " (err=" + std::to_string(err.err) + ", provider: " + (prov_err ? prov_err : "?") + ")";
+    if (SplitWrites::Pair* p = split_ ? split_->owner(err.op_context) : nullptr) return finish_half(p, why, ev);
+    ev->kind = Event::Kind::OpError;
+    ev->context = err.op_context;
+    ev->error = std::move(why);
+    return 1;
+  }
+
+  // SplitWrites: the data as a plain write (one piece or gathered), then the immediate in a zero-byte write to the
+  // first piece's place. EAGAIN before the data went means nothing was posted; once it went, a refused zero-byte
+  // write waits in deferred() and poll() posts it again (still after its data on the same connection).
+  int post_split(const WriteIov* w, size_t n, uint32_t imm, PeerAddr peer, void* context, uint32_t rail) {
+    KVXFER_ASSERT(n >= 1 && n <= caps_.max_iov);
+    SplitWrites::Pair* p = split_->take(context);
+    if (!p) return -EAGAIN;
+    iovec iov[16];
+    void* desc[16];
+    fi_rma_iov rma[16];
+    for (size_t i = 0; i < n; ++i) {
+      iov[i] = {const_cast<void*>(w[i].src), w[i].nbytes};
+      desc[i] = w[i].desc;
+      rma[i] = {w[i].remote_addr, w[i].nbytes, w[i].rkey};
+    }
+    fi_msg_rma msg{};
+    msg.msg_iov = iov;
+    msg.desc = desc;
+    msg.iov_count = n;
+    msg.addr = fi_peer(peer, rail);
+    msg.rma_iov = rma;
+    msg.rma_iov_count = n;
+    msg.context = p->data_ctx;
+    Rail& r = rails_[rail];
+    ssize_t rc = fi_writemsg(r.ep, &msg, FI_COMPLETION);
+    if (rc == -FI_EAGAIN) {
+      split_->give_back(p);
+      return -EAGAIN;
+    }
+    if (rc != 0) split_->give_back(p);
+    KVXFER_CHECK(rc == 0, TransferFailed,
+                 "fi_writemsg(" << n << " iovs) failed: rc=" << rc << " (" << fi_strerror(-rc) << ") on provider "
+                                << caps_.provider);
+    r.writes.fetch_add(1, std::memory_order_relaxed);
+    p->peer = peer;
+    p->rail = rail;
+    p->imm = imm;
+    p->src = w[0].src;
+    p->desc = w[0].desc;
+    p->remote_addr = w[0].remote_addr;
+    p->rkey = w[0].rkey;
+    bool later = !split_->deferred().empty();
+    try {
+      later = later || post_immediate(*p) == -EAGAIN;
+    } catch (const Error&) {
+      later = true;  // its data is in flight: poll() posts it again and reports the failure with the write's event
+    }
+    if (later) split_->deferred().push_back(p);
+    return 0;
+  }
+
+  // The zero-byte half; throws TransferFailed (or PeerUnknown once the peer was removed) on other failures.
+  int post_immediate(SplitWrites::Pair& p) {
+    ssize_t rc = fi_writedata(rails_[p.rail].ep, p.src, 0, p.desc, p.imm, fi_peer(p.peer, p.rail), p.remote_addr,
+                              p.rkey, p.imm_ctx);
+    if (rc == -FI_EAGAIN) return -EAGAIN;
+    KVXFER_CHECK(rc == 0, TransferFailed,
+                 "fi_writedata(0 bytes, the immediate) failed: rc=" << rc << " (" << fi_strerror(-rc)
+                                                                     << ") on provider " << caps_.provider);
+    return 0;
+  }
+
+  // Posts the zero-byte halves the provider refused earlier, in order, until it refuses again. One that cannot be
+  // posted at all (its peer removed meanwhile) ends its half with an error: the events it completes are returned.
+  size_t post_deferred_immediates(Event* events, size_t max) {
+    auto& waiting = split_->deferred();
+    size_t done = 0, out = 0;
+    for (; done < waiting.size() && out < max; ++done) {
+      std::string why;
+      try {
+        if (post_immediate(*waiting[done]) == -EAGAIN) break;
+        continue;
+      } catch (const Error& e) {
+        why = e.what();
+      }
+      out += finish_half(waiting[done], why, events + out);
+    }
+    waiting.erase(waiting.begin(), waiting.begin() + static_cast<std::ptrdiff_t>(done));
+    return out;
+  }
+
+  // One half of a split write is over: the agent hears of the write once both are (0 or 1 event).
+  size_t finish_half(SplitWrites::Pair* p, const std::string& why, Event* ev) {
+    void* context = nullptr;
+    std::string error;
+    if (!split_->finish(p, why, &context, &error)) return 0;
+    ev->context = context;
+    ev->kind = error.empty() ? Event::Kind::WriteDone : Event::Kind::OpError;
+    ev->error = std::move(error);
     return 1;
   }
 
   fi_info* info_;
   Capabilities caps_;
   bool mr_local_ = false, prov_key_ = false;
+  std::unique_ptr<SplitWrites> split_;  // rxm over tcp: writes with immediates go as two (split_writes.h)
   size_t inject_size_ = 0;
   fid_fabric* fabric_ = nullptr;
   fid_domain* domain_ = nullptr;
