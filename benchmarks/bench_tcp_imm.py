@@ -36,7 +36,8 @@ def run(mode: str, args: list[str]) -> dict:
         env = dict(os.environ, KVXFER_TCP_IMM=mode, FI_TCP_IFACE="lo", PYTHONPATH=ROOT)
         subprocess.run([sys.executable, "-m", "kvxfer.bench.cli", "--transport", "tcp", "--quiet", "--json", out, *args],
                        env=env, check=True, timeout=600, capture_output=True)
-        rec = json.load(open(out))["records"][0]
+        with open(out) as f:
+            rec = json.load(f)["records"][0]
     return {k: rec[k] for k in ("ratio", "gbps", "limit_gbps", "p50_us", "writes_per_transfer", "nbytes")}
 
 
