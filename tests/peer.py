@@ -99,6 +99,13 @@ def serve(conn):
                         raise OSError(ctypes.get_errno(), f"setns into {ns}")
                 finally:
                     os.close(fd)
+                # /sys/class/net still lists the old namespace's devices until sysfs is mounted again from this one
+                # (UCX picks its devices there): in a mount namespace of our own, so the host's /sys is untouched.
+                libc = ctypes.CDLL(None, use_errno=True)
+                if (libc.unshare(0x00020000) != 0  # CLONE_NEWNS
+                        or libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) != 0  # MS_REC | MS_PRIVATE
+                        or libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None) != 0):
+                    raise OSError(ctypes.get_errno(), f"a sysfs of {ns}'s own")
                 os.environ["FI_TCP_IFACE"] = iface  # libfabric reads it when the first agent opens
                 result = None
             elif cmd == "recv_state":  # of our recv: (state, layers done, writes_over)

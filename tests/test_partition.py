@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import RemoteError, RemoteSender, wait_for
+from tests.conftest import UCX, RemoteError, RemoteSender, wait_for
 
 BIG = [8, 256, 16, 8, 128, "float16"]  # 128 MiB per transfer of 128 blocks
 HEARTBEAT_S = 1.0
@@ -40,6 +40,10 @@ def two_hosts():
             r = _ip(*args)
             if r.returncode != 0:
                 pytest.skip(f"cannot build the namespaces here: ip {' '.join(args)}: {r.stderr.strip()}")
+        for ns, dev in ((rx_ns, rx_if), (tx_ns, tx_if)):  # the kernel marks a veth running up to ~1 s later, and
+            # UCX leaves out devices not running yet
+            wait_for(lambda ns=ns, dev=dev: "state UP" in _ip("-n", ns, "link", "show", "dev", dev).stdout,
+                     f"{dev} running", 10)
         yield rx_ns, rx_if, tx_ns, tx_if
     finally:
         _ip("-n", rx_ns, "link", "del", rx_if)
@@ -47,18 +51,22 @@ def two_hosts():
         _ip("netns", "del", tx_ns)
 
 
-def _agent_in(ns, iface, host, seed, name):
+def _agent_in(transport, ns, iface, host, seed, name):
     r = RemoteSender()
     r.call("netns", (ns, iface))
     r.call("hostname", host)
     kwargs = {"name": name, "interface": iface, "peer_timeout_s": HEARTBEAT_S, "timeout_s": 120}
-    return r, r.call("init", ("tcp", "vllm_flash", seed, BIG, 1, kwargs))
+    return r, r.call("init", (transport, "vllm_flash", seed, BIG, 1, kwargs))
 
 
-def test_a_partition_mid_transfer_settles_both_sides_and_nothing_lands_after_it_heals(two_hosts):
+@pytest.mark.parametrize("transport", ["tcp", UCX])
+def test_a_partition_mid_transfer_settles_both_sides_and_nothing_lands_after_it_heals(transport, two_hosts):
+    """Over ucx, whose peers share one key, the receiver cannot fence the silent sender: its recv fails but stays
+    unsettled (README, "Not done yet"); everything else holds there too."""
+    fences = transport == "tcp"
     rx_ns, rx_if, tx_ns, tx_if = two_hosts
-    rx, rx_md = _agent_in(rx_ns, rx_if, "kvxfer-part-rx", 11, "part-rx")
-    tx, tx_md = _agent_in(tx_ns, tx_if, "kvxfer-part-tx", 12, "part-tx")
+    rx, rx_md = _agent_in(transport, rx_ns, rx_if, "kvxfer-part-rx", 11, "part-rx")
+    tx, tx_md = _agent_in(transport, tx_ns, tx_if, "kvxfer-part-tx", 12, "part-tx")
     try:
         rx.call("add_peer", tx_md)
         tx.call("add_peer", rx_md)
@@ -73,15 +81,18 @@ def test_a_partition_mid_transfer_settles_both_sides_and_nothing_lands_after_it_
         state, layers, _ = rx.call("recv_state", 1)
         assert layers < 8, "the transfer completed before the link went down: nothing was cut off"
 
-        wait_for(lambda: rx.call("recv_state", 1)[2], "the receiver's writes_over after the partition", 20)
+        if fences:
+            wait_for(lambda: rx.call("recv_state", 1)[2], "the receiver's writes_over after the partition", 20)
+        else:
+            wait_for(lambda: rx.call("recv_state", 1)[0] == "FAILED", "the receiver's recv failed", 20)
         wait_for(lambda: tx.call("writes_over", ("send", 1)), "the sender's writes_over after the partition", 20)
         settled_s = time.monotonic() - cut
-        state, layers, _ = rx.call("recv_state", 1)
-        assert state == "FAILED" and layers < 8
+        state, layers, over = rx.call("recv_state", 1)
+        assert state == "FAILED" and layers < 8 and over == fences
         with pytest.raises(RemoteError, match="PeerLost"):
             tx.call("wait", (1, 1))
         rx_stats, _ = rx.call("stats", None)
-        assert rx_stats["peers_fenced"] == 1 and rx_stats["peers_silent"] == 1
+        assert rx_stats["peers_fenced"] == int(fences) and rx_stats["peers_silent"] == 1
         settled = rx.call("pool_digest", None)
 
         assert _ip("-n", tx_ns, "link", "set", tx_if, "up").returncode == 0  # healed
