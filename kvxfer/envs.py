@@ -24,7 +24,8 @@ ENV_VARS = {
     "KVXFER_LANDING": ("str", "auto", "how peers reach this agent's pools besides direct writes: auto = landing slots "
                                       "where the fabric cannot write a pool and for host pools of < 32 KiB chunks on "
                                       "tcp; needed = only the former; always = every pool"),
-    "KVXFER_PEER_KEYS": ("str", "own", "libfabric tcp/shm: own = every peer writes with keys of its own, closed when "
+    "KVXFER_PEER_KEYS": ("str", "own", "libfabric tcp/shm, and ucx where every write is a data AM (no RMA lane): "
+                                      "own = every peer writes with keys of its own, closed when "
                                       "the peer is released, so nothing it still posts can land and its ended recvs "
                                       "settle; shared = one key for all peers (as efa/verbs always do; read by the "
                                       "C++ core)"),

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from kvxfer import _C
 from tests.conftest import UCX, RemoteError, RemoteSender, wait_for
 
 BIG = [8, 256, 16, 8, 128, "float16"]  # 128 MiB per transfer of 128 blocks
@@ -61,11 +62,11 @@ def _agent_in(transport, ns, iface, host, seed, name):
 
 @pytest.mark.parametrize("transport", ["tcp", UCX])
 def test_a_partition_mid_transfer_settles_both_sides_and_nothing_lands_after_it_heals(transport, two_hosts):
-    """Over ucx, whose peers share one key, the receiver cannot fence the silent sender: its recv fails but stays
-    unsettled (README, "Not done yet"); everything else holds there too."""
-    fences = transport == "tcp"
+    """Over ucx the receiver fences the silent sender where every write is a data AM (UCX without RMA lanes, as
+    here); where its peers would share one key (puts), its recv fails but stays unsettled (README, "Not done yet")."""
     rx_ns, rx_if, tx_ns, tx_if = two_hosts
     rx, rx_md = _agent_in(transport, rx_ns, rx_if, "kvxfer-part-rx", 11, "part-rx")
+    fences = _C.decode_metadata(rx_md)["peer_keys"]
     tx, tx_md = _agent_in(transport, tx_ns, tx_if, "kvxfer-part-tx", 12, "part-tx")
     try:
         rx.call("add_peer", tx_md)

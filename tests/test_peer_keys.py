@@ -16,7 +16,7 @@ import pytest
 
 import kvxfer
 from kvxfer import _C, errors
-from tests.conftest import RemoteError, RemoteSender, another_host, connect, wait_for
+from tests.conftest import UCX, RemoteError, RemoteSender, another_host, connect, wait_for
 from tests.reference import apply, block_view, make_pool
 
 
@@ -39,7 +39,7 @@ BIG = (8, 256, 16, 8, 128, "float16")  # 8 layers x 2 planes x 128 blocks x 64 K
 HEARTBEAT = {"peer_timeout_s": 1.0}
 
 
-@pytest.mark.parametrize("transport", ["tcp", "fi_shm"])
+@pytest.mark.parametrize("transport", ["tcp", "fi_shm", UCX])
 def test_a_silent_sender_on_another_host_is_fenced_and_what_it_posts_later_never_lands(transport, remote):
     another_host(remote, "kvxfer-fenced-host")
     agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 81, layout_args=BIG, timeout_s=120,
@@ -103,7 +103,7 @@ def test_a_killed_sender_on_another_host_is_released_and_its_recvs_settle(remote
     for a dead peer). It used to wait in the outbox for good, so the peer was never released (its connection and
     fds kept, its recvs unsettled); past 5 s the BYE is dropped, the peer released and fenced."""
     another_host(remote, "kvxfer-killed-host")
-    agent, peer, layout, dst, _ = connect("tcp", remote, "vllm_flash", 84, layout_args=BIG, timeout_s=120,
+    agent, peer, _, _, _ = connect("tcp", remote, "vllm_flash", 84, layout_args=BIG, timeout_s=120,
                                           receiver_kwargs=HEARTBEAT, sender_kwargs=HEARTBEAT)
     recv = agent.recv(peer, 1, list(range(128, 256)), timeout_s=120)
     remote.call("send", (1, list(range(128)), list(range(128, 256)), None, None))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import kvxfer
-from kvxfer import errors
+from kvxfer import _C, errors
 from tests.conftest import UCX, connect, local_pair
 from tests.reference import PRESETS
 
@@ -109,9 +109,18 @@ def test_writes_go_as_active_messages_without_an_rma_lane_and_both_ways_are_exac
 def test_info_says_how_ucx_writes(monkeypatch):
     from kvxfer import info
 
-    assert "kvxfer active messages where UCX has none (tcp)" in info.collect()["transports"]["ucx"][1]
+    """Here UCX has tcp and shared memory only, none with an RMA lane: auto writes data AMs to every peer, and so
+    gives each peer keys of its own; with puts (or KVXFER_PEER_KEYS=shared) all peers share one key."""
+    line = info.collect()["transports"]["ucx"][1]
+    assert "writes: kvxfer active messages everywhere (none of these resources has an RMA lane)" in line, line
+    assert "each peer writes with keys of its own" in line, line
     monkeypatch.setenv("KVXFER_UCX_WRITES", "put")
-    assert "writes: ucp puts everywhere (KVXFER_UCX_WRITES=put)" in info.collect()["transports"]["ucx"][1]
+    line = info.collect()["transports"]["ucx"][1]
+    assert "writes: ucp puts everywhere (KVXFER_UCX_WRITES=put)" in line and "one key for all peers" in line, line
+    monkeypatch.setenv("KVXFER_UCX_WRITES", "am")
+    monkeypatch.setenv("KVXFER_PEER_KEYS", "shared")
+    line = info.collect()["transports"]["ucx"][1]
+    assert "active messages everywhere (KVXFER_UCX_WRITES=am)" in line and "one key for all peers" in line, line
 
 
 def test_a_bad_ucx_writes_setting_is_refused(monkeypatch):
@@ -198,7 +207,10 @@ def test_a_peer_key_its_metadata_does_not_publish_fails_the_send_without_writing
     a.wait_connected(peer_b, 20)
     send = a.send(peer_b, 1, [0, 1], [2, 3])
     send.all_ready()
-    with pytest.raises(errors.AccessViolation, match=f"exposed no memory under key {1 << 16 | 9}"):
+    # Where each peer writes with keys of its own, the key named is ours for the forged one.
+    own = _C.decode_metadata(md)["peer_keys"]
+    with pytest.raises(errors.AccessViolation, match="exposed no memory under key " +
+                       (r"\d+ \(our own for one it published\)" if own else f"{1 << 16 | 9};")):
         send.wait(timeout_s=20)
     assert (dst == 7).all()
 
@@ -303,3 +315,18 @@ def test_ucx_agents_closed_one_after_the_other_do_not_abort_the_process():
         out = subprocess.run([sys.executable, "-c", PAIRS_CREATED_AND_DROPPED, "40"], capture_output=True, text=True,
                              cwd=root, env={**os.environ, "PYTHONPATH": root}, timeout=300, check=False)
         assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_ucx_agents_that_key_peers_differently_refuse_each_other_naming_the_fix(monkeypatch):
+    """With puts (KVXFER_UCX_WRITES=put, or UCX with an RMA lane) all peers share one key; without, each peer has its
+    own. Such two agents cannot write into each other, so add_peer refuses and says what makes them agree."""
+    own = kvxfer.Agent("ucx-own-keys", transport="ucx", interface="lo")
+    monkeypatch.setenv("KVXFER_UCX_WRITES", "put")
+    shared = kvxfer.Agent("ucx-shared-keys", transport="ucx", interface="lo")
+    assert _C.decode_metadata(own.metadata())["peer_keys"] is True
+    assert _C.decode_metadata(shared.metadata())["peer_keys"] is False
+    with pytest.raises(errors.TransportUnavailable, match=r"peer 'ucx-shared-keys' does not give each peer keys of its "
+                                                          r"own but this agent does .*KVXFER_UCX_WRITES=am on both"):
+        own.add_peer(shared.metadata())
+    shared.close()
+    own.close()

@@ -642,7 +642,10 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
                "peer '" << peer_info.name << "' " << (peer_info.peer_keys ? "gives" : "does not give")
                         << " each peer keys of its own but this agent " << (info_.peer_keys ? "does" : "does not")
                         << " (provider " << transport_->capabilities().provider
-                        << "); run the same kvxfer and libfabric on both sides");
+                        << "); set KVXFER_PEER_KEYS the same on both sides"
+                        << (info_.transport == "ucx" ? " (ucx: keys of its own only where every write is a data AM: "
+                                                       "KVXFER_UCX_WRITES=am on both, or UCX without RMA lanes)"
+                                                     : " and run the same kvxfer and libfabric on both"));
   if (peer_info.peer_keys) write_with_own_keys(peer_info, info_.epoch);
   std::lock_guard<std::mutex> adding(add_peer_mu_);
   std::shared_ptr<PeerState> restarted;
@@ -692,7 +695,7 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   {
     std::lock_guard<std::mutex> domain(transport_mu_);
     peer->addr = transport_->insert_peer(peer->info.fabric_address);
-    transport_->import_keys(peer->addr, peer->info.transport_keys);
+    transport_->import_keys(peer->addr, peer->info.transport_keys, peer->info.peer_keys ? info_.epoch : 0);
     if (std::string lanes = transport_->describe_peer(peer->addr); !lanes.empty()) peer->path_reason += "; " + lanes;
     peer->rails = std::max<uint32_t>(1, transport_->peer_rails(peer->addr));
   }

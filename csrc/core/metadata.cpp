@@ -123,14 +123,6 @@ LayoutSpec read_layout(Reader& r) {
 
 }  // namespace
 
-uint64_t peer_key(uint64_t base, uint64_t writer_epoch) {
-  uint64_t z = base ^ (writer_epoch * 0x9e3779b97f4a7c15ull);  // splitmix64's finalizer over both
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return z ? z : 1;
-}
-
 void write_with_own_keys(AgentInfo& peer, uint64_t writer_epoch) {
   auto own = [&](uint64_t& key) {
     if (key) key = peer_key(key, writer_epoch);

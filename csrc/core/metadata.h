@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/layout.h"
+#include "core/peer_key.h"
 #include "gpu/vmm.h"
 
 namespace kvxfer {
@@ -82,9 +83,6 @@ struct AgentInfo {
   uint64_t fingerprint() const;
 };
 
-// The key the agent of epoch `writer_epoch` writes with where the owner published `base` (AgentInfo::peer_keys): a
-// 64-bit mix of both, never 0 ("not registered"), so each writer's keys are its own and a new incarnation's differ.
-uint64_t peer_key(uint64_t base, uint64_t writer_epoch);
 // A peer's published base keys (signal pad, landing ring, regions; 0 stays 0) replaced by the ones `writer_epoch`
 // writes with.
 void write_with_own_keys(AgentInfo& peer, uint64_t writer_epoch);

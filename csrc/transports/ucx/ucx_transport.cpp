@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "core/errors.h"
+#include "core/peer_key.h"
 #include "transports/transport.h"
 #include "transports/ucx/data_am.h"
 
@@ -62,6 +63,22 @@ constexpr uint8_t kAddressTag = 'U';
 constexpr const char* kTcpSegSize = "64k";  // first byte of our address: a libfabric peer's address is refused by name
 
 std::string status_text(ucs_status_t s) { return std::string(ucs_status_string(s)) + " (" + std::to_string(s) + ")"; }
+
+// KVXFER_PEER_KEYS, as the libfabric transport reads it: "own" (default) or "shared".
+bool own_peer_keys_wanted() {
+  const char* v = std::getenv("KVXFER_PEER_KEYS");
+  if (!v || !*v || std::strcmp(v, "own") == 0) return true;
+  if (std::strcmp(v, "shared") == 0) return false;
+  KVXFER_THROW(InvalidArgument, "KVXFER_PEER_KEYS='" << v << "' is not one of own, shared; unset it or fix it");
+}
+
+// UCX transports that never give an endpoint a hardware RMA lane to another host: where a context has nothing else,
+// "auto" writes by data AMs to every peer anyway, and so can fence peers (kvxfer checks every AM's key itself).
+bool without_rma_lanes(const std::string& tl) {
+  for (const char* name : {"self", "tcp", "sysv", "posix", "cma", "knem", "xpmem", "ud_verbs", "ud_mlx5"})
+    if (tl == name) return true;
+  return false;
+}
 
 #define KVXFER_UCS_CALL(kind, call, what)                                                    \
   do {                                                                                       \
@@ -90,6 +107,7 @@ struct UcxPeer {
   std::string error;
   std::unordered_map<uint64_t, std::vector<uint8_t>> packed;  // the peer's rkeys as it published them
   std::unordered_map<uint64_t, ucp_rkey_h> rkeys;             // unpacked on first use (progress thread)
+  std::set<uint64_t> own_keys;  // ours for its published keys, where it gives each writer its own (data AMs only)
   uint64_t puts = 0;             // puts posted so far
   uint64_t flush_requested = 0;  // puts covered by the last flush asked for
   uint64_t flushed = 0;          // puts known to be in the peer's memory
@@ -176,6 +194,14 @@ class UcxTransport final : public Transport {
     caps_.releases_peers = true;
     caps_.releases_connected_peers_only = true;
     caps_.hmem = (attr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
+    // Per-peer keys where every write is a data AM (each piece names a key this agent checks): not with puts, whose
+    // UCX rkeys stay valid for every peer, nor with GPU pools (those take puts).
+    bool all_am = writes_mode_ == "am";
+    if (writes_mode_ == "auto") {
+      all_am = true;
+      for (const auto& tl : resource_names()) all_am = all_am && without_rma_lanes(tl.substr(0, tl.find('/')));
+    }
+    caps_.fences_peers = all_am && !caps_.hmem && own_peer_keys_wanted();
   }
 
   // The worker, its endpoints and the context are left to the process's exit on purpose (see shutdown()): UCX 1.13
@@ -254,15 +280,32 @@ class UcxTransport final : public Transport {
                                                              static_cast<uint8_t*>(packed) + packed_len)};
     }
     ucp_rkey_buffer_release(packed);
-    if (device < 0) {  // data AMs land in host memory only (a GPU pool takes puts, with a CUDA-enabled UCX)
+    // Data AMs land in host memory only (a GPU pool takes puts, with a CUDA-enabled UCX); with per-peer keys only
+    // under the peers' own keys (register_peer_key).
+    if (device < 0 && !caps_.fences_peers) {
       std::lock_guard<std::mutex> lock(regions_mu_);
       regions_[requested_key] = {reinterpret_cast<uint64_t>(addr), nbytes};
     }
     return MemoryKey{memh, nullptr, requested_key};
   }
 
+  // A peer's key (Agent::open_peer_keys): its data AMs may land in [addr, addr + nbytes) under it until it is
+  // deregistered; regions_mu_ makes that exact (an AM being copied finishes first, none lands after).
+  MemoryKey register_peer_key(void* addr, size_t nbytes, uint64_t key) override {
+    KVXFER_ASSERT(caps_.fences_peers);
+    std::lock_guard<std::mutex> lock(regions_mu_);
+    KVXFER_CHECK(regions_.count(key) == 0 && key != 0, RegistrationFailed,
+                 "a peer's key " << std::hex << key << std::dec << " is taken (two peers' keys collided): restart that "
+                                    "peer's agent, whose new epoch derives new keys");
+    regions_[key] = {reinterpret_cast<uint64_t>(addr), nbytes};
+    return MemoryKey{&regions_, nullptr, key};
+  }
+
   void deregister_memory(MemoryKey& key) override {
-    if (key.handle) {
+    if (key.handle == &regions_) {  // a peer's key
+      std::lock_guard<std::mutex> lock(regions_mu_);
+      regions_.erase(key.rkey);
+    } else if (key.handle) {
       {
         std::lock_guard<std::mutex> lock(mu_);
         exported_.erase(key.rkey);
@@ -289,11 +332,12 @@ class UcxTransport final : public Transport {
     return out;
   }
 
-  void import_keys(PeerAddr peer, const std::vector<uint8_t>& keys) override {
+  void import_keys(PeerAddr peer, const std::vector<uint8_t>& keys, uint64_t own_keys_epoch) override {
     auto parsed = parse_keys(keys);
     std::lock_guard<std::mutex> lock(mu_);
     UcxPeer& p = peer_at(peer);
     for (auto& [id, bytes] : parsed) {
+      if (own_keys_epoch) p.own_keys.insert(peer_key(id, own_keys_epoch));
       auto it = p.rkeys.find(id);
       if (it != p.rkeys.end() && p.packed[id] != bytes) {  // the peer re-registered under that key
         ucp_rkey_destroy(it->second);
@@ -321,7 +365,7 @@ class UcxTransport final : public Transport {
                  "ucp_ep_create towards the peer failed: " << status_text(st)
                                                            << "; the peer may be unreachable with this UCX_TLS");
     // UCX chose the endpoint's lanes from the peer's address: without an RMA lane its puts are emulated (above).
-    peer->am_writes = writes_mode_ == "am" || (writes_mode_ == "auto" && !has_rma_lane(peer->ep));
+    peer->am_writes = caps_.fences_peers || writes_mode_ == "am" || (writes_mode_ == "auto" && !has_rma_lane(peer->ep));
     std::lock_guard<std::mutex> lock(mu_);
     peers_.push_back(std::move(peer));
     return peers_.size() - 1;
@@ -357,8 +401,10 @@ class UcxTransport final : public Transport {
     }
     const std::string lanes = describe_lanes(ep);
     return lanes.empty() ? lanes
-                         : lanes + (am ? "; writes: kvxfer active messages (UCX emulates puts without an RMA lane)"
-                                       : "; writes: ucp puts");
+                         : lanes + (!am                 ? "; writes: ucp puts"
+                                    : caps_.fences_peers ? "; writes: kvxfer active messages under keys of our own"
+                                                         : "; writes: kvxfer active messages (UCX emulates puts "
+                                                           "without an RMA lane)");
   }
 
   int post_write(const void* src, size_t nbytes, void* desc, uint32_t imm, PeerAddr peer, uint64_t remote_addr,
@@ -536,8 +582,10 @@ class UcxTransport final : public Transport {
     ds->header.resize(sizeof(h) + n * sizeof(DataPiece));
     for (size_t i = 0; i < n; ++i) {
       if (w[i].nbytes == 0) continue;
-      KVXFER_CHECK(p.packed.count(w[i].rkey), AccessViolation,
-                   "the peer exposed no memory under key " << w[i].rkey << "; re-add it with its current metadata");
+      KVXFER_CHECK(caps_.fences_peers ? p.own_keys.count(w[i].rkey) : p.packed.count(w[i].rkey), AccessViolation,
+                   "the peer exposed no memory under key "
+                       << w[i].rkey << (caps_.fences_peers ? " (our own for one it published)" : "")
+                       << "; re-add it with its current metadata");
       const DataPiece piece{w[i].rkey, w[i].remote_addr, w[i].nbytes};
       std::memcpy(ds->header.data() + sizeof(h) + h.pieces * sizeof(DataPiece), &piece, sizeof(piece));
       ds->iov[h.pieces++] = {const_cast<void*>(w[i].src), w[i].nbytes};
@@ -887,17 +935,24 @@ class UcxTransport final : public Transport {
  public:
   // "tcp/lo, sysv/memory, cma/memory": the UCX resources this context opened (ucp_context_print_info).
   std::string resources() const {
-    std::string text = print_to_string([this](FILE* f) { ucp_context_print_info(context_, f); });
     std::string out;
+    for (const auto& tl : resource_names()) {
+      if (tl.rfind("self/", 0) == 0) continue;  // loopback within one worker: never a peer's path
+      out += (out.empty() ? "" : ", ") + tl;
+    }
+    return out;
+  }
+
+  // Every resource of the context, "tcp/lo" style.
+  std::vector<std::string> resource_names() const {
+    std::string text = print_to_string([this](FILE* f) { ucp_context_print_info(context_, f); });
+    std::vector<std::string> out;
     size_t pos = 0;
     while ((pos = text.find("resource ", pos)) != std::string::npos) {
       const size_t eol = std::min(text.find('\n', pos), text.size());
       const std::string line = text.substr(pos, eol - pos);
       pos = eol;
-      const size_t last = line.find_last_of(' ');
-      const std::string tl = line.substr(last + 1);
-      if (tl.rfind("self/", 0) == 0) continue;  // loopback within one worker: never a peer's path
-      out += (out.empty() ? "" : ", ") + tl;
+      out.push_back(line.substr(line.find_last_of(' ') + 1));
     }
     return out;
   }
@@ -976,7 +1031,13 @@ extern "C" KVXFER_UCX_EXPORT void kvxfer_ucx_version(char* out, size_t len) {
 extern "C" KVXFER_UCX_EXPORT int kvxfer_ucx_resources(char* out, size_t len) {
   try {
     kvxfer::UcxTransport t("");
-    std::snprintf(out, len, "%s", t.resources().c_str());
+    // The resources, then on a line of its own how peers are keyed (probe_ucx puts it after its own words).
+    const char* keys = t.capabilities().fences_peers
+                           ? "each peer writes with keys of its own, closed once it is dropped: nothing it still posts "
+                             "lands, and its ended recvs settle (every write a data AM; KVXFER_PEER_KEYS=own)"
+                           : "one key for all peers: a dropped peer on another host leaves its ended recvs unsettled "
+                             "(puts possible, a GPU-capable UCX, or KVXFER_PEER_KEYS=shared)";
+    std::snprintf(out, len, "%s\n%s", t.resources().c_str(), keys);
     return 1;
   } catch (const std::exception& e) {
     std::snprintf(out, len, "%s", e.what());
