@@ -172,3 +172,60 @@ def test_info_says_how_peers_are_keyed():
                              env=dict(os.environ, PYTHONPATH=root, KVXFER_PEER_KEYS=mode), check=True)
         tcp = next(line for line in out.stdout.splitlines() if line.split()[1:2] == ["tcp"])
         assert said in tcp and f"KVXFER_PEER_KEYS={mode}" in tcp, tcp
+
+
+def _with_epoch(md: bytes, epoch: int) -> bytes:
+    """The same agent's metadata under another epoch, resealed (as a peer whose epoch happens to be that)."""
+    from tests.test_errors import _reseal
+
+    payload = md[16:]
+    old = _C.decode_metadata(md)["epoch"].to_bytes(8, "little")
+    assert payload.count(old) == 1
+    return _reseal(md, payload.replace(old, epoch.to_bytes(8, "little")))
+
+
+def test_a_peer_refused_for_a_key_collision_leaves_nothing_behind():
+    """Keys derive from published keys and the writer's epoch, so two peers' keys can collide (about 1 in 2^64 per
+    pair; forced here by choosing an epoch). The provider refuses the second registration, and add_peer with it:
+    the peer must then be gone entirely. It used to stay listed, holding a window and without keys, so adding it
+    again returned that broken peer instead of refusing, and a max_peers agent lost the window for good."""
+    layout = kvxfer.KVLayout.contiguous(4, 4096)
+    a = kvxfer.Agent("collide-rx", transport="tcp", interface="lo", max_peers=2)
+    dst = np.zeros(4 * 4096, np.uint8)
+    a.register_pool(dst, layout)
+    md_a = _C.decode_metadata(a.metadata())
+    signal, pool = md_a["signal_rkey"], md_a["pools"][0]["rkeys"][0]
+    senders = [kvxfer.Agent(f"collide-tx{i}", transport="tcp", interface="lo") for i in range(3)]
+    src = np.arange(4 * 4096, dtype=np.uint32).astype(np.uint8)
+    for s in senders:
+        s.register_pool(src, layout)
+    peer_b = a.add_peer(senders[0].metadata())
+    # An epoch under which the second sender's key for our pool equals the first one's for our signal pad.
+    mult, inv = 0x9E3779B97F4A7C15, pow(0x9E3779B97F4A7C15, -1, 1 << 64)
+    epoch_b = _C.decode_metadata(senders[0].metadata())["epoch"]
+    clash = ((pool ^ signal ^ (epoch_b * mult % (1 << 64))) * inv) % (1 << 64)
+    assert _C.peer_key(pool, clash) == _C.peer_key(signal, epoch_b)
+    forged = _with_epoch(senders[1].metadata(), clash)
+    for _ in range(2):  # refused each time: nothing of the first refusal stayed listed
+        with pytest.raises(errors.RegistrationFailed, match="key .* is taken|two peers' keys collided"):
+            a.add_peer(forged)
+    # Its window is free again (max_peers=2): a third sender gets it, and moves bytes exactly.
+    peer_c = a.add_peer(senders[2].metadata())
+    to_a = senders[2].add_peer(a.metadata())
+    senders[2].wait_connected(to_a, 20)
+    a.wait_connected(peer_c, 20)
+    recv = a.recv(peer_c, 1, [2, 3])
+    senders[2].send(to_a, 1, [0, 1], [2, 3]).all_ready()
+    recv.wait(timeout_s=20)
+    assert (dst[2 * 4096:] == src[:2 * 4096]).all() and (dst[:2 * 4096] == 0).all()
+    # The first sender's keys (its signal pad key is the one the refused peer collided with) still work.
+    to_a = senders[0].add_peer(a.metadata())
+    senders[0].wait_connected(to_a, 20)
+    a.wait_connected(peer_b, 20)
+    recv = a.recv(peer_b, 2, [0, 1])
+    senders[0].send(to_a, 2, [2, 3], [0, 1]).all_ready()
+    recv.wait(timeout_s=20)
+    assert (dst[:2 * 4096] == src[2 * 4096:]).all() and (dst[2 * 4096:] == src[:2 * 4096]).all()
+    for s in senders:
+        s.close()
+    a.close()

@@ -114,11 +114,19 @@ void register_layout(py::module_& m) {
       pd["name"] = p.name;
       pd["layout"] = p.layout;
       pd["regions"] = p.regions.size();
+      py::list keys;
+      for (const auto& r : p.regions) keys.append(r.rkey);
+      pd["rkeys"] = keys;
       pools.append(pd);
     }
     d["pools"] = pools;
+    d["signal_rkey"] = a.signal_rkey;
+    d["landing_rkey"] = a.landing_rkey;
     return d;
   });
+
+  m.def("peer_key", &peer_key, py::arg("base"), py::arg("writer_epoch"),
+        "The key the agent of epoch writer_epoch writes with where the owner published base (per-peer keys).");
 
   // The UCX transport's check of a peer's data AM (transports/ucx/data_am.h), for tests: "" or why it is refused.
   // regions: {key: (base, size)} as this agent exported them.

@@ -695,6 +695,25 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
   {
     std::lock_guard<std::mutex> domain(transport_mu_);
     peer->addr = transport_->insert_peer(peer->info.fabric_address);
+  }
+  try {
+    admit_peer(peer);
+  } catch (...) {
+    forget_refused_peer(peer);
+    throw;
+  }
+  Command c{Command::Kind::Control, nullptr, 0, peer, {}};
+  c.msg.type = static_cast<uint16_t>(ControlType::Hello);
+  c.msg.slot = peer->rx_window * window_slots_;
+  post_command(std::move(c));
+  return peer;
+}
+
+// add_peer once the transport knows the peer: its keys, lanes and rails, IPC mappings, a window, its own keys.
+// Throws (malformed keys, no free window, a key collision) with the peer neither listed nor keyed.
+void Agent::admit_peer(const std::shared_ptr<PeerState>& peer) {
+  {
+    std::lock_guard<std::mutex> domain(transport_mu_);
     transport_->import_keys(peer->addr, peer->info.transport_keys, peer->info.peer_keys ? info_.epoch : 0);
     if (std::string lanes = transport_->describe_peer(peer->addr); !lanes.empty()) peer->path_reason += "; " + lanes;
     peer->rails = std::max<uint32_t>(1, transport_->peer_rails(peer->addr));
@@ -729,11 +748,23 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
       keyed_peers_.push_back(peer);
     }
   }
-  Command c{Command::Kind::Control, nullptr, 0, peer, {}};
-  c.msg.type = static_cast<uint16_t>(ControlType::Hello);
-  c.msg.slot = peer->rx_window * window_slots_;
-  post_command(std::move(c));
-  return peer;
+}
+
+// A peer add_peer refused after the transport took it: unlisted, its window free again, its transport entry
+// (address vector entry, UCX endpoint) removed, so refusals leave nothing behind.
+void Agent::forget_refused_peer(const std::shared_ptr<PeerState>& peer) {
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    auto it = peers_by_epoch_.find(peer->info.epoch);
+    if (it != peers_by_epoch_.end() && it->second == peer) {
+      peers_by_epoch_.erase(it);
+      if (window_owner_[peer->rx_window].lock() == peer) window_owner_[peer->rx_window].reset();
+    }
+  }
+  std::lock_guard<std::mutex> domain(transport_mu_);
+  if (!peer->transport_released) transport_->remove_peer(peer->addr);
+  peer->transport_released = true;
+  peer->doorbell.reset();
 }
 
 // Memory a peer may write into: every peer with keys gets one for it now, later peers when they are added.

@@ -358,6 +358,8 @@ class Agent {
   std::vector<RemoteWindow> remote_windows_;
   std::vector<std::weak_ptr<PeerState>> keyed_peers_;
   void expose_to_peers(void* addr, size_t nbytes, uint64_t base_key);  // transport_mu_ held
+  void admit_peer(const std::shared_ptr<PeerState>& peer);
+  void forget_refused_peer(const std::shared_ptr<PeerState>& peer);
   void open_peer_keys(PeerState& peer);   // transport_mu_ held: keys for the windows the peer has none for yet
   void close_peer_keys(PeerState& peer);  // transport_mu_ held
 
