@@ -32,6 +32,17 @@ def open_fds() -> set:
     return fds
 
 
+def info_line(transport, **env):
+    """The line `python -m kvxfer info` prints for `transport` ("tcp", "ucx", ...), run with these variables set."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "kvxfer", "info"], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=root, **env), check=True)
+    return next(line for line in out.stdout.splitlines() if line.split()[1:2] == [transport])
+
+
 def wait_for(pred, what, timeout_s=30.0):
     """Polls pred() every 10 ms; fails naming `what` when it is still false after timeout_s."""
     deadline = time.monotonic() + timeout_s

@@ -16,7 +16,7 @@ import pytest
 
 import kvxfer
 from kvxfer import _C, errors
-from tests.conftest import UCX, RemoteError, RemoteSender, another_host, connect, wait_for
+from tests.conftest import UCX, RemoteError, RemoteSender, another_host, connect, info_line, wait_for
 from tests.reference import apply, block_view, make_pool
 
 
@@ -163,14 +163,8 @@ def test_a_bad_key_mode_is_refused_by_name(monkeypatch):
 
 
 def test_info_says_how_peers_are_keyed():
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for mode, said in (("own", "each peer writes with keys of its own"), ("shared", "one key for all peers")):
-        out = subprocess.run([sys.executable, "-m", "kvxfer", "info"], capture_output=True, text=True, timeout=60,
-                             env=dict(os.environ, PYTHONPATH=root, KVXFER_PEER_KEYS=mode), check=True)
-        tcp = next(line for line in out.stdout.splitlines() if line.split()[1:2] == ["tcp"])
+        tcp = info_line("tcp", KVXFER_PEER_KEYS=mode)
         assert said in tcp and f"KVXFER_PEER_KEYS={mode}" in tcp, tcp
 
 
@@ -209,22 +203,19 @@ def test_a_peer_refused_for_a_key_collision_leaves_nothing_behind():
     for _ in range(2):  # refused each time: nothing of the first refusal stayed listed
         with pytest.raises(errors.RegistrationFailed, match="key .* is taken|two peers' keys collided"):
             a.add_peer(forged)
+    def move(sender, peer_at_a, xfer, src_ids, dst_ids):
+        to_a = sender.add_peer(a.metadata())
+        sender.wait_connected(to_a, 20)
+        a.wait_connected(peer_at_a, 20)
+        recv = a.recv(peer_at_a, xfer, dst_ids)
+        sender.send(to_a, xfer, src_ids, dst_ids).all_ready()
+        recv.wait(timeout_s=20)
+
     # Its window is free again (max_peers=2): a third sender gets it, and moves bytes exactly.
-    peer_c = a.add_peer(senders[2].metadata())
-    to_a = senders[2].add_peer(a.metadata())
-    senders[2].wait_connected(to_a, 20)
-    a.wait_connected(peer_c, 20)
-    recv = a.recv(peer_c, 1, [2, 3])
-    senders[2].send(to_a, 1, [0, 1], [2, 3]).all_ready()
-    recv.wait(timeout_s=20)
+    move(senders[2], a.add_peer(senders[2].metadata()), 1, [0, 1], [2, 3])
     assert (dst[2 * 4096:] == src[:2 * 4096]).all() and (dst[:2 * 4096] == 0).all()
     # The first sender's keys (its signal pad key is the one the refused peer collided with) still work.
-    to_a = senders[0].add_peer(a.metadata())
-    senders[0].wait_connected(to_a, 20)
-    a.wait_connected(peer_b, 20)
-    recv = a.recv(peer_b, 2, [0, 1])
-    senders[0].send(to_a, 2, [2, 3], [0, 1]).all_ready()
-    recv.wait(timeout_s=20)
+    move(senders[0], peer_b, 2, [2, 3], [0, 1])
     assert (dst[:2 * 4096] == src[2 * 4096:]).all() and (dst[2 * 4096:] == src[:2 * 4096]).all()
     for s in senders:
         s.close()

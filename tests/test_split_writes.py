@@ -4,16 +4,12 @@ crashes closing a connection that holds a write with immediate half received (te
 that crashed: a receiver releasing a sender cut off mid-write). Both modes must move a request byte for byte with
 exact counters; KVXFER_TCP_IMM=inline is kept to measure what the split costs (benchmarks/RESULTS.md).
 """
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import assert_exact_transfer, local_pair
+from tests.conftest import assert_exact_transfer, info_line, local_pair
 
 BIG = kvxfer.KVLayout.vllm_flash(8, 256, 16, 8, 128, "float16")  # 64 KiB chunks: 128 MiB per 128 blocks
 
@@ -43,9 +39,6 @@ def test_a_bad_mode_is_refused_by_name(monkeypatch):
 
 
 def test_info_says_how_tcp_sends_immediates():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for mode, said in (("split", "immediates follow their data"), ("inline", "one write with immediate each")):
-        out = subprocess.run([sys.executable, "-m", "kvxfer", "info"], capture_output=True, text=True, timeout=60,
-                             env=dict(os.environ, PYTHONPATH=root, KVXFER_TCP_IMM=mode), check=True)
-        tcp = next(line for line in out.stdout.splitlines() if line.split()[1:2] == ["tcp"])
+        tcp = info_line("tcp", KVXFER_TCP_IMM=mode)
         assert said in tcp and f"KVXFER_TCP_IMM={mode}" in tcp, tcp

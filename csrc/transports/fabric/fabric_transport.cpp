@@ -222,10 +222,20 @@ class FabricTransport final : public Transport {
 
   int post_writev(const WriteIov* w, size_t n, uint32_t imm, PeerAddr peer, void* context, uint32_t rail) override {
     if (split_) return post_split(w, n, imm, peer, context, rail);
+    const ssize_t rc = write_pieces(w, n, peer, rail, context, FI_REMOTE_CQ_DATA, imm);
+    if (rc == -FI_EAGAIN) return -EAGAIN;
+    check_posted(rc, n);
+    rails_[rail].writes.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+  }
+
+  // One fi_writemsg of n pieces (FI_REMOTE_CQ_DATA in flags: with the immediate `data`); the provider's rc.
+  ssize_t write_pieces(const WriteIov* w, size_t n, PeerAddr peer, uint32_t rail, void* context, uint64_t flags,
+                       uint64_t data) {
+    KVXFER_ASSERT(n >= 1 && n <= caps_.max_iov);
     iovec iov[16];
     void* desc[16];
     fi_rma_iov rma[16];
-    KVXFER_ASSERT(n >= 1 && n <= caps_.max_iov);
     for (size_t i = 0; i < n; ++i) {
       iov[i] = {const_cast<void*>(w[i].src), w[i].nbytes};
       desc[i] = w[i].desc;
@@ -239,15 +249,14 @@ class FabricTransport final : public Transport {
     msg.rma_iov = rma;
     msg.rma_iov_count = n;
     msg.context = context;
-    msg.data = imm;
-    Rail& r = rails_[rail];
-    ssize_t rc = fi_writemsg(r.ep, &msg, FI_REMOTE_CQ_DATA | FI_COMPLETION);
-    if (rc == -FI_EAGAIN) return -EAGAIN;
+    msg.data = data;
+    return fi_writemsg(rails_[rail].ep, &msg, flags | FI_COMPLETION);
+  }
+
+  void check_posted(ssize_t rc, size_t n) const {
     KVXFER_CHECK(rc == 0, TransferFailed,
                  "fi_writemsg(" << n << " iovs) failed: rc=" << rc << " (" << fi_strerror(-rc) << ") on provider "
                                 << caps_.provider);
-    r.writes.fetch_add(1, std::memory_order_relaxed);
-    return 0;
   }
 
   // Control messages travel on rail 0, but for the HELLO each rail sends to connect itself.
@@ -466,36 +475,19 @@ class FabricTransport final : public Transport {
   // first piece's place. EAGAIN before the data went means nothing was posted; once it went, a refused zero-byte
   // write waits in deferred() and poll() posts it again (still after its data on the same connection).
   int post_split(const WriteIov* w, size_t n, uint32_t imm, PeerAddr peer, void* context, uint32_t rail) {
-    KVXFER_ASSERT(n >= 1 && n <= caps_.max_iov);
     SplitWrites::Pair* p = split_->take(context);
     if (!p) return -EAGAIN;
-    iovec iov[16];
-    void* desc[16];
-    fi_rma_iov rma[16];
-    for (size_t i = 0; i < n; ++i) {
-      iov[i] = {const_cast<void*>(w[i].src), w[i].nbytes};
-      desc[i] = w[i].desc;
-      rma[i] = {w[i].remote_addr, w[i].nbytes, w[i].rkey};
-    }
-    fi_msg_rma msg{};
-    msg.msg_iov = iov;
-    msg.desc = desc;
-    msg.iov_count = n;
-    msg.addr = fi_peer(peer, rail);
-    msg.rma_iov = rma;
-    msg.rma_iov_count = n;
-    msg.context = p->data_ctx;
-    Rail& r = rails_[rail];
-    ssize_t rc = fi_writemsg(r.ep, &msg, FI_COMPLETION);
-    if (rc == -FI_EAGAIN) {
+    ssize_t rc;
+    try {
+      rc = write_pieces(w, n, peer, rail, p->data_ctx, 0, 0);
+    } catch (...) {  // fi_peer: the peer is unknown
       split_->give_back(p);
-      return -EAGAIN;
+      throw;
     }
     if (rc != 0) split_->give_back(p);
-    KVXFER_CHECK(rc == 0, TransferFailed,
-                 "fi_writemsg(" << n << " iovs) failed: rc=" << rc << " (" << fi_strerror(-rc) << ") on provider "
-                                << caps_.provider);
-    r.writes.fetch_add(1, std::memory_order_relaxed);
+    if (rc == -FI_EAGAIN) return -EAGAIN;
+    check_posted(rc, n);
+    rails_[rail].writes.fetch_add(1, std::memory_order_relaxed);
     p->peer = peer;
     p->rail = rail;
     p->imm = imm;
