@@ -5,6 +5,7 @@ receiver's recv once the silent sender is released and its keys are closed, the 
 stuck in the dead link complete with errors (the peer released). Then the link comes back, the sender's kernel
 retransmits what it still held, and not one byte of the receiver's pool changes.
 """
+import hashlib
 import os
 import signal
 import subprocess
@@ -12,8 +13,10 @@ import time
 
 import pytest
 
+import kvxfer
 from kvxfer import _C
 from tests.conftest import UCX, RemoteError, RemoteSender, wait_for
+from tests.reference import expected_after, make_pool
 
 BIG = [8, 256, 16, 8, 128, "float16"]  # 128 MiB per transfer of 128 blocks
 HEARTBEAT_S = 1.0
@@ -52,11 +55,11 @@ def two_hosts():
         _ip("netns", "del", tx_ns)
 
 
-def _agent_in(transport, ns, iface, host, seed, name):
+def _agent_in(transport, ns, iface, host, seed, name, heartbeat_s=HEARTBEAT_S):
     r = RemoteSender()
     r.call("netns", (ns, iface))
     r.call("hostname", host)
-    kwargs = {"name": name, "interface": iface, "peer_timeout_s": HEARTBEAT_S, "timeout_s": 120}
+    kwargs = {"name": name, "interface": iface, "peer_timeout_s": heartbeat_s, "timeout_s": 120}
     return r, r.call("init", (transport, "vllm_flash", seed, BIG, 1, kwargs))
 
 
@@ -104,4 +107,39 @@ def test_a_partition_mid_transfer_settles_both_sides_and_nothing_lands_after_it_
         for r in (rx, tx):
             if r.proc.is_alive():
                 os.kill(r.proc.pid, signal.SIGCONT)
+            r.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", UCX])
+def test_a_link_that_drops_for_two_seconds_mid_transfer_delays_it_and_nothing_more(transport, two_hosts):
+    """A blip shorter than the heartbeat's patience (peer_timeout_s 10 s here): TCP retransmits once the link is back,
+    the transfer completes, and the receiver's pool is exactly what the reference says, every other byte as it was."""
+    rx_ns, rx_if, tx_ns, tx_if = two_hosts
+    rx, rx_md = _agent_in(transport, rx_ns, rx_if, "kvxfer-blip-rx", 21, "blip-rx", heartbeat_s=10.0)
+    tx, tx_md = _agent_in(transport, tx_ns, tx_if, "kvxfer-blip-tx", 22, "blip-tx", heartbeat_s=10.0)
+    src_ids, dst_ids = list(range(128)), list(range(128, 256))
+    try:
+        rx.call("add_peer", tx_md)
+        tx.call("add_peer", rx_md)
+        rx.call("recv", (1, dst_ids))
+        tx.call("send", (1, src_ids, dst_ids, None, None))
+        tx.call("mark", (1, 0))
+        assert rx.call("recv_wait", (1, 0, 30)) == "PENDING"
+        for layer in range(1, 8):
+            tx.call("mark", (1, layer))
+        assert _ip("-n", tx_ns, "link", "set", tx_if, "down").returncode == 0
+        assert rx.call("recv_state", 1)[1] < 8, "the transfer completed before the link went down"
+        time.sleep(2.0)
+        assert _ip("-n", tx_ns, "link", "set", tx_if, "up").returncode == 0
+        wait_for(lambda: rx.call("recv_state", 1)[0] == "DONE", "the recv done after the link came back", 60)
+        tx.call("wait", (1, 30))
+        layout = kvxfer.KVLayout.vllm_flash(*BIG)
+        want = hashlib.sha256()
+        for arr in expected_after(layout, make_pool(layout, 21), 22, src_ids, dst_ids, range(layout.num_layers)):
+            want.update(arr.tobytes())
+        assert rx.call("pool_digest", None) == want.hexdigest()
+        rx_stats, _ = rx.call("stats", None)
+        assert rx_stats["peers_silent"] == 0 and rx_stats["peers_released"] == 0
+    finally:
+        for r in (rx, tx):
             r.close()
