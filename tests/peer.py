@@ -118,6 +118,15 @@ def serve(conn):
                 for arr in pool:
                     h.update(arr.tobytes())
                 result = h.hexdigest()
+            elif cmd == "blocks_digest":  # of these blocks of every layer of our pool, in 32 bytes
+                import hashlib
+
+                from tests.reference import block_view
+
+                h = hashlib.sha256()
+                for layer in range(layout.num_layers):
+                    h.update(block_view(layout, pool, layer)[:, args].tobytes())
+                result = h.hexdigest()
             elif cmd == "hostname":  # a UTS namespace of our own under another name: a peer "on another host"
                 import ctypes
                 import socket

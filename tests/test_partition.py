@@ -16,7 +16,7 @@ import pytest
 import kvxfer
 from kvxfer import _C
 from tests.conftest import UCX, RemoteError, RemoteSender, wait_for
-from tests.reference import expected_after, make_pool
+from tests.reference import block_view, expected_after, make_pool
 
 BIG = [8, 256, 16, 8, 128, "float16"]  # 128 MiB per transfer of 128 blocks
 HEARTBEAT_S = 1.0
@@ -24,6 +24,13 @@ HEARTBEAT_S = 1.0
 
 def _ip(*args):
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+
+
+def _wait_running(rx_ns, rx_if, tx_ns, tx_if):
+    """The kernel marks a veth running up to ~1 s after it is set up, and UCX leaves out devices not running yet."""
+    for ns, dev in ((rx_ns, rx_if), (tx_ns, tx_if)):
+        wait_for(lambda ns=ns, dev=dev: "state UP" in _ip("-n", ns, "link", "show", "dev", dev).stdout,
+                 f"{dev} running", 10)
 
 
 @pytest.fixture
@@ -44,10 +51,7 @@ def two_hosts():
             r = _ip(*args)
             if r.returncode != 0:
                 pytest.skip(f"cannot build the namespaces here: ip {' '.join(args)}: {r.stderr.strip()}")
-        for ns, dev in ((rx_ns, rx_if), (tx_ns, tx_if)):  # the kernel marks a veth running up to ~1 s later, and
-            # UCX leaves out devices not running yet
-            wait_for(lambda ns=ns, dev=dev: "state UP" in _ip("-n", ns, "link", "show", "dev", dev).stdout,
-                     f"{dev} running", 10)
+        _wait_running(rx_ns, rx_if, tx_ns, tx_if)
         yield rx_ns, rx_if, tx_ns, tx_if
     finally:
         _ip("-n", rx_ns, "link", "del", rx_if)
@@ -100,9 +104,28 @@ def test_a_partition_mid_transfer_settles_both_sides_and_nothing_lands_after_it_
         settled = rx.call("pool_digest", None)
 
         assert _ip("-n", tx_ns, "link", "set", tx_if, "up").returncode == 0  # healed
+        _wait_running(rx_ns, rx_if, tx_ns, tx_if)
         time.sleep(3)  # the sender's kernel retransmits what it still held; the receiver's socket is closed
         assert rx.call("pool_digest", None) == settled, "bytes landed in the receiver after it settled"
         assert settled_s < 15, f"settling took {settled_s:.1f} s"
+
+        # What a router does once the link is back: both sides add each other again (the same agents and epochs),
+        # and a new request moves exactly, into blocks the cut-off one never addressed. Not over ucx: there
+        # ucp_ep_create towards the same worker again failed with "Destination is unreachable" in 2 of 3 runs
+        # (README, "Not done yet").
+        if transport == "ucx":
+            return
+        rx.call("add_peer", tx_md)
+        tx.call("add_peer", rx_md)
+        rx.call("recv", (2, list(range(16))))
+        tx.call("send", (2, list(range(200, 216)), list(range(16)), None, "all"))
+        assert rx.call("recv_wait", (2, None, 30)) == "DONE"
+        layout = kvxfer.KVLayout.vllm_flash(*BIG)
+        want = hashlib.sha256()
+        src = make_pool(layout, 12)
+        for layer in range(layout.num_layers):
+            want.update(block_view(layout, src, layer)[:, list(range(200, 216))].tobytes())
+        assert rx.call("blocks_digest", list(range(16))) == want.hexdigest()
     finally:
         for r in (rx, tx):
             if r.proc.is_alive():

@@ -289,7 +289,7 @@ Agent::~Agent() {
 // A BYE to `peer` saying why (ByeReason, in the message's xfer_id).
 Agent::Command Agent::bye_command(const std::shared_ptr<PeerState>& peer, ByeReason reason) {
   Command c{Command::Kind::Control, nullptr, 0, peer, {}};
-  c.msg.type = static_cast<uint16_t>(ControlType::Bye);
+  c.msg.type = static_cast<uint8_t>(ControlType::Bye);
   c.msg.xfer_id = reason;
   return c;
 }
@@ -671,6 +671,8 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
 
   auto peer = std::make_shared<PeerState>();
   peer->info = std::move(peer_info);
+  if (++links_made_ == 0) ++links_made_;  // never 0 ("not known")
+  peer->link = links_made_;
   peer->landing_busy.assign(peer->info.landing_slots, 0);
   for (uint32_t i = peer->info.landing_slots; i-- > 0;) peer->landing_free.push_back(i);
   peer->same_host = peer->info.boot_id == info_.boot_id && peer->info.hostname == info_.hostname;
@@ -703,7 +705,7 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
     throw;
   }
   Command c{Command::Kind::Control, nullptr, 0, peer, {}};
-  c.msg.type = static_cast<uint16_t>(ControlType::Hello);
+  c.msg.type = static_cast<uint8_t>(ControlType::Hello);
   c.msg.slot = peer->rx_window * window_slots_;
   post_command(std::move(c));
   return peer;
@@ -732,6 +734,7 @@ void Agent::admit_peer(const std::shared_ptr<PeerState>& peer) {
         peer->take_window(early->second.window_base, early->second.window_slots);
       }
       peer->hello_rails = early->second.rails;
+      peer->peer_link = early->second.link;
       peer->connected = peer->hello_rails == (1u << peer->rails) - 1;
       early_hellos_.erase(early);
     }
@@ -1196,7 +1199,7 @@ void Agent::inject_landing(const std::shared_ptr<PeerState>& peer, uint32_t slot
 void Agent::inject_begin(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t slot, uint32_t first_layer,
                          uint32_t num_layers, uint32_t granules_per_layer) {
   Command c{Command::Kind::InjectMessage, nullptr, 0, peer, {}};
-  c.msg.type = static_cast<uint16_t>(ControlType::Begin);
+  c.msg.type = static_cast<uint8_t>(ControlType::Begin);
   c.msg.sender_epoch = peer->info.epoch;
   c.msg.receiver_epoch = info_.epoch;
   c.msg.xfer_id = xfer_id;

@@ -369,7 +369,8 @@ class Agent {
   // Taken before transport_mu_ and peers_mu_; the progress thread never takes it.
   std::mutex add_peer_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<PeerState>> peers_by_epoch_;
-  struct EarlyHello { uint32_t rails = 0, window_base = 0, window_slots = 0; bool window = false; };
+  struct EarlyHello { uint32_t rails = 0, window_base = 0, window_slots = 0, link = 0; bool window = false; };
+  uint32_t links_made_ = 0;  // add_peer_mu_: the last PeerState::link handed out
   std::unordered_map<uint64_t, EarlyHello> early_hellos_;  // HELLOs from peers not added yet, by epoch
   // Receiver side: which peer owns each window of slots (an immediate's slot names its sender), guarded by peers_mu_.
   // window_slots_ = kMaxSlots / options_.max_peers: the size of every window this agent gives out.

@@ -279,7 +279,7 @@ bool Agent::run_commands() {
 void Agent::queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, uint32_t slot, uint32_t first_layer,
                           uint32_t num_layers, uint32_t granules) {
   ControlMessage m;
-  m.type = static_cast<uint16_t>(type);
+  m.type = static_cast<uint8_t>(type);
   m.sender_epoch = info_.epoch;
   m.receiver_epoch = peer.info.epoch;
   m.xfer_id = xfer_id;
@@ -303,6 +303,7 @@ bool Agent::flush_control() {
                           (peer->farewell && msg.type == static_cast<uint16_t>(ControlType::Abort));
     if (peer->lost && (!farewell || !peer->connected)) continue;
     const bool hello = msg.type == static_cast<uint16_t>(ControlType::Hello);
+    msg.link = hello ? peer->link : peer->peer_link;
     if ((!hello && !peer->connected) || std::find(held.begin(), held.end(), peer.get()) != held.end()) {
       outbox_[keep++] = outbox_[i];
       continue;
@@ -778,9 +779,18 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     }
     std::lock_guard<std::mutex> lock(peers_mu_);
     auto it = peers_by_epoch_.find(m.sender_epoch);
-    if (it == peers_by_epoch_.end()) {
+    // A peer we lost that adds us again (a new link number) comes before we add it again: its HELLO waits for that
+    // add like one from a peer never seen; a late HELLO of the lost association (its number) is dropped.
+    const bool again = it != peers_by_epoch_.end() && it->second->lost;
+    if (again && (m.link == 0 || m.link == it->second->peer_link)) {
+      counters_.dropped_messages++;
+      return;
+    }
+    if (it == peers_by_epoch_.end() || again) {
       EarlyHello& e = early_hellos_[m.sender_epoch];
+      if (e.link != m.link) e = EarlyHello{};  // an earlier association's rails do not count for this one
       e.rails |= 1u << m.first_layer;
+      e.link = m.link;
       e.window = true;
       e.window_base = m.slot;
       e.window_slots = m.num_layers;
@@ -791,6 +801,7 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
       std::lock_guard<std::mutex> pl(peer.mu);
       peer.take_window(m.slot, m.num_layers);
     }
+    peer.peer_link = m.link;
     peer.hello_rails |= 1u << m.first_layer;
     if ((peer.hello_rails & ((1u << peer.rails) - 1)) == (1u << peer.rails) - 1) peer.connected = true;
     return;
@@ -798,7 +809,7 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
   const std::shared_ptr<PeerState> peer = peer_by_epoch(m.sender_epoch);
   // From a peer we ended ourselves, its ABORTs and answering BYE still count: they settle our ended recvs from it.
   const bool answer = peer && peer->farewell && (type == ControlType::Abort || type == ControlType::Bye);
-  if (!peer || (peer->lost && !answer)) {
+  if (!peer || (peer->lost && !answer) || (m.link != 0 && m.link != peer->link)) {  // the last: an earlier association's
     counters_.dropped_messages++;
     return;
   }

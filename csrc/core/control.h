@@ -18,6 +18,12 @@
 //           RELEASE or ABORT_ACK came back), and X will not be sent. A send of X whose ABORT is still outstanding
 //           gets no ACK: the receiver learns the end from the ABORT's count instead.
 // Every field is checked on receipt (magic, version, size, epochs, ranges); anything else is dropped and counted.
+//
+// An association: both agents' epochs alone do not tell one adding of a peer from the next (a link cut off, both
+// sides dropped each other, then added each other again: same agents, same epochs). Each side numbers its own
+// adding of the peer (`link`, sent in its HELLO); every other message carries the number the receiver gave, so a
+// message of an earlier association that arrives late (a BYE buffered while the link was down) is dropped instead
+// of ending the new one.
 #pragma once
 #include <cstdint>
 
@@ -50,11 +56,16 @@ constexpr uint32_t kAbortAnswer = 4;    // this agent ended the sender first (it
 constexpr uint32_t kCancelRefused = 1;
 
 struct ControlMessage {
-  static constexpr uint32_t kMagic = 0x4b584331;  // "1CXK"
-  static constexpr uint16_t kVersion = 6;  // 2: ABORT total, ABORT_ACK; 3: LANDED; 4: BYE; 5: CANCEL(_ACK); 6: PING
-  uint32_t magic = kMagic;
-  uint16_t version = kVersion;
-  uint16_t type = 0;
+  // 48 bytes: a doorbell entry (transports/host_ipc/doorbell.h) is this and 16 bytes, one cache line.
+  static constexpr uint16_t kMagic = 0x4358;  // "XC"
+  // 2: ABORT total, ABORT_ACK; 3: LANDED; 4: BYE; 5: CANCEL(_ACK); 6: PING; 7: link (magic and version narrowed)
+  static constexpr uint8_t kVersion = 7;
+  uint16_t magic = kMagic;
+  uint8_t version = kVersion;
+  uint8_t type = 0;
+  // HELLO: the sender's number for this association; any other message: the receiver's, as its HELLO said (0: not
+  // known, accepted).
+  uint32_t link = 0;
   uint64_t sender_epoch = 0;     // the agent that sent this message
   uint64_t receiver_epoch = 0;   // the agent it is for, as the sender knows it
   uint64_t xfer_id = 0;
@@ -70,6 +81,6 @@ struct ControlMessage {
   }
   uint64_t posted_total() const { return (static_cast<uint64_t>(num_layers) << 32) | granules_per_layer; }
 };
-static_assert(sizeof(ControlMessage) == 48, "control message must stay within a 64-byte inject");
+static_assert(sizeof(ControlMessage) == 48, "control message must stay within a 64-byte inject and a doorbell entry");
 
 }  // namespace kvxfer

@@ -147,6 +147,11 @@ struct PeerState {
   std::deque<uint64_t> cancelled_order;
   // receiver side: the window of slots we gave the peer (the agent's window_slots from rx_window * window_slots)
   uint32_t rx_window = 0;
+  // This adding of the peer (control.h, "association"): our number for it, sent in our HELLOs, which the peer's
+  // messages must carry; and the peer's, from its HELLO, which ours carry. Written before the peer is listed (link)
+  // or under peers_mu_ (peer_link, read by the progress thread that writes it).
+  uint32_t link = 0;
+  uint32_t peer_link = 0;
   WindowedSlots<SlotCounter> slots;                              // counts allocated lazily too
   std::unordered_map<uint64_t, uint32_t> slot_of_xfer;
   std::unordered_map<uint64_t, std::shared_ptr<RecvState>> waiting_recvs;   // recv() before BEGIN
