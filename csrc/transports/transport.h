@@ -19,14 +19,23 @@
 
 namespace kvxfer {
 
-// KVXFER_IDLE_WAIT: "fd" (default) lets an idle progress thread block on the transport's wait fds, "poll" keeps it
-// polling. Refused by name: a typo that silently kept the default would make an A/B comparison measure nothing.
-inline bool idle_wait_fd_wanted() {
-  const char* v = std::getenv("KVXFER_IDLE_WAIT");
-  if (!v || !*v || std::strcmp(v, "fd") == 0) return true;
-  if (std::strcmp(v, "poll") == 0) return false;
-  KVXFER_THROW(InvalidArgument, "KVXFER_IDLE_WAIT='" << v << "' is not one of fd, poll; unset it or fix it");
+// A two-way KVXFER_* switch: true for `first` (also when unset), false for `second`, anything else refused by name: a
+// typo that silently kept the default would make an A/B comparison measure nothing.
+inline bool env_is_first(const char* name, const char* first, const char* second) {
+  const char* v = std::getenv(name);
+  if (!v || !*v || std::strcmp(v, first) == 0) return true;
+  if (std::strcmp(v, second) == 0) return false;
+  KVXFER_THROW(InvalidArgument,
+               name << "='" << v << "' is not one of " << first << ", " << second << "; unset it or fix it");
 }
+
+// KVXFER_IDLE_WAIT: "fd" (default) lets an idle progress thread block on the transport's wait fds, "poll" keeps it
+// polling.
+inline bool idle_wait_fd_wanted() { return env_is_first("KVXFER_IDLE_WAIT", "fd", "poll"); }
+
+// KVXFER_PEER_KEYS: "own" (default) gives each peer keys of its own where the transport can (fences_peers), "shared"
+// one key for all.
+inline bool own_peer_keys_wanted() { return env_is_first("KVXFER_PEER_KEYS", "own", "shared"); }
 
 using PeerAddr = uint64_t;  // transport-local handle of a peer (fi_addr_t for libfabric)
 constexpr PeerAddr kUnknownPeer = ~0ull;
@@ -52,7 +61,8 @@ struct Capabilities {
   bool releases_connected_peers_only = false;
   // Peers write with keys of their own (register_peer_key): our registrations grant no remote access, and closing a
   // peer's keys refuses whatever it still writes, however late it arrives or reconnects. libfabric with keys we
-  // choose (tcp, shm); providers that choose keys themselves (efa, verbs) and UCX share one key among all peers.
+  // choose (tcp, shm), and UCX where every write is a data AM (it checks their keys itself); providers that choose
+  // keys themselves (efa, verbs) and UCX with puts share one key among all peers.
   bool fences_peers = false;
 };
 

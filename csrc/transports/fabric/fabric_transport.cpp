@@ -41,22 +41,9 @@ struct Rail {
   std::atomic<uint64_t> writes{0}, imms{0};
 };
 
-// KVXFER_PEER_KEYS: "own" (default) or "shared". Refused by name, like KVXFER_IDLE_WAIT.
-bool own_peer_keys_wanted() {
-  const char* v = std::getenv("KVXFER_PEER_KEYS");
-  if (!v || !*v || std::strcmp(v, "own") == 0) return true;
-  if (std::strcmp(v, "shared") == 0) return false;
-  KVXFER_THROW(InvalidArgument, "KVXFER_PEER_KEYS='" << v << "' is not one of own, shared; unset it or fix it");
-}
-
 // KVXFER_TCP_IMM: "split" (default: SplitWrites on rxm over tcp) or "inline" (one fi_writedata per write, which a
 // peer released mid-message can crash; for measuring what the split costs).
-bool split_immediates_wanted() {
-  const char* v = std::getenv("KVXFER_TCP_IMM");
-  if (!v || !*v || std::strcmp(v, "split") == 0) return true;
-  if (std::strcmp(v, "inline") == 0) return false;
-  KVXFER_THROW(InvalidArgument, "KVXFER_TCP_IMM='" << v << "' is not one of split, inline; unset it or fix it");
-}
+bool split_immediates_wanted() { return env_is_first("KVXFER_TCP_IMM", "split", "inline"); }
 
 class FabricTransport final : public Transport {
  public:

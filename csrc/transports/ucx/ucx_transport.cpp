@@ -64,14 +64,6 @@ constexpr const char* kTcpSegSize = "64k";  // first byte of our address: a libf
 
 std::string status_text(ucs_status_t s) { return std::string(ucs_status_string(s)) + " (" + std::to_string(s) + ")"; }
 
-// KVXFER_PEER_KEYS, as the libfabric transport reads it: "own" (default) or "shared".
-bool own_peer_keys_wanted() {
-  const char* v = std::getenv("KVXFER_PEER_KEYS");
-  if (!v || !*v || std::strcmp(v, "own") == 0) return true;
-  if (std::strcmp(v, "shared") == 0) return false;
-  KVXFER_THROW(InvalidArgument, "KVXFER_PEER_KEYS='" << v << "' is not one of own, shared; unset it or fix it");
-}
-
 // UCX transports that never give an endpoint a hardware RMA lane to another host: where a context has nothing else,
 // "auto" writes by data AMs to every peer anyway, and so can fence peers (kvxfer checks every AM's key itself).
 bool without_rma_lanes(const std::string& tl) {
