@@ -90,15 +90,17 @@ bool probe_ucx(std::string* detail) {
   const size_t eol = text.find('\n');
   *detail = "ucx " + ucx_version() + ": " + text.substr(0, eol) +
             " (peers get those that can report a dead peer, UCX's error mode peer; Peer.path_reason names them)";
-  const std::string keys = eol == std::string::npos ? std::string{} : text.substr(eol + 1);
+  const bool own_keys = eol != std::string::npos && text.substr(eol + 1) == "own";
   const char* writes = std::getenv("KVXFER_UCX_WRITES");
   const std::string mode = writes && *writes ? writes : "auto";
-  const bool own_keys = keys.rfind("each peer", 0) == 0;
   *detail += mode == "put"  ? "; writes: ucp puts everywhere (KVXFER_UCX_WRITES=put)"
              : mode == "am" ? "; writes: kvxfer active messages everywhere (KVXFER_UCX_WRITES=am)"
              : own_keys     ? "; writes: kvxfer active messages everywhere (none of these resources has an RMA lane)"
                             : "; writes: ucp puts over RMA lanes, kvxfer active messages where UCX has none (tcp)";
-  if (!keys.empty()) *detail += "; " + keys;
+  *detail += own_keys ? "; each peer writes with keys of its own, closed once it is dropped: nothing it still posts "
+                        "lands, and its ended recvs settle (every write a data AM; KVXFER_PEER_KEYS=own)"
+                      : "; one key for all peers: a dropped peer on another host leaves its ended recvs unsettled "
+                        "(puts possible, a GPU-capable UCX, or KVXFER_PEER_KEYS=shared)";
   if (const char* tls = std::getenv("UCX_TLS")) *detail += std::string(", UCX_TLS=") + tls;
   return true;
 }

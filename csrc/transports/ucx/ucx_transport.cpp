@@ -1051,13 +1051,8 @@ extern "C" KVXFER_UCX_EXPORT void kvxfer_ucx_version(char* out, size_t len) {
 extern "C" KVXFER_UCX_EXPORT int kvxfer_ucx_resources(char* out, size_t len) {
   try {
     kvxfer::UcxTransport t("");
-    // The resources, then on a line of its own how peers are keyed (probe_ucx puts it after its own words).
-    const char* keys = t.capabilities().fences_peers
-                           ? "each peer writes with keys of its own, closed once it is dropped: nothing it still posts "
-                             "lands, and its ended recvs settle (every write a data AM; KVXFER_PEER_KEYS=own)"
-                           : "one key for all peers: a dropped peer on another host leaves its ended recvs unsettled "
-                             "(puts possible, a GPU-capable UCX, or KVXFER_PEER_KEYS=shared)";
-    std::snprintf(out, len, "%s\n%s", t.resources().c_str(), keys);
+    // The resources, then on a line of its own how peers are keyed: "own" or "shared" (probe_ucx says what it means).
+    std::snprintf(out, len, "%s\n%s", t.resources().c_str(), t.capabilities().fences_peers ? "own" : "shared");
     return 1;
   } catch (const std::exception& e) {
     std::snprintf(out, len, "%s", e.what());
