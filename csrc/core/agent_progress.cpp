@@ -114,7 +114,7 @@ void Agent::progress_loop() {
       busy |= flush_control();
       if (!goodbye_pending_.empty()) busy |= queue_goodbyes();
       if (goodbye_queued_ && goodbye_pending_.empty() && std::none_of(outbox_.begin(), outbox_.end(), [](const auto& e) {
-            return e.second.type == static_cast<uint16_t>(ControlType::Bye);
+            return e.second.type == static_cast<uint8_t>(ControlType::Bye);
           }))
         goodbye_sent_.store(true, std::memory_order_release);
       busy |= post_pending_writes();
@@ -299,10 +299,10 @@ bool Agent::flush_control() {
     auto& [peer, msg] = outbox_[i];
     // A lost peer gets nothing more, except the BYE that says we ended it (if it ever connected) and, when we ended
     // it ourselves, the ABORTs with our totals before that BYE.
-    const bool farewell = msg.type == static_cast<uint16_t>(ControlType::Bye) ||
-                          (peer->farewell && msg.type == static_cast<uint16_t>(ControlType::Abort));
+    const bool farewell = msg.type == static_cast<uint8_t>(ControlType::Bye) ||
+                          (peer->farewell && msg.type == static_cast<uint8_t>(ControlType::Abort));
     if (peer->lost && (!farewell || !peer->connected)) continue;
-    const bool hello = msg.type == static_cast<uint16_t>(ControlType::Hello);
+    const bool hello = msg.type == static_cast<uint8_t>(ControlType::Hello);
     msg.link = hello ? peer->link : peer->peer_link;
     if ((!hello && !peer->connected) || std::find(held.begin(), held.end(), peer.get()) != held.end()) {
       outbox_[keep++] = outbox_[i];
@@ -599,7 +599,7 @@ void Agent::on_doorbell_items(uint32_t w, const DoorbellItem* items, size_t n) {
       if (owner && ImmCode::slot(it.imm) / window_slots_ == w) count_imm(owner, it.imm);
       else counters_.unknown_imms++;
     } else if (it.kind == DoorbellEntry::kControl && owner && it.msg.sender_epoch == owner->info.epoch &&
-               it.msg.type != static_cast<uint16_t>(ControlType::Hello)) {
+               it.msg.type != static_cast<uint8_t>(ControlType::Hello)) {
       on_message(reinterpret_cast<const uint8_t*>(&it.msg), sizeof(it.msg));
     } else {
       counters_.dropped_messages++;

@@ -58,7 +58,7 @@ bool landed(const std::vector<uint8_t>& dst, uint32_t offset) {
 }  // namespace
 
 FenceProbe probe_peer_fence(const std::string& provider) {
-  Pair p{make_fabric_transport(provider), make_fabric_transport(provider)};
+  Pair p{make_fabric_transport(provider), make_fabric_transport(provider), kUnknownPeer, {}};
   FenceProbe out;
   out.fences_peers = p.target->capabilities().fences_peers;
   if (!out.fences_peers) return out;
