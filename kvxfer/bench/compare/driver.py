@@ -1,0 +1,117 @@
+"""The half of a comparison that runs one library in its own process, as sender or receiver.
+
+Each drive_<library>.py script defines a class with the methods below and calls run(). The process talks to the
+comparison (cli.py) in JSON lines over its original stdout and its stdin; fd 1 is pointed at stderr first, so a
+library that prints to stdout cannot corrupt the channel. Times are perf_counter_ns (CLOCK_MONOTONIC on Linux, one
+clock for every process of the host): a request's time is the receiver's t1 (it knows every byte landed) minus
+the sender's t0 (before it started the request).
+
+    library.address() -> dict          what the other side needs to reach this one (JSON-able)
+    library.connect(peer_address)      reach the other side (both sides, before the first request)
+    library.arm(rid, blocks)           receiver: be ready for request rid (before the sender starts it)
+    library.wait(rid, blocks)          receiver: return once this side knows request rid landed
+    library.send(rid, blocks)          sender: move request rid; return once the sender knows it is done
+    library.close()
+    library.about                      optional dict, read after connect: version, path (what it runs over)
+
+Run as a script (python drive_<library>.py --role send|recv --request JSON --timeout S), never imported by kvxfer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+from request import Request
+
+
+class Channel:
+    def __init__(self) -> None:
+        self._out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)  # library chatter on stdout goes to stderr
+        sys.stdout = sys.stderr
+
+    def say(self, **msg) -> None:
+        self._out.write(json.dumps(msg) + "\n")
+
+    def hear(self) -> dict:
+        line = sys.stdin.readline()
+        if not line:
+            raise SystemExit(0)  # the comparison went away
+        return json.loads(line)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--role", choices=("send", "recv"), required=True)
+    ap.add_argument("--request", required=True, help="Request as JSON")
+    ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--option", action="append", default=[], help="KEY=VALUE for the library")
+    ap.add_argument("--no-verify", action="store_true")
+    return ap.parse_args(argv)
+
+
+def version_of(*distributions: str) -> str:
+    """The installed version of the first of these distributions found."""
+    from importlib import metadata
+
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return "?"
+
+
+def deadline_passed(start_ns: int, timeout_s: float) -> bool:
+    return time.perf_counter_ns() - start_ns > timeout_s * 1e9
+
+
+def run(make_library) -> None:
+    """make_library(role, request, pool, timeout_s, options) -> library object; pool is this side's list of layer
+    tensors (numpy uint8), source pattern on the sender, zeros on the receiver."""
+    args = parse_args()
+    ch = Channel()
+    try:
+        req = Request.from_json(args.request)
+        pool = req.source_pool() if args.role == "send" else req.destination_pool()
+        options = dict(o.split("=", 1) for o in args.option)
+        lib = make_library(args.role, req, pool, args.timeout, options)
+        ch.say(address=lib.address())
+        while True:
+            msg = ch.hear()
+            op = msg["op"]
+            if op == "connect":
+                lib.connect(msg["peer"])
+                ch.say(connected=True, about=getattr(lib, "about", {}))
+            elif op == "arm":  # clear / verify: "all" (every destination block of the pool) or "request"
+                req.clear(pool, None if msg["clear"] == "all" else msg["blocks"])
+                cpu0 = time.process_time()
+                lib.arm(msg["rid"], msg["blocks"])
+                ch.say(armed=msg["rid"])
+                lib.wait(msg["rid"], msg["blocks"])
+                t1 = time.perf_counter_ns()
+                cpu = time.process_time() - cpu0
+                bad = "" if args.no_verify else req.verify(pool, msg["blocks"], msg["verify"] == "all")
+                ch.say(t1=t1, cpu_s=cpu, bad=bad)
+            elif op == "go":
+                cpu0 = time.process_time()
+                t0 = time.perf_counter_ns()
+                lib.send(msg["rid"], msg["blocks"])
+                done = time.perf_counter_ns()
+                ch.say(t0=t0, sent=done, cpu_s=time.process_time() - cpu0)
+            elif op == "quit":
+                lib.close()
+                ch.say(bye=True)
+                return
+            else:
+                raise ValueError(f"unknown op {op!r}")
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 -- any failure goes back to the comparison as one line
+        traceback.print_exc()
+        ch.say(error=f"{type(e).__name__}: {e}")
+        sys.exit(1)
