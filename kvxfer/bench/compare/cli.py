@@ -314,7 +314,8 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"schema": 1, "kind": "compare", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "request": asdict(req), "over": a.over, "limit": limit, "rows": rows, "not_run": {**missing, **failed}},
+                       "request": asdict(req), "over": a.over, "limit": limit, "rows": rows,
+                       "not_run": {**missing, **failed}},
                       f, indent=1)
     if explicit and missing:
         for lib, why in missing.items():
