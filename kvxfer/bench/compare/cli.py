@@ -146,8 +146,9 @@ def memcpy_seconds(nbytes: int, reps: int = 5) -> float:
 
 class Comparison:
     def __init__(self, req: Request, over: str, reps: int, small_reps: int, timeout_s: float, peer_python: str,
-                 log_dir: str, say):
+                 log_dir: str, say, options: dict | None = None):
         self.req, self.over, self.reps, self.small_reps = req, over, reps, small_reps
+        self.options = options or {}
         self.timeout_s, self.peer_python, self.log_dir, self.say = timeout_s, peer_python, log_dir, say
 
     def run_library(self, lib: str) -> dict:
@@ -156,6 +157,7 @@ class Comparison:
         if lib == "limit":
             return self.run_pair(lib, sys.executable, "drive_tcp.py", {}, env, verify=False)
         options, extra_env, _ = OVER[self.over][lib]
+        options = {**options, **self.options.get(lib, {})}
         python = sys.executable if lib == "kvxfer" else self.peer_python
         return self.run_pair(lib, python, f"drive_{lib}.py", options, {**env, **extra_env}, verify=True)
 
@@ -245,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--iters", type=int, default=5, help="timed full requests per library (default: 5)")
     ap.add_argument("--small-iters", type=int, default=30, help="timed 1-block requests per library (default: 30)")
     ap.add_argument("--timeout", type=float, default=120.0, help="bound on every wait, seconds (default: 120)")
+    ap.add_argument("--option", action="append", default=[], metavar="LIB:KEY=VALUE",
+                    help="a setting for one library's driver (see its drive_<lib>.py), e.g. nixl:num_threads=0 or "
+                         "mooncake:batch=2048 or kvxfer:transport=ucx; repeatable")
     ap.add_argument("--json", metavar="PATH", help="write the rows here")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
@@ -271,6 +276,13 @@ def parse(argv=None) -> tuple[argparse.Namespace, Request, list[str]]:
         req.check()
     except ValueError as e:
         ap.error(str(e))
+    a.options = {lib: {} for lib in LIBRARIES}
+    for text in a.option:
+        lib, _, setting = text.partition(":")
+        key, eq, value = setting.partition("=")
+        if lib not in LIBRARIES or not eq or not key:
+            ap.error(f"--option {text!r}: give LIB:KEY=VALUE with LIB one of {','.join(LIBRARIES)}")
+        a.options[lib][key] = value
     if a.peer_python is None:
         a.peer_python = os.environ.get("KVXFER_PEER_PYTHON") or (
             CHECKOUT_PEERS if os.path.exists(CHECKOUT_PEERS) else sys.executable)
@@ -284,7 +296,7 @@ def main(argv=None) -> int:
                for why in [peer_library_missing(lib, a.peer_python)] if why}
     explicit = a.libraries != "all"
     log_dir = tempfile.mkdtemp(prefix="kvxfer-compare-")  # the drivers' logs: kept when a run fails
-    cmp = Comparison(req, a.over, a.iters, a.small_iters, a.timeout, a.peer_python, log_dir, say)
+    cmp = Comparison(req, a.over, a.iters, a.small_iters, a.timeout, a.peer_python, log_dir, say, a.options)
     try:
         if a.over == "tcp":
             say("kvxfer-compare: the limit (one TCP stream) ...")
@@ -314,7 +326,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"schema": 1, "kind": "compare", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "request": asdict(req), "over": a.over, "limit": limit, "rows": rows,
+                       "request": asdict(req), "over": a.over, "options": a.options, "limit": limit, "rows": rows,
                        "not_run": {**missing, **failed}},
                       f, indent=1)
     if explicit and missing:

@@ -5,7 +5,7 @@ polls check_xfer_state, the receiver polls get_new_notifs for it. The agent is c
 UCX (num_threads=4; progress thread and descriptor merging on, NIXL's defaults).
 
 options: backend (default UCX; UCX's transports follow UCX_TLS / UCX_NET_DEVICES, which the comparison sets),
-num_threads (default 4, vLLM's)."""
+num_threads (default 4, vLLM's), progress_thread (1 or 0; default 1, NIXL's)."""
 from __future__ import annotations
 
 import base64
@@ -35,8 +35,9 @@ class Nixl:
         self.req, self.role, self.timeout_s = req, role, timeout_s
         self.name = f"compare-{role}"
         self.backend = options.get("backend", "UCX")
-        threads = int(options.get("num_threads", 4))
-        self.agent = nixl.nixl_agent(self.name, nixl.nixl_agent_config(backends=[self.backend], num_threads=threads))
+        config = nixl.nixl_agent_config(backends=[self.backend], num_threads=int(options.get("num_threads", 4)),
+                                        enable_prog_thread=options.get("progress_thread", "1") == "1")
+        self.agent = nixl.nixl_agent(self.name, config)
         self.bases = [layer.ctypes.data for layer in pool]
         self.reg = self.agent.register_memory(
             self.agent.get_reg_descs([(b, req.layer_bytes, 0, "") for b in self.bases], "DRAM"))
