@@ -181,7 +181,8 @@ class Comparison:
                 s, r = send.expect("t0"), recv.expect("t1")
                 if r["bad"]:
                     raise CompareError(f"{lib}: request {rid} ({blocks} blocks) landed wrong: {r['bad']}")
-                return {"s": (r["t1"] - s["t0"]) / 1e9, "send_cpu_s": s["cpu_s"], "recv_cpu_s": r["cpu_s"]}
+                return {"s": (r["t1"] - s["t0"]) / 1e9, "sender_s": (s["sent"] - s["t0"]) / 1e9,
+                        "send_cpu_s": s["cpu_s"], "recv_cpu_s": r["cpu_s"]}
 
             one(1, self.req.req_blocks, "all", "all")  # untimed: connections, first use of everything
             full = []
@@ -202,6 +203,7 @@ class Comparison:
         return {
             "library": raw["library"], "over": self.over, **raw["about"], "gbps": gb / full_s,
             "ratio": limit_s / full_s, "full_s": [r["s"] for r in raw["full"]],
+            "small_s": [r["s"] for r in raw["small"]], "small_sender_s": [r["sender_s"] for r in raw["small"]],
             "small_ms_p50": small[len(small) // 2] * 1e3, "small_ms_p99": small[min(len(small) - 1,
                                                                                      int(len(small) * 0.99))] * 1e3,
             "send_cpu_s_per_gb": statistics.mean(r["send_cpu_s"] for r in raw["full"]) / gb,
