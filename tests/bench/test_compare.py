@@ -90,16 +90,32 @@ def test_kvxfer_is_measured_against_the_same_run_limit(over, tmp_path):
 
 
 @pytest.mark.parametrize("lib", ["nixl", "mooncake"])
-def test_peer_library_moves_every_byte(lib, tmp_path):
+@pytest.mark.parametrize("layer_ms", [None, 1.0])
+def test_peer_library_moves_every_byte(lib, layer_ms, tmp_path):
     why = peers_skip_reason(lib)
     if why:
         pytest.skip(why)
     out = tmp_path / "cmp.json"
-    r = compare("--libraries", lib, "--peer-python", PEERS, "--json", str(out), *SMALL)
+    layers = [] if layer_ms is None else ["--layer-ms", str(layer_ms)]
+    r = compare("--libraries", lib, "--peer-python", PEERS, "--json", str(out), *layers, *SMALL)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(out.read_text())["rows"]
     assert row["library"] == lib and row["verified"] and row["version"] != "?"
     assert row["gbps"] > 0 and row["small_ms_p50"] > 0
+
+
+def test_layer_by_layer_counts_from_the_last_layers_compute(tmp_path):
+    out = tmp_path / "cmp.json"
+    r = compare("--libraries", "kvxfer", "--layer-ms", "20", "--json", str(out), *SMALL)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    (row,) = doc["rows"]
+    assert doc["layer_ms"] == 20 and doc["limit"]["name"] == "one TCP stream, each layer sent as its compute ends"
+    # Two layers of 20 ms emulated compute each: the whole request takes at least 40 ms from its start, while what
+    # is left after the last layer's compute is the time to move that layer (a few KiB here), far less.
+    assert all(t >= 0.040 for t in row["total_s"])
+    assert all(exposed < total - 0.030 for exposed, total in zip(row["full_s"], row["total_s"]))
+    assert "exp. ms" in r.stdout and "layer by layer, 20 ms of compute per layer" in r.stdout
 
 
 def test_a_library_not_installed_is_named_with_the_fix():
@@ -129,6 +145,8 @@ def test_bytes_that_land_wrong_fail_the_library(tmp_path):
     (["--libraries", "kvxfer,ucx"], "unknown ['ucx']"),
     (["--iters", "0"], "--iters 0 must be >= 1"),
     (["--over", "carrier-pigeon"], "invalid choice"),
+    (["--layer-ms", "-1"], "--layer-ms -1.0 must be between 0 and 1000"),
+    (["--option", "nixl=3"], "--option 'nixl=3': give LIB:KEY=VALUE"),
     (["--tokens", "64", "--block-size", "128"], ""),  # one block of 128 tokens: fine
 ])
 def test_arguments(args, cause, capsys):

@@ -146,8 +146,9 @@ def memcpy_seconds(nbytes: int, reps: int = 5) -> float:
 
 class Comparison:
     def __init__(self, req: Request, over: str, reps: int, small_reps: int, timeout_s: float, peer_python: str,
-                 log_dir: str, say, options: dict | None = None):
+                 log_dir: str, say, options: dict | None = None, layer_ms: float | None = None):
         self.req, self.over, self.reps, self.small_reps = req, over, reps, small_reps
+        self.layer_ms = layer_ms  # None: whole requests; else layer by layer after layer_ms of compute each
         self.options = options or {}
         self.timeout_s, self.peer_python, self.log_dir, self.say = timeout_s, peer_python, log_dir, say
 
@@ -174,21 +175,23 @@ class Comparison:
             about = {**recv.expect("connected").get("about", {}), **send.expect("connected").get("about", {})}
             setup_s = time.perf_counter() - started
 
-            def one(rid: int, blocks: int, clear: str, verify: str) -> dict:
-                recv.tell(op="arm", rid=rid, blocks=blocks, clear=clear, verify=verify)
+            def one(rid: int, blocks: int, clear: str, verify: str, layer_ms=None) -> dict:
+                recv.tell(op="arm", rid=rid, blocks=blocks, clear=clear, verify=verify, layers=layer_ms is not None)
                 recv.expect("armed")
-                send.tell(op="go", rid=rid, blocks=blocks)
+                send.tell(op="go", rid=rid, blocks=blocks, layer_ms=layer_ms)
                 s, r = send.expect("t0"), recv.expect("t1")
                 if r["bad"]:
                     raise CompareError(f"{lib}: request {rid} ({blocks} blocks) landed wrong: {r['bad']}")
-                return {"s": (r["t1"] - s["t0"]) / 1e9, "sender_s": (s["sent"] - s["t0"]) / 1e9,
-                        "send_cpu_s": s["cpu_s"], "recv_cpu_s": r["cpu_s"]}
+                return {"s": (r["t1"] - s["t0"]) / 1e9, "total_s": (r["t1"] - s["start"]) / 1e9,
+                        "sender_s": (s["sent"] - s["t0"]) / 1e9, "send_cpu_s": s["cpu_s"], "recv_cpu_s": r["cpu_s"]}
 
-            one(1, self.req.req_blocks, "all", "all")  # untimed: connections, first use of everything
+            one(1, self.req.req_blocks, "all", "all", self.layer_ms)  # untimed: connections, first use of all
             full = []
             for i in range(self.reps):
-                full.append(one(10 + i, self.req.req_blocks, "all", "all"))
-                self.say(f"  {lib}: request {i + 1}/{self.reps}: {self.req.nbytes / full[-1]['s'] / 1e9:.2f} GB/s")
+                full.append(one(10 + i, self.req.req_blocks, "all", "all", self.layer_ms))
+                self.say(f"  {lib}: request {i + 1}/{self.reps}: " + (
+                    f"{self.req.nbytes / full[-1]['s'] / 1e9:.2f} GB/s" if self.layer_ms is None else
+                    f"{full[-1]['s'] * 1e3:.2f} ms after the last layer's compute"))
             small = [one(1000 + i, 1, "all" if i == 0 else "request", "all" if i == self.small_reps - 1 else
                          "request") for i in range(self.small_reps)]
             return {"library": lib, "about": about, "setup_s": setup_s, "full": full, "small": small}
@@ -203,6 +206,7 @@ class Comparison:
         return {
             "library": raw["library"], "over": self.over, **raw["about"], "gbps": gb / full_s,
             "ratio": limit_s / full_s, "full_s": [r["s"] for r in raw["full"]],
+            "total_s": [r["total_s"] for r in raw["full"]],
             "small_s": [r["s"] for r in raw["small"]], "small_sender_s": [r["sender_s"] for r in raw["small"]],
             "small_ms_p50": small[len(small) // 2] * 1e3, "small_ms_p99": small[min(len(small) - 1,
                                                                                      int(len(small) * 0.99))] * 1e3,
@@ -212,14 +216,22 @@ class Comparison:
         }
 
 
-def table(req: Request, over: str, limit: dict, rows: list[dict], missing: dict) -> str:
+def table(req: Request, over: str, limit: dict, rows: list[dict], missing: dict, layer_ms=None) -> str:
     head = (f"the reference request: {req.num_layers} layers x K,V x {req.req_blocks} random blocks of "
-            f"{req.chunk_bytes // 1024} KiB = {req.chunks:,} chunks, {req.nbytes / 2**20:.0f} MiB; over {over}\n"
-            f"limit: {OVER[over]['limit']}: {limit['gbps']:.2f} GB/s (same run)\n")
-    lines = [(f"{'library':9} {'version':14} {'path':26} {'GB/s':>6} {'ratio':>6} {'1-block p50/p99 ms':>19} "
+            f"{req.chunk_bytes // 1024} KiB = {req.chunks:,} chunks, {req.nbytes / 2**20:.0f} MiB; over {over}\n")
+    if layer_ms is None:
+        head += f"limit: {OVER[over]['limit']}: {limit['gbps']:.2f} GB/s (same run)\n"
+        first = "GB/s"
+    else:
+        head += (f"layer by layer, {layer_ms:g} ms of compute per layer; 'exposed': from the last layer's compute "
+                 f"ending to the receiver knowing all landed; limit: {limit['name']}: {limit['s'] * 1e3:.2f} ms "
+                 "exposed (same run)\n")
+        first = "exp. ms"
+    lines = [(f"{'library':9} {'version':14} {'path':26} {first:>7} {'ratio':>6} {'1-block p50/p99 ms':>19} "
               f"{'CPU s/GB send/recv':>19}")]
     for r in rows:
-        lines.append(f"{r['library']:9} {r.get('version', '?'):14} {r.get('path', '?'):26} {r['gbps']:6.2f} "
+        value = r["gbps"] if layer_ms is None else statistics.median(r["full_s"]) * 1e3
+        lines.append(f"{r['library']:9} {r.get('version', '?'):14} {r.get('path', '?'):26} {value:7.2f} "
                      f"{r['ratio']:6.2f} {r['small_ms_p50']:9.2f}/{r['small_ms_p99']:<9.2f} "
                      f"{r['send_cpu_s_per_gb']:9.2f}/{r['recv_cpu_s_per_gb']:<9.2f}")
     for lib, why in missing.items():
@@ -246,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-heads", type=int, default=8, help="(default: 8)")
     ap.add_argument("--head-dim", type=int, default=128, help="(default: 128)")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    ap.add_argument("--layer-ms", type=float, default=None, metavar="MS",
+                    help="move the full request layer by layer, each layer's bytes once MS of emulated compute (a "
+                         "sleep) for it ended, and report the time exposed after the last layer's compute (default: "
+                         "whole requests)")
     ap.add_argument("--iters", type=int, default=5, help="timed full requests per library (default: 5)")
     ap.add_argument("--small-iters", type=int, default=30, help="timed 1-block requests per library (default: 30)")
     ap.add_argument("--timeout", type=float, default=120.0, help="bound on every wait, seconds (default: 120)")
@@ -267,6 +283,8 @@ def parse(argv=None) -> tuple[argparse.Namespace, Request, list[str]]:
             ap.error(f"{flag} {value} must be >= 1")
     if a.timeout <= 0:
         ap.error(f"--timeout {a.timeout} must be > 0")
+    if a.layer_ms is not None and not 0 <= a.layer_ms <= 1000:
+        ap.error(f"--layer-ms {a.layer_ms} must be between 0 and 1000")
     libs = list(LIBRARIES) if a.libraries == "all" else [x.strip() for x in a.libraries.split(",") if x.strip()]
     unknown = [x for x in libs if x not in LIBRARIES]
     if unknown or not libs:
@@ -298,16 +316,18 @@ def main(argv=None) -> int:
                for why in [peer_library_missing(lib, a.peer_python)] if why}
     explicit = a.libraries != "all"
     log_dir = tempfile.mkdtemp(prefix="kvxfer-compare-")  # the drivers' logs: kept when a run fails
-    cmp = Comparison(req, a.over, a.iters, a.small_iters, a.timeout, a.peer_python, log_dir, say, a.options)
+    cmp = Comparison(req, a.over, a.iters, a.small_iters, a.timeout, a.peer_python, log_dir, say, a.options,
+                     a.layer_ms)
     try:
-        if a.over == "tcp":
+        if a.over == "tcp" or a.layer_ms is not None:
             say("kvxfer-compare: the limit (one TCP stream) ...")
             raw = cmp.run_library("limit")
             limit_s = statistics.median(r["s"] for r in raw["full"])
         else:
             say("kvxfer-compare: the limit (one core's memcpy) ...")
             limit_s = memcpy_seconds(req.nbytes)
-        limit = {"gbps": req.nbytes / limit_s / 1e9, "s": limit_s, "name": OVER[a.over]["limit"]}
+        name = OVER[a.over]["limit"] if a.layer_ms is None else "one TCP stream, each layer sent as its compute ends"
+        limit = {"gbps": req.nbytes / limit_s / 1e9, "s": limit_s, "name": name}
     except CompareError as e:
         print(f"kvxfer-compare: error: the limit: {e}", file=sys.stderr)
         return 1
@@ -324,11 +344,12 @@ def main(argv=None) -> int:
             print(f"kvxfer-compare: error: {e}", file=sys.stderr)
     if not failed:
         shutil.rmtree(log_dir, ignore_errors=True)
-    print(table(req, a.over, limit, rows, {**missing, **failed}))
+    print(table(req, a.over, limit, rows, {**missing, **failed}, a.layer_ms))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"schema": 1, "kind": "compare", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "request": asdict(req), "over": a.over, "options": a.options, "limit": limit, "rows": rows,
+                       "request": asdict(req), "over": a.over, "layer_ms": a.layer_ms, "options": a.options,
+                       "limit": limit, "rows": rows,
                        "not_run": {**missing, **failed}},
                       f, indent=1)
     if explicit and missing:

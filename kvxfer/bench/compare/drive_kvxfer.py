@@ -1,5 +1,6 @@
 """kvxfer in a comparison: one Agent per side, the pool registered once with its layout, one send() per request
-(the plan of every chunk is built inside it), the receiver told by its recv reaching DONE.
+(the plan of every chunk is built inside it), the receiver told by its recv reaching DONE. Layer by layer: the send
+is opened before the forward and each layer marked ready (layer_ready) as its compute ends.
 
 options: transport (default tcp; auto picks cma between two processes of one host)."""
 from __future__ import annotations
@@ -43,6 +44,16 @@ class Kvxfer:
         s = self.agent.send(self.peer, rid, self.src[:blocks], self.dst[:blocks])
         s.all_ready()
         s.wait(timeout_s=self.timeout_s)
+
+    def send_layers(self, rid, blocks, clock):
+        s = self.agent.send(self.peer, rid, self.src[:blocks], self.dst[:blocks])  # before the forward starts
+        for layer in clock.layers():
+            s.layer_ready(layer)
+        s.wait(timeout_s=self.timeout_s)
+        return clock.last_ns
+
+    def wait_layers(self, rid, blocks):
+        self.wait(rid, blocks)
 
     def close(self):
         self.agent.close()

@@ -10,6 +10,8 @@ options: protocol (default tcp, the transport of the non-CUDA wheel without an R
 batch_transfer_sync, default 1024)."""
 from __future__ import annotations
 
+import queue
+import threading
 import time
 
 import numpy as np
@@ -51,13 +53,44 @@ class Mooncake:
             if deadline_passed(start, self.timeout_s):
                 raise TimeoutError(f"no Mooncake notification for request {rid} within {self.timeout_s} s")
 
+    def wait_layers(self, rid, blocks):
+        self.wait(rid, blocks)
+
     def send(self, rid, blocks):
         src = self.req.chunk_addresses(self.bases, self.src[:blocks])
         dst = self.req.chunk_addresses(self.peer["bases"], self.dst[:blocks])
-        src, dst, lengths = merge_runs(src, dst, self.req.chunk_bytes)
-        for start in range(0, src.size, self.batch):  # one after the other, the last one notifies
+        self._write(rid, *merge_runs(src, dst, self.req.chunk_bytes), last=True)
+
+    def send_layers(self, rid, blocks, clock):
+        """As SGLang's transfer worker threads do: the forward hands each finished layer to a worker thread, which
+        writes the layers one after the other; the last layer's batch carries the notification (its batch
+        completes after every earlier one, so the receiver hears of the request once all of it landed)."""
+        src = self.req.chunk_addresses(self.bases, self.src[:blocks]).reshape(self.req.num_layers, -1)
+        dst = self.req.chunk_addresses(self.peer["bases"], self.dst[:blocks]).reshape(self.req.num_layers, -1)
+        todo, failure = queue.Queue(), []
+
+        def worker():
+            try:
+                while (layer := todo.get()) is not None:
+                    self._write(rid, *merge_runs(src[layer], dst[layer], self.req.chunk_bytes),
+                                last=layer == self.req.num_layers - 1)
+            except Exception as e:  # noqa: BLE001 -- raised again on the forward's thread below
+                failure.append(e)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        for layer in clock.layers():
+            todo.put(layer)
+        todo.put(None)
+        thread.join(self.timeout_s)
+        if failure:
+            raise failure[0]
+        return clock.last_ns
+
+    def _write(self, rid, src, dst, lengths, last: bool):
+        for start in range(0, src.size, self.batch):  # one batch after the other; the request's last notifies
             end = min(src.size, start + self.batch)
-            note = self.notify(f"compare-{self.role}", str(rid)) if end == src.size else None
+            note = self.notify(f"compare-{self.role}", str(rid)) if last and end == src.size else None
             rc = self.engine.batch_transfer_sync(self.peer["endpoint"], src[start:end].tolist(),
                                                  dst[start:end].tolist(), lengths[start:end].tolist(), self.write,
                                                  note)

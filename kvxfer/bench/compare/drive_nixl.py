@@ -2,7 +2,9 @@
 registered once as DRAM, one descriptor per (layer, K|V, block) chunk prepared once per side (prep_xfer_dlist), and
 per request one make_prepped_xfer of the request's chunk indices as a WRITE carrying a notification; the sender
 polls check_xfer_state, the receiver polls get_new_notifs for it. The agent is configured as vLLM configures it for
-UCX (num_threads=4; progress thread and descriptor merging on, NIXL's defaults).
+UCX (num_threads=4; progress thread and descriptor merging on, NIXL's defaults). Layer by layer (vLLM's NIXL
+connectors move whole requests; a connector author could do this): one WRITE per layer as its compute ends, each
+with a notification, the receiver waiting for all of them.
 
 options: backend (default UCX; UCX's transports follow UCX_TLS / UCX_NET_DEVICES, which the comparison sets),
 num_threads (default 4, vLLM's), progress_thread (1 or 0; default 1, NIXL's)."""
@@ -72,25 +74,50 @@ class Nixl:
         pass
 
     def wait(self, rid, blocks):
-        want, start = str(rid).encode(), time.perf_counter_ns()
-        while True:
+        self._await_notifs({str(rid).encode()}, rid)
+
+    def wait_layers(self, rid, blocks):
+        self._await_notifs({f"{rid}:{layer}".encode() for layer in range(self.req.num_layers)}, rid)
+
+    def _await_notifs(self, want: set, rid):
+        start = time.perf_counter_ns()
+        while want:
             for msgs in self.agent.get_new_notifs().values():
-                if want in msgs:
-                    return
-            if deadline_passed(start, self.timeout_s):
-                raise TimeoutError(f"no NIXL notification for request {rid} within {self.timeout_s} s")
+                want.difference_update(msgs)
+            if want and deadline_passed(start, self.timeout_s):
+                raise TimeoutError(f"NIXL notifications of request {rid} missing after {self.timeout_s} s: "
+                                   f"{sorted(want)[:4]}")
 
     def send(self, rid, blocks):
-        h = self.agent.make_prepped_xfer("WRITE", self.local_side, self._indices(self.src_index, blocks),
-                                         self.remote_side, self._indices(self.dst_index, blocks), str(rid).encode())
-        state, start = self.agent.transfer(h), time.perf_counter_ns()
-        while state != "DONE":
-            if state == "ERR":
-                raise RuntimeError(f"NIXL transfer of request {rid} failed")
-            if deadline_passed(start, self.timeout_s):
-                raise TimeoutError(f"NIXL transfer of request {rid} not done within {self.timeout_s} s")
-            state = self.agent.check_xfer_state(h)
-        self.agent.release_xfer_handle(h)
+        self._finish([self._post(self._indices(self.src_index, blocks), self._indices(self.dst_index, blocks),
+                                 str(rid))], rid)
+
+    def send_layers(self, rid, blocks, clock):
+        """One WRITE per layer as its compute ends, each with its own notification (transfers are not ordered
+        against each other, so the receiver counts one per layer)."""
+        per_layer = 2 * blocks
+        src, dst = self._indices(self.src_index, blocks), self._indices(self.dst_index, blocks)
+        handles = [self._post(src[layer * per_layer:(layer + 1) * per_layer],
+                              dst[layer * per_layer:(layer + 1) * per_layer], f"{rid}:{layer}")
+                   for layer in clock.layers()]
+        self._finish(handles, rid)
+        return clock.last_ns
+
+    def _post(self, src, dst, notif: str):
+        h = self.agent.make_prepped_xfer("WRITE", self.local_side, src, self.remote_side, dst, notif.encode())
+        if self.agent.transfer(h) == "ERR":
+            raise RuntimeError(f"NIXL refused the transfer {notif}")
+        return h
+
+    def _finish(self, handles, rid):
+        start = time.perf_counter_ns()
+        for h in handles:
+            while (state := self.agent.check_xfer_state(h)) != "DONE":
+                if state == "ERR":
+                    raise RuntimeError(f"NIXL transfer of request {rid} failed")
+                if deadline_passed(start, self.timeout_s):
+                    raise TimeoutError(f"NIXL transfer of request {rid} not done within {self.timeout_s} s")
+            self.agent.release_xfer_handle(h)
 
     def close(self):
         self.agent.deregister_memory(self.reg)

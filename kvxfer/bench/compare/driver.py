@@ -11,6 +11,11 @@ the sender's t0 (before it started the request).
     library.arm(rid, blocks)           receiver: be ready for request rid (before the sender starts it)
     library.wait(rid, blocks)          receiver: return once this side knows request rid landed
     library.send(rid, blocks)          sender: move request rid; return once the sender knows it is done
+    library.send_layers(rid, blocks, clock) -> ns
+                                       sender, layer by layer: for each layer of clock.layers(), that layer's
+                                       bytes may move once the iterator yields it (its compute is over); returns
+                                       perf_counter_ns when the last layer was marked, then waits like send()
+    library.wait_layers(rid, blocks)   receiver of a layer-by-layer request (default: wait)
     library.close()
     library.about                      optional dict, read after connect: version, path (what it runs over)
 
@@ -66,6 +71,20 @@ def version_of(*distributions: str) -> str:
     return "?"
 
 
+class LayerClock:
+    """The prefill forward a layer-by-layer request overlaps with: layers() sleeps layer_s (the CPU is idle while a
+    GPU computes), then yields the layer whose KV is now written; last_ns is when the last one was yielded."""
+
+    def __init__(self, layer_s: float, num_layers: int):
+        self.layer_s, self.num_layers, self.last_ns = layer_s, num_layers, 0
+
+    def layers(self):
+        for layer in range(self.num_layers):
+            time.sleep(self.layer_s)
+            self.last_ns = time.perf_counter_ns()
+            yield layer
+
+
 def deadline_passed(start_ns: int, timeout_s: float) -> bool:
     return time.perf_counter_ns() - start_ns > timeout_s * 1e9
 
@@ -92,17 +111,21 @@ def run(make_library) -> None:
                 cpu0 = time.process_time()
                 lib.arm(msg["rid"], msg["blocks"])
                 ch.say(armed=msg["rid"])
-                lib.wait(msg["rid"], msg["blocks"])
+                (lib.wait_layers if msg.get("layers") else lib.wait)(msg["rid"], msg["blocks"])
                 t1 = time.perf_counter_ns()
                 cpu = time.process_time() - cpu0
                 bad = "" if args.no_verify else req.verify(pool, msg["blocks"], msg["verify"] == "all")
                 ch.say(t1=t1, cpu_s=cpu, bad=bad)
-            elif op == "go":
+            elif op == "go":  # layer_ms: layer by layer, after each layer's emulated compute; t0 = the last one's
                 cpu0 = time.process_time()
-                t0 = time.perf_counter_ns()
-                lib.send(msg["rid"], msg["blocks"])
+                start = time.perf_counter_ns()
+                if msg.get("layer_ms") is None:
+                    lib.send(msg["rid"], msg["blocks"])
+                    t0 = start
+                else:
+                    t0 = lib.send_layers(msg["rid"], msg["blocks"], LayerClock(msg["layer_ms"] / 1e3, req.num_layers))
                 done = time.perf_counter_ns()
-                ch.say(t0=t0, sent=done, cpu_s=time.process_time() - cpu0)
+                ch.say(t0=t0, start=start, sent=done, cpu_s=time.process_time() - cpu0)
             elif op == "quit":
                 lib.close()
                 ch.say(bye=True)
