@@ -110,11 +110,14 @@ def test_layer_by_layer_counts_from_the_last_layers_compute(tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
     (row,) = doc["rows"]
-    assert doc["layer_ms"] == 20 and doc["limit"]["name"] == "one TCP stream, each layer sent as its compute ends"
-    # Two layers of 20 ms emulated compute each: the whole request takes at least 40 ms from its start, while what
-    # is left after the last layer's compute is the time to move that layer (a few KiB here), far less.
-    assert all(t >= 0.040 for t in row["total_s"])
-    assert all(exposed < total - 0.030 for exposed, total in zip(row["full_s"], row["total_s"]))
+    assert doc["layer_ms"] == 20 and doc["limit"]["name"].startswith("one TCP stream of the same bytes at ")
+    req = Request(**doc["request"])  # the ideal: only the last layer's bytes move after the compute, at link speed
+    assert doc["limit"]["s"] == pytest.approx(req.nbytes / doc["limit"]["gbps"] / 1e9 / req.num_layers)
+    # Two layers of 20 ms emulated compute each: a request takes at least that from its start; what it exposes is
+    # the rest (its total less the compute), and after the last layer's compute there is at most that much left.
+    assert all(c >= 0.040 for c in row["compute_s"])
+    for exposed, total, compute, tail in zip(row["full_s"], row["total_s"], row["compute_s"], row["tail_s"]):
+        assert exposed == pytest.approx(total - compute) and 0 < tail <= exposed + 1e-6
     assert "exp. ms" in r.stdout and "layer by layer, 20 ms of compute per layer" in r.stdout
 
 
@@ -139,6 +142,14 @@ def test_bytes_that_land_wrong_fail_the_library(tmp_path):
     cmp = cli.Comparison(req, "tcp", 1, 1, 30.0, sys.executable, str(tmp_path), lambda line: None)
     with pytest.raises(cli.CompareError, match=r"limit: request 1 \(4 blocks\) landed wrong: layer 0 K block"):
         cmp.run_pair("limit", sys.executable, "drive_tcp.py", {}, ENV, verify=True)
+
+
+def test_ideal_layer_by_layer_time_follows_the_slower_of_link_and_compute():
+    req = Request(num_layers=4)
+    assert cli.ideal_exposed_s(req, link_s=0.004, layer_s=0.010) == pytest.approx(0.001)  # link keeps up: 1 layer
+    # link slower than compute (2 ms a layer against 1): all four layers' 8 ms from the first layer's end, less
+    # the 3 ms of compute still to come then
+    assert cli.ideal_exposed_s(req, link_s=0.008, layer_s=0.001) == pytest.approx(0.005)
 
 
 @pytest.mark.parametrize("args, cause", [

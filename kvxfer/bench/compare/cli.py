@@ -163,7 +163,9 @@ class Comparison:
         return self.run_pair(lib, python, f"drive_{lib}.py", options, {**env, **extra_env}, verify=True)
 
     def run_pair(self, lib: str, python: str, script: str, options: dict, env: dict, verify: bool) -> dict:
-        """Starts both halves, connects them, runs one untimed request, `reps` full and `small_reps` 1-block ones."""
+        """Starts both halves, connects them, runs one untimed request, `reps` full and `small_reps` 1-block ones
+        (the full ones layer by layer with --layer-ms, except for the limit, which is a bandwidth)."""
+        layer_ms = None if lib == "limit" else self.layer_ms
         halves = [DriverProcess(lib, python, script, role, self.req, self.timeout_s, options, env, self.log_dir,
                                 verify) for role in ("recv", "send")]
         recv, send = halves
@@ -182,16 +184,20 @@ class Comparison:
                 s, r = send.expect("t0"), recv.expect("t1")
                 if r["bad"]:
                     raise CompareError(f"{lib}: request {rid} ({blocks} blocks) landed wrong: {r['bad']}")
-                return {"s": (r["t1"] - s["t0"]) / 1e9, "total_s": (r["t1"] - s["start"]) / 1e9,
-                        "sender_s": (s["sent"] - s["t0"]) / 1e9, "send_cpu_s": s["cpu_s"], "recv_cpu_s": r["cpu_s"]}
+                out = {"s": (r["t1"] - s["t0"]) / 1e9, "sender_s": (s["sent"] - s["t0"]) / 1e9,
+                       "send_cpu_s": s["cpu_s"], "recv_cpu_s": r["cpu_s"]}
+                if layer_ms is not None:  # s: all the transfer added to the forward (see driver.LayerClock)
+                    out.update(total_s=(r["t1"] - s["start"]) / 1e9, compute_s=s["compute"] / 1e9,
+                               tail_s=(r["t1"] - s["t0"]) / 1e9, s=(r["t1"] - s["start"] - s["compute"]) / 1e9)
+                return out
 
-            one(1, self.req.req_blocks, "all", "all", self.layer_ms)  # untimed: connections, first use of all
+            one(1, self.req.req_blocks, "all", "all", layer_ms)  # untimed: connections, first use of all
             full = []
             for i in range(self.reps):
-                full.append(one(10 + i, self.req.req_blocks, "all", "all", self.layer_ms))
+                full.append(one(10 + i, self.req.req_blocks, "all", "all", layer_ms))
                 self.say(f"  {lib}: request {i + 1}/{self.reps}: " + (
-                    f"{self.req.nbytes / full[-1]['s'] / 1e9:.2f} GB/s" if self.layer_ms is None else
-                    f"{full[-1]['s'] * 1e3:.2f} ms after the last layer's compute"))
+                    f"{self.req.nbytes / full[-1]['s'] / 1e9:.2f} GB/s" if layer_ms is None else
+                    f"{full[-1]['s'] * 1e3:.2f} ms added to {full[-1]['compute_s'] * 1e3:.0f} ms of compute"))
             small = [one(1000 + i, 1, "all" if i == 0 else "request", "all" if i == self.small_reps - 1 else
                          "request") for i in range(self.small_reps)]
             return {"library": lib, "about": about, "setup_s": setup_s, "full": full, "small": small}
@@ -206,7 +212,8 @@ class Comparison:
         return {
             "library": raw["library"], "over": self.over, **raw["about"], "gbps": gb / full_s,
             "ratio": limit_s / full_s, "full_s": [r["s"] for r in raw["full"]],
-            "total_s": [r["total_s"] for r in raw["full"]],
+            **({} if self.layer_ms is None else {k: [r[k] for r in raw["full"]] for k in ("total_s", "compute_s",
+                                                                                         "tail_s")}),
             "small_s": [r["s"] for r in raw["small"]], "small_sender_s": [r["sender_s"] for r in raw["small"]],
             "small_ms_p50": small[len(small) // 2] * 1e3, "small_ms_p99": small[min(len(small) - 1,
                                                                                      int(len(small) * 0.99))] * 1e3,
@@ -216,6 +223,14 @@ class Comparison:
         }
 
 
+def ideal_exposed_s(req: Request, link_s: float, layer_s: float) -> float:
+    """What a transfer layer by layer adds to a forward of layer_s per layer over a link that moves the whole request
+    in link_s and costs the forward nothing: layer k's bytes leave from the end of its compute, the link moves them
+    in order, and the forward ends at num_layers * layer_s."""
+    n, per_layer = req.num_layers, link_s / req.num_layers
+    return max((k - n) * layer_s + (n - k + 1) * per_layer for k in range(1, n + 1))
+
+
 def table(req: Request, over: str, limit: dict, rows: list[dict], missing: dict, layer_ms=None) -> str:
     head = (f"the reference request: {req.num_layers} layers x K,V x {req.req_blocks} random blocks of "
             f"{req.chunk_bytes // 1024} KiB = {req.chunks:,} chunks, {req.nbytes / 2**20:.0f} MiB; over {over}\n")
@@ -223,9 +238,9 @@ def table(req: Request, over: str, limit: dict, rows: list[dict], missing: dict,
         head += f"limit: {OVER[over]['limit']}: {limit['gbps']:.2f} GB/s (same run)\n"
         first = "GB/s"
     else:
-        head += (f"layer by layer, {layer_ms:g} ms of compute per layer; 'exposed': from the last layer's compute "
-                 f"ending to the receiver knowing all landed; limit: {limit['name']}: {limit['s'] * 1e3:.2f} ms "
-                 "exposed (same run)\n")
+        head += (f"layer by layer, {layer_ms:g} ms of compute per layer; 'exposed': from the forward's start to the "
+                 f"receiver knowing all landed, less the compute (the library's work in the forward's thread "
+                 f"counts); limit: {limit['name']}: {limit['s'] * 1e3:.2f} ms exposed (same run)\n")
         first = "exp. ms"
     lines = [(f"{'library':9} {'version':14} {'path':26} {first:>7} {'ratio':>6} {'1-block p50/p99 ms':>19} "
               f"{'CPU s/GB send/recv':>19}")]
@@ -260,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     ap.add_argument("--layer-ms", type=float, default=None, metavar="MS",
                     help="move the full request layer by layer, each layer's bytes once MS of emulated compute (a "
-                         "sleep) for it ended, and report the time exposed after the last layer's compute (default: "
-                         "whole requests)")
+                         "sleep) for it ended, and report the time the transfer adds to the forward: until the "
+                         "receiver has every layer, less the compute (default: whole requests)")
     ap.add_argument("--iters", type=int, default=5, help="timed full requests per library (default: 5)")
     ap.add_argument("--small-iters", type=int, default=30, help="timed 1-block requests per library (default: 30)")
     ap.add_argument("--timeout", type=float, default=120.0, help="bound on every wait, seconds (default: 120)")
@@ -319,15 +334,18 @@ def main(argv=None) -> int:
     cmp = Comparison(req, a.over, a.iters, a.small_iters, a.timeout, a.peer_python, log_dir, say, a.options,
                      a.layer_ms)
     try:
-        if a.over == "tcp" or a.layer_ms is not None:
+        if a.over == "tcp":
             say("kvxfer-compare: the limit (one TCP stream) ...")
             raw = cmp.run_library("limit")
             limit_s = statistics.median(r["s"] for r in raw["full"])
         else:
             say("kvxfer-compare: the limit (one core's memcpy) ...")
             limit_s = memcpy_seconds(req.nbytes)
-        name = OVER[a.over]["limit"] if a.layer_ms is None else "one TCP stream, each layer sent as its compute ends"
-        limit = {"gbps": req.nbytes / limit_s / 1e9, "s": limit_s, "name": name}
+        limit = {"gbps": req.nbytes / limit_s / 1e9, "s": limit_s, "name": OVER[a.over]["limit"]}
+        if a.layer_ms is not None:  # the time added on a link of the limit's speed that costs the forward nothing
+            limit_s = ideal_exposed_s(req, limit_s, a.layer_ms / 1e3)
+            limit.update(s=limit_s, name=f"{limit['name']} at {limit['gbps']:.2f} GB/s, fed each layer as its "
+                                         "compute ends, costing the forward nothing")
     except CompareError as e:
         print(f"kvxfer-compare: error: the limit: {e}", file=sys.stderr)
         return 1

@@ -48,15 +48,6 @@ class RawTcp:
         """Each layer's share of a request of `blocks` blocks: its K and V chunks' bytes."""
         return [v[:2 * blocks * self.chunk_bytes] for v in self.views]
 
-    def send_layers(self, rid, blocks, clock):
-        views = self._views(blocks)
-        for layer in clock.layers():
-            self.sock.sendall(views[layer])
-        return clock.last_ns
-
-    def wait_layers(self, rid, blocks):
-        self.wait(rid, blocks)
-
     def close(self):
         if self.sock:
             self.sock.close()

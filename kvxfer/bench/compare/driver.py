@@ -4,7 +4,8 @@ Each drive_<library>.py script defines a class with the methods below and calls 
 comparison (cli.py) in JSON lines over its original stdout and its stdin; fd 1 is pointed at stderr first, so a
 library that prints to stdout cannot corrupt the channel. Times are perf_counter_ns (CLOCK_MONOTONIC on Linux, one
 clock for every process of the host): a request's time is the receiver's t1 (it knows every byte landed) minus
-the sender's t0 (before it started the request).
+the sender's t0 (before it started the request). Layer by layer, the time a request adds is t1 minus the start
+minus the emulated compute (LayerClock).
 
     library.address() -> dict          what the other side needs to reach this one (JSON-able)
     library.connect(peer_address)      reach the other side (both sides, before the first request)
@@ -13,8 +14,8 @@ the sender's t0 (before it started the request).
     library.send(rid, blocks)          sender: move request rid; return once the sender knows it is done
     library.send_layers(rid, blocks, clock) -> ns
                                        sender, layer by layer: for each layer of clock.layers(), that layer's
-                                       bytes may move once the iterator yields it (its compute is over); returns
-                                       perf_counter_ns when the last layer was marked, then waits like send()
+                                       bytes may move once the iterator yields it (its compute is over); waits
+                                       like send(), returns clock.last_ns (the last layer's compute ended)
     library.wait_layers(rid, blocks)   receiver of a layer-by-layer request (default: wait)
     library.close()
     library.about                      optional dict, read after connect: version, path (what it runs over)
@@ -73,15 +74,19 @@ def version_of(*distributions: str) -> str:
 
 class LayerClock:
     """The prefill forward a layer-by-layer request overlaps with: layers() sleeps layer_s (the CPU is idle while a
-    GPU computes), then yields the layer whose KV is now written; last_ns is when the last one was yielded."""
+    GPU computes), then yields the layer whose KV is now written. Whatever the library does with a layer before
+    asking for the next one delays the next layer's compute, as it would delay a forward's next kernel launches:
+    compute_ns adds up only the sleeps, so (end - start - compute_ns) is all the time the transfer added."""
 
     def __init__(self, layer_s: float, num_layers: int):
-        self.layer_s, self.num_layers, self.last_ns = layer_s, num_layers, 0
+        self.layer_s, self.num_layers, self.last_ns, self.compute_ns = layer_s, num_layers, 0, 0
 
     def layers(self):
         for layer in range(self.num_layers):
+            before = time.perf_counter_ns()
             time.sleep(self.layer_s)
             self.last_ns = time.perf_counter_ns()
+            self.compute_ns += self.last_ns - before
             yield layer
 
 
@@ -119,13 +124,16 @@ def run(make_library) -> None:
             elif op == "go":  # layer_ms: layer by layer, after each layer's emulated compute; t0 = the last one's
                 cpu0 = time.process_time()
                 start = time.perf_counter_ns()
+                compute = 0
                 if msg.get("layer_ms") is None:
                     lib.send(msg["rid"], msg["blocks"])
                     t0 = start
                 else:
-                    t0 = lib.send_layers(msg["rid"], msg["blocks"], LayerClock(msg["layer_ms"] / 1e3, req.num_layers))
+                    clock = LayerClock(msg["layer_ms"] / 1e3, req.num_layers)
+                    t0 = lib.send_layers(msg["rid"], msg["blocks"], clock)
+                    compute = clock.compute_ns
                 done = time.perf_counter_ns()
-                ch.say(t0=t0, start=start, sent=done, cpu_s=time.process_time() - cpu0)
+                ch.say(t0=t0, start=start, compute=compute, sent=done, cpu_s=time.process_time() - cpu0)
             elif op == "quit":
                 lib.close()
                 ch.say(bye=True)
