@@ -3,8 +3,9 @@ registered once as DRAM, one descriptor per (layer, K|V, block) chunk prepared o
 per request one make_prepped_xfer of the request's chunk indices as a WRITE carrying a notification; the sender
 polls check_xfer_state, the receiver polls get_new_notifs for it. The agent is configured as vLLM configures it for
 UCX (num_threads=4; progress thread and descriptor merging on, NIXL's defaults). Layer by layer (vLLM's NIXL
-connectors move whole requests; a connector author could do this): one WRITE per layer as its compute ends, each
-with a notification, the receiver waiting for all of them.
+connectors move whole requests; a connector author could do this): one WRITE per layer as its compute ends, issued
+from a writer thread as vLLM's push connector issues its WRITEs, each with a notification, the receiver waiting
+for all of them.
 
 options: backend (default UCX; UCX's transports follow UCX_TLS / UCX_NET_DEVICES, which the comparison sets),
 num_threads (default 4, vLLM's), progress_thread (1 or 0; default 1, NIXL's)."""
@@ -13,6 +14,8 @@ from __future__ import annotations
 import base64
 import importlib
 import os
+import queue
+import threading
 import time
 
 import numpy as np
@@ -93,14 +96,31 @@ class Nixl:
                                  str(rid))], rid)
 
     def send_layers(self, rid, blocks, clock):
-        """One WRITE per layer as its compute ends, each with its own notification (transfers are not ordered
-        against each other, so the receiver counts one per layer)."""
+        """As vLLM's push connector does, the WRITEs go out from a writer thread of their own (its "nixl-push-writer"),
+        which the forward only hands each finished layer to: one WRITE per layer, each with its own notification
+        (transfers are not ordered against each other, so the receiver counts one per layer)."""
         per_layer = 2 * blocks
         src, dst = self._indices(self.src_index, blocks), self._indices(self.dst_index, blocks)
-        handles = [self._post(src[layer * per_layer:(layer + 1) * per_layer],
-                              dst[layer * per_layer:(layer + 1) * per_layer], f"{rid}:{layer}")
-                   for layer in clock.layers()]
-        self._finish(handles, rid)
+        todo, failure = queue.Queue(), []
+
+        def writer():
+            try:
+                handles = []
+                while (layer := todo.get()) is not None:
+                    handles.append(self._post(src[layer * per_layer:(layer + 1) * per_layer],
+                                              dst[layer * per_layer:(layer + 1) * per_layer], f"{rid}:{layer}"))
+                self._finish(handles, rid)
+            except Exception as e:  # noqa: BLE001 -- raised again on the forward's thread below
+                failure.append(e)
+
+        thread = threading.Thread(target=writer, name="nixl-push-writer")
+        thread.start()
+        for layer in clock.layers():
+            todo.put(layer)
+        todo.put(None)
+        thread.join(self.timeout_s)
+        if failure:
+            raise failure[0]
         return clock.last_ns
 
     def _post(self, src, dst, notif: str):
