@@ -185,7 +185,8 @@ class Comparison:
                 if r["bad"]:
                     raise CompareError(f"{lib}: request {rid} ({blocks} blocks) landed wrong: {r['bad']}")
                 out = {"s": (r["t1"] - s["t0"]) / 1e9, "sender_s": (s["sent"] - s["t0"]) / 1e9,
-                       "send_cpu_s": s["cpu_s"], "recv_cpu_s": r["cpu_s"]}
+                       "send_cpu_s": s["cpu_s"], "recv_cpu_s": r["cpu_s"],
+                       "send_counters": s.get("counters", {}), "recv_counters": r.get("counters", {})}
                 if layer_ms is not None:  # s: all the transfer added to the forward (see driver.LayerClock)
                     out.update(total_s=(r["t1"] - s["start"]) / 1e9, compute_s=s["compute"] / 1e9,
                                tail_s=(r["t1"] - s["t0"]) / 1e9, s=(r["t1"] - s["start"] - s["compute"]) / 1e9)
@@ -212,6 +213,7 @@ class Comparison:
         return {
             "library": raw["library"], "over": self.over, **raw["about"], "gbps": gb / full_s,
             "ratio": limit_s / full_s, "full_s": [r["s"] for r in raw["full"]],
+            "counters": [{"send": r["send_counters"], "recv": r["recv_counters"]} for r in raw["full"]],
             **({} if self.layer_ms is None else {k: [r[k] for r in raw["full"]] for k in ("total_s", "compute_s",
                                                                                          "tail_s")}),
             "small_s": [r["s"] for r in raw["small"]], "small_sender_s": [r["sender_s"] for r in raw["small"]],

@@ -55,6 +55,9 @@ class Kvxfer:
     def wait_layers(self, rid, blocks):
         self.wait(rid, blocks)
 
+    def counters(self):
+        return {k: v for k, v in self.agent.stats().items() if isinstance(v, (int, float))}
+
     def close(self):
         self.agent.close()
 

@@ -19,6 +19,7 @@ minus the emulated compute (LayerClock).
     library.wait_layers(rid, blocks)   receiver of a layer-by-layer request (default: wait)
     library.close()
     library.about                      optional dict, read after connect: version, path (what it runs over)
+    library.counters()                 optional dict of running totals, sent after every request
 
 Run as a script (python drive_<library>.py --role send|recv --request JSON --timeout S), never imported by kvxfer.
 """
@@ -90,6 +91,11 @@ class LayerClock:
             yield layer
 
 
+def counters(lib) -> dict:
+    """The library's own counters after a request (optional: library.counters() -> dict of numbers)."""
+    return lib.counters() if hasattr(lib, "counters") else {}
+
+
 def deadline_passed(start_ns: int, timeout_s: float) -> bool:
     return time.perf_counter_ns() - start_ns > timeout_s * 1e9
 
@@ -120,7 +126,7 @@ def run(make_library) -> None:
                 t1 = time.perf_counter_ns()
                 cpu = time.process_time() - cpu0
                 bad = "" if args.no_verify else req.verify(pool, msg["blocks"], msg["verify"] == "all")
-                ch.say(t1=t1, cpu_s=cpu, bad=bad)
+                ch.say(t1=t1, cpu_s=cpu, bad=bad, counters=counters(lib))
             elif op == "go":  # layer_ms: layer by layer, after each layer's emulated compute; t0 = the last one's
                 cpu0 = time.process_time()
                 start = time.perf_counter_ns()
@@ -133,7 +139,8 @@ def run(make_library) -> None:
                     t0 = lib.send_layers(msg["rid"], msg["blocks"], clock)
                     compute = clock.compute_ns
                 done = time.perf_counter_ns()
-                ch.say(t0=t0, start=start, compute=compute, sent=done, cpu_s=time.process_time() - cpu0)
+                ch.say(t0=t0, start=start, compute=compute, sent=done, cpu_s=time.process_time() - cpu0,
+                       counters=counters(lib))
             elif op == "quit":
                 lib.close()
                 ch.say(bye=True)
