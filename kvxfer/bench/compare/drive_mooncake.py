@@ -10,12 +10,10 @@ options: protocol (default tcp, the transport of the non-CUDA wheel without an R
 batch_transfer_sync, default 1024)."""
 from __future__ import annotations
 
-import queue
-import threading
 import time
 
 import numpy as np
-from driver import deadline_passed, run, version_of
+from driver import deadline_passed, layers_on_a_worker, run, version_of
 
 
 class Mooncake:
@@ -67,25 +65,13 @@ class Mooncake:
         completes after every earlier one, so the receiver hears of the request once all of it landed)."""
         src = self.req.chunk_addresses(self.bases, self.src[:blocks]).reshape(self.req.num_layers, -1)
         dst = self.req.chunk_addresses(self.peer["bases"], self.dst[:blocks]).reshape(self.req.num_layers, -1)
-        todo, failure = queue.Queue(), []
 
-        def worker():
-            try:
-                while (layer := todo.get()) is not None:
-                    self._write(rid, *merge_runs(src[layer], dst[layer], self.req.chunk_bytes),
-                                last=layer == self.req.num_layers - 1)
-            except Exception as e:  # noqa: BLE001 -- raised again on the forward's thread below
-                failure.append(e)
+        def worker(layers):
+            for layer in layers:
+                self._write(rid, *merge_runs(src[layer], dst[layer], self.req.chunk_bytes),
+                            last=layer == self.req.num_layers - 1)
 
-        thread = threading.Thread(target=worker)
-        thread.start()
-        for layer in clock.layers():
-            todo.put(layer)
-        todo.put(None)
-        thread.join(self.timeout_s)
-        if failure:
-            raise failure[0]
-        return clock.last_ns
+        return layers_on_a_worker(clock, worker, "mooncake-transfer-worker", self.timeout_s)
 
     def _write(self, rid, src, dst, lengths, last: bool):
         for start in range(0, src.size, self.batch):  # one batch after the other; the request's last notifies

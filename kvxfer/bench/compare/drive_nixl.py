@@ -14,12 +14,10 @@ from __future__ import annotations
 import base64
 import importlib
 import os
-import queue
-import threading
 import time
 
 import numpy as np
-from driver import deadline_passed, run, version_of
+from driver import deadline_passed, layers_on_a_worker, run, version_of
 
 MODULES = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")  # the meta package, then its CUDA 12 / 13 builds
 
@@ -101,27 +99,13 @@ class Nixl:
         (transfers are not ordered against each other, so the receiver counts one per layer)."""
         per_layer = 2 * blocks
         src, dst = self._indices(self.src_index, blocks), self._indices(self.dst_index, blocks)
-        todo, failure = queue.Queue(), []
 
-        def writer():
-            try:
-                handles = []
-                while (layer := todo.get()) is not None:
-                    handles.append(self._post(src[layer * per_layer:(layer + 1) * per_layer],
-                                              dst[layer * per_layer:(layer + 1) * per_layer], f"{rid}:{layer}"))
-                self._finish(handles, rid)
-            except Exception as e:  # noqa: BLE001 -- raised again on the forward's thread below
-                failure.append(e)
+        def writer(layers):
+            self._finish([self._post(src[layer * per_layer:(layer + 1) * per_layer],
+                                     dst[layer * per_layer:(layer + 1) * per_layer], f"{rid}:{layer}")
+                          for layer in layers], rid)
 
-        thread = threading.Thread(target=writer, name="nixl-push-writer")
-        thread.start()
-        for layer in clock.layers():
-            todo.put(layer)
-        todo.put(None)
-        thread.join(self.timeout_s)
-        if failure:
-            raise failure[0]
-        return clock.last_ns
+        return layers_on_a_worker(clock, writer, "nixl-push-writer", self.timeout_s)
 
     def _post(self, src, dst, notif: str):
         h = self.agent.make_prepped_xfer("WRITE", self.local_side, src, self.remote_side, dst, notif.encode())

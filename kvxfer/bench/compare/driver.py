@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import sys
+import threading
 import time
 import traceback
 
@@ -89,6 +91,35 @@ class LayerClock:
             self.last_ns = time.perf_counter_ns()
             self.compute_ns += self.last_ns - before
             yield layer
+
+
+def layers_on_a_worker(clock: LayerClock, work, name: str, timeout_s: float) -> int:
+    """Runs work(layers) on a thread of its own while the forward (clock) runs here, handing it each layer as its
+    compute ends, as engines hand finished layers to a transfer thread; raises what work raised, here; returns
+    clock.last_ns."""
+    todo, failure = queue.Queue(), []
+
+    def handed():
+        while (layer := todo.get()) is not None:
+            yield layer
+
+    def run():
+        try:
+            work(handed())
+        except Exception as e:  # noqa: BLE001 -- raised again on the forward's thread below
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    for layer in clock.layers():
+        todo.put(layer)
+    todo.put(None)
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"{name} still writing {timeout_s} s after the forward ended")
+    if failure:
+        raise failure[0]
+    return clock.last_ns
 
 
 def counters(lib) -> dict:
