@@ -43,15 +43,16 @@ PEER_LIBRARIES = {  # import probe, what to install
               "sys.exit(str(err))"), "pip install nixl-cu12"),
     "mooncake": ("import mooncake.engine", "pip install mooncake-transfer-engine-non-cuda (or a CUDA build)"),
 }
-# What each library runs over in each setting: driver options and environment.
+# What each library runs over in each setting: driver options and environment. On one host NIXL takes UCX's own
+# choice of transports, and Mooncake tcp, its only one without an RDMA NIC; each row's path says what ran.
 OVER = {
-    "tcp": {"kvxfer": ({"transport": "tcp"}, {}, "libfabric tcp"),
-            "nixl": ({}, {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}, "UCX tcp"),
-            "mooncake": ({"protocol": "tcp"}, {}, "tcp"),
+    "tcp": {"kvxfer": ({"transport": "tcp"}, {}),
+            "nixl": ({}, {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}),
+            "mooncake": ({"protocol": "tcp"}, {}),
             "limit": "one TCP stream of the same bytes"},
-    "host": {"kvxfer": ({"transport": "auto"}, {}, "auto (cma)"),
-             "nixl": ({}, {}, "UCX, its own choice of transports"),
-             "mooncake": ({"protocol": "tcp"}, {}, "tcp (its only one without an RDMA NIC)"),
+    "host": {"kvxfer": ({"transport": "auto"}, {}),
+             "nixl": ({}, {}),
+             "mooncake": ({"protocol": "tcp"}, {}),
              "limit": "one core's memcpy of the same bytes"},
 }
 
@@ -157,7 +158,7 @@ class Comparison:
         env = {**os.environ, "FI_TCP_IFACE": os.environ.get("FI_TCP_IFACE", "lo")}
         if lib == "limit":
             return self.run_pair(lib, sys.executable, "drive_tcp.py", {}, env, verify=False)
-        options, extra_env, _ = OVER[self.over][lib]
+        options, extra_env = OVER[self.over][lib]
         options = {**options, **self.options.get(lib, {})}
         python = sys.executable if lib == "kvxfer" else self.peer_python
         return self.run_pair(lib, python, f"drive_{lib}.py", options, {**env, **extra_env}, verify=True)
