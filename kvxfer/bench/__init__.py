@@ -6,4 +6,6 @@
     limits.py     same-run limits: process_vm_writev of the same chunks, raw TCP sendall of the same bytes
     session.py    the driver (sender) and peer (receiver) halves, talking JSON over a bootstrap channel
     report.py     table, versioned JSON schema, CSV, PNG plot, progress bar
+    soak.py       kvxfer-soak: sustained traffic with failures mixed in, judged byte for byte
+    compare/      kvxfer-compare: kvxfer, NIXL and Mooncake on the same request in the same run
 """
