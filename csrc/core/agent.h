@@ -237,6 +237,7 @@ class Agent {
   void place_progress_thread();    // KVXFER_PROGRESS_CPUS (constructor; throws, with the thread joined)
   void wake_progress();            // a command was queued (or the agent stops): end an idle wait
   bool may_block() const;          // nothing to post: only a completion, a message or a command can make work
+  bool awaiting_layers() const;    // a live send has layers its caller has not marked ready yet
   void block_until_event(bool retry_soon, bool cq_fds_suspect);
   bool run_commands();
   bool post_pending_writes();

@@ -16,12 +16,21 @@
 #include "core/plan.h"
 #include "transports/host_ipc/cma.h"
 
+#ifndef KVXFER_SPIN_WHILE_MARKING_MS
+#define KVXFER_SPIN_WHILE_MARKING_MS 5
+#endif
+
 namespace kvxfer {
 
 namespace {
 // An idle agent keeps polling this long after its last activity before it blocks on its CQ fds: transfers often
 // come in bursts (the next layer, the next request), and waking from a block costs more than a short spin.
 constexpr auto kSpinBeforeBlock = std::chrono::microseconds(300);
+// ... and this long while one of its sends still waits for layers to be marked (a forward in progress): waking it
+// from the block costs the marking thread, whose write to the wake fd hands its CPU to the progress thread. Layer
+// by layer behind a forward of 5 ms a layer on one host (kvxfer-compare --over host --layer-ms 5) that delayed the
+// forward by 18-36 ms over 32 layers; polling instead, 4-5 ms.
+constexpr auto kSpinWhileMarking = std::chrono::milliseconds(KVXFER_SPIN_WHILE_MARKING_MS);
 // Deadlines and peer liveness are checked this often while a transfer is live (deadlines are seconds), and every
 // kIdleCheckMs otherwise: an idle agent woke 100 times a second for nothing, 2-5 ms of CPU per second each.
 constexpr auto kLiveCheck = std::chrono::milliseconds(10);
@@ -141,7 +150,8 @@ void Agent::progress_loop() {
     // Held messages (every one left in the outbox after flush_control) only need a retry now and then.
     if (!cq_fds_.empty() && may_block()) {
       const auto idle_for = Clock::now() - last_busy;
-      if (idle_for >= kSpinBeforeBlock)
+      if (idle_for >= (awaiting_layers() ? std::chrono::duration_cast<Clock::duration>(kSpinWhileMarking)
+                                         : std::chrono::duration_cast<Clock::duration>(kSpinBeforeBlock)))
         block_until_event(!outbox_.empty(), idle_cq_wakes_ >= kMaxIdleCqWakes && idle_for >= kIdleCqWakesFor);
       else
         sched_yield();
@@ -177,6 +187,13 @@ bool Agent::may_block() const {
     if (!job || job->done()) return false;
   }
   return true;
+}
+
+bool Agent::awaiting_layers() const {
+  for (const auto& s : active_sends_)
+    if (s->state() == TransferState::Pending && !s->aborted && s->layers_posted + s->ready.size() < s->num_layers)
+      return true;
+  return false;
 }
 
 void Agent::block_until_event(bool retry_soon, bool cq_fds_suspect) {
