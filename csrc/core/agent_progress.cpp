@@ -16,10 +16,6 @@
 #include "core/plan.h"
 #include "transports/host_ipc/cma.h"
 
-#ifndef KVXFER_SPIN_WHILE_MARKING_MS
-#define KVXFER_SPIN_WHILE_MARKING_MS 5
-#endif
-
 namespace kvxfer {
 
 namespace {
@@ -30,7 +26,7 @@ constexpr auto kSpinBeforeBlock = std::chrono::microseconds(300);
 // from the block costs the marking thread, whose write to the wake fd hands its CPU to the progress thread. Layer
 // by layer behind a forward of 5 ms a layer on one host (kvxfer-compare --over host --layer-ms 5) that delayed the
 // forward by 18-36 ms over 32 layers; polling instead, 4-5 ms.
-constexpr auto kSpinWhileMarking = std::chrono::milliseconds(KVXFER_SPIN_WHILE_MARKING_MS);
+constexpr auto kSpinWhileMarking = std::chrono::microseconds(5000);
 // Deadlines and peer liveness are checked this often while a transfer is live (deadlines are seconds), and every
 // kIdleCheckMs otherwise: an idle agent woke 100 times a second for nothing, 2-5 ms of CPU per second each.
 constexpr auto kLiveCheck = std::chrono::milliseconds(10);
@@ -150,8 +146,7 @@ void Agent::progress_loop() {
     // Held messages (every one left in the outbox after flush_control) only need a retry now and then.
     if (!cq_fds_.empty() && may_block()) {
       const auto idle_for = Clock::now() - last_busy;
-      if (idle_for >= (awaiting_layers() ? std::chrono::duration_cast<Clock::duration>(kSpinWhileMarking)
-                                         : std::chrono::duration_cast<Clock::duration>(kSpinBeforeBlock)))
+      if (idle_for >= (awaiting_layers() ? kSpinWhileMarking : kSpinBeforeBlock))
         block_until_event(!outbox_.empty(), idle_cq_wakes_ >= kMaxIdleCqWakes && idle_for >= kIdleCqWakesFor);
       else
         sched_yield();

@@ -189,8 +189,8 @@ class Comparison:
                        "send_cpu_s": s["cpu_s"], "recv_cpu_s": r["cpu_s"],
                        "send_counters": s.get("counters", {}), "recv_counters": r.get("counters", {})}
                 if layer_ms is not None:  # s: all the transfer added to the forward (see driver.LayerClock)
-                    out.update(total_s=(r["t1"] - s["start"]) / 1e9, compute_s=s["compute"] / 1e9,
-                               tail_s=(r["t1"] - s["t0"]) / 1e9, s=(r["t1"] - s["start"] - s["compute"]) / 1e9)
+                    out.update(total_s=(r["t1"] - s["start"]) / 1e9, compute_s=s["compute"] / 1e9, tail_s=out["s"],
+                               s=(r["t1"] - s["start"] - s["compute"]) / 1e9)
                 return out
 
             one(1, self.req.req_blocks, "all", "all", layer_ms)  # untimed: connections, first use of all
@@ -238,7 +238,7 @@ def table(req: Request, over: str, limit: dict, rows: list[dict], missing: dict,
     head = (f"the reference request: {req.num_layers} layers x K,V x {req.req_blocks} random blocks of "
             f"{req.chunk_bytes // 1024} KiB = {req.chunks:,} chunks, {req.nbytes / 2**20:.0f} MiB; over {over}\n")
     if layer_ms is None:
-        head += f"limit: {OVER[over]['limit']}: {limit['gbps']:.2f} GB/s (same run)\n"
+        head += f"limit: {limit['name']}: {limit['gbps']:.2f} GB/s (same run)\n"
         first = "GB/s"
     else:
         head += (f"layer by layer, {layer_ms:g} ms of compute per layer; 'exposed': from the forward's start to the "
