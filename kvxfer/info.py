@@ -113,7 +113,7 @@ def collect() -> dict:
     transports = {}
     if _C.have_libfabric:
         names = {"tcp": "tcp", "shm": "fi_shm", "efa": "efa", "verbs": "verbs"}
-        for name, usable, detail, own_keys in _C.probe_providers():
+        for name, usable, detail, own_keys, coalesced in _C.probe_providers():
             if usable and "ofi_rxm" in detail:
                 detail += f" (rxm bounce buffers of {os.environ.get('FI_OFI_RXM_BUFFER_SIZE', '16384')} B)"
             if usable:
@@ -122,11 +122,18 @@ def collect() -> dict:
                            "; one key for all peers: a dropped peer on another host leaves its ended recvs unsettled"
                            + (" (KVXFER_PEER_KEYS=shared)" if envs.get("KVXFER_PEER_KEYS") == "shared" else
                               " (the provider chooses keys)"))
-            if usable and name == "tcp":
+            if usable and coalesced:
+                detail += ("; writes go without immediates and one zero-byte write after a layer's writes on each "
+                           "rail counts them all (the provider orders writes; KVXFER_IMM=coalesced)")
+            elif usable and name == "tcp":
                 detail += ("; immediates follow their data in a zero-byte write, so a peer cut off mid-write can be "
                            "released safely (KVXFER_TCP_IMM=split)" if envs.get("KVXFER_TCP_IMM") != "inline" else
                            "; one write with immediate each: releasing a peer cut off mid-write can crash libfabric "
                            "1.17 (KVXFER_TCP_IMM=inline)")
+            if usable and not coalesced:
+                detail += ("; an immediate on every write (KVXFER_IMM=each)" if envs.get("KVXFER_IMM") == "each" else
+                           "; an immediate on every write (the provider does not order writes)")
+            if usable and name == "tcp":
                 mode = envs.get("KVXFER_LANDING")
                 detail += ("; host pools of chunks under 32 KiB offer landing slots and senders pack such chunks "
                            "(layers of 32 KiB and more) into them (KVXFER_LANDING=auto)" if mode == "auto" else

@@ -2,7 +2,9 @@
 plain write, then the immediate in a zero-byte write after it on the same connection, because libfabric 1.17
 crashes closing a connection that holds a write with immediate half received (tests/test_partition.py is the case
 that crashed: a receiver releasing a sender cut off mid-write). Both modes must move a request byte for byte with
-exact counters; KVXFER_TCP_IMM=inline is kept to measure what the split costs (benchmarks/RESULTS.md).
+exact counters; KVXFER_TCP_IMM=inline is kept to measure what the split costs (benchmarks/RESULTS.md). Both apply
+only with an immediate on every write (KVXFER_IMM=each): by default tcp's data writes carry none and one zero-byte
+write per layer and rail counts them (tests/test_coalesced_imms.py).
 """
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ def test_both_modes_move_scattered_and_gathered_blocks_exactly(mode, monkeypatch
     """Runs of neighbouring blocks go as gathered writes (post_writev), lone ones one by one (post_write); 128 MiB
     in flight at once also fills the socket, so zero-byte halves the provider refuses wait and go later."""
     monkeypatch.setenv("KVXFER_TCP_IMM", mode)
+    monkeypatch.setenv("KVXFER_IMM", "each")
     a, b, peer_b, peer_a, src, dst = local_pair(BIG, names=(f"split-{mode}-s", f"split-{mode}-r"))
     try:
         rng = np.random.default_rng(5)
@@ -40,5 +43,5 @@ def test_a_bad_mode_is_refused_by_name(monkeypatch):
 
 def test_info_says_how_tcp_sends_immediates():
     for mode, said in (("split", "immediates follow their data"), ("inline", "one write with immediate each")):
-        tcp = info_line("tcp", KVXFER_TCP_IMM=mode)
+        tcp = info_line("tcp", KVXFER_TCP_IMM=mode, KVXFER_IMM="each")
         assert said in tcp and f"KVXFER_TCP_IMM={mode}" in tcp, tcp

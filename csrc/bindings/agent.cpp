@@ -232,6 +232,7 @@ void register_agent(py::module_& m) {
         d["landings"] = s.landings;
         d["landing_rejected"] = s.landing_rejected;
         d["landing_waits"] = s.landing_waits;
+        d["imm_writes"] = s.imm_writes;
         d["gpu_layer_launches"] = s.gpu_layer_launches;
         d["ipc_pools_mapped"] = s.ipc_pools_mapped;
         py::list rails;

@@ -146,6 +146,8 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   }
   transport_ = open_transport(options_);
   const auto& caps = transport_->capabilities();
+  coalesce_imms_ = caps.ordered_writes && coalesced_imms_wanted();
+  transport_orders_writes_ = caps.ordered_writes;
   info_.name = options_.name;
   info_.epoch = random_u64();
   info_.pid = static_cast<uint32_t>(getpid());
@@ -366,6 +368,7 @@ AgentStats Agent::stats() const {
   s.landings = counters_.landings;
   s.landing_rejected = counters_.landing_rejected;
   s.landing_waits = counters_.landing_waits;
+  s.imm_writes = counters_.imm_writes;
   s.rails = transport_->rail_stats();
   return s;
 }
@@ -1162,6 +1165,8 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
     peer->waiting_recvs[xfer_id] = recv;
   }
   peer->live_recvs[xfer_id] = recv;
+  recv_added_.store(true, std::memory_order_relaxed);
+  expecting_data_.store(true, std::memory_order_relaxed);
   return recv;
 }
 

@@ -104,6 +104,7 @@ struct AgentStats {
   uint64_t gpu_layer_launches = 0; // cuda_ipc: gather kernels that carried one or more layers and marked each landed
   uint64_t ipc_pools_mapped = 0;   // cuda_ipc: peers' GPU pools mapped into this process (at add_peer, or first send)
   uint64_t landing_waits = 0;     // sender: times a batch waited for a free landing slot of its peer
+  uint64_t imm_writes = 0;        // sender: zero-byte writes that counted the plain writes before them (ordered rails)
   std::vector<RailStats> rails;
 };
 
@@ -186,6 +187,7 @@ class Agent {
     SendState* send = nullptr;
     int staging_slot = -1;  // a staged write: the bounce slot to hand back when it completes
     uint64_t nbytes = 0;    // a direct fabric write: its bytes, in flight until it completes (bytes_in_flight)
+    bool counts_rail = false;  // the zero-byte write that counts a rail's writes (signal_rail)
   };
   // A batch of one layer's writes in a bounce slot: copied in (ticket), then written out from the slot.
   struct StagedOp {
@@ -248,6 +250,12 @@ class Agent {
   bool post_signals(SendState& send, SendState::Cursor& cur, uint32_t done_before, size_t& budget);
   bool post_signal(SendState& send, uint32_t imm);  // one zero-byte signal: doorbell or fabric; false = no room
   int post_on_rails(PeerState& peer, const WriteIov* iov, size_t n, uint32_t imm, OpContext* ctx);
+  // Ordered rails (coalesce_imms_): data writes without immediates, then one zero-byte write per rail counting them.
+  int post_unsignalled(SendState& send, const WriteIov* iov, size_t n, uint32_t layer, uint32_t granules,
+                       OpContext* ctx);
+  bool signal_rail(SendState& send, uint32_t rail);  // false: the provider's queue is full, try again later
+  bool signal_rails(SendState& send);                // every rail's uncounted writes; false: some are left
+  bool signal_rails_before_abort(SendState& send);   // the same, a failure to post taken as "not yet"
   bool poll_doorbell();
   void on_doorbell_items(uint32_t window, const DoorbellItem* items, size_t n);
   void open_doorbell(PeerState& peer);  // add_peer: map a same-host peer's rings, or say why not
@@ -402,6 +410,11 @@ class Agent {
   std::atomic<bool> goodbye_sent_{false};   // ... and all left it (handed to the transport or a doorbell ring)
   bool woke_on_cq_ = false;         // the last blocking wait ended because a CQ fd was readable
   uint32_t idle_cq_wakes_ = 0;      // such wakes in a row after which the loop found nothing to do
+  // A recv is live (set by recv(), recomputed by check_deadlines): on ordered rails a CQ fd that wakes us with
+  // nothing to complete is then the provider reading writes that carry no immediate, not a fd stuck readable.
+  std::atomic<bool> expecting_data_{false};
+  std::atomic<bool> recv_added_{false};
+  bool transport_orders_writes_ = false;  // peers' writes may come without immediates (ordered rails)  // since the last check_deadlines, which may have counted before it
   std::vector<Command> commands_;
   std::atomic<bool> has_commands_{false};
 
@@ -442,8 +455,10 @@ class Agent {
     std::atomic<uint64_t> doorbell_sent{0}, doorbell_received{0}, doorbell_wakes{0};
     std::atomic<uint64_t> landings{0}, landing_rejected{0}, landing_waits{0}, gpu_layer_launches{0};
     std::atomic<uint64_t> ipc_pools_mapped{0}, sends_waited_for_slot{0}, peers_released{0}, peers_fenced{0};
-    std::atomic<uint64_t> heartbeats_sent{0}, peers_silent{0};
+    std::atomic<uint64_t> heartbeats_sent{0}, peers_silent{0}, imm_writes{0};
   } counters_;
+  // One immediate counts every write before it on a rail (transport orders writes, KVXFER_IMM not "each").
+  bool coalesce_imms_ = false;
 
   std::atomic<bool> stop_{false};
   std::thread progress_;

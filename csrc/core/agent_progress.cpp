@@ -25,8 +25,10 @@ constexpr auto kSpinBeforeBlock = std::chrono::microseconds(300);
 // ... and this long while one of its sends still waits for layers to be marked (a forward in progress): waking it
 // from the block costs the marking thread, whose write to the wake fd hands its CPU to the progress thread. Layer
 // by layer behind a forward of 5 ms a layer on one host (kvxfer-compare --over host --layer-ms 5) that delayed the
-// forward by 18-36 ms over 32 layers; polling instead, 4-5 ms.
-constexpr auto kSpinWhileMarking = std::chrono::microseconds(5000);
+// forward by 18-36 ms over 32 layers; polling instead, 4-5 ms. Also while a recv is live on a transport whose
+// writes may carry no immediate (ordered rails): a layer's data then completes nothing here until its last
+// immediate, and blocking between its writes cost a wake-up per write (~6,000 per 512 MiB request over tcp).
+constexpr auto kSpinWhileLive = std::chrono::microseconds(5000);
 // Deadlines and peer liveness are checked this often while a transfer is live (deadlines are seconds), and every
 // kIdleCheckMs otherwise: an idle agent woke 100 times a second for nothing, 2-5 ms of CPU per second each.
 constexpr auto kLiveCheck = std::chrono::milliseconds(10);
@@ -139,6 +141,10 @@ void Agent::progress_loop() {
       continue;
     }
     ++idle;
+    // Writes without immediates (ordered rails) complete nothing here: while a recv is live, the provider reading
+    // them is what woke us, and the next ones are near.
+    const bool receiving = transport_orders_writes_ && expecting_data_.load(std::memory_order_relaxed);
+    if (woke_on_cq_ && receiving) last_busy = Clock::now();
     if (woke_on_cq_) ++idle_cq_wakes_;
     woke_on_cq_ = false;
     // With a CQ wait fd, an agent with nothing to post blocks until a completion, a message or a command: an idle
@@ -146,8 +152,9 @@ void Agent::progress_loop() {
     // Held messages (every one left in the outbox after flush_control) only need a retry now and then.
     if (!cq_fds_.empty() && may_block()) {
       const auto idle_for = Clock::now() - last_busy;
-      if (idle_for >= (awaiting_layers() ? kSpinWhileMarking : kSpinBeforeBlock))
-        block_until_event(!outbox_.empty(), idle_cq_wakes_ >= kMaxIdleCqWakes && idle_for >= kIdleCqWakesFor);
+      if (idle_for >= (receiving || awaiting_layers() ? kSpinWhileLive : kSpinBeforeBlock))
+        block_until_event(!outbox_.empty(),
+                          idle_cq_wakes_ >= kMaxIdleCqWakes && idle_for >= kIdleCqWakesFor && !receiving);
       else
         sched_yield();
       continue;
@@ -360,6 +367,7 @@ void Agent::return_context(OpContext* ctx) {
   ctx->send = nullptr;
   ctx->staging_slot = -1;
   ctx->nbytes = 0;
+  ctx->counts_rail = false;
   free_contexts_.push_back(ctx);
 }
 
@@ -409,7 +417,10 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
         if (!post_staged_layer(owner, cur)) return true;
       } else {
         const uint32_t begin = send.plan.layer_begin(cur.layer_index), end = send.plan.layer_begin(cur.layer_index + 1);
-        // Gather up to max_iov consecutive chunks-runs into one write whose immediate carries their granule sum.
+        const uint32_t layer = send.plan.first_layer + cur.layer_index;
+        // Gather up to max_iov consecutive chunks-runs into one write whose immediate carries their granule sum
+        // (on ordered rails the write goes without one, and the layer's last write on each rail is followed by a
+        // zero-byte write whose immediate counts them all).
         const size_t max_iov = transport_->capabilities().max_iov;
         while (begin + cur.next < end && budget > 0 && send.bytes_in_flight < kBytesInFlightPerSend * peer.rails) {
           uint32_t granules;
@@ -422,11 +433,12 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
                       src.keys[w.src_region].desc, (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset,
                       dreg.rkey};
           }
-          const uint32_t layer = send.plan.first_layer + cur.layer_index;
           OpContext* ctx = take_context();
+          if (!ctx) return any;  // immediates took contexts this turn's budget counted for writes
           ctx->send = &send;
           for (size_t k = 0; k < n; ++k) ctx->nbytes += iov[k].nbytes;
-          const int rc = post_on_rails(peer, iov, n, ImmCode::encode(send.slot, layer, granules), ctx);
+          const int rc = coalesce_imms_ ? post_unsignalled(send, iov, n, layer, granules, ctx)
+                                        : post_on_rails(peer, iov, n, ImmCode::encode(send.slot, layer, granules), ctx);
           if (rc == -EAGAIN) {
             return_context(ctx);
             counters_.eagain++;
@@ -435,12 +447,13 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
           cur.next += static_cast<uint32_t>(n);
           send.bytes_in_flight += ctx->nbytes;
           ++send.ops_posted;
-          send.granules_posted += granules;
+          if (!coalesce_imms_) send.granules_posted += granules;
           --budget;
           counters_.writes_posted++;
           any = true;
         }
         if (begin + cur.next < end) return any;
+        if (coalesce_imms_ && !signal_rails(send)) return any;
       }
       send.ready.erase(send.ready.begin());
       ++send.layers_posted;
@@ -460,6 +473,73 @@ int Agent::post_on_rails(PeerState& peer, const WriteIov* iov, size_t n, uint32_
     rc = transport_->post_writev(iov, n, imm, peer.addr, ctx, rail);
   }
   return rc;
+}
+
+// A data write without immediate on the next rail that takes it. A rail whose uncounted granules could not take
+// this write's (an immediate counts one layer, at most kMaxGranules) gets its immediate first. -EAGAIN when no
+// rail took the write.
+int Agent::post_unsignalled(SendState& send, const WriteIov* iov, size_t n, uint32_t layer, uint32_t granules,
+                            OpContext* ctx) {
+  PeerState& peer = *send.peer;
+  int rc = -EAGAIN;
+  for (uint32_t tries = 0; tries < peer.rails && rc == -EAGAIN; ++tries) {
+    const uint32_t rail = peer.next_rail++ % peer.rails;
+    KVXFER_ASSERT(rail < send.unsignalled.size());
+    uint32_t& pending = send.unsignalled[rail];
+    if (pending > 0 && (send.unsignalled_layer != layer || pending + granules > ImmCode::kMaxGranules) &&
+        !signal_rail(send, rail))
+      continue;
+    rc = transport_->post_plain_writev(iov, n, peer.addr, ctx, rail);
+    if (rc == 0) {
+      pending += granules;
+      send.unsignalled_layer = layer;
+    }
+  }
+  return rc;
+}
+
+// The zero-byte write that counts a rail's writes since its last one: posted after them on the same connection,
+// so the peer sees its immediate only once their data landed. Addressed to the peer's signal pad, like every
+// zero-byte signal. Never through a same-host peer's doorbell ring, which would overtake the data on the wire.
+bool Agent::signal_rail(SendState& send, uint32_t rail) {
+  uint32_t& pending = send.unsignalled[rail];
+  if (pending == 0) return true;
+  OpContext* ctx = take_context();
+  if (!ctx) return false;
+  ctx->send = &send;
+  ctx->counts_rail = true;
+  PeerState& peer = *send.peer;
+  const int rc = transport_->post_write(nullptr, 0, nullptr, ImmCode::encode(send.slot, send.unsignalled_layer, pending),
+                                        peer.addr, peer.info.remote_virt_addr ? peer.info.signal_addr : 0,
+                                        peer.info.signal_rkey, ctx, rail);
+  if (rc == -EAGAIN) {
+    return_context(ctx);
+    counters_.eagain++;
+    return false;
+  }
+  ++send.ops_posted;
+  ++send.ops_expected;  // the plan counted the data writes; how many immediates follow them is known only now
+  ++send.rail_signals;
+  send.granules_posted += pending;
+  pending = 0;
+  counters_.imm_writes++;
+  return true;
+}
+
+bool Agent::signal_rails(SendState& send) {
+  bool all = true;
+  for (uint32_t rail = 0; rail < send.peer->rails; ++rail) all &= signal_rail(send, rail);
+  return all;
+}
+
+// A failed send's ABORT names the granules the receiver must count before it may reuse the blocks, so the writes
+// already posted must be counted first: otherwise their data could land after the blocks were handed out again.
+bool Agent::signal_rails_before_abort(SendState& send) {
+  try {
+    return signal_rails(send);
+  } catch (const Error&) {
+    return false;  // the connection is failing: the peer will be lost, which settles the send without an ABORT
+  }
 }
 
 // Copy phase: cur.next in [0, nwrites) counts chunks copied. Signal phase: [nwrites, nwrites + nsignals) counts
@@ -648,9 +728,11 @@ void Agent::on_write_done(OpContext* ctx, const std::string* error) {
   SendState* send = ctx->send;
   if (ctx->staging_slot >= 0) release_staging(send, ctx->staging_slot);
   if (send) send->bytes_in_flight -= ctx->nbytes;
+  const bool counted_rail = ctx->counts_rail;
   return_context(ctx);
   if (!send) return;
   ++send->ops_completed;
+  send->rail_signals_completed += counted_rail;
   if (error) {
     mark_peer_lost(*send->peer, ErrorKind::PeerLost,
                    "a write to peer '" + send->peer->info.name + "' failed (" + *error + ")");
@@ -1113,11 +1195,12 @@ void Agent::fail_send(const std::shared_ptr<SendState>& owner, ErrorKind kind, c
     if (!send.released) drain_locally(owner);
     return;
   }
-  if (copies_landed(send)) {
+  if (copies_landed(send) && signal_rails_before_abort(send)) {
     queue_abort(send);
   } else {
-    // A copy into the peer is still running: the ABORT lets the receiver reuse the blocks, so it waits until the
-    // copy landed, or a late byte could overwrite the next request's KV there.
+    // A copy into the peer is still running, or writes on an ordered rail wait for the immediate that counts them
+    // (the provider's queue was full): the ABORT lets the receiver reuse the blocks, so it waits until the copy
+    // landed and those writes are counted, or a late byte could overwrite the next request's KV there.
     deferred_aborts_.push_back(owner);
     counters_.aborts_deferred++;
   }
@@ -1237,7 +1320,7 @@ bool Agent::flush_deferred_aborts() {
   size_t keep = 0;
   bool any = false;
   for (auto& s : deferred_aborts_) {
-    if (!copies_landed(*s)) {
+    if (!copies_landed(*s) || (!s->peer->lost && !signal_rails_before_abort(*s))) {
       deferred_aborts_[keep++] = std::move(s);
       continue;
     }
@@ -1328,6 +1411,7 @@ void Agent::settle_removed_recvs(PeerState& peer) {
 void Agent::check_deadlines() {
   const auto now = Clock::now();
   bool watching = !active_sends_.empty();  // something whose deadline or end must be seen within kLiveCheck
+  bool receiving = false;
   for (auto& send : active_sends_) {
     if (send->state() == TransferState::Pending && now >= send->deadline) {
       fail_send(send, ErrorKind::TransferTimeout,
@@ -1361,7 +1445,8 @@ void Agent::check_deadlines() {
     std::vector<std::pair<std::shared_ptr<RecvState>, std::string>> expired;
     {
       std::lock_guard<std::mutex> lock(p->mu);
-      watching |= !p->live_recvs.empty() || !p->slot_waiters.empty() || !p->cancelled_recvs.empty();
+      receiving |= !p->live_recvs.empty();
+      watching |= receiving || !p->slot_waiters.empty() || !p->cancelled_recvs.empty();
       for (auto it = p->live_recvs.begin(); it != p->live_recvs.end();) {
         if (now >= it->second->deadline) {
           auto s = p->slot_of_xfer.find(it->first);
@@ -1382,6 +1467,7 @@ void Agent::check_deadlines() {
                   std::to_string(r->layers_done()) + "/" + std::to_string(r->num_layers) + " layers complete; " +
                   arrival + ")");
   }
+  expecting_data_.store(receiving || recv_added_.exchange(false), std::memory_order_relaxed);
   auto next = now + (watching ? kLiveCheck : std::chrono::milliseconds(kIdleCheckMs));
   if (options_.peer_timeout_s > 0) next = std::min(next, next_heartbeat_);  // the next PINGs go out on time
   next_deadline_check_ = next;
@@ -1528,7 +1614,8 @@ std::string Agent::describe_progress(const SendState& send) {
   for (uint32_t i = 0; i < send.num_layers; ++i) marked += send.marked[i].load(std::memory_order_relaxed);
   return std::to_string(marked) + "/" + std::to_string(send.num_layers) + " layers marked, " +
          std::to_string(send.layers_posted) + "/" + std::to_string(send.num_layers) + " posted, " +
-         std::to_string(send.ops_completed) + "/" + std::to_string(send.ops_expected) + " writes complete";
+         std::to_string(send.ops_completed - send.rail_signals_completed) + "/" +
+         std::to_string(send.ops_expected - send.rail_signals) + " writes complete";
 }
 
 // What a recv that timed out got, so a log line tells a sender that never started from one whose last layer never

@@ -4,6 +4,7 @@
 // never block. The progress thread is the only writer of counts; fail() may also be called by the caller's thread
 // (a refused transfer), so finishing is guarded by a compare-exchange.
 #pragma once
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -155,6 +156,11 @@ class SendState : public TransferBase {
   uint64_t ops_posted = 0, ops_completed = 0, ops_expected = 0;
   uint64_t granules_posted = 0;  // sum of the immediates' granules posted so far (an ABORT reports it)
   uint64_t bytes_in_flight = 0;  // fabric path: bytes posted and not yet completed here
+  // Fabric path on ordered rails: granules of layer `unsignalled_layer` written on each rail since its last
+  // immediate. The layer counts as posted, and an ABORT goes out, only once they are all signalled (zero).
+  std::array<uint32_t, 16> unsignalled{};
+  uint32_t unsignalled_layer = 0;
+  uint64_t rail_signals = 0, rail_signals_completed = 0;  // those zero-byte writes, within ops_posted / ops_completed
   uint32_t staging_held = 0;     // staged path: bounce slots holding this send's batches (copied in, not written out)
   uint64_t copy_in_turn = 0, copied_in = 0;  // staged from host memory: bytes memcpy'd into slots in that turn
   uint32_t layers_posted = 0;

@@ -37,6 +37,10 @@ inline bool idle_wait_fd_wanted() { return env_is_first("KVXFER_IDLE_WAIT", "fd"
 // one key for all.
 inline bool own_peer_keys_wanted() { return env_is_first("KVXFER_PEER_KEYS", "own", "shared"); }
 
+// KVXFER_IMM: "coalesced" (default) lets one immediate count every write before it on an ordered rail
+// (Capabilities::ordered_writes), "each" puts one on every write (for measuring what coalescing saves).
+inline bool coalesced_imms_wanted() { return env_is_first("KVXFER_IMM", "coalesced", "each"); }
+
 using PeerAddr = uint64_t;  // transport-local handle of a peer (fi_addr_t for libfabric)
 constexpr PeerAddr kUnknownPeer = ~0ull;
 
@@ -64,6 +68,10 @@ struct Capabilities {
   // choose (tcp, shm), and UCX where every write is a data AM (it checks their keys itself); providers that choose
   // keys themselves (efa, verbs) and UCX with puts share one key among all peers.
   bool fences_peers = false;
+  // On each rail, a write's immediate is reported to the peer only after the data of every write posted before it
+  // on that rail landed (the provider orders writes: FI_ORDER_RMA_WAW with no size limit). One zero-byte write with
+  // immediate may then count every write before it (post_plain_writev), as with RC's "imm on the last write".
+  bool ordered_writes = false;
 };
 
 struct RailStats {
@@ -115,6 +123,11 @@ class Transport {
   // A gathered write: n pieces, one completion, one immediate (fi_writemsg with FI_REMOTE_CQ_DATA).
   virtual int post_writev(const WriteIov* iov, size_t n, uint32_t imm, PeerAddr peer, void* context,
                           uint32_t rail = 0) = 0;
+  // A gathered write that carries no immediate: the peer learns of it from a later write's immediate on the same
+  // rail (capabilities().ordered_writes). 0, -EAGAIN, or throws TransferFailed.
+  virtual int post_plain_writev(const WriteIov* iov, size_t n, PeerAddr peer, void* context, uint32_t rail = 0) {
+    KVXFER_THROW(InvalidArgument, "this transport does not order writes (capabilities().ordered_writes is false)");
+  }
   virtual int post_message(const void* msg, size_t nbytes, PeerAddr peer, void* context, uint32_t rail = 0) = 0;
   // Fills up to max events from every rail; never blocks. RemoteData sources are insert_peer handles.
   virtual size_t poll(Event* events, size_t max) = 0;

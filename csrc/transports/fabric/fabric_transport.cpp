@@ -24,6 +24,7 @@ constexpr size_t kRecvBuffers = 64;  // per rail
 constexpr size_t kSendBuffers = 64;
 constexpr size_t kCqSize = 4096;
 constexpr uint32_t kMaxRails = 16;
+constexpr uint64_t kMaxWriteBytes = 8ull << 20;
 
 struct MsgBuffer {
   alignas(16) uint8_t context[Transport::kContextBytes];  // fi_context2 while posted
@@ -45,6 +46,16 @@ struct Rail {
 // peer released mid-message can crash; for measuring what the split costs).
 bool split_immediates_wanted() { return env_is_first("KVXFER_TCP_IMM", "split", "inline"); }
 
+// The endpoint (opened with this info, so with its ordering) reports a write's immediate only after the writes
+// posted before it landed: tcp (one byte stream per connection, read in order) and verbs' RC queue pairs say so;
+// shm does not (its tx msg_order is FI_ORDER_SAS only, its max_order_waw_size 0). efa is left out whatever it
+// reports: SRD delivers out of order, and immediates on efa have lost counts under batching (nixl#1862).
+bool orders_writes(const fi_info* info, uint64_t max_write_bytes) {
+  if (std::strncmp(info->fabric_attr->prov_name, "efa", 3) == 0) return false;
+  const uint64_t order = info->tx_attr->msg_order;
+  return (order & (FI_ORDER_RMA_WAW | FI_ORDER_WAW)) != 0 && info->ep_attr->max_order_waw_size >= max_write_bytes;
+}
+
 class FabricTransport final : public Transport {
  public:
   FabricTransport(fi_info* info, const std::string& kvxfer_name, uint32_t rails) : info_(info) {
@@ -58,13 +69,14 @@ class FabricTransport final : public Transport {
     prov_key_ = (mr_mode & FI_MR_PROV_KEY) != 0;
     // Keys we choose can be one per peer, derived on both sides (peer_key): no key exchange on connect.
     caps_.fences_peers = !prov_key_ && own_peer_keys_wanted();
-    caps_.max_write_bytes = std::min<uint64_t>(info_->ep_attr->max_msg_size, 8ull << 20);
+    caps_.max_write_bytes = std::min<uint64_t>(info_->ep_attr->max_msg_size, kMaxWriteBytes);
     caps_.max_inflight = std::max<size_t>(16, std::min<size_t>(info_->tx_attr->size, 1024)) * rails;
     caps_.num_rails = rails;
     caps_.hmem = (info_->caps & FI_HMEM) != 0;
     inject_size_ = info_->tx_attr->inject_size;
     if (caps_.provider.rfind("tcp", 0) == 0 && split_immediates_wanted())
       split_ = std::make_unique<SplitWrites>(caps_.max_inflight + 64);
+    caps_.ordered_writes = orders_writes(info_, caps_.max_write_bytes);
     caps_.max_iov = std::max<size_t>(1, std::min<size_t>({static_cast<size_t>(info_->tx_attr->iov_limit), static_cast<size_t>(info_->tx_attr->rma_iov_limit), size_t{16}}));
     const auto& prov = caps_.provider;
     KVXFER_FI_CALL(TransportUnavailable, fi_fabric(info_->fabric_attr, &fabric_, nullptr), prov);
@@ -210,6 +222,15 @@ class FabricTransport final : public Transport {
   int post_writev(const WriteIov* w, size_t n, uint32_t imm, PeerAddr peer, void* context, uint32_t rail) override {
     if (split_) return post_split(w, n, imm, peer, context, rail);
     const ssize_t rc = write_pieces(w, n, peer, rail, context, FI_REMOTE_CQ_DATA, imm);
+    if (rc == -FI_EAGAIN) return -EAGAIN;
+    check_posted(rc, n);
+    rails_[rail].writes.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+  }
+
+  int post_plain_writev(const WriteIov* w, size_t n, PeerAddr peer, void* context, uint32_t rail) override {
+    KVXFER_ASSERT(caps_.ordered_writes);
+    const ssize_t rc = write_pieces(w, n, peer, rail, context, 0, 0);
     if (rc == -FI_EAGAIN) return -EAGAIN;
     check_posted(rc, n);
     rails_[rail].writes.fetch_add(1, std::memory_order_relaxed);
@@ -580,7 +601,9 @@ std::vector<ProviderProbe> probe_fabric_providers() {
     std::string why;
     fi_info* info = get_provider_info(p.kvxfer_name, "", &why);
     out.push_back({p.kvxfer_name, info != nullptr, info ? std::string(info->fabric_attr->prov_name) : why,
-                   info && !(info->domain_attr->mr_mode & FI_MR_PROV_KEY) && own_peer_keys_wanted()});
+                   info && !(info->domain_attr->mr_mode & FI_MR_PROV_KEY) && own_peer_keys_wanted(),
+                   info && orders_writes(info, std::min<uint64_t>(info->ep_attr->max_msg_size, kMaxWriteBytes)) &&
+                       coalesced_imms_wanted()});
     if (info) fi_freeinfo(info);
   }
   return out;
