@@ -23,14 +23,28 @@ def test_one_immediate_per_layer_counts_every_write_of_it():
     a, b, peer_b, peer_a, src, dst = local_pair(BIG, names=("coalesce-s", "coalesce-r"))
     try:
         rng = np.random.default_rng(8)
-        src_ids, dst_ids = rng.permutation(256)[:200], rng.permutation(256)[:200]
+        src_ids, dst_ids = rng.permutation(256)[:100], rng.permutation(256)[:100]  # 6.25 MiB a layer
         recv = assert_exact_transfer(a, b, peer_b, peer_a, src, dst, BIG, 1, src_ids, dst_ids)
         assert recv.layers_done == BIG.num_layers
         sent, got = a.stats(), b.stats()
-        assert sent["writes_posted"] >= 100 * BIG.num_layers  # scattered blocks: ~1 write per 4 chunks
-        assert sent["imm_writes"] == got["imms_received"] == BIG.num_layers  # one rail, < 4,096 chunks a layer
+        assert sent["writes_posted"] >= 50 * BIG.num_layers  # scattered blocks: ~1 write per 4 chunks
+        # one rail, under 4,096 chunks and under 8 MiB a layer: one immediate each
+        assert sent["imm_writes"] == got["imms_received"] == BIG.num_layers
         assert sum(r["writes"] for r in sent["rails"]) == sent["writes_posted"] + sent["imm_writes"]
         assert got["unknown_imms"] == 0 and got["slot_violations"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_rail_counts_its_writes_at_least_every_8_mib():
+    """A receiver with no recv posted (the push model) must still hear from a sender now and then: a 16 MiB layer
+    gets two immediates, at 8 MiB and at its end."""
+    a, b, peer_b, peer_a, src, dst = local_pair(BIG, names=("cap-s", "cap-r"))
+    try:
+        rng = np.random.default_rng(9)
+        assert_exact_transfer(a, b, peer_b, peer_a, src, dst, BIG, 1, rng.permutation(256), rng.permutation(256))
+        assert a.stats()["imm_writes"] == b.stats()["imms_received"] == 2 * BIG.num_layers
     finally:
         a.close()
         b.close()

@@ -413,8 +413,11 @@ class Agent {
   // A recv is live (set by recv(), recomputed by check_deadlines): on ordered rails a CQ fd that wakes us with
   // nothing to complete is then the provider reading writes that carry no immediate, not a fd stuck readable.
   std::atomic<bool> expecting_data_{false};
-  std::atomic<bool> recv_added_{false};
-  bool transport_orders_writes_ = false;  // peers' writes may come without immediates (ordered rails)  // since the last check_deadlines, which may have counted before it
+  std::atomic<bool> recv_added_{false};  // since the last check_deadlines, which may have counted before it
+  bool transport_orders_writes_ = false;  // peers' writes may come without immediates (ordered rails)
+  // Progress thread: when a BEGIN or an immediate last came. Senders that post no recv here (the push model) still
+  // announce each transfer with a BEGIN and count every 8 MiB per rail with an immediate at least.
+  Clock::time_point last_signal_{};
   std::vector<Command> commands_;
   std::atomic<bool> has_commands_{false};
 

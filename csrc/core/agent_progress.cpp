@@ -29,6 +29,10 @@ constexpr auto kSpinBeforeBlock = std::chrono::microseconds(300);
 // writes may carry no immediate (ordered rails): a layer's data then completes nothing here until its last
 // immediate, and blocking between its writes cost a wake-up per write (~6,000 per 512 MiB request over tcp).
 constexpr auto kSpinWhileLive = std::chrono::microseconds(5000);
+// A receiver counts as receiving (kSpinWhileLive) while a recv is live, or this long after a BEGIN or immediate
+// came: a sender need not be matched by a recv, and a rail's immediate follows every kBytesPerRailSignal of data.
+constexpr auto kReceivingAfterSignal = std::chrono::milliseconds(100);
+constexpr uint64_t kBytesPerRailSignal = uint64_t(8) << 20;
 // Deadlines and peer liveness are checked this often while a transfer is live (deadlines are seconds), and every
 // kIdleCheckMs otherwise: an idle agent woke 100 times a second for nothing, 2-5 ms of CPU per second each.
 constexpr auto kLiveCheck = std::chrono::milliseconds(10);
@@ -143,7 +147,8 @@ void Agent::progress_loop() {
     ++idle;
     // Writes without immediates (ordered rails) complete nothing here: while a recv is live, the provider reading
     // them is what woke us, and the next ones are near.
-    const bool receiving = transport_orders_writes_ && expecting_data_.load(std::memory_order_relaxed);
+    const bool receiving = transport_orders_writes_ && (expecting_data_.load(std::memory_order_relaxed) ||
+                                                        Clock::now() - last_signal_ < kReceivingAfterSignal);
     if (woke_on_cq_ && receiving) last_busy = Clock::now();
     if (woke_on_cq_) ++idle_cq_wakes_;
     woke_on_cq_ = false;
@@ -486,12 +491,15 @@ int Agent::post_unsignalled(SendState& send, const WriteIov* iov, size_t n, uint
     const uint32_t rail = peer.next_rail++ % peer.rails;
     KVXFER_ASSERT(rail < send.unsignalled.size());
     uint32_t& pending = send.unsignalled[rail];
-    if (pending > 0 && (send.unsignalled_layer != layer || pending + granules > ImmCode::kMaxGranules) &&
+    if (pending > 0 &&
+        (send.unsignalled_layer != layer || pending + granules > ImmCode::kMaxGranules ||
+         send.unsignalled_bytes[rail] >= kBytesPerRailSignal) &&
         !signal_rail(send, rail))
       continue;
     rc = transport_->post_plain_writev(iov, n, peer.addr, ctx, rail);
     if (rc == 0) {
       pending += granules;
+      send.unsignalled_bytes[rail] += ctx->nbytes;
       send.unsignalled_layer = layer;
     }
   }
@@ -522,6 +530,7 @@ bool Agent::signal_rail(SendState& send, uint32_t rail) {
   ++send.rail_signals;
   send.granules_posted += pending;
   pending = 0;
+  send.unsignalled_bytes[rail] = 0;
   counters_.imm_writes++;
   return true;
 }
@@ -759,6 +768,7 @@ std::shared_ptr<PeerState> Agent::peer_by_epoch(uint64_t epoch) {
 // providers (tcp, verbs) report no source for remote writes, and the first peer would be credited with all of them.
 void Agent::on_remote_data(uint32_t imm) {
   counters_.imms_received++;
+  last_signal_ = Clock::now();
   std::shared_ptr<PeerState> peer;
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
@@ -923,6 +933,7 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
 }
 
 void Agent::on_begin(PeerState& peer, const ControlMessage& m) {
+  last_signal_ = Clock::now();
   if (m.num_layers == 0 || m.first_layer + m.num_layers > ImmCode::kMaxLayers || m.granules_per_layer == 0) {
     counters_.dropped_messages++;
     return;

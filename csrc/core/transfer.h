@@ -159,6 +159,7 @@ class SendState : public TransferBase {
   // Fabric path on ordered rails: granules of layer `unsignalled_layer` written on each rail since its last
   // immediate. The layer counts as posted, and an ABORT goes out, only once they are all signalled (zero).
   std::array<uint32_t, 16> unsignalled{};
+  std::array<uint64_t, 16> unsignalled_bytes{};
   uint32_t unsignalled_layer = 0;
   uint64_t rail_signals = 0, rail_signals_completed = 0;  // those zero-byte writes, within ops_posted / ops_completed
   uint32_t staging_held = 0;     // staged path: bounce slots holding this send's batches (copied in, not written out)
