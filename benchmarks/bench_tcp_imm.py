@@ -11,8 +11,8 @@ libfabric 1.17; csrc/transports/fabric/split_writes.h) against inline (one write
 Each case runs kvxfer-bench in fresh processes, alternating the modes (which one goes first flips every pair), and
 takes the ratio to the raw TCP limit that kvxfer-bench measures in the same run:
 - reference: the 512 MiB paged llama3-8b request (32 KiB writes, 16,384 per transfer);
-- small: 1-token blocks (2 KiB chunks, gathered 4 a write: landing slots off), 64 MiB, 8,192 writes per
-  transfer: the worst case, where an immediate per write is one more message (or completion) per 8 KiB;
+- small: 1-token blocks (2 KiB chunks, 32,768 per transfer, gathered 4 a write: landing slots off), 64 MiB: the
+  worst case, where an immediate per write is one more message (or completion) per 8 KiB;
 - small-landing: the same with landing slots on (the default for chunks under 32 KiB on tcp): chunks packed into
   slot-sized writes.
 """
