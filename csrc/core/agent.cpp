@@ -147,7 +147,6 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   transport_ = open_transport(options_);
   const auto& caps = transport_->capabilities();
   coalesce_imms_ = caps.ordered_writes && coalesced_imms_wanted();
-  transport_orders_writes_ = caps.ordered_writes;
   info_.name = options_.name;
   info_.epoch = random_u64();
   info_.pid = static_cast<uint32_t>(getpid());
@@ -1165,8 +1164,6 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
     peer->waiting_recvs[xfer_id] = recv;
   }
   peer->live_recvs[xfer_id] = recv;
-  recv_added_.store(true, std::memory_order_relaxed);
-  expecting_data_.store(true, std::memory_order_relaxed);
   return recv;
 }
 

@@ -410,14 +410,6 @@ class Agent {
   std::atomic<bool> goodbye_sent_{false};   // ... and all left it (handed to the transport or a doorbell ring)
   bool woke_on_cq_ = false;         // the last blocking wait ended because a CQ fd was readable
   uint32_t idle_cq_wakes_ = 0;      // such wakes in a row after which the loop found nothing to do
-  // A recv is live (set by recv(), recomputed by check_deadlines): on ordered rails a CQ fd that wakes us with
-  // nothing to complete is then the provider reading writes that carry no immediate, not a fd stuck readable.
-  std::atomic<bool> expecting_data_{false};
-  std::atomic<bool> recv_added_{false};  // since the last check_deadlines, which may have counted before it
-  bool transport_orders_writes_ = false;  // peers' writes may come without immediates (ordered rails)
-  // Progress thread: when a BEGIN or an immediate last came. Senders that post no recv here (the push model) still
-  // announce each transfer with a BEGIN and count every 8 MiB per rail with an immediate at least.
-  Clock::time_point last_signal_{};
   std::vector<Command> commands_;
   std::atomic<bool> has_commands_{false};
 

@@ -25,14 +25,15 @@ constexpr auto kSpinBeforeBlock = std::chrono::microseconds(300);
 // ... and this long while one of its sends still waits for layers to be marked (a forward in progress): waking it
 // from the block costs the marking thread, whose write to the wake fd hands its CPU to the progress thread. Layer
 // by layer behind a forward of 5 ms a layer on one host (kvxfer-compare --over host --layer-ms 5) that delayed the
-// forward by 18-36 ms over 32 layers; polling instead, 4-5 ms. Also while a recv is live on a transport whose
-// writes may carry no immediate (ordered rails): a layer's data then completes nothing here until its last
-// immediate, and blocking between its writes cost a wake-up per write (~6,000 per 512 MiB request over tcp).
-constexpr auto kSpinWhileLive = std::chrono::microseconds(5000);
-// A receiver counts as receiving (kSpinWhileLive) while a recv is live, or this long after a BEGIN or immediate
-// came: a sender need not be matched by a recv, and a rail's immediate follows every kBytesPerRailSignal of data.
-constexpr auto kReceivingAfterSignal = std::chrono::milliseconds(100);
-constexpr uint64_t kBytesPerRailSignal = uint64_t(8) << 20;
+// forward by 18-36 ms over 32 layers; polling instead, 4-5 ms.
+constexpr auto kSpinWhileMarking = std::chrono::microseconds(5000);
+// On ordered rails a rail's writes are counted by an immediate at least this often (besides a layer's end): the
+// receiver's progress thread learns of data only through completions, and one that found none for a while blocked
+// between writes (a wake-up per write) and, after 16 such wakes, took its CQ fd for stuck and slept 1 ms at a time
+// (kvxfer-bench's p50 190 ms instead of 150, an immediate per layer). Keeping it polling while data flowed took the CPU
+// an engine's own model needed (kvxfer-demo --quick, KV exposed 1.2-1.7% -> 3-4.7%). At 1 MiB (8 writes of 128 KiB)
+// it keeps its completions, at 1/32 of one per write.
+constexpr uint64_t kBytesPerRailSignal = uint64_t(1) << 20;
 // Deadlines and peer liveness are checked this often while a transfer is live (deadlines are seconds), and every
 // kIdleCheckMs otherwise: an idle agent woke 100 times a second for nothing, 2-5 ms of CPU per second each.
 constexpr auto kLiveCheck = std::chrono::milliseconds(10);
@@ -145,11 +146,6 @@ void Agent::progress_loop() {
       continue;
     }
     ++idle;
-    // Writes without immediates (ordered rails) complete nothing here: while a recv is live, the provider reading
-    // them is what woke us, and the next ones are near.
-    const bool receiving = transport_orders_writes_ && (expecting_data_.load(std::memory_order_relaxed) ||
-                                                        Clock::now() - last_signal_ < kReceivingAfterSignal);
-    if (woke_on_cq_ && receiving) last_busy = Clock::now();
     if (woke_on_cq_) ++idle_cq_wakes_;
     woke_on_cq_ = false;
     // With a CQ wait fd, an agent with nothing to post blocks until a completion, a message or a command: an idle
@@ -157,9 +153,8 @@ void Agent::progress_loop() {
     // Held messages (every one left in the outbox after flush_control) only need a retry now and then.
     if (!cq_fds_.empty() && may_block()) {
       const auto idle_for = Clock::now() - last_busy;
-      if (idle_for >= (receiving || awaiting_layers() ? kSpinWhileLive : kSpinBeforeBlock))
-        block_until_event(!outbox_.empty(),
-                          idle_cq_wakes_ >= kMaxIdleCqWakes && idle_for >= kIdleCqWakesFor && !receiving);
+      if (idle_for >= (awaiting_layers() ? kSpinWhileMarking : kSpinBeforeBlock))
+        block_until_event(!outbox_.empty(), idle_cq_wakes_ >= kMaxIdleCqWakes && idle_for >= kIdleCqWakesFor);
       else
         sched_yield();
       continue;
@@ -768,7 +763,6 @@ std::shared_ptr<PeerState> Agent::peer_by_epoch(uint64_t epoch) {
 // providers (tcp, verbs) report no source for remote writes, and the first peer would be credited with all of them.
 void Agent::on_remote_data(uint32_t imm) {
   counters_.imms_received++;
-  last_signal_ = Clock::now();
   std::shared_ptr<PeerState> peer;
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
@@ -933,7 +927,6 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
 }
 
 void Agent::on_begin(PeerState& peer, const ControlMessage& m) {
-  last_signal_ = Clock::now();
   if (m.num_layers == 0 || m.first_layer + m.num_layers > ImmCode::kMaxLayers || m.granules_per_layer == 0) {
     counters_.dropped_messages++;
     return;
@@ -1422,7 +1415,6 @@ void Agent::settle_removed_recvs(PeerState& peer) {
 void Agent::check_deadlines() {
   const auto now = Clock::now();
   bool watching = !active_sends_.empty();  // something whose deadline or end must be seen within kLiveCheck
-  bool receiving = false;
   for (auto& send : active_sends_) {
     if (send->state() == TransferState::Pending && now >= send->deadline) {
       fail_send(send, ErrorKind::TransferTimeout,
@@ -1456,8 +1448,7 @@ void Agent::check_deadlines() {
     std::vector<std::pair<std::shared_ptr<RecvState>, std::string>> expired;
     {
       std::lock_guard<std::mutex> lock(p->mu);
-      receiving |= !p->live_recvs.empty();
-      watching |= receiving || !p->slot_waiters.empty() || !p->cancelled_recvs.empty();
+      watching |= !p->live_recvs.empty() || !p->slot_waiters.empty() || !p->cancelled_recvs.empty();
       for (auto it = p->live_recvs.begin(); it != p->live_recvs.end();) {
         if (now >= it->second->deadline) {
           auto s = p->slot_of_xfer.find(it->first);
@@ -1478,7 +1469,6 @@ void Agent::check_deadlines() {
                   std::to_string(r->layers_done()) + "/" + std::to_string(r->num_layers) + " layers complete; " +
                   arrival + ")");
   }
-  expecting_data_.store(receiving || recv_added_.exchange(false), std::memory_order_relaxed);
   auto next = now + (watching ? kLiveCheck : std::chrono::milliseconds(kIdleCheckMs));
   if (options_.peer_timeout_s > 0) next = std::min(next, next_heartbeat_);  // the next PINGs go out on time
   next_deadline_check_ = next;
