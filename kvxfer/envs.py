@@ -35,9 +35,9 @@ ENV_VARS = {
                                       "mid-write does); inline = one write with immediate, to measure the split's "
                                       "cost (read by the C++ core)"),
     "KVXFER_IMM": ("str", "coalesced", "libfabric providers that order writes (tcp, verbs): coalesced = data writes "
-                                       "carry no immediate and one zero-byte write after a layer's writes on each "
-                                       "rail counts them all; each = an immediate on every write (read by the C++ "
-                                       "core)"),
+                                       "carry no immediate and a zero-byte write after each MiB of a rail's writes "
+                                       "and after a layer's last counts them; each = an immediate on every write "
+                                       "(read by the C++ core)"),
     "KVXFER_UCX_WRITES": ("str", "auto", "ucx writes: auto = kvxfer's own active messages to peers UCX has no RMA lane "
                           "to (its tcp: emulated puts abort UCX 1.13 when the writer dies), puts otherwise; am | put "
                           "force one"),

@@ -123,8 +123,8 @@ def collect() -> dict:
                            + (" (KVXFER_PEER_KEYS=shared)" if envs.get("KVXFER_PEER_KEYS") == "shared" else
                               " (the provider chooses keys)"))
             if usable and coalesced:
-                detail += ("; writes go without immediates and one zero-byte write after a layer's writes on each "
-                           "rail counts them all (the provider orders writes; KVXFER_IMM=coalesced)")
+                detail += ("; writes go without immediates and a zero-byte write after each MiB of a rail's writes "
+                           "and after a layer's last counts them (the provider orders writes; KVXFER_IMM=coalesced)")
             elif usable and name == "tcp":
                 detail += ("; immediates follow their data in a zero-byte write, so a peer cut off mid-write can be "
                            "released safely (KVXFER_TCP_IMM=split)" if envs.get("KVXFER_TCP_IMM") != "inline" else

@@ -1,7 +1,8 @@
-"""On providers that order writes (libfabric tcp; verbs' RC), data writes carry no immediate: after a layer's writes
-on a rail, one zero-byte write with immediate counts them all (csrc/core/agent_progress.cpp, post_unsignalled and
-signal_rail). The receiver sees it only once the data before it landed, so the counter contract is unchanged, with
-one immediate per layer and rail instead of one per write. KVXFER_IMM=each puts one on every write again.
+"""On providers that order writes (libfabric tcp; verbs' RC), data writes carry no immediate: after each MiB of a
+rail's writes and after a layer's last write on it, one zero-byte write with immediate counts them all
+(csrc/core/agent_progress.cpp, post_unsignalled and signal_rail). The receiver sees it only once the data before it
+landed, so the counter contract is unchanged, with an immediate per MiB and rail instead of one per write.
+KVXFER_IMM=each puts one on every write again.
 """
 import time
 
@@ -153,6 +154,6 @@ def test_a_bad_mode_is_refused_by_name(monkeypatch):
 
 def test_info_says_how_immediates_travel():
     tcp = info_line("tcp")
-    assert "one zero-byte write after a layer's writes on each rail counts them all" in tcp, tcp
+    assert "a zero-byte write after each MiB of a rail's writes and after a layer's last counts them" in tcp, tcp
     assert "an immediate on every write (KVXFER_IMM=each)" in info_line("tcp", KVXFER_IMM="each")
     assert "an immediate on every write (the provider does not order writes)" in info_line("fi_shm")

@@ -419,8 +419,8 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
         const uint32_t begin = send.plan.layer_begin(cur.layer_index), end = send.plan.layer_begin(cur.layer_index + 1);
         const uint32_t layer = send.plan.first_layer + cur.layer_index;
         // Gather up to max_iov consecutive chunks-runs into one write whose immediate carries their granule sum
-        // (on ordered rails the write goes without one, and the layer's last write on each rail is followed by a
-        // zero-byte write whose immediate counts them all).
+        // (on ordered rails the write goes without one, and each MiB of a rail's writes and the layer's last write
+        // on it are followed by a zero-byte write whose immediate counts them).
         const size_t max_iov = transport_->capabilities().max_iov;
         while (begin + cur.next < end && budget > 0 && send.bytes_in_flight < kBytesInFlightPerSend * peer.rails) {
           uint32_t granules;
