@@ -249,13 +249,13 @@ class Agent {
   void submit_cma_layers(SendState& send, CmaWorkers& workers);
   bool post_signals(SendState& send, SendState::Cursor& cur, uint32_t done_before, size_t& budget);
   bool post_signal(SendState& send, uint32_t imm);  // one zero-byte signal: doorbell or fabric; false = no room
+  bool write_signal(SendState& send, uint32_t imm, uint32_t rail, bool counts_rail);  // the fabric's: the signal pad
   int post_on_rails(PeerState& peer, const WriteIov* iov, size_t n, uint32_t imm, OpContext* ctx);
   // Ordered rails (coalesce_imms_): data writes without immediates, then one zero-byte write per rail counting them.
   int post_unsignalled(SendState& send, const WriteIov* iov, size_t n, uint32_t layer, uint32_t granules,
                        OpContext* ctx);
   bool signal_rail(SendState& send, uint32_t rail);  // false: the provider's queue is full, try again later
   bool signal_rails(SendState& send);                // every rail's uncounted writes; false: some are left
-  bool signal_rails_before_abort(SendState& send);   // the same, a failure to post taken as "not yet"
   bool poll_doorbell();
   void on_doorbell_items(uint32_t window, const DoorbellItem* items, size_t n);
   void open_doorbell(PeerState& peer);  // add_peer: map a same-host peer's rings, or say why not
@@ -311,6 +311,7 @@ class Agent {
   void check_slot(PeerState& peer, uint32_t slot);  // called with peer.mu held
   void fail_send(const std::shared_ptr<SendState>& send, ErrorKind kind, const std::string& why);
   bool copies_landed(const SendState& send);  // no copy of ours still writes into the peer's memory for `send`
+  bool abort_may_go(SendState& send);         // ... and its writes on ordered rails are counted (posts them)
   bool flush_deferred_aborts();
   void drain_locally(const std::shared_ptr<SendState>& send);  // a failed send to a lost peer: see settle_draining
   bool settle_draining();  // progress thread: writes_over for those whose writes and copies all completed here

@@ -507,23 +507,10 @@ int Agent::post_unsignalled(SendState& send, const WriteIov* iov, size_t n, uint
 bool Agent::signal_rail(SendState& send, uint32_t rail) {
   uint32_t& pending = send.unsignalled[rail];
   if (pending == 0) return true;
-  OpContext* ctx = take_context();
-  if (!ctx) return false;
-  ctx->send = &send;
-  ctx->counts_rail = true;
-  PeerState& peer = *send.peer;
-  const int rc = transport_->post_write(nullptr, 0, nullptr, ImmCode::encode(send.slot, send.unsignalled_layer, pending),
-                                        peer.addr, peer.info.remote_virt_addr ? peer.info.signal_addr : 0,
-                                        peer.info.signal_rkey, ctx, rail);
-  if (rc == -EAGAIN) {
-    return_context(ctx);
-    counters_.eagain++;
-    return false;
-  }
+  if (!write_signal(send, ImmCode::encode(send.slot, send.unsignalled_layer, pending), rail, true)) return false;
   ++send.ops_posted;
   ++send.ops_expected;  // the plan counted the data writes; how many immediates follow them is known only now
   ++send.rail_signals;
-  send.granules_posted += pending;
   pending = 0;
   send.unsignalled_bytes[rail] = 0;
   counters_.imm_writes++;
@@ -536,9 +523,12 @@ bool Agent::signal_rails(SendState& send) {
   return all;
 }
 
-// A failed send's ABORT names the granules the receiver must count before it may reuse the blocks, so the writes
-// already posted must be counted first: otherwise their data could land after the blocks were handed out again.
-bool Agent::signal_rails_before_abort(SendState& send) {
+// A failed send's ABORT names the granules the receiver must count before it may reuse the blocks, so it waits
+// until no copy of ours still writes into the peer for it and, on ordered rails, until the writes already posted
+// are counted: otherwise their data could land after the blocks were handed out again. A lost peer takes no more.
+bool Agent::abort_may_go(SendState& send) {
+  if (!copies_landed(send)) return false;
+  if (send.peer->lost) return true;
   try {
     return signal_rails(send);
   } catch (const Error&) {
@@ -652,11 +642,20 @@ bool Agent::post_signal(SendState& send, uint32_t imm) {
     ++send.ops_completed;
     return true;
   }
+  return write_signal(send, imm, 0, false);
+}
+
+// A zero-byte write with immediate to the peer's signal pad on `rail`; its granules count as posted. False: no
+// context or the provider's queue is full (try again later).
+bool Agent::write_signal(SendState& send, uint32_t imm, uint32_t rail, bool counts_rail) {
   OpContext* ctx = take_context();
+  if (!ctx) return false;
   ctx->send = &send;
+  ctx->counts_rail = counts_rail;
+  const PeerState& peer = *send.peer;
   const int rc = transport_->post_write(nullptr, 0, nullptr, imm, peer.addr,
                                         peer.info.remote_virt_addr ? peer.info.signal_addr : 0, peer.info.signal_rkey,
-                                        ctx);
+                                        ctx, rail);
   if (rc == -EAGAIN) {
     return_context(ctx);
     counters_.eagain++;
@@ -1199,7 +1198,7 @@ void Agent::fail_send(const std::shared_ptr<SendState>& owner, ErrorKind kind, c
     if (!send.released) drain_locally(owner);
     return;
   }
-  if (copies_landed(send) && signal_rails_before_abort(send)) {
+  if (abort_may_go(send)) {
     queue_abort(send);
   } else {
     // A copy into the peer is still running, or writes on an ordered rail wait for the immediate that counts them
@@ -1324,7 +1323,7 @@ bool Agent::flush_deferred_aborts() {
   size_t keep = 0;
   bool any = false;
   for (auto& s : deferred_aborts_) {
-    if (!copies_landed(*s) || (!s->peer->lost && !signal_rails_before_abort(*s))) {
+    if (!abort_may_go(*s)) {
       deferred_aborts_[keep++] = std::move(s);
       continue;
     }

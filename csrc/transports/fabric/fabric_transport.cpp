@@ -221,16 +221,18 @@ class FabricTransport final : public Transport {
 
   int post_writev(const WriteIov* w, size_t n, uint32_t imm, PeerAddr peer, void* context, uint32_t rail) override {
     if (split_) return post_split(w, n, imm, peer, context, rail);
-    const ssize_t rc = write_pieces(w, n, peer, rail, context, FI_REMOTE_CQ_DATA, imm);
-    if (rc == -FI_EAGAIN) return -EAGAIN;
-    check_posted(rc, n);
-    rails_[rail].writes.fetch_add(1, std::memory_order_relaxed);
-    return 0;
+    return post_pieces(w, n, peer, rail, context, FI_REMOTE_CQ_DATA, imm);
   }
 
   int post_plain_writev(const WriteIov* w, size_t n, PeerAddr peer, void* context, uint32_t rail) override {
     KVXFER_ASSERT(caps_.ordered_writes);
-    const ssize_t rc = write_pieces(w, n, peer, rail, context, 0, 0);
+    return post_pieces(w, n, peer, rail, context, 0, 0);
+  }
+
+  // write_pieces, counted on its rail: 0, -EAGAIN, or throws TransferFailed.
+  int post_pieces(const WriteIov* w, size_t n, PeerAddr peer, uint32_t rail, void* context, uint64_t flags,
+                  uint64_t data) {
+    const ssize_t rc = write_pieces(w, n, peer, rail, context, flags, data);
     if (rc == -FI_EAGAIN) return -EAGAIN;
     check_posted(rc, n);
     rails_[rail].writes.fetch_add(1, std::memory_order_relaxed);
