@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from kvxfer import _C, envs
+from kvxfer import _C, envs, topology
+from kvxfer import fallback as fallback_policy
 from kvxfer.errors import InvalidArgument
 from kvxfer.layout import KVLayout
 from kvxfer.memory import as_region
@@ -112,13 +113,11 @@ def _gpu_pci(gpu) -> str:
 
 
 def _nearest_domain(gpu, transport: str) -> tuple[str | None, str]:
-    from kvxfer import topology
-
     provider = transport
     if transport in ("auto", "shm", "cma"):  # the fabric auto opens: efa > verbs > tcp
         usable = {name for name, ok, *_ in _C.probe_providers() if ok} if _C.have_libfabric else set()
         provider = next((p for p in ("efa", "verbs", "tcp") if p in usable), "tcp")
-    name, why = topology.domain_for_gpu(_gpu_pci(gpu), provider)
+    name, why = topology.domain_for_gpu(_gpu_pci(gpu), provider, envs.get("KVXFER_SYSFS"))
     return name, (f"nearest the GPU: {name} for {provider}; {why}" if name else why)
 
 
@@ -139,7 +138,7 @@ class Agent:
                  staging_slot_bytes: int = 4 << 20, staging_slots: int = 16, cma_threads: int | None = None,
                  doorbell: bool | None = None, gpu=None, landing: str | None = None, landing_slots: int = 4,
                  landing_slot_bytes: int = 256 << 10, max_peers: int | None = None,
-                 peer_timeout_s: float | None = None):
+                 peer_timeout_s: float | None = None, fallback: str | None = None):
         """transport: auto | shm | cma | cuda_ipc | tcp | fi_shm | efa | verbs | ucx (see `python -m kvxfer info`).
         ucx: UCX picks the wires (UCX_TLS, UCX_NET_DEVICES; `interface` sets the latter); Peer.path_reason names
         the UCX lanes in use.
@@ -168,7 +167,11 @@ class Agent:
         lost (PeerLost naming the silence; it is told with a BYE): its host may be down or cut off, or its process
         stopped. Heartbeats go to every connected peer every peer_timeout_s / 4; a peer whose own interval is longer
         is given 4 of its intervals. 0 turns them off (peers then do not judge this agent's silence); None reads
-        KVXFER_PEER_TIMEOUT_S (default 30)."""
+        KVXFER_PEER_TIMEOUT_S (default 30).
+        fallback: "refuse" (default; None reads KVXFER_FALLBACK): when the transport was left to kvxfer and it
+        opened tcp although this host has an RDMA NIC (or ucx gives a peer no RDMA lane), add_peer() refuses a peer
+        on another host with SlowFallback naming the NICs and why RDMA did not open (kvxfer.fallback); "allow"
+        accepts TCP, logs why once per peer and keeps it in Agent.fallback_reason."""
         opts = _C.AgentOptions()
         opts.name = name or f"kvxfer-{os.getpid()}"
         transport = transport or envs.get("KVXFER_TRANSPORT")
@@ -216,7 +219,11 @@ class Agent:
             source = "peer_timeout_s" if peer_timeout_s is not None else "KVXFER_PEER_TIMEOUT_S"
             raise InvalidArgument(f"{source}={timeout}: use 0 (no heartbeat) or 0.2 to 3600 seconds")
         opts.peer_timeout_s = timeout
+        self._fallback_mode = fallback_policy.mode(fallback, envs.get("KVXFER_FALLBACK"))
+        self._rdma_nics = topology.rdma_nics(envs.get("KVXFER_SYSFS"))
         self._c = _C.Agent(opts)
+        self._asked_transport = transport
+        self.fallback_reason = fallback_policy.fabric_reason(transport, self._c.provider, self._rdma_nics)
         self._pools: dict[str, Pool] = {}
         self._peers: dict[int, Peer] = {}
 
@@ -304,8 +311,24 @@ class Agent:
         if not isinstance(metadata, (bytes, bytearray, memoryview)):
             raise InvalidArgument(f"add_peer takes the bytes from agent.metadata(), got {type(metadata).__name__}")
         peer = Peer(self._c.add_peer(bytes(metadata)))
+        self._check_fallback(peer)
         self._peers[peer.epoch] = peer
         return peer
+
+    def _check_fallback(self, peer: Peer) -> None:
+        """Refuse (or, when allowed, log) a peer on another host that the NIC would not carry (kvxfer.fallback)."""
+        if peer.same_host:
+            return
+        reason = (fallback_policy.ucx_reason(peer.path_reason, self._rdma_nics) if self.transport == "ucx"
+                  else self.fallback_reason)
+        if not reason:
+            return
+        if self._fallback_mode == "allow":
+            self.fallback_reason = reason
+            fallback_policy.allowed(self.name, peer.name, reason)
+            return
+        self._c.remove_peer(peer._h, 0.0)
+        raise fallback_policy.refusal(peer.name, reason, self.transport)
 
     def remove_peer(self, peer: Peer, drain_s: float = 0.0) -> None:
         """End everything with `peer`: its sends and recvs fail with PeerUnknown naming the removal, new ones are

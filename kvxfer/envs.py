@@ -19,6 +19,11 @@ ENV_VARS = {
                                       "4096 / max_peers transfers in flight towards it"),
     "KVXFER_PEER_TIMEOUT_S": ("float", "30", "a connected peer silent this long (no message, write or heartbeat) is "
                                              "lost; heartbeats every peer_timeout_s / 4; 0: off"),
+    "KVXFER_FALLBACK": ("str", "refuse", "refuse = a peer on another host is refused (SlowFallback) when kvxfer "
+                                         "would reach it over TCP although this host has an RDMA NIC; allow = "
+                                         "accept TCP there and log why"),
+    "KVXFER_SYSFS": ("str", "/sys", "where kvxfer reads NICs and PCIe topology (a container that mounts the host's "
+                                    "sysfs elsewhere)"),
     "KVXFER_DOORBELL": ("str", "1", "1: same-host peers signal layer completions and control messages through "
                                     "shared-memory rings; 0: through the fabric, like peers on other hosts"),
     "KVXFER_LANDING": ("str", "auto", "how peers reach this agent's pools besides direct writes: auto = landing slots "

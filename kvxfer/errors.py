@@ -70,6 +70,11 @@ class TransportUnavailable(KvxferError):
     """A transport this build or this machine cannot run; `python -m kvxfer info` says why."""
 
 
+class SlowFallback(TransportUnavailable):
+    """A peer on another host would be reached over TCP although this host has an RDMA NIC (raised by add_peer;
+    Python-side, no C++ kind). The message names the NICs, why RDMA did not open, and how to accept TCP."""
+
+
 class Internal(KvxferError):
     """A kvxfer bug. Please report it with the message."""
 

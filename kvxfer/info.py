@@ -99,14 +99,30 @@ def _topology() -> dict:
     from kvxfer import topology
 
     gpus, why = topology.gpus()
-    nics = topology.nics()
+    sysfs = envs.get("KVXFER_SYSFS")
+    nics = topology.nics(sysfs)
     rows = []
     for g in gpus:
-        near = topology.nearest_nic(g.pci, nics)
+        near = topology.nearest_nic(g.pci, nics, sysfs)
         links = {o.index: topology.link(g, o) for o in gpus if o.index != g.index}
         rows.append({"gpu": g.index, "name": g.name, "pci": g.pci, "numa": g.numa_node,
                      "nearest_nic": near.name if near else None, "links": links})
     return {"gpus": rows, "gpus_why": why, "nics": [(n.name, n.kind, n.pci, n.numa_node) for n in nics]}
+
+
+def _fallback_status(transports: dict) -> str:
+    """What transport=auto does for peers on other hosts here, given the RDMA NICs sysfs lists (kvxfer.fallback)."""
+    from kvxfer import topology
+
+    nics = topology.rdma_nics(envs.get("KVXFER_SYSFS"))
+    rdma = next((n for n in ("efa", "verbs") if transports.get(n, (False,))[0]), None)
+    listed = ", ".join(map(str, nics)) or "none"
+    if rdma or not nics:
+        return f"RDMA NICs: {listed}; peers on other hosts: {rdma or 'tcp'}"
+    mode = envs.get("KVXFER_FALLBACK")
+    return (f"RDMA NICs: {listed}, but neither efa nor verbs opens: peers on other hosts would go over tcp, so "
+            + ("add_peer refuses them (SlowFallback; KVXFER_FALLBACK=allow accepts tcp)" if mode != "allow" else
+               "they go over tcp and the agent logs why (KVXFER_FALLBACK=allow)"))
 
 
 def collect() -> dict:
@@ -149,6 +165,7 @@ def collect() -> dict:
     gpu_paths = _gpu_paths(transports)
     transports["cuda_ipc"] = gpu_paths["cuda_ipc"]
     return {"version": _C.__version__, "build": _C.build_info, "doorbell": _doorbell_status(),
+            "fallback": _fallback_status(transports),
             "libfabric": _C.fabric_version() if _C.have_libfabric else None,
             "ucx": _C.ucx_version() if _C.have_ucx else None, "transports": transports,
             "gpu_paths": gpu_paths, "topology": _topology()}
@@ -178,6 +195,7 @@ def main(argv=None) -> int:
     else:
         print(f"  topology: no GPUs listed ({topo['gpus_why'] or 'none found'})")
     print(f"  NICs with a PCI position: {', '.join(n[0] + ' (' + n[1] + ')' for n in topo['nics']) or 'none'}")
+    print(f"  {info['fallback']}")
     print("default: transport=auto -> cma for same-host peers (when usable), else the best of efa > verbs > tcp;"
           " GPU pools: cuda_ipc on one host, GPU-direct where the provider has FI_HMEM, else staged (sender) and"
           " landing slots (receiver)")

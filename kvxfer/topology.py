@@ -6,6 +6,7 @@
                               beats same NUMA node), or None
     link(a, b)             -> "nvlink" | "pcie" | "unknown" between two GPUs
     domain_for_gpu(pci, provider) -> (interface / domain name for Agent(interface=...), why)  (Agent(gpu=...))
+    rdma_nics(sysfs="/sys") -> [RdmaNic(name, driver, rate_gbps, numa_node)]  (hardware RDMA devices only)
 
 Everything here is read-only and import-safe: pynvml is imported lazily and its absence is reported, never raised.
 Used by `python -m kvxfer info` and by engines picking a provider domain per GPU.
@@ -69,6 +70,49 @@ def nics(sysfs: str = "/sys") -> list[Nic]:
             if not path:
                 continue  # virtual (lo, bridges, veth): no PCI position to be near anything
             out.append(Nic(name, kind, path[-1], _numa_node(dev), path))
+    return out
+
+
+@dataclass(frozen=True)
+class RdmaNic:
+    name: str                    # "mlx5_0", "rdmap16s27"
+    driver: str                  # "mlx5_core", "efa", ... ("" when sysfs does not say)
+    rate_gbps: float             # the fastest active port's rate, 0 when unknown
+    numa_node: int
+
+    def __str__(self) -> str:
+        what = ", ".join(x for x in (self.driver, f"{self.rate_gbps:g} Gb/s" if self.rate_gbps else "") if x)
+        return f"{self.name} ({what})" if what else self.name
+
+
+def _port_rate_gbps(ports_dir: str) -> float:
+    """The fastest port's rate from ports/N/rate ("100 Gb/sec (4X EDR)"); 0 when none says."""
+    best = 0.0
+    try:
+        ports = os.listdir(ports_dir)
+    except OSError:
+        return best
+    for port in ports:
+        try:
+            with open(os.path.join(ports_dir, port, "rate")) as f:
+                best = max(best, float(f.read().split()[0]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return best
+
+
+def rdma_nics(sysfs: str = "/sys") -> list[RdmaNic]:
+    """RDMA devices on a PCI function (/sys/class/infiniband/X/device): the NICs efa or verbs would drive. Software
+    devices (rxe, siw: no PCI position) are left out, since tcp is as fast as they are."""
+    out = []
+    for nic in nics(sysfs):
+        if nic.kind != "rdma":
+            continue
+        base = os.path.join(sysfs, "class", "infiniband", nic.name)
+        driver = os.path.basename(os.path.realpath(os.path.join(base, "device", "driver")))
+        has_driver = os.path.exists(os.path.join(base, "device", "driver"))
+        out.append(RdmaNic(nic.name, driver if has_driver else "", _port_rate_gbps(os.path.join(base, "ports")),
+                           nic.numa_node))
     return out
 
 

@@ -226,7 +226,8 @@ class KvxferConnector(KVConnectorBase_V1):
         self.agent = kvxfer.Agent(f"vllm-{os.getpid()}", transport=self._extra.get("transport"),
                                   interface=self._extra.get("interface"), timeout_s=self.timeout_s,
                                   max_peers=self._extra.get("max_peers"),  # None: KVXFER_MAX_PEERS, else 32
-                                  peer_timeout_s=self._extra.get("peer_timeout_s"))  # None: KVXFER_PEER_TIMEOUT_S
+                                  peer_timeout_s=self._extra.get("peer_timeout_s"),  # None: KVXFER_PEER_TIMEOUT_S
+                                  fallback=self._extra.get("fallback"))  # None: KVXFER_FALLBACK, else refuse
         self.agent.register_pool([kv_caches[n] for n in names], layout)
         if self._extra.get("push_port") is not None:  # TP rank r serves on push_port + r
             self.server = PushServer(self.agent, self._extra.get("push_host", "127.0.0.1"),
