@@ -6,6 +6,9 @@ import time
 import pytest
 
 os.environ.setdefault("FI_TCP_IFACE", "lo")  # libfabric's tcp provider: loopback only
+# Peers "on another host" here are other UTS namespaces over loopback, where tcp is the only wire: on a machine
+# whose sysfs lists an RDMA NIC (a GPU host) kvxfer.fallback would refuse them. tests/test_fallback.py sets refuse.
+os.environ.setdefault("KVXFER_FALLBACK", "allow")
 
 def _have_ucx():
     try:

@@ -61,7 +61,9 @@ def test_ucx_lanes_are_a_fallback_only_without_an_rdma_transport(tmp_path):
     assert fallback.ucx_reason("ucx lanes: tcp/eth0 (am)", []) == ""
 
 
-def test_a_bad_fallback_mode_is_named(monkeypatch):
+def test_refuse_is_the_default_and_a_bad_mode_is_named(monkeypatch):
+    monkeypatch.delenv("KVXFER_FALLBACK")  # conftest allows it for the rest of the suite
+    assert kvxfer.Agent(interface="lo")._fallback_mode == "refuse"
     with pytest.raises(errors.InvalidArgument, match="fallback='sometimes'.*'refuse'.*'allow'"):
         kvxfer.Agent(fallback="sometimes")
     monkeypatch.setenv("KVXFER_FALLBACK", "yes")
@@ -80,6 +82,7 @@ def _refused(transport, remote, seed):
 def test_a_peer_on_another_host_is_refused_when_tcp_would_carry_it_past_an_rdma_nic(transport, remote, tmp_path,
                                                                                    monkeypatch):
     monkeypatch.setenv("KVXFER_SYSFS", _fake_rdma_sysfs(tmp_path))
+    monkeypatch.setenv("KVXFER_FALLBACK", "refuse")  # the default (conftest allows it for the other tests)
     message = _refused(transport, remote, seed=71)
     assert "peer peer-sender is on another host and would be reached over TCP" in message
     assert "mlx5_0 (mlx5_core, 200 Gb/s)" in message
@@ -93,6 +96,7 @@ def test_a_refused_peer_is_not_kept_and_its_sends_fail_at_the_handshake(remote, 
     send fails when its deadline passes, saying so, and nothing is written here. (The refusing side is the one that
     names the cause; a BYE goes only to a peer that connected.)"""
     monkeypatch.setenv("KVXFER_SYSFS", _fake_rdma_sysfs(tmp_path))
+    monkeypatch.setenv("KVXFER_FALLBACK", "refuse")
     another_host(remote, "rdma-elsewhere")
     agent = kvxfer.Agent("test-receiver", interface="lo", timeout_s=10)
     layout = PRESETS["vllm_flash"]()
@@ -127,6 +131,7 @@ def test_fallback_allow_connects_moves_exact_bytes_and_says_why(remote, tmp_path
 @pytest.mark.parametrize("case", ["named_tcp", "same_host", "no_rdma_nic"])
 def test_no_refusal_where_tcp_is_no_fallback(case, remote, tmp_path, monkeypatch):
     """tcp named by the user, a same-host peer (cma, not the NIC), or a host without RDMA NICs: connects."""
+    monkeypatch.setenv("KVXFER_FALLBACK", "refuse")
     if case != "no_rdma_nic":
         monkeypatch.setenv("KVXFER_SYSFS", _fake_rdma_sysfs(tmp_path))
     if case != "same_host":
