@@ -174,7 +174,7 @@ def collect() -> dict:
 def main(argv=None) -> int:
     argv = list(argv or [])
     if argv and argv[0] != "info":
-        print("usage: python -m kvxfer info")
+        print("usage: python -m kvxfer info | python -m kvxfer preflight [--help]")
         return 2
     info = collect()
     print(f"kvxfer {info['version']}")
