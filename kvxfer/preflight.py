@@ -133,7 +133,7 @@ def _raw_tcp_gbps(nbytes: int) -> float:
     return nbytes / best / 1e9
 
 
-def _connected_pair(fabric: str, interface: str, rails: int, timeout_s: float):
+def _agent_pair(fabric: str, interface: str, rails: int, timeout_s: float):
     from kvxfer import Agent
 
     kw = {"transport": fabric, "interface": interface or None, "rails": rails, "timeout_s": timeout_s,
@@ -152,7 +152,7 @@ def check(fabric: str, interface: str = "", rails: int = 1, mib: int = 64, limit
     nb, c = src_layout.num_blocks, src_layout.chunk_bytes
     src_ids = rng.permutation(nb).astype(np.int32)
     dst_ids = rng.choice(2 * nb, nb, replace=False).astype(np.int32)  # the rest of dst are guard blocks
-    a, b = _connected_pair(fabric, interface, rails, timeout_s)
+    a, b = _agent_pair(fabric, interface, rails, timeout_s)
     try:
         a.register_pool(src, src_layout)
         b.register_pool(dst, dst_layout)
