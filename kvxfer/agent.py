@@ -327,7 +327,7 @@ class Agent:
             self.fallback_reason = reason
             fallback_policy.allowed(self.name, peer.name, reason)
             return
-        self._c.remove_peer(peer._h, 0.0)
+        self._c.refuse_peer(peer._h, reason)  # its BYE tells the peer, once its HELLO arrives, that it was refused
         raise fallback_policy.refusal(peer.name, reason, self.transport)
 
     def remove_peer(self, peer: Peer, drain_s: float = 0.0) -> None:

@@ -6,6 +6,7 @@ another process, "on another host" through a UTS namespace of its own (tests/pee
 on loopback."""
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -91,10 +92,11 @@ def test_a_peer_on_another_host_is_refused_when_tcp_would_carry_it_past_an_rdma_
     assert isinstance(kvxfer.errors.SlowFallback("x"), errors.TransportUnavailable)
 
 
-def test_a_refused_peer_is_not_kept_and_its_sends_fail_at_the_handshake(remote, tmp_path, monkeypatch):
-    """The refusal drops the peer it added: the other side never completes its handshake with this agent, so its
-    send fails when its deadline passes, saying so, and nothing is written here. (The refusing side is the one that
-    names the cause; a BYE goes only to a peer that connected.)"""
+@pytest.mark.parametrize("order", ["peer_added_us_first", "peer_adds_us_after"])
+def test_a_refused_peer_is_not_kept_and_its_sends_fail_naming_the_refusal(order, remote, tmp_path, monkeypatch):
+    """The refusal drops the peer it added and says BYE ("refused") once the peer's HELLO arrives, whether the peer
+    had added this agent already or does so after the refusal: its send fails at once, naming why, instead of
+    waiting out its handshake; nothing is written here."""
     monkeypatch.setenv("KVXFER_SYSFS", _fake_rdma_sysfs(tmp_path))
     monkeypatch.setenv("KVXFER_FALLBACK", "refuse")
     another_host(remote, "rdma-elsewhere")
@@ -103,13 +105,20 @@ def test_a_refused_peer_is_not_kept_and_its_sends_fail_at_the_handshake(remote, 
     dst = make_pool(layout, 6)
     before = [x.copy() for x in dst]
     agent.register_pool(dst, layout)
-    md = remote.call("init", ("tcp", "vllm_flash", 5, [], 1, {"timeout_s": 3}))
-    remote.call("add_peer", agent.metadata())
+    md = remote.call("init", ("tcp", "vllm_flash", 5, [], 1, {"timeout_s": 30}))
+    if order == "peer_added_us_first":
+        remote.call("add_peer", agent.metadata())
     with pytest.raises(errors.SlowFallback):
         agent.add_peer(md)
     assert agent._peers == {}
-    with pytest.raises(Exception, match="TransferTimeout: peer 'test-receiver' did not complete its handshake"):
+    if order == "peer_adds_us_after":
+        remote.call("add_peer", agent.metadata())
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="PeerLost: peer 'test-receiver' is lost: peer 'test-receiver' refused this "
+                                        "agent as a peer: it would reach this host over TCP"):
         remote.call("send", (1, [0], [1], None, "all"))
+        remote.call("wait", (1, 30))
+    assert time.monotonic() - t0 < 10
     for got, want in zip(dst, before):
         np.testing.assert_array_equal(got, want)
     assert agent.stats()["imms_received"] == 0

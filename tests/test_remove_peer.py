@@ -262,3 +262,29 @@ def test_ucx_keeps_the_endpoint_of_a_peer_that_never_connected():
     a.remove_peer(peer)
     time.sleep(1.5)
     assert a.stats()["peers_released"] == 0
+
+
+@pytest.mark.parametrize("transport", ["tcp", "auto", UCX])
+@pytest.mark.parametrize("where", ["same_host", "another_host"])
+def test_a_peer_removed_before_it_connected_is_told_once_it_adds_this_agent(transport, where, remote):
+    """remove_peer right after add_peer, before the peer has added this agent: the BYE waits for the peer's HELLO
+    (a few seconds at most), so the peer's send fails at once naming the removal instead of waiting out its
+    handshake (it did before 2026-12-02)."""
+    if transport == "auto" and where == "another_host":
+        pytest.skip("auto reaches another host over tcp: the tcp case")
+    if where == "another_host":
+        another_host(remote, "rm-elsewhere")
+    agent = kvxfer.Agent("test-receiver", transport=transport, interface="lo", timeout_s=10)
+    layout = PRESETS["vllm_flash"]()
+    agent.register_pool(make_pool(layout, 3), layout)
+    md = remote.call("init", (transport, "vllm_flash", 4, [], 1, {"timeout_s": 30}))
+    peer = agent.add_peer(md)
+    agent.remove_peer(peer)
+    assert peer.lost and not peer.connected
+    remote.call("add_peer", agent.metadata())
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError, match="PeerLost: peer 'test-receiver' is lost: peer 'test-receiver' removed this "
+                                          "agent"):
+        remote.call("send", (1, [0], [1], None, "all"))
+        remote.call("wait", (1, 30))
+    assert time.monotonic() - t0 < 10

@@ -146,6 +146,8 @@ void register_agent(py::module_& m) {
       })
       .def("remove_peer", &Agent::remove_peer, py::arg("peer"), py::arg("drain_s") = 0.0,
            py::call_guard<py::gil_scoped_release>())
+      .def("refuse_peer", &Agent::refuse_peer, py::arg("peer"), py::arg("why"),
+           py::call_guard<py::gil_scoped_release>())
       .def("wait_connected", &Agent::wait_connected, py::call_guard<py::gil_scoped_release>())
       .def("send",
            [](Agent& a, const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t src_pool,

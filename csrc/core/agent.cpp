@@ -835,6 +835,11 @@ void Agent::remove_peer(const std::shared_ptr<PeerState>& peer, double drain_s) 
   end_live_peer(peer, ErrorKind::PeerUnknown, why);
 }
 
+void Agent::refuse_peer(const std::shared_ptr<PeerState>& peer, const std::string& why) {
+  if (peer->lost) return;
+  end_live_peer(peer, ErrorKind::PeerUnknown, "peer '" + peer->info.name + "' was refused: " + why, kByeRefused);
+}
+
 // Ends every transfer with a live peer through the peer itself (CANCEL for our recvs, ABORT for our sends), whose
 // answers say when nothing more can land: unlike the BYE, this settles writes_over for a peer on another host.
 void Agent::drain_peer(const std::shared_ptr<PeerState>& peer, double drain_s, const std::string& why) {

@@ -122,6 +122,10 @@ class Agent {
   // the GIL) until their writes are over, so the ended transfers' blocks are known free even for a live peer on
   // another host; then the BYE.
   void remove_peer(const std::shared_ptr<PeerState>& peer, double drain_s = 0.0);
+  // Ends a peer just added that this agent will not talk to (`why` says why, here): like remove_peer, but its BYE
+  // says "refused", and it waits for the peer's HELLO (a few seconds at most) when the peer has not added us yet,
+  // so the peer's transfers with us fail naming the refusal instead of waiting out its handshake.
+  void refuse_peer(const std::shared_ptr<PeerState>& peer, const std::string& why);
   // Blocks (without the GIL) until the peer's HELLO arrived; throws TransferTimeout.
   void wait_connected(const std::shared_ptr<PeerState>& peer, double timeout_s);
 

@@ -62,6 +62,10 @@ constexpr auto kReleaseLostPeerAfter = std::chrono::seconds(1);  // release_lost
 // never complete. Past this it is released anyway: its connection closes, which completes those writes with errors
 // (so our failed sends' writes_over turns True), and with per-peer keys its keys close and its ended recvs settle.
 constexpr auto kFarewellGivesUpAfter = std::chrono::seconds(5);
+bool farewell_given_up(PeerState& peer) {
+  std::lock_guard<std::mutex> lock(peer.mu);
+  return Clock::now() - peer.lost_at >= kFarewellGivesUpAfter;
+}
 // A BYE that ends a peer waits at most this long for the ABORTs deferred behind copies still running into it (the
 // destructor gives its BYEs 250 ms in all); past it the BYE goes without kByeTotalsSent.
 constexpr auto kByeWaitsForAborts = std::chrono::milliseconds(150);
@@ -89,6 +93,9 @@ std::string ended_because(ByeReason reason) {
       return "' heard nothing from this agent for its peer_timeout_s and ended transfers with it (was this process "
              "stopped or starved of CPU, or the network between cut?)";
     case kByeAnswer: return "' ended its transfers with this agent in answer to this agent ending it";
+    case kByeRefused:
+      return "' refused this agent as a peer: it would reach this host over TCP although it has an RDMA NIC "
+             "(SlowFallback there: fix its RDMA provider, or accept TCP with KVXFER_FALLBACK=allow on it)";
     default:
       return "' removed this agent (its remove_peer, or it met a newer agent under this name); transfers with it ended";
   }
@@ -316,11 +323,12 @@ bool Agent::flush_control() {
   std::vector<const PeerState*> held;  // peers with a message kept back: their later ones wait too (order)
   for (size_t i = 0; i < outbox_.size(); ++i) {
     auto& [peer, msg] = outbox_[i];
-    // A lost peer gets nothing more, except the BYE that says we ended it (if it ever connected) and, when we ended
-    // it ourselves, the ABORTs with our totals before that BYE.
+    // A lost peer gets nothing more, except the BYE that says we ended it and, when we ended it ourselves, the
+    // ABORTs with our totals before that BYE. Those wait for a peer that has not connected yet (ended right after
+    // it was added: its HELLO takes its link even now, see on_message), for kFarewellGivesUpAfter at most.
     const bool farewell = msg.type == static_cast<uint8_t>(ControlType::Bye) ||
                           (peer->farewell && msg.type == static_cast<uint8_t>(ControlType::Abort));
-    if (peer->lost && (!farewell || !peer->connected)) continue;
+    if (peer->lost && (!farewell || (!peer->connected && farewell_given_up(*peer)))) continue;
     const bool hello = msg.type == static_cast<uint8_t>(ControlType::Hello);
     msg.link = hello ? peer->link : peer->peer_link;
     if ((!hello && !peer->connected) || std::find(held.begin(), held.end(), peer.get()) != held.end()) {
@@ -879,6 +887,16 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
     // A peer we lost that adds us again (a new link number) comes before we add it again: its HELLO waits for that
     // add like one from a peer never seen; a late HELLO of the lost association (its number) is dropped.
     const bool again = it != peers_by_epoch_.end() && it->second->lost;
+    // A peer we ended before it ever connected (refused, or removed at once) still gets our BYE (flush_control):
+    // its HELLO gives the link to address it with. (That association is over: the HELLO connects nothing else.)
+    if (again && it->second->farewell && !it->second->connected && m.link != 0 &&
+        (it->second->peer_link == 0 || it->second->peer_link == m.link)) {
+      PeerState& ended = *it->second;
+      ended.peer_link = m.link;
+      ended.hello_rails |= 1u << m.first_layer;
+      if ((ended.hello_rails & ((1u << ended.rails) - 1)) == (1u << ended.rails) - 1) ended.connected = true;
+      return;
+    }
     if (again && (m.link == 0 || m.link == it->second->peer_link)) {
       counters_.dropped_messages++;
       return;

@@ -41,7 +41,9 @@ enum class ControlType : uint16_t {
 // BYE carries why in its xfer_id field (peers that predate this read any BYE as a removal). kByeAnswer: the BYE
 // of an agent that was itself ended by a BYE (removed, silent), answering with the totals of its own sends so the
 // agent that ended it can settle its recvs from it too; that agent reads it although the peer is lost to it.
-enum ByeReason : uint64_t { kByeRemoved = 0, kByeClosed = 1, kByeSilent = 2, kByeAnswer = 3 };
+// kByeRefused: the sender would not take this agent as a peer (kvxfer.fallback: it would reach it over tcp past an
+// RDMA NIC); agents that predate it read it as kByeRemoved.
+enum ByeReason : uint64_t { kByeRemoved = 0, kByeClosed = 1, kByeSilent = 2, kByeAnswer = 3, kByeRefused = 4 };
 // A BYE with this in num_layers follows an ABORT (with its posted total) for every transfer of the sender's that
 // had a slot towards the receiver: the receiver can settle each ended recv by counting (peers that predate this
 // leave the field 0 and are settled as before, when their process is seen gone).
