@@ -231,6 +231,9 @@ class Agent:
     epoch = property(lambda self: self._c.epoch)
     transport = property(lambda self: self._c.transport)
     provider = property(lambda self: self._c.provider)
+    domain = property(lambda self: self._c.domain,
+                      doc='the NIC or interface the fabric opened (libfabric domain: "eth0", "mlx5_0", '
+                          '"rdmap16s27-rdm"; "" for ucx, whose lanes Peer.path_reason names)')
     rails = property(lambda self: self._c.rails)
     max_peers = property(lambda self: self._c.max_peers, doc="peers this agent can hold at once")
     transfers_per_peer = property(lambda self: self._c.transfers_per_peer,

@@ -196,6 +196,7 @@ void register_agent(py::module_& m) {
       .def_property_readonly("epoch", [](const Agent& a) { return a.info().epoch; })
       .def_property_readonly("transport", [](const Agent& a) { return a.capabilities().name; })
       .def_property_readonly("provider", [](const Agent& a) { return a.capabilities().provider; })
+      .def_property_readonly("domain", [](const Agent& a) { return a.capabilities().domain; })
       .def_property_readonly("max_inflight", [](const Agent& a) { return a.capabilities().max_inflight; })
       .def_property_readonly("rails", [](const Agent& a) { return a.capabilities().num_rails; })
       .def_property_readonly("cma_threads", &Agent::cma_threads)

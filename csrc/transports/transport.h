@@ -53,6 +53,8 @@ struct MemoryKey {
 struct Capabilities {
   std::string provider;       // "tcp;ofi_rxm", "shm", "efa", "verbs;ofi_rxm", ...
   std::string name;           // kvxfer's transport name: "tcp", "fi_shm", "efa", "verbs"
+  std::string domain;         // the NIC or interface it opened: libfabric's domain name ("eth0", "mlx5_0",
+                              // "rdmap16s27-rdm", "shm"); "" for ucx (Peer.path_reason names its lanes)
   bool remote_virt_addr;      // remote addresses are virtual addresses (FI_MR_VIRT_ADDR), else MR offsets
   uint64_t max_write_bytes;   // largest single write we post
   size_t max_inflight;        // bounded in-flight window (<= provider tx size)

@@ -3,6 +3,7 @@
     same host, host memory : one thread's process_vm_writev of the same chunks into the same destination addresses
                              (between TP ranks: of the same pieces, the plan's writes)
     tcp (and other wires)  : raw TCP, one sendall of the same bytes to the peer process, acked after the last byte
+    efa, verbs             : the NIC's port rate from sysfs, where it says (raw TCP may not even cross that NIC)
 
 Small transfers are repeated until about 64 MiB moved, so one timing is not a single syscall. The limit is the
 best of 5 timings: a limit is what the machine can do, and the best run is the least disturbed one.
@@ -14,7 +15,7 @@ import time
 
 import numpy as np
 
-from kvxfer import _C
+from kvxfer import _C, topology
 from kvxfer.errors import PeerLost
 from kvxfer.bench.workloads import Workload, chunk_rows
 
@@ -65,6 +66,18 @@ def _plan_addresses(workload: Workload, src: list[np.ndarray], dst_bases: list[i
     s = np.ascontiguousarray(s_base[p["src_region"]] + p["src_offset"])
     d = np.ascontiguousarray(d_base[p["dst_region"]] + p["dst_offset"])
     return s, d, np.ascontiguousarray(p["nbytes"].astype(np.uint64))
+
+
+def port_rate_limit(provider: str, domain: str, sysfs: str = "/sys") -> tuple[float, str] | None:
+    """(GB/s, name) of the RDMA NIC an efa/verbs agent opened (its libfabric domain), from its fastest port's rate;
+    None for other providers or when sysfs does not list the device's rate."""
+    if provider.split(";")[0] not in ("efa", "verbs"):
+        return None
+    device = domain.removesuffix("-rdm").removesuffix("-dgrm")
+    for nic in topology.rdma_nics(sysfs):
+        if nic.name == device and nic.rate_gbps:
+            return nic.rate_gbps / 8, f"{device}'s port rate ({nic.rate_gbps:g} Gb/s, sysfs)"
+    return None
 
 
 def tcp_limit_gbps(workload: Workload, host: str, port: int, reps: int = REPS) -> float:

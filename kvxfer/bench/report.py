@@ -2,7 +2,9 @@
 
 JSON schema 1: {"schema": 1, "kvxfer": version, "created": ISO time, "host": name, "records": [record, ...]}.
 Each record has at least: transport, path, provider, rails, pattern, model, nbytes, blocks, depth, iterations,
-writes_per_transfer, gbps, msgs_per_s, p50_us, p99_us, limit, limit_gbps, ratio, verified; layerwise records add
+writes_per_transfer, gbps, msgs_per_s, p50_us, p99_us, limit, limit_gbps, ratio, verified (since 2026-12-02 also
+writes_per_s, the fabric writes posted per second, and domain, the NIC or interface the sender's fabric opened);
+layerwise records add
 layer_delay_ms, compute_ms and exposed_p50_us (transfer time left after the last layer was marked ready); src_mem and
 dst_mem say where the pools lived (cpu or cuda:N; absent in files from before GPU pools, meaning cpu).
 """
@@ -46,6 +48,7 @@ def table(records: list[dict]) -> str:
     mw = max([11] + [len(r["model"]) for r in records])
     pw = max([6] + [len(r["path"]) for r in records])
     head = (f"{'pattern':10} {'model':{mw}} {'path':{pw}} {'size':>9} {'blocks':>6} {'GB/s':>7} {'msgs/s':>9} "
+            f"{'writes/s':>9} "
             f"{'p50 us':>9} {'p99 us':>9} {'limit GB/s':>10} {'% limit':>7}  verified")
     lines = [head, "-" * len(head)]
     for r in records:
@@ -56,11 +59,19 @@ def table(records: list[dict]) -> str:
         if mem != ("cpu", "cpu"):
             extra += f"  {mem[0]} -> {mem[1]}"
         lines.append(f"{r['pattern']:10} {r['model']:{mw}} {r['path']:{pw}} {human_bytes(r['nbytes']):>9} {r['blocks']:>6} "
-                     f"{r['gbps']:7.2f} {r['msgs_per_s']:9.0f} {r['p50_us']:9.0f} {r['p99_us']:9.0f} "
+                     f"{r['gbps']:7.2f} {r['msgs_per_s']:9.0f} {_rate(r.get('writes_per_s'))} "
+                     f"{r['p50_us']:9.0f} {r['p99_us']:9.0f} "
                      f"{r['limit_gbps']:10.2f} {ratio}  {_verified(r)}{extra}")
     limits = sorted({r["limit"] for r in records})
     lines.append("limits (measured in this run, between the same processes): " + "; ".join(limits))
     return "\n".join(lines)
+
+
+def _rate(per_s) -> str:
+    """9 wide: 12345, 1.23M; n/a in records from before writes_per_s."""
+    if per_s is None:
+        return f"{'n/a':>9}"
+    return f"{per_s / 1e6:8.2f}M" if per_s >= 1e6 else f"{per_s:9.0f}"
 
 
 def _verified(r: dict) -> str:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import kvxfer
+from kvxfer import envs
 from kvxfer.bench import limits, pools
 from kvxfer.bench.workloads import FILL, Workload, allocate, fill_source, verify
 from kvxfer.bootstrap import Channel
@@ -165,11 +166,14 @@ class Driver:
             peer = agent.add_peer(peer_md)
             agent.wait_connected(peer, cfg.timeout_s)
             _expect_ok(self.ch.recv_json(cfg.timeout_s))
-            fabric = agent.provider
+            fabric, domain = agent.provider, agent.domain
             signals = "doorbell" if peer.signals == "doorbell" else fabric
             provider = agent.provider if peer.path != "cma" else f"process_vm_writev + {signals} signals"
             if not gpu and same_host_copy != (peer.path in ("cma", "fi_shm")):  # auto found no CMA: the wire's limit
                 limit_gbps, limit_name = self._limit(workload, src, False, dst_bases)
+            port = limits.port_rate_limit(fabric, agent.domain, envs.get("KVXFER_SYSFS"))
+            if port and peer.path not in ("cma", "cuda_ipc"):  # an RDMA NIC carries it: its rate is the limit
+                limit_gbps, limit_name = port
             timing = self._timed(agent, peer, workload)
             if gpu:  # the path is chosen per send from where both pools live
                 provider = f"{timing['send_path']}, {signals} signals"
@@ -184,7 +188,7 @@ class Driver:
         path = path if cfg.staging == "auto" else f"staged->{path}"
         if cfg.landing == "always":  # the sender stages too, and writes over the fabric into the landing slots
             path = f"staged->{fabric}->landing"
-        rec = {"transport": cfg.transport, "path": path, "provider": provider,
+        rec = {"transport": cfg.transport, "path": path, "provider": provider, "domain": domain,
                "rails": cfg.rails, "pattern": workload.pattern, "model": workload.label,
                "nbytes": workload.nbytes, "blocks": workload.blocks, "depth": workload.depth,
                "layer_delay_ms": workload.layer_delay_ms, "limit": limit_name, "limit_gbps": limit_gbps,
@@ -268,6 +272,7 @@ class Driver:
         n = len(lat)
         out = {"transfers": i, "iterations": n, "writes_per_transfer": writes, "send_path": s.path,
                "gbps": workload.nbytes * n / elapsed / 1e9, "msgs_per_s": n / elapsed,
+               "writes_per_s": writes * n / elapsed,
                "p50_us": _pct(lat, 50) * 1e6, "p99_us": _pct(lat, 99) * 1e6}
         if layerwise:
             out["exposed_p50_us"] = _pct(exposed, 50) * 1e6

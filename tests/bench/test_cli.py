@@ -121,13 +121,27 @@ def test_short_run_json_schema_verified_and_ratios(transport, tmp_path):
         assert rec["gbps"] > 0 and rec["limit_gbps"] > 0, rec
         assert rec["ratio"] == pytest.approx(rec["gbps"] / rec["limit_gbps"], rel=1e-9), rec
         assert rec["gbps"] > 0 and rec["p99_us"] >= rec["p50_us"] > 0
+        # fabric writes per second: the transfers' writes over the same time as msgs_per_s
+        assert rec["writes_per_s"] == pytest.approx(rec["writes_per_transfer"] * rec["msgs_per_s"], rel=1e-9), rec
+        assert rec["domain"] == "lo", rec  # what the sender's fabric opened (shm: cma, with tcp beside it)
     paged, small, big = doc["records"]
     assert (paged["pattern"], paged["blocks"], paged["nbytes"]) == ("paged", 4, 4 * 32 * 2 * 32768)
     assert (small["nbytes"], big["nbytes"]) == (4096, 1 << 20)
     assert paged["path"] == ("tcp" if transport == "tcp" else "cma")
     assert "process_vm_writev" in paged["limit"] if transport == "shm" else "TCP" in paged["limit"]
     assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("transport,path,provider")
-    assert re.search(r"paged\s+llama3-8b", r.stdout) and "% limit" in r.stdout
+    assert re.search(r"paged\s+llama3-8b", r.stdout) and "% limit" in r.stdout and "writes/s" in r.stdout
+
+
+def test_rdma_fabrics_are_measured_against_their_nics_port_rate(tmp_path):
+    from kvxfer.bench import limits
+    from tests.test_fallback import _fake_rdma_sysfs
+
+    sysfs = _fake_rdma_sysfs(tmp_path)
+    assert limits.port_rate_limit("verbs;ofi_rxm", "mlx5_0", sysfs) == (25.0, "mlx5_0's port rate (200 Gb/s, sysfs)")
+    assert limits.port_rate_limit("efa", "mlx5_0-rdm", sysfs) == (25.0, "mlx5_0's port rate (200 Gb/s, sysfs)")
+    assert limits.port_rate_limit("verbs;ofi_rxm", "mlx5_9", sysfs) is None  # not listed: raw TCP stays the limit
+    assert limits.port_rate_limit("tcp;ofi_rxm", "eth0", sysfs) is None
 
 
 def test_layerwise_reports_exposed_time(tmp_path):

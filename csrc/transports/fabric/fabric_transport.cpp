@@ -63,6 +63,7 @@ class FabricTransport final : public Transport {
                  "rails=" << rails << " is out of range; use 1 to " << kMaxRails << " endpoints");
     caps_.provider = info_->fabric_attr->prov_name;
     caps_.name = kvxfer_name == "shm" ? "fi_shm" : kvxfer_name;
+    caps_.domain = info_->domain_attr->name ? info_->domain_attr->name : "";
     const int mr_mode = info_->domain_attr->mr_mode;
     caps_.remote_virt_addr = (mr_mode & FI_MR_VIRT_ADDR) != 0;
     mr_local_ = (mr_mode & FI_MR_LOCAL) != 0;

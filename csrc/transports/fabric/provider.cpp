@@ -59,14 +59,30 @@ fi_info* get_provider_info(const std::string& kvxfer_name, const std::string& in
            (interface.empty() ? "" : " on interface " + interface) + ": " + fi_strerror(-rc);
     return nullptr;
   }
+  // The domain name in the hints is not a filter for every provider: libfabric 1.17's tcp lists every interface
+  // whatever it says (eth0 first here), so an agent asked for "lo" opened eth0. The interface is matched here.
+  const bool pinned = !interface.empty() && std::strncmp(found->prov_name, "shm", 3) != 0;
+  std::string seen;
+  bool any_cq_data = false;
   for (fi_info* cur = info; cur; cur = cur->next) {
-    if (cur->domain_attr->cq_data_size >= 4) {
-      fi_info* chosen = fi_dupinfo(cur);
-      fi_freeinfo(info);
-      return chosen;
+    const char* domain = cur->domain_attr->name ? cur->domain_attr->name : "";
+    if (cur->domain_attr->cq_data_size < 4) continue;
+    any_cq_data = true;
+    if (pinned && interface != domain) {
+      if (seen.find(std::string(domain) + ",") == std::string::npos) seen += std::string(domain) + ",";
+      continue;
     }
+    fi_info* chosen = fi_dupinfo(cur);
+    fi_freeinfo(info);
+    return chosen;
   }
   fi_freeinfo(info);
+  if (any_cq_data) {
+    if (!seen.empty()) seen.pop_back();
+    *why = std::string(found->prov_name) + " has no domain named '" + interface + "' (it offers: " + seen +
+           "); pass one of those as interface= (a netdev for tcp, the RDMA device for verbs, <device>-rdm for efa)";
+    return nullptr;
+  }
   *why = std::string(found->prov_name) + " offers no remote CQ data (cq_data_size < 4), which kvxfer's counters need";
   return nullptr;
 }
