@@ -18,7 +18,7 @@ import numpy as np
 
 from kvxfer import _C, envs, topology
 from kvxfer import fallback as fallback_policy
-from kvxfer.errors import InvalidArgument
+from kvxfer.errors import InvalidArgument, TransportUnavailable
 from kvxfer.layout import KVLayout
 from kvxfer.memory import as_region
 from kvxfer.transfer import Recv, Send, TransferState
@@ -181,7 +181,8 @@ class Agent:
         opts.transport = transport
         opts.interface = interface if interface is not None else envs.get("KVXFER_IFACE")
         self.interface_reason = "given" if opts.interface else "none given: the provider picks its first domain"
-        if gpu is not None and not opts.interface:
+        derived = gpu is not None and not opts.interface
+        if derived:
             nearest, self.interface_reason = _nearest_domain(gpu, transport)
             opts.interface = nearest or ""
         opts.default_timeout_s = float(timeout_s if timeout_s is not None else envs.get("KVXFER_TIMEOUT_S"))
@@ -221,11 +222,25 @@ class Agent:
         opts.peer_timeout_s = timeout
         self._fallback_mode = fallback_policy.mode(fallback, envs.get("KVXFER_FALLBACK"))
         self._rdma_nics = topology.rdma_nics(envs.get("KVXFER_SYSFS"))
-        self._c = _C.Agent(opts)
+        self._c = self._open(opts, derived_interface=derived and bool(opts.interface))
         self._asked_transport = transport
         self.fallback_reason = fallback_policy.fabric_reason(transport, self._c.provider, self._rdma_nics)
         self._pools: dict[str, Pool] = {}
         self._peers: dict[int, Peer] = {}
+
+    def _open(self, opts, derived_interface: bool):
+        """The C++ agent. An interface chosen for the GPU (not given) that the provider does not offer (a netdev
+        with no address, say) is dropped rather than refused: the provider then picks its first, and
+        interface_reason says so."""
+        try:
+            return _C.Agent(opts)
+        except TransportUnavailable as e:
+            if not derived_interface or "has no domain named" not in str(e):
+                raise
+            nearest, opts.interface = opts.interface, ""
+            self.interface_reason = (f"{nearest} is nearest the GPU but the provider does not offer it ({e}); the "
+                                     "provider picks its first domain (Agent.domain)")
+            return _C.Agent(opts)
 
     name = property(lambda self: self._c.name)
     epoch = property(lambda self: self._c.epoch)

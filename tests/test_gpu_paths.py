@@ -136,3 +136,9 @@ def test_agent_gpu_option(monkeypatch):
     # An explicit interface wins over the GPU's neighbourhood.
     c = kvxfer.Agent("gpu-nic-lo", transport="tcp", interface="lo", gpu="0000:03:00.0")
     assert c.interface_reason == "given"
+    # A nearest netdev the provider does not offer (no address, say) is dropped, not refused, saying so.
+    monkeypatch.setattr(topology, "nics", lambda sysfs="/sys": [topology.Nic("nosuch0", "net", "0000:00:09.0", -1,
+                                                                             ("0000:00:09.0",))])
+    d = kvxfer.Agent("gpu-nic-missing", transport="tcp", gpu="0000:03:00.0")
+    assert d.interface_reason.startswith("nosuch0 is nearest the GPU but the provider does not offer it")
+    assert d.domain in ("lo", "eth0") and "picks its first domain" in d.interface_reason
