@@ -3,7 +3,8 @@ registration and then send nothing ("before") or only layer 0 ("during") of rand
 ("hold") open the send with no layer ready and report how it ended ("ended STATE ERROR_CLASS").
 
     python -m tests.adapters.fake_prefill MODE PORT NUM_LAYERS NUM_BLOCKS BLOCK_SIZE KV_HEADS HEAD_DIM
-Prints "ready", then "registered XFER_ID", then "sent" (after layer 0 for "during", all layers for "all").
+Prints "ready PORT" (PORT 0 binds a free one: no window for another process to take a port chosen beforehand),
+then "registered XFER_ID", then "sent" (after layer 0 for "during", all layers for "all").
 """
 import sys
 import time
@@ -22,7 +23,7 @@ def main(mode, port, *dims):
     agent = kvxfer.Agent("fake-prefill", timeout_s=60)
     agent.register_pool(pool, layout)
     server = PushServer(agent, "127.0.0.1", int(port))
-    print("ready", flush=True)
+    print("ready", server.address[1], flush=True)
     while (regs := next((server.take(x) for x in list(server._table)), None)) is None:
         time.sleep(0.01)
     reg = regs[0]

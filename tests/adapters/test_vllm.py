@@ -244,14 +244,15 @@ def test_disaggregated_equals_single_engine(cluster, baseline):
         assert cached_tokens(resp) == n_prompt, resp["usage"]
 
 
-def _stand_in_prefill(port: int, num_blocks: int, mode: str):
-    """A stand-in prefill in this process: real kvxfer agent + push server, KV of random bytes."""
+def _stand_in_prefill(num_blocks: int, mode: str):
+    """A stand-in prefill in this process: real kvxfer agent + push server (on a free port it binds itself: see
+    server.address), KV of random bytes."""
     layout = kvxfer.KVLayout.vllm_cpu(NUM_LAYERS, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, "float32")
     rng = np.random.default_rng(3)
     pool = [rng.standard_normal(layout.tensor_layer_bytes // 4).astype(np.float32) for _ in range(NUM_LAYERS)]
     agent = kvxfer.Agent("stand-in-prefill", timeout_s=30)
     agent.register_pool(pool, layout)
-    return agent, PushServer(agent, "127.0.0.1", port), pool
+    return agent, PushServer(agent, "127.0.0.1", 0), pool
 
 
 def _direct_params(port: int, xfer_id: int) -> dict:
@@ -261,8 +262,9 @@ def _direct_params(port: int, xfer_id: int) -> dict:
 
 def test_negative_control_other_kv_changes_the_output(cluster, baseline):
     """Blocks written with other bytes than the prompt's KV: the decode output changes, so it used what arrived."""
-    port, xfer_id, prompt = _free_port(), 4242, PROMPTS[2]
-    agent, server, _ = _stand_in_prefill(port, 64, "all")
+    xfer_id, prompt = 4242, PROMPTS[2]
+    agent, server, _ = _stand_in_prefill(64, "all")
+    port = server.address[1]
     result = {}
     t = threading.Thread(target=lambda: result.update(r=complete(cluster["decode"], prompt,
                                                                  **_direct_params(port, xfer_id))))
@@ -288,13 +290,20 @@ def test_negative_control_other_kv_changes_the_output(cluster, baseline):
     server.close()
 
 
+def _ready_port(fake) -> int:
+    """The port the stand-in prefill bound (it prints "ready PORT")."""
+    word, port = fake.stdout.readline().split()
+    assert word == "ready"
+    return int(port)
+
+
 def _kill_prefill_mid_request(cluster, mode: str):
-    port, xfer_id = _free_port(), 5000 + len(mode)
-    fake = subprocess.Popen([sys.executable, "-m", "tests.adapters.fake_prefill", mode, str(port), str(NUM_LAYERS),
+    xfer_id = 5000 + len(mode)
+    fake = subprocess.Popen([sys.executable, "-m", "tests.adapters.fake_prefill", mode, "0", str(NUM_LAYERS),
                              "64", str(BLOCK_SIZE), str(KV_HEADS), str(HEAD_DIM)], cwd=ROOT, env=loopback_env(),
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert fake.stdout.readline().strip() == "ready"
+        port = _ready_port(fake)
         result = {}
         t = threading.Thread(target=lambda: result.update(r=complete(cluster["decode"], PROMPTS[1],
                                                                      **_direct_params(port, xfer_id))))
@@ -338,12 +347,12 @@ def test_client_leaving_the_decode_engine_cancels_the_prefill_send(cluster, base
     import select
     import urllib.parse
 
-    port, xfer_id = _free_port(), 6001
-    fake = subprocess.Popen([sys.executable, "-m", "tests.adapters.fake_prefill", "hold", str(port), str(NUM_LAYERS),
+    xfer_id = 6001
+    fake = subprocess.Popen([sys.executable, "-m", "tests.adapters.fake_prefill", "hold", "0", str(NUM_LAYERS),
                              "64", str(BLOCK_SIZE), str(KV_HEADS), str(HEAD_DIM)], cwd=ROOT, env=loopback_env(),
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert fake.stdout.readline().strip() == "ready"
+        port = _ready_port(fake)
         body = json.dumps({"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0.0,
                            **_direct_params(port, xfer_id)}).encode()
         client = socket.create_connection(("127.0.0.1", urllib.parse.urlparse(cluster["decode"]).port))
