@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
-import threading
 import time
 
 import numpy as np
@@ -30,6 +28,7 @@ os.environ.setdefault("FI_TCP_IFACE", "lo")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kvxfer  # noqa: E402
+from kvxfer.bench.limits import loopback_tcp_gbps, memcpy_gbps  # noqa: E402
 
 LAYERS, POOL_BLOCKS, REQ_BLOCKS, HEADS, DIM = 32, 512, 256, 8, 128
 
@@ -62,48 +61,11 @@ def verify(src_l, dst_l, src, dst, src_ids, dst_ids) -> bool:
     return True
 
 
-def memcpy_gbps(nbytes: int) -> float:
-    a, b = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t)
-    return nbytes / best / 1e9
-
-
-def tcp_gbps(nbytes: int) -> float:
-    srv = socket.create_server(("127.0.0.1", 0))
-    buf = memoryview(np.ones(nbytes, np.uint8))
-    best = float("inf")
-    for _ in range(2):
-        got = []
-
-        def sink():
-            c, _ = srv.accept()
-            sink_buf, n = bytearray(4 << 20), 0
-            while n < nbytes:
-                n += c.recv_into(sink_buf)
-            got.append(n)
-            c.close()
-
-        th = threading.Thread(target=sink)
-        th.start()
-        s = socket.create_connection(srv.getsockname())
-        t = time.perf_counter()
-        s.sendall(buf)
-        th.join()
-        best = min(best, time.perf_counter() - t)
-        s.close()
-    srv.close()
-    return nbytes / best / 1e9
-
-
 def same_run_limits(transport: str, nbytes: int) -> dict:
     """The limits of this run, printed: a one-thread memcpy of nbytes, and raw loopback TCP for tcp."""
     limits = {"memcpy": memcpy_gbps(nbytes)}
     if transport == "tcp":
-        limits["tcp"] = tcp_gbps(nbytes)
+        limits["tcp"] = loopback_tcp_gbps(nbytes)
     print(f"{transport}: limits " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in limits.items()), flush=True)
     return limits
 

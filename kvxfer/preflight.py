@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from kvxfer import envs, topology
+from kvxfer.bench import limits
 from kvxfer.errors import InvalidArgument, KvxferError
 
 SLOW_RATIO = 0.1
@@ -84,55 +83,6 @@ def _layout(mib: int):
                                                                                          "float16")
 
 
-def _memcpy_gbps(nbytes: int) -> float:
-    a, b = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
-
-
-def _raw_tcp_gbps(nbytes: int) -> float:
-    """sendall of nbytes from this thread to a sink thread over 127.0.0.1, acked after the last byte; best of 3."""
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    sink_error = []
-
-    def sink():
-        try:
-            conn, _ = server.accept()
-            with conn:
-                view = memoryview(bytearray(8 << 20))
-                for _ in range(3):
-                    left = nbytes
-                    while left:
-                        n = conn.recv_into(view, min(left, len(view)))
-                        if not n:
-                            raise ConnectionError("closed early")
-                        left -= n
-                    conn.sendall(b"k")
-        except OSError as e:
-            sink_error.append(e)
-
-    t = threading.Thread(target=sink, daemon=True)
-    t.start()
-    buf, best = memoryview(np.ones(nbytes, np.uint8)), float("inf")
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            for _ in range(3):
-                t0 = time.perf_counter()
-                s.sendall(buf)
-                if s.recv(1) != b"k":
-                    raise ConnectionError(f"the raw TCP sink did not ack ({sink_error})")
-                best = min(best, time.perf_counter() - t0)
-    finally:
-        server.close()
-        t.join(5)
-    return nbytes / best / 1e9
-
-
 def _agent_pair(fabric: str, interface: str, rails: int, timeout_s: float):
     from kvxfer import Agent
 
@@ -176,9 +126,9 @@ def check(fabric: str, interface: str = "", rails: int = 1, mib: int = 64, limit
     bad = _mismatch(src, dst, nb, c, src_ids, dst_ids)
     nbytes = src_layout.total_bytes
     gbps = nbytes / best / 1e9
-    memcpy = _memcpy_gbps(nbytes)
+    memcpy = limits.memcpy_gbps(nbytes)
     if not limit:
-        limit, limit_gbps = (("raw TCP over 127.0.0.1", _raw_tcp_gbps(nbytes)) if fabric in ("tcp", "ucx") else
+        limit, limit_gbps = (("raw TCP over 127.0.0.1", limits.loopback_tcp_gbps(nbytes)) if fabric in ("tcp", "ucx") else
                              ("memcpy", memcpy))
     ratio = gbps / limit_gbps if limit_gbps else 0.0
     why = bad or (f"{ratio:.3f} of {limit}: more than {1 / SLOW_RATIO:.0f}x slower than the limit (an emulated or "
