@@ -129,7 +129,7 @@ def collect() -> dict:
     transports = {}
     if _C.have_libfabric:
         names = {"tcp": "tcp", "shm": "fi_shm", "efa": "efa", "verbs": "verbs"}
-        for name, usable, detail, own_keys, coalesced in _C.probe_providers():
+        for name, usable, detail, own_keys, coalesced, domains in _C.probe_providers():
             if usable and "ofi_rxm" in detail:
                 detail += f" (rxm bounce buffers of {os.environ.get('FI_OFI_RXM_BUFFER_SIZE', '16384')} B)"
             if usable:
@@ -138,6 +138,8 @@ def collect() -> dict:
                            "; one key for all peers: a dropped peer on another host leaves its ended recvs unsettled"
                            + (" (KVXFER_PEER_KEYS=shared)" if envs.get("KVXFER_PEER_KEYS") == "shared" else
                               " (the provider chooses keys)"))
+            if usable and name != "shm":
+                detail += f"; domains (Agent(interface=...)): {', '.join(domains) or 'none listed'}"
             if usable and coalesced:
                 detail += ("; writes go without immediates and a zero-byte write after each MiB of a rail's writes "
                            "and after a layer's last counts them (the provider orders writes; KVXFER_IMM=coalesced)")

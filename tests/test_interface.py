@@ -47,3 +47,16 @@ def test_an_interface_the_provider_does_not_offer_is_named_with_the_ones_it_does
 def test_the_domain_says_what_the_fabric_opened():
     assert kvxfer.Agent(transport="tcp", interface="lo").domain == "lo"
     assert kvxfer.Agent(transport="fi_shm").domain == "shm"
+
+
+def test_info_lists_the_domains_an_interface_may_name():
+    from tests.conftest import info_line
+
+    env = {k: v for k, v in os.environ.items() if k != "FI_TCP_IFACE"}
+    out = subprocess.run([sys.executable, "-m", "kvxfer", "info"], capture_output=True, text=True, timeout=60,
+                         env=dict(env, PYTHONPATH=ROOT), check=True).stdout
+    line = next(x for x in out.splitlines() if x.split()[1:2] == ["tcp"])
+    domains = line.split("domains (Agent(interface=...)): ")[1].split(";")[0].split(", ")
+    assert "lo" in domains, line
+    # the tcp provider pinned by FI_TCP_IFACE offers only that interface, and info says so
+    assert "domains (Agent(interface=...)): lo;" in info_line("tcp", FI_TCP_IFACE="lo")

@@ -29,7 +29,8 @@ void register_info(py::module_& m) {
       probes = probe_fabric_providers();
     }
     py::list out;
-    for (const auto& p : probes) out.append(py::make_tuple(p.name, p.usable, p.detail, p.own_keys, p.coalesced_imms));
+    for (const auto& p : probes)
+      out.append(py::make_tuple(p.name, p.usable, p.detail, p.own_keys, p.coalesced_imms, p.domains));
     return out;
   });
   m.def("probe_peer_fence", [](const std::string& provider) {

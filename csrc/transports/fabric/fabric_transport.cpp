@@ -606,7 +606,8 @@ std::vector<ProviderProbe> probe_fabric_providers() {
     out.push_back({p.kvxfer_name, info != nullptr, info ? std::string(info->fabric_attr->prov_name) : why,
                    info && !(info->domain_attr->mr_mode & FI_MR_PROV_KEY) && own_peer_keys_wanted(),
                    info && orders_writes(info, std::min<uint64_t>(info->ep_attr->max_msg_size, kMaxWriteBytes)) &&
-                       coalesced_imms_wanted()});
+                       coalesced_imms_wanted(),
+                   info ? provider_domains(p.kvxfer_name) : std::vector<std::string>{}});
     if (info) fi_freeinfo(info);
   }
   return out;

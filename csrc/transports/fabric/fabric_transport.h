@@ -22,6 +22,7 @@ struct ProviderProbe {
   std::string detail;  // the provider string when usable, the reason otherwise
   bool own_keys = false;  // usable, and peers would write with keys of their own (Capabilities::fences_peers)
   bool coalesced_imms = false;  // usable, and one immediate would count the writes before it (ordered_writes)
+  std::vector<std::string> domains;  // usable: the domains Agent(interface=...) may name ("eth0", "lo", "mlx5_0")
 };
 std::vector<ProviderProbe> probe_fabric_providers();
 

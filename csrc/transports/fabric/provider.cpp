@@ -3,6 +3,7 @@
 #include <rdma/fi_domain.h>
 #include <rdma/fi_errno.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace kvxfer {
@@ -85,6 +86,26 @@ fi_info* get_provider_info(const std::string& kvxfer_name, const std::string& in
   }
   *why = std::string(found->prov_name) + " offers no remote CQ data (cq_data_size < 4), which kvxfer's counters need";
   return nullptr;
+}
+
+std::vector<std::string> provider_domains(const std::string& kvxfer_name) {
+  std::vector<std::string> out;
+  const ProviderName* found = nullptr;
+  for (const auto& p : provider_order())
+    if (kvxfer_name == p.kvxfer_name) found = &p;
+  if (!found) return out;
+  fi_info* hints = make_hints(found->prov_name, "", true, false);
+  fi_info* info = nullptr;
+  const int rc = fi_getinfo(FI_VERSION(1, 14), nullptr, nullptr, 0, hints, &info);
+  fi_freeinfo(hints);
+  if (rc != 0) return out;
+  for (fi_info* cur = info; cur; cur = cur->next) {
+    const std::string domain = cur->domain_attr->name ? cur->domain_attr->name : "";
+    if (cur->domain_attr->cq_data_size >= 4 && std::find(out.begin(), out.end(), domain) == out.end())
+      out.push_back(domain);
+  }
+  fi_freeinfo(info);
+  return out;
 }
 
 }  // namespace kvxfer

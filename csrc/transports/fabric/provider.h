@@ -20,4 +20,7 @@ const std::vector<ProviderName>& provider_order();
 // interface (e.g. "lo") narrows the domain for IP-based providers; empty means any.
 fi_info* get_provider_info(const std::string& kvxfer_name, const std::string& interface, std::string* why);
 
+// The domains (interfaces, NICs) of the named provider that offer what kvxfer needs, in libfabric's order.
+std::vector<std::string> provider_domains(const std::string& kvxfer_name);
+
 }  // namespace kvxfer
