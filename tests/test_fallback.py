@@ -92,20 +92,22 @@ def test_a_peer_on_another_host_is_refused_when_tcp_would_carry_it_past_an_rdma_
     assert isinstance(kvxfer.errors.SlowFallback("x"), errors.TransportUnavailable)
 
 
-@pytest.mark.parametrize("order", ["peer_added_us_first", "peer_adds_us_after"])
-def test_a_refused_peer_is_not_kept_and_its_sends_fail_naming_the_refusal(order, remote, tmp_path, monkeypatch):
-    """The refusal drops the peer it added and says BYE ("refused") once the peer's HELLO arrives, whether the peer
-    had added this agent already or does so after the refusal: its send fails at once, naming why, instead of
-    waiting out its handshake; nothing is written here."""
+@pytest.mark.parametrize("order,rails", [("peer_added_us_first", 1), ("peer_adds_us_after", 1),
+                                         ("peer_adds_us_after", 2)])
+def test_a_refused_peer_is_not_kept_and_its_sends_fail_naming_the_refusal(order, rails, remote, tmp_path,
+                                                                          monkeypatch):
+    """The refusal drops the peer it added and says BYE ("refused") once the peer's HELLO arrives (on every rail),
+    whether the peer had added this agent already or does so after the refusal: its send fails at once, naming why,
+    instead of waiting out its handshake; nothing is written here."""
     monkeypatch.setenv("KVXFER_SYSFS", _fake_rdma_sysfs(tmp_path))
     monkeypatch.setenv("KVXFER_FALLBACK", "refuse")
     another_host(remote, "rdma-elsewhere")
-    agent = kvxfer.Agent("test-receiver", interface="lo", timeout_s=10)
+    agent = kvxfer.Agent("test-receiver", interface="lo", timeout_s=10, rails=rails)
     layout = PRESETS["vllm_flash"]()
     dst = make_pool(layout, 6)
     before = [x.copy() for x in dst]
     agent.register_pool(dst, layout)
-    md = remote.call("init", ("tcp", "vllm_flash", 5, [], 1, {"timeout_s": 30}))
+    md = remote.call("init", ("tcp", "vllm_flash", 5, [], rails, {"timeout_s": 30}))
     if order == "peer_added_us_first":
         remote.call("add_peer", agent.metadata())
     with pytest.raises(errors.SlowFallback):
