@@ -413,6 +413,21 @@ class Agent:
             if left <= 0 or not self._c.wait_ended(seen, left):
                 return False
 
+    def preflight(self, mib: int = 64) -> list:
+        """kvxfer.preflight on this agent's own fabric and NIC: two agents of its own move a verified request of
+        `mib` MiB over it, judged against a same-run limit (see `python -m kvxfer preflight`). Returns the Checks;
+        raises TransportUnavailable naming each failed one, so an engine can call it at boot and stop there."""
+        from kvxfer import preflight
+
+        fabric = "ucx" if self.transport == "ucx" else ("fi_shm" if self.provider == "shm" else
+                                                        self.provider.split(";")[0])
+        interface = "" if fabric in ("fi_shm", "ucx") else self.domain
+        checks = [preflight.check(fabric, interface, self.rails, mib)]
+        failed = [c.line() for c in checks if not c.ok]
+        if failed:
+            raise TransportUnavailable("preflight failed: " + "; ".join(failed))
+        return checks
+
     def stats(self) -> dict:
         return self._c.stats()
 

@@ -75,3 +75,20 @@ def test_the_cli_runs_the_default_fabric_and_writes_json(tmp_path):
 def test_a_bad_size_is_named():
     with pytest.raises(errors.InvalidArgument, match="mib=0: preflight moves 1 to 4096 MiB"):
         preflight.run(mib=0)
+
+
+def test_an_agent_checks_its_own_fabric_and_nic():
+    import kvxfer
+
+    agent = kvxfer.Agent("preflight-self", transport="tcp", interface="lo", rails=2)
+    (c,) = agent.preflight(mib=4)
+    assert c.ok and c.transport == "tcp" and c.interface == "lo" and c.rails == 2 and c.nbytes == 4 << 20
+
+
+def test_an_agents_failed_preflight_raises_naming_the_check(monkeypatch):
+    import kvxfer
+
+    real = preflight.check
+    monkeypatch.setattr(preflight, "check", lambda *a, **k: real(*a, **k, limit_gbps=1e4, limit="a 80 Tb/s NIC"))
+    with pytest.raises(errors.TransportUnavailable, match=r"preflight failed: FAIL tcp on lo .*more than 10x slower"):
+        kvxfer.Agent("preflight-slow", transport="tcp", interface="lo").preflight(mib=4)
