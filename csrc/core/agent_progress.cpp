@@ -358,6 +358,7 @@ bool Agent::flush_control() {
       outbox_[keep++] = outbox_[i];
       continue;
     }
+    if (peer->lost) peer->farewell_posted_at = Clock::now();
     any = true;
   }
   outbox_.resize(keep);
@@ -1506,6 +1507,11 @@ void Agent::release_lost_peer(PeerState& peer) {
     lost_for = Clock::now() - peer.lost_at;
   }
   if (lost_for < kReleaseLostPeerAfter) return;
+  // A farewell posted late (the peer's HELLO came only now: it was ended before it connected) gets the same grace
+  // as one posted when the peer was lost, so closing the connection does not overtake it.
+  const bool farewell_in_flight = peer.farewell_posted_at != Clock::time_point{} &&
+                                  Clock::now() - peer.farewell_posted_at < kReleaseLostPeerAfter;
+  if (farewell_in_flight) return;
   const bool given_up = lost_for >= kFarewellGivesUpAfter;
   const bool farewell_pending =
       std::any_of(outbox_.begin(), outbox_.end(), [&](const auto& e) { return e.first.get() == &peer; });

@@ -116,6 +116,10 @@ struct PeerState {
   std::atomic<bool> lost{false};
   std::string lost_reason;
   Clock::time_point lost_at;     // guarded by mu
+  // Progress thread: when the last message to this peer after it was lost (a farewell: ABORT, BYE) was posted.
+  // Releasing the peer closes its connection, which may drop a message still on its way (UCX closes by force), so
+  // release waits a while after it (release_lost_peer).
+  Clock::time_point farewell_posted_at{};
   bool transport_released = false;  // progress thread: the transport dropped its connection (release_lost_peer)
   // The keys this peer writes into us with (Agent::open_peer_keys), one per entry of the agent's remote_windows_,
   // in its order; guarded by the agent's transport_mu_. Closed when the peer is released: then `fenced` (progress
