@@ -223,7 +223,6 @@ class Agent:
         self._fallback_mode = fallback_policy.mode(fallback, envs.get("KVXFER_FALLBACK"))
         self._rdma_nics = topology.rdma_nics(envs.get("KVXFER_SYSFS"))
         self._c = self._open(opts, derived_interface=derived and bool(opts.interface))
-        self._asked_transport = transport
         self.fallback_reason = fallback_policy.fabric_reason(transport, self._c.provider, self._rdma_nics)
         self._pools: dict[str, Pool] = {}
         self._peers: dict[int, Peer] = {}
@@ -419,8 +418,7 @@ class Agent:
         raises TransportUnavailable naming each failed one, so an engine can call it at boot and stop there."""
         from kvxfer import preflight
 
-        fabric = "ucx" if self.transport == "ucx" else ("fi_shm" if self.provider == "shm" else
-                                                        self.provider.split(";")[0])
+        fabric = self.transport  # the fabric's own name: tcp, fi_shm, efa, verbs or ucx
         interface = "" if fabric in ("fi_shm", "ucx") else self.domain
         checks = [preflight.check(fabric, interface, self.rails, mib)]
         failed = [c.line() for c in checks if not c.ok]

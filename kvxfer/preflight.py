@@ -28,7 +28,7 @@ from kvxfer.bench import limits
 from kvxfer.errors import InvalidArgument, KvxferError
 
 SLOW_RATIO = 0.1
-_FABRICS = {"tcp": "tcp", "shm": "fi_shm", "efa": "efa", "verbs": "verbs", "ucx": "ucx"}
+_FABRICS = ("tcp", "fi_shm", "efa", "verbs", "ucx")
 
 
 @dataclass
@@ -59,10 +59,10 @@ def _fabric_of(transport: str) -> str:
     """The fabric an agent of `transport` uses for peers on other hosts (what auto opens, when asked for auto)."""
     from kvxfer import Agent
 
-    if transport in _FABRICS.values():
+    if transport in _FABRICS:
         return transport
     with Agent("kvxfer-preflight-probe", transport=transport, peer_timeout_s=0) as probe:
-        return "ucx" if probe.transport == "ucx" else _FABRICS.get(probe.provider.split(";")[0], "tcp")
+        return probe.transport
 
 
 def _interfaces(fabric: str, interface: str | None) -> list[tuple[str, float, str]]:
@@ -72,7 +72,7 @@ def _interfaces(fabric: str, interface: str | None) -> list[tuple[str, float, st
     nics = topology.rdma_nics(envs.get("KVXFER_SYSFS"))
     if not nics:
         return [("", 0.0, "the NIC's port rate, which sysfs does not list")]
-    return [(n.name + ("-rdm" if fabric == "efa" else ""), n.rate_gbps / 8, f"{n.name}'s port rate") for n in nics]
+    return [(topology.domain_name(n.name, fabric), n.rate_gbps / 8, f"{n.name}'s port rate") for n in nics]
 
 
 def _layout(mib: int):

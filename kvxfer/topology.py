@@ -214,4 +214,15 @@ def domain_for_gpu(gpu_pci: str, provider: str, sysfs: str = "/sys") -> tuple[st
         shared += 1
     how = (f"shares {shared} PCIe bridge level(s) with GPU {_norm_pci(gpu_pci)}" if shared
            else f"no shared PCIe bridge with GPU {_norm_pci(gpu_pci)}; the best of the rest")
-    return near.name + ("-rdm" if provider == "efa" else ""), f"{near.name} ({near.kind}, {near.pci}) {how}"
+    return domain_name(near.name, provider), f"{near.name} ({near.kind}, {near.pci}) {how}"
+
+
+def domain_name(device: str, provider: str) -> str:
+    """The libfabric domain of a NIC for `provider`: efa names its RDM domain "<device>-rdm", the others the
+    device (verbs) or netdev (tcp) itself."""
+    return device + "-rdm" if provider == "efa" else device
+
+
+def device_of(domain: str) -> str:
+    """The NIC behind a libfabric domain name (domain_name's inverse; efa's datagram domain is "<device>-dgrm")."""
+    return domain.removesuffix("-rdm").removesuffix("-dgrm")

@@ -254,6 +254,17 @@ def three_recvs_from_another_host(transport, remote, host, seed):
     return agent, peer, dst, expected, (partial, opened, never_sent)
 
 
+def assert_remote_send_fails_at_once(remote, why: str, name: str = "test-receiver", within_s: float = 10.0):
+    """A send of the remote's to this agent (`name`), which ended the remote, fails within within_s with PeerLost
+    saying `why` (a regex), not at its deadline."""
+    t0 = time.monotonic()
+    # "is lost: <why>" when send() finds the peer lost, <why> alone when the BYE arrives while the send waits
+    with pytest.raises(RemoteError, match=f"PeerLost: peer '{name}' (is lost: peer '{name}' )?{why}"):
+        remote.call("send", (1, [0], [1], None, "all"))
+        remote.call("wait", (1, 30))
+    assert time.monotonic() - t0 < within_s
+
+
 def assert_nothing_lands_after_writes_over(recv, layout, dst, before, untouched: slice, why: str):
     """recv ended mid-transfer: once its writes_over turns True, no byte of dst changes any more (0.5 s watched),
     and the blocks `untouched` (not addressed by it) still hold `before`."""

@@ -15,6 +15,7 @@ from tests.conftest import (
     another_host,
     assert_ended_sender_was_told,
     assert_nothing_lands_after_writes_over,
+    assert_remote_send_fails_at_once,
     connect,
     open_fds,
     three_recvs_from_another_host,
@@ -283,10 +284,4 @@ def test_a_peer_removed_before_it_connected_is_told_once_it_adds_this_agent(tran
     agent.remove_peer(peer)
     assert peer.lost and not peer.connected
     remote.call("add_peer", agent.metadata())
-    t0 = time.monotonic()
-    # "is lost: ..." when the send is refused at send(), the reason alone when it fails while waiting
-    with pytest.raises(RemoteError, match="PeerLost: peer 'test-receiver' (is lost: peer 'test-receiver' )?removed "
-                                          "this agent"):
-        remote.call("send", (1, [0], [1], None, "all"))
-        remote.call("wait", (1, 30))
-    assert time.monotonic() - t0 < 10
+    assert_remote_send_fails_at_once(remote, "removed this agent")

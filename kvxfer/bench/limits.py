@@ -74,7 +74,7 @@ def port_rate_limit(provider: str, domain: str, sysfs: str = "/sys") -> tuple[fl
     None for other providers or when sysfs does not list the device's rate."""
     if provider.split(";")[0] not in ("efa", "verbs"):
         return None
-    device = domain.removesuffix("-rdm").removesuffix("-dgrm")
+    device = topology.device_of(domain)
     for nic in topology.rdma_nics(sysfs):
         if nic.name == device and nic.rate_gbps:
             return nic.rate_gbps / 8, f"{device}'s port rate ({nic.rate_gbps:g} Gb/s, sysfs)"

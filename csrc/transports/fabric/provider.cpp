@@ -32,12 +32,27 @@ fi_info* make_hints(const char* prov_name, const std::string& interface, bool wa
   return hints;
 }
 
+const ProviderName* find_provider(const std::string& kvxfer_name) {
+  for (const auto& p : provider_order())
+    if (kvxfer_name == p.kvxfer_name) return &p;
+  return nullptr;
+}
+
+// The distinct domain names, in list order, of the entries that carry the remote CQ data kvxfer's counters need.
+std::vector<std::string> domains_with_cq_data(const fi_info* list) {
+  std::vector<std::string> out;
+  for (const fi_info* cur = list; cur; cur = cur->next) {
+    const std::string domain = cur->domain_attr->name ? cur->domain_attr->name : "";
+    if (cur->domain_attr->cq_data_size >= 4 && std::find(out.begin(), out.end(), domain) == out.end())
+      out.push_back(domain);
+  }
+  return out;
+}
+
 }  // namespace
 
 fi_info* get_provider_info(const std::string& kvxfer_name, const std::string& interface, std::string* why) {
-  const ProviderName* found = nullptr;
-  for (const auto& p : provider_order())
-    if (kvxfer_name == p.kvxfer_name) found = &p;
+  const ProviderName* found = find_provider(kvxfer_name);
   if (!found) {
     *why = "unknown provider '" + kvxfer_name + "' (choose efa, verbs, tcp or shm)";
     return nullptr;
@@ -63,24 +78,19 @@ fi_info* get_provider_info(const std::string& kvxfer_name, const std::string& in
   // The domain name in the hints is not a filter for every provider: libfabric 1.17's tcp lists every interface
   // whatever it says (eth0 first here), so an agent asked for "lo" opened eth0. The interface is matched here.
   const bool pinned = !interface.empty() && std::strncmp(found->prov_name, "shm", 3) != 0;
-  std::string seen;
-  bool any_cq_data = false;
   for (fi_info* cur = info; cur; cur = cur->next) {
     const char* domain = cur->domain_attr->name ? cur->domain_attr->name : "";
-    if (cur->domain_attr->cq_data_size < 4) continue;
-    any_cq_data = true;
-    if (pinned && interface != domain) {
-      if (seen.find(std::string(domain) + ",") == std::string::npos) seen += std::string(domain) + ",";
-      continue;
-    }
+    if (cur->domain_attr->cq_data_size < 4 || (pinned && interface != domain)) continue;
     fi_info* chosen = fi_dupinfo(cur);
     fi_freeinfo(info);
     return chosen;
   }
+  const std::vector<std::string> offered = domains_with_cq_data(info);
   fi_freeinfo(info);
-  if (any_cq_data) {
-    if (!seen.empty()) seen.pop_back();
-    *why = std::string(found->prov_name) + " has no domain named '" + interface + "' (it offers: " + seen +
+  if (!offered.empty()) {
+    std::string names;
+    for (const auto& d : offered) names += (names.empty() ? "" : ",") + d;
+    *why = std::string(found->prov_name) + " has no domain named '" + interface + "' (it offers: " + names +
            "); pass one of those as interface= (a netdev for tcp, the RDMA device for verbs, <device>-rdm for efa)";
     return nullptr;
   }
@@ -89,21 +99,14 @@ fi_info* get_provider_info(const std::string& kvxfer_name, const std::string& in
 }
 
 std::vector<std::string> provider_domains(const std::string& kvxfer_name) {
-  std::vector<std::string> out;
-  const ProviderName* found = nullptr;
-  for (const auto& p : provider_order())
-    if (kvxfer_name == p.kvxfer_name) found = &p;
-  if (!found) return out;
+  const ProviderName* found = find_provider(kvxfer_name);
+  if (!found) return {};
   fi_info* hints = make_hints(found->prov_name, "", true, false);
   fi_info* info = nullptr;
   const int rc = fi_getinfo(FI_VERSION(1, 14), nullptr, nullptr, 0, hints, &info);
   fi_freeinfo(hints);
-  if (rc != 0) return out;
-  for (fi_info* cur = info; cur; cur = cur->next) {
-    const std::string domain = cur->domain_attr->name ? cur->domain_attr->name : "";
-    if (cur->domain_attr->cq_data_size >= 4 && std::find(out.begin(), out.end(), domain) == out.end())
-      out.push_back(domain);
-  }
+  if (rc != 0) return {};
+  std::vector<std::string> out = domains_with_cq_data(info);
   fi_freeinfo(info);
   return out;
 }
