@@ -61,3 +61,35 @@ def test_abort_fails_both_sides_with_the_reason(transport, remote):
     with pytest.raises(errors.TransferFailed, match="the sender abandoned transfer 77"):
         recv.wait(timeout_s=30)
     assert recv.layers_done == 1
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma"])
+def test_a_thread_waiting_for_one_layer_wakes_when_it_lands_while_the_rest_is_pending(transport, remote):
+    """A layer's completion wakes only threads waiting for a layer (whole-transfer waits wake at the end): the
+    waiter must still be woken by its layer, not by its timeout, while the transfer stays pending."""
+    import threading
+    import time
+
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed=4)
+    ids = np.array([3, 7], np.int32)
+    recv = agent.recv(peer, 91, ids)
+    remote.call("send", (91, ids.tolist(), ids.tolist(), None, "none"))
+    woke = {}
+
+    def wait_layer_2():
+        t0 = time.monotonic()
+        recv.wait(layer=2, timeout_s=20)
+        woke["after_s"] = time.monotonic() - t0
+
+    waiter = threading.Thread(target=wait_layer_2)
+    waiter.start()
+    time.sleep(0.3)  # the waiter is asleep in wait() by now
+    assert "after_s" not in woke
+    remote.call("mark", (91, 2))
+    waiter.join(10)
+    assert not waiter.is_alive() and woke["after_s"] < 10, "the layer's waiter was not woken by its layer"
+    assert recv.layer_done(2) and not recv.layer_done(0) and recv.layers_done == 1
+    for layer in range(layout.num_layers):
+        if layer != 2:
+            remote.call("mark", (91, layer))
+    recv.wait(timeout_s=30)

@@ -21,7 +21,9 @@ bool TransferBase::layer_done(uint32_t layer) const {
 }
 
 void TransferBase::notify() {
-  std::lock_guard<std::mutex> lock(mu_);
+  // Taking the lock orders this after a waiter's check of its condition; notifying after releasing it keeps the
+  // woken thread from blocking at once on the mutex we still hold.
+  { std::lock_guard<std::mutex> lock(mu_); }
   cv_.notify_all();
 }
 
@@ -38,7 +40,8 @@ void TransferBase::mark_layer_done(uint32_t layer) {
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (const LayerMirror* m = mirror_.load(std::memory_order_acquire))
       m->words[layer].store(m->value, std::memory_order_release);
-    notify();
+    // Flag, then (fence above) waiters; wait() counts itself, then (fence) reads the flag: one of us sees the other.
+    if (layer_waiters_.load(std::memory_order_seq_cst) != 0) notify();
   }
 }
 
@@ -94,6 +97,16 @@ TransferState TransferBase::wait(int layer, double timeout_s) {
     if (state() != TransferState::Pending) return true;
     return layer >= 0 && layer_flags_[layer - first_layer].load(std::memory_order_acquire) != 0;
   };
+  struct LayerWaiter {  // counted while waiting, so mark_layer_done knows to wake us
+    std::atomic<uint32_t>* n;
+    explicit LayerWaiter(std::atomic<uint32_t>* count) : n(count) {
+      if (n) {
+        n->fetch_add(1, std::memory_order_seq_cst);
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+      }
+    }
+    ~LayerWaiter() { if (n) n->fetch_sub(1, std::memory_order_seq_cst); }
+  } counted(layer >= 0 ? &layer_waiters_ : nullptr);
   std::unique_lock<std::mutex> lock(mu_);
   const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
   if (!cv_.wait_until(lock, until, ready)) {

@@ -101,6 +101,10 @@ class TransferBase {
   std::string error_;
   std::mutex mu_;
   std::condition_variable cv_;
+  // Threads in wait() for one layer. A layer's completion wakes waiters only when there are some: a whole-transfer
+  // wait() (what recv.wait() does) woken at every layer of a 32-layer request cost a 2-core host a context switch
+  // per layer on the path it waits for (kvxfer-compare's 1-block request).
+  std::atomic<uint32_t> layer_waiters_{0};
   std::atomic<bool> finishing_{false};
   std::shared_ptr<EndSignal> ends_;
   std::atomic<double> finished_at_{0.0};
