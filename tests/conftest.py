@@ -258,8 +258,10 @@ def assert_remote_send_fails_at_once(remote, why: str, name: str = "test-receive
     """A send of the remote's to this agent (`name`), which ended the remote, fails within within_s with PeerLost
     saying `why` (a regex), not at its deadline."""
     t0 = time.monotonic()
-    # "is lost: <why>" when send() finds the peer lost, <why> alone when the BYE arrives while the send waits
-    with pytest.raises(RemoteError, match=f"PeerLost: peer '{name}' (is lost: peer '{name}' )?{why}"):
+    # "is lost: <why>" when send() finds the peer lost, <why> alone when the BYE arrives while the send waits,
+    # "transfer N already failed: <why>" when it arrives between send() and marking the layers
+    with pytest.raises(RemoteError,
+                       match=f"PeerLost: (transfer \\d+ already failed: )?peer '{name}' (is lost: peer '{name}' )?{why}"):
         remote.call("send", (1, [0], [1], None, "all"))
         remote.call("wait", (1, 30))
     assert time.monotonic() - t0 < within_s

@@ -265,13 +265,13 @@ def test_ucx_keeps_the_endpoint_of_a_peer_that_never_connected():
     assert a.stats()["peers_released"] == 0
 
 
-@pytest.mark.parametrize("transport", ["tcp", "auto"])
+@pytest.mark.parametrize("transport", ["tcp", "auto", UCX])
 @pytest.mark.parametrize("where", ["same_host", "another_host"])
 def test_a_peer_removed_before_it_connected_is_told_once_it_adds_this_agent(transport, where, remote):
     """remove_peer right after add_peer, before the peer has added this agent: the BYE waits for the peer's HELLO
     (a few seconds at most), so the peer's send fails at once naming the removal instead of waiting out its
-    handshake (it did before 2026-12-02). Not over ucx: there the peer was told in about 3 runs of 4 and waited out
-    its deadline in the rest (2026-12-02, not understood yet; README "Not done yet")."""
+    handshake (it did before 2026-12-02). Over ucx it waited out its deadline in ~1 run of 4 until send() checked
+    the peer again under its lock (test_a_transfer_opened_while_its_peer_is_lost_fails_with_it)."""
     if transport == "auto" and where == "another_host":
         pytest.skip("auto reaches another host over tcp: the tcp case")
     if where == "another_host":
@@ -285,3 +285,50 @@ def test_a_peer_removed_before_it_connected_is_told_once_it_adds_this_agent(tran
     assert peer.lost and not peer.connected
     remote.call("add_peer", agent.metadata())
     assert_remote_send_fails_at_once(remote, "removed this agent")
+
+
+@pytest.mark.parametrize("kind", ["recv", "send"])
+def test_a_transfer_opened_while_its_peer_is_lost_fails_with_it(kind):
+    """recv()/send() racing the BYE that makes its peer lost: each is refused (PeerLost) or failed with the peer's
+    other transfers, never left pending until its deadline. Before 2026-12-02 one opened between its check of the
+    peer and its listing under the peer's lock missed the peer's end (seen as the early-removal test's ucx failures,
+    ~1 run in 4: the sender's send waited out its deadline although the BYE had come)."""
+    import threading
+
+    # Many blocks: each call spends longer between its check of the peer and listing the transfer (the plan), the
+    # window the BYE must hit for the old bug to show (it did in 10 rounds of 10 before the fix).
+    layout = kvxfer.KVLayout.vllm_flash(32, 1024, 16, 1, 16, "float16")
+    ids = np.random.default_rng(7).permutation(1024).astype(np.int32)
+    for round_ in range(10):
+        a, b = (kvxfer.Agent(f"race-{kind}-{n}-{round_}", transport="tcp", interface="lo", timeout_s=60)
+                for n in ("a", "b"))
+        for ag in (a, b):
+            ag.register_pool([np.zeros(layout.tensor_layer_bytes, np.uint8) for _ in range(layout.num_layers)], layout)
+        a_peer_b, b_peer_a = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+        a.wait_connected(a_peer_b, 20)
+        b.wait_connected(b_peer_a, 20)
+        opened, refused = [], []
+
+        def open_until_refused():
+            xfer = 0
+            while xfer < 100000:
+                try:
+                    if kind == "recv":
+                        opened.append(b.recv(b_peer_a, xfer, ids))
+                    else:
+                        opened.append(b.send(b_peer_a, xfer, ids, ids))
+                except errors.PeerLost as e:
+                    refused.append(e)
+                    return
+                xfer += 1
+
+        opener = threading.Thread(target=open_until_refused)
+        opener.start()
+        time.sleep(0.02)
+        a.remove_peer(a_peer_b)  # b reads the BYE while its thread keeps opening transfers with a
+        opener.join(20)
+        assert not opener.is_alive() and refused, "b kept accepting transfers with a peer that removed it"
+        wait_for(lambda: all(t.state != kvxfer.TransferState.PENDING for t in opened),
+                 f"every {kind} opened before b refused them failed", 5)
+        a.close()
+        b.close()

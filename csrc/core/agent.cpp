@@ -1017,6 +1017,9 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
   wait_for_window(*peer, timeout_s > 0 ? timeout_s : options_.default_timeout_s);
   {
     std::lock_guard<std::mutex> lock(peer->mu);
+    // Again, under the lock mark_peer_lost ends a peer's transfers with: lost since the check above (a BYE read
+    // meanwhile), the peer's sends were already collected and failed, and this one would wait out its deadline.
+    KVXFER_CHECK(!peer->lost, PeerLost, "peer '" << peer->info.name << "' is lost: " << peer->lost_reason);
     KVXFER_CHECK(!peer->live_sends.count(xfer_id), DuplicateTransfer,
                  "transfer id " << xfer_id << " is already live towards peer '" << peer->info.name
                                 << "'; ids are the engine's request keys and must be unique per peer while live");
@@ -1123,6 +1126,8 @@ std::shared_ptr<RecvState> Agent::recv(const std::shared_ptr<PeerState>& peer, u
                                           timeout_s > 0 ? timeout_s : options_.default_timeout_s);
   recv->set_end_signal(ends_);
   std::lock_guard<std::mutex> lock(peer->mu);
+  // Again under the lock, as in send(): a recv listed after mark_peer_lost collected them would never be failed.
+  KVXFER_CHECK(!peer->lost, PeerLost, "peer '" << peer->info.name << "' is lost: " << peer->lost_reason);
   KVXFER_CHECK(!peer->live_recvs.count(xfer_id), DuplicateTransfer,
                "transfer id " << xfer_id << " from peer '" << peer->info.name << "' already has a live recv");
   auto mismatch = [&](uint32_t f, uint32_t n, uint32_t g) {
