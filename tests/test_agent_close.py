@@ -167,3 +167,27 @@ def test_a_closing_peer_with_more_transfers_than_its_window_settles_every_recv(r
                                               block_view(layout, expected, layer)[:, block])
     for layer in range(4):  # blocks no transfer addressed keep their bytes
         np.testing.assert_array_equal(block_view(layout, dst, layer)[:, 300:], block_view(layout, expected, layer)[:, 300:])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_agent_closing_ends_its_peers_in_this_process_before_its_endpoints_go(transport):
+    """Two agents of one process: when one closes, the other has already ended it as the close returns (not once
+    it reads the BYE), so it never posts to the closed endpoint. Over fi_shm that post reached into the closed
+    endpoint's unmapped region and crashed the process (SIGSEGV in libfabric, 1 run in ~15 of
+    test_same_peer_added_from_many_threads_at_once_is_one_peer under load)."""
+    layout = PRESETS["vllm_flash"]()
+    a = kvxfer.Agent("close-here-a", transport=transport, interface="lo")
+    b = kvxfer.Agent("close-here-b", transport=transport, interface="lo")
+    for i, ag in enumerate((a, b)):
+        ag.register_pool(make_pool(layout, 60 + i), layout)
+    a_peer_b, b_peer_a = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+    a.wait_connected(a_peer_b, 20)
+    b.wait_connected(b_peer_a, 20)
+    recv = b.recv(b_peer_a, 7, [1, 2], timeout_s=60)
+    a.close()
+    assert b_peer_a.lost  # at once: no wait for the BYE
+    with pytest.raises(errors.PeerLost, match="peer 'close-here-a' closed its agent"):
+        recv.wait(timeout_s=1)
+    with pytest.raises(errors.PeerLost, match="closed its agent"):
+        b.send(b_peer_a, 8, [1], [1])
+    b.close()

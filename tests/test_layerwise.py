@@ -70,7 +70,7 @@ def test_a_thread_waiting_for_one_layer_wakes_when_it_lands_while_the_rest_is_pe
     import threading
     import time
 
-    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed=4)
+    agent, peer, layout, _, _ = connect(transport, remote, "vllm_flash", seed=4)
     ids = np.array([3, 7], np.int32)
     recv = agent.recv(peer, 91, ids)
     remote.call("send", (91, ids.tolist(), ids.tolist(), None, "none"))

@@ -287,6 +287,22 @@ def test_a_peer_removed_before_it_connected_is_told_once_it_adds_this_agent(tran
     assert_remote_send_fails_at_once(remote, "removed this agent")
 
 
+def open_until_refused(agent, peer, kind, ids, opened, refused):
+    """Opens kind ("recv" or "send") transfers of `ids` with peer, appending each to opened, until one is refused
+    with PeerLost (appended to refused)."""
+    xfer = 0
+    while xfer < 100000:
+        try:
+            if kind == "recv":
+                opened.append(agent.recv(peer, xfer, ids))
+            else:
+                opened.append(agent.send(peer, xfer, ids, ids))
+        except errors.PeerLost as e:
+            refused.append(e)
+            return
+        xfer += 1
+
+
 @pytest.mark.parametrize("kind", ["recv", "send"])
 def test_a_transfer_opened_while_its_peer_is_lost_fails_with_it(kind):
     """recv()/send() racing the BYE that makes its peer lost: each is refused (PeerLost) or failed with the peer's
@@ -296,7 +312,8 @@ def test_a_transfer_opened_while_its_peer_is_lost_fails_with_it(kind):
     import threading
 
     # Many blocks: each call spends longer between its check of the peer and listing the transfer (the plan), the
-    # window the BYE must hit for the old bug to show (it did in 10 rounds of 10 before the fix).
+    # window the BYE must hit for the old bug to show (with 1 block it never did; with these the test failed on
+    # the old build, recv and send).
     layout = kvxfer.KVLayout.vllm_flash(32, 1024, 16, 1, 16, "float16")
     ids = np.random.default_rng(7).permutation(1024).astype(np.int32)
     for round_ in range(10):
@@ -308,27 +325,13 @@ def test_a_transfer_opened_while_its_peer_is_lost_fails_with_it(kind):
         a.wait_connected(a_peer_b, 20)
         b.wait_connected(b_peer_a, 20)
         opened, refused = [], []
-
-        def open_until_refused():
-            xfer = 0
-            while xfer < 100000:
-                try:
-                    if kind == "recv":
-                        opened.append(b.recv(b_peer_a, xfer, ids))
-                    else:
-                        opened.append(b.send(b_peer_a, xfer, ids, ids))
-                except errors.PeerLost as e:
-                    refused.append(e)
-                    return
-                xfer += 1
-
-        opener = threading.Thread(target=open_until_refused)
+        opener = threading.Thread(target=open_until_refused, args=(b, b_peer_a, kind, ids, opened, refused))
         opener.start()
         time.sleep(0.02)
         a.remove_peer(a_peer_b)  # b reads the BYE while its thread keeps opening transfers with a
         opener.join(20)
         assert not opener.is_alive() and refused, "b kept accepting transfers with a peer that removed it"
-        wait_for(lambda: all(t.state != kvxfer.TransferState.PENDING for t in opened),
+        wait_for(lambda opened=opened: all(t.state != kvxfer.TransferState.PENDING for t in opened),
                  f"every {kind} opened before b refused them failed", 5)
         a.close()
         b.close()

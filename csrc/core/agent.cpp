@@ -2,6 +2,8 @@
 // agent_progress.cpp.
 #include "core/agent.h"
 
+#include <unordered_map>
+
 #include <pthread.h>
 #include <sched.h>
 #include <sys/eventfd.h>
@@ -114,6 +116,17 @@ uint64_t random_u64() {
 
 }  // namespace
 
+namespace {
+// The live Agents of this process by epoch: one closing tells the others that peer it (tell_agents_in_this_process).
+// An Agent is listed once its progress thread runs and unlisted first thing in its destructor, under this lock, so
+// an Agent found here stays alive while the lock is held.
+std::mutex g_agents_mu;
+std::unordered_map<uint64_t, Agent*>& agents_in_this_process() {
+  static auto* agents = new std::unordered_map<uint64_t, Agent*>();  // never destroyed: agents may outlive statics
+  return *agents;
+}
+}  // namespace
+
 Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   KVXFER_CHECK(options_.default_timeout_s > 0, InvalidArgument, "timeout_s must be > 0");
   KVXFER_CHECK(ImmCode::valid_max_peers(options_.max_peers), InvalidArgument,
@@ -199,6 +212,8 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   if (doorbell_ && !cq_fds_.empty()) info_.wake_fd = wake_fd_;  // else we never block: peers need not wake us
   progress_ = std::thread([this] { progress_loop(); });
   place_progress_thread();
+  std::lock_guard<std::mutex> lock(g_agents_mu);
+  agents_in_this_process()[info_.epoch] = this;
 }
 
 namespace {
@@ -259,6 +274,10 @@ void Agent::place_progress_thread() {
 }
 
 Agent::~Agent() {
+  {
+    std::lock_guard<std::mutex> lock(g_agents_mu);
+    agents_in_this_process().erase(info_.epoch);
+  }
   say_goodbye(std::chrono::milliseconds(250));
   stop_.store(true);
   wake_progress();
@@ -274,6 +293,7 @@ Agent::~Agent() {
   // Writes already posted complete first (bounded): closing an rxm endpoint with RMA writes in flight crashed inside
   // libfabric (a core from the suite: ~Agent -> libfabric, right after a test whose sender was still writing).
   drain_posted_writes(std::chrono::seconds(2));
+  tell_agents_in_this_process(free_contexts_.size() == contexts_.size());
   // Endpoints close next, while the op contexts, bounce slots and pools their pending operations point at are
   // alive (members are destroyed in reverse order, so contexts_ and the rings would otherwise go before transport_).
   transport_->shutdown();
@@ -285,6 +305,21 @@ Agent::~Agent() {
   transport_->deregister_memory(signal_key_);
   staging_.reset();
   landing_.reset();
+}
+
+// Destructor, before our endpoints close: an Agent of this process that peers us must stop using our address now.
+// libfabric's shm provider reaches a peer endpoint of the same process through that endpoint's own mapping of its
+// region, which closing it unmaps: the other agent, still unaware of our BYE, posted to it (its own close's BYE, a
+// heartbeat) and crashed in libfabric (SIGSEGV in the peer region's lock; a core from
+// test_same_peer_added_from_many_threads_at_once_is_one_peer[fi_shm], 1 run in ~15 under CPU load).
+// peers_mu_ held by the destructor.
+void Agent::tell_agents_in_this_process(bool writes_over) {
+  std::lock_guard<std::mutex> lock(g_agents_mu);
+  for (const auto& [epoch, peer] : peers_by_epoch_) {
+    auto it = agents_in_this_process().find(epoch);
+    if (it != agents_in_this_process().end() && it->second != this)
+      it->second->peer_closing_in_this_process(info_.epoch, writes_over);
+  }
 }
 
 // A BYE to `peer` saying why (ByeReason, in the message's xfer_id).

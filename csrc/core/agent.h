@@ -339,6 +339,10 @@ class Agent {
   void end_peer_now(const std::shared_ptr<PeerState>& peer, ErrorKind kind, const std::string& why,
                     ByeReason reason, bool totals_received = false);
   void on_bye(const std::shared_ptr<PeerState>& peer, const ControlMessage& m);
+  // Another Agent of this process, our peer, is closing its endpoints (its destructor, progress thread stopped):
+  // we end it now and never touch its address again (see ~Agent). writes_over: its posted writes all completed.
+  void peer_closing_in_this_process(uint64_t epoch, bool writes_over);
+  void tell_agents_in_this_process(bool writes_over);  // destructor (peers_mu_ held): the above, for each
   void watch_removed(PeerState& peer, SlotCounter& s, uint64_t xfer_id);  // peer.mu held
   void settle_removed_recvs(PeerState& peer);
   void queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, uint32_t slot, uint32_t first_layer = 0,

@@ -1082,6 +1082,24 @@ void Agent::on_bye(const std::shared_ptr<PeerState>& owner, const ControlMessage
   end_peer_now(owner, ErrorKind::PeerLost, why, kByeAnswer, totals);
 }
 
+// Called by the closing agent's thread (tell_agents_in_this_process). Under our transport lock, so our progress
+// thread is not posting to it meanwhile; after it, nothing is: the peer is lost (nothing but a farewell goes to a
+// lost peer, and its queued messages are dropped here) and its address is never released through the transport
+// (release_lost_peer skips it), which would reach into the region being unmapped too.
+void Agent::peer_closing_in_this_process(uint64_t epoch, bool writes_over) {
+  std::lock_guard<std::mutex> domain(transport_mu_);
+  const std::shared_ptr<PeerState> peer = peer_by_epoch(epoch);
+  if (!peer) return;
+  peer->transport_released = true;
+  auto for_it = [&](const auto& e) { return e.first.get() == peer.get(); };
+  outbox_.erase(std::remove_if(outbox_.begin(), outbox_.end(), for_it), outbox_.end());
+  goodbye_pending_.erase(std::remove_if(goodbye_pending_.begin(), goodbye_pending_.end(),
+                                        [&](const PendingBye& b) { return b.peer == peer; }),
+                         goodbye_pending_.end());
+  if (!peer->lost) mark_peer_lost(*peer, ErrorKind::PeerLost, "peer '" + peer->info.name + ended_because(kByeClosed),
+                                  writes_over);
+}
+
 void Agent::remember_abandoned(PeerState& peer, uint64_t xfer_id, uint32_t slot) {
   if (!peer.abandoned.emplace(xfer_id, slot).second) return;
   peer.abandoned_order.push_back(xfer_id);

@@ -120,7 +120,8 @@ struct PeerState {
   // Releasing the peer closes its connection, which may drop a message still on its way (UCX closes by force), so
   // release waits a while after it (release_lost_peer).
   Clock::time_point farewell_posted_at{};
-  bool transport_released = false;  // progress thread: the transport dropped its connection (release_lost_peer)
+  bool transport_released = false;  // transport_mu_: the transport dropped its connection (release_lost_peer), or
+                                    // must not touch it (an agent of this process closing it)
   // The keys this peer writes into us with (Agent::open_peer_keys), one per entry of the agent's remote_windows_,
   // in its order; guarded by the agent's transport_mu_. Closed when the peer is released: then `fenced` (progress
   // thread) says nothing it posted can land any more, where that is the peer's only way in (another host).
