@@ -17,10 +17,14 @@ from tests.test_fallback import _fake_rdma_sysfs
                                           pytest.param("ucx", "raw TCP over 127.0.0.1", marks=UCX.marks)])
 def test_a_check_moves_verified_bytes_and_reports_the_ratio_to_its_limit(fabric, limit):
     c = preflight.check(fabric, "lo" if fabric != "fi_shm" else "", mib=8)
-    assert c.ok, c.line()
-    assert c.why == "" and c.nbytes == 8 << 20 and c.transport == fabric and c.limit == limit
+    # The verdict on speed is not this test's: 8 MiB on a loaded machine once came out at 0.075 of memcpy over
+    # fi_shm (CI clean clone, 2026-12-02; 0.22-0.34 alone). Every byte verified is; the judging of a slow path is
+    # test_a_path_ten_times_slower_than_its_limit_fails_naming_why's.
+    assert c.ok or "10x slower than the limit" in c.why, c.line()
+    assert c.nbytes == 8 << 20 and c.transport == fabric and c.limit == limit
     assert c.gbps > 0 and c.limit_gbps > 0 and c.ratio == pytest.approx(c.gbps / c.limit_gbps)
-    assert c.line().startswith(f"ok   {fabric}") and "8 MiB verified" in c.line()
+    assert c.ok == (c.ratio >= preflight.SLOW_RATIO) and c.ok == (c.why == "")
+    assert c.line().startswith(f"{'ok  ' if c.ok else 'FAIL'} {fabric}") and "8 MiB verified" in c.line()
 
 
 def test_a_path_ten_times_slower_than_its_limit_fails_naming_why():
