@@ -23,6 +23,12 @@ def reference_pair(transport: str, name: str, **sender_kwargs):
     return a, b, peer_b, peer_a
 
 
+def pct(xs, q):
+    """The q-quantile (0..1) of xs: the value at index int(q * n) of the sorted values, the last at most."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
 def transfer_seconds(a, b, peer_b, peer_a, xfer: int, src_ids, dst_ids, timeout_s: float = 60.0) -> float:
     """Transfer xfer from a to b: seconds from all_ready() until b's recv is done."""
     recv = b.recv(peer_a, xfer, dst_ids)

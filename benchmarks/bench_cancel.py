@@ -24,7 +24,7 @@ import time
 os.environ.setdefault("FI_TCP_IFACE", "lo")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.agent_pair import reference_pair, transfer_seconds  # noqa: E402
+from benchmarks.agent_pair import pct, reference_pair, transfer_seconds  # noqa: E402
 from benchmarks.bench_reference import ids, layout  # noqa: E402
 
 
@@ -34,11 +34,6 @@ def until(pred, timeout_s: float = 60.0) -> float:
         if time.perf_counter() - t0 > timeout_s:
             raise TimeoutError("not reached")
     return time.perf_counter() - t0
-
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def run(transport: str, reps: int, small: int) -> dict:

@@ -22,21 +22,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.agent_pair import pct, reference_pair  # noqa: E402
+
 
 def switches() -> int:
     with open(f"/proc/self/task/{threading.get_native_id()}/status") as f:
         return int(next(line for line in f if line.startswith("voluntary_ctxt")).split()[1])
 
 
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * q))]
-
-
 def kvxfer_run(transport: str, n: int, gap_s: float) -> dict:
     import numpy as np
-
-    from benchmarks.agent_pair import reference_pair
 
     a, b, peer_b, peer_a = reference_pair(transport, f"small-{int(gap_s * 1e3)}")
     rng = np.random.default_rng(0)

@@ -17,6 +17,7 @@ from tests.conftest import (
     another_host,
     assert_nothing_lands_after_writes_over,
     connect,
+    local_pair,
     three_recvs_from_another_host,
     wait_for,
 )
@@ -175,14 +176,7 @@ def test_an_agent_closing_ends_its_peers_in_this_process_before_its_endpoints_go
     it reads the BYE), so it never posts to the closed endpoint. Over fi_shm that post reached into the closed
     endpoint's unmapped region and crashed the process (SIGSEGV in libfabric, 1 run in ~15 of
     test_same_peer_added_from_many_threads_at_once_is_one_peer under load)."""
-    layout = PRESETS["vllm_flash"]()
-    a = kvxfer.Agent("close-here-a", transport=transport, interface="lo")
-    b = kvxfer.Agent("close-here-b", transport=transport, interface="lo")
-    for i, ag in enumerate((a, b)):
-        ag.register_pool(make_pool(layout, 60 + i), layout)
-    a_peer_b, b_peer_a = a.add_peer(b.metadata()), b.add_peer(a.metadata())
-    a.wait_connected(a_peer_b, 20)
-    b.wait_connected(b_peer_a, 20)
+    a, b, _, b_peer_a, _, _ = local_pair(PRESETS["vllm_flash"](), transport, ("close-here-a", "close-here-b"))
     recv = b.recv(b_peer_a, 7, [1, 2], timeout_s=60)
     a.close()
     assert b_peer_a.lost  # at once: no wait for the BYE

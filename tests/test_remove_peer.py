@@ -17,6 +17,7 @@ from tests.conftest import (
     assert_nothing_lands_after_writes_over,
     assert_remote_send_fails_at_once,
     connect,
+    local_pair,
     open_fds,
     three_recvs_from_another_host,
     wait_for,
@@ -317,13 +318,7 @@ def test_a_transfer_opened_while_its_peer_is_lost_fails_with_it(kind):
     layout = kvxfer.KVLayout.vllm_flash(32, 1024, 16, 1, 16, "float16")
     ids = np.random.default_rng(7).permutation(1024).astype(np.int32)
     for round_ in range(10):
-        a, b = (kvxfer.Agent(f"race-{kind}-{n}-{round_}", transport="tcp", interface="lo", timeout_s=60)
-                for n in ("a", "b"))
-        for ag in (a, b):
-            ag.register_pool([np.zeros(layout.tensor_layer_bytes, np.uint8) for _ in range(layout.num_layers)], layout)
-        a_peer_b, b_peer_a = a.add_peer(b.metadata()), b.add_peer(a.metadata())
-        a.wait_connected(a_peer_b, 20)
-        b.wait_connected(b_peer_a, 20)
+        a, b, a_peer_b, b_peer_a, _, _ = local_pair(layout, "tcp", (f"race-{kind}-a-{round_}", f"race-{kind}-b-{round_}"))
         opened, refused = [], []
         opener = threading.Thread(target=open_until_refused, args=(b, b_peer_a, kind, ids, opened, refused))
         opener.start()

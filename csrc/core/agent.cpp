@@ -292,8 +292,7 @@ Agent::~Agent() {
   }
   // Writes already posted complete first (bounded): closing an rxm endpoint with RMA writes in flight crashed inside
   // libfabric (a core from the suite: ~Agent -> libfabric, right after a test whose sender was still writing).
-  drain_posted_writes(std::chrono::seconds(2));
-  tell_agents_in_this_process(free_contexts_.size() == contexts_.size());
+  tell_agents_in_this_process(drain_posted_writes(std::chrono::seconds(2)));
   // Endpoints close next, while the op contexts, bounce slots and pools their pending operations point at are
   // alive (members are destroyed in reverse order, so contexts_ and the rings would otherwise go before transport_).
   transport_->shutdown();
@@ -348,7 +347,7 @@ void Agent::say_goodbye(std::chrono::milliseconds limit) {
 }
 
 // Destructor only (the progress thread has stopped): polls until every op context is back or `limit` passed.
-void Agent::drain_posted_writes(std::chrono::milliseconds limit) {
+bool Agent::drain_posted_writes(std::chrono::milliseconds limit) {
   const auto until = Clock::now() + limit;
   Event events[64];
   while (free_contexts_.size() < contexts_.size() && Clock::now() < until) {
@@ -356,7 +355,7 @@ void Agent::drain_posted_writes(std::chrono::milliseconds limit) {
     try {
       n = transport_->poll(events, 64);
     } catch (const std::exception&) {
-      return;
+      break;
     }
     for (size_t i = 0; i < n; ++i) {
       const auto kind = events[i].kind;
@@ -366,6 +365,7 @@ void Agent::drain_posted_writes(std::chrono::milliseconds limit) {
     }
     if (n == 0) std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
+  return free_contexts_.size() == contexts_.size();
 }
 
 std::vector<uint8_t> Agent::metadata() const {

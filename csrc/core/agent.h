@@ -309,7 +309,7 @@ class Agent {
   void remember_abandoned(PeerState& peer, uint64_t xfer_id, uint32_t slot);  // peer.mu held
   void maybe_reclaim_aborted(PeerState& peer, uint32_t slot);
   void check_deadlines();
-  void drain_posted_writes(std::chrono::milliseconds limit);
+  bool drain_posted_writes(std::chrono::milliseconds limit);  // true when every op context came back
   static std::string describe_arrival(const SlotCounter& slot, const RecvState& recv);
   static std::string describe_progress(const SendState& send);
   void check_slot(PeerState& peer, uint32_t slot);  // called with peer.mu held
@@ -348,6 +348,8 @@ class Agent {
   void queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, uint32_t slot, uint32_t first_layer = 0,
                      uint32_t num_layers = 0, uint32_t granules = 0);
   bool flush_control();
+  bool has_messages_to(const PeerState& peer) const;  // in the outbox
+  void drop_messages_to(const PeerState& peer);      // from the outbox
   void maybe_finish_send(SendState& send);
   std::shared_ptr<PeerState> peer_by_epoch(uint64_t epoch);
   OpContext* take_context();

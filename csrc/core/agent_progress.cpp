@@ -365,6 +365,15 @@ bool Agent::flush_control() {
   return any;
 }
 
+bool Agent::has_messages_to(const PeerState& peer) const {
+  return std::any_of(outbox_.begin(), outbox_.end(), [&](const auto& e) { return e.first.get() == &peer; });
+}
+
+void Agent::drop_messages_to(const PeerState& peer) {
+  outbox_.erase(std::remove_if(outbox_.begin(), outbox_.end(), [&](const auto& e) { return e.first.get() == &peer; }),
+                outbox_.end());
+}
+
 Agent::OpContext* Agent::take_context() {
   if (free_contexts_.empty()) return nullptr;
   OpContext* c = free_contexts_.back();
@@ -1091,8 +1100,7 @@ void Agent::peer_closing_in_this_process(uint64_t epoch, bool writes_over) {
   const std::shared_ptr<PeerState> peer = peer_by_epoch(epoch);
   if (!peer) return;
   peer->transport_released = true;
-  auto for_it = [&](const auto& e) { return e.first.get() == peer.get(); };
-  outbox_.erase(std::remove_if(outbox_.begin(), outbox_.end(), for_it), outbox_.end());
+  drop_messages_to(*peer);
   goodbye_pending_.erase(std::remove_if(goodbye_pending_.begin(), goodbye_pending_.end(),
                                         [&](const PendingBye& b) { return b.peer == peer; }),
                          goodbye_pending_.end());
@@ -1531,8 +1539,7 @@ void Agent::release_lost_peer(PeerState& peer) {
                                   Clock::now() - peer.farewell_posted_at < kReleaseLostPeerAfter;
   if (farewell_in_flight) return;
   const bool given_up = lost_for >= kFarewellGivesUpAfter;
-  const bool farewell_pending =
-      std::any_of(outbox_.begin(), outbox_.end(), [&](const auto& e) { return e.first.get() == &peer; });
+  const bool farewell_pending = has_messages_to(peer);
   if (farewell_pending && !given_up) return;
   for (const auto& op : staged_)  // copies into our bounce slots: they finish here, whatever the peer does
     if (op.send->peer.get() == &peer) return;
@@ -1543,9 +1550,7 @@ void Agent::release_lost_peer(PeerState& peer) {
     for (const auto& s : draining_)
       if (s->peer.get() == &peer) return;
   }
-  if (farewell_pending)
-    outbox_.erase(std::remove_if(outbox_.begin(), outbox_.end(), [&](const auto& e) { return e.first.get() == &peer; }),
-                  outbox_.end());
+  if (farewell_pending) drop_messages_to(peer);
   transport_->remove_peer(peer.addr);  // the progress thread holds transport_mu_ here
   // Its keys close after its connection: whatever it still writes, now or over a new connection, is refused. Only
   // a peer on another host has no other way in (a same-host one may write by CMA or CUDA IPC, without keys).
