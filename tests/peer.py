@@ -81,6 +81,8 @@ def serve(conn):
                 result = bool((extra[("recv", xfer)] if kind == "recv" else sends[xfer]).writes_over)
             elif cmd == "stats":
                 result = (agent.stats(), peers[0].rails)
+            elif cmd == "metadata":
+                result = agent.metadata()
             elif cmd == "close":  # close the agent, keep the process (peers must learn it from the agent)
                 agent.close()
                 result = None

@@ -16,7 +16,16 @@ import pytest
 
 import kvxfer
 from kvxfer import _C, errors
-from tests.conftest import UCX, RemoteError, RemoteSender, another_host, connect, info_line, wait_for
+from tests.conftest import (
+    UCX,
+    RemoteError,
+    RemoteSender,
+    another_host,
+    assert_exact_from_remote,
+    connect,
+    info_line,
+    wait_for,
+)
 from tests.reference import apply, block_view, make_pool
 
 
@@ -72,6 +81,34 @@ def test_a_silent_sender_on_another_host_is_fenced_and_what_it_posts_later_never
     for layer in range(layout.num_layers):  # blocks the transfer did not address were never touched
         np.testing.assert_array_equal(block_view(layout, dst, layer)[:, :128], block_view(layout, before, layer)[:, :128])
     assert remote.proc.is_alive()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "fi_shm", UCX])
+def test_a_fenced_peer_added_again_writes_with_new_keys_and_its_old_writes_never_land(transport, remote):
+    """The same incarnation added again after it was fenced (an engine reconnecting to a peer the heartbeat ended,
+    its process never restarted): the new association gets keys of its own. With the old keys opened again, what
+    the woken sender still posts for its old transfer would land in blocks already given to new requests."""
+    another_host(remote, "kvxfer-readded-host")
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 85, layout_args=BIG, timeout_s=120,
+                                          receiver_kwargs=HEARTBEAT, sender_kwargs=HEARTBEAT)
+    its_metadata = remote.call("metadata", None)
+    recv = agent.recv(peer, 1, list(range(128, 256)), timeout_s=120)
+    remote.call("send_and_stop", (1, list(range(128)), list(range(128, 256))))
+    try:
+        with pytest.raises(errors.PeerLost, match="sent nothing for"):
+            recv.wait(timeout_s=30)
+        wait_for(lambda: recv.writes_over, "writes_over of the silent peer's recv once its keys closed", 15)
+        assert recv.layers_done < layout.num_layers, "the sender finished before it stopped: nothing was fenced"
+        again = agent.add_peer(its_metadata)  # the same metadata: same epoch, a new association
+        assert again is not peer and not again.lost
+        settled = [x.copy() for x in dst]
+    finally:
+        os.kill(remote.proc.pid, signal.SIGCONT)
+    _assert_it_fails_and_nothing_lands(remote, dst, settled)
+    # The woken sender adds us again too: the new association moves bytes exactly.
+    remote.call("add_peer", agent.metadata())
+    agent.wait_connected(again, 20)
+    assert_exact_from_remote(agent, again, remote, layout, dst, 85, 2, [0, 1, 2], [128, 129, 130])
 
 
 def test_a_stopped_old_incarnation_on_another_host_settles_once_fenced():
@@ -181,8 +218,8 @@ def _with_epoch(md: bytes, epoch: int) -> bytes:
 
 
 def test_a_peer_refused_for_a_key_collision_leaves_nothing_behind():
-    """Keys derive from published keys and the writer's epoch, so two peers' keys can collide (about 1 in 2^64 per
-    pair; forced here by choosing an epoch). The provider refuses the second registration, and add_peer with it:
+    """Keys derive from published keys, the writer's epoch and the association's link number, so two peers' keys can
+    collide (about 1 in 2^64 per pair; forced here by choosing an epoch). The provider refuses the second registration, and add_peer with it:
     the peer must then be gone entirely. It used to stay listed, holding a window and without keys, so adding it
     again returned that broken peer instead of refusing, and a max_peers agent lost the window for good."""
     layout = kvxfer.KVLayout.contiguous(4, 4096)
@@ -195,16 +232,17 @@ def test_a_peer_refused_for_a_key_collision_leaves_nothing_behind():
     src = np.arange(4 * 4096, dtype=np.uint32).astype(np.uint8)
     for s in senders:
         s.register_pool(src, layout)
-    peer_b = a.add_peer(senders[0].metadata())
-    # An epoch under which the second sender's key for our pool equals the first one's for our signal pad.
+    peer_b = a.add_peer(senders[0].metadata())  # the agent's first association: link 1
+    # An epoch under which the second sender's key for our pool equals the first one's for our signal pad, for the
+    # link number its adding gets (each add_peer takes the next one, refused or not).
     mult, inv = 0x9E3779B97F4A7C15, pow(0x9E3779B97F4A7C15, -1, 1 << 64)
-    epoch_b = _C.decode_metadata(senders[0].metadata())["epoch"]
-    clash = ((pool ^ signal ^ (epoch_b * mult % (1 << 64))) * inv) % (1 << 64)
-    assert _C.peer_key(pool, clash) == _C.peer_key(signal, epoch_b)
-    forged = _with_epoch(senders[1].metadata(), clash)
-    for _ in range(2):  # refused each time: nothing of the first refusal stayed listed
+    salt_b = _C.writer_salt(_C.decode_metadata(senders[0].metadata())["epoch"], 1)
+    for link in (2, 3):  # refused each time: nothing of the first refusal stayed listed
+        salt = ((pool ^ signal ^ (salt_b * mult % (1 << 64))) * inv) % (1 << 64)
+        clash = salt ^ _C.writer_salt(0, link)
+        assert _C.peer_key(pool, _C.writer_salt(clash, link)) == _C.peer_key(signal, salt_b)
         with pytest.raises(errors.RegistrationFailed, match="key .* is taken|two peers' keys collided"):
-            a.add_peer(forged)
+            a.add_peer(_with_epoch(senders[1].metadata(), clash))
     def move(sender, peer_at_a, xfer, src_ids, dst_ids):
         to_a = sender.add_peer(a.metadata())
         sender.wait_connected(to_a, 20)

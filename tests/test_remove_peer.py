@@ -254,6 +254,38 @@ def test_a_removed_live_peer_leaves_no_connection_or_fd_behind(remote, transport
     agent.close()
 
 
+@pytest.mark.parametrize("transport", ["tcp", "fi_shm", "cma", UCX])
+def test_a_removed_peer_added_again_at_once_is_a_new_association(remote, transport):
+    """An engine that removed a peer and adds the same agent (same metadata) back at once, before the first
+    association was released: the two are kept apart. Adding it used to fail with "the key is taken (two peers'
+    keys collided)" for a second or so (per-peer keys), or replaced the old one's state so it was never released;
+    releasing the old one later closed the connection, or on fi_shm unmapped the region, that the new one used."""
+    layout = PRESETS["vllm_flash"]()
+    agent = kvxfer.Agent("re-add", transport=transport, interface="lo", timeout_s=30)
+    dst = make_pool(layout, 4)
+    agent.register_pool(dst, layout)
+    md = remote.call("init", (transport, "vllm_flash", 9, [], 1, {"name": "re-add-peer"}))
+    peer = agent.add_peer(md)
+    remote.call("add_peer", agent.metadata())
+    agent.wait_connected(peer, 20)
+    from tests.conftest import assert_exact_from_remote
+
+    assert_exact_from_remote(agent, peer, remote, layout, dst, 9, 1, [0, 1], [5, 9])
+    agent.remove_peer(peer)
+    again = agent.add_peer(md)
+    assert peer.lost and not again.lost
+    with pytest.raises(RemoteError, match="removed this agent"):  # the peer has read our BYE: it adds us again
+        remote.call("send", (2, [0], [0], None, "all"))
+        remote.call("wait", (2, 10))
+    remote.call("add_peer", agent.metadata())
+    agent.wait_connected(again, 20)
+    assert_exact_from_remote(agent, again, remote, layout, dst, 9, 3, [2, 3], [6, 10])
+    wait_for(lambda: agent.stats()["peers_released"] == 1, "the first association released", timeout_s=10)
+    assert not again.lost
+    assert_exact_from_remote(agent, again, remote, layout, dst, 9, 4, [4, 5], [7, 11])
+    agent.close()
+
+
 @pytest.mark.skipif(not _have_ucx(), reason="this kvxfer build has no UCX")
 def test_ucx_keeps_the_endpoint_of_a_peer_that_never_connected():
     """UCX 1.13 aborts the process when an endpoint that still owes its peer a wireup reply is closed, so a ucx agent

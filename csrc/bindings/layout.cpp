@@ -125,8 +125,10 @@ void register_layout(py::module_& m) {
     return d;
   });
 
-  m.def("peer_key", &peer_key, py::arg("base"), py::arg("writer_epoch"),
-        "The key the agent of epoch writer_epoch writes with where the owner published base (per-peer keys).");
+  m.def("peer_key", &peer_key, py::arg("base"), py::arg("salt"),
+        "The key a writer writes with where the owner published base (per-peer keys), salt = writer_salt(...).");
+  m.def("writer_salt", &writer_salt, py::arg("writer_epoch"), py::arg("owner_link"),
+        "What a writer's keys derive from: its epoch and the owner's link number for that association.");
 
   // The UCX transport's check of a peer's data AM (transports/ucx/data_am.h), for tests: "" or why it is refused.
   // regions: {key: (base, size)} as this agent exported them.

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <fstream>
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -297,6 +298,7 @@ Agent::~Agent() {
   // alive (members are destroyed in reverse order, so contexts_ and the rings would otherwise go before transport_).
   transport_->shutdown();
   for (auto& [epoch, peer] : peers_by_epoch_) close_peer_keys(*peer);
+  for (auto& peer : ended_associations_) close_peer_keys(*peer);
   for (auto& pool : pools_) {
     for (auto& key : pool->keys) transport_->deregister_memory(key);
     gpu::close_vmm_export(pool->vmm_exports);
@@ -314,7 +316,10 @@ Agent::~Agent() {
 // peers_mu_ held by the destructor.
 void Agent::tell_agents_in_this_process(bool writes_over) {
   std::lock_guard<std::mutex> lock(g_agents_mu);
-  for (const auto& [epoch, peer] : peers_by_epoch_) {
+  std::set<uint64_t> epochs;
+  for (const auto& [epoch, peer] : peers_by_epoch_) epochs.insert(epoch);
+  for (const auto& peer : ended_associations_) epochs.insert(peer->info.epoch);
+  for (uint64_t epoch : epochs) {
     auto it = agents_in_this_process().find(epoch);
     if (it != agents_in_this_process().end() && it->second != this)
       it->second->peer_closing_in_this_process(info_.epoch, writes_over);
@@ -683,7 +688,6 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
                         << (info_.transport == "ucx" ? " (ucx: keys of its own only where every write is a data AM: "
                                                        "KVXFER_UCX_WRITES=am on both, or UCX without RMA lanes)"
                                                      : " and run the same kvxfer and libfabric on both"));
-  if (peer_info.peer_keys) write_with_own_keys(peer_info, info_.epoch);
   std::lock_guard<std::mutex> adding(add_peer_mu_);
   std::shared_ptr<PeerState> restarted;
   {
@@ -753,17 +757,21 @@ std::shared_ptr<PeerState> Agent::add_peer(const uint8_t* data, size_t nbytes) {
 void Agent::admit_peer(const std::shared_ptr<PeerState>& peer) {
   {
     std::lock_guard<std::mutex> domain(transport_mu_);
-    transport_->import_keys(peer->addr, peer->info.transport_keys, peer->info.peer_keys ? info_.epoch : 0);
+    transport_->import_keys(peer->addr, peer->info.transport_keys);
     if (std::string lanes = transport_->describe_peer(peer->addr); !lanes.empty()) peer->path_reason += "; " + lanes;
     peer->rails = std::max<uint32_t>(1, transport_->peer_rails(peer->addr));
   }
   premap_ipc_pools(*peer);
   {
+    // transport_mu_ first (the progress thread's order): an early HELLO's link tells the transport our keys.
+    std::lock_guard<std::mutex> domain(transport_mu_);
     std::lock_guard<std::mutex> lock(peers_mu_);
     // A restarted peer's old state stays listed, lost, like a removed one: its BYE still goes out and the progress
     // thread settles its ended recvs (settle_removed_recvs); its window is reused once no live peer holds the rest.
     peer->rx_window = assign_window(peer);
-    peers_by_epoch_[peer->info.epoch] = peer;
+    auto& listed = peers_by_epoch_[peer->info.epoch];
+    if (listed) ended_associations_.push_back(std::move(listed));  // the same incarnation added again: it was lost
+    listed = peer;
     auto early = early_hellos_.find(peer->info.epoch);
     if (early != early_hellos_.end()) {
       if (early->second.window) {
@@ -771,7 +779,7 @@ void Agent::admit_peer(const std::shared_ptr<PeerState>& peer) {
         peer->take_window(early->second.window_base, early->second.window_slots);
       }
       peer->hello_rails = early->second.rails;
-      peer->peer_link = early->second.link;
+      learn_peer_link(*peer, early->second.link);
       peer->connected = peer->hello_rails == (1u << peer->rails) - 1;
       early_hellos_.erase(early);
     }
@@ -815,12 +823,23 @@ void Agent::expose_to_peers(void* addr, size_t nbytes, uint64_t base_key) {
     if (auto peer = w.lock()) open_peer_keys(*peer);
 }
 
-// Keys are derived (peer_key), not exchanged: the peer computes the same ones from what we published and its epoch.
+// Keys are derived (peer_key), not exchanged: the peer computes the same ones from what we published, its epoch and
+// the link number of this association, which our HELLO tells it (learn_peer_link on its side).
 void Agent::open_peer_keys(PeerState& peer) {
+  const uint64_t salt = writer_salt(peer.info.epoch, peer.link);
   while (peer.keys.size() < remote_windows_.size()) {
     const RemoteWindow& w = remote_windows_[peer.keys.size()];
-    peer.keys.push_back(transport_->register_peer_key(w.addr, w.nbytes, peer_key(w.base_key, peer.info.epoch)));
+    peer.keys.push_back(transport_->register_peer_key(w.addr, w.nbytes, peer_key(w.base_key, salt)));
   }
+}
+
+// The peer's number for this association (its HELLO): ours to address it with, and with per-peer keys the salt of
+// the keys we write into it with (open_peer_keys on its side). peers_mu_ and transport_mu_ held.
+void Agent::learn_peer_link(PeerState& peer, uint32_t link) {
+  peer.peer_link = link;
+  if (!peer.info.peer_keys) return;
+  peer.write_salt = writer_salt(info_.epoch, link);
+  transport_->set_write_salt(peer.addr, peer.write_salt);
 }
 
 void Agent::close_peer_keys(PeerState& peer) {

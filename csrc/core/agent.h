@@ -352,6 +352,9 @@ class Agent {
   void drop_messages_to(const PeerState& peer);      // from the outbox
   void maybe_finish_send(SendState& send);
   std::shared_ptr<PeerState> peer_by_epoch(uint64_t epoch);
+  // The association a message from `epoch` addressed to our `link` belongs to (0: the listed one).
+  std::shared_ptr<PeerState> association(uint64_t epoch, uint32_t link);
+  std::shared_ptr<PeerState> holder_of(const PeerState& peer);  // the shared_ptr listing it (or null)
   OpContext* take_context();
   void return_context(OpContext* ctx);
 
@@ -382,6 +385,8 @@ class Agent {
   void forget_refused_peer(const std::shared_ptr<PeerState>& peer);
   void open_peer_keys(PeerState& peer);   // transport_mu_ held: keys for the windows the peer has none for yet
   void close_peer_keys(PeerState& peer);  // transport_mu_ held
+  void learn_peer_link(PeerState& peer, uint32_t link);
+  void forget_ended_associations();  // peers_mu_ held
 
   std::mutex peers_mu_;
   // Held through add_peer: its "already added?" check and the insertion are far apart (transport endpoint, CMA probe),
@@ -389,6 +394,10 @@ class Agent {
   // Taken before transport_mu_ and peers_mu_; the progress thread never takes it.
   std::mutex add_peer_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<PeerState>> peers_by_epoch_;
+  // Lost associations whose incarnation was added again (same epoch, a new link): unlisted by epoch, but still
+  // released, their ended recvs still settled (by the peer's answers, its keys closing, its exit), until both are
+  // done (check_deadlines). peers_mu_.
+  std::vector<std::shared_ptr<PeerState>> ended_associations_;
   struct EarlyHello { uint32_t rails = 0, window_base = 0, window_slots = 0, link = 0; bool window = false; };
   uint32_t links_made_ = 0;  // add_peer_mu_: the last PeerState::link handed out
   std::unordered_map<uint64_t, EarlyHello> early_hellos_;  // HELLOs from peers not added yet, by epoch

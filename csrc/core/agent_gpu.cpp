@@ -455,11 +455,12 @@ bool Agent::post_staged_op(StagedOp& op) {
       const auto& dreg = dst.regions[w.dst_region];
       const uint64_t to = (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset;
       WriteIov* last = niov ? &iov[niov - 1] : nullptr;
-      if (last && last->rkey == dreg.rkey && last->remote_addr + last->nbytes == to) {
+      const uint64_t key = peer.write_key(dreg.rkey);
+      if (last && last->rkey == key && last->remote_addr + last->nbytes == to) {
         last->nbytes += w.nbytes;
       } else {
         KVXFER_ASSERT(niov < 16);
-        iov[niov++] = {at, w.nbytes, staging_->desc(), to, dreg.rkey};
+        iov[niov++] = {at, w.nbytes, staging_->desc(), to, key};
       }
       at += w.nbytes;
     }
@@ -492,7 +493,7 @@ WriteIov Agent::landing_iov(const StagedOp& op, uint32_t index) const {
   const uint64_t window = send.slot / peer.tx_window_slots;  // the receiver's window index
   const uint64_t offset = (window * peer.info.landing_slots + index) * peer.info.landing_slot_bytes;
   return {staging_->slot_ptr(op.slot), kLandingDataOffset + data, staging_->desc(),
-          (peer.info.remote_virt_addr ? peer.info.landing_addr : 0) + offset, peer.info.landing_rkey};
+          (peer.info.remote_virt_addr ? peer.info.landing_addr : 0) + offset, peer.write_key(peer.info.landing_rkey)};
 }
 
 }  // namespace kvxfer

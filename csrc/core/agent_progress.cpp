@@ -313,7 +313,7 @@ void Agent::queue_control(PeerState& peer, ControlType type, uint64_t xfer_id, u
   m.first_layer = first_layer;
   m.num_layers = num_layers;
   m.granules_per_layer = granules;
-  std::shared_ptr<PeerState> owner = peer_by_epoch(peer.info.epoch);
+  std::shared_ptr<PeerState> owner = holder_of(peer);
   if (owner) outbox_.emplace_back(std::move(owner), m);
 }
 
@@ -449,7 +449,7 @@ bool Agent::post_send_ops(const std::shared_ptr<SendState>& owner, size_t& budge
             const auto& dreg = dst.regions[w.dst_region];
             iov[k] = {reinterpret_cast<const void*>(src.regions[w.src_region].addr + w.src_offset), w.nbytes,
                       src.keys[w.src_region].desc, (peer.info.remote_virt_addr ? dreg.addr : 0) + w.dst_offset,
-                      dreg.rkey};
+                      peer.write_key(dreg.rkey)};
           }
           OpContext* ctx = take_context();
           if (!ctx) return any;  // immediates took contexts this turn's budget counted for writes
@@ -672,7 +672,7 @@ bool Agent::write_signal(SendState& send, uint32_t imm, uint32_t rail, bool coun
   ctx->counts_rail = counts_rail;
   const PeerState& peer = *send.peer;
   const int rc = transport_->post_write(nullptr, 0, nullptr, imm, peer.addr,
-                                        peer.info.remote_virt_addr ? peer.info.signal_addr : 0, peer.info.signal_rkey,
+                                        peer.info.remote_virt_addr ? peer.info.signal_addr : 0, peer.write_key(peer.info.signal_rkey),
                                         ctx, rail);
   if (rc == -EAGAIN) {
     return_context(ctx);
@@ -774,6 +774,24 @@ std::shared_ptr<PeerState> Agent::peer_by_epoch(uint64_t epoch) {
   std::lock_guard<std::mutex> lock(peers_mu_);
   auto it = peers_by_epoch_.find(epoch);
   return it == peers_by_epoch_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<PeerState> Agent::association(uint64_t epoch, uint32_t link) {
+  std::lock_guard<std::mutex> lock(peers_mu_);
+  auto it = peers_by_epoch_.find(epoch);
+  if (it != peers_by_epoch_.end() && (link == 0 || it->second->link == link)) return it->second;
+  for (const auto& p : ended_associations_)
+    if (p->info.epoch == epoch && p->link == link) return p;
+  return it == peers_by_epoch_.end() ? nullptr : it->second;  // (a link of none: dropped by the caller)
+}
+
+std::shared_ptr<PeerState> Agent::holder_of(const PeerState& peer) {
+  std::lock_guard<std::mutex> lock(peers_mu_);
+  auto it = peers_by_epoch_.find(peer.info.epoch);
+  if (it != peers_by_epoch_.end() && it->second.get() == &peer) return it->second;
+  for (const auto& p : ended_associations_)
+    if (p.get() == &peer) return p;
+  return nullptr;
 }
 
 // The sender of an immediate is the owner of its slot's window, not the completion's source address: rxm-based
@@ -926,12 +944,12 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
       std::lock_guard<std::mutex> pl(peer.mu);
       peer.take_window(m.slot, m.num_layers);
     }
-    peer.peer_link = m.link;
+    learn_peer_link(peer, m.link);
     peer.hello_rails |= 1u << m.first_layer;
     if ((peer.hello_rails & ((1u << peer.rails) - 1)) == (1u << peer.rails) - 1) peer.connected = true;
     return;
   }
-  const std::shared_ptr<PeerState> peer = peer_by_epoch(m.sender_epoch);
+  const std::shared_ptr<PeerState> peer = association(m.sender_epoch, m.link);
   // From a peer we ended ourselves, its ABORTs and answering BYE still count: they settle our ended recvs from it.
   const bool answer = peer && peer->farewell && (type == ControlType::Abort || type == ControlType::Bye);
   if (!peer || (peer->lost && !answer) || (m.link != 0 && m.link != peer->link)) {  // the last: an earlier association's
@@ -1097,6 +1115,14 @@ void Agent::on_bye(const std::shared_ptr<PeerState>& owner, const ControlMessage
 // (release_lost_peer skips it), which would reach into the region being unmapped too.
 void Agent::peer_closing_in_this_process(uint64_t epoch, bool writes_over) {
   std::lock_guard<std::mutex> domain(transport_mu_);
+  {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    for (const auto& ended : ended_associations_)  // lost already; the transport must not touch them either
+      if (ended->info.epoch == epoch) {
+        ended->transport_released = true;
+        drop_messages_to(*ended);
+      }
+  }
   const std::shared_ptr<PeerState> peer = peer_by_epoch(epoch);
   if (!peer) return;
   peer->transport_released = true;
@@ -1472,6 +1498,8 @@ void Agent::check_deadlines() {
   {
     std::lock_guard<std::mutex> lock(peers_mu_);
     for (auto& [epoch, p] : peers_by_epoch_) peers.push_back(p);
+    forget_ended_associations();
+    peers.insert(peers.end(), ended_associations_.begin(), ended_associations_.end());
   }
   for (auto& p : peers) fail_slot_waiters_past_deadline(*p, now);
   heartbeat(peers, now);
@@ -1516,6 +1544,17 @@ void Agent::check_deadlines() {
   auto next = now + (watching ? kLiveCheck : std::chrono::milliseconds(kIdleCheckMs));
   if (options_.peer_timeout_s > 0) next = std::min(next, next_heartbeat_);  // the next PINGs go out on time
   next_deadline_check_ = next;
+}
+
+// An ended association (its incarnation added again) is forgotten once nothing of it is left to do here: released
+// (connection closed, keys closed) and every recv it ended settled. peers_mu_ held.
+void Agent::forget_ended_associations() {
+  ended_associations_.erase(std::remove_if(ended_associations_.begin(), ended_associations_.end(),
+                                           [](const std::shared_ptr<PeerState>& p) {
+                                             std::lock_guard<std::mutex> lock(p->mu);
+                                             return p->transport_released && p->removed_recvs.empty();
+                                           }),
+                            ended_associations_.end());
 }
 
 // A lost peer (removed, restarted, closed, gone) keeps no connection: its socket or queue pair, and the mapping of its

@@ -123,16 +123,6 @@ LayoutSpec read_layout(Reader& r) {
 
 }  // namespace
 
-void write_with_own_keys(AgentInfo& peer, uint64_t writer_epoch) {
-  auto own = [&](uint64_t& key) {
-    if (key) key = peer_key(key, writer_epoch);
-  };
-  own(peer.signal_rkey);
-  own(peer.landing_rkey);
-  for (auto& pool : peer.pools)
-    for (auto& region : pool.regions) own(region.rkey);
-}
-
 uint64_t AgentInfo::fingerprint() const {
   uint64_t h = 0xcbf29ce484222325ull;
   for (const auto& p : pools) h = (h ^ p.layout.fingerprint()) * 0x100000001b3ull;

@@ -14,10 +14,11 @@
 
 namespace kvxfer {
 
-constexpr uint16_t kMetadataVersion = 9;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell;
-                                          // 5: landing slots; 6: layouts carry their KV head range and order;
-                                          // 7: transport keys (UCX's packed rkeys); 8: heartbeat interval;
-                                          // 9: per-peer keys
+constexpr uint16_t kMetadataVersion = 10;  // 2: regions carry device and CUDA IPC handle; 3: signal pad; 4: doorbell;
+                                           // 5: landing slots; 6: layouts carry their KV head range and order;
+                                           // 7: transport keys (UCX's packed rkeys); 8: heartbeat interval;
+                                           // 9: per-peer keys; 10: per-peer keys differ per association (same
+                                           // bytes as 9, keys derived anew: peer_key.h)
 
 struct RemoteRegion {
   uint64_t addr = 0;    // virtual address in the owner's process
@@ -74,18 +75,14 @@ struct AgentInfo {
   std::vector<uint8_t> transport_keys;
   // How often this agent sends each connected peer a PING (0: never; peers then cannot tell it went silent).
   uint32_t heartbeat_ms = 0;
-  // Every key above (regions, signal pad, landing ring) is a base: a peer writes with peer_key(base, its own epoch),
-  // registered for it alone (Transport::register_peer_key), so closing them fences that peer out.
+  // Every key above (regions, signal pad, landing ring) is a base: a peer writes with peer_key(base, writer_salt(its
+  // epoch, our link for it)), registered for it alone (Transport::register_peer_key), so closing them fences it out.
   bool peer_keys = false;
   std::vector<PoolInfo> pools;
 
   // Hash over every pool's layout fingerprint: a quick "same model shard" check for engines.
   uint64_t fingerprint() const;
 };
-
-// A peer's published base keys (signal pad, landing ring, regions; 0 stays 0) replaced by the ones `writer_epoch`
-// writes with.
-void write_with_own_keys(AgentInfo& peer, uint64_t writer_epoch);
 
 std::vector<uint8_t> encode_agent_info(const AgentInfo& info);
 // Throws MetadataError naming what is wrong (truncated at offset N, bad magic, version V unsupported, ...).

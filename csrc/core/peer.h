@@ -19,6 +19,7 @@
 
 #include "core/imm.h"
 #include "core/metadata.h"
+#include "core/peer_key.h"
 #include "core/transfer.h"
 #include "gpu/cuda_device.h"
 #include "transports/host_ipc/doorbell.h"
@@ -157,6 +158,10 @@ struct PeerState {
   // or under peers_mu_ (peer_link, read by the progress thread that writes it).
   uint32_t link = 0;
   uint32_t peer_link = 0;
+  // Per-peer keys: the salt our writes to this peer derive their keys from (peer_key.h), known with peer_link
+  // (Agent::learn_peer_link); 0: we write with the keys it published, as they are.
+  uint64_t write_salt = 0;
+  uint64_t write_key(uint64_t published) const { return published && write_salt ? peer_key(published, write_salt) : published; }
   WindowedSlots<SlotCounter> slots;                              // counts allocated lazily too
   std::unordered_map<uint64_t, uint32_t> slot_of_xfer;
   std::unordered_map<uint64_t, std::shared_ptr<RecvState>> waiting_recvs;   // recv() before BEGIN

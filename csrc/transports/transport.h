@@ -150,8 +150,10 @@ class Transport {
   virtual std::vector<uint8_t> exported_keys() const { return {}; }
   // Throws MetadataError when the bytes are malformed. Called again with a newer blob when the peer re-sends its
   // metadata (more pools registered); keys already imported stay valid.
-  // own_keys_epoch: nonzero when we write to this peer with keys of our own (peer_key(base, it); AgentInfo::peer_keys).
-  virtual void import_keys(PeerAddr peer, const std::vector<uint8_t>& keys, uint64_t own_keys_epoch) {}
+  virtual void import_keys(PeerAddr peer, const std::vector<uint8_t>& keys) {}
+  // Where the peer gives each writer keys of its own (AgentInfo::peer_keys): we write with peer_key(published, salt)
+  // from now on (the salt is known once the peer's HELLO named the association).
+  virtual void set_write_salt(PeerAddr peer, uint64_t salt) {}
   // What carries bytes to this peer, for Peer.path_reason ("ucx lanes: tcp/lo (rma, am)"); empty when the
   // transport has nothing to add to its name.
   virtual std::string describe_peer(PeerAddr peer) const { return {}; }

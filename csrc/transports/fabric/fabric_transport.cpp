@@ -39,6 +39,10 @@ struct Rail {
   fid_av* av = nullptr;
   fid_ep* ep = nullptr;
   std::unordered_map<fi_addr_t, PeerAddr> peer_of;  // this rail's AV entries -> our peer handle
+  // How many of our peer handles hold each AV entry: a peer's incarnation added again before its earlier handle was
+  // removed gets the same entry back from libfabric, whose fi_av_remove would then close the connection both use
+  // (rxm) or unmap the peer's region under the live handle (shm 1.17 unmaps whatever the entry's use count).
+  std::unordered_map<fi_addr_t, uint32_t> holders;
   std::atomic<uint64_t> writes{0}, imms{0};
 };
 
@@ -184,6 +188,7 @@ class FabricTransport final : public Transport {
                    "fi_av_insert of the peer's " << caps_.provider << " address (rail " << r << ") failed (" << n
                                                  << "); the peer may use another provider or network");
       rails_[r].peer_of[addr] = handle;
+      rails_[r].holders[addr]++;
       addrs.push_back(addr);
     }
     peers_.push_back(std::move(addrs));
@@ -194,8 +199,16 @@ class FabricTransport final : public Transport {
     if (peer >= peers_.size()) return;
     for (size_t r = 0; r < peers_[peer].size(); ++r) {
       fi_addr_t addr = peers_[peer][r];
-      fi_av_remove(rails_[r].av, &addr, 1, 0);
-      rails_[r].peer_of.erase(addr);
+      Rail& rail = rails_[r];
+      if (--rail.holders[addr] > 0) {  // another handle of ours uses the entry: it stays, named after that one
+        if (rail.peer_of[addr] == peer)
+          for (PeerAddr other = 0; other < peers_.size(); ++other)
+            if (other != peer && r < peers_[other].size() && peers_[other][r] == addr) rail.peer_of[addr] = other;
+        continue;
+      }
+      rail.holders.erase(addr);
+      fi_av_remove(rail.av, &addr, 1, 0);
+      rail.peer_of.erase(addr);
     }
     peers_[peer].clear();
   }

@@ -100,6 +100,7 @@ struct UcxPeer {
   std::unordered_map<uint64_t, std::vector<uint8_t>> packed;  // the peer's rkeys as it published them
   std::unordered_map<uint64_t, ucp_rkey_h> rkeys;             // unpacked on first use (progress thread)
   std::set<uint64_t> own_keys;  // ours for its published keys, where it gives each writer its own (data AMs only)
+  uint64_t write_salt = 0;      // what own_keys derive from (set_write_salt: the peer's HELLO named it)
   // Data AMs UCX has not completed, by the agent's context; once the peer is removed they are reported failed at
   // once and their late completions ignored (abandoned), and the endpoint closes when none is left (remove_peer).
   std::set<void*> in_flight, abandoned;
@@ -315,6 +316,14 @@ class UcxTransport final : public Transport {
     key = MemoryKey{};
   }
 
+  void set_write_salt(PeerAddr peer, uint64_t salt) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    UcxPeer& p = peer_at(peer);
+    p.write_salt = salt;
+    p.own_keys.clear();
+    for (const auto& [id, bytes] : p.packed) p.own_keys.insert(peer_key(id, salt));
+  }
+
   // u32 count | count x (u64 key | u32 length | packed rkey)
   std::vector<uint8_t> exported_keys() const override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -328,12 +337,12 @@ class UcxTransport final : public Transport {
     return out;
   }
 
-  void import_keys(PeerAddr peer, const std::vector<uint8_t>& keys, uint64_t own_keys_epoch) override {
+  void import_keys(PeerAddr peer, const std::vector<uint8_t>& keys) override {
     auto parsed = parse_keys(keys);
     std::lock_guard<std::mutex> lock(mu_);
     UcxPeer& p = peer_at(peer);
     for (auto& [id, bytes] : parsed) {
-      if (own_keys_epoch) p.own_keys.insert(peer_key(id, own_keys_epoch));
+      if (p.write_salt) p.own_keys.insert(peer_key(id, p.write_salt));
       auto it = p.rkeys.find(id);
       if (it != p.rkeys.end() && p.packed[id] != bytes) {  // the peer re-registered under that key
         ucp_rkey_destroy(it->second);
