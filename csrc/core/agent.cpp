@@ -304,6 +304,10 @@ Agent::~Agent() {
     gpu::close_vmm_export(pool->vmm_exports);
   }
   transport_->deregister_memory(signal_key_);
+  // A GPU copy into or out of the pinned rings may still run (a staged send, a landing) when we close: it ends
+  // before the rings are freed.
+  for (auto& q : copy_queues_)
+    if (q) q->drain();
   staging_.reset();
   landing_.reset();
 }

@@ -14,6 +14,8 @@
 // batch i overlaps the write of batch i-1. Towards a pool the peer reaches through landing slots (landing.h), the
 // slot also carries a header naming where each write goes, and the batch is one contiguous write into a free
 // landing slot of that peer, which comes back with the peer's LANDED.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -77,7 +79,14 @@ std::vector<uint64_t> Agent::map_ipc_pool(PeerState& peer, uint32_t dst_pool, in
     // Kept by the peer only once every region mapped: a failure unmaps what this call opened, so a retry starts clean.
     std::vector<std::unique_ptr<gpu::IpcMapping>> ipc;
     std::vector<std::unique_ptr<gpu::VmmMapping>> vmm;
+    // An agent of this process (a benchmark's or preflight's pair, TP ranks sharing a process): its addresses are
+    // ours already, and CUDA refuses to open a handle its own process exported.
+    const bool same_process = peer.same_host && peer.info.pid == static_cast<uint32_t>(getpid());
     for (const auto& r : peer.info.pools[dst_pool].regions) {
+      if (same_process) {
+        starts.push_back(r.addr);
+        continue;
+      }
       if (r.has_vmm) {  // cuMem/VMM memory: its pieces imported and mapped back to back (gpu/vmm.h)
         vmm.push_back(std::make_unique<gpu::VmmMapping>(static_cast<pid_t>(peer.info.pid), r.vmm_pieces, device));
         starts.push_back(vmm.back()->base() + r.ipc_offset);

@@ -37,6 +37,9 @@ cudaError_t alloc_device(int device, size_t nbytes, void** ptr) {
   if ((err = cudaSetDevice(device)) != cudaSuccess) return err;
   err = cudaMalloc(ptr, nbytes);
   if (err == cudaSuccess) err = cudaMemset(*ptr, 0, nbytes);
+  // The memset runs on the legacy default stream, and its users (LayerSignal.record, DeviceCounter waits) on
+  // streams that need not be ordered after it (non-blocking side streams, graph capture): zeroed before return.
+  if (err == cudaSuccess) err = cudaStreamSynchronize(cudaStreamLegacy);
   if (err != cudaSuccess && *ptr) {
     cudaFree(*ptr);
     *ptr = nullptr;

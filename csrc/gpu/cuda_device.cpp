@@ -162,8 +162,20 @@ DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, co
   return r;
 }
 
+CurrentDevice::CurrentDevice(int device, const char* what) {
+  if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+  const bool ok = cudaSetDevice(device) == cudaSuccess && cudaFree(nullptr) == cudaSuccess;  // (context made)
+  if (!ok) cudaGetLastError();
+  KVXFER_CHECK(ok || !what, TransportUnavailable, what << ": cuda:" << device << " could not be made current");
+}
+
+CurrentDevice::~CurrentDevice() {
+  if (previous_ >= 0) cudaSetDevice(previous_);
+  cudaGetLastError();
+}
+
 IpcMapping::IpcMapping(const IpcHandle& handle, int local_device) : device_(local_device) {
-  KVXFER_CUDA_CHECK(cudaSetDevice(local_device), TransportUnavailable, "cudaSetDevice(" << local_device << ")");
+  CurrentDevice on(local_device, "opening the peer's CUDA IPC handle");
   cudaIpcMemHandle_t h;
   std::memcpy(&h, handle.data(), kIpcHandleBytes);
   void* p = nullptr;
@@ -177,7 +189,7 @@ IpcMapping::IpcMapping(const IpcHandle& handle, int local_device) : device_(loca
 
 IpcMapping::~IpcMapping() {
   if (!base_) return;
-  cudaSetDevice(device_);
+  CurrentDevice on(device_);
   cudaIpcCloseMemHandle(reinterpret_cast<void*>(base_));
   cudaGetLastError();
 }
@@ -239,7 +251,8 @@ struct CopyQueue::Impl {
   std::deque<std::pair<uint64_t, cudaEvent_t>> pending;  // recorded, not yet seen complete, in record order
   std::vector<cudaEvent_t> spare;
   uint64_t next_ticket = 1, completed = 0;
-  bool batch_ok = true;  // cudaMemcpyBatchAsync works with this driver (else one cudaMemcpyAsync per copy)
+  // cudaMemcpyBatchAsync exists (CUDA 12.8+) and works with this driver (else one cudaMemcpyAsync per copy)
+  bool batch_ok = CUDART_VERSION >= 12080;
   CopyMode mode = CopyMode::Auto;
   DescRing ring;
   uint32_t max_blocks = 0;
@@ -300,7 +313,7 @@ CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
 }
 
 CopyQueue::~CopyQueue() {
-  cudaSetDevice(device_);
+  CurrentDevice on(device_);  // (the agent's destructor runs on the engine's thread)
   if (impl_->stream) cudaStreamSynchronize(impl_->stream);
   for (auto& [t, ev] : impl_->pending) cudaEventDestroy(ev);
   for (auto ev : impl_->spare) cudaEventDestroy(ev);
@@ -338,6 +351,7 @@ void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* n
       if (n == 0) return;
     }
   }
+#if CUDART_VERSION >= 12080
   if (impl_->batch_ok) {
     cudaMemcpyAttributes attr{};
     attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
@@ -346,7 +360,14 @@ void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* n
     constexpr size_t kMaxBatch = 4096;
     for (size_t at = 0; at < n; at += kMaxBatch) {
       const size_t k = std::min(kMaxBatch, n - at);
+#if CUDART_VERSION >= 13000
       cudaError_t rc = cudaMemcpyBatchAsync(dsts + at, srcs + at, nbytes + at, k, &attr, &attr_index, 1, impl_->stream);
+#elif CUDART_VERSION >= 12080  // 12.8 and 12.9 also report the index of a copy that failed
+      size_t failed_at = 0;
+      cudaError_t rc = cudaMemcpyBatchAsync(const_cast<void**>(dsts + at), const_cast<void**>(srcs + at),
+                                            const_cast<size_t*>(nbytes + at), k, &attr, &attr_index, 1, &failed_at,
+                                            impl_->stream);
+#endif
       if (rc == cudaSuccess) continue;
       KVXFER_CHECK(at == 0 && (rc == cudaErrorNotSupported || rc == cudaErrorInvalidValue), TransferFailed,
                    "cudaMemcpyBatchAsync of " << k << " copies failed (" << cuda_error(rc) << ")");
@@ -356,6 +377,7 @@ void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* n
     }
     if (impl_->batch_ok) return;
   }
+#endif
   for (size_t i = 0; i < n; ++i)
     KVXFER_CUDA_CHECK(cudaMemcpyAsync(dsts[i], srcs[i], nbytes[i], cudaMemcpyDefault, impl_->stream), TransferFailed,
                       "cudaMemcpyAsync of " << nbytes[i] << " bytes");
@@ -399,6 +421,8 @@ bool CopyQueue::layer_landed(uint64_t token, uint64_t ticket) {
 }
 
 uint64_t CopyQueue::record() {
+  // Events belong to the device current when they are created: ours, not whichever the thread used last.
+  KVXFER_CUDA_CHECK(cudaSetDevice(device_), TransferFailed, "cudaSetDevice(" << device_ << ")");
   cudaEvent_t ev;
   if (impl_->spare.empty()) {
     KVXFER_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), TransferFailed, "cudaEventCreate");
@@ -427,7 +451,7 @@ bool CopyQueue::done(uint64_t ticket) {
 }
 
 void CopyQueue::drain() {
-  cudaSetDevice(device_);
+  CurrentDevice on(device_);  // (also called from the agent's destructor, on the engine's thread)
   cudaStreamSynchronize(impl_->stream);
 }
 
@@ -470,6 +494,10 @@ DeviceRange describe_device_range(uint64_t, uint64_t, int device, const std::str
 IpcMapping::IpcMapping(const IpcHandle&, int) { no_cuda("CUDA IPC"); }
 IpcMapping::~IpcMapping() = default;
 struct CopyQueue::Impl {};
+CurrentDevice::CurrentDevice(int, const char* what) {
+  if (what) no_cuda(what);
+}
+CurrentDevice::~CurrentDevice() = default;
 CopyQueue::CopyQueue(int device) : device_(device) { no_cuda("a GPU copy queue"); }
 CopyQueue::~CopyQueue() = default;
 void CopyQueue::copy(void* const*, const void* const*, const size_t*, size_t, bool) { no_cuda("a GPU copy"); }

@@ -55,6 +55,21 @@ struct DeviceRange {
 DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, const std::string& what,
                                   bool export_vmm = false);
 
+// Makes `device` current for a scope and the caller's device current again after it: register_pool, add_peer, send
+// and close run on the engine's threads, whose torch work follows the current device (a switch left behind moves
+// it to another GPU). With `what`, a device that cannot be made current throws TransportUnavailable naming it;
+// without (destructors), failures are ignored.
+class CurrentDevice {
+ public:
+  explicit CurrentDevice(int device, const char* what = nullptr);
+  ~CurrentDevice();
+  CurrentDevice(const CurrentDevice&) = delete;
+  CurrentDevice& operator=(const CurrentDevice&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
 // A peer's allocation mapped into this process (cudaIpcOpenMemHandle); unmapped when destroyed.
 class IpcMapping {
  public:

@@ -82,11 +82,6 @@ constexpr bool kHaveFabric = true;
 constexpr bool kHaveFabric = false;
 #endif
 
-void use_device(int device, const char* what) {
-  KVXFER_CHECK(cudaSetDevice(device) == cudaSuccess && cudaFree(nullptr) == cudaSuccess, TransportUnavailable,
-               what << ": cuda:" << device << " could not be made current");
-}
-
 // One physical allocation: its handle exported as a fabric handle when the allocation allows one, else as an fd.
 VmmPiece export_piece(const Driver& d, CUmemGenericAllocationHandle h, uint64_t start, uint64_t size, std::string* why) {
   CUmemAllocationProp prop{};
@@ -140,7 +135,7 @@ void piece_extent(const Driver& d, uint64_t at, CUmemGenericAllocationHandle h, 
 
 bool export_vmm_range(uint64_t addr, uint64_t nbytes, int device, std::vector<VmmPiece>* pieces, std::string* why) {
   const Driver& d = checked_driver("exporting VMM memory");
-  use_device(device, "exporting VMM memory");
+  CurrentDevice on(device, "exporting VMM memory");
   std::vector<VmmPiece> out;
   try {
     for (uint64_t at = addr; at < addr + nbytes;) {
@@ -192,7 +187,7 @@ void close_vmm_export(const std::vector<VmmPiece>& pieces) {
 VmmMapping::VmmMapping(pid_t owner_pid, const std::vector<VmmPiece>& pieces, int local_device) : device_(local_device) {
   const Driver& d = checked_driver("mapping a peer's VMM memory");
   KVXFER_CHECK(!pieces.empty(), TransportUnavailable, "the peer's VMM region has no pieces");
-  use_device(local_device, "mapping a peer's VMM memory");
+  CurrentDevice on(local_device, "mapping a peer's VMM memory");
   for (const auto& p : pieces) bytes_ += p.size;
   CUdeviceptr va = 0;
   KVXFER_CU_CHECK(d.reserve(&va, bytes_, 0, 0, 0), TransportUnavailable,
@@ -257,7 +252,7 @@ VmmMapping::~VmmMapping() { release(); }
 void VmmMapping::release() {
   if (!base_) return;
   const Driver& d = driver();
-  cudaSetDevice(device_);
+  CurrentDevice on(device_);
   d.unmap(base_, bytes_);
   d.address_free(base_, bytes_);
   base_ = 0;

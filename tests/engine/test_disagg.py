@@ -39,11 +39,11 @@ def colocated(model, batch):
     return out
 
 
-def start_prefill_node(device: str = "cpu"):
+def start_prefill_node(device: str = "cpu", transport: str = "tcp"):
     """A prefill node process (kvxfer.engine.node) connected to a channel this test plays the router on."""
     lst = bootstrap.listen("127.0.0.1", 0)
     proc = subprocess.Popen([sys.executable, "-m", "kvxfer.engine.node", "prefill", "--connect", f"127.0.0.1:{lst.address[1]}",
-                             "--model", "tiny", "--seed", str(SEED), "--transport", "tcp", "--num-blocks", "256",
+                             "--model", "tiny", "--seed", str(SEED), "--transport", transport, "--num-blocks", "256",
                              "--block-size", str(BS), "--timeout", "30", "--device", device],
                             env={**os.environ, "FI_TCP_IFACE": "lo"})
     ch = lst.accept(timeout_s=60)
@@ -68,9 +68,9 @@ def prefill_node():
     stop_prefill_node(ch, proc, lst)
 
 
-def connect_decode(ch, device: str = "cpu"):
+def connect_decode(ch, device: str = "cpu", transport: str = "tcp"):
     model = LlamaModel.random(PRESETS["tiny"], SEED, device=device)
-    agent = kvxfer.Agent("decode-test", transport="tcp", interface="lo", timeout_s=30)
+    agent = kvxfer.Agent("decode-test", transport=transport, interface="lo", timeout_s=30)
     worker = DecodeWorker(model, 256, BS, agent)
     peer = agent.add_peer(ch.exchange(agent.metadata()))
     agent.wait_connected(peer, 30)

@@ -253,3 +253,36 @@ def test_receiver_cancel_mid_transfer_on_the_gpu_paths(gpu_remote, dst_where, pa
     got = [t.cpu().numpy() if hasattr(t, "cpu") else t for t in dst]
     for g, w in zip(got, expected):
         np.testing.assert_array_equal(g, w)
+
+
+@requires_gpu
+def test_cuda_ipc_between_two_agents_of_one_process():
+    """A benchmark's or preflight's pair, or TP ranks sharing a process: CUDA refuses to open an IPC handle its own
+    process exported, so the sender writes to the peer's addresses as they are (they are valid here)."""
+    import torch
+
+    layout = kvxfer.KVLayout.vllm_flash(*ARGS)
+    src_host, dst_host = make_pool(layout, 31), make_pool(layout, 1031)
+    src = [torch.from_numpy(a).to("cuda:0") for a in src_host]
+    dst = [torch.from_numpy(a).to("cuda:0") for a in dst_host]
+    torch.cuda.synchronize()
+    a = kvxfer.Agent("ipc-one-process-tx", transport="auto", interface="lo", timeout_s=30)
+    b = kvxfer.Agent("ipc-one-process-rx", transport="auto", interface="lo", timeout_s=30)
+    a.register_pool(src, layout)
+    b.register_pool(dst, layout)
+    peer_b, peer_a = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+    a.wait_connected(peer_b, 20)
+    b.wait_connected(peer_a, 20)
+    src_ids, dst_ids = np.array([3, 9, 4], np.int32), np.array([60, 2, 33], np.int32)
+    expected = [x.copy() for x in dst_host]
+    apply(layout, src_host, expected, src_ids, dst_ids, range(layout.num_layers))
+    recv = b.recv(peer_a, 1, dst_ids)
+    send = a.send(peer_b, 1, src_ids, dst_ids)
+    assert send.path == "cuda_ipc", send.path_reason
+    send.all_ready()
+    send.wait(timeout_s=30)
+    recv.wait(timeout_s=30)
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got.cpu().numpy(), want)
+    a.close()
+    b.close()

@@ -20,9 +20,10 @@ def test_disaggregated_on_one_gpu_moves_kv_through_cuda_ipc_and_matches_colocate
     from tests.engine.test_disagg import (BS, PROMPT_LENS, colocated, connect_decode, prefill_batch, prompts,
                                           run_to_end, start_prefill_node, stop_prefill_node)
 
-    ch, proc, lst = start_prefill_node("cuda")
+    # transport auto: same-host GPU pools go through CUDA IPC (tcp would name the fabric: landing slots instead)
+    ch, proc, lst = start_prefill_node("cuda", transport="auto")
     try:
-        model, worker, peer = connect_decode(ch, "cuda")
+        model, worker, peer = connect_decode(ch, "cuda", transport="auto")
         assert worker.cache.layers[0].is_cuda
         batch = prompts()
         stats = prefill_batch(ch, worker, peer, batch)
@@ -41,11 +42,11 @@ def test_disaggregated_on_one_gpu_moves_kv_through_cuda_ipc_and_matches_colocate
 def test_demo_quick_on_the_gpu(tmp_path):
     out = tmp_path / "demo.json"
     r = subprocess.run([sys.executable, "-m", "kvxfer.engine.demo", "--quick", "--requests", "6", "--device", "cuda",
-                        "--net", "loopback", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                        "--net", "loopback", "--transport", "auto", "--json", str(out)], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "FI_TCP_IFACE": "lo"})
     doc = json.loads(out.read_text()) if out.exists() else None
     assert doc is not None, r.stderr[-3000:]
-    assert doc["disagg"]["transport"] == "kvxfer tcp, path cuda_ipc (loopback)", doc["disagg"]["transport"]
+    assert doc["disagg"]["transport"] == "kvxfer auto, path cuda_ipc (loopback)", doc["disagg"]["transport"]
     assert doc["disagg"]["completed"] == doc["colocated"]["completed"] == 6
     # The demo exits 1 when the two deployments' greedy outputs differ. They batch decode steps differently, and
     # cuBLAS may pick other kernels for other batch sizes, so on a GPU a near-tie could in principle break either

@@ -17,6 +17,7 @@ def _layers(num_layers, num_blocks, chunk, seed):
     src = [torch.randint(0, 256, (num_blocks * chunk,), dtype=torch.uint8, generator=g).cuda()
            for _ in range(num_layers)]
     dst = [torch.full((num_blocks * chunk,), 0xA5, dtype=torch.uint8, device="cuda") for _ in range(num_layers)]
+    torch.cuda.synchronize()  # kvxfer copies on a stream of its own, not ordered after torch's fills
     return src, dst
 
 
