@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import kvxfer
-from kvxfer import errors
+from kvxfer import _C, errors
 from tests.conftest import UCX, connect
 from tests.reference import make_pool
 
@@ -115,6 +115,54 @@ def _reseal(md: bytes, payload: bytes) -> bytes:
     for byte in payload:
         h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
     return md[:8] + len(payload).to_bytes(4, "little") + h.to_bytes(4, "little") + payload
+
+
+def _mutate(payload: bytes, rng) -> tuple[bytes, str]:
+    """One corruption a broken or hostile peer could send: bit flips, an extreme value over a field, a truncation or
+    inserted bytes. Returns the bytes and what was done (for the failure message)."""
+    p = bytearray(payload)
+    kind = int(rng.integers(0, 4))
+    if kind == 0:
+        at = [int(rng.integers(0, len(p))) for _ in range(int(rng.integers(1, 4)))]
+        for i in at:
+            p[i] ^= 1 << int(rng.integers(0, 8))
+        return bytes(p), f"bits flipped at {at}"
+    if kind == 1:
+        width = int(rng.choice([1, 2, 4, 8]))
+        at = int(rng.integers(0, len(p) - width))
+        value = int(rng.choice([0, 1, 0xFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1 << 40, (1 << 64) - 1]))
+        p[at:at + width] = (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+        return bytes(p), f"{width} bytes at {at} set to {value:#x}"
+    if kind == 2:
+        n = int(rng.integers(0, len(p)))
+        return bytes(p[:n]), f"truncated to {n} bytes"
+    at = int(rng.integers(0, len(p)))
+    extra = rng.integers(0, 256, int(rng.integers(1, 16)), dtype=np.uint8).tobytes()
+    return bytes(p[:at] + extra + p[at:]), f"{len(extra)} bytes inserted at {at}"
+
+
+def test_metadata_corrupted_under_a_valid_checksum_is_refused_by_name_or_parsed():
+    """The checksum catches corruption in transit; a peer that sends corrupt metadata with a valid checksum (a bug,
+    or hostile) reaches the parser itself. Every field it reads is bounded: each of 3,000 corruptions of a real
+    agent's metadata (several regions, landing slots, per-peer keys) either parses or is refused with MetadataError,
+    never another error and never a crash (this process would die)."""
+    a = kvxfer.Agent("fuzz-md", transport="tcp", interface="lo")
+    layout = kvxfer.KVLayout.vllm_flash(4, 8, 16, 2, 64, "float16")
+    a.register_pool([np.zeros(layout.tensor_layer_bytes, np.uint8) for _ in range(4)], layout)
+    md = a.metadata()
+    payload = md[16:]
+    rng = np.random.default_rng(2026)
+    refused = 0
+    for _ in range(3000):
+        bad, what = _mutate(payload, rng)
+        try:
+            _C.decode_metadata(_reseal(md, bad))
+        except errors.MetadataError:
+            refused += 1
+        except Exception as e:  # noqa: BLE001 - any other type is the failure this test looks for
+            pytest.fail(f"metadata with {what} raised {type(e).__name__}: {e}")
+    assert refused > 2000  # most corruptions are caught (the rest hit bytes any value of which is valid)
+    a.close()
 
 
 def test_peer_metadata_exposing_less_than_its_layout_is_refused():
@@ -258,3 +306,17 @@ def test_transfers_that_end_early_say_how_far_they_got():
     never = b.recv(peer_a, 2, ids, timeout_s=0.5)
     with pytest.raises(errors.TransferTimeout, match=r"0/4 layers complete; nothing of it arrived: no BEGIN, no data"):
         never.wait(timeout_s=10)
+
+
+def test_names_peers_would_refuse_are_refused_where_they_are_given():
+    """Peers refuse metadata whose text is not printable (above); an agent or pool named with a control character
+    is refused when it is created, naming it, not by every peer later."""
+    with pytest.raises(errors.InvalidArgument, match="agent name .* must be printable text"):
+        kvxfer.Agent("prefill\n0", transport="tcp", interface="lo")
+    a = kvxfer.Agent("prefill-\u00e9\u4e00", transport="tcp", interface="lo")  # non-ASCII text is fine
+    layout = kvxfer.KVLayout.contiguous(4, 64)
+    with pytest.raises(errors.InvalidArgument, match="pool name .* must be printable text"):
+        a.register_pool(np.zeros(256, np.uint8), layout, name="kv\x00")
+    a.register_pool(np.zeros(256, np.uint8), layout, name="kv")
+    assert _C.decode_metadata(a.metadata())["name"] == "prefill-\u00e9\u4e00"
+    a.close()

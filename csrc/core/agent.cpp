@@ -130,6 +130,10 @@ std::unordered_map<uint64_t, Agent*>& agents_in_this_process() {
 
 Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   KVXFER_CHECK(options_.default_timeout_s > 0, InvalidArgument, "timeout_s must be > 0");
+  // Peers refuse metadata whose text is not printable or runs past 4096 bytes: refuse such a name here instead.
+  KVXFER_CHECK(printable_text(options_.name) && options_.name.size() <= 4096, InvalidArgument,
+               "agent name " << quoted_text(options_.name) << " must be printable text (no control characters) of at "
+                                                           "most 4096 bytes");
   KVXFER_CHECK(ImmCode::valid_max_peers(options_.max_peers), InvalidArgument,
                "max_peers=" << options_.max_peers << ": use a power of two from 1 to " << ImmCode::kMaxPeersLimit
                             << " (each peer gets " << ImmCode::kMaxSlots << " / max_peers transfers in flight)");
@@ -458,6 +462,9 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
   std::lock_guard<std::mutex> lock(pools_mu_);
   for (const auto& p : pools_)
     KVXFER_CHECK(p->name != name, InvalidArgument, "a pool named '" << name << "' is already registered");
+  KVXFER_CHECK(printable_text(name) && name.size() <= 4096, InvalidArgument,
+               "pool name " << quoted_text(name) << " must be printable text (no control characters) of at most 4096 "
+                                                    "bytes: peers refuse metadata with other names");
   KVXFER_CHECK(pools_.size() < 64, InvalidArgument, "at most 64 pools per agent");
   auto pool = std::make_unique<LocalPool>();
   pool->name = name;

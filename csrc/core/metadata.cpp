@@ -68,7 +68,11 @@ class Reader {
   }
   std::string str(const char* what) {
     auto b = bytes(what, kMaxString);
-    return std::string(b.begin(), b.end());
+    std::string s(b.begin(), b.end());
+    KVXFER_CHECK(printable_text(s), MetadataError,
+                 "peer metadata: the " << what << " is not printable UTF-8 text (corrupt bytes or an incompatible "
+                                          "kvxfer)");
+    return s;
   }
   bool done() const { return at_ == n_; }
   size_t offset() const { return at_; }
@@ -122,6 +126,49 @@ LayoutSpec read_layout(Reader& r) {
 }
 
 }  // namespace
+
+bool printable_text(const std::string& s) {
+  for (size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      if (c < 0x20 || c == 0x7F) return false;
+      ++i;
+      continue;
+    }
+    size_t more;
+    uint32_t cp;
+    if ((c & 0xE0) == 0xC0) {
+      more = 1, cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      more = 2, cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      more = 3, cp = c & 0x07;
+    } else {
+      return false;  // a continuation byte first, or 0xF8..0xFF
+    }
+    if (s.size() - i <= more) return false;
+    for (size_t k = 1; k <= more; ++k) {
+      const auto b = static_cast<unsigned char>(s[i + k]);
+      if ((b & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (b & 0x3F);
+    }
+    static constexpr uint32_t kLeast[] = {0, 0x80, 0x800, 0x10000};
+    if (cp < kLeast[more] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += more + 1;
+  }
+  return true;
+}
+
+std::string quoted_text(const std::string& s) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out = "\"";
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c < 0x20 || c == 0x7F) out += std::string("\\x") + kHex[c >> 4] + kHex[c & 15];
+    else out += ch;
+  }
+  return out + "\"";
+}
 
 uint64_t AgentInfo::fingerprint() const {
   uint64_t h = 0xcbf29ce484222325ull;

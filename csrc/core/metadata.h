@@ -84,6 +84,13 @@ struct AgentInfo {
   uint64_t fingerprint() const;
 };
 
+// Text that travels in metadata (names, host, dtype...) ends up in Python strings and error messages: well-formed
+// UTF-8 (what Python's strict decoder accepts: no overlong forms, surrogates or values past U+10FFFF) without ASCII
+// control characters.
+bool printable_text(const std::string& s);
+// s in double quotes, its ASCII control characters written \xNN: for errors about text that is not printable.
+std::string quoted_text(const std::string& s);
+
 std::vector<uint8_t> encode_agent_info(const AgentInfo& info);
 // Throws MetadataError naming what is wrong (truncated at offset N, bad magic, version V unsupported, ...).
 AgentInfo decode_agent_info(const uint8_t* data, size_t nbytes);
