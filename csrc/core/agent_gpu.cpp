@@ -71,6 +71,12 @@ gpu::CopyQueue& Agent::copy_queue(int device) {
 std::vector<uint64_t> Agent::map_ipc_pool(PeerState& peer, uint32_t dst_pool, int device) {
   std::lock_guard<std::mutex> lock(peer.mu);
   auto it = peer.ipc_region_start.find(dst_pool);
+  // The mapping grants access to the device it was opened for (cuMemSetAccess, lazy peer access): a copy from
+  // another GPU would fault and take the CUDA context down with it. Refused instead (never run: one GPU so far).
+  KVXFER_CHECK(it == peer.ipc_region_start.end() || peer.ipc_mapped_on[dst_pool] == device, TransportUnavailable,
+               "peer '" << peer.info.name << "' pool " << dst_pool << " is mapped for copies from cuda:"
+                        << peer.ipc_mapped_on[dst_pool] << ", not cuda:" << device
+                        << "; send to one peer pool from pools on one GPU (or use a fabric transport)");
   if (it == peer.ipc_region_start.end()) {
     // One mapping per distinct allocation (the owner's allocation start identifies it): a pool whose layers
     // share one cudaMalloc segment maps it once, since a process may not open the same allocation twice.
@@ -108,6 +114,7 @@ std::vector<uint64_t> Agent::map_ipc_pool(PeerState& peer, uint32_t dst_pool, in
     for (auto& m : ipc) peer.ipc_mappings.push_back(std::move(m));
     for (auto& m : vmm) peer.vmm_mappings.push_back(std::move(m));
     it = peer.ipc_region_start.emplace(dst_pool, std::move(starts)).first;
+    peer.ipc_mapped_on[dst_pool] = device;
     counters_.ipc_pools_mapped++;
   }
   return it->second;

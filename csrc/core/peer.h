@@ -185,6 +185,7 @@ struct PeerState {
   // CUDA IPC: the peer's GPU pools mapped into this process by the first cuda_ipc send to each (kept while the
   // peer state lives, so a copy in flight never outlives its mapping).
   std::unordered_map<uint32_t, std::vector<uint64_t>> ipc_region_start;   // dst pool -> [regions] mapped start
+  std::unordered_map<uint32_t, int> ipc_mapped_on;                        // dst pool -> the device it was mapped for
   std::vector<std::unique_ptr<gpu::IpcMapping>> ipc_mappings;
   std::vector<std::unique_ptr<gpu::VmmMapping>> vmm_mappings;  // the peer's cuMem/VMM regions (gpu/vmm.h)
   // Landing slots the peer gave us (its info.landing_slots of our window): free ones, and which are written and not
