@@ -15,6 +15,7 @@ def test_sustained_traffic_with_restarts_and_removals_stays_exact(transport):
     assert result["mismatched_blocks"] == 0, result["mismatch_examples"]
     assert result["unsettled"] == 0 and result["final_requests_done"] == 2
     assert result["restarts"] >= 1 and result["removals"] >= 1 and result["stops"] >= 1 and result["requests_struck"] > 0
+    assert result["readds"] >= 1  # the same agent removed and added again at once: a new association
     failed = result["failed"]
     assert failed.get("Cancelled", 0) > 0 and failed.get("TransferFailed", 0) > 0  # receiver cancels, sender aborts
     assert failed.get("PeerUnknown", 0) + failed.get("PeerLost", 0) > 0  # restarts and removals ended live requests

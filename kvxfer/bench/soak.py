@@ -5,7 +5,8 @@ blocks the way a decode engine does: destination blocks come from a free list an
 recv completed (after its bytes were checked) or, for a failed one, once `writes_over` is True. Mixed in, on a
 schedule: the receiver cancels some recvs after their first layer, senders abort some sends part way, a sender
 process is killed and restarted under the same name, a live sender is removed (remove_peer) and comes back with a
-new agent, and a sender is stopped (SIGSTOP) until the receiver's heartbeat ends it as silent, then runs again,
+new agent, a live sender is removed and the same agent is added again at once (a new association of the same
+incarnation, as an engine reconnecting to a peer it ended; its pool gets new bytes), and a sender is stopped (SIGSTOP) until the receiver's heartbeat ends it as silent, then runs again,
 finds the BYE, answers with its totals and comes back. With --elsewhere every sender runs under a host name of its
 own (a UTS namespace; needs root), so the receiver cannot watch its process: a stopped one's recvs settle only once
 its keys are closed (per-peer keys), it stays stopped until they did and their blocks went to new requests, and
@@ -64,6 +65,7 @@ def planes_view(pool_layer: np.ndarray, lay) -> np.ndarray:
 
 # ---- sender process -----------------------------------------------------------------------------------------
 PEER_TIMEOUT_S = 1.0  # with "stop" among the chaos: a stopped sender is ended as silent after this long
+CHAOS = ("restart", "remove", "readd", "stop")  # what strikes, in turn (--chaos)
 
 
 def _new_sender_agent(name, transport, incarnation, peer_timeout_s=None):
@@ -72,11 +74,16 @@ def _new_sender_agent(name, transport, incarnation, peer_timeout_s=None):
     lay = layout()
     agent = kvxfer.Agent(name, transport=transport, interface="lo", timeout_s=30, peer_timeout_s=peer_timeout_s)
     pool = [np.empty(lay.tensor_layer_bytes, np.uint8) for _ in range(lay.num_layers)]
+    _fill(pool, incarnation)
+    agent.register_pool(pool, lay)
+    return agent, pool
+
+
+def _fill(pool, incarnation: int) -> None:
+    lay = layout()
     every = np.arange(lay.num_blocks)
     for layer, arr in enumerate(pool):
         planes_view(arr, lay)[:] = pattern(incarnation, layer, every, chunk_words(lay))
-    agent.register_pool(pool, lay)
-    return agent, pool
 
 
 def _elsewhere(name: str) -> None:
@@ -113,6 +120,13 @@ def _sender_main(conn, name: str, transport: str, incarnation: int, layer_gap_s:
                     active[xfer] = [agent.send(peer, xfer, src, dst), 0, time.monotonic(), abort_at]
                 except kvxfer.KvxferError:  # the receiver ended us (removal): it knows, and judges the recv itself
                     continue
+            elif cmd == "readd":  # removed by the receiver, which adds this same agent again: new pool bytes
+                lost_by = time.monotonic() + 10
+                while peer is not None and not peer.lost and time.monotonic() < lost_by:
+                    time.sleep(0.002)  # our ended sends fail once the receiver's BYE is read
+                incarnation, active = arg, {}
+                _fill(_pool, incarnation)
+                conn.send(("md", agent.metadata()))  # then "peer": adding the receiver again, a new association
             elif cmd == "renew":  # removed by the receiver: come back as a new agent (new epoch) under the name
                 agent.close()
                 incarnation, active, peer = arg, {}, None
@@ -173,6 +187,7 @@ class Tally:
     aborted: int = 0
     restarts: int = 0
     removals: int = 0
+    readds: int = 0          # live senders removed and the same agent added again (a new association)
     stops: int = 0
     unplanned_ends: int = 0  # senders the receiver lost without a chaos event (renewed)
     struck: int = 0          # requests in flight from a sender when it was killed, removed or stopped
@@ -194,9 +209,12 @@ def _rss_mib() -> float:
 
 class Soak:
     def __init__(self, transport: str, senders: int, in_flight: int, layer_gap_s: float, chaos_every_s: float,
-                 seed: int, progress, chaos: tuple = ("restart", "remove", "stop"), elsewhere: bool = False):
+                 seed: int, progress, chaos: tuple = CHAOS, elsewhere: bool = False):
         import kvxfer
 
+        unknown = [k for k in chaos if k not in CHAOS]
+        if unknown:
+            raise ValueError(f"--chaos {','.join(unknown)}: not one of {','.join(CHAOS)}")
         if elsewhere and os.geteuid() != 0:
             raise PermissionError("--elsewhere gives each sender a host name of its own (unshare CLONE_NEWUTS), "
                                   "which needs root; run as root or leave it out")
@@ -258,6 +276,14 @@ class Soak:
         self.agent.remove_peer(s.peer)  # its process lives on: its answer must settle the ended recvs
         self._renew(s)
         self.tally.removals += 1
+
+    def _remove_and_readd(self, s: Sender) -> None:
+        self._struck(s)
+        self.agent.remove_peer(s.peer)
+        s.incarnation, self.next_incarnation = self.next_incarnation, self.next_incarnation + 1
+        s.conn.send(("readd", s.incarnation))
+        self._connect(s)  # the same metadata: add_peer starts a new association beside the ended one
+        self.tally.readds += 1
 
     def _stop(self, s: Sender) -> None:
         """SIGSTOP: to the receiver the sender falls silent (a host gone dark); the heartbeat ends it, and once it
@@ -386,6 +412,8 @@ class Soak:
                     self._restart(s)
                 elif kind == "stop":
                     self._stop(s)
+                elif kind == "readd":
+                    self._remove_and_readd(s)
                 else:
                     self._remove_and_renew(s)
                 chaos, last_chaos = chaos + 1, time.monotonic()
@@ -439,7 +467,7 @@ class Soak:
             "latency_p50_ms": round(1e3 * lat[len(lat) // 2], 2),
             "latency_p99_ms": round(1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2),
             "failed": t.failed, "cancelled": t.cancelled, "aborted": t.aborted, "restarts": t.restarts,
-            "removals": t.removals, "stops": t.stops, "unplanned_ends": t.unplanned_ends, "requests_struck": t.struck, "settle_p50_ms": round(1e3 * settle[len(settle) // 2], 2),
+            "removals": t.removals, "readds": t.readds, "stops": t.stops, "unplanned_ends": t.unplanned_ends, "requests_struck": t.struck, "settle_p50_ms": round(1e3 * settle[len(settle) // 2], 2),
             "settle_max_ms": round(1e3 * settle[-1], 2), "unsettled": t.unsettled,
             "final_requests_done": final_ok, "mismatched_blocks": t.mismatched_blocks,
             "mismatch_examples": t.mismatch_examples, "blocks_checked_at_end": len(self.known),
@@ -463,7 +491,7 @@ class Soak:
 
 
 def run(transport="tcp", seconds=30.0, senders=2, in_flight=6, layer_gap_ms=1.0, chaos_every_s=2.0, seed=1,
-        progress=None, chaos=("restart", "remove", "stop"), elsewhere=False) -> dict:
+        progress=None, chaos=CHAOS, elsewhere=False) -> dict:
     soak = Soak(transport, senders, in_flight, layer_gap_ms / 1e3, chaos_every_s, seed, progress, tuple(chaos),
                 elsewhere)
     try:
@@ -483,11 +511,12 @@ def main(argv=None) -> int:
     ap.add_argument("--layer-gap-ms", type=float, default=1.0, help="sender's time between layers (default: 1)")
     ap.add_argument("--chaos-every", type=float, default=2.0,
                     help="seconds between a sender restart / removal, alternating; 0 = none (default: 2)")
-    ap.add_argument("--chaos", default="restart,remove,stop",
+    ap.add_argument("--chaos", default=",".join(CHAOS),
                     help="what strikes, in turn: restart (kill -9 a sender, start it again), remove (remove_peer a "
-                         "live sender, it comes back as a new agent), stop (SIGSTOP a sender until the receiver's "
+                         "live sender, it comes back as a new agent), readd (remove_peer a live sender and add the "
+                         "same agent again at once: a new association), stop (SIGSTOP a sender until the receiver's "
                          f"heartbeat ends it, peer_timeout_s={PEER_TIMEOUT_S:g}, then it runs again and comes back) "
-                         "(default: restart,remove,stop)")
+                         f"(default: {','.join(CHAOS)})")
     ap.add_argument("--elsewhere", action="store_true",
                     help="run each sender under a host name of its own (UTS namespace, needs root): the receiver "
                          "cannot watch its process, so stopped senders settle by per-peer keys alone")
