@@ -2,7 +2,7 @@
 # Build kvxfer on a GPU machine and run what only a GPU can check: the GPU tests, then (with "bench") the GPU
 # benchmarks. Uses the machine's own python3 (which must hold torch with CUDA, pybind11, cmake, ninja, pytest).
 #
-#   scripts/gpu_check.sh [build] [info] [tests] [bench] [demo] [suite]     (default: build info tests)
+#   scripts/gpu_check.sh [probe] [build] [info] [tests] [bench] [demo] [suite]     (default: probe build info tests)
 #
 # KVXFER_FABRIC_PREFIX: a folder with lib/ (libfabric.so and what it links), include/rdma and
 # lib/pkgconfig/libfabric.pc, for machines without libfabric installed (scripts/gpu_prefix.sh assembles .gpu from
@@ -14,7 +14,7 @@ OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build info tests)
+[ ${#steps[@]} -eq 0 ] && steps=(probe build info tests)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FI_TCP_IFACE=lo UCX_NET_DEVICES=lo IPATH_NO_BACKTRACE=1
 if [ -n "${KVXFER_FABRIC_PREFIX:-}" ]; then
   P=$(cd "$KVXFER_FABRIC_PREFIX" && pwd)
@@ -41,6 +41,8 @@ for step in "${steps[@]}"; do
         cmake --build build/gpu -j "$(nproc)" >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
       grep "Build summary\|CXX compiler identification" "$OUT/build.log"
       ldd kvxfer/_C.cpython-*.so | grep -E "stdc|fabric|cuda" ;;
+    probe)  # seconds: what the runtime allows (pidfd_getfd for VMM pools, CMA, CUDA IPC between processes)
+      timeout 120 $PY scripts/gpu_probe.py 2>&1 | tee "$OUT/probe.txt" ;;
     info) $PY -m kvxfer info 2>&1 | tee "$OUT/info.txt" ;;
     tests)  # the demo test (minutes) has its own step
       timeout ${KVXFER_TEST_TIMEOUT:-420} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rA $TO ${KVXFER_XDIST:-} tests/gpu tests/test_gpu_paths.py \

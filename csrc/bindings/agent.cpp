@@ -192,6 +192,10 @@ void register_agent(py::module_& m) {
       .def_property_readonly("hmem", [](const Agent& a) { return a.capabilities().hmem; })
       .def("_inject_imm", &Agent::inject_imm)
       .def("_inject_begin", &Agent::inject_begin)
+      .def("_inject_wire_message", [](Agent& a, py::bytes b) {
+        std::string s = b;
+        a.inject_wire_message(std::vector<uint8_t>(s.begin(), s.end()));
+      })
       .def_property_readonly("name", [](const Agent& a) { return a.info().name; })
       .def_property_readonly("epoch", [](const Agent& a) { return a.info().epoch; })
       .def_property_readonly("transport", [](const Agent& a) { return a.capabilities().name; })

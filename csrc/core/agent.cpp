@@ -1273,6 +1273,13 @@ void Agent::inject_landing(const std::shared_ptr<PeerState>& peer, uint32_t slot
   post_command(std::move(c));
 }
 
+void Agent::inject_wire_message(std::vector<uint8_t> bytes) {
+  Command c{Command::Kind::InjectMessage, nullptr, 0, nullptr, {}};
+  c.bytes = std::move(bytes);
+  c.wire = true;
+  post_command(std::move(c));
+}
+
 void Agent::inject_begin(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t slot, uint32_t first_layer,
                          uint32_t num_layers, uint32_t granules_per_layer) {
   Command c{Command::Kind::InjectMessage, nullptr, 0, peer, {}};

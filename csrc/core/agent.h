@@ -163,6 +163,8 @@ class Agent {
   std::string last_landing_error() const;
   void inject_begin(const std::shared_ptr<PeerState>& peer, uint64_t xfer_id, uint32_t slot, uint32_t first_layer,
                     uint32_t num_layers, uint32_t granules_per_layer);
+  // Tests: bytes handled exactly as a control message read from the wire or a doorbell ring (any length).
+  void inject_wire_message(std::vector<uint8_t> bytes);
 
   const AgentInfo& info() const { return info_; }
   const Capabilities& capabilities() const { return transport_->capabilities(); }
@@ -211,7 +213,8 @@ class Agent {
     std::shared_ptr<PeerState> peer;
     ControlMessage msg;
     std::string reason{};  // AbortSend, EndPeer (why, for the failed transfers)
-    std::vector<uint8_t> bytes{};  // InjectLanding
+    std::vector<uint8_t> bytes{};  // InjectLanding; InjectMessage with `wire`: the raw message
+    bool wire = false;
     std::shared_ptr<RecvState> recv{};  // CancelRecv
   };
   // A landing batch whose copy into a GPU pool is in flight; counted and handed back once the copy landed.

@@ -281,7 +281,8 @@ bool Agent::run_commands() {
         on_landing(c.peer, ImmCode::encode(c.msg.slot, c.layer_index, 0));
         break;
       case Command::Kind::InjectMessage:
-        on_message(reinterpret_cast<const uint8_t*>(&c.msg), sizeof(c.msg));
+        if (c.wire) on_message(c.bytes.data(), c.bytes.size());
+        else on_message(reinterpret_cast<const uint8_t*>(&c.msg), sizeof(c.msg));
         break;
       case Command::Kind::AbortSend:
         fail_send(c.send, ErrorKind::TransferFailed,

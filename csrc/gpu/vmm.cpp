@@ -8,6 +8,7 @@
 #ifdef KVXFER_HAVE_CUDA
 #include <cuda.h>
 #include <cuda_runtime_api.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -101,8 +102,12 @@ VmmPiece export_piece(const Driver& d, CUmemGenericAllocationHandle h, uint64_t 
 #endif
   if (types & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) {
     int fd = -1;
+    rlimit files{};
+    getrlimit(RLIMIT_NOFILE, &files);
     KVXFER_CU_CHECK(d.export_handle(&fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0), RegistrationFailed,
-                    "cuMemExportToShareableHandle(POSIX fd)");
+                    "cuMemExportToShareableHandle(POSIX fd) (the agent keeps one fd open per physical allocation "
+                    "of the pool, 20 MiB each in PyTorch's expandable segments; this process may open "
+                        << files.rlim_cur << ": raise ulimit -n if that is the limit)");
     p.fd = fd;
     return p;
   }
@@ -133,8 +138,23 @@ void piece_extent(const Driver& d, uint64_t at, CUmemGenericAllocationHandle h, 
 
 }  // namespace
 
+// Each exported POSIX piece stays open for the agent's life (a 60 GiB pool of 20 MiB pieces: ~3,000 fds), past the
+// 1,024 soft limit many systems start processes with: the soft limit is raised to the hard one, once.
+static void allow_open_files_up_to_the_hard_limit() {
+  static const bool once = [] {
+    rlimit files{};
+    if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+      files.rlim_cur = files.rlim_max;
+      setrlimit(RLIMIT_NOFILE, &files);
+    }
+    return true;
+  }();
+  (void)once;
+}
+
 bool export_vmm_range(uint64_t addr, uint64_t nbytes, int device, std::vector<VmmPiece>* pieces, std::string* why) {
   const Driver& d = checked_driver("exporting VMM memory");
+  allow_open_files_up_to_the_hard_limit();
   CurrentDevice on(device, "exporting VMM memory");
   std::vector<VmmPiece> out;
   try {
