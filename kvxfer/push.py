@@ -237,6 +237,14 @@ class PushClient:
     def cancel(self, xfer_id: int) -> None:
         self._send({"op": "cancel", "xfer_id": int(xfer_id)})
 
+    @property
+    def usable(self) -> bool:
+        """False once the control connection ended (the prefill worker went away) or the kvxfer peer was lost
+        while it stayed up (the heartbeat ended a prefill worker that stalled, remove_peer): either way a new
+        PushClient to the same address is the way back (the same prefill agent is then added again, a new
+        association on both sides)."""
+        return not self.lost and not self.peer.lost
+
     def close(self) -> None:
         self._ch.close()
 

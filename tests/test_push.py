@@ -56,6 +56,30 @@ def test_registration_drives_a_byte_exact_write(pair):
         np.testing.assert_array_equal(got[:, untouched], old[:, untouched])
 
 
+def test_a_client_whose_peer_was_lost_reconnects_to_the_same_prefill_agent(pair):
+    """The decode side lost the prefill agent while the control connection stayed up (its heartbeat ended a prefill
+    that stalled; remove_peer here): the client says it is not usable, and a new client to the same server adds
+    the same prefill agent again, and the prefill the same decode agent, as new associations that move bytes
+    exactly. (Until 2026-12-02 adding the same agent again within ~1 s failed: "the key is taken".)"""
+    layout, prefill, decode, src, dst, server, client = pair
+    assert client.usable
+    decode.remove_peer(client.peer)
+    assert not client.usable
+    client.close()
+    again = PushClient(decode, *server.address)
+    assert again.usable and again.peer.epoch == client.peer.epoch  # the same prefill agent
+    again.register(31, [6, 8])
+    (reg,) = _wait_for(lambda: server.take(31))
+    recv = decode.recv(again.peer, 31, reg.dst_ids)
+    send = prefill.send(reg.peer, 31, np.array([1, 2], np.int32), reg.dst_ids)
+    send.all_ready()
+    recv.wait(timeout_s=10)
+    for layer in range(layout.num_layers):
+        got, ref = block_view(layout, dst, layer), block_view(layout, src, layer)
+        np.testing.assert_array_equal(got[:, [6, 8]], ref[:, [1, 2]])
+    again.close()
+
+
 def test_cancel_and_expiry(pair):
     _, _, _, _, _, server, client = pair
     client.cancel(21)

@@ -298,7 +298,9 @@ class KvxferConnector(KVConnectorBase_V1):
 
     def _client(self, host: str, port) -> PushClient:
         client = self._clients.get((host, port))
-        if client is None or client.lost:
+        if client is None or not client.usable:
+            if client is not None:
+                client.close()  # its control connection, if the prefill worker still holds it
             # first contact blocks this step for the handshake (bounded: a dead prefill fails the load fast)
             client = self._clients[(host, port)] = PushClient(self.agent, host, port,
                                                               timeout_s=min(5.0, self.timeout_s))
