@@ -89,3 +89,37 @@ def test_bad_peer_timeouts_are_refused(value, monkeypatch):
     monkeypatch.setenv("KVXFER_PEER_TIMEOUT_S", str(value))
     with pytest.raises(errors.InvalidArgument, match="KVXFER_PEER_TIMEOUT_S="):
         kvxfer.Agent("hb-bad-env", transport="tcp", interface="lo")
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma", "ucx"])
+def test_a_silent_peer_added_again_while_stopped_settles_its_old_recvs_by_its_answer(transport, remote):
+    """The heartbeat ends a stopped sender on this host; the engine adds the same agent again at once (a new
+    association) while it is still stopped. Once it runs again it reads the BYE of the ended association and
+    answers with its totals: the answer is routed to the ended association (its link), whose recv then settles,
+    and the new association moves bytes exactly. (Until 2026-12-02 that add failed: "the key is taken".)"""
+    if transport == "ucx":
+        from tests.conftest import _have_ucx
+
+        if not _have_ucx():
+            pytest.skip("this kvxfer build has no UCX")
+    big = (8, 256, 16, 8, 128, "float16")  # 128 MiB per transfer: the sender stops with most of it unposted
+    timeouts = {"peer_timeout_s": 1.0}
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 86, layout_args=big, timeout_s=120,
+                                          receiver_kwargs=timeouts, sender_kwargs=timeouts)
+    metadata = remote.call("metadata", None)
+    recv = agent.recv(peer, 1, list(range(128, 256)), timeout_s=120)
+    remote.call("send_and_stop", (1, list(range(128)), list(range(128, 256))))
+    try:
+        with pytest.raises(errors.PeerLost, match="sent nothing for"):
+            recv.wait(timeout_s=30)
+        again = agent.add_peer(metadata)
+        assert not again.lost and not recv.writes_over  # its process lives, stopped: writes may still come
+    finally:
+        os.kill(remote.proc.pid, signal.SIGCONT)
+    with pytest.raises(RemoteError, match="PeerLost"):
+        remote.call("wait", (1, 30))
+    # Its process lives on (this host: no keys fence it), so only its answer can settle the recv.
+    wait_for(lambda: recv.writes_over, "the ended association's recv settled by the woken sender's answer", 15)
+    remote.call("add_peer", agent.metadata())
+    agent.wait_connected(again, 20)
+    assert_exact_from_remote(agent, again, remote, layout, dst, 86, 2, [0, 1, 2], [128, 129, 130])
