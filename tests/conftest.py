@@ -1,6 +1,8 @@
 """Agent pairs across two real processes: the test process receives, a spawned peer process sends."""
+import contextlib
 import multiprocessing as mp
 import os
+import signal
 import time
 
 import pytest
@@ -223,6 +225,33 @@ def connect(transport, remote, layout_kind, seed, layout_args=(), timeout_s=30.0
     path = remote.call("add_peer", agent.metadata())
     agent.wait_connected(peer, 20)
     return agent, peer, layout, dst, path
+
+
+SILENT_LAYOUT = (8, 256, 16, 8, 128, "float16")  # 8 layers x 2 planes x 128 blocks x 64 KiB: 128 MiB per transfer
+SILENT_HEARTBEAT = {"peer_timeout_s": 1.0}
+
+
+@contextlib.contextmanager
+def sender_gone_silent(transport, remote, seed):
+    """The remote sender, heartbeats of 1 s on both sides, stops (SIGSTOP) part way through transfer 1 (128 MiB,
+    its blocks 0-127 into ours 128-255) and the heartbeat ends it here. Yields (agent, peer, layout, dst, recv,
+    before, metadata): dst as it was before the transfer, the sender's metadata from before it stopped. The
+    sender is continued on the way out."""
+    from kvxfer import errors
+
+    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", seed, layout_args=SILENT_LAYOUT,
+                                          timeout_s=120, receiver_kwargs=SILENT_HEARTBEAT,
+                                          sender_kwargs=SILENT_HEARTBEAT)
+    metadata = remote.call("metadata", None)
+    before = [x.copy() for x in dst]
+    recv = agent.recv(peer, 1, list(range(128, 256)), timeout_s=120)
+    remote.call("send_and_stop", (1, list(range(128)), list(range(128, 256))))
+    try:
+        with pytest.raises(errors.PeerLost, match="sent nothing for"):
+            recv.wait(timeout_s=30)
+        yield agent, peer, layout, dst, recv, before, metadata
+    finally:
+        os.kill(remote.proc.pid, signal.SIGCONT)
 
 
 def another_host(remote, name):

@@ -7,8 +7,7 @@ import struct
 import numpy as np
 
 import kvxfer
-from tests.conftest import assert_exact_transfer, local_pair, wait_for
-from tests.reference import make_pool
+from tests.conftest import assert_exact_transfer, fan_in, local_pair, wait_for
 
 FMT = "<HBBIQQQIIII"  # magic, version, type, link, sender epoch, receiver epoch, xfer id, slot, first_layer,
 #                       num_layers, granules_per_layer: 48 bytes
@@ -58,12 +57,7 @@ def test_random_control_messages_from_a_peer_never_crash_the_agent():
     assert 1000 < dropped < 19000, dropped  # many refused by a field check, thousands handled
     assert live.state == kvxfer.TransferState.FAILED  # ended with its peer, whatever the messages did to it first
     # A new peer of the same agent: exact, every other block untouched.
-    c = kvxfer.Agent("fuzz-tx2", transport="tcp", interface="lo", timeout_s=30)
-    src2 = make_pool(layout, 99)
-    c.register_pool(src2, layout)
-    peer_b2, peer_c = c.add_peer(b.metadata()), b.add_peer(c.metadata())
-    c.wait_connected(peer_b2, 20)
-    b.wait_connected(peer_c, 20)
+    (c,), (src2,), (peer_b2,), (peer_c,) = fan_in(b, 1, "tcp", layout, name="fuzz-tx2", seed=99)
     assert_exact_transfer(c, b, peer_b2, peer_c, src2, dst, layout, 2, [6, 7], [6, 7])
     for agent in (c, a, b):
         agent.close()

@@ -14,7 +14,15 @@ import pytest
 
 import kvxfer
 from kvxfer import errors
-from tests.conftest import RemoteError, assert_exact_from_remote, assert_exact_transfer, connect, local_pair, wait_for
+from tests.conftest import (
+    RemoteError,
+    assert_exact_from_remote,
+    assert_exact_transfer,
+    connect,
+    local_pair,
+    sender_gone_silent,
+    wait_for,
+)
 from tests.reference import PRESETS
 
 
@@ -102,20 +110,9 @@ def test_a_silent_peer_added_again_while_stopped_settles_its_old_recvs_by_its_an
 
         if not _have_ucx():
             pytest.skip("this kvxfer build has no UCX")
-    big = (8, 256, 16, 8, 128, "float16")  # 128 MiB per transfer: the sender stops with most of it unposted
-    timeouts = {"peer_timeout_s": 1.0}
-    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 86, layout_args=big, timeout_s=120,
-                                          receiver_kwargs=timeouts, sender_kwargs=timeouts)
-    metadata = remote.call("metadata", None)
-    recv = agent.recv(peer, 1, list(range(128, 256)), timeout_s=120)
-    remote.call("send_and_stop", (1, list(range(128)), list(range(128, 256))))
-    try:
-        with pytest.raises(errors.PeerLost, match="sent nothing for"):
-            recv.wait(timeout_s=30)
+    with sender_gone_silent(transport, remote, 86) as (agent, _, layout, dst, recv, _, metadata):
         again = agent.add_peer(metadata)
         assert not again.lost and not recv.writes_over  # its process lives, stopped: writes may still come
-    finally:
-        os.kill(remote.proc.pid, signal.SIGCONT)
     with pytest.raises(RemoteError, match="PeerLost"):
         remote.call("wait", (1, 30))
     # Its process lives on (this host: no keys fence it), so only its answer can settle the recv.

@@ -17,6 +17,8 @@ import pytest
 import kvxfer
 from kvxfer import _C, errors
 from tests.conftest import (
+    SILENT_HEARTBEAT,
+    SILENT_LAYOUT,
     UCX,
     RemoteError,
     RemoteSender,
@@ -24,6 +26,7 @@ from tests.conftest import (
     assert_exact_from_remote,
     connect,
     info_line,
+    sender_gone_silent,
     wait_for,
 )
 from tests.reference import apply, block_view, make_pool
@@ -44,8 +47,7 @@ def test_an_agent_on_a_fencing_provider_gives_each_peer_its_own_keys():
     assert md["peer_keys"] is True
 
 
-BIG = (8, 256, 16, 8, 128, "float16")  # 8 layers x 2 planes x 128 blocks x 64 KiB: 128 MiB per transfer
-HEARTBEAT = {"peer_timeout_s": 1.0}
+BIG, HEARTBEAT = SILENT_LAYOUT, SILENT_HEARTBEAT  # 128 MiB per transfer; peers silent for 1 s are ended
 
 
 def _assert_it_fails_and_nothing_lands(resumed, dst, settled):
@@ -59,22 +61,13 @@ def _assert_it_fails_and_nothing_lands(resumed, dst, settled):
 @pytest.mark.parametrize("transport", ["tcp", "fi_shm", UCX])
 def test_a_silent_sender_on_another_host_is_fenced_and_what_it_posts_later_never_lands(transport, remote):
     another_host(remote, "kvxfer-fenced-host")
-    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 81, layout_args=BIG, timeout_s=120,
-                                          receiver_kwargs=HEARTBEAT, sender_kwargs=HEARTBEAT)
-    assert not peer.same_host
-    before = [x.copy() for x in dst]
-    recv = agent.recv(peer, 1, list(range(128, 256)), timeout_s=120)
-    remote.call("send_and_stop", (1, list(range(128)), list(range(128, 256))))
-    try:
-        with pytest.raises(errors.PeerLost, match="sent nothing for"):
-            recv.wait(timeout_s=30)
+    with sender_gone_silent(transport, remote, 81) as (agent, peer, layout, dst, recv, before, _):
+        assert not peer.same_host
         wait_for(lambda: recv.writes_over, "writes_over of the silent peer's recv once its keys closed", 15)
         assert agent.stats()["peers_fenced"] == 1
         # The precondition of what follows: the sender stopped with most of its writes still to post.
         assert recv.layers_done < layout.num_layers, "the sender finished before it stopped: nothing was fenced"
         settled = [x.copy() for x in dst]
-    finally:
-        os.kill(remote.proc.pid, signal.SIGCONT)
     # Awake, its progress thread posts the rest with its closed keys (or reconnects to): it learns it was dropped,
     # and not one more byte lands.
     _assert_it_fails_and_nothing_lands(remote, dst, settled)
@@ -89,21 +82,12 @@ def test_a_fenced_peer_added_again_writes_with_new_keys_and_its_old_writes_never
     its process never restarted): the new association gets keys of its own. With the old keys opened again, what
     the woken sender still posts for its old transfer would land in blocks already given to new requests."""
     another_host(remote, "kvxfer-readded-host")
-    agent, peer, layout, dst, _ = connect(transport, remote, "vllm_flash", 85, layout_args=BIG, timeout_s=120,
-                                          receiver_kwargs=HEARTBEAT, sender_kwargs=HEARTBEAT)
-    its_metadata = remote.call("metadata", None)
-    recv = agent.recv(peer, 1, list(range(128, 256)), timeout_s=120)
-    remote.call("send_and_stop", (1, list(range(128)), list(range(128, 256))))
-    try:
-        with pytest.raises(errors.PeerLost, match="sent nothing for"):
-            recv.wait(timeout_s=30)
+    with sender_gone_silent(transport, remote, 85) as (agent, peer, layout, dst, recv, _, its_metadata):
         wait_for(lambda: recv.writes_over, "writes_over of the silent peer's recv once its keys closed", 15)
         assert recv.layers_done < layout.num_layers, "the sender finished before it stopped: nothing was fenced"
         again = agent.add_peer(its_metadata)  # the same metadata: same epoch, a new association
         assert again is not peer and not again.lost
         settled = [x.copy() for x in dst]
-    finally:
-        os.kill(remote.proc.pid, signal.SIGCONT)
     _assert_it_fails_and_nothing_lands(remote, dst, settled)
     # The woken sender adds us again too: the new association moves bytes exactly.
     remote.call("add_peer", agent.metadata())
