@@ -8,6 +8,7 @@ import numpy as np
 
 import kvxfer
 from tests.conftest import assert_exact_transfer, fan_in, local_pair, wait_for
+from tests.reference import make_pool
 
 FMT = "<HBBIQQQIIII"  # magic, version, type, link, sender epoch, receiver epoch, xfer id, slot, first_layer,
 #                       num_layers, granules_per_layer: 48 bytes
@@ -60,4 +61,29 @@ def test_random_control_messages_from_a_peer_never_crash_the_agent():
     (c,), (src2,), (peer_b2,), (peer_c,) = fan_in(b, 1, "tcp", layout, name="fuzz-tx2", seed=99)
     assert_exact_transfer(c, b, peer_b2, peer_c, src2, dst, layout, 2, [6, 7], [6, 7])
     for agent in (c, a, b):
+        agent.close()
+
+
+def test_a_late_hello_of_an_older_association_does_not_redirect_a_live_one():
+    """A peer numbers its associations with us in increasing order (its HELLO carries the number, and our messages
+    to it carry it back). A HELLO of an older association arriving late (the peer ended it and added us again) must
+    not replace the live association's number: our RELEASEs would then carry the old number and the peer would
+    drop them, leaving its sends to us waiting until their deadline."""
+    layout = kvxfer.KVLayout.contiguous(8, 4096)
+    a = kvxfer.Agent("hello-tx", transport="tcp", interface="lo", timeout_s=10)
+    b = kvxfer.Agent("hello-rx", transport="tcp", interface="lo", timeout_s=10)
+    first = kvxfer.Agent("hello-first", transport="tcp", interface="lo")
+    a.add_peer(first.metadata())  # a's first association (link 1): the one with b below is link 2
+    src, dst = make_pool(layout, 5), make_pool(layout, 6)
+    a.register_pool(src, layout)
+    b.register_pool(dst, layout)
+    peer_b, peer_a = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+    a.wait_connected(peer_b, 20)
+    b.wait_connected(peer_a, 20)
+    stale = struct.pack(FMT, MAGIC, VERSION, 1, 1, a._c.epoch, b._c.epoch, 0, 0, 0, 128, 0)  # HELLO, link 1
+    dropped = b.stats()["dropped_messages"]
+    b._c._inject_wire_message(stale)
+    wait_for(lambda: b.stats()["dropped_messages"] == dropped + 1, "the stale HELLO dropped", 10)
+    assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 1, [0, 1], [2, 3])  # the sender saw the RELEASE
+    for agent in (a, b, first):
         agent.close()

@@ -930,8 +930,14 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
       counters_.dropped_messages++;
       return;
     }
+    // A peer numbers its associations with us in increasing order: a HELLO of an older one than we know (late on
+    // the wire, the peer having ended it and added us again) addresses nothing live.
     if (it == peers_by_epoch_.end() || again) {
       EarlyHello& e = early_hellos_[m.sender_epoch];
+      if (e.link != 0 && m.link < e.link) {
+        counters_.dropped_messages++;
+        return;
+      }
       if (e.link != m.link) e = EarlyHello{};  // an earlier association's rails do not count for this one
       e.rails |= 1u << m.first_layer;
       e.link = m.link;
@@ -941,6 +947,10 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
       return;
     }
     PeerState& peer = *it->second;
+    if (peer.peer_link != 0 && m.link < peer.peer_link) {
+      counters_.dropped_messages++;
+      return;
+    }
     {
       std::lock_guard<std::mutex> pl(peer.mu);
       peer.take_window(m.slot, m.num_layers);
