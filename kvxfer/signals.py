@@ -22,15 +22,31 @@ generation; the progress thread stores it into host-mapped per-layer words as la
 ``counter.wait_on_stream(layer)`` enqueues a spin-wait kernel that a decode graph can capture: its k-th execution
 waits for the k-th attached recv. A failed recv, or ``timeout_s``, releases the wait and bumps ``device_errors``.
 
+Warm-up forwards (run eagerly before capture, as torch's graph capture wants) record layers and run waits with
+nothing bound: ``signal.resync()`` and ``counter.sync()`` after them (and after ``torch.cuda.synchronize()``) pass
+over what they recorded and consumed, so the first bind()/attach() go to the first real forward.
+
 Without a GPU (or a CUDA build) the memory is ordinary host memory: bind, the watcher, the counters and
 ``_host_record`` work; ``record`` and ``wait_on_stream`` raise TransportUnavailable naming what is missing.
 """
 from __future__ import annotations
 
+import atexit
 import sys
+import weakref
 
 from kvxfer import _C
 from kvxfer.errors import InvalidArgument, TransportUnavailable
+
+_open_signals: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_signals() -> None:
+    """Watcher threads stop before the interpreter (and CUDA) tear down: one still polling pinned memory that CUDA
+    frees at exit would crash the process on its way out."""
+    for signal in list(_open_signals):
+        signal.close()
 
 
 def cuda_status() -> tuple[bool, str]:
@@ -67,6 +83,7 @@ class LayerSignal:
         opts.max_bindings, opts.spin_us, opts.sleep_us = max_bindings, spin_us, sleep_us
         self._agent = agent
         self._c = _C.LayerSignal(agent._c, num_layers, opts, bool(device))
+        _open_signals.add(self)
 
     num_layers = property(lambda self: self._c.num_layers)
     on_device = property(lambda self: self._c.on_device)
@@ -84,6 +101,12 @@ class LayerSignal:
             if getattr(s, "_agent", None) is not self._agent:
                 raise InvalidArgument(f"{s!r} is not a Send of this signal's agent {self._agent.name!r}")
         return self._c.bind([s._h for s in sends])
+
+    def resync(self) -> int:
+        """Pass over the forwards recorded with nothing bound (warm-up runs before capture); the next bind() is for
+        the next forward recorded. Returns how many were passed over. Call it with nothing bound and no forward
+        running (after torch.cuda.synchronize()); otherwise raises InvalidArgument saying which."""
+        return self._c.resync()
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Block until every bound forward was delivered. Raises TransferTimeout naming the missing layers."""
@@ -157,6 +180,12 @@ class DeviceCounter:
         """Enqueue a spin-wait on `stream` until `layer` (None: every layer) of the attached recv is done.
         Capturable in a CUDA graph; the k-th execution per layer waits for the k-th attach()."""
         self._c.wait_on_stream(-1 if layer is None else layer, _stream_handle(stream), timeout_s)
+
+    def sync(self) -> int:
+        """Make the next wait on each layer wait for the next attach(): waits that ran with no recv attached for
+        them (warm-up forwards before capture) took numbers of their own. Call with no wait queued or running
+        (after torch.cuda.synchronize()). Returns the current generation."""
+        return self._c.sync()
 
     def __repr__(self) -> str:
         return f"<DeviceCounter layers={self.num_layers} generation={self.generation} done={self.layers_done}>"

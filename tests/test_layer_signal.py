@@ -378,3 +378,69 @@ def test_two_processes_signal_driven_forwards(transport, remote):
         apply(layout, src, expected, s, d, range(LAYERS))
     for got, want in zip(dst, expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_resync_passes_over_warm_up_forwards_recorded_with_nothing_bound(pair):
+    """Warm-up forwards (eager runs before capture) record every layer with nothing bound. Without resync the first
+    bind() would take the first warm-up forward (already recorded: its send would go at once, before the real
+    forward computed anything). resync() passes over them: the binding goes to the next forward recorded, and its
+    bytes land only once that forward records its layers."""
+    a, b, peer_b, peer_a, layout, src, dst = pair
+    before = [x.copy() for x in dst]
+    sig = kvxfer.LayerSignal(a, LAYERS, device=False)
+    for _ in range(3):
+        record_forward(sig)  # three warm-up forwards
+    assert sig.unbound_forwards == 3
+    assert sig.resync() == 3
+    assert sig.unbound_forwards == 0 and sig.stats()["forwards_skipped"] == 3
+    assert sig.resync() == 0  # nothing new recorded since
+    s_ids, d_ids = request(1)
+    recv = b.recv(peer_a, 310, d_ids)
+    sig.bind([a.send(peer_b, 310, s_ids, d_ids)])
+    with pytest.raises(errors.TransferTimeout, match=r"forward 3 waits for layers \[0, 1, 2, 3\]"):
+        sig.drain(timeout_s=0.3)  # the binding waits for the next forward: nothing was posted yet
+    assert recv.layers_done == 0
+    for layer in range(LAYERS):
+        np.testing.assert_array_equal(block_view(layout, dst, layer), block_view(layout, before, layer))
+    record_forward(sig)
+    recv.wait(timeout_s=30)
+    sig.drain(timeout_s=30)
+    assert_request_bytes(layout, src, dst, s_ids, d_ids)
+    assert sig.stats()["forwards_delivered"] == 1
+    sig.close()
+
+
+def test_resync_refuses_a_forward_recorded_in_part_or_bound_forwards(pair):
+    a, b, peer_b, peer_a, layout, src, dst = pair
+    sig = kvxfer.LayerSignal(a, LAYERS, device=False)
+    record_forward(sig, layers=[0, 1])  # a forward still running: layers 2 and 3 not recorded yet
+    with pytest.raises(errors.InvalidArgument, match="layer 2 was recorded 0 times but layer 0 1 times: a forward is "
+                                                     "still running"):
+        sig.resync()
+    record_forward(sig, layers=[2, 3])
+    assert sig.resync() == 1
+    s_ids, d_ids = request(2)
+    recv = b.recv(peer_a, 320, d_ids)
+    sig.bind([a.send(peer_b, 320, s_ids, d_ids)])
+    with pytest.raises(errors.InvalidArgument, match="1 forwards bound and pending"):
+        sig.resync()
+    record_forward(sig)
+    recv.wait(timeout_s=30)
+    sig.drain(timeout_s=30)
+    assert_request_bytes(layout, src, dst, s_ids, d_ids)
+    sig.close()
+    with pytest.raises(errors.InvalidArgument, match="closed"):
+        sig.resync()
+
+
+def test_host_record_is_refused_on_a_device_mapped_signal(pair):
+    """A device-mapped signal counts its records on the device as well: a host record would put the two out of
+    step (the next device record would write a smaller count and the watcher would stop). Refused by name."""
+    sig = kvxfer.LayerSignal(pair[0], LAYERS)
+    if not sig.on_device:
+        sig._host_record(0)  # host memory: the host plays the device
+        assert sig.slot(0) == 1
+    else:
+        with pytest.raises(errors.InvalidArgument, match="device-mapped LayerSignal.*device=False"):
+            sig._host_record(0)
+    sig.close()

@@ -51,6 +51,7 @@ void register_signals(py::module_& m) {
            })
       .def("drain", [](LayerSignal& s, double timeout_s) { return s.watcher().drain(timeout_s); },
            py::call_guard<py::gil_scoped_release>())
+      .def("resync", [](LayerSignal& s) { return s.watcher().resync(); }, py::call_guard<py::gil_scoped_release>())
       .def("describe_pending", [](LayerSignal& s) { return s.watcher().describe_pending(); })
       .def("errors", [](LayerSignal& s) { return s.watcher().errors(); })
       .def("close", [](LayerSignal& s) { s.watcher().stop(); }, py::call_guard<py::gil_scoped_release>())
@@ -66,6 +67,7 @@ void register_signals(py::module_& m) {
         d["layers_skipped"] = st.layers_skipped;
         d["errors"] = st.errors;
         d["unbound_forwards"] = st.unbound_forwards;
+        d["forwards_skipped"] = st.forwards_skipped;
         d["polls"] = st.polls;
         return d;
       });
@@ -81,6 +83,7 @@ void register_signals(py::module_& m) {
       .def_property_readonly("layers_done", &DeviceCounter::layers_done)
       .def("attach", &DeviceCounter::attach)
       .def("word", &DeviceCounter::word)
+      .def("sync", &DeviceCounter::sync, py::call_guard<py::gil_scoped_release>())
       .def("wait_on_stream", &DeviceCounter::wait_on_stream, py::call_guard<py::gil_scoped_release>());
 }
 

@@ -60,7 +60,20 @@ cudaError_t free_host_mapped(void* host);
 // Device memory on `device`, zeroed.
 cudaError_t alloc_device(int device, size_t nbytes, void** ptr);
 cudaError_t free_device(int device, void* ptr);
+// Copies host bytes into device memory of `device` on a stream of our own and waits for them (not the legacy
+// default stream, which would wait for every blocking stream of the device).
+cudaError_t upload(int device, void* dst, const void* src, size_t nbytes);
 const char* error_string(cudaError_t err);
+// Whether `stream` is being captured into a CUDA graph now (the graph then keeps pointers to our memory).
+cudaError_t stream_capturing(cudaStream_t stream, bool* capturing);
+// The device `stream` belongs to (the legacy and per-thread default streams: the current device).
+cudaError_t stream_device(cudaStream_t stream, int* device);
+// Loads every kvxfer kernel into `device`'s context now. CUDA loads kernels lazily by default (CUDA_MODULE_LOADING
+// =LAZY since 12.2), and loading one may wait for the context to go idle: a first gather or wait kernel launched
+// while a counter-wait kernel spins for data that launch is to deliver would then stall until the wait times out.
+cudaError_t preload_kernels(int device);
+cudaError_t preload_layer_signal_kernels();  // current device; layer_signal.cu
+cudaError_t preload_gather_kernels();        // current device; gather_copy.cu
 
 }  // namespace cuda
 }  // namespace kvxfer

@@ -98,5 +98,11 @@ cudaError_t launch_gather_layers(const CopyDesc* rel, uint32_t n, const LayerCop
   return cudaGetLastError();
 }
 
+cudaError_t preload_gather_kernels() {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, gather_copy_kernel);  // loads the kernel into the context
+  return err == cudaSuccess ? cudaFuncGetAttributes(&attr, gather_layers_kernel) : err;
+}
+
 }  // namespace cuda
 }  // namespace kvxfer

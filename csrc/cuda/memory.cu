@@ -1,5 +1,7 @@
 // Runtime calls for host-mapped and device memory, kept behind the .cu wall so host code needs no CUDA headers
 // beyond api.cuh. cudart is linked statically: with no driver every call here returns an error code, never aborts.
+#include <atomic>
+
 #include "cuda/api.cuh"
 
 namespace kvxfer {
@@ -36,14 +38,33 @@ cudaError_t alloc_device(int device, size_t nbytes, void** ptr) {
   if (err != cudaSuccess) return err;
   if ((err = cudaSetDevice(device)) != cudaSuccess) return err;
   err = cudaMalloc(ptr, nbytes);
-  if (err == cudaSuccess) err = cudaMemset(*ptr, 0, nbytes);
-  // The memset runs on the legacy default stream, and its users (LayerSignal.record, DeviceCounter waits) on
-  // streams that need not be ordered after it (non-blocking side streams, graph capture): zeroed before return.
-  if (err == cudaSuccess) err = cudaStreamSynchronize(cudaStreamLegacy);
+  // Zeroed on a stream of our own, waited for before return: the legacy default stream would also wait for (and
+  // make wait) every blocking stream of the device, such as one where a counter-wait kernel spins for this thread.
+  // Its users (LayerSignal.record, DeviceCounter waits) run on streams not ordered after it (non-blocking side
+  // streams, graph capture): zeroed before return.
+  cudaStream_t zeroing = nullptr;
+  if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&zeroing, cudaStreamNonBlocking);
+  if (err == cudaSuccess) err = cudaMemsetAsync(*ptr, 0, nbytes, zeroing);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(zeroing);
+  if (zeroing) cudaStreamDestroy(zeroing);
   if (err != cudaSuccess && *ptr) {
     cudaFree(*ptr);
     *ptr = nullptr;
   }
+  cudaSetDevice(prev);
+  return err;
+}
+
+cudaError_t upload(int device, void* dst, const void* src, size_t nbytes) {
+  int prev = 0;
+  cudaError_t err = cudaGetDevice(&prev);
+  if (err != cudaSuccess) return err;
+  if ((err = cudaSetDevice(device)) != cudaSuccess) return err;
+  cudaStream_t s = nullptr;
+  err = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  if (err == cudaSuccess) err = cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, s);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(s);
+  if (s) cudaStreamDestroy(s);
   cudaSetDevice(prev);
   return err;
 }
@@ -59,6 +80,36 @@ cudaError_t free_device(int device, void* ptr) {
 }
 
 const char* error_string(cudaError_t err) { return cudaGetErrorString(err); }
+
+cudaError_t stream_capturing(cudaStream_t stream, bool* capturing) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaError_t err = cudaStreamIsCapturing(stream, &status);
+  *capturing = status != cudaStreamCaptureStatusNone;
+  return err;
+}
+
+cudaError_t stream_device(cudaStream_t stream, int* device) {
+#if CUDART_VERSION >= 12080
+  if (stream != nullptr && stream != cudaStreamLegacy && stream != cudaStreamPerThread)
+    return cudaStreamGetDevice(stream, device);
+#endif
+  return cudaGetDevice(device);  // older runtimes cannot ask a stream: the launch uses the current device's context
+}
+
+cudaError_t preload_kernels(int device) {
+  static std::atomic<uint64_t> loaded{0};  // devices done (ordinals past 63 load every time: harmless)
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
+  if (bit && (loaded.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  int prev = 0;
+  cudaError_t err = cudaGetDevice(&prev);
+  if (err != cudaSuccess) return err;
+  if ((err = cudaSetDevice(device)) != cudaSuccess) return err;
+  err = preload_layer_signal_kernels();
+  if (err == cudaSuccess) err = preload_gather_kernels();
+  cudaSetDevice(prev);
+  if (err == cudaSuccess) loaded.fetch_or(bit, std::memory_order_acq_rel);
+  return err;
+}
 
 }  // namespace cuda
 }  // namespace kvxfer

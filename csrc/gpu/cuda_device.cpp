@@ -283,6 +283,9 @@ CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
   // each other except through the events the caller asks for.
   KVXFER_CUDA_CHECK(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking), TransportUnavailable,
                     "cudaStreamCreateWithFlags on cuda:" << device);
+  // Best effort (a kernel without an image for this GPU fails at its launch, with the launch's error): kernels
+  // loaded lazily could stall their first launch behind a counter-wait kernel spinning for that very copy.
+  (void)cuda::preload_kernels(device);
   int sms = 0;
   KVXFER_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), TransportUnavailable,
                     "querying the multiprocessor count of cuda:" << device);

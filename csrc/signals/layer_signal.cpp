@@ -28,6 +28,28 @@ T* device_view(const MappedMemory& m, const void* host_ptr) {
                                           << ". Host-side parts (bind, the watcher, counters) work without one.");
 }
 
+#ifdef KVXFER_HAVE_CUDA
+// Before a launch on `stream` of a kernel that uses memory of `device`. The stream's device must be that one: the
+// kernel would otherwise run on another GPU and reach our device memory through an illegal address (checked once
+// per new stream). And a graph capturing the stream keeps pointers to our memory for every replay: remembered, so
+// that memory outlives this object (the graph may outlive it).
+void check_stream(uint64_t stream, int device, std::atomic<uint64_t>& checked, std::atomic<bool>& captured,
+                  const char* what) {
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (stream > 1) {  // the legacy default stream (0 or cudaStreamLegacy) is never captured; asking is not safe
+    bool capturing = false;
+    if (cuda::stream_capturing(s, &capturing) != cudaSuccess || capturing) captured.store(true);
+  }
+  if (checked.load(std::memory_order_relaxed) == stream) return;
+  int d = -1;
+  KVXFER_CHECK(cuda::stream_device(s, &d) != cudaSuccess || d == device, InvalidArgument,
+               what << " on a stream of cuda:" << d << ", but its memory is on cuda:" << device
+                    << " (the device current when it was created); create it while cuda:" << d
+                    << " is current (torch.cuda.set_device(" << d << ") or `with torch.cuda.device(" << d << "):`)");
+  checked.store(stream, std::memory_order_relaxed);
+}
+#endif
+
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
 }
@@ -45,7 +67,13 @@ LayerSignal::LayerSignal(Agent& agent, uint32_t num_layers, WatcherOptions optio
   watcher_ = std::make_unique<SignalWatcher>(agent, slots_, num_layers, options);
 }
 
-LayerSignal::~LayerSignal() { watcher_->stop(); }  // before the slots it reads are freed
+LayerSignal::~LayerSignal() {
+  watcher_->stop();  // before the slots it reads are freed
+  if (captured_) {  // a captured graph writes them on every replay, and it may outlive us: a few bytes stay
+    (void)slots_mem_.release();
+    (void)dev_counts_.release();
+  }
+}
 
 void LayerSignal::check_layer(uint32_t layer) const {
   KVXFER_CHECK(layer < num_layers_, InvalidArgument,
@@ -56,6 +84,7 @@ void LayerSignal::record(uint32_t layer, uint64_t stream) {
   check_layer(layer);
   if (!slots_mem_->mapped()) throw_no_device("LayerSignal.record", *slots_mem_);
 #ifdef KVXFER_HAVE_CUDA
+  check_stream(stream, slots_mem_->cuda_device(), checked_stream_, captured_, "LayerSignal.record");
   cudaError_t err = cuda::launch_layer_signal(device_view<volatile uint64_t>(*slots_mem_, slots_),
                                               static_cast<uint64_t*>(dev_counts_->get()), layer,
                                               reinterpret_cast<cudaStream_t>(stream));
@@ -68,6 +97,10 @@ void LayerSignal::record(uint32_t layer, uint64_t stream) {
 
 void LayerSignal::host_record(uint32_t layer) {
   check_layer(layer);
+  KVXFER_CHECK(!slots_mem_->mapped(), InvalidArgument,
+               "_host_record on a device-mapped LayerSignal: its records are counted on the device too, and a host "
+               "record would put the two out of step (the watcher then stops); create it with device=False to play "
+               "the device from the host");
   if (probe_) probe_[layer].store(now_ns(), std::memory_order_release);
   // The only writer is "the device": a load and a store, like the kernel, released so the writer's earlier stores
   // (the layer's data) are visible to the watcher before the count.
@@ -99,6 +132,27 @@ DeviceCounter::DeviceCounter(uint32_t num_layers, bool want_device) : num_layers
   error_ = base + 1;
   words_ = base + 16;
   if (mem_->mapped()) dev_waits_ = std::make_unique<DeviceMemory>(mem_->cuda_device(), num_layers * 4);
+}
+
+DeviceCounter::~DeviceCounter() {
+  if (captured_) {  // a captured graph's wait kernels read and bump them on every replay: a few bytes stay
+    new std::shared_ptr<MappedMemory>(mem_);
+    (void)dev_waits_.release();
+  }
+}
+
+uint32_t DeviceCounter::sync() {
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint32_t g = generation_.load(std::memory_order_acquire);
+  if (!dev_waits_) return g;
+#ifdef KVXFER_HAVE_CUDA
+  std::vector<uint32_t> waits(num_layers_, g);
+  cudaError_t err = cuda::upload(mem_->cuda_device(), dev_waits_->get(), waits.data(), num_layers_ * 4);
+  KVXFER_CHECK(err == cudaSuccess, TransportUnavailable,
+               "DeviceCounter.sync: writing the wait counts on cuda:" << mem_->cuda_device()
+                                                                      << " failed: " << cuda::error_string(err));
+#endif
+  return g;
 }
 
 uint32_t DeviceCounter::attach(const std::shared_ptr<RecvState>& recv) {
@@ -133,6 +187,7 @@ void DeviceCounter::wait_on_stream(int layer, uint64_t stream, double timeout_s)
                "timeout_s must be a positive number of seconds, got " << timeout_s);
   if (!mem_->mapped()) throw_no_device("DeviceCounter.wait_on_stream", *mem_);
 #ifdef KVXFER_HAVE_CUDA
+  check_stream(stream, mem_->cuda_device(), checked_stream_, captured_, "DeviceCounter.wait_on_stream");
   cudaError_t err = cuda::launch_counter_wait(
       device_view<const volatile uint32_t>(*mem_, words_), device_view<const volatile uint32_t>(*mem_, fail_),
       device_view<volatile uint32_t>(*mem_, error_), static_cast<uint32_t*>(dev_waits_->get()), layer, num_layers_,

@@ -36,7 +36,8 @@ class LayerSignal {
   // Enqueues the device-side record of `layer` on `stream` (a cudaStream_t as an integer; 0 = legacy default).
   // Throws TransportUnavailable when the signal's memory is not device-mapped.
   void record(uint32_t layer, uint64_t stream);
-  // What the kernel does, done by the calling thread: bumps slots[layer]. For tests and host-driven models.
+  // What the kernel does, done by the calling thread: bumps slots[layer]. For tests and host-driven models; refused
+  // on a device-mapped signal, whose device-side count it would fall out of step with.
   void host_record(uint32_t layer);
 
   SignalWatcher& watcher() { return *watcher_; }
@@ -46,6 +47,8 @@ class LayerSignal {
  private:
   void check_layer(uint32_t layer) const;
   const uint32_t num_layers_;
+  std::atomic<uint64_t> checked_stream_{~uint64_t{0}};  // the last stream found on our device
+  std::atomic<bool> captured_{false};  // a CUDA graph holds our pointers: the memory outlives us (destructor)
   std::unique_ptr<MappedMemory> slots_mem_;
   std::unique_ptr<DeviceMemory> dev_counts_;
   std::atomic<uint64_t>* slots_;
@@ -56,6 +59,7 @@ class LayerSignal {
 class DeviceCounter : public std::enable_shared_from_this<DeviceCounter> {
  public:
   DeviceCounter(uint32_t num_layers, bool want_device);
+  ~DeviceCounter();
 
   uint32_t num_layers() const { return num_layers_; }
   bool on_device() const { return mem_->mapped(); }
@@ -66,6 +70,11 @@ class DeviceCounter : public std::enable_shared_from_this<DeviceCounter> {
   uint32_t attach(const std::shared_ptr<RecvState>& recv);
   // Enqueues the spin-wait kernel (layer < 0: every layer) on `stream`. TransportUnavailable without a device.
   void wait_on_stream(int layer, uint64_t stream, double timeout_s);
+  // Makes the next wait kernel on each layer wait for the next attach(): wait kernels that ran without a recv of
+  // their own (warm-up forwards before capture) each took a number, and every later wait would wait for a later
+  // recv than its own (until its timeout). Call it with no wait kernel queued or running (after
+  // torch.cuda.synchronize()). Returns the current generation. Without a device there is nothing to reset.
+  uint32_t sync();
 
   uint32_t generation() const { return generation_.load(std::memory_order_acquire); }
   uint32_t word(uint32_t layer) const;         // host view of words[layer]
@@ -80,6 +89,8 @@ class DeviceCounter : public std::enable_shared_from_this<DeviceCounter> {
   std::atomic<uint32_t>* fail_;
   std::atomic<uint32_t>* error_;
   std::atomic<uint32_t>* words_;
+  std::atomic<uint64_t> checked_stream_{~uint64_t{0}};
+  std::atomic<bool> captured_{false};
   std::mutex mu_;
   std::atomic<uint32_t> generation_{0};
   std::shared_ptr<RecvState> current_;

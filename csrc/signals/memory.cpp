@@ -40,6 +40,9 @@ MappedMemory::MappedMemory(size_t nbytes, bool want_device) : nbytes_(nbytes) {
       KVXFER_CHECK(err == cudaSuccess, RegistrationFailed,
                    "cudaHostAlloc(Mapped) of " << nbytes << " bytes failed: " << cuda::error_string(err));
       cuda_device_ = cs.device;
+      // Best effort, as in CopyQueue: the record and wait kernels loaded now, not lazily at a first launch that
+      // could wait behind a spinning wait kernel (a missing kernel image fails at the launch, naming itself).
+      (void)cuda::preload_kernels(cs.device);
       return;
 #endif
     }

@@ -68,6 +68,32 @@ bool SignalWatcher::drain(double timeout_s) {
   return drained_cv_.wait_until(lock, until, [&] { return fifo_.empty() || stop_ || faulted_; }) && fifo_.empty();
 }
 
+uint64_t SignalWatcher::resync() {
+  std::lock_guard<std::mutex> lock(mu_);
+  KVXFER_CHECK(!stop_, InvalidArgument, "this LayerSignal is closed");
+  KVXFER_CHECK(fifo_.empty(), InvalidArgument,
+               "LayerSignal.resync() with " << fifo_.size() << " forwards bound and pending (" << describe_pending_locked()
+                                            << "); resync before binding, once the warm-up forwards ran (drain() "
+                                               "waits for bound ones)");
+  // With nothing bound every layer was delivered up to base_ (a forward retires once all its layers moved past).
+  const uint64_t top = slots_[0].load(std::memory_order_acquire);
+  for (uint32_t l = 1; l < num_layers_; ++l) {
+    const uint64_t v = slots_[l].load(std::memory_order_acquire);
+    KVXFER_CHECK(v == top, InvalidArgument,
+                 "LayerSignal.resync(): layer " << l << " was recorded " << v << " times but layer 0 " << top
+                     << " times: a forward is still running (synchronize its stream first, e.g. "
+                        "torch.cuda.synchronize()) or a forward does not record every layer once");
+  }
+  KVXFER_CHECK(top >= base_, InvalidArgument,
+               "LayerSignal.resync(): the record counts (" << top << ") are behind the forwards already delivered ("
+                                                          << base_ << "): the signal memory was overwritten");
+  const uint64_t skipped = top - base_;
+  base_ = top;
+  std::fill(delivered_.begin(), delivered_.end(), top);
+  stats_.forwards_skipped += skipped;
+  return skipped;
+}
+
 std::string SignalWatcher::describe_pending() const {
   std::lock_guard<std::mutex> lock(mu_);
   return describe_pending_locked();

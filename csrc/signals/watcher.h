@@ -17,6 +17,7 @@
 //    layer_ready throw; the watcher keeps going, counts it and keeps the first messages (errors()). A layer outside
 //    a send's own layer range is skipped on purpose (sends of a layer subset are legal) and counted.
 //  - a slot that goes backwards (memory overwritten by someone else) is an error; the watcher stops delivering.
+//  - warm-up forwards recorded before any bind() would take the first bindings: resync() passes over them.
 //  - close/destruction: stops the thread; bindings not yet delivered are dropped (their sends keep their deadlines).
 #pragma once
 #include <atomic>
@@ -57,6 +58,7 @@ struct WatcherStats {
   uint64_t layers_skipped = 0;      // layer outside a bound send's range
   uint64_t errors = 0;              // layer_ready calls that threw, and slot faults
   uint64_t unbound_forwards = 0;    // forwards the device recorded at least one layer of, with no binding yet
+  uint64_t forwards_skipped = 0;    // recorded with no binding and passed over by resync() (warm-up forwards)
   uint64_t polls = 0;
 };
 
@@ -73,6 +75,11 @@ class SignalWatcher {
   uint64_t bind(std::vector<std::shared_ptr<SendState>> sends);
   // Blocks until every bound forward was delivered; false on timeout (describe_pending() says what is missing).
   bool drain(double timeout_s);
+  // Passes over every forward the device recorded so far without a binding (warm-up runs before capture, eager
+  // forwards): the next bind() is for the next forward recorded from now on. Returns how many were passed over.
+  // Throws InvalidArgument while forwards are bound and pending, or while a forward is recorded only in part
+  // (layers' counts differ: its stream still runs, or a forward skipped layers).
+  uint64_t resync();
   std::string describe_pending() const;  // which layers the oldest bound forward still waits for
   WatcherStats stats() const;
   std::vector<std::string> errors() const;

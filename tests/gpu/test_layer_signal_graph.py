@@ -245,3 +245,86 @@ def test_wait_released_by_failure_and_timeout_without_hanging():
     counter.wait_on_stream(1, timeout_s=30)
     torch.cuda.synchronize()
     assert counter.device_errors == 2
+
+
+def test_warm_up_forwards_then_resync_and_sync_keep_each_replay_on_its_own_request():
+    """Engines run a forward or two eagerly before capture (torch wants a warm-up; vLLM warms up every batch size).
+    Those record layers with nothing bound, and their decode-side waits take numbers with nothing attached.
+    LayerSignal.resync() and DeviceCounter.sync() pass over them, so the first replay goes to the first bound send
+    and waits for the first attached recv. The graph also keeps working after the signal object is gone (its
+    memory stays for the graph)."""
+    import gc
+
+    import kvxfer
+    from tests.reference import PRESETS, block_view, make_pool
+
+    layout = PRESETS["vllm_flash"]()
+    nbytes = layout.tensor_layer_bytes
+    a = kvxfer.Agent("gpu-warm-a", transport="tcp", interface="lo", timeout_s=60)
+    b = kvxfer.Agent("gpu-warm-b", transport="tcp", interface="lo", timeout_s=60)
+    pool = [torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(LAYERS)]
+    dst = [torch.from_numpy(x.copy()).pin_memory() for x in make_pool(layout, 5)]
+    a.register_pool(pool, layout)
+    b.register_pool(dst, layout)
+    pb, pa = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+    a.wait_connected(pb, 30)
+    b.wait_connected(pa, 30)
+    held = {"sig": kvxfer.LayerSignal(a, LAYERS), "counter": kvxfer.DeviceCounter(LAYERS)}  # dropped at the end
+    sig, counter = held["sig"], held["counter"]
+    x = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
+    out = torch.zeros((LAYERS, nbytes), dtype=torch.uint8, device="cuda")
+
+    def forward():
+        h = x
+        for layer in range(LAYERS):
+            h = layer_work(h, layer, torch)
+            pool[layer].copy_(h, non_blocking=True)
+            held["sig"].record(layer)
+
+    def decode(timeout_s):
+        for layer in range(LAYERS):
+            held["counter"].wait_on_stream(layer, timeout_s=timeout_s)
+            out[layer].copy_(dst[layer], non_blocking=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()  # warm-ups: recorded, nothing bound
+            decode(0.01)  # warm-ups: nothing attached, each wait times out and takes a number
+    torch.cuda.synchronize()
+    assert sig.unbound_forwards == 2 and counter.device_errors == 2 * LAYERS
+    assert sig.resync() == 2 and counter.sync() == 0
+    fwd_graph, dec_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(fwd_graph):
+        forward()
+    with torch.cuda.graph(dec_graph):
+        decode(60)
+    torch.cuda.synchronize()
+    for k in range(3):
+        src_ids, dst_ids = np.array([k, k + 9], np.int32), np.array([2 * k, 2 * k + 1], np.int32)
+        recv = b.recv(pa, 50 + k, dst_ids)
+        assert counter.attach(recv) == k + 1
+        dec_graph.replay()  # waits on the GPU for this request's layers
+        x.copy_(torch.from_numpy(request_input(k, nbytes)).cuda())
+        send = a.send(pb, 50 + k, src_ids, dst_ids)
+        sig.bind([send])
+        fwd_graph.replay()
+        send.wait(timeout_s=60)
+        recv.wait(timeout_s=60)
+        torch.cuda.synchronize()
+        assert counter.device_errors == 2 * LAYERS, "a wait of a replay timed out: the numbering is off"
+        want, got = expected_layers(k, nbytes), out.cpu().numpy()
+        for layer in range(LAYERS):
+            np.testing.assert_array_equal(block_view(layout, [got[layer]], 0)[:, dst_ids],
+                                          block_view(layout, want, layer)[:, src_ids])
+    assert sig.stats()["forwards_skipped"] == 2 and sig.stats()["forwards_delivered"] == 3
+    sig.close()
+    del sig, counter
+    held.clear()
+    gc.collect()
+    for _ in range(3):  # the graph outlives the signal: its memory stays, replays still run cleanly
+        fwd_graph.replay()
+    torch.cuda.synchronize()
+    a.close()
+    b.close()
