@@ -31,6 +31,48 @@ def pidfd_getfd() -> str:
         os.close(w)
 
 
+def _fd_owner(conn):
+    r, w = os.pipe()
+    conn.send((os.getpid(), r))
+    conn.recv()
+
+
+def _fd_taker(conn, pid, fd):
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(434, pid, 0)
+    if pidfd < 0:
+        conn.send(f"FAILED pidfd_open: errno {ctypes.get_errno()}")
+        return
+    got = libc.syscall(438, pidfd, fd, 0)
+    conn.send("ok" if got >= 0 else f"FAILED pidfd_getfd: errno {ctypes.get_errno()}")
+
+
+def sibling_pidfd_getfd() -> str:
+    """Prefill and decode are siblings, not parent and child: Yama's ptrace_scope=1 (Ubuntu's default) and Docker's
+    seccomp profile allow pidfd_getfd / process_vm_writev to descendants only. Then the VMM and doorbell paths and
+    cma fall back (add_peer names why)."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = f"yama ptrace_scope={f.read().strip()}"
+    except OSError:
+        scope = "no yama"
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    owner = ctx.Process(target=_fd_owner, args=(b,), daemon=True)
+    owner.start()
+    try:
+        pid, fd = a.recv()
+        c, d = ctx.Pipe()
+        taker = ctx.Process(target=_fd_taker, args=(d, pid, fd), daemon=True)
+        taker.start()
+        result = c.recv() if c.poll(30) else "FAILED: no answer in 30 s"
+        taker.join(5)
+    finally:
+        a.send("done")
+        owner.join(5)
+    return f"{result} ({scope})"
+
+
 def _cma_child(conn):
     buf = ctypes.create_string_buffer(b"kvxfer-cma-probe", 64)
     conn.send(ctypes.addressof(buf))
@@ -89,7 +131,8 @@ def cuda_ipc() -> str:
 def main() -> int:
     print(f"kernel {platform.release()} ({'gVisor?' if platform.release().startswith('4.4.0') else 'native'}), "
           f"python {sys.version.split()[0]}")
-    for name, check in (("pidfd_getfd", pidfd_getfd), ("process_vm_writev", process_vm_writev),
+    for name, check in (("pidfd_getfd", pidfd_getfd), ("pidfd_getfd sibling", sibling_pidfd_getfd),
+                        ("process_vm_writev", process_vm_writev),
                         ("cuda_ipc (torch)", cuda_ipc)):
         try:
             print(f"{name:20s} {check()}", flush=True)

@@ -128,6 +128,11 @@ std::unordered_map<uint64_t, Agent*>& agents_in_this_process() {
 }
 }  // namespace
 
+bool Agent::lives_in_this_process(uint64_t epoch) {
+  std::lock_guard<std::mutex> lock(g_agents_mu);
+  return agents_in_this_process().count(epoch) != 0;
+}
+
 Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   KVXFER_CHECK(options_.default_timeout_s > 0, InvalidArgument, "timeout_s must be > 0");
   // Peers refuse metadata whose text is not printable or runs past 4096 bytes: refuse such a name here instead.

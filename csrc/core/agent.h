@@ -283,6 +283,8 @@ class Agent {
   gpu::CopyQueue& copy_queue(int device);
   void open_ipc_mappings(PeerState& peer, SendState& send, uint32_t dst_pool);
   std::vector<uint64_t> map_ipc_pool(PeerState& peer, uint32_t dst_pool, int device);
+  // Whether the agent of this epoch lives in this process now (its addresses are ours: no CUDA IPC to it).
+  static bool lives_in_this_process(uint64_t epoch);
   void premap_ipc_pools(PeerState& peer);  // add_peer (caller thread): map a same-host peer's GPU pools now
   uint64_t count_staged_ops(const SendState& send) const;
   void ensure_staging();  // caller thread: creates and registers the bounce ring on the first staged send

@@ -86,10 +86,22 @@ std::vector<uint64_t> Agent::map_ipc_pool(PeerState& peer, uint32_t dst_pool, in
     std::vector<std::unique_ptr<gpu::IpcMapping>> ipc;
     std::vector<std::unique_ptr<gpu::VmmMapping>> vmm;
     // An agent of this process (a benchmark's or preflight's pair, TP ranks sharing a process): its addresses are
-    // ours already, and CUDA refuses to open a handle its own process exported.
-    const bool same_process = peer.same_host && peer.info.pid == static_cast<uint32_t>(getpid());
+    // ours already, and CUDA refuses to open a handle its own process exported. Known by its epoch among this
+    // process's agents, not by pid alone: a container with its own pid namespace may show the same pid.
+    const bool same_process = peer.same_host && peer.info.pid == static_cast<uint32_t>(getpid()) &&
+                              lives_in_this_process(peer.info.epoch);
     for (const auto& r : peer.info.pools[dst_pool].regions) {
       if (same_process) {
+        if (r.device >= 0 && r.device != device) {
+          // Its plain addresses on another GPU: kernels and copies on ours reach them only with peer access, and
+          // an expandable-segments (VMM) pool only where its owner granted our device access (torch grants its own).
+          KVXFER_CHECK(!r.has_vmm, TransportUnavailable,
+                       "peer '" << peer.info.name << "' (this process) pool " << dst_pool << " is expandable-segments "
+                                << "(cuMem/VMM) memory on cuda:" << r.device << ", which copies from cuda:" << device
+                                << " cannot reach; send from a pool on cuda:" << r.device << " (or set "
+                                << "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False for the KV pools)");
+          gpu::enable_peer_access(device, r.device);
+        }
         starts.push_back(r.addr);
         continue;
       }

@@ -123,6 +123,8 @@ uint32_t abort_code_of(ByeReason reason) {
 
 void Agent::progress_loop() {
   pthread_setname_np(pthread_self(), "kvxfer-progress");  // what top, gdb and /proc show for this thread
+  // Its CUDA calls (event queries, copies, staging allocations) must not break a graph the model captures meanwhile.
+  if (gpu::built_with_cuda()) gpu::relax_graph_capture_for_this_thread();
   uint32_t idle = 0;
   auto last_busy = Clock::now();
   while (!stop_.load(std::memory_order_relaxed)) {

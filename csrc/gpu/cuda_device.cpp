@@ -163,6 +163,12 @@ DeviceRange describe_device_range(uint64_t addr, uint64_t nbytes, int device, co
 }
 
 CurrentDevice::CurrentDevice(int device, const char* what) {
+  // A thread with no context current (an engine's fresh control thread) reads device 0 from cudaGetDevice, and
+  // making device 0 current again afterwards would create its primary context (memory on GPU 0 in every rank).
+  using GetCurrentFn = CUresult (*)(CUcontext*);
+  static auto get_current = reinterpret_cast<GetCurrentFn>(driver_symbol("cuCtxGetCurrent"));
+  CUcontext ctx = nullptr;
+  had_no_context_ = get_current && get_current(&ctx) == CUDA_SUCCESS && ctx == nullptr;
   if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
   const bool ok = cudaSetDevice(device) == cudaSuccess && cudaFree(nullptr) == cudaSuccess;  // (context made)
   if (!ok) cudaGetLastError();
@@ -170,8 +176,32 @@ CurrentDevice::CurrentDevice(int device, const char* what) {
 }
 
 CurrentDevice::~CurrentDevice() {
-  if (previous_ >= 0) cudaSetDevice(previous_);
+  using SetCurrentFn = CUresult (*)(CUcontext);
+  static auto set_current = reinterpret_cast<SetCurrentFn>(driver_symbol("cuCtxSetCurrent"));
+  if (had_no_context_ && set_current)
+    set_current(nullptr);
+  else if (previous_ >= 0)
+    cudaSetDevice(previous_);
   cudaGetLastError();
+}
+
+void enable_peer_access(int device, int peer) {
+  if (device == peer) return;
+  CurrentDevice on(device, "enabling peer access");
+  cudaError_t rc = cudaDeviceEnablePeerAccess(peer, 0);
+  if (rc == cudaErrorPeerAccessAlreadyEnabled) {
+    cudaGetLastError();
+    return;
+  }
+  KVXFER_CUDA_CHECK(rc, TransportUnavailable,
+                    "cudaDeviceEnablePeerAccess from cuda:" << device << " to cuda:" << peer
+                        << " (copies from cuda:" << device << " into a pool of this process on cuda:" << peer
+                        << "; without peer-to-peer between them, send from a pool on cuda:" << peer << ")");
+}
+
+void relax_graph_capture_for_this_thread() {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) cudaGetLastError();  // no driver: nothing captures
 }
 
 IpcMapping::IpcMapping(const IpcHandle& handle, int local_device) : device_(local_device) {
@@ -372,7 +402,10 @@ void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* n
                                             impl_->stream);
 #endif
       if (rc == cudaSuccess) continue;
-      KVXFER_CHECK(at == 0 && (rc == cudaErrorNotSupported || rc == cudaErrorInvalidValue), TransferFailed,
+      // An older driver than the toolkit: NotSupported, or CallRequiresNewerDriver (minor-version compatibility).
+      KVXFER_CHECK(at == 0 && (rc == cudaErrorNotSupported || rc == cudaErrorInvalidValue ||
+                               rc == cudaErrorCallRequiresNewerDriver),
+                   TransferFailed,
                    "cudaMemcpyBatchAsync of " << k << " copies failed (" << cuda_error(rc) << ")");
       cudaGetLastError();
       impl_->batch_ok = false;  // an older driver: fall back once, for good
@@ -491,6 +524,10 @@ int device_count() { return 0; }
 std::string pci_bus_id(int) { return ""; }
 int device_by_pci_bus_id(const std::string&) { return -1; }
 bool can_access_peer(int, int) { return false; }
+void enable_peer_access(int device, int peer) {
+  if (device != peer) no_cuda("peer access between GPUs");
+}
+void relax_graph_capture_for_this_thread() {}
 DeviceRange describe_device_range(uint64_t, uint64_t, int device, const std::string& what, bool) {
   no_cuda(what + " on cuda:" + std::to_string(device));
 }

@@ -34,6 +34,14 @@ int device_by_pci_bus_id(const std::string& pci_bus_id);
 // Whether kernels and copies on `device` can reach memory of `peer` directly (the same device, or NVLink / PCIe
 // peer-to-peer), which CUDA IPC into a peer's pool on another GPU needs.
 bool can_access_peer(int device, int peer);
+// Lets kernels and copies on `device` reach memory cudaMalloc'ed on `peer` by its plain address (an allocation of
+// this process on another GPU; CUDA IPC mappings get it from cudaIpcMemLazyEnablePeerAccess). Throws
+// TransportUnavailable naming both devices when CUDA refuses.
+void enable_peer_access(int device, int peer);
+// This thread's CUDA calls (the agent's progress thread: event queries, copies, pinned allocations) must not
+// invalidate a CUDA graph another thread is capturing in torch's default (global) mode, which prohibits
+// "unsafe" calls from every thread not in relaxed mode. No-op without CUDA.
+void relax_graph_capture_for_this_thread();
 
 // What registration learned about a device range: the allocation holding it (IPC handles name allocations, so
 // the peer maps the allocation and adds offset) and whether it can be shared.
@@ -68,6 +76,7 @@ class CurrentDevice {
 
  private:
   int previous_ = -1;
+  bool had_no_context_ = false;  // the thread had no CUDA context: none is left current (not device 0's) after
 };
 
 // A peer's allocation mapped into this process (cudaIpcOpenMemHandle); unmapped when destroyed.

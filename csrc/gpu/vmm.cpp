@@ -248,6 +248,7 @@ VmmMapping::VmmMapping(pid_t owner_pid, const std::vector<VmmPiece>& pieces, int
       const CUresult rc = d.map(va + mapped, p.size, 0, h, 0);
       d.release(h);  // the mapping holds its own reference
       KVXFER_CU_CHECK(rc, TransportUnavailable, "cuMemMap of a peer's VMM piece (" << p.size << " bytes)");
+      piece_bytes_.push_back(p.size);
       mapped += p.size;
     }
     CUmemAccessDesc access{};
@@ -259,7 +260,7 @@ VmmMapping::VmmMapping(pid_t owner_pid, const std::vector<VmmPiece>& pieces, int
                                                "the two GPUs must be possible)");
   } catch (...) {
     if (pidfd >= 0) close(pidfd);
-    if (mapped) d.unmap(va, mapped);
+    unmap_pieces(mapped);
     d.address_free(va, bytes_);
     base_ = 0;
     throw;
@@ -273,9 +274,21 @@ void VmmMapping::release() {
   if (!base_) return;
   const Driver& d = driver();
   CurrentDevice on(device_);
-  d.unmap(base_, bytes_);
+  unmap_pieces(bytes_);
   d.address_free(base_, bytes_);
   base_ = 0;
+}
+
+// Piece by piece: cuMemUnmap may not unmap part of a mapping, and whether one call may span several is not said.
+void VmmMapping::unmap_pieces(uint64_t through) {
+  const Driver& d = driver();
+  uint64_t at = 0;
+  for (uint64_t n : piece_bytes_) {
+    if (at + n > through) break;
+    d.unmap(base_ + at, n);
+    at += n;
+  }
+  piece_bytes_.clear();
 }
 
 #else  // no CUDA in this build

@@ -48,7 +48,9 @@ class VmmMapping {
 
  private:
   void release();
+  void unmap_pieces(uint64_t through);  // the pieces mapped in [base_, base_ + through), one cuMemUnmap each
   uint64_t base_ = 0, bytes_ = 0;
+  std::vector<uint64_t> piece_bytes_;
   int device_ = -1;
 };
 

@@ -11,7 +11,11 @@ os.environ.setdefault("FI_TCP_IFACE", "lo")
 def to_device(arrays, where):
     import torch
 
-    return [torch.from_numpy(a).to(where) for a in arrays] if where != "cpu" else arrays
+    if where == "cpu":
+        return arrays
+    out = [torch.from_numpy(a).to(where) for a in arrays]
+    torch.cuda.synchronize()  # landed before kvxfer's own streams (not ordered after torch's) read or write them
+    return out
 
 
 def _run(conn, handle):

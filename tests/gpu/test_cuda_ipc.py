@@ -22,6 +22,8 @@ def setup_pair(remote, transport, src_where, dst_where, seed, sender_kwargs=None
     agent = kvxfer.Agent("gpu-receiver", transport=transport, interface="lo", timeout_s=30, **(receiver_kwargs or {}))
     dst_host = make_pool(layout, seed + 1000)  # guard pattern: bytes nobody addressed must keep it
     dst = [torch.from_numpy(a).to(dst_where) for a in dst_host] if dst_where != "cpu" else dst_host
+    if dst_where != "cpu":
+        torch.cuda.synchronize()  # the copies to the GPU landed before kvxfer's streams (not ordered after) write
     agent.register_pool(dst, layout)
     md = remote.call("init", (transport, "vllm_flash", seed, list(args), src_where, sender_kwargs or {}))
     peer = agent.add_peer(md)

@@ -24,6 +24,8 @@ def test_tp1_gpu_sender_into_a_tp2_rank(gpu_remote, dst_where, head_major):
     agent = kvxfer.Agent("gpu-tp-receiver", transport="auto", interface="lo", timeout_s=30)
     dst_host = make_pool(rank, 77)
     dst = [torch.from_numpy(a).to(dst_where) for a in dst_host] if dst_where != "cpu" else dst_host
+    if dst_where != "cpu":
+        torch.cuda.synchronize()  # the copies to the GPU landed before kvxfer's streams (not ordered after) write
     agent.register_pool(dst, rank)
     md = gpu_remote.call("init", ("auto", "vllm_flash", 21, ARGS + [{"head_major": head_major}], "cuda:0", {}))
     peer = agent.add_peer(md)
@@ -55,6 +57,8 @@ def test_16_token_gpu_blocks_into_32_token_blocks_of_a_tp2_rank(gpu_remote, dst_
     agent = kvxfer.Agent("gpu-bs-receiver", transport="auto", interface="lo", timeout_s=30)
     dst_host = make_pool(dst_l, 78)
     dst = [torch.from_numpy(a).to(dst_where) for a in dst_host] if dst_where != "cpu" else dst_host
+    if dst_where != "cpu":
+        torch.cuda.synchronize()  # the copies to the GPU landed before kvxfer's streams (not ordered after) write
     agent.register_pool(dst, dst_l)
     md = gpu_remote.call("init", ("auto", "vllm_flash", 22, list(ARGS), "cuda:0", {}))
     peer = agent.add_peer(md)
