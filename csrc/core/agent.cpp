@@ -480,6 +480,9 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
   // GPU memory goes to the fabric only when the provider can register it (GPU-direct RDMA); otherwise the
   // staged path reads it, same-host peers reach it by CUDA IPC and others through our landing slots.
   const bool fabric_registers = !on_gpu || transport_->capabilities().hmem;
+  if (on_gpu && fabric_registers && pool->device >= 0 && pool->device < 64 &&
+      gpu::gpu_direct_writes_need_flush(pool->device))
+    gpu_direct_flush_devices_.fetch_or(uint64_t{1} << pool->device, std::memory_order_acq_rel);
   pool->landing = !fabric_registers || options_.landing == "always";
   pool->landing_offered = !pool->landing && offers_landing(layout, on_gpu);
   if (pool->landing || pool->landing_offered) ensure_landing();

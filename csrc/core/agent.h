@@ -318,6 +318,8 @@ class Agent {
   static std::string describe_arrival(const SlotCounter& slot, const RecvState& recv);
   static std::string describe_progress(const SendState& send);
   void check_slot(PeerState& peer, uint32_t slot);  // called with peer.mu held
+  void flush_gpu_direct_writes();  // GPUs whose pools the NIC writes and whose platform does not order those writes
+  std::atomic<uint64_t> gpu_direct_flush_devices_{0};
   void fail_send(const std::shared_ptr<SendState>& send, ErrorKind kind, const std::string& why);
   bool copies_landed(const SendState& send);  // no copy of ours still writes into the peer's memory for `send`
   bool abort_may_go(SendState& send);         // ... and its writes on ordered rails are counted (posts them)

@@ -834,6 +834,11 @@ void Agent::count_imm(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
 
 // Re-evaluates a begun slot after its counts changed (peer.mu held). Counts above the expectation, or outside the
 // announced layers, are a protocol violation: the transfer fails rather than ever reporting a wrong completion.
+void Agent::flush_gpu_direct_writes() {
+  for (uint64_t m = gpu_direct_flush_devices_.load(std::memory_order_acquire); m; m &= m - 1)
+    gpu::flush_gpu_direct_writes(__builtin_ctzll(m));
+}
+
 void Agent::check_slot(PeerState& peer, uint32_t slot) {
   SlotCounter& s = peer.slots[slot];
   uint32_t complete = 0;
@@ -845,11 +850,14 @@ void Agent::check_slot(PeerState& peer, uint32_t slot) {
       continue;
     }
     if (c > s.granules_per_layer) violation = "layer " + std::to_string(l) + " received more chunks than announced";
-    if (c == s.granules_per_layer) {
-      ++complete;
-      if (s.recv) s.recv->mark_layer_done(l);
-    }
+    if (c == s.granules_per_layer) ++complete;
   }
+  // A NIC's writes into GPU memory may not yet be visible to the GPU's kernels when their completions reach us:
+  // made visible before anyone (recv.wait, a DeviceCounter's wait kernel) is told the layer landed.
+  if (complete > s.layers_complete) flush_gpu_direct_writes();
+  if (s.recv)
+    for (uint32_t l = s.first_layer; l < s.first_layer + s.num_layers && l < ImmCode::kMaxLayers; ++l)
+      if (s.counts[l] == s.granules_per_layer) s.recv->mark_layer_done(l);
   s.layers_complete = complete;
   const uint64_t xfer = s.xfer_id;
   if (!violation.empty()) {

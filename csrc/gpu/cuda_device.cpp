@@ -199,6 +199,22 @@ void enable_peer_access(int device, int peer) {
                         << "; without peer-to-peer between them, send from a pool on cuda:" << peer << ")");
 }
 
+bool gpu_direct_writes_need_flush(int device) {
+  int ordering = 0;
+  if (cudaDeviceGetAttribute(&ordering, cudaDevAttrGPUDirectRDMAWritesOrdering, device) != cudaSuccess) {
+    cudaGetLastError();
+    return true;  // not known: flush (costs microseconds per completed layer)
+  }
+  return ordering < cudaGPUDirectRDMAWritesOrderingOwner;
+}
+
+void flush_gpu_direct_writes(int device) {
+  CurrentDevice on(device);
+  if (cudaDeviceFlushGPUDirectRDMAWrites(cudaFlushGPUDirectRDMAWritesTargetCurrentDevice,
+                                         cudaFlushGPUDirectRDMAWritesToOwner) != cudaSuccess)
+    cudaGetLastError();
+}
+
 void relax_graph_capture_for_this_thread() {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) cudaGetLastError();  // no driver: nothing captures
@@ -528,6 +544,8 @@ void enable_peer_access(int device, int peer) {
   if (device != peer) no_cuda("peer access between GPUs");
 }
 void relax_graph_capture_for_this_thread() {}
+bool gpu_direct_writes_need_flush(int) { return false; }
+void flush_gpu_direct_writes(int) {}
 DeviceRange describe_device_range(uint64_t, uint64_t, int device, const std::string& what, bool) {
   no_cuda(what + " on cuda:" + std::to_string(device));
 }

@@ -42,6 +42,12 @@ void enable_peer_access(int device, int peer);
 // invalidate a CUDA graph another thread is capturing in torch's default (global) mode, which prohibits
 // "unsafe" calls from every thread not in relaxed mode. No-op without CUDA.
 void relax_graph_capture_for_this_thread();
+// Whether writes a NIC makes into `device`'s memory (GPU-direct RDMA) can be seen by the device's own work before
+// a flush (cudaDevAttrGPUDirectRDMAWritesOrdering below Owner: they need flush_gpu_direct_writes first).
+bool gpu_direct_writes_need_flush(int device);
+// Makes the NIC writes into `device` that completed so far visible to its kernels (what NCCL does after a receive
+// into GPU memory where the platform does not order them). Errors are ignored: nothing better can be done.
+void flush_gpu_direct_writes(int device);
 
 // What registration learned about a device range: the allocation holding it (IPC handles name allocations, so
 // the peer maps the allocation and adds offset) and whether it can be shared.
