@@ -46,6 +46,11 @@ ENV_VARS = {
     "KVXFER_UCX_WRITES": ("str", "auto", "ucx writes: auto = kvxfer's own active messages to peers UCX has no RMA lane "
                           "to (its tcp: emulated puts abort UCX 1.13 when the writer dies), puts otherwise; am | put "
                           "force one"),
+    "KVXFER_PTRACER": ("str", "off", "any = processes of this user may reach this one (prctl PR_SET_PTRACER_ANY): "
+                                     "same-host peers launched apart (not parent and child) then use CMA, doorbell "
+                                     "rings and VMM handles under Yama ptrace_scope 1 (Ubuntu's default), and may "
+                                     "also read and write all of its memory; off = as the host allows (read by the "
+                                     "C++ core)"),
     "KVXFER_GPU_COPY": ("str", "auto", "GPU batch copies: auto = one gather kernel where the device reaches both "
                                        "ends, else copy engines; kernel; copy_engine (read by the C++ core)"),
 }

@@ -27,7 +27,22 @@ def _cma_status() -> tuple[bool, str]:
     except Exception as e:  # a bad KVXFER_CMA_THREADS: agents will refuse it; info reports it
         return ok, f"process_vm_writev works between processes here; but {e}"
     copies = (f"copies of >= 1 MiB on {threads} worker threads" if threads else "copies on the progress thread")
-    return ok, f"process_vm_writev works between processes here; {copies} (KVXFER_CMA_THREADS)"
+    return ok, f"process_vm_writev works {_ptrace_reach()}; {copies} (KVXFER_CMA_THREADS)"
+
+
+def _ptrace_reach() -> str:
+    """Between which processes CMA, doorbell rings and VMM handles work: the probes above reach a child, which
+    Yama's ptrace_scope 1 allows where it refuses siblings (a prefill and a decode worker launched apart)."""
+    scope = _C.yama_ptrace_scope()
+    if scope <= 0:
+        return "between processes of this user here"
+    if scope == 1 and envs.get("KVXFER_PTRACER") == "any":
+        return ("between processes of this user here (Yama ptrace_scope=1, and KVXFER_PTRACER=any lets them reach "
+                "this one: set it for every kvxfer process)")
+    if scope == 1:
+        return ("from a parent to its children only (Yama ptrace_scope=1): same-host peers launched apart fall back "
+                "to the fabric unless each runs with KVXFER_PTRACER=any (which lets processes of this user reach it)")
+    return f"only with CAP_SYS_PTRACE (Yama ptrace_scope={scope}): same-host peers fall back to the fabric"
 
 
 def _doorbell_status() -> tuple[bool, str]:
@@ -48,8 +63,9 @@ def _doorbell_status() -> tuple[bool, str]:
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+    reach = "" if _C.yama_ptrace_scope() <= 0 else f"; mapped {_ptrace_reach()}"
     return True, ("shared-memory rings: same-host peers (cma, cuda_ipc) signal layer completions and control "
-                  "messages without the fabric (KVXFER_DOORBELL)")
+                  f"messages without the fabric (KVXFER_DOORBELL){reach}")
 
 
 def _cuda_status() -> tuple[bool, str]:

@@ -93,6 +93,7 @@ void register_info(py::module_& m) {
     const unsigned n = cma_threads_from_env();
     return n > 1 ? n : 0u;
   });
+  m.def("yama_ptrace_scope", &yama_ptrace_scope);
   m.def("cma_probe", [](int pid, uint64_t addr, uint64_t cookie) {
     std::string why;
     bool ok = cma_probe(pid, addr, cookie, &why);

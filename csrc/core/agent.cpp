@@ -184,6 +184,7 @@ Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   info_.transport = caps.name;
   info_.fabric_address = transport_->address();
   info_.remote_virt_addr = caps.remote_virt_addr;
+  apply_ptracer_setting();  // before peers probe us (KVXFER_PTRACER)
   cma_cookie_ = std::make_unique<uint64_t>(random_u64());
   info_.cma_probe_addr = reinterpret_cast<uint64_t>(cma_cookie_.get());
   info_.cma_probe_cookie = *cma_cookie_;

@@ -1,9 +1,12 @@
 #include "transports/host_ipc/cma.h"
 
+#include <sys/prctl.h>
 #include <sys/uio.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <vector>
 
 #include "core/errors.h"
@@ -72,13 +75,38 @@ void CmaCopier::copy(const CmaOp* ops, size_t count) {
   }
 }
 
+int yama_ptrace_scope() {
+  std::ifstream f("/proc/sys/kernel/yama/ptrace_scope");
+  int scope = -1;
+  if (!(f >> scope)) return -1;
+  return scope;
+}
+
+void apply_ptracer_setting() {
+  const char* env = std::getenv("KVXFER_PTRACER");
+  const std::string v = env ? env : "off";
+  KVXFER_CHECK(v == "off" || v == "any", InvalidArgument,
+               "KVXFER_PTRACER=" << v << ": use off (default) or any (same-host peers of this user may reach this "
+                                         "process under Yama ptrace_scope 1)");
+  // Without Yama the call fails (EINVAL) and nothing needs it: any process of this user may reach us already.
+  if (v == "any") (void)prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
+}
+
 bool cma_probe(pid_t pid, uint64_t addr, uint64_t cookie, std::string* why) {
   uint64_t value = 0;
   iovec local{&value, sizeof(value)}, remote{reinterpret_cast<void*>(addr), sizeof(value)};
   ssize_t rc = process_vm_readv(pid, &local, 1, &remote, 1, 0);
   if (rc != sizeof(value)) {
-    *why = std::string("process_vm_readv of the peer's probe failed: ") + (rc < 0 ? std::strerror(errno) : "short read") +
-           " (different PID namespace, or ptrace not permitted)";
+    const int err = rc < 0 ? errno : 0;
+    *why = std::string("process_vm_readv of the peer's probe failed: ") + (rc < 0 ? std::strerror(err) : "short read");
+    const int scope = yama_ptrace_scope();
+    if (err == EPERM && scope == 1)
+      *why += " (Yama ptrace_scope=1: only a process's ancestors may reach it; start the peer with "
+              "KVXFER_PTRACER=any to let processes of this user reach it)";
+    else if (err == EPERM && scope >= 2)
+      *why += " (Yama ptrace_scope=" + std::to_string(scope) + ": CMA between processes is off on this host)";
+    else
+      *why += " (different PID namespace, or ptrace not permitted)";
     return false;
   }
   if (value != cookie) {

@@ -32,4 +32,14 @@ class CmaCopier {
 // True when this process can read `cookie` at `addr` in `pid`; *why says what failed otherwise.
 bool cma_probe(pid_t pid, uint64_t addr, uint64_t cookie, std::string* why);
 
+// Yama's /proc/sys/kernel/yama/ptrace_scope, or -1 without Yama. At 1 (Ubuntu's default) a process may reach
+// (process_vm_writev, pidfd_getfd) only its descendants, and those that declared it their tracer: sibling
+// processes, such as a prefill and a decode worker launched apart, cannot.
+int yama_ptrace_scope();
+// KVXFER_PTRACER: "off" (default) leaves this process as it is; "any" declares every process of this user its
+// possible tracer (prctl PR_SET_PTRACER_ANY), so same-host peers reach it by CMA, doorbell rings and VMM handles
+// under ptrace_scope 1. It also lets them read and write all of its memory: for hosts whose processes of this user
+// are trusted. Throws InvalidArgument for another value.
+void apply_ptracer_setting();
+
 }  // namespace kvxfer
