@@ -98,8 +98,13 @@ def _gpu_pci(gpu) -> str:
     """PCI bus id of a CUDA ordinal, "cuda:N" device, torch device or tensor, or a PCI bus id itself."""
     if hasattr(gpu, "device") and not isinstance(gpu, str):  # a tensor
         gpu = gpu.device
-    if hasattr(gpu, "index") and hasattr(gpu, "type"):  # a torch.device
-        gpu = gpu.index or 0
+    if hasattr(gpu, "index") and hasattr(gpu, "type"):  # a torch.device; "cuda" alone is the current one
+        if gpu.index is None:
+            import torch
+
+            gpu = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        else:
+            gpu = gpu.index
     if isinstance(gpu, str) and gpu.startswith("cuda:"):
         gpu = int(gpu[5:])
     if isinstance(gpu, str):

@@ -40,6 +40,13 @@ def as_region(obj) -> MemoryRegion:
         device = getattr(getattr(obj, "device", None), "id", None)
         if device is None:
             raise InvalidArgument("CUDA array does not say its device (.device.id); pass (ptr, nbytes, device) instead")
+        if cai["data"][1]:
+            raise InvalidArgument("CUDA array is read-only; a peer could not write into it")
+        stream = cai.get("stream")
+        if isinstance(stream, int) and stream > 0:  # work queued on it (a fill) lands before kvxfer's streams use it
+            from kvxfer import _C
+
+            _C.cuda_stream_synchronize(stream)
         return MemoryRegion(cai["data"][0], int(nbytes), int(device))
     if hasattr(obj, "__array_interface__"):  # numpy
         if not obj.flags["C_CONTIGUOUS"]:

@@ -65,8 +65,8 @@ class _CudaArray:
     """An object speaking __cuda_array_interface__ v3 (what cupy and numba expose); kvxfer reads the protocol,
     never imports either library."""
 
-    def __init__(self, strides):
-        self.__cuda_array_interface__ = {"shape": (4, 8), "typestr": "<f2", "data": (0x1000, False),
+    def __init__(self, strides, read_only=False):
+        self.__cuda_array_interface__ = {"shape": (4, 8), "typestr": "<f2", "data": (0x1000, read_only),
                                          "strides": strides, "version": 3}
         self.device = type("Device", (), {"id": 1})()
 
@@ -79,6 +79,8 @@ def test_cuda_array_interface_regions():
     assert (r.addr, r.nbytes, r.device) == (0x1000, 64, 1)
     with pytest.raises(errors.InvalidArgument, match="not C-contiguous"):
         as_region(_CudaArray((2, 8)))  # a transposed view
+    with pytest.raises(errors.InvalidArgument, match="CUDA array is read-only; a peer could not write into it"):
+        as_region(_CudaArray(None, read_only=True))
 
 
 def _fake_sysfs(root):

@@ -73,6 +73,8 @@ void register_info(py::module_& m) {
   m.attr("have_cuda") = false;
 #endif
 
+  m.def("cuda_stream_synchronize", [](uint64_t stream) { gpu::synchronize_stream(stream); },
+        py::call_guard<py::gil_scoped_release>());
   m.def("gpu_status", [] {
     std::string why;
     bool ok;

@@ -199,6 +199,11 @@ void enable_peer_access(int device, int peer) {
                         << "; without peer-to-peer between them, send from a pool on cuda:" << peer << ")");
 }
 
+void synchronize_stream(uint64_t stream) {
+  KVXFER_CUDA_CHECK(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)), TransportUnavailable,
+                    "cudaStreamSynchronize of the array's stream 0x" << std::hex << stream << std::dec);
+}
+
 bool gpu_direct_writes_need_flush(int device) {
   int ordering = 0;
   if (cudaDeviceGetAttribute(&ordering, cudaDevAttrGPUDirectRDMAWritesOrdering, device) != cudaSuccess) {
@@ -306,6 +311,12 @@ struct CopyQueue::Impl {
   volatile uint64_t* done_words = nullptr;  // pinned mapped: layer completion words of copy_layers
   uint32_t* arrivals = nullptr;             // device: the kernel's per-layer block counts, zero between launches
   uint64_t next_stamp = 1;
+  // Reused between calls (the progress thread's): descriptors before and after split_for_blocks, and what finds
+  // no room in the ring, for the copy engines.
+  std::vector<cuda::CopyDesc> scratch, pieces;
+  std::vector<void*> rest_dsts;
+  std::vector<const void*> rest_srcs;
+  std::vector<size_t> rest_nbytes;
 };
 
 namespace {
@@ -318,6 +329,28 @@ static_assert(sizeof(CopyQueue::RelCopy) == sizeof(cuda::CopyDesc), "RelCopy mus
 
 size_t layer_entries(size_t num_layers) {  // descriptor-sized ring entries that hold num_layers LayerCopy
   return (num_layers * sizeof(cuda::LayerCopy) + sizeof(cuda::CopyDesc) - 1) / sizeof(cuda::CopyDesc);
+}
+
+// The gather kernels give each descriptor one block: a batch of a few long runs (contiguous block ids coalesced)
+// would copy on a few SMs while the rest idle. Runs longer than an even share of the batch over max_blocks blocks
+// (at least 64 KiB, a multiple of it so pieces keep the run's alignment) are cut into pieces of that share;
+// batches of many small chunks, the usual KV request, stay as they are.
+void split_for_blocks(const cuda::CopyDesc* in, size_t n, uint32_t max_blocks, std::vector<cuda::CopyDesc>* out) {
+  constexpr uint64_t kGrain = 64 << 10;
+  uint64_t total = 0;
+  for (size_t i = 0; i < n; ++i) total += in[i].nbytes;
+  const uint64_t share = (total / std::max<uint32_t>(1, max_blocks) + kGrain - 1) / kGrain * kGrain;
+  const uint64_t piece = std::max(kGrain, share);
+  out->clear();
+  out->reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (in[i].nbytes <= piece) {
+      out->push_back(in[i]);
+      continue;
+    }
+    for (uint64_t at = 0; at < in[i].nbytes; at += piece)
+      out->push_back({in[i].dst + at, in[i].src + at, std::min(piece, in[i].nbytes - at)});
+  }
 }
 }  // namespace
 
@@ -384,20 +417,36 @@ void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* n
       // record() after every copy()). Whatever finds no room in the ring goes to the copy engines below, on the
       // same stream, so the caller's event still orders after all of it.
       const size_t per_launch = impl_->ring.capacity / 4;
-      while (n > 0) {
-        const size_t k = std::min(n, per_launch);
+      std::vector<cuda::CopyDesc>& whole = impl_->scratch;
+      whole.resize(n);
+      for (size_t i = 0; i < n; ++i)
+        whole[i] = {reinterpret_cast<uint64_t>(dsts[i]), reinterpret_cast<uint64_t>(srcs[i]), nbytes[i]};
+      std::vector<cuda::CopyDesc>& descs = impl_->pieces;
+      split_for_blocks(whole.data(), n, impl_->max_blocks, &descs);
+      size_t at = 0;
+      while (at < descs.size()) {
+        const size_t k = std::min(descs.size() - at, per_launch);
         cuda::CopyDesc* d = impl_->ring.take(k, impl_->next_ticket);
         if (!d) break;
-        for (size_t i = 0; i < k; ++i)
-          d[i] = {reinterpret_cast<uint64_t>(dsts[i]), reinterpret_cast<uint64_t>(srcs[i]), nbytes[i]};
+        std::memcpy(static_cast<void*>(d), descs.data() + at, k * sizeof(cuda::CopyDesc));
         KVXFER_CUDA_CHECK(cuda::launch_gather_copy(d, static_cast<uint32_t>(k), impl_->max_blocks, impl_->stream),
                           TransferFailed, "launching the gather-copy kernel for " << k << " copies");
-        dsts += k;
-        srcs += k;
-        nbytes += k;
-        n -= k;
+        at += k;
       }
-      if (n == 0) return;
+      if (at == descs.size()) return;
+      // The rest, pieces as they are, to the copy engines below.
+      impl_->rest_dsts.clear();
+      impl_->rest_srcs.clear();
+      impl_->rest_nbytes.clear();
+      for (size_t i = at; i < descs.size(); ++i) {
+        impl_->rest_dsts.push_back(reinterpret_cast<void*>(descs[i].dst));
+        impl_->rest_srcs.push_back(reinterpret_cast<const void*>(descs[i].src));
+        impl_->rest_nbytes.push_back(descs[i].nbytes);
+      }
+      dsts = impl_->rest_dsts.data();
+      srcs = impl_->rest_srcs.data();
+      nbytes = impl_->rest_nbytes.data();
+      n = impl_->rest_dsts.size();
     }
   }
 #if CUDART_VERSION >= 12080
@@ -446,9 +495,13 @@ bool CopyQueue::copy_layers(const RelCopy* rel, size_t n, const LayerBases* laye
   KVXFER_ASSERT(num_layers >= 1 && num_layers <= cuda::kMaxGatherLayers && can_copy_layers(n, 0));
   KVXFER_CUDA_CHECK(cudaSetDevice(device_), TransferFailed, "cudaSetDevice(" << device_ << ")");
   done(UINT64_MAX);  // hand back the descriptors of launches that have ended (never true: nothing waits)
+  std::vector<cuda::CopyDesc>& pieces = impl_->pieces;
+  split_for_blocks(reinterpret_cast<const cuda::CopyDesc*>(rel), n, impl_->max_blocks, &pieces);
+  n = pieces.size();
+  if (n + layer_entries(num_layers) > impl_->ring.capacity / 4) return false;  // cut too fine: copy() them
   cuda::CopyDesc* d = impl_->ring.take(n + layer_entries(num_layers), impl_->next_ticket);
   if (!d) return false;
-  std::memcpy(static_cast<void*>(d), rel, n * sizeof(cuda::CopyDesc));
+  std::memcpy(static_cast<void*>(d), pieces.data(), n * sizeof(cuda::CopyDesc));
   auto* lc = reinterpret_cast<cuda::LayerCopy*>(d + n);
   for (size_t i = 0; i < num_layers; ++i) {
     const uint64_t stamp = impl_->next_stamp++;
@@ -545,6 +598,7 @@ void enable_peer_access(int device, int peer) {
 }
 void relax_graph_capture_for_this_thread() {}
 bool gpu_direct_writes_need_flush(int) { return false; }
+void synchronize_stream(uint64_t) { no_cuda("synchronizing a CUDA stream"); }
 void flush_gpu_direct_writes(int) {}
 DeviceRange describe_device_range(uint64_t, uint64_t, int device, const std::string& what, bool) {
   no_cuda(what + " on cuda:" + std::to_string(device));

@@ -42,6 +42,9 @@ void enable_peer_access(int device, int peer);
 // invalidate a CUDA graph another thread is capturing in torch's default (global) mode, which prohibits
 // "unsafe" calls from every thread not in relaxed mode. No-op without CUDA.
 void relax_graph_capture_for_this_thread();
+// Waits for the work queued on a cudaStream_t (an integer handle, as __cuda_array_interface__ gives it: 1 is the
+// legacy default stream, 2 the per-thread one). Throws TransportUnavailable naming the error.
+void synchronize_stream(uint64_t stream);
 // Whether writes a NIC makes into `device`'s memory (GPU-direct RDMA) can be seen by the device's own work before
 // a flush (cudaDevAttrGPUDirectRDMAWritesOrdering below Owner: they need flush_gpu_direct_writes first).
 bool gpu_direct_writes_need_flush(int device);

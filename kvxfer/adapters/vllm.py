@@ -217,10 +217,15 @@ class KvxferConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches):
         names = list(kv_caches)
         first = kv_caches[names[0]]
-        backend = self._extra.get("attn_backend") or ("CPU_ATTN" if first.device.type == "cpu" else None)
-        if backend is None:
+        if first.device.type != "cpu":
+            # Not an override's to allow: layers would be marked ready while the model's kernels that write them
+            # are still queued (save_kv_layer runs as they are enqueued), and vLLM's GPU caches are one
+            # [blocks, heads, tokens, K|V] view per layer, which the GPU backend presets do not describe yet.
             raise kvxfer.errors.TransportUnavailable(
-                f"KV cache on {first.device}: kvxfer moves host memory only so far (GPU paths are not done)")
+                f"KV cache on {first.device}: this connector moves CPU KV caches only so far (on a GPU it would have "
+                f"to order each layer after the model's stream, e.g. with kvxfer.LayerSignal, and read vLLM's GPU "
+                f"cache layout); run vLLM's CPU backend, or use kvxfer's Agent directly")
+        backend = self._extra.get("attn_backend") or "CPU_ATTN"
         layout = self._rank_layout(kvxfer.KVLayout.from_vllm(backend, first.shape, str(first.dtype), len(names)))
         self._layer_index = {name: i for i, name in enumerate(names)}
         self.agent = kvxfer.Agent(f"vllm-{os.getpid()}", transport=self._extra.get("transport"),

@@ -54,6 +54,8 @@ class PagedKVCache:
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.layers = [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
                                    device=device) for _ in range(num_layers)]
+        if self.layers[0].is_cuda:  # zeroed before a peer may write (kvxfer's writes are not ordered after torch's)
+            torch.cuda.synchronize(self.layers[0].device)
         self.allocator = BlockAllocator(num_blocks)
 
     def layout(self) -> KVLayout:

@@ -276,6 +276,10 @@ def main(argv=None) -> int:
     if a.cpus:
         os.sched_setaffinity(0, parse_cpus(a.cpus))  # before torch starts its threads: they inherit it
     torch.set_num_threads(a.threads)
+    if a.device.startswith("cuda") and torch.cuda.is_available():
+        # This process computes on that GPU: made current, so what follows the current device (kvxfer's layer
+        # signal memory, torch's default allocations) lands there and not on cuda:0.
+        torch.cuda.set_device(torch.device(a.device))
     try:
         model = LlamaModel.random(PRESETS[a.model], a.seed, device=a.device) if a.model in PRESETS else \
             LlamaModel.from_pretrained(a.model, device=a.device)

@@ -27,6 +27,8 @@ def _layers(num_layers, num_blocks, chunk, seed):
     (3, 64, 7, 4096),        # fewer chunks than blocks
     (256, 16, 5, 1048),      # the most layers one launch takes; chunks at odd blocks are not 16-byte aligned
     (4, 32, 9, 1001),        # odd chunk size: mostly unaligned, the byte path
+    (4, 16, 5, (1 << 20) + 48),  # runs longer than a block's share: cut into 64 KiB pieces, a 48-byte last one
+    (2, 8, 3, 300001),       # long and odd: pieces of an unaligned run, the byte path in each
 ])
 def test_copy_layers_moves_every_layer_exactly(num_layers, num_blocks, ids, chunk):
     import torch
