@@ -113,6 +113,79 @@ class KVLayout:
                    head_major=bool(head_major))
 
     @classmethod
+    def vllm_paged(cls, num_layers, num_blocks, block_size, num_kv_heads, row_elems, dtype="bfloat16", *,
+                   head_major=True, blocks_outer=False):
+        """vLLM's per-layer [B, H, N, C] KV cache views (vLLM >= 0.32, its KVCacheLayout): C holds one head's K and V
+        of one token side by side (row_elems = head_size + head_size_v), one plane. head_major: heads before
+        tokens in memory (LBHNC, BLHNC: vLLM's HND), else tokens first (LBNHC, BLNHC: NHD). blocks_outer: blocks
+        outermost (BLHNC, BLNHC): one buffer of [blocks, layers, ...], registered whole (from_vllm_views)."""
+        chunk = num_kv_heads * block_size * row_elems * _dtype_bytes(dtype)
+        if blocks_outer:
+            return cls("vllm_paged", num_layers, num_blocks, 1, block_size, num_kv_heads, row_elems,
+                       _dtype_name(dtype), chunk, 0, num_layers * chunk, chunk, num_blocks * num_layers * chunk, False,
+                       head_major=bool(head_major))
+        return cls("vllm_paged", num_layers, num_blocks, 1, block_size, num_kv_heads, row_elems, _dtype_name(dtype),
+                   chunk, 0, chunk, num_blocks * chunk, num_blocks * chunk, True, head_major=bool(head_major))
+
+    @classmethod
+    def from_vllm_views(cls, views) -> tuple["KVLayout", list]:
+        """(layout, pool) for the per-layer KV cache views a vLLM >= 0.32 worker hands its KV connector (one
+        [B, H, N, C] tensor per layer, strided views of one buffer in the physical order of vLLM's KVCacheLayout),
+        read from their shapes and strides: `agent.register_pool(pool, layout)`. The pool is one (ptr, nbytes,
+        device) region per layer, or one for the whole buffer when blocks are outermost; the views' buffer must
+        outlive the agent's use of it. Layouts whose heads sit outside blocks (LHBNC, BHLNC) and padded pages are
+        refused, naming VLLM_KV_CACHE_LAYOUT values that work. Strides cannot show what a backend does inside a row:
+        vLLM's CPU backend stores K transposed per block, so its caches take from_vllm("CPU_ATTN", ...) instead."""
+        views = list(views)
+        if not views:
+            raise InvalidArgument("from_vllm_views needs the per-layer KV cache views (got none)")
+        first = views[0]
+        shape, strides = tuple(first.shape), tuple(first.stride())
+        if len(shape) != 4:
+            raise InvalidArgument(f"a vLLM KV cache view is [blocks, heads, tokens, K|V] (4 axes), got shape "
+                                  f"{list(shape)}; for a backend's own 5-axis tensor use KVLayout.from_vllm")
+        for i, v in enumerate(views):
+            if (tuple(v.shape), tuple(v.stride()), v.dtype, v.device) != (shape, strides, first.dtype, first.device):
+                raise InvalidArgument(f"layer {i}'s view {list(v.shape)} strides {list(v.stride())} {v.dtype} on "
+                                      f"{v.device} differs from layer 0's: kvxfer takes one layout for every layer")
+        blocks, heads, tokens, row = shape
+        s_block, s_head, s_token, s_row = strides
+        refused = ("; set VLLM_KV_CACHE_LAYOUT to LBHNC, LBNHC, BLHNC or BLNHC (blocks of [heads, tokens] or "
+                   "[tokens, heads], unpadded)")
+        if s_row != 1:
+            raise InvalidArgument(f"the views' last axis (K|V of one token) is not contiguous (stride {s_row})"
+                                  + refused)
+        if (s_head, s_token) == (tokens * row, row):
+            head_major = True
+        elif (s_token, s_head) == (heads * row, row):
+            head_major = False
+        else:
+            raise InvalidArgument(f"the views' heads and tokens are not packed in a block (strides heads {s_head}, "
+                                  f"tokens {s_token} of {row}-element rows): heads outside blocks (LHBNC, BHLNC)"
+                                  + refused)
+        chunk_elems, num_layers = heads * tokens * row, len(views)
+        esize = first.element_size()
+        device = first.device.index if first.device.type == "cuda" else -1
+        if device is None:
+            device = 0
+        layout_args = (num_layers, blocks, tokens, heads, row, first.dtype)
+        if s_block == chunk_elems:  # layers outermost: each layer's blocks back to back
+            layout = cls.vllm_paged(*layout_args, head_major=head_major)
+            return layout, [(v.data_ptr(), blocks * chunk_elems * esize, device) for v in views]
+        if s_block == num_layers * chunk_elems:  # blocks outermost: layer l's block b at (b * L + l) * chunk
+            base = first.data_ptr()
+            for i, v in enumerate(views):
+                if v.data_ptr() != base + i * chunk_elems * esize:
+                    raise InvalidArgument(f"blocks-outermost views: layer {i} starts {v.data_ptr() - base} bytes "
+                                          f"after layer 0, not {i * chunk_elems * esize}; pass the views in layer "
+                                          "order")
+            layout = cls.vllm_paged(*layout_args, head_major=head_major, blocks_outer=True)
+            return layout, [(base, blocks * num_layers * chunk_elems * esize, device)]
+        raise InvalidArgument(f"the views' block stride ({s_block} elements) is neither one block ({chunk_elems}) "
+                              f"nor one block of every layer ({num_layers * chunk_elems}): padded pages or kernel "
+                              f"blocks" + refused)
+
+    @classmethod
     def contiguous(cls, num_blocks, block_bytes):
         """Raw bytes: one layer of num_blocks blocks of block_bytes each (plain buffers, benchmarks)."""
         return cls("contiguous", 1, num_blocks, 1, block_bytes, 1, 1, "uint8", block_bytes, 0, block_bytes,
