@@ -87,3 +87,26 @@ def test_a_late_hello_of_an_older_association_does_not_redirect_a_live_one():
     assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 1, [0, 1], [2, 3])  # the sender saw the RELEASE
     for agent in (a, b, first):
         agent.close()
+
+
+def test_a_hello_of_a_newer_association_waits_for_our_add_and_leaves_the_live_one_alone():
+    """A peer that removed us (or added us again) starts a new association whose HELLO can overtake the BYE that
+    ends the old one (it goes on the fabric, the BYE may wait behind its ABORTs or take the doorbell ring). That
+    HELLO must not redirect our live association to the new number (our RELEASEs would then carry it and the
+    peer's old association would drop them), nor be used up by it: it waits for our add_peer of the new one."""
+    layout = kvxfer.KVLayout.contiguous(8, 4096)
+    a = kvxfer.Agent("newer-tx", transport="tcp", interface="lo", timeout_s=10)
+    b = kvxfer.Agent("newer-rx", transport="tcp", interface="lo", timeout_s=10)
+    src, dst = make_pool(layout, 5), make_pool(layout, 6)
+    a.register_pool(src, layout)
+    b.register_pool(dst, layout)
+    peer_b, peer_a = a.add_peer(b.metadata()), b.add_peer(a.metadata())
+    a.wait_connected(peer_b, 20)
+    b.wait_connected(peer_a, 20)
+    newer = struct.pack(FMT, MAGIC, VERSION, 1, 7, a._c.epoch, b._c.epoch, 0, 0, 0, 128, 0)  # HELLO, link 7 (a: 1)
+    dropped = b.stats()["dropped_messages"]
+    b._c._inject_wire_message(newer)
+    assert_exact_transfer(a, b, peer_b, peer_a, src, dst, layout, 1, [0, 1], [2, 3])  # the sender saw the RELEASE
+    assert b.stats()["dropped_messages"] == dropped  # kept for our next add of a, not dropped
+    for agent in (a, b):
+        agent.close()

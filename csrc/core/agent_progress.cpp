@@ -940,9 +940,14 @@ void Agent::on_message(const uint8_t* data, size_t nbytes) {
       counters_.dropped_messages++;
       return;
     }
+    // A HELLO of a newer association than the live one we know: the peer ended ours and added us again before we
+    // heard (its BYE is on the way, or we removed it and have not added it again yet). It waits for our add of
+    // that association like one from a peer never seen, rather than redirecting the association it ended.
+    const bool newer = it != peers_by_epoch_.end() && !it->second->lost && it->second->peer_link != 0 &&
+                       m.link > it->second->peer_link;
     // A peer numbers its associations with us in increasing order: a HELLO of an older one than we know (late on
     // the wire, the peer having ended it and added us again) addresses nothing live.
-    if (it == peers_by_epoch_.end() || again) {
+    if (it == peers_by_epoch_.end() || again || newer) {
       EarlyHello& e = early_hellos_[m.sender_epoch];
       if (e.link != 0 && m.link < e.link) {
         counters_.dropped_messages++;
