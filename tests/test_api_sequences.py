@@ -18,10 +18,10 @@ from tests.reference import block_view
 LAYERS = 4
 
 
-def _kv(fn):
+def _kv(fn, *args, **kwargs):
     """Call fn; a kvxfer error is an allowed outcome of a random call (returned), any other propagates."""
     try:
-        return fn()
+        return fn(*args, **kwargs)
     except errors.KvxferError as e:
         return e
 
@@ -30,14 +30,14 @@ def _readd(a, b, pb, pa, remover_is_a):
     """One side removes the other and adds it again at once; the other adds again once it saw the loss (add_peer
     of a live association returns it)."""
     if remover_is_a:
-        _kv(lambda: a.remove_peer(pb))
+        _kv(a.remove_peer, pb)
         pb = a.add_peer(b.metadata())
         deadline = time.monotonic() + 15
         while not pa.lost and time.monotonic() < deadline:
             time.sleep(0.001)
         pa = b.add_peer(a.metadata())
     else:
-        _kv(lambda: b.remove_peer(pa))
+        _kv(b.remove_peer, pa)
         pa = b.add_peer(a.metadata())
         deadline = time.monotonic() + 15
         while not pb.lost and time.monotonic() < deadline:
@@ -68,13 +68,13 @@ def run_sequence(transport, seed, steps):
             layers = range(first, first + int(rng.integers(1, LAYERS + 1 - first))) if rng.random() < 0.3 else None
             t = xfers[xid] = {"src": s, "dst": d, "layers": layers, "send": None, "recv": None}
             if rng.random() < 0.5:
-                t["recv"] = _kv(lambda: b.recv(pa, xid, d, layers=layers))
-                t["send"] = _kv(lambda: a.send(pb, xid, s, d, layers=layers))
+                t["recv"] = _kv(b.recv, pa, xid, d, layers=layers)
+                t["send"] = _kv(a.send, pb, xid, s, d, layers=layers)
             else:
-                t["send"] = _kv(lambda: a.send(pb, xid, s, d, layers=layers))
+                t["send"] = _kv(a.send, pb, xid, s, d, layers=layers)
                 if rng.random() < 0.9:  # now and then expecting other layers than the send carries
-                    other = range(0, LAYERS) if layers is not None and rng.random() < 0.1 else layers
-                    t["recv"] = _kv(lambda: b.recv(pa, xid, d, layers=other))
+                    other = range(LAYERS) if layers is not None and rng.random() < 0.1 else layers
+                    t["recv"] = _kv(b.recv, pa, xid, d, layers=other)
             continue
         xid = int(rng.choice(list(xfers)))
         t = xfers[xid]
@@ -85,17 +85,17 @@ def run_sequence(transport, seed, steps):
                 _kv(send.all_ready)
             else:
                 layer = int(rng.choice(list(span)))
-                _kv(lambda: send.layer_ready(layer))
+                _kv(send.layer_ready, layer)
         elif op == 7 and isinstance(send, Send):
-            _kv(lambda: send.abort("random abort"))
+            _kv(send.abort, "random abort")
         elif op == 8 and isinstance(recv, Recv):
-            _kv(lambda: recv.cancel("random cancel"))
+            _kv(recv.cancel, "random cancel")
         elif op == 9 and recv is None:
-            t["recv"] = _kv(lambda: b.recv(pa, xid, t["dst"], layers=t["layers"]))
+            t["recv"] = _kv(b.recv, pa, xid, t["dst"], layers=t["layers"])
         elif op == 10:
             x = send if rng.random() < 0.5 else recv
             if isinstance(x, (Send, Recv)):
-                _kv(lambda: x.wait(timeout_s=0.01))
+                _kv(x.wait, timeout_s=0.01)
         elif op == 11 and rng.random() < 0.1:
             pb, pa = _readd(a, b, pb, pa, bool(rng.random() < 0.5))
             readds += 1
