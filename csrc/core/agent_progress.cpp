@@ -14,6 +14,7 @@
 
 #include "core/agent.h"
 #include "core/plan.h"
+#include "signals/memory.h"
 #include "transports/host_ipc/cma.h"
 
 namespace kvxfer {
@@ -125,6 +126,7 @@ void Agent::progress_loop() {
   pthread_setname_np(pthread_self(), "kvxfer-progress");  // what top, gdb and /proc show for this thread
   // Its CUDA calls (event queries, copies, staging allocations) must not break a graph the model captures meanwhile.
   if (gpu::built_with_cuda()) gpu::relax_graph_capture_for_this_thread();
+  defer_cuda_frees_on_this_thread();  // a DeviceCounter's words last held by a recv here: freed elsewhere
   uint32_t idle = 0;
   auto last_busy = Clock::now();
   while (!stop_.load(std::memory_order_relaxed)) {

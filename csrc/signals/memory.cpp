@@ -2,6 +2,8 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 #include "core/errors.h"
 #ifdef KVXFER_HAVE_CUDA
@@ -9,6 +11,28 @@
 #endif
 
 namespace kvxfer {
+
+namespace {
+thread_local bool g_defer_frees = false;
+std::mutex g_deferred_mu;
+std::vector<void*>& deferred_frees() {
+  static auto* v = new std::vector<void*>();  // never destroyed: frees may come after static destruction
+  return *v;
+}
+
+#ifdef KVXFER_HAVE_CUDA
+void free_deferred() {  // not on a deferring thread
+  std::vector<void*> todo;
+  {
+    std::lock_guard<std::mutex> lock(g_deferred_mu);
+    todo.swap(deferred_frees());
+  }
+  for (void* p : todo) cuda::free_host_mapped(p);
+}
+#endif
+}  // namespace
+
+void defer_cuda_frees_on_this_thread() { g_defer_frees = true; }
 
 CudaStatus cuda_status() {
   CudaStatus s;
@@ -36,6 +60,7 @@ MappedMemory::MappedMemory(size_t nbytes, bool want_device) : nbytes_(nbytes) {
     CudaStatus cs = cuda_status();
     if (cs.usable) {
 #ifdef KVXFER_HAVE_CUDA
+      if (!g_defer_frees) free_deferred();
       cudaError_t err = cuda::alloc_host_mapped(nbytes, &host_, &device_);
       KVXFER_CHECK(err == cudaSuccess, RegistrationFailed,
                    "cudaHostAlloc(Mapped) of " << nbytes << " bytes failed: " << cuda::error_string(err));
@@ -59,6 +84,12 @@ MappedMemory::MappedMemory(size_t nbytes, bool want_device) : nbytes_(nbytes) {
 MappedMemory::~MappedMemory() {
 #ifdef KVXFER_HAVE_CUDA
   if (device_) {
+    if (g_defer_frees) {
+      std::lock_guard<std::mutex> lock(g_deferred_mu);
+      deferred_frees().push_back(host_);
+      return;
+    }
+    free_deferred();
     cuda::free_host_mapped(host_);  // an error at teardown (driver gone) leaves nothing to recover
     return;
   }

@@ -17,6 +17,12 @@ struct CudaStatus {
 };
 CudaStatus cuda_status();
 
+// The agent's progress thread calls this once: mapped memory whose last owner goes away there (a DeviceCounter's
+// words, held by a recv's mirror) is not freed on that thread, since cudaFreeHost waits for the device, where a
+// counter-wait kernel may spin for a layer only that thread can report. It is freed by the next MappedMemory made
+// or freed on another thread (or stays to process exit: a few bytes).
+void defer_cuda_frees_on_this_thread();
+
 // Zeroed memory shared by host and device. device() is null when the memory is ordinary host memory.
 class MappedMemory {
  public:
