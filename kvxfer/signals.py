@@ -27,7 +27,7 @@ nothing bound: ``signal.resync()`` and ``counter.sync()`` after them (and after 
 over what they recorded and consumed, so the first bind()/attach() go to the first real forward.
 
 Without a GPU (or a CUDA build) the memory is ordinary host memory: bind, the watcher, the counters and
-``_host_record`` work; ``record`` and ``wait_on_stream`` raise TransportUnavailable naming what is missing.
+``record_host`` work; ``record`` and ``wait_on_stream`` raise TransportUnavailable naming what is missing.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _stream_handle(stream) -> int:
 class LayerSignal:
     def __init__(self, agent, num_layers: int, *, max_bindings: int = 64, spin_us: int = 50, sleep_us: int = 20,
                  device: bool = True):
-        """device=False forces host memory (the host then plays the device with _host_record)."""
+        """device=False forces host memory (the host then plays the device with record_host)."""
         if not isinstance(num_layers, int) or num_layers < 1:
             raise InvalidArgument(f"num_layers must be a positive int, got {num_layers!r}")
         if max_bindings < 1 or spin_us < 0 or sleep_us < 1:
@@ -136,9 +136,12 @@ class LayerSignal:
         """Stop the watcher. Forwards not yet delivered are dropped; their sends keep their deadlines."""
         self._c.close()
 
-    def _host_record(self, layer: int) -> None:
-        """What the record kernel does, from the calling thread (tests, benchmarks, host-driven models)."""
+    def record_host(self, layer: int) -> None:
+        """What the record kernel does, from the calling thread: for a model that runs on the host (its layer's KV
+        is in the cache when this is called), tests and benchmarks. Refused on a device-mapped signal."""
         self._c.host_record(layer)
+
+    _host_record = record_host  # the name tests and benchmarks have used
 
     def __repr__(self) -> str:
         s = self._c.stats()

@@ -37,7 +37,15 @@ for a replica the pairs do not use), and reports the request sent when those sen
 carry token counts (num_tokens, skip_tokens), so pools of different block sizes agree on what moves where the
 layout allows it (vLLM's CPU cache does not: its K is stored transposed per block, so both engines need one
 block size there; the refusal names it).
-Limits: no pipeline parallelism; CPU KV caches only (never run with vLLM on a GPU).
+GPU KV caches (vLLM >= 0.32 hands one [blocks, heads, tokens, K|V] view per layer: KVLayout.from_vllm_views): a
+prefill layer is marked by a kvxfer.LayerSignal record on the model's stream (save_kv_layer runs when the layer's
+kernels are queued; the signal's watcher thread marks the layer once the GPU ran them, and the stream never waits),
+or by a stream synchronize where signals cannot use the GPU; a send opened after the forward waits for a CUDA event
+recorded after it. A prefill instance asks vLLM for PIECEWISE CUDA graphs (requires_piecewise_for_cudagraph), so
+save_kv_layer runs every step. `layer_signal: true` runs the same LayerSignal bookkeeping on a CPU cache
+(host-recorded; the tests use it).
+Limits: no pipeline parallelism. The GPU path has never run: vLLM's GPU build is not installable on the machines
+this was written on (CPU vLLM only), so only its CPU twin (layer_signal: true) is tested.
 """
 from __future__ import annotations
 
@@ -80,6 +88,19 @@ class KvxferConnectorMetadata(KVConnectorMetadata):
     saves: dict[str, SaveSpec] = field(default_factory=dict)
 
 
+def _log_where_vllm_logs() -> None:
+    """kvxfer's messages go where vLLM's go, at vLLM's level (VLLM_LOGGING_LEVEL): vLLM configures only its own
+    logger, so without this only our warnings would show (Python's last-resort handler), never the INFO lines an
+    operator reads to see which path a pool and its layers took. Left alone if the application set kvxfer's up."""
+    ours, theirs = logging.getLogger("kvxfer"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
+
+
 def _params(request) -> dict:
     return request.kv_transfer_params if isinstance(request.kv_transfer_params, dict) else {}
 
@@ -108,6 +129,7 @@ def _source(params: dict, request_id: str) -> tuple[int, str, int] | None:
 class KvxferConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
+        _log_where_vllm_logs()
         extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
         self.block_size = vllm_config.cache_config.block_size
         self.timeout_s = float(extra.get("transfer_timeout_s", 30.0))
@@ -136,11 +158,23 @@ class KvxferConnector(KVConnectorBase_V1):
         self._aborted_loads: set[str] = set()             # decode: vLLM finished these while their load was live
         self._sends: dict[str, kvxfer.SendGroup | None] = {}  # None: nothing sent (no registration, refused, or
                                                                # no decode rank takes heads from this rank)
-        self._waiting: dict[str, tuple[SaveSpec, float]] = {}  # prefill: forward done, registration not yet here
+        self._waiting: dict[str, tuple[SaveSpec, float, object]] = {}  # prefill: forward run, registration not yet
+        #                                                   here (spec, since, CUDA event after the forward or None)
+        self._marks = "host"                              # how prefill layers are marked ready (_layer_marks)
+        self._signal: kvxfer.LayerSignal | None = None    # prefill: the layer signal, where _marks uses one
+        self._recorded: set[int] = set()                  # layers recorded in this step's forward
+        self._signal_reported = False
         self._layerwise: set[str] = set()                 # sends opened at this step's first save_kv_layer
         self._step_started = False
         self._idle_step = False
         self._finished: set[str] = set()                  # ids vLLM finished; only these may be reported sent
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config) -> bool:
+        """A prefill instance (push_port set) marks layers from save_kv_layer, which vLLM does not call when it
+        replays a FULL CUDA graph: its attention must run outside graphs. A decode instance loads asynchronously
+        (no per-layer hook) and keeps full graphs."""
+        return (extra_config or {}).get("push_port") is not None
 
     # ---------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
@@ -217,31 +251,70 @@ class KvxferConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches):
         names = list(kv_caches)
         first = kv_caches[names[0]]
-        if first.device.type != "cpu":
-            # Not an override's to allow: layers would be marked ready while the model's kernels that write them
-            # are still queued (save_kv_layer runs as they are enqueued), and vLLM's GPU caches are one
-            # [blocks, heads, tokens, K|V] view per layer, which the GPU backend presets do not describe yet.
-            raise kvxfer.errors.TransportUnavailable(
-                f"KV cache on {first.device}: this connector moves CPU KV caches only so far (on a GPU it would have "
-                f"to order each layer after the model's stream, e.g. with kvxfer.LayerSignal, and read vLLM's GPU "
-                f"cache layout); run vLLM's CPU backend, or use kvxfer's Agent directly")
-        backend = self._extra.get("attn_backend") or "CPU_ATTN"
-        layout = self._rank_layout(kvxfer.KVLayout.from_vllm(backend, first.shape, str(first.dtype), len(names)))
+        if first.device.type == "cuda":
+            layout, memory = self._gpu_layout([kv_caches[n] for n in names])
+        elif first.device.type == "cpu":
+            backend = self._extra.get("attn_backend") or "CPU_ATTN"
+            layout = kvxfer.KVLayout.from_vllm(backend, first.shape, str(first.dtype), len(names))
+            memory = [kv_caches[n] for n in names]
+        else:
+            raise kvxfer.errors.TransportUnavailable(f"KV cache on {first.device}: kvxfer's vLLM connector takes CPU "
+                                                     "or CUDA KV caches")
+        layout = self._rank_layout(layout)
         self._layer_index = {name: i for i, name in enumerate(names)}
         self.agent = kvxfer.Agent(f"vllm-{os.getpid()}", transport=self._extra.get("transport"),
                                   interface=self._extra.get("interface"), timeout_s=self.timeout_s,
                                   max_peers=self._extra.get("max_peers"),  # None: KVXFER_MAX_PEERS, else 32
                                   peer_timeout_s=self._extra.get("peer_timeout_s"),  # None: KVXFER_PEER_TIMEOUT_S
                                   fallback=self._extra.get("fallback"))  # None: KVXFER_FALLBACK, else refuse
-        self.agent.register_pool([kv_caches[n] for n in names], layout)
+        self.agent.register_pool(memory, layout)
         if self._extra.get("push_port") is not None:  # TP rank r serves on push_port + r
+            self._marks = self._layer_marks(first.device.type == "cuda", len(names))
             self.server = PushServer(self.agent, self._extra.get("push_host", "127.0.0.1"),
                                      int(self._extra["push_port"]) + self.tp_rank, ttl_s=self.timeout_s,
                                      tp_size=self.tp_size, tp_rank=self.tp_rank)
-            log.info("kvxfer: %s pool of %d layers x %d blocks (KV heads [%d, %d) of %d, TP rank %d of %d); push "
-                     "server on %s:%d", layout.kind, layout.num_layers, layout.num_blocks, layout.head_begin,
-                     layout.head_begin + layout.num_kv_heads, self.total_kv_heads, self.tp_rank, self.tp_size,
-                     *self.server.address)
+            log.info("kvxfer: %s pool of %d layers x %d blocks on %s (KV heads [%d, %d) of %d, TP rank %d of %d); "
+                     "layers marked ready by %s; push server on %s:%d", layout.kind, layout.num_layers,
+                     layout.num_blocks, first.device, layout.head_begin, layout.head_begin + layout.num_kv_heads,
+                     self.total_kv_heads, self.tp_rank, self.tp_size, self._marks, *self.server.address)
+
+    def _gpu_layout(self, views):
+        """(layout, memory) of vLLM's GPU cache: one [blocks, heads, tokens, K|V] view per layer (vLLM >= 0.32)."""
+        tokens = views[0].shape[2] if views[0].dim() == 4 else None
+        if tokens is not None and tokens != self.block_size:
+            # The scheduler's block ids count blocks of block_size tokens; views of split kernel blocks number
+            # them otherwise, and a block id would address the wrong tokens.
+            raise InvalidArgument(f"vLLM's KV cache views hold {tokens}-token blocks but the engine schedules "
+                                  f"{self.block_size}-token blocks (its attention backend splits them): run with "
+                                  f"--block-size {tokens}")
+        return kvxfer.KVLayout.from_vllm_views(views)
+
+    def _layer_marks(self, on_gpu: bool, num_layers: int) -> str:
+        """How a prefill layer is marked ready once its KV is in the cache. GPU: a kvxfer.LayerSignal record on the
+        model's stream (save_kv_layer runs when the layer's kernels are queued, not when they ran; the signal's
+        watcher thread marks the layer once the GPU got there, and the stream never waits), or, where signals
+        cannot use the GPU (or layer_signal is false), a stream synchronize per layer. CPU: the hook runs after the
+        layer computed, so it marks directly; layer_signal true routes those marks through a host-recorded
+        LayerSignal instead (the GPU path's bookkeeping, run on the CPU)."""
+        want = self._extra.get("layer_signal", "auto")
+        if want not in (True, False, "auto"):
+            raise InvalidArgument(f"kv_connector_extra_config layer_signal must be true, false or \"auto\", got "
+                                  f"{want!r}")
+        from kvxfer import signals
+
+        if not on_gpu:
+            if want is True:
+                self._signal = signals.LayerSignal(self.agent, num_layers, device=False)
+                return "layer signal (host-recorded)"
+            return "host"
+        if want is not False:
+            usable, why = signals.cuda_status()
+            if usable:
+                self._signal = signals.LayerSignal(self.agent, num_layers)
+                return "layer signal"
+            log.warning("kvxfer: layer signals cannot use the GPU (%s); each layer is marked ready after a stream "
+                        "synchronize instead (the host stops queuing work until the layer ran)", why)
+        return "stream sync"
 
     def _rank_layout(self, layout):
         """This worker's pool as its TP rank's: which of the model's KV heads it holds, so that prefill and decode
@@ -317,33 +390,81 @@ class KvxferConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
         if self.server is None or not self.has_connector_metadata():
             return
-        meta = self._get_connector_metadata()
         if not self._step_started:  # the step's first layer: open the sends whose registration is already here
             self._step_started = True
-            for rid, spec in meta.saves.items():
-                regs = self.server.take(spec.xfer_id)
-                if regs is not None:
-                    self._sends[rid] = self._open(rid, spec, regs)
-                    self._layerwise.add(rid)
+            self._open_layerwise(self._get_connector_metadata())
         if self._layerwise:
-            layer = self._layer_index[layer_name]
-            for rid in self._layerwise:
-                if self._sends[rid] is not None:  # a decode rank gone must not hold back the others' layers
-                    self._sends[rid].layer_ready(layer, skip_failed=True)
+            self._mark(self._layer_index[layer_name])
+
+    def _open_layerwise(self, meta) -> None:
+        for rid, spec in meta.saves.items():
+            regs = self.server.take(spec.xfer_id)
+            if regs is not None:
+                self._sends[rid] = self._open(rid, spec, regs)
+                self._layerwise.add(rid)
+        if self._signal is not None and self._layerwise:
+            # This forward's records go to these sends. Every forward that binds records each layer exactly once
+            # (wait_for_save records the layers no hook did), so the k-th bind always meets the k-th forward.
+            self._signal.bind([s for rid in self._layerwise if self._sends[rid] is not None
+                               for s in self._sends[rid].sends])
+            self._recorded = set()
+
+    def _mark(self, layer: int) -> None:
+        """Layer `layer` of this step's forward is in the cache (CPU) or queued after it (GPU)."""
+        if self._signal is not None:
+            if layer in self._recorded:  # a layer hooked twice in one step (shared KV): a second record would
+                return                   # count for the next forward and post its layer before it ran
+            self._recorded.add(layer)
+            self._record(layer)
+            return
+        if self._marks == "stream sync":
+            import torch
+
+            torch.cuda.current_stream().synchronize()
+        for rid in self._layerwise:
+            if self._sends[rid] is not None:  # a decode rank gone must not hold back the others' layers
+                self._sends[rid].layer_ready(layer, skip_failed=True)
+
+    def _record(self, layer: int) -> None:
+        if self._signal.on_device:
+            self._signal.record(layer)  # torch's current stream: the one the model runs on
+        else:
+            self._signal.record_host(layer)
 
     def wait_for_save(self):
         self._step_started = False
         if self.server is None or not self.has_connector_metadata():
             return
         now = time.monotonic()
+        if self._signal is not None and self._layerwise:
+            for layer in range(len(self._layer_index)):
+                if layer not in self._recorded:
+                    self._mark(layer)
+        elif self._layerwise and self._marks == "stream sync":
+            import torch
+
+            torch.cuda.current_stream().synchronize()
+        forward_done = None
         for rid, spec in self._get_connector_metadata().saves.items():
             if rid in self._layerwise:
-                if self._sends[rid] is not None:
+                if self._signal is None and self._sends[rid] is not None:
                     self._sends[rid].all_ready(skip_failed=True)  # the layers not marked yet
             else:
-                self._waiting[rid] = (spec, now)
+                if forward_done is None:
+                    forward_done = self._forward_done()
+                self._waiting[rid] = (spec, now, forward_done)
         self._layerwise.clear()
         self._open_waiting()
+
+    def _forward_done(self):
+        """Something to ask whether this step's forward ran: a CUDA event after it on a GPU, None (it has) on CPU."""
+        if self._marks in ("host", "layer signal (host-recorded)"):
+            return None
+        import torch
+
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def _open(self, rid: str, spec: SaveSpec, regs) -> kvxfer.SendGroup | None:
         """One send per decode rank that takes heads from this prefill rank (kvxfer.tp.rank_pairs over both
@@ -388,7 +509,9 @@ class KvxferConnector(KVConnectorBase_V1):
 
     def _open_waiting(self):
         now = time.monotonic()
-        for rid, (spec, t0) in list(self._waiting.items()):
+        for rid, (spec, t0, forward_done) in list(self._waiting.items()):
+            if forward_done is not None and not forward_done.query():
+                continue  # its KV is still being written on the GPU: marking it all ready would send stale bytes
             regs = self.server.take(spec.xfer_id)
             if regs is not None:
                 send = self._sends[rid] = self._open(rid, spec, regs)
@@ -433,6 +556,9 @@ class KvxferConnector(KVConnectorBase_V1):
             self.server.expired()  # registrations for requests this engine never got: nothing to hold
         if self._idle_step and not sending and not recving:
             self._idle_wait()
+        if self._signal is not None and not self._signal_reported and self._signal.stats()["forwards_delivered"]:
+            self._signal_reported = True  # says once that the path runs (tests read it)
+            log.info("kvxfer: the layer signal delivered its first forward (%r)", self._signal)
         for rid, send in list(self._sends.items()):
             if rid in self._finished and (send is None or self._send_over(rid, send)):
                 if send is not None and send.state == kvxfer.TransferState.FAILED:
@@ -498,6 +624,8 @@ class KvxferConnector(KVConnectorBase_V1):
         return errors
 
     def shutdown(self):
+        if self._signal is not None:
+            self._signal.close()
         if self.server is not None:
             self.server.close()
         for client in self._clients.values():

@@ -143,11 +143,11 @@ def _proxy(name: str, port: int, prefill_port: int, push_port: int, decode_port:
                          f"http://127.0.0.1:{decode_port}"], d, {**env, "PYTHONPATH": str(ROOT)})
 
 
-def _start_pair(d: Path, model: Path, env: dict, extra: dict) -> tuple[dict, dict]:
+def _start_pair(d: Path, model: Path, env: dict, extra: dict, suffix: str = "") -> tuple[dict, dict]:
     """A TP 1 prefill and decode vLLM server and the kvxfer proxy in front, healthy, the prefill warmed; their
-    connectors get `extra`. Returns (servers, ports); the caller stops the servers."""
+    connectors get `extra`; `suffix` tells their logs from other pairs'. Returns (servers, ports); the caller stops
+    the servers."""
     p_port, d_port, push_port, proxy_port = (_free_port() for _ in range(4))
-    suffix = f"-{extra['transport']}" if "transport" in extra else ""
     servers = {
         "prefill": Server(f"prefill{suffix}", _vllm_cmd(model, p_port, {**extra, "push_port": push_port}), d, env),
         "decode": Server(f"decode{suffix}", _vllm_cmd(model, d_port, extra), d, env),
@@ -385,13 +385,34 @@ def test_disaggregated_over_ucx_equals_single_engine(cluster, baseline):
     run. The first one used to time out in most runs: the prefill's progress thread spun while the decode worker
     owed its UCX connection reply, and the decode worker, pinned to the same core, got no CPU for 15 s."""
     servers, ports = _start_pair(cluster["dir"], cluster["model"], cluster["env"],
-                                 {"transfer_timeout_s": TRANSFER_TIMEOUT_S, "transport": "ucx"})
+                                 {"transfer_timeout_s": TRANSFER_TIMEOUT_S, "transport": "ucx"}, "-ucx")
     try:
         for p in PROMPTS + PROMPTS[:1]:
             resp = _completes_like(f"http://127.0.0.1:{ports['proxy']}", baseline, p, 1e-5)
             assert cached_tokens(resp) == resp["usage"]["prompt_tokens"], resp["usage"]  # loaded over kvxfer
         log = servers["decode"].log.read_text(errors="replace")
         assert "'transport': 'ucx'" in log and "kvxfer: load of request" not in log  # ucx, and no load failed
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+
+def test_prefill_layers_marked_by_a_layer_signal_equal_single_engine(cluster, baseline):
+    """layer_signal: true on a CPU prefill engine: its layers are marked ready through a host-recorded
+    kvxfer.LayerSignal (a bind per forward with sends, a record per save_kv_layer hook, the rest at wait_for_save):
+    the bookkeeping a GPU prefill runs with its records on the model's stream. Disaggregated requests complete like
+    the decode engine's own run, and the prefill's log says the signal delivered forwards."""
+    servers, ports = _start_pair(cluster["dir"], cluster["model"], cluster["env"],
+                                 {"transfer_timeout_s": TRANSFER_TIMEOUT_S, "layer_signal": True}, "-signal")
+    try:
+        for p in PROMPTS + PROMPTS:
+            resp = _completes_like(f"http://127.0.0.1:{ports['proxy']}", baseline, p, 1e-5)
+            assert cached_tokens(resp) == resp["usage"]["prompt_tokens"], resp["usage"]  # loaded over kvxfer
+        prefill_log = servers["prefill"].log.read_text(errors="replace")
+        assert "layers marked ready by layer signal (host-recorded)" in prefill_log
+        # at least one request's registration came before its forward (the proxy leads with the decode request)
+        assert "the layer signal delivered its first forward" in prefill_log, prefill_log[-3000:]
+        assert "kvxfer: load of request" not in servers["decode"].log.read_text(errors="replace")
     finally:
         for srv in servers.values():
             srv.stop()
