@@ -101,6 +101,12 @@ def _log_where_vllm_logs() -> None:
     ours.propagate = False
 
 
+def _capturing() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _params(request) -> dict:
     return request.kv_transfer_params if isinstance(request.kv_transfer_params, dict) else {}
 
@@ -390,6 +396,8 @@ class KvxferConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
         if self.server is None or not self.has_connector_metadata():
             return
+        if self._marks == "layer signal" and _capturing():
+            return  # a record captured into a graph would fire on every replay, bound to no forward of ours
         if not self._step_started:  # the step's first layer: open the sends whose registration is already here
             self._step_started = True
             self._open_layerwise(self._get_connector_metadata())
