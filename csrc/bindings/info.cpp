@@ -5,6 +5,7 @@
 
 #include "bindings/bindings.h"
 #include "gpu/cuda_device.h"
+#include "gpu/split_runs.h"
 #include "transports/host_ipc/cma.h"
 #include "transports/host_ipc/cma_workers.h"
 #ifdef KVXFER_HAVE_LIBFABRIC
@@ -91,6 +92,16 @@ void register_info(py::module_& m) {
     return out;
   });
 
+  // Tests: the host half of the gather kernels (how a batch is cut over blocks), on machines without a GPU.
+  m.def("_split_for_blocks", [](const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& runs, uint32_t max_blocks) {
+    std::vector<gpu::CopyRun> in, out;
+    for (const auto& [dst, src, n] : runs) in.push_back({dst, src, n});
+    gpu::split_for_blocks(in.data(), in.size(), max_blocks, &out);
+    std::vector<std::tuple<uint64_t, uint64_t, uint64_t>> pieces;
+    for (const auto& r : out) pieces.emplace_back(r.dst, r.src, r.nbytes);
+    return pieces;
+  }, py::arg("runs"), py::arg("max_blocks"));
+  m.attr("_split_grain") = gpu::kSplitGrain;
   m.def("cma_threads_default", [] {
     const unsigned n = cma_threads_from_env();
     return n > 1 ? n : 0u;

@@ -12,12 +12,14 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
 
 #include "cuda/api.cuh"
+#include "gpu/split_runs.h"
 #endif
 
 namespace kvxfer {
@@ -313,7 +315,8 @@ struct CopyQueue::Impl {
   uint64_t next_stamp = 1;
   // Reused between calls (the progress thread's): descriptors before and after split_for_blocks, and what finds
   // no room in the ring, for the copy engines.
-  std::vector<cuda::CopyDesc> scratch, pieces;
+  std::vector<cuda::CopyDesc> scratch;
+  std::vector<CopyRun> pieces;
   std::vector<void*> rest_dsts;
   std::vector<const void*> rest_srcs;
   std::vector<size_t> rest_nbytes;
@@ -331,27 +334,10 @@ size_t layer_entries(size_t num_layers) {  // descriptor-sized ring entries that
   return (num_layers * sizeof(cuda::LayerCopy) + sizeof(cuda::CopyDesc) - 1) / sizeof(cuda::CopyDesc);
 }
 
-// The gather kernels give each descriptor one block: a batch of a few long runs (contiguous block ids coalesced)
-// would copy on a few SMs while the rest idle. Runs longer than an even share of the batch over max_blocks blocks
-// (at least 64 KiB, a multiple of it so pieces keep the run's alignment) are cut into pieces of that share;
-// batches of many small chunks, the usual KV request, stay as they are.
-void split_for_blocks(const cuda::CopyDesc* in, size_t n, uint32_t max_blocks, std::vector<cuda::CopyDesc>* out) {
-  constexpr uint64_t kGrain = 64 << 10;
-  uint64_t total = 0;
-  for (size_t i = 0; i < n; ++i) total += in[i].nbytes;
-  const uint64_t share = (total / std::max<uint32_t>(1, max_blocks) + kGrain - 1) / kGrain * kGrain;
-  const uint64_t piece = std::max(kGrain, share);
-  out->clear();
-  out->reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    if (in[i].nbytes <= piece) {
-      out->push_back(in[i]);
-      continue;
-    }
-    for (uint64_t at = 0; at < in[i].nbytes; at += piece)
-      out->push_back({in[i].dst + at, in[i].src + at, std::min(piece, in[i].nbytes - at)});
-  }
-}
+// The descriptors' own layout, so batches are cut in place (split_runs.h).
+static_assert(sizeof(CopyRun) == sizeof(cuda::CopyDesc) && offsetof(CopyRun, nbytes) == offsetof(cuda::CopyDesc, nbytes),
+              "CopyRun must have the descriptor's layout");
+const CopyRun* runs(const cuda::CopyDesc* d) { return reinterpret_cast<const CopyRun*>(d); }
 }  // namespace
 
 CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
@@ -421,8 +407,8 @@ void CopyQueue::copy(void* const* dsts, const void* const* srcs, const size_t* n
       whole.resize(n);
       for (size_t i = 0; i < n; ++i)
         whole[i] = {reinterpret_cast<uint64_t>(dsts[i]), reinterpret_cast<uint64_t>(srcs[i]), nbytes[i]};
-      std::vector<cuda::CopyDesc>& descs = impl_->pieces;
-      split_for_blocks(whole.data(), n, impl_->max_blocks, &descs);
+      std::vector<CopyRun>& descs = impl_->pieces;
+      split_for_blocks(runs(whole.data()), n, impl_->max_blocks, &descs);
       size_t at = 0;
       while (at < descs.size()) {
         const size_t k = std::min(descs.size() - at, per_launch);
@@ -495,8 +481,8 @@ bool CopyQueue::copy_layers(const RelCopy* rel, size_t n, const LayerBases* laye
   KVXFER_ASSERT(num_layers >= 1 && num_layers <= cuda::kMaxGatherLayers && can_copy_layers(n, 0));
   KVXFER_CUDA_CHECK(cudaSetDevice(device_), TransferFailed, "cudaSetDevice(" << device_ << ")");
   done(UINT64_MAX);  // hand back the descriptors of launches that have ended (never true: nothing waits)
-  std::vector<cuda::CopyDesc>& pieces = impl_->pieces;
-  split_for_blocks(reinterpret_cast<const cuda::CopyDesc*>(rel), n, impl_->max_blocks, &pieces);
+  std::vector<CopyRun>& pieces = impl_->pieces;
+  split_for_blocks(reinterpret_cast<const CopyRun*>(rel), n, impl_->max_blocks, &pieces);
   n = pieces.size();
   if (n + layer_entries(num_layers) > impl_->ring.capacity / 4) return false;  // cut too fine: copy() them
   cuda::CopyDesc* d = impl_->ring.take(n + layer_entries(num_layers), impl_->next_ticket);
