@@ -192,12 +192,22 @@ def kernel_only(reps):
     per_layer = groups[1]
     rel_d = (d[:per_layer] - np.uint64(dst[0].data_ptr())).astype(np.uint64)
     rel_s = (s_[:per_layer] - np.uint64(src[0].data_ptr())).astype(np.uint64)
-    t = _C.gpu_copy_layers_seconds(torch.cuda.current_device(), rel_d, rel_s, sizes[:per_layer],
-                                   np.array([x.data_ptr() for x in src], np.uint64),
-                                   np.array([x.data_ptr() for x in dst], np.uint64), reps)
-    rows.append({"path": "kernel only", "launches": "all layers (1 launch, a word per layer)", "best_s": t,
-                 "gbps": nbytes / t / 1e9, "limit_gbps": nbytes / limit_s / 1e9, "ratio": limit_s / t,
-                 "limit": "cudaMemcpy D2D 512 MiB"})
+    # Blocks fence once per KVXFER_GPU_FENCE_KIB copied (default 256: 8 layers of the reference), and, to compare,
+    # after every layer (0, the design before 2026-12-04).
+    default_fence = os.environ.get("KVXFER_GPU_FENCE_KIB")
+    for fence_kib in ([default_fence] if default_fence is not None else [None, "0"]):
+        if fence_kib is not None:
+            os.environ["KVXFER_GPU_FENCE_KIB"] = fence_kib
+        t = _C.gpu_copy_layers_seconds(torch.cuda.current_device(), rel_d, rel_s, sizes[:per_layer],
+                                       np.array([x.data_ptr() for x in src], np.uint64),
+                                       np.array([x.data_ptr() for x in dst], np.uint64), reps)
+        if default_fence is None:
+            os.environ.pop("KVXFER_GPU_FENCE_KIB", None)
+        rows.append({"path": "kernel only", "best_s": t, "fence_kib": fence_kib or "256 (default)",
+                     "launches": "all layers (1 launch, a word per layer, "
+                     + ("a fence per layer)" if fence_kib == "0" else f"a fence per {fence_kib or 256} KiB)"),
+                     "gbps": nbytes / t / 1e9, "limit_gbps": nbytes / limit_s / 1e9, "ratio": limit_s / t,
+                     "limit": "cudaMemcpy D2D 512 MiB"})
     # The staged path's copy-in: the same chunks gathered into pinned host memory back to back, one launch per 4 MiB
     # bounce slot (128 chunks) as the staged path cuts them; against a pinned D2H memcpy of the same bytes. Says
     # whether the GPU side or the copy-out can hold the staged path below 0.7.

@@ -53,6 +53,12 @@ ENV_VARS = {
                                      "C++ core)"),
     "KVXFER_GPU_COPY": ("str", "auto", "GPU batch copies: auto = one gather kernel where the device reaches both "
                                        "ends, else copy engines; kernel; copy_engine (read by the C++ core)"),
+    "KVXFER_GPU_LAUNCH": ("str", "batched", "cuda_ipc from a GPU pool: batched = the layers ready together as one "
+                                            "gather kernel that marks each landed; per_layer = a launch and an "
+                                            "event per layer (read by the C++ core)"),
+    "KVXFER_GPU_FENCE_KIB": ("int", "256", "batched gather kernel: what each block copies before it fences and "
+                                           "counts the layers it finished (fewer fences for small chunks); 0 = "
+                                           "after every layer (read by the C++ core)"),
 }
 
 

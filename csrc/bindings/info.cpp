@@ -5,7 +5,7 @@
 
 #include "bindings/bindings.h"
 #include "gpu/cuda_device.h"
-#include "gpu/split_runs.h"
+#include "gpu/gather_batch.h"
 #include "transports/host_ipc/cma.h"
 #include "transports/host_ipc/cma_workers.h"
 #ifdef KVXFER_HAVE_LIBFABRIC
@@ -102,6 +102,12 @@ void register_info(py::module_& m) {
     return pieces;
   }, py::arg("runs"), py::arg("max_blocks"));
   m.attr("_split_grain") = gpu::kSplitGrain;
+  m.def("_layers_per_fence", [](const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& pieces,
+                                uint32_t max_blocks, uint64_t fence_bytes, size_t num_layers) {
+    std::vector<gpu::CopyRun> in;
+    for (const auto& [dst, src, n] : pieces) in.push_back({dst, src, n});
+    return gpu::layers_per_fence(in, max_blocks, fence_bytes, num_layers);
+  }, py::arg("pieces"), py::arg("max_blocks"), py::arg("fence_bytes"), py::arg("num_layers"));
   m.def("cma_threads_default", [] {
     const unsigned n = cma_threads_from_env();
     return n > 1 ? n : 0u;

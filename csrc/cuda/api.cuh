@@ -41,14 +41,14 @@ struct LayerCopy {
 };
 constexpr uint32_t kMaxGatherLayers = 256;
 // Enqueues on `stream` one kernel that performs the n copies of `rel` (src/dst offsets relative to each layer's
-// bases) for each of num_layers (<= kMaxGatherLayers) layers, every block going layer by layer. The last block to
-// finish a layer stores its stamp into done_words[word] (pinned mapped host memory), so the host sees each layer
-// land while later layers still copy, with one launch and no event per layer. arrivals: device memory of at least
-// num_layers zeroed words, left zeroed for the next launch on the same stream. rel and layers must stay readable
-// by the device until the kernel completes.
+// bases) for each of num_layers (<= kMaxGatherLayers) layers, every block going layer by layer and fencing after
+// every layers_per_fence (>= 1) of them. The last block to finish a layer stores its stamp into done_words[word]
+// (pinned mapped host memory), so the host sees layers land while later ones still copy, with one launch and no
+// event per layer. arrivals: device memory of at least num_layers zeroed words, left zeroed for the next launch on
+// the same stream. rel and layers must stay readable by the device until the kernel completes.
 cudaError_t launch_gather_layers(const CopyDesc* rel, uint32_t n, const LayerCopy* layers, uint32_t num_layers,
-                                 uint32_t* arrivals, volatile uint64_t* done_words, uint32_t max_blocks,
-                                 cudaStream_t stream);
+                                 uint32_t layers_per_fence, uint32_t* arrivals, volatile uint64_t* done_words,
+                                 uint32_t max_blocks, cudaStream_t stream);
 
 // ---- memory (csrc/cuda/memory.cu) ---------------------------------------------------------------------------
 // Number of usable devices; an error (no driver, no device) is returned, never thrown.

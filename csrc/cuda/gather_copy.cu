@@ -51,7 +51,7 @@ __global__ void gather_copy_kernel(const CopyDesc* descs, uint32_t n) {
 constexpr uint32_t kCachedDescs = 16;
 
 __global__ void gather_layers_kernel(const CopyDesc* rel, uint32_t n, const LayerCopy* layers, uint32_t num_layers,
-                                     uint32_t* arrivals, volatile uint64_t* done_words) {
+                                     uint32_t layers_per_fence, uint32_t* arrivals, volatile uint64_t* done_words) {
   // The descriptors live in host memory: this block's own (rel[blockIdx.x + k * gridDim.x]) and every layer's
   // bases are read once into shared memory, not once per layer across PCIe.
   __shared__ CopyDesc mine[kCachedDescs];
@@ -61,6 +61,7 @@ __global__ void gather_layers_kernel(const CopyDesc* rel, uint32_t n, const Laye
   for (uint32_t k = threadIdx.x; k < cached; k += blockDim.x) mine[k] = rel[blockIdx.x + k * gridDim.x];
   for (uint32_t l = threadIdx.x; l < num_layers; l += blockDim.x) bases[l] = layers[l];
   __syncthreads();
+  uint32_t first_unfenced = 0;
   for (uint32_t l = 0; l < num_layers; ++l) {
     const uint64_t sb = bases[l].src_base, db = bases[l].dst_base;
     for (uint32_t k = 0; k < count; ++k) {
@@ -68,15 +69,22 @@ __global__ void gather_layers_kernel(const CopyDesc* rel, uint32_t n, const Laye
       copy_chunk(reinterpret_cast<unsigned char*>(db + c.dst), reinterpret_cast<const unsigned char*>(sb + c.src),
                  c.nbytes);
     }
-    // Every thread's writes of the layer are visible system-wide before its block counts itself; the block that
-    // counts last therefore knows the whole layer landed, and fences again before it publishes the word.
+    // A fence drains the block's writes (the memory system idles meanwhile), so a block that copies little per
+    // layer fences once per group of layers_per_fence layers (the layers of one launch were ready together).
+    if (l + 1 - first_unfenced < layers_per_fence && l + 1 < num_layers) continue;
+    // Every thread's writes of the group are visible system-wide before its block counts itself; the block that
+    // counts a layer last therefore knows the whole layer landed, and fences again before it publishes the word.
     __threadfence_system();
     __syncthreads();
-    if (threadIdx.x == 0 && atomicAdd(&arrivals[l], 1u) == gridDim.x - 1) {
-      arrivals[l] = 0;  // every block has counted: zero for the next launch on this stream
-      __threadfence_system();
-      done_words[bases[l].word] = bases[l].stamp;
+    if (threadIdx.x == 0) {
+      for (uint32_t g = first_unfenced; g <= l; ++g) {
+        if (atomicAdd(&arrivals[g], 1u) != gridDim.x - 1) continue;
+        arrivals[g] = 0;  // every block has counted: zero for the next launch on this stream
+        __threadfence_system();
+        done_words[bases[g].word] = bases[g].stamp;
+      }
     }
+    first_unfenced = l + 1;
   }
 }
 
@@ -90,11 +98,12 @@ cudaError_t launch_gather_copy(const CopyDesc* descs, uint32_t n, uint32_t max_b
 }
 
 cudaError_t launch_gather_layers(const CopyDesc* rel, uint32_t n, const LayerCopy* layers, uint32_t num_layers,
-                                 uint32_t* arrivals, volatile uint64_t* done_words, uint32_t max_blocks,
-                                 cudaStream_t stream) {
-  if (n == 0 || num_layers == 0 || num_layers > kMaxGatherLayers) return cudaErrorInvalidValue;
+                                 uint32_t layers_per_fence, uint32_t* arrivals, volatile uint64_t* done_words,
+                                 uint32_t max_blocks, cudaStream_t stream) {
+  if (n == 0 || num_layers == 0 || num_layers > kMaxGatherLayers || layers_per_fence == 0) return cudaErrorInvalidValue;
   const uint32_t blocks = n < max_blocks ? n : max_blocks;
-  gather_layers_kernel<<<blocks, kThreads, 0, stream>>>(rel, n, layers, num_layers, arrivals, done_words);
+  gather_layers_kernel<<<blocks, kThreads, 0, stream>>>(rel, n, layers, num_layers, layers_per_fence, arrivals,
+                                                        done_words);
   return cudaGetLastError();
 }
 

@@ -19,7 +19,7 @@
 #include <mutex>
 
 #include "cuda/api.cuh"
-#include "gpu/split_runs.h"
+#include "gpu/gather_batch.h"
 #endif
 
 namespace kvxfer {
@@ -291,6 +291,19 @@ LaunchMode launch_mode_from_env() {
   KVXFER_THROW(InvalidArgument, "KVXFER_GPU_LAUNCH='" << v << "' is not one of batched, per_layer");
 }
 
+// KVXFER_GPU_FENCE_KIB: in one copy_layers launch, what each block copies before it fences and counts the layers
+// it finished (default 256; 0: after every layer, the design before 2026-12-04). The reference request's layer
+// gives each block one 32 KiB chunk, and a fence per layer left the memory system idle while every block drained.
+uint64_t fence_bytes_from_env() {
+  const char* v = std::getenv("KVXFER_GPU_FENCE_KIB");
+  if (!v || !*v) return uint64_t(256) << 10;
+  char* end = nullptr;
+  const unsigned long long kib = std::strtoull(v, &end, 10);
+  KVXFER_CHECK(end && *end == '\0' && v[0] != '-' && kib <= (1ull << 20), InvalidArgument,
+               "KVXFER_GPU_FENCE_KIB='" << v << "' is not a whole number of KiB from 0 to 1048576");
+  return uint64_t(kib) << 10;
+}
+
 CopyMode copy_mode_from_env() {
   const char* v = std::getenv("KVXFER_GPU_COPY");
   if (!v || !*v || std::strcmp(v, "auto") == 0) return CopyMode::Auto;
@@ -310,6 +323,7 @@ struct CopyQueue::Impl {
   DescRing ring;
   uint32_t max_blocks = 0;
   LaunchMode launch = LaunchMode::Batched;
+  uint64_t fence_bytes = 0;  // copy_layers: what each block copies between two fences (0: a fence per layer)
   volatile uint64_t* done_words = nullptr;  // pinned mapped: layer completion words of copy_layers
   uint32_t* arrivals = nullptr;             // device: the kernel's per-layer block counts, zero between launches
   uint64_t next_stamp = 1;
@@ -334,7 +348,7 @@ size_t layer_entries(size_t num_layers) {  // descriptor-sized ring entries that
   return (num_layers * sizeof(cuda::LayerCopy) + sizeof(cuda::CopyDesc) - 1) / sizeof(cuda::CopyDesc);
 }
 
-// The descriptors' own layout, so batches are cut in place (split_runs.h).
+// The descriptors' own layout, so batches are cut in place (gather_batch.h).
 static_assert(sizeof(CopyRun) == sizeof(cuda::CopyDesc) && offsetof(CopyRun, nbytes) == offsetof(cuda::CopyDesc, nbytes),
               "CopyRun must have the descriptor's layout");
 const CopyRun* runs(const cuda::CopyDesc* d) { return reinterpret_cast<const CopyRun*>(d); }
@@ -343,6 +357,7 @@ const CopyRun* runs(const cuda::CopyDesc* d) { return reinterpret_cast<const Cop
 CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
   impl_->mode = copy_mode_from_env();  // both before anything is created: a bad value throws with nothing to free
   impl_->launch = launch_mode_from_env();
+  impl_->fence_bytes = fence_bytes_from_env();
   KVXFER_CUDA_CHECK(cudaSetDevice(device), TransportUnavailable, "cudaSetDevice(" << device << ")");
   // Non-blocking: never ordered behind the legacy default stream, so the model's stream and ours never wait on
   // each other except through the events the caller asks for.
@@ -494,8 +509,10 @@ bool CopyQueue::copy_layers(const RelCopy* rel, size_t n, const LayerBases* laye
     lc[i] = {layers[i].src, layers[i].dst, stamp, stamp % kDoneWords};
     tokens[i] = stamp;
   }
+  const uint32_t per_fence = layers_per_fence(pieces, impl_->max_blocks, impl_->fence_bytes, num_layers);
   KVXFER_CUDA_CHECK(cuda::launch_gather_layers(d, static_cast<uint32_t>(n), lc, static_cast<uint32_t>(num_layers),
-                                               impl_->arrivals, impl_->done_words, impl_->max_blocks, impl_->stream),
+                                               per_fence, impl_->arrivals, impl_->done_words, impl_->max_blocks,
+                                               impl_->stream),
                     TransferFailed,
                     "launching the gather kernel for " << num_layers << " layers of " << n << " copies");
   return true;

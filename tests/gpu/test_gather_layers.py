@@ -51,6 +51,28 @@ def test_copy_layers_moves_every_layer_exactly(num_layers, num_blocks, ids, chun
         np.testing.assert_array_equal(dst[layer].cpu().numpy().reshape(num_blocks, chunk), want)
 
 
+@pytest.mark.parametrize("fence_kib", ["0", "7", "100000"])
+@pytest.mark.parametrize("num_layers,num_blocks,ids,chunk", [(32, 1024, 256, 2048), (256, 16, 5, 1048)])
+def test_copy_layers_fencing_once_per_group_of_layers_moves_every_layer_exactly(monkeypatch, fence_kib, num_layers,
+                                                                                 num_blocks, ids, chunk):
+    """KVXFER_GPU_FENCE_KIB: blocks fence after every layer (0), in groups that do not divide the layers (7 KiB: 4
+    layers of 2 KiB a block, then 7 of 1048 bytes over 256 layers), or once for the whole launch; every layer is
+    still marked landed only once all of it is there."""
+    monkeypatch.setenv("KVXFER_GPU_FENCE_KIB", fence_kib)
+    test_copy_layers_moves_every_layer_exactly(num_layers, num_blocks, ids, chunk)
+
+
+def test_bad_fence_size_is_refused_naming_it(monkeypatch):
+    import torch
+
+    from kvxfer import _C, errors
+
+    monkeypatch.setenv("KVXFER_GPU_FENCE_KIB", "-3")
+    one = np.zeros(1, np.uint64)
+    with pytest.raises(errors.InvalidArgument, match="KVXFER_GPU_FENCE_KIB='-3' is not a whole number"):
+        _C.gpu_copy_layers_seconds(torch.cuda.current_device(), one, one, np.full(1, 256, np.uint64), one, one, 0)
+
+
 def test_copy_layers_many_launches_reuse_the_completion_words():
     """More layer tokens than the queue has completion words (4096): words are reused by later launches and every
     launch still waits for its own layers."""

@@ -1,7 +1,8 @@
-"""How a batch of copies is cut over the gather kernels' blocks (csrc/gpu/split_runs.cpp).
+"""How a batch of copies is laid out over the gather kernels' blocks (csrc/gpu/gather_batch.cpp).
 
-The kernels give each descriptor one block; this host half decides the descriptors. It runs on every machine, so
-the cut is checked here even where no GPU runs the kernels (tests/gpu covers the copies themselves).
+The kernels give each descriptor one block; this host half decides the descriptors and how many layers a block
+copies between fences. It runs on every machine, so it is checked here even where no GPU runs the kernels
+(tests/gpu/test_gather_layers.py covers the copies themselves).
 """
 import random
 
@@ -89,3 +90,28 @@ def test_random_batches_are_covered_exactly_and_cut_only_past_the_share():
         assert all(p[2] <= limit for p in pieces), "a piece is larger than the share"
         expected = sum(max(1, -(-r[2] // limit)) for r in runs)  # runs within the share stay whole
         assert len(pieces) == expected
+
+
+def fence(pieces, max_blocks, fence_bytes, num_layers):
+    return _C._layers_per_fence(pieces, max_blocks, fence_bytes, num_layers)
+
+
+def test_a_block_copying_one_small_chunk_a_layer_fences_once_per_several_layers():
+    # the reference layer over an H100 (528 blocks): 512 chunks of 32 KiB, one per block
+    layer = [(i * 32 * KIB, i * 32 * KIB, 32 * KIB) for i in range(512)]
+    assert fence(layer, 528, 256 * KIB, 32) == 8
+    assert fence(layer, 528, 256 * KIB + 1, 32) == 9  # rounded up: at least fence_bytes between fences
+    assert fence(layer, 528, 0, 32) == 1  # KVXFER_GPU_FENCE_KIB=0: a fence per layer
+    assert fence(layer, 528, 64 * MIB, 32) == 32  # never more than the launch's layers
+
+
+def test_blocks_with_much_to_copy_fence_after_every_layer():
+    layer = split([(0, 1 << 40, 256 * MIB)], 528)  # cut into pieces of about 500 KiB, one per block
+    assert fence(layer, 528, 256 * KIB, 32) == 1
+    assert fence([(0, 0, 4 * MIB)] * 3, 528, 256 * KIB, 32) == 1  # fewer pieces than blocks: 3 blocks of 4 MiB
+
+
+def test_one_layer_or_nothing_to_copy_means_one_layer_per_fence():
+    assert fence([(0, 0, 2 * KIB)], 528, 256 * KIB, 1) == 1
+    assert fence([], 528, 256 * KIB, 32) == 1
+    assert fence([(0, 0, 0)] * 4, 528, 256 * KIB, 32) == 32  # zero-byte copies: nothing to drain, one fence
