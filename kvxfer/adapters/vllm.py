@@ -42,7 +42,8 @@ prefill layer is marked by a kvxfer.LayerSignal record on the model's stream (sa
 kernels are queued; the signal's watcher thread marks the layer once the GPU ran them, and the stream never waits),
 or by a stream synchronize where signals cannot use the GPU; a send opened after the forward waits for a CUDA event
 recorded after it. A prefill instance asks vLLM for PIECEWISE CUDA graphs (requires_piecewise_for_cudagraph), so
-save_kv_layer runs every step. `layer_signal: true` runs the same LayerSignal bookkeeping on a CPU cache
+save_kv_layer runs every step. A micro-batched step (dual-batch overlap) marks no layer one by one: its sends wait
+for that event too. MLA caches register as a latent every TP rank holds whole. `layer_signal: true` runs the same LayerSignal bookkeeping on a CPU cache
 (host-recorded; the tests use it).
 Limits: no pipeline parallelism. The GPU path has never run: vLLM's GPU build is not installable on the machines
 this was written on (CPU vLLM only), so only its CPU twin (layer_signal: true) is tested.
@@ -107,6 +108,71 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _no_forward(forward_context, kwargs: dict) -> bool:
+    """Whether the step that calls start_load_kv runs no forward. vLLM's V1 model runner calls it inside the step's
+    forward context (attn_metadata None on a step without a forward); its V2 runner (vLLM 0.32's default on GPUs)
+    calls it after the forward, outside that context, and passes the step's batch as keyword arguments instead
+    (none on a step without a forward)."""
+    if getattr(forward_context, "attn_metadata", None) is not None:
+        return False
+    return not (kwargs.get("request_ids") or kwargs.get("num_tokens"))
+
+
+def _micro_batched() -> bool:
+    """vLLM's dual-batch overlap (--enable-dbo) runs every layer once per micro-batch in one step: the first
+    save_kv_layer of a layer comes before the other micro-batches wrote their part of it. The hooks run on the
+    micro-batches' threads, inside a forward context of their own (no ubatch_slices), with vLLM's micro-batch
+    registry set (dbo_enabled); the step's outer context lists the micro-batches."""
+    try:
+        from vllm.v1.worker.ubatching import dbo_enabled
+    except ImportError:
+        dbo_enabled = None
+    if dbo_enabled is not None and dbo_enabled():
+        return True
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+    except ImportError:
+        return False
+    return is_forward_context_available() and getattr(get_forward_context(), "ubatch_slices", None) is not None
+
+
+def _unique_layers(kv_caches: dict) -> tuple[list[str], dict[str, int]]:
+    """(the layers that own their KV cache, each layer's index among those). vLLM hands a layer that shares
+    another's KV cache (kv_sharing_target_layer_name) the target's very tensor: registering it again would send
+    the same bytes twice, and a blocks-outermost buffer would not describe it at all."""
+    owners: list[str] = []
+    index: dict[str, int] = {}
+    seen: dict[tuple, int] = {}
+    for name, t in kv_caches.items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.device))
+        if key not in seen:
+            seen[key] = len(owners)
+            owners.append(name)
+        index[name] = seen[key]
+    return owners, index
+
+
+def _views_layout(views, block_size: int, use_mla: bool):
+    """(layout, memory) of vLLM's GPU cache: one [blocks, heads, tokens, K|V] view per layer (vLLM >= 0.32); MLA
+    caches come as [blocks, 1, tokens, latent] views whose one "head" every TP rank holds whole."""
+    tokens = views[0].shape[2] if views[0].dim() == 4 else None
+    if tokens is not None and tokens != block_size:
+        # The scheduler's block ids count blocks of block_size tokens; views of split kernel blocks number
+        # them otherwise, and a block id would address the wrong tokens.
+        raise InvalidArgument(f"vLLM's KV cache views hold {tokens}-token blocks but the engine schedules "
+                              f"{block_size}-token blocks (its attention backend splits them): run with "
+                              f"--block-size {tokens}")
+    layout, memory = kvxfer.KVLayout.from_vllm_views(views)
+    if not use_mla:
+        return layout, memory
+    if layout.num_kv_heads != 1 or not layout.per_layer:
+        raise InvalidArgument(f"an MLA model's KV cache views should be [blocks, 1, tokens, latent] with layers "
+                              f"outermost; got {list(views[0].shape)} with {layout.num_kv_heads} heads"
+                              + ("" if layout.per_layer else " and blocks outermost (unset VLLM_KV_CACHE_LAYOUT)"))
+    return kvxfer.KVLayout.mla(layout.num_layers, layout.num_blocks, layout.block_size, layout.head_dim,
+                               layout.dtype), memory
+
+
 def _params(request) -> dict:
     return request.kv_transfer_params if isinstance(request.kv_transfer_params, dict) else {}
 
@@ -146,6 +212,7 @@ class KvxferConnector(KVConnectorBase_V1):
                                   "--pipeline-parallel-size 1")
         self.tp_size, self.tp_rank = parallel.tensor_parallel_size, 0  # the rank: at register_kv_caches
         self.total_kv_heads = vllm_config.model_config.get_total_num_kv_heads()
+        self._use_mla = bool(getattr(vllm_config.model_config, "use_mla", False))
         self._extra = extra
         # scheduler side
         self._loads: dict[str, LoadSpec] = {}             # decode: registered this step, not yet in metadata
@@ -156,7 +223,8 @@ class KvxferConnector(KVConnectorBase_V1):
         self.agent: kvxfer.Agent | None = None
         self.server: PushServer | None = None
         self._clients: dict[tuple[str, int], PushClient] = {}
-        self._layer_index: dict[str, int] = {}
+        self._layer_index: dict[str, int] = {}           # vLLM's layer name -> our layer (shared KV: its owner's)
+        self._num_layers = 0
         # decode: a load's recvs (one per prefill rank holding its heads), the clients of every prefill rank, ids
         self._recvs: dict[str, tuple[kvxfer.RecvGroup | None, list[PushClient], list[int]]] = {}
         self._load_errors: set[int] = set()
@@ -168,7 +236,7 @@ class KvxferConnector(KVConnectorBase_V1):
         #                                                   here (spec, since, CUDA event after the forward or None)
         self._marks = "host"                              # how prefill layers are marked ready (_layer_marks)
         self._signal: kvxfer.LayerSignal | None = None    # prefill: the layer signal, where _marks uses one
-        self._recorded: set[int] = set()                  # layers recorded in this step's forward
+        self._recorded: set[int] = set()                  # layers marked in this step's forward
         self._signal_reported = False
         self._layerwise: set[str] = set()                 # sends opened at this step's first save_kv_layer
         self._step_started = False
@@ -255,10 +323,13 @@ class KvxferConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches):
-        names = list(kv_caches)
+        names, layer_index = _unique_layers(kv_caches)
+        if len(names) < len(kv_caches):
+            log.info("kvxfer: %d of vLLM's %d attention layers share another layer's KV cache; registering the %d "
+                     "that own one", len(kv_caches) - len(names), len(kv_caches), len(names))
         first = kv_caches[names[0]]
         if first.device.type == "cuda":
-            layout, memory = self._gpu_layout([kv_caches[n] for n in names])
+            layout, memory = _views_layout([kv_caches[n] for n in names], self.block_size, self._use_mla)
         elif first.device.type == "cpu":
             backend = self._extra.get("attn_backend") or "CPU_ATTN"
             layout = kvxfer.KVLayout.from_vllm(backend, first.shape, str(first.dtype), len(names))
@@ -267,7 +338,8 @@ class KvxferConnector(KVConnectorBase_V1):
             raise kvxfer.errors.TransportUnavailable(f"KV cache on {first.device}: kvxfer's vLLM connector takes CPU "
                                                      "or CUDA KV caches")
         layout = self._rank_layout(layout)
-        self._layer_index = {name: i for i, name in enumerate(names)}
+        self._layer_index = layer_index  # a layer sharing another's KV cache marks that one
+        self._num_layers = len(names)
         self.agent = kvxfer.Agent(f"vllm-{os.getpid()}", transport=self._extra.get("transport"),
                                   interface=self._extra.get("interface"), timeout_s=self.timeout_s,
                                   max_peers=self._extra.get("max_peers"),  # None: KVXFER_MAX_PEERS, else 32
@@ -275,7 +347,7 @@ class KvxferConnector(KVConnectorBase_V1):
                                   fallback=self._extra.get("fallback"))  # None: KVXFER_FALLBACK, else refuse
         self.agent.register_pool(memory, layout)
         if self._extra.get("push_port") is not None:  # TP rank r serves on push_port + r
-            self._marks = self._layer_marks(first.device.type == "cuda", len(names))
+            self._marks = self._layer_marks(first.device.type == "cuda", self._num_layers)
             self.server = PushServer(self.agent, self._extra.get("push_host", "127.0.0.1"),
                                      int(self._extra["push_port"]) + self.tp_rank, ttl_s=self.timeout_s,
                                      tp_size=self.tp_size, tp_rank=self.tp_rank)
@@ -283,17 +355,6 @@ class KvxferConnector(KVConnectorBase_V1):
                      "layers marked ready by %s; push server on %s:%d", layout.kind, layout.num_layers,
                      layout.num_blocks, first.device, layout.head_begin, layout.head_begin + layout.num_kv_heads,
                      self.total_kv_heads, self.tp_rank, self.tp_size, self._marks, *self.server.address)
-
-    def _gpu_layout(self, views):
-        """(layout, memory) of vLLM's GPU cache: one [blocks, heads, tokens, K|V] view per layer (vLLM >= 0.32)."""
-        tokens = views[0].shape[2] if views[0].dim() == 4 else None
-        if tokens is not None and tokens != self.block_size:
-            # The scheduler's block ids count blocks of block_size tokens; views of split kernel blocks number
-            # them otherwise, and a block id would address the wrong tokens.
-            raise InvalidArgument(f"vLLM's KV cache views hold {tokens}-token blocks but the engine schedules "
-                                  f"{self.block_size}-token blocks (its attention backend splits them): run with "
-                                  f"--block-size {tokens}")
-        return kvxfer.KVLayout.from_vllm_views(views)
 
     def _layer_marks(self, on_gpu: bool, num_layers: int) -> str:
         """How a prefill layer is marked ready once its KV is in the cache. GPU: a kvxfer.LayerSignal record on the
@@ -341,7 +402,7 @@ class KvxferConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context, **kwargs):
         meta = self._get_connector_metadata()
         # vLLM steps without a forward while it waits on transfers only; get_finished then idles briefly
-        self._idle_step = getattr(forward_context, "attn_metadata", None) is None
+        self._idle_step = _no_forward(forward_context, kwargs)
         for rid, spec in meta.loads.items():
             self._recvs[rid] = self._start_load(rid, spec)
 
@@ -396,10 +457,12 @@ class KvxferConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
         if self.server is None or not self.has_connector_metadata():
             return
-        if self._marks == "layer signal" and _capturing():
-            return  # a record captured into a graph would fire on every replay, bound to no forward of ours
         if not self._step_started:  # the step's first layer: open the sends whose registration is already here
+            if self._marks == "layer signal" and _capturing():
+                return  # a record captured into a graph would fire on every replay, bound to no forward of ours
             self._step_started = True
+            if _micro_batched():
+                return  # a layer's first hook precedes the other micro-batches' KV: sends wait for the forward
             self._open_layerwise(self._get_connector_metadata())
         if self._layerwise:
             self._mark(self._layer_index[layer_name])
@@ -415,14 +478,14 @@ class KvxferConnector(KVConnectorBase_V1):
             # (wait_for_save records the layers no hook did), so the k-th bind always meets the k-th forward.
             self._signal.bind([s for rid in self._layerwise if self._sends[rid] is not None
                                for s in self._sends[rid].sends])
-            self._recorded = set()
+        self._recorded = set()
 
     def _mark(self, layer: int) -> None:
         """Layer `layer` of this step's forward is in the cache (CPU) or queued after it (GPU)."""
+        if layer in self._recorded:  # a layer hooked twice in one step (a layer sharing its KV cache): a second
+            return                   # record would count for the next forward, a second layer_ready is refused
+        self._recorded.add(layer)
         if self._signal is not None:
-            if layer in self._recorded:  # a layer hooked twice in one step (shared KV): a second record would
-                return                   # count for the next forward and post its layer before it ran
-            self._recorded.add(layer)
             self._record(layer)
             return
         if self._marks == "stream sync":
@@ -445,7 +508,7 @@ class KvxferConnector(KVConnectorBase_V1):
             return
         now = time.monotonic()
         if self._signal is not None and self._layerwise:
-            for layer in range(len(self._layer_index)):
+            for layer in range(self._num_layers):
                 if layer not in self._recorded:
                     self._mark(layer)
         elif self._layerwise and self._marks == "stream sync":
