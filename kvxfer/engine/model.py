@@ -73,7 +73,8 @@ PRESETS = {
 
 
 def check_device(device: str | torch.device) -> torch.device:
-    """A torch device this process can compute on; a CUDA device without CUDA fails here, naming the fix."""
+    """A torch device this process can compute on ('cuda' becomes the current GPU's cuda:N); a CUDA device without
+    CUDA fails here, naming the fix."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -84,6 +85,8 @@ def check_device(device: str | torch.device) -> torch.device:
                                        f"CUDA build {torch.version.cuda}); run on a GPU machine or use device='cpu'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InvalidArgument(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        if dev.index is None:  # the current GPU, named: later tensors and torch.cuda.set_device need its index
+            dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type != "cpu":
         raise InvalidArgument(f"device {device!r}: the engine runs on 'cpu' or 'cuda' devices")
     return dev

@@ -245,7 +245,7 @@ def parse_cpus(spec: str) -> set[int]:
 
 def main(argv=None) -> int:
     from kvxfer import bootstrap
-    from kvxfer.engine.model import PRESETS, LlamaModel
+    from kvxfer.engine.model import PRESETS, LlamaModel, check_device
 
     ap = argparse.ArgumentParser(prog="python -m kvxfer.engine.node")
     ap.add_argument("role", choices=["prefill", "decode", "colocated"])
@@ -276,11 +276,14 @@ def main(argv=None) -> int:
     if a.cpus:
         os.sched_setaffinity(0, parse_cpus(a.cpus))  # before torch starts its threads: they inherit it
     torch.set_num_threads(a.threads)
-    if a.device.startswith("cuda") and torch.cuda.is_available():
-        # This process computes on that GPU: made current, so what follows the current device (kvxfer's layer
-        # signal memory, torch's default allocations) lands there and not on cuda:0.
-        torch.cuda.set_device(torch.device(a.device))
     try:
+        if a.device.startswith("cuda") and torch.cuda.is_available():
+            # This process computes on that GPU: made current, so what follows the current device (kvxfer's layer
+            # signal memory, torch's default allocations) lands there and not on cuda:0. set_device needs an
+            # index: a bare 'cuda' (torch.device('cuda') has none) is refused there.
+            dev = check_device(a.device)
+            torch.cuda.set_device(dev)
+            a.device = str(dev)
         model = LlamaModel.random(PRESETS[a.model], a.seed, device=a.device) if a.model in PRESETS else \
             LlamaModel.from_pretrained(a.model, device=a.device)
     except KvxferError as e:
