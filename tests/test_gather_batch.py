@@ -115,3 +115,34 @@ def test_one_layer_or_nothing_to_copy_means_one_layer_per_fence():
     assert fence([(0, 0, 2 * KIB)], 528, 256 * KIB, 1) == 1
     assert fence([], 528, 256 * KIB, 32) == 1
     assert fence([(0, 0, 0)] * 4, 528, 256 * KIB, 32) == 32  # zero-byte copies: nothing to drain, one fence
+
+
+CUDA_BUILT = "CUDA: not built" not in _C.build_info and "CUDA: disabled" not in _C.build_info
+
+
+@pytest.mark.skipif(not CUDA_BUILT, reason="this build has no CUDA: the GPU copy settings are not read")
+@pytest.mark.parametrize("name,value,message", [
+    ("KVXFER_GPU_FENCE_KIB", "abc", "KVXFER_GPU_FENCE_KIB='abc' is not a whole number of KiB from 0 to 1048576"),
+    ("KVXFER_GPU_FENCE_KIB", "-1", "KVXFER_GPU_FENCE_KIB='-1' is not a whole number"),
+    ("KVXFER_GPU_FENCE_KIB", "2000000", "KVXFER_GPU_FENCE_KIB='2000000' is not a whole number"),
+    ("KVXFER_GPU_LAUNCH", "sideways", "KVXFER_GPU_LAUNCH='sideways' is not one of batched, per_layer"),
+    ("KVXFER_GPU_COPY", "dma", "KVXFER_GPU_COPY='dma' is not one of auto, kernel, copy_engine"),
+])
+def test_a_bad_gpu_copy_setting_fails_the_agent_at_creation(monkeypatch, name, value, message):
+    """Read by the progress thread when it first copies on a GPU: checked when the agent is created instead, so a
+    typo fails there naming it, on any machine, and never inside the progress thread."""
+    import kvxfer
+    from kvxfer import errors
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(errors.InvalidArgument, match=message.replace("(", r"\(").replace(")", r"\)")):
+        kvxfer.Agent("bad-env", transport="tcp", interface="lo")
+
+
+def test_good_gpu_copy_settings_open_an_agent(monkeypatch):
+    import kvxfer
+
+    for name, value in (("KVXFER_GPU_FENCE_KIB", "0"), ("KVXFER_GPU_LAUNCH", "per_layer"), ("KVXFER_GPU_COPY", "kernel")):
+        monkeypatch.setenv(name, value)
+    agent = kvxfer.Agent("good-env", transport="tcp", interface="lo")
+    agent.close()

@@ -135,6 +135,7 @@ bool Agent::lives_in_this_process(uint64_t epoch) {
 
 Agent::Agent(AgentOptions options) : options_(std::move(options)) {
   KVXFER_CHECK(options_.default_timeout_s > 0, InvalidArgument, "timeout_s must be > 0");
+  gpu::check_copy_environment();  // the progress thread builds GPU copy queues from these later
   // Peers refuse metadata whose text is not printable or runs past 4096 bytes: refuse such a name here instead.
   KVXFER_CHECK(printable_text(options_.name) && options_.name.size() <= 4096, InvalidArgument,
                "agent name " << quoted_text(options_.name) << " must be printable text (no control characters) of at "

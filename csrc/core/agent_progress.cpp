@@ -1322,8 +1322,12 @@ bool Agent::copies_landed(const SendState& send) {
     if (c.cma && !c.cma->done()) return false;
     if (c.ticket && send.copy_device >= 0 && !copy_queue(send.copy_device).done(c.ticket)) return false;
   }
-  for (const auto& op : staged_)
-    if (op.send.get() == &send && op.cma && !op.cma->done()) return false;
+  for (const auto& op : staged_) {
+    if (op.send.get() != &send) continue;
+    if (op.cma && !op.cma->done()) return false;
+    // A copy-in into a bounce slot still reads the send's source blocks.
+    if (op.ticket && send.copy_device >= 0 && !copy_queue(send.copy_device).done(op.ticket)) return false;
+  }
   return true;
 }
 

@@ -354,6 +354,12 @@ static_assert(sizeof(CopyRun) == sizeof(cuda::CopyDesc) && offsetof(CopyRun, nby
 const CopyRun* runs(const cuda::CopyDesc* d) { return reinterpret_cast<const CopyRun*>(d); }
 }  // namespace
 
+void check_copy_environment() {
+  (void)copy_mode_from_env();
+  (void)launch_mode_from_env();
+  (void)fence_bytes_from_env();
+}
+
 CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
   impl_->mode = copy_mode_from_env();  // both before anything is created: a bad value throws with nothing to free
   impl_->launch = launch_mode_from_env();
@@ -613,6 +619,7 @@ CurrentDevice::CurrentDevice(int, const char* what) {
   if (what) no_cuda(what);
 }
 CurrentDevice::~CurrentDevice() = default;
+void check_copy_environment() {}
 CopyQueue::CopyQueue(int device) : device_(device) { no_cuda("a GPU copy queue"); }
 CopyQueue::~CopyQueue() = default;
 void CopyQueue::copy(void* const*, const void* const*, const size_t*, size_t, bool) { no_cuda("a GPU copy"); }

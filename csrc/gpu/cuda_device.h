@@ -42,6 +42,11 @@ void enable_peer_access(int device, int peer);
 // invalidate a CUDA graph another thread is capturing in torch's default (global) mode, which prohibits
 // "unsafe" calls from every thread not in relaxed mode. No-op without CUDA.
 void relax_graph_capture_for_this_thread();
+
+// Reads the GPU copy settings (KVXFER_GPU_COPY, KVXFER_GPU_LAUNCH, KVXFER_GPU_FENCE_KIB) and throws
+// InvalidArgument naming a bad one: called when an agent is created, so a typo fails there and not on the progress
+// thread at its first GPU copy. Nothing to check in a build without CUDA.
+void check_copy_environment();
 // Waits for the work queued on a cudaStream_t (an integer handle, as __cuda_array_interface__ gives it: 1 is the
 // legacy default stream, 2 the per-thread one). Throws TransportUnavailable naming the error.
 void synchronize_stream(uint64_t stream);
