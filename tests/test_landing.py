@@ -220,6 +220,40 @@ def test_a_refused_batch_ends_the_senders_send_at_once_and_frees_its_slot():
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_real_senders_refused_batch_is_counted_so_its_slot_comes_back():
+    """The sender's own layer-1 batch names a place past the pool's end (a sender with a bug): the receiver refuses
+    it untouched, both ends fail at once, and the refused batch's granules are counted on the aborted slot, so the
+    sender's ABORT total is reached: both writes_over turn True, the slot comes back, and the next transfer is
+    exact (before, the slot waited forever for granules nobody would count)."""
+    layout = PRESETS["vllm_flash"]()
+    a, b, peer_b, peer_a, src, dst = local_pair(layout, "tcp", ("buggy-sender", "strict-receiver"),
+                                                sender_kwargs=SMALL_RING, receiver_kwargs=LANDING)
+    before = [x.copy() for x in dst]
+    recv = b.recv(peer_a, 5, np.array([2], np.int32))
+    send = a.send(peer_b, 5, np.array([1], np.int32), np.array([2], np.int32))
+    send.layer_ready(0)
+    recv.wait(layer=0, timeout_s=10)
+    a._c._corrupt_next_landing_batches(1)
+    send.all_ready()
+    with pytest.raises(errors.TransferFailed, match="landing batch .* was refused.*outside region"):
+        recv.wait(timeout_s=10)
+    with pytest.raises(errors.TransferFailed, match="the receiver refused one of its landing batches"):
+        send.wait(timeout_s=10)
+    wait_for(lambda: send.writes_over and recv.writes_over, "both ends settled by the sender's total")
+    assert a.stats()["slots_reclaimed"] == 1 and b.stats()["slot_violations"] == 0
+    assert b.stats()["landing_rejected"] == 1
+    for got, was in zip(dst, before):  # only layer 0 of block 2 changed; the rest of block 2 may have landed
+        np.testing.assert_array_equal(np.delete(got.reshape(2, layout.num_blocks, -1), 2, axis=1),
+                                      np.delete(was.reshape(2, layout.num_blocks, -1), 2, axis=1))
+    expected = [x.copy() for x in dst]
+    apply(layout, src, expected, [3], [4], range(layout.num_layers))
+    again = b.recv(peer_a, 6, np.array([4], np.int32))
+    a.send(peer_b, 6, np.array([3], np.int32), np.array([4], np.int32)).all_ready()
+    again.wait(timeout_s=10)
+    for got, want in zip(dst, expected):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("entry,message", [
     ((63 * 4096 + 1, 0, 4096), "outside region 0"),   # runs past the pool's end
     ((2 ** 63, 0, 4096), "outside region 0"),          # offset + nbytes would wrap

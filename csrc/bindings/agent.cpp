@@ -189,6 +189,7 @@ void register_agent(py::module_& m) {
         std::string s = b;
         a.inject_landing(peer, slot, index, std::vector<uint8_t>(s.begin(), s.end()));
       })
+      .def("_corrupt_next_landing_batches", &Agent::corrupt_next_landing_batches)
       .def_property_readonly("hmem", [](const Agent& a) { return a.capabilities().hmem; })
       .def("_inject_imm", &Agent::inject_imm)
       .def("_inject_begin", &Agent::inject_begin)

@@ -26,6 +26,7 @@
 #include "gpu/cuda_device.h"
 #include "transports/host_ipc/cma_workers.h"
 #include "transports/host_ipc/doorbell.h"
+#include "transports/staged/landing.h"
 #include "transports/staged/staging_ring.h"
 #include "transports/transport.h"
 
@@ -165,6 +166,9 @@ class Agent {
                     uint32_t num_layers, uint32_t granules_per_layer);
   // Tests: bytes handled exactly as a control message read from the wire or a doorbell ring (any length).
   void inject_wire_message(std::vector<uint8_t> bytes);
+  // Tests: the next n landing batches this agent sends name a place past the end of the peer's pool (their
+  // receiver refuses them), as a sender with a bug would.
+  void corrupt_next_landing_batches(uint32_t n) { corrupt_landing_batches_.store(n); }
 
   const AgentInfo& info() const { return info_; }
   const Capabilities& capabilities() const { return transport_->capabilities(); }
@@ -298,6 +302,7 @@ class Agent {
   void drain_landings(const PeerState& peer);  // progress thread: no copy of the peer's batches still runs
   void on_landed(PeerState& peer, const ControlMessage& m);
   void fail_landing_transfer(PeerState& peer, uint32_t slot, const std::string& why);
+  void count_refused_batch(const std::shared_ptr<PeerState>& peer, uint32_t slot, const LandingHeader& h);
   bool poll_completions();
   void on_write_done(OpContext* ctx, const std::string* error);
   void on_remote_data(uint32_t imm);
@@ -481,6 +486,7 @@ class Agent {
   } counters_;
   // One immediate counts every write before it on a rail (transport orders writes, KVXFER_IMM not "each").
   bool coalesce_imms_ = false;
+  mutable std::atomic<uint32_t> corrupt_landing_batches_{0};  // tests (corrupt_next_landing_batches)
 
   std::atomic<bool> stop_{false};
   std::thread progress_;

@@ -296,6 +296,10 @@ void Agent::write_landing_batch_header(const SendState& send, uint32_t first, si
     entries[k] = {w.dst_offset, w.dst_region, static_cast<uint32_t>(w.nbytes)};
     h.data_bytes += w.nbytes;
   }
+  uint32_t corrupt = corrupt_landing_batches_.load(std::memory_order_relaxed);
+  while (corrupt && !corrupt_landing_batches_.compare_exchange_weak(corrupt, corrupt - 1)) {
+  }
+  if (corrupt) entries[0].dst_offset = uint64_t(1) << 62;  // tests: a sender with a bug
   write_landing_header(slot, h, entries);
 }
 

@@ -47,6 +47,7 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
   std::string why;
   const LocalPool* pool = nullptr;
   LandingBatch batch;
+  bool parsed = false;  // the header's own checks passed (what it names may still be refused)
   const uint8_t* at = nullptr;
   if (!landing_ || index >= options_.landing_slots) {
     why = "landing immediate names slot " + std::to_string(index) + " but this agent has " +
@@ -54,6 +55,7 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
   } else {
     at = landing_slot(slot, index);
     if (parse_landing(at, landing_->slot_bytes(), &batch, &why)) {
+      parsed = true;
       std::lock_guard<std::mutex> lock(pools_mu_);
       if (batch.header.xfer_slot != slot)
         why = "landing header names transfer slot " + std::to_string(batch.header.xfer_slot) + ", its immediate " +
@@ -78,6 +80,7 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
     }
     if (landing_ && index < options_.landing_slots) queue_control(*peer, ControlType::Landed, 0, index);
     fail_landing_transfer(*peer, slot, why);
+    if (parsed && batch.header.xfer_slot == slot) count_refused_batch(peer, slot, batch.header);
     return;
   }
   const LandingHeader& h = batch.header;
@@ -127,6 +130,18 @@ void Agent::fail_landing_transfer(PeerState& peer, uint32_t slot, const std::str
     s.recv.reset();
   }
   queue_control(peer, ControlType::Cancel, xfer_id, 0, kCancelRefused);
+}
+
+// The sender counted a refused batch's granules in what it posted, and its ABORT names that total: the aborted slot
+// counts them too (nothing of them was written), or the total is never reached and the slot never reused. Only a
+// header that passed its own checks and names this slot is taken at its word; a slot not begun here has no
+// transfer to charge them to.
+void Agent::count_refused_batch(const std::shared_ptr<PeerState>& peer, uint32_t slot, const LandingHeader& h) {
+  {
+    std::lock_guard<std::mutex> lock(peer->mu);
+    if (!peer->slots[slot].aborted) return;
+  }
+  count_imm(peer, ImmCode::encode(slot, h.layer, h.granules));
 }
 
 void Agent::finish_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm, uint32_t index) {
