@@ -26,7 +26,6 @@
 #include "gpu/cuda_device.h"
 #include "transports/host_ipc/cma_workers.h"
 #include "transports/host_ipc/doorbell.h"
-#include "transports/staged/landing.h"
 #include "transports/staged/staging_ring.h"
 #include "transports/transport.h"
 
@@ -302,7 +301,7 @@ class Agent {
   void drain_landings(const PeerState& peer);  // progress thread: no copy of the peer's batches still runs
   void on_landed(PeerState& peer, const ControlMessage& m);
   void fail_landing_transfer(PeerState& peer, uint32_t slot, const std::string& why);
-  void count_refused_batch(const std::shared_ptr<PeerState>& peer, uint32_t slot, const LandingHeader& h);
+  void count_on_aborted_slot(const std::shared_ptr<PeerState>& peer, uint32_t imm);
   bool poll_completions();
   void on_write_done(OpContext* ctx, const std::string* error);
   void on_remote_data(uint32_t imm);

@@ -80,7 +80,9 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
     }
     if (landing_ && index < options_.landing_slots) queue_control(*peer, ControlType::Landed, 0, index);
     fail_landing_transfer(*peer, slot, why);
-    if (parsed && batch.header.xfer_slot == slot) count_refused_batch(peer, slot, batch.header);
+    // Only a header that passed its own checks and names this slot is taken at its word.
+    if (parsed && batch.header.xfer_slot == slot)
+      count_on_aborted_slot(peer, ImmCode::encode(slot, batch.header.layer, batch.header.granules));
     return;
   }
   const LandingHeader& h = batch.header;
@@ -132,16 +134,15 @@ void Agent::fail_landing_transfer(PeerState& peer, uint32_t slot, const std::str
   queue_control(peer, ControlType::Cancel, xfer_id, 0, kCancelRefused);
 }
 
-// The sender counted a refused batch's granules in what it posted, and its ABORT names that total: the aborted slot
-// counts them too (nothing of them was written), or the total is never reached and the slot never reused. Only a
-// header that passed its own checks and names this slot is taken at its word; a slot not begun here has no
-// transfer to charge them to.
-void Agent::count_refused_batch(const std::shared_ptr<PeerState>& peer, uint32_t slot, const LandingHeader& h) {
+// The sender counted a refused (or failed) batch's granules in what it posted, and its ABORT names that total: the
+// slot, aborted by fail_landing_transfer, counts them too (nothing of them was written), or the total is never
+// reached and the slot never reused. A slot not begun here has no transfer to charge them to.
+void Agent::count_on_aborted_slot(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
   {
     std::lock_guard<std::mutex> lock(peer->mu);
-    if (!peer->slots[slot].aborted) return;
+    if (!peer->slots[ImmCode::slot(imm)].aborted) return;
   }
-  count_imm(peer, ImmCode::encode(slot, h.layer, h.granules));
+  count_imm(peer, imm);
 }
 
 void Agent::finish_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm, uint32_t index) {
@@ -155,7 +156,26 @@ bool Agent::advance_landings() {
   bool any = false;
   while (!pending_landings_.empty()) {
     PendingLanding& p = pending_landings_.front();
-    if (!copy_queue(p.device).done(p.ticket)) break;
+    bool landed = false;
+    std::string failed;
+    try {
+      landed = copy_queue(p.device).done(p.ticket);
+    } catch (const Error& e) {
+      failed = e.what();
+    }
+    if (!failed.empty()) {
+      // The copy into the GPU pool failed (the device reported an error): its transfer can never complete. Fail
+      // it naming why and count the batch on the aborted slot, as for a refused one, so the sender's total is
+      // reached; the landing slot goes back (a failed copy reads it no more).
+      const PendingLanding gone = p;
+      pending_landings_.pop_front();
+      queue_control(*gone.peer, ControlType::Landed, 0, gone.index);
+      fail_landing_transfer(*gone.peer, ImmCode::slot(gone.imm), "its copy into the GPU pool failed: " + failed);
+      count_on_aborted_slot(gone.peer, gone.imm);
+      any = true;
+      continue;
+    }
+    if (!landed) break;
     finish_landing(p.peer, p.imm, p.index);
     pending_landings_.pop_front();
     any = true;

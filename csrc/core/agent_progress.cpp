@@ -145,10 +145,18 @@ void Agent::progress_loop() {
       busy |= settle_draining();
       busy |= poll_completions();
       if (!pending_landings_.empty()) busy |= advance_landings();
-      if (Clock::now() >= next_deadline_check_) check_deadlines();
     } catch (const std::exception& e) {
       // A failure we could not attribute to one transfer; keep the thread alive, the deadlines still hold.
       busy = false;
+    }
+    // Apart from the rest: a step above that throws on every turn (a GPU whose context failed) must not keep the
+    // deadlines from failing the transfers it holds up.
+    if (Clock::now() >= next_deadline_check_) {
+      try {
+        std::lock_guard<std::mutex> domain(transport_mu_);
+        check_deadlines();
+      } catch (const std::exception& e) {
+      }
     }
     if (busy) {
       idle = 0;
