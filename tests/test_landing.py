@@ -254,6 +254,24 @@ def test_a_real_senders_refused_batch_is_counted_so_its_slot_comes_back():
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_lost_peers_late_batch_is_not_copied_in(landing_pair):
+    """A batch of a peer already lost (removed here; a same-process peer that closed, or one polled after its keys
+    closed) is counted but never copied: its recvs failed, and their writes_over may have freed those blocks."""
+    b, peer_a, dst = landing_pair
+    slot = peer_a._h._rx_window * b.transfers_per_peer
+    before = dst[0].copy()
+    recv = b.recv(peer_a, 91, np.array([5], np.int32))
+    b._c._inject_begin(peer_a._h, 91, slot, 0, 1, 1)
+    b.remove_peer(peer_a)
+    with pytest.raises(errors.KvxferError):
+        recv.wait(timeout_s=10)
+    b._c._inject_landing(peer_a._h, slot, 0, batch([(5 * 4096, 0, 4096)], b"\x66" * 4096, slot=slot))
+    b._c._inject_landing(peer_a._h, slot, 1, batch([(6 * 4096, 0, 4096)], b"\x66" * 4096, slot=slot, magic=7))
+    wait_for(lambda: b.stats()["landing_rejected"] == 1, "both injected batches handled (the second refused)")
+    assert b.stats()["landings"] == 0
+    np.testing.assert_array_equal(dst[0], before)
+
+
 @pytest.mark.parametrize("entry,message", [
     ((63 * 4096 + 1, 0, 4096), "outside region 0"),   # runs past the pool's end
     ((2 ** 63, 0, 4096), "outside region 0"),          # offset + nbytes would wrap

@@ -326,6 +326,9 @@ class Agent {
   std::atomic<uint64_t> gpu_direct_flush_devices_{0};
   void fail_send(const std::shared_ptr<SendState>& send, ErrorKind kind, const std::string& why);
   bool copies_landed(const SendState& send);  // no copy of ours still writes into the peer's memory for `send`
+  bool copy_over(int device, uint64_t ticket);  // done, or failed (writes nothing more)
+  bool copy_failed(int device, uint64_t ticket);
+  uint64_t record_after_launch(gpu::CopyQueue& queue);  // record(); drains the queue first if that fails
   bool abort_may_go(SendState& send);         // ... and its writes on ordered rails are counted (posts them)
   bool flush_deferred_aborts();
   void drain_locally(const std::shared_ptr<SendState>& send);  // a failed send to a lost peer: see settle_draining

@@ -1,10 +1,11 @@
 // Agent: the CUDA IPC and staged paths (progress thread, except ensure_staging / open_ipc_mappings, which run in
 // send() on the caller's thread so their errors reach the caller).
 //
-// CUDA IPC (same host, GPU destination): every ready layer's chunks are enqueued at once as one batch of copies on
-// our own stream of copy_device, with an event after each layer; when a layer's event has completed, its granules
-// are signalled through zero-byte immediates exactly as on the CMA path. The copies never wait on the network and
-// the model's stream never waits on them.
+// CUDA IPC (same host, GPU destination): the layers ready together are enqueued at once on our own stream of
+// copy_device, from a GPU source as one gather kernel that marks each layer landed in pinned memory
+// (enqueue_ipc_layers), else as one batch and one event per layer; once a layer landed, its granules are signalled
+// through the peer's doorbell ring (or zero-byte immediates) exactly as on the CMA path. The copies never wait on
+// the network and the model's stream never waits on them.
 //
 // Staged (source the fabric cannot read, or staging='always'): a layer's writes are cut into batches that fit one
 // bounce slot (plan.h staged_run); each batch is copied into a free slot (GPU copy engines, or memcpy for host
@@ -196,7 +197,7 @@ void Agent::enqueue_ipc_layers(SendState& send, gpu::CopyQueue& queue) {
     }
     std::vector<uint64_t> tokens(todo.size());
     if (queue.copy_layers(rel.data(), n, bases.data(), bases.size(), tokens.data())) {
-      const uint64_t ticket = queue.record();
+      const uint64_t ticket = record_after_launch(queue);
       for (size_t i = 0; i < todo.size(); ++i) {
         todo[i]->token = tokens[i];
         todo[i]->ticket = ticket;
@@ -217,9 +218,47 @@ void Agent::enqueue_ipc_layers(SendState& send, gpu::CopyQueue& queue) {
       srcs[k] = reinterpret_cast<const void*>(src_base(b) + w.src_offset);
       sizes[k] = w.nbytes;
     }
-    queue.copy(dsts.data(), srcs.data(), sizes.data(), n, /*device_reachable=*/src.on_gpu);
-    cur->ticket = queue.record();
+    try {
+      queue.copy(dsts.data(), srcs.data(), sizes.data(), n, /*device_reachable=*/src.on_gpu);
+    } catch (const Error&) {
+      queue.drain();  // a launch before the one that failed may still write into the peer: the send fails after it
+      throw;
+    }
+    cur->ticket = record_after_launch(queue);
     cur->next = n;
+  }
+}
+
+// The event after copies already enqueued. If it cannot be recorded, the send fails with no ticket to wait for, so
+// the copies are waited for here: an ABORT sent meanwhile would let the receiver reuse blocks they still write.
+uint64_t Agent::record_after_launch(gpu::CopyQueue& queue) {
+  try {
+    return queue.record();
+  } catch (const Error&) {
+    queue.drain();
+    throw;
+  }
+}
+
+// A copy whose queue reports an error writes nothing more (a failed launch never ran; a failed context runs
+// nothing): over, for deciding when an ABORT may go. Throwing here instead kept a failed send's ABORT from ever
+// being deferred, and its receiver waited for its own deadline.
+bool Agent::copy_over(int device, uint64_t ticket) {
+  try {
+    return copy_queue(device).done(ticket);
+  } catch (const Error&) {
+    return true;
+  }
+}
+
+// The queue reported an error at or before `ticket` (CopyQueue::done throws for it every time; one failed copy
+// means the device's context failed, and no later one on it completes either).
+bool Agent::copy_failed(int device, uint64_t ticket) {
+  try {
+    (void)copy_queue(device).done(ticket);
+    return false;
+  } catch (const Error&) {
+    return true;
   }
 }
 
@@ -315,10 +354,11 @@ void Agent::submit_staged_copy_outs(CmaWorkers& workers, const std::vector<size_
     StagedOp& op = staged_[i];
     SendState& send = *op.send;
     if (op.cma || op.copied_out || std::find(waiting.begin(), waiting.end(), &send) != waiting.end()) continue;
-    if (op.ticket && !copy_queue(send.copy_device).done(op.ticket)) {
+    if (op.ticket && !copy_over(send.copy_device, op.ticket)) {
       waiting.push_back(&send);
       continue;
     }
+    if (op.ticket && copy_failed(send.copy_device, op.ticket)) continue;  // never copied out: advance_staged fails it
     if (!send.staged_to_cma || send.state() != TransferState::Pending || send.aborted || send.peer->lost) continue;
     ops.resize(op.num_writes);
     staged_cma_ops(op, ops.data());
@@ -400,7 +440,19 @@ bool Agent::advance_staged(size_t& budget) {
     StagedOp& op = staged_[i];
     SendState& send = *op.send;
     if (std::find(waiting.begin(), waiting.end(), &send) != waiting.end()) continue;
-    const bool landed = !(op.ticket && !copy_queue(send.copy_device).done(op.ticket)) &&
+    if (op.ticket && copy_failed(send.copy_device, op.ticket)) {
+      // The copy into the slot failed (the device reported an error): the batch is never written, the slot goes
+      // back once (a failed copy writes it no more), and the send fails. Throwing here instead came back every
+      // turn before the ops were compacted: batches posted twice, slots released twice and shared.
+      release_staging(&send, op.slot);
+      ++send.ops_completed;
+      fail_send(op.send, ErrorKind::TransferFailed, "copying a batch into a bounce slot on cuda:" +
+                                                        std::to_string(send.copy_device) + " failed");
+      gone[i] = 1;
+      any = true;
+      continue;
+    }
+    const bool landed = !(op.ticket && !copy_over(send.copy_device, op.ticket)) &&
                         !(op.cma && !op.cma->done());  // else the copy engines or workers still use the slot
     // A copy-out on this thread takes from the turn's copy share (messages and completions come between shares).
     const bool copy_here = send.staged_to_cma && !op.copied_out && !op.cma;

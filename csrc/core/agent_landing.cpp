@@ -99,6 +99,14 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
     data += e.nbytes;
   }
   const size_t n = batch.entries.size();
+  if (peer->lost.load(std::memory_order_acquire)) {
+    // Its recvs have failed, and their writes_over may already have told the engine those blocks are free (a peer
+    // of this process that closed; a batch polled after its keys closed): nothing of a lost peer is copied in.
+    // Counted all the same, so the totals its ABORTs and BYE name are still reached.
+    count_imm(peer, counted);
+    queue_control(*peer, ControlType::Landed, 0, index);
+    return;
+  }
   if (!pool->on_gpu) {
     for (size_t k = 0; k < n; ++k) std::memcpy(dsts[k], srcs[k], sizes[k]);
     finish_landing(peer, counted, index);

@@ -1328,13 +1328,13 @@ void Agent::queue_abort(SendState& send) {
 bool Agent::copies_landed(const SendState& send) {
   for (const auto& c : send.ready) {
     if (c.cma && !c.cma->done()) return false;
-    if (c.ticket && send.copy_device >= 0 && !copy_queue(send.copy_device).done(c.ticket)) return false;
+    if (c.ticket && send.copy_device >= 0 && !copy_over(send.copy_device, c.ticket)) return false;
   }
   for (const auto& op : staged_) {
     if (op.send.get() != &send) continue;
     if (op.cma && !op.cma->done()) return false;
     // A copy-in into a bounce slot still reads the send's source blocks.
-    if (op.ticket && send.copy_device >= 0 && !copy_queue(send.copy_device).done(op.ticket)) return false;
+    if (op.ticket && send.copy_device >= 0 && !copy_over(send.copy_device, op.ticket)) return false;
   }
   return true;
 }

@@ -3,9 +3,22 @@
 #include <atomic>
 
 #include "cuda/api.cuh"
+#include "gpu/cuda_device.h"
 
 namespace kvxfer {
 namespace cuda {
+
+namespace {
+// After gpu::CurrentDevice (which leaves the thread's device, or its lack of a context, as it found it; a plain
+// cudaSetDevice(previous) would make GPU 0's context current on a thread that had none): did `device` become
+// current? CurrentDevice itself says nothing when it cannot.
+cudaError_t now_on(int device) {
+  int d = -1;
+  const cudaError_t err = cudaGetDevice(&d);
+  if (err != cudaSuccess) return err;
+  return d == device ? cudaSuccess : cudaErrorInvalidDevice;
+}
+}  // namespace
 
 cudaError_t device_count(int* count) {
   *count = 0;
@@ -33,10 +46,9 @@ cudaError_t free_host_mapped(void* host) { return cudaFreeHost(host); }
 
 cudaError_t alloc_device(int device, size_t nbytes, void** ptr) {
   *ptr = nullptr;
-  int prev = 0;
-  cudaError_t err = cudaGetDevice(&prev);
+  gpu::CurrentDevice on(device);
+  cudaError_t err = now_on(device);
   if (err != cudaSuccess) return err;
-  if ((err = cudaSetDevice(device)) != cudaSuccess) return err;
   err = cudaMalloc(ptr, nbytes);
   // Zeroed on a stream of our own, waited for before return: the legacy default stream would also wait for (and
   // make wait) every blocking stream of the device, such as one where a counter-wait kernel spins for this thread.
@@ -51,32 +63,25 @@ cudaError_t alloc_device(int device, size_t nbytes, void** ptr) {
     cudaFree(*ptr);
     *ptr = nullptr;
   }
-  cudaSetDevice(prev);
   return err;
 }
 
 cudaError_t upload(int device, void* dst, const void* src, size_t nbytes) {
-  int prev = 0;
-  cudaError_t err = cudaGetDevice(&prev);
+  gpu::CurrentDevice on(device);
+  cudaError_t err = now_on(device);
   if (err != cudaSuccess) return err;
-  if ((err = cudaSetDevice(device)) != cudaSuccess) return err;
   cudaStream_t s = nullptr;
   err = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
   if (err == cudaSuccess) err = cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, s);
   if (err == cudaSuccess) err = cudaStreamSynchronize(s);
   if (s) cudaStreamDestroy(s);
-  cudaSetDevice(prev);
   return err;
 }
 
 cudaError_t free_device(int device, void* ptr) {
-  int prev = 0;
-  cudaError_t err = cudaGetDevice(&prev);
-  if (err != cudaSuccess) return err;
-  cudaSetDevice(device);
-  err = cudaFree(ptr);
-  cudaSetDevice(prev);
-  return err;
+  gpu::CurrentDevice on(device);
+  const cudaError_t err = now_on(device);
+  return err == cudaSuccess ? cudaFree(ptr) : err;
 }
 
 const char* error_string(cudaError_t err) { return cudaGetErrorString(err); }
@@ -100,13 +105,11 @@ cudaError_t preload_kernels(int device) {
   static std::atomic<uint64_t> loaded{0};  // devices done (ordinals past 63 load every time: harmless)
   const uint64_t bit = device >= 0 && device < 64 ? uint64_t{1} << device : 0;
   if (bit && (loaded.load(std::memory_order_acquire) & bit)) return cudaSuccess;
-  int prev = 0;
-  cudaError_t err = cudaGetDevice(&prev);
+  gpu::CurrentDevice on(device);
+  cudaError_t err = now_on(device);
   if (err != cudaSuccess) return err;
-  if ((err = cudaSetDevice(device)) != cudaSuccess) return err;
   err = preload_layer_signal_kernels();
   if (err == cudaSuccess) err = preload_gather_kernels();
-  cudaSetDevice(prev);
   if (err == cudaSuccess) loaded.fetch_or(bit, std::memory_order_acq_rel);
   return err;
 }

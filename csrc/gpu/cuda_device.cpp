@@ -544,7 +544,9 @@ uint64_t CopyQueue::record() {
     ev = impl_->spare.back();
     impl_->spare.pop_back();
   }
-  KVXFER_CUDA_CHECK(cudaEventRecord(ev, impl_->stream), TransferFailed, "cudaEventRecord");
+  const cudaError_t rc = cudaEventRecord(ev, impl_->stream);
+  if (rc != cudaSuccess) impl_->spare.push_back(ev);  // not lost with the error
+  KVXFER_CUDA_CHECK(rc, TransferFailed, "cudaEventRecord");
   const uint64_t ticket = impl_->next_ticket++;
   impl_->pending.emplace_back(ticket, ev);
   return ticket;

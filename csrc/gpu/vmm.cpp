@@ -186,10 +186,10 @@ bool export_vmm_range(uint64_t addr, uint64_t nbytes, int device, std::vector<Vm
         close_vmm_export(out);
         return false;
       }
-      KVXFER_CHECK(out.size() < kMaxVmmPieces, RegistrationFailed,
-                   "the range spans more than " << kMaxVmmPieces << " physical allocations; register smaller regions");
       at = p.start + p.size;
-      out.push_back(std::move(p));
+      out.push_back(std::move(p));  // first: its fd is closed with the others if the check below throws
+      KVXFER_CHECK(out.size() <= kMaxVmmPieces, RegistrationFailed,
+                   "the range spans more than " << kMaxVmmPieces << " physical allocations; register smaller regions");
     }
   } catch (...) {
     close_vmm_export(out);

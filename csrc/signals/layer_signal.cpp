@@ -31,7 +31,7 @@ T* device_view(const MappedMemory& m, const void* host_ptr) {
 #ifdef KVXFER_HAVE_CUDA
 // Before a launch on `stream` of a kernel that uses memory of `device`. The stream's device must be that one: the
 // kernel would otherwise run on another GPU and reach our device memory through an illegal address (checked once
-// per new stream). And a graph capturing the stream keeps pointers to our memory for every replay: remembered, so
+// per new stream; every time for the default streams, whose device is whichever is current). And a graph capturing the stream keeps pointers to our memory for every replay: remembered, so
 // that memory outlives this object (the graph may outlive it).
 void check_stream(uint64_t stream, int device, std::atomic<uint64_t>& checked, std::atomic<bool>& captured,
                   const char* what) {
@@ -46,7 +46,9 @@ void check_stream(uint64_t stream, int device, std::atomic<uint64_t>& checked, s
                what << " on a stream of cuda:" << d << ", but its memory is on cuda:" << device
                     << " (the device current when it was created); create it while cuda:" << d
                     << " is current (torch.cuda.set_device(" << d << ") or `with torch.cuda.device(" << d << "):`)");
-  checked.store(stream, std::memory_order_relaxed);
+  // Handles 0-2 (legacy, per-thread default) mean the current device's default stream: another device may be
+  // current next time, so they are checked every time.
+  if (stream > 2) checked.store(stream, std::memory_order_relaxed);
 }
 #endif
 
