@@ -24,11 +24,15 @@ Without a GPU it prints why and exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -94,9 +98,38 @@ def _tcp_limit_seconds(nbytes):
     return best
 
 
-def run_path(name, where, reps, transport="auto"):
-    import torch
+def _recv_within(conn, proc, timeout_s, what):
+    """The receiver's next message, or an error naming why not: a receiver that died (CUDA init, the agent) or hangs
+    must not hold the whole benchmark until the step's own timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not conn.poll(0.2):
+        if not proc.is_alive():
+            raise RuntimeError(f"the receiver process exited (code {proc.exitcode}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no answer from the receiver within {timeout_s:.0f} s while waiting for {what}")
+    try:
+        return conn.recv()
+    except EOFError:  # its end closed: it exited
+        proc.join(5)
+        raise RuntimeError(f"the receiver process exited (code {proc.exitcode}) while waiting for {what}") from None
 
+
+@contextlib.contextmanager
+def env(**settings):
+    """Environment variables for one row, restored after it (a caller's own value included)."""
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_path(name, where, reps, transport="auto"):
     import kvxfer
 
     layout = kvxfer.KVLayout.vllm_flash(*ARGS)
@@ -112,12 +145,26 @@ def run_path(name, where, reps, transport="auto"):
     conn, child = ctx.Pipe()
     proc = ctx.Process(target=_receiver, args=(child, where, transport), daemon=True)
     proc.start()
+    child.close()  # ours only in the receiver: its death then shows as a closed pipe
+    try:
+        return _run_path(name, reps, transport, layout, nbytes, limit_s, limit, conn, proc)
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join(10)
+
+
+def _run_path(name, reps, transport, layout, nbytes, limit_s, limit, conn, proc):
+    import torch
+
+    import kvxfer
+
     agent = kvxfer.Agent("bench-send", transport=transport, interface="lo", timeout_s=120)
     gen = torch.Generator(device="cuda").manual_seed(1)
     src = [torch.randint(0, 255, (layout.tensor_layer_bytes,), dtype=torch.uint8, device="cuda", generator=gen)
            for _ in range(layout.num_layers)]
     agent.register_pool(src, layout)
-    peer = agent.add_peer(conn.recv())
+    peer = agent.add_peer(_recv_within(conn, proc, 120, "its metadata"))
     conn.send(agent.metadata())
     agent.wait_connected(peer, 30)
     rng = np.random.default_rng(0)
@@ -133,27 +180,27 @@ def run_path(name, where, reps, transport="auto"):
         send.all_ready()
         send.wait(timeout_s=120)
         dt = time.perf_counter() - t0
-        assert conn.recv() == "done"
+        assert _recv_within(conn, proc, 150, f"request {rep}") == "done"
         path = send.path
         if rep:
             times.append(dt)
             opens.append(t_open)
     for layer in (0, layout.num_layers - 1):  # verify the last request's bytes on two layers
         conn.send(("read", layer, dst_ids.tolist()))
-        got = conn.recv()
+        got = _recv_within(conn, proc, 60, f"layer {layer}'s bytes")
         want = src[layer].view(2, layout.num_blocks, -1)[:, torch.as_tensor(src_ids, device="cuda")].cpu().numpy()
         assert np.array_equal(got, want), f"{name}: layer {layer} bytes differ"
     conn.send(("exit",))
-    proc.join(10)
     best = min(times)
+    diffs = [t - o for t, o in zip(times, opens)]
     return {"path": name, "send_path": path, "bytes": nbytes, "best_s": best, "median_s": float(np.median(times)),
             "gbps": nbytes / best / 1e9, "limit_gbps": nbytes / limit_s / 1e9, "ratio": limit_s / best,
             "limit": limit, "verified": True, "path_reason": send.path_reason,
             "copy_mode": os.environ.get("KVXFER_GPU_COPY", "auto"), "send_call_median_s": float(np.median(opens)),
-            "launch": os.environ.get("KVXFER_GPU_LAUNCH", "batched"),
-            "cma_threads": os.environ.get("KVXFER_CMA_THREADS", "default"),
-            "gpu_layer_launches": agent.stats()["gpu_layer_launches"],
-            "signals": peer.signals, "data_ratio": limit_s / (float(np.median(times)) - float(np.median(opens)))}
+            "launch": os.environ.get("KVXFER_GPU_LAUNCH", "batched") if path == "cuda_ipc" else None,
+            "cma_threads": agent.cma_threads, "doorbell": os.environ.get("KVXFER_DOORBELL", "1") != "0",
+            "gpu_layer_launches_per_request": agent.stats()["gpu_layer_launches"] / (reps + 1),
+            "signals": peer.signals, "data_ratio": limit_s / float(np.median(diffs))}
 
 
 def kernel_only(reps):
@@ -193,16 +240,15 @@ def kernel_only(reps):
     rel_d = (d[:per_layer] - np.uint64(dst[0].data_ptr())).astype(np.uint64)
     rel_s = (s_[:per_layer] - np.uint64(src[0].data_ptr())).astype(np.uint64)
     # Blocks fence once per KVXFER_GPU_FENCE_KIB copied (default 256: 8 layers of the reference), and, to compare,
-    # after every layer (0, the design before 2026-12-04).
+    # after every layer (0, the design before 2026-12-04). Only where copy_layers serves (batched launch, kernel).
     default_fence = os.environ.get("KVXFER_GPU_FENCE_KIB")
-    for fence_kib in ([default_fence] if default_fence is not None else [None, "0"]):
-        if fence_kib is not None:
-            os.environ["KVXFER_GPU_FENCE_KIB"] = fence_kib
-        t = _C.gpu_copy_layers_seconds(torch.cuda.current_device(), rel_d, rel_s, sizes[:per_layer],
-                                       np.array([x.data_ptr() for x in src], np.uint64),
-                                       np.array([x.data_ptr() for x in dst], np.uint64), reps)
-        if default_fence is None:
-            os.environ.pop("KVXFER_GPU_FENCE_KIB", None)
+    batched = (os.environ.get("KVXFER_GPU_LAUNCH", "batched") == "batched"
+               and os.environ.get("KVXFER_GPU_COPY", "auto") != "copy_engine")
+    for fence_kib in ([default_fence] if default_fence is not None else [None, "0"]) if batched else []:
+        with env(**({"KVXFER_GPU_FENCE_KIB": fence_kib} if fence_kib is not None else {})):
+            t = _C.gpu_copy_layers_seconds(torch.cuda.current_device(), rel_d, rel_s, sizes[:per_layer],
+                                           np.array([x.data_ptr() for x in src], np.uint64),
+                                           np.array([x.data_ptr() for x in dst], np.uint64), reps)
         rows.append({"path": "kernel only", "best_s": t, "fence_kib": fence_kib or "256 (default)",
                      "launches": "all layers (1 launch, a word per layer, "
                      + ("a fence per layer)" if fence_kib == "0" else f"a fence per {fence_kib or 256} KiB)"),
@@ -223,6 +269,42 @@ def kernel_only(reps):
     return rows
 
 
+GOALS = {"cuda_ipc": 0.8, "staged": 0.7}  # issue 3: of same-run cudaMemcpy D2D / pinned D2H
+
+
+def _run_meta(torch, reps):
+    from kvxfer import _C
+
+    def out(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "driver": out(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+            "kvxfer_build": _C.build_info, "commit": out(["git", "rev-parse", "--short", "HEAD"]), "reps": reps,
+            "cpus": os.cpu_count(), "goals": GOALS,
+            "env": {k: v for k, v in os.environ.items() if k.startswith("KVXFER_")}}
+
+
+def _print_row(r):
+    if "error" in r:
+        print(f"{r['path']:10} FAILED ({r.get('label', '')}): {r['error']}", flush=True)
+    elif r["path"] == "kernel only":
+        print(f"{r['path']:10} {'':10} {r['gbps']:8.1f} {r['limit_gbps']:11.1f} {r['ratio']:6.2f}  {r['limit']}"
+              f"  ({r['launches']}, {r['best_s'] * 1e3:.3f} ms)", flush=True)
+    else:
+        goal = GOALS.get(r["path"])
+        verdict = "" if goal is None else f" [goal {goal}: {'met' if r['ratio'] >= goal else 'not met'}]"
+        print(f"{r['path']:10} {r['send_path']:10} {r['gbps']:8.1f} {r['limit_gbps']:11.1f} {r['ratio']:6.2f}  "
+              f"{r['limit']}{verdict}  (send() call {r['send_call_median_s'] * 1e3:.2f} ms of "
+              f"{r['median_s'] * 1e3:.2f} ms median; after send(): {r['data_ratio']:.2f} of the limit; signals: "
+              f"{r['signals']}{'; launch ' + r['launch'] if r['launch'] else ''}"
+              f"{'; cma threads ' + str(r['cma_threads']) if r['path'] == 'staged' else ''})", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -238,37 +320,40 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device visible (this benchmark needs an NVIDIA GPU)", file=sys.stderr)
         return 1
-    rows = [run_path("cuda_ipc", "cuda", args.reps)]
+    doc = {**_run_meta(torch, args.reps), "rows": [], "kernel_only": []}
+    print(f"device: {doc['device']}  driver {doc['driver']}  torch {doc['torch']}  {doc['kvxfer_build']}")
+    print(f"{'path':10} {'send path':10} {'GB/s':>8} {'limit GB/s':>11} {'ratio':>6}  limit", flush=True)
+    failed = 0
+
+    def row(key, label, fn, **settings):
+        # Each row printed and saved as it ends, and a failed row recorded: one failure must not cost the others.
+        nonlocal failed
+        try:
+            with env(**settings):
+                got = fn()
+        except Exception as e:  # noqa: BLE001 - recorded and reported, the other rows still run
+            failed += 1
+            traceback.print_exc()
+            got = [{"path": label, "label": label, "error": f"{type(e).__name__}: {e}", "settings": settings}]
+        for r in got if isinstance(got, list) else [got]:
+            doc[key].append(r)
+            _print_row(r)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=1)
+
+    row("rows", "cuda_ipc", lambda: run_path("cuda_ipc", "cuda", args.reps))
     if os.environ.get("KVXFER_GPU_LAUNCH", "batched") == "batched":  # and the design measured before it
-        os.environ["KVXFER_GPU_LAUNCH"] = "per_layer"
-        rows.append(run_path("cuda_ipc", "cuda", args.reps))
-        os.environ.pop("KVXFER_GPU_LAUNCH")
-    rows.append(run_path("staged", "cpu", args.reps))
+        row("rows", "cuda_ipc", lambda: run_path("cuda_ipc", "cuda", args.reps), KVXFER_GPU_LAUNCH="per_layer")
+    row("rows", "staged", lambda: run_path("staged", "cpu", args.reps))
     if (os.cpu_count() or 1) >= 16 and "KVXFER_CMA_THREADS" not in os.environ:  # the copy-out with more workers
-        os.environ["KVXFER_CMA_THREADS"] = "8"
-        rows.append(run_path("staged", "cpu", args.reps))
-        os.environ.pop("KVXFER_CMA_THREADS")
-    rows.append(run_path("landing", "cuda", args.reps, transport="tcp"))
+        row("rows", "staged", lambda: run_path("staged", "cpu", args.reps), KVXFER_CMA_THREADS="8")
+    row("rows", "landing", lambda: run_path("landing", "cuda", args.reps, transport="tcp"))
     if args.compare_fabric_signals:  # the same paths with same-host completions over the fabric (the old way)
-        os.environ["KVXFER_DOORBELL"] = "0"
-        rows += [run_path("cuda_ipc", "cuda", args.reps), run_path("staged", "cpu", args.reps)]
-        os.environ.pop("KVXFER_DOORBELL")
-    kernel = kernel_only(args.reps)
-    print(f"device: {torch.cuda.get_device_name(0)}")
-    print(f"{'path':10} {'send path':10} {'GB/s':>8} {'limit GB/s':>11} {'ratio':>6}  limit")
-    for r in rows:
-        print(f"{r['path']:10} {r['send_path']:10} {r['gbps']:8.1f} {r['limit_gbps']:11.1f} {r['ratio']:6.2f}  {r['limit']}"
-              f"  (send() call {r['send_call_median_s'] * 1e3:.2f} ms of {r['median_s'] * 1e3:.2f} ms median; "
-              f"after send(): {r['data_ratio']:.2f} of the limit; signals: {r['signals']}"
-              f"{'; launch ' + r['launch'] if r['send_path'] == 'cuda_ipc' else ''}"
-              f"{'; cma threads ' + r['cma_threads'] if r['path'] == 'staged' else ''})")
-    for r in kernel:
-        print(f"{r['path']:10} {'':10} {r['gbps']:8.1f} {r['limit_gbps']:11.1f} {r['ratio']:6.2f}  {r['limit']}"
-              f"  ({r['launches']}, {r['best_s'] * 1e3:.3f} ms)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(0), "rows": rows, "kernel_only": kernel}, f, indent=1)
-    return 0
+        row("rows", "cuda_ipc", lambda: run_path("cuda_ipc", "cuda", args.reps), KVXFER_DOORBELL="0")
+        row("rows", "staged", lambda: run_path("staged", "cpu", args.reps), KVXFER_DOORBELL="0")
+    row("kernel_only", "kernel only", lambda: kernel_only(args.reps))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -92,6 +92,19 @@ def bench_graph(args) -> int:
     print(f"forward with records:    median {r:.1f} us (p10 {pct(times['records'], 10):.1f}, p90 {pct(times['records'], 90):.1f})")
     print(f"extra per forward: {r - p:.1f} us = {(r - p) / args.layers:.2f} us per layer (goal < 5 us per layer)")
     print(f"watcher: {st['forwards_delivered']} forwards delivered, {st['records_delivered']} records, 0 lost")
+    if args.json:
+        import datetime
+        import json
+
+        per_layer = (r - p) / args.layers
+        with open(args.json, "w") as f:
+            json.dump({"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "kvxfer_build": kvxfer._C.build_info, "layers": args.layers, "replays": args.replays,
+                       "work_elems": args.work_elems, "forward_plain_us_median": p, "forward_records_us_median": r,
+                       "extra_per_layer_us": per_layer, "goal_us_per_layer": 5.0, "goal_met": per_layer < 5.0,
+                       "forwards_delivered": st["forwards_delivered"], "records_delivered": st["records_delivered"]},
+                      f, indent=1)
     return 0
 
 
@@ -148,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--transport", default="tcp")
     ap.add_argument("--records", type=int, default=2000)
     ap.add_argument("--gaps-us", type=lambda s: [int(v) for v in s.split(",")], default=[0, 100, 1000])
+    ap.add_argument("--json", metavar="PATH", help="graph: also write the numbers and the goal's verdict here")
     args = ap.parse_args(argv)
     return bench_graph(args) if args.what == "graph" else bench_watcher(args)
 

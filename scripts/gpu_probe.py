@@ -61,6 +61,8 @@ def sibling_pidfd_getfd() -> str:
     owner = ctx.Process(target=_fd_owner, args=(b,), daemon=True)
     owner.start()
     try:
+        if not a.poll(60):
+            return f"FAILED: the fd owner did not start within 60 s ({scope})"
         pid, fd = a.recv()
         c, d = ctx.Pipe()
         taker = ctx.Process(target=_fd_taker, args=(d, pid, fd), daemon=True)
@@ -86,6 +88,8 @@ def process_vm_writev() -> str:
     p = ctx.Process(target=_cma_child, args=(b,), daemon=True)
     p.start()
     try:
+        if not a.poll(60):
+            return "FAILED: the child did not start within 60 s"
         addr = a.recv()
 
         class IoVec(ctypes.Structure):
@@ -95,7 +99,9 @@ def process_vm_writev() -> str:
         local, remote = IoVec(ctypes.addressof(src), 8), IoVec(addr, 8)
         libc = ctypes.CDLL(None, use_errno=True)
         n = libc.process_vm_writev(p.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        return "ok" if n == 8 else f"FAILED: errno {ctypes.get_errno()} (ptrace scope / container policy)"
+        # parent -> child only: between siblings (prefill and decode) Yama's ptrace_scope 1 may still refuse it
+        return ("ok (parent to child)" if n == 8
+                else f"FAILED: errno {ctypes.get_errno()} (ptrace scope / container policy)")
     finally:
         a.send("done")
         p.join(5)
@@ -117,7 +123,7 @@ def cuda_ipc() -> str:
     ctx = tmp.get_context("spawn")
     q = ctx.Queue()
     t = torch.ones(1 << 18, device="cuda")
-    p = ctx.Process(target=_ipc_child, args=(q, t))
+    p = ctx.Process(target=_ipc_child, args=(q, t), daemon=True)  # a hung child must not hold the probe's exit
     p.start()
     try:
         got = q.get(timeout=60)
@@ -125,6 +131,8 @@ def cuda_ipc() -> str:
         return f"FAILED: {type(e).__name__}: {e}"
     finally:
         p.join(10)
+        if p.is_alive():
+            p.kill()
     return "ok" if got == float(1 << 18) else f"FAILED: the child read {got}"
 
 
