@@ -52,11 +52,17 @@ def place(host_arrays: list[np.ndarray], where: str) -> list:
 
 
 def fill(pool: list, value: int) -> None:
+    on_gpu = False
     for a in pool:
         if isinstance(a, np.ndarray):
             a.fill(value)
         else:
             a.fill_(value)
+            on_gpu |= a.is_cuda
+    if on_gpu:  # filled on torch's stream; a peer's copies on streams of their own are not ordered after it
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def to_host(pool: list) -> list[np.ndarray]:

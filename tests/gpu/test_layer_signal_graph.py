@@ -301,11 +301,16 @@ def test_warm_up_forwards_then_resync_and_sync_keep_each_replay_on_its_own_reque
     with torch.cuda.graph(dec_graph):
         decode(60)
     torch.cuda.synchronize()
+    # The decode graph's waits spin until this request's layers land, and those come from the forward graph: the
+    # two replay on different streams (one stream would queue the forward behind the spinning waits until they
+    # time out).
+    dec_stream = torch.cuda.Stream()
     for k in range(3):
         src_ids, dst_ids = np.array([k, k + 9], np.int32), np.array([2 * k, 2 * k + 1], np.int32)
         recv = b.recv(pa, 50 + k, dst_ids)
         assert counter.attach(recv) == k + 1
-        dec_graph.replay()  # waits on the GPU for this request's layers
+        with torch.cuda.stream(dec_stream):
+            dec_graph.replay()  # waits on the GPU for this request's layers
         x.copy_(torch.from_numpy(request_input(k, nbytes)).cuda())
         send = a.send(pb, 50 + k, src_ids, dst_ids)
         sig.bind([send])
