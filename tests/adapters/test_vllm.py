@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -59,8 +60,30 @@ if _skip_reason():
     pytest.skip(_skip_reason(), allow_module_level=True)
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range. A port bind(0) hands out is one the kernel may give the next
+    connecting socket too (vLLM's ZMQ, UCX, another engine): a server binding it seconds later then found it taken
+    (CI: "Address already in use"). Ports below that range go only to whoever asks for them by number."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low - 16)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: the old way
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
