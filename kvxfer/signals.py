@@ -187,7 +187,9 @@ class DeviceCounter:
     def sync(self) -> int:
         """Make the next wait on each layer wait for the next attach(): waits that ran with no recv attached for
         them (warm-up forwards before capture) took numbers of their own. Call with no wait queued or running
-        (after torch.cuda.synchronize()). Returns the current generation."""
+        (after torch.cuda.synchronize()). Returns the current generation. device_errors keeps counting across it:
+        each warm-up wait that timed out added one, so compare device_errors against its value after sync() (and
+        give warm-up waits a short timeout_s: each waits that long)."""
         return self._c.sync()
 
     def __repr__(self) -> str:
