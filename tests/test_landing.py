@@ -212,6 +212,12 @@ def test_a_refused_batch_ends_the_senders_send_at_once_and_frees_its_slot():
     wait_for(lambda: send.writes_over and recv.writes_over, "both ends settled by the sender's total")
     expected = [x.copy() for x in dst]
     apply(layout, src, expected, [1], [2], [0])  # layer 0 of the refused transfer landed before the refusal
+    assert_next_transfer_exact(a, b, peer_a, peer_b, layout, src, dst, expected)
+
+
+def assert_next_transfer_exact(a, b, peer_a, peer_b, layout, src, dst, expected):
+    """After a refused transfer: the next one (block 3 -> 4, every layer) lands exactly, and nothing else changes
+    from `expected`."""
     apply(layout, src, expected, [3], [4], range(layout.num_layers))
     again = b.recv(peer_a, 6, np.array([4], np.int32))
     a.send(peer_b, 6, np.array([3], np.int32), np.array([4], np.int32)).all_ready()
@@ -245,13 +251,7 @@ def test_a_real_senders_refused_batch_is_counted_so_its_slot_comes_back():
     for got, was in zip(dst, before):  # only layer 0 of block 2 changed; the rest of block 2 may have landed
         np.testing.assert_array_equal(np.delete(got.reshape(2, layout.num_blocks, -1), 2, axis=1),
                                       np.delete(was.reshape(2, layout.num_blocks, -1), 2, axis=1))
-    expected = [x.copy() for x in dst]
-    apply(layout, src, expected, [3], [4], range(layout.num_layers))
-    again = b.recv(peer_a, 6, np.array([4], np.int32))
-    a.send(peer_b, 6, np.array([3], np.int32), np.array([4], np.int32)).all_ready()
-    again.wait(timeout_s=10)
-    for got, want in zip(dst, expected):
-        np.testing.assert_array_equal(got, want)
+    assert_next_transfer_exact(a, b, peer_a, peer_b, layout, src, dst, [x.copy() for x in dst])
 
 
 def test_a_lost_peers_late_batch_is_not_copied_in(landing_pair):

@@ -93,20 +93,24 @@ void register_info(py::module_& m) {
   });
 
   // Tests: the host half of the gather kernels (how a batch is cut over blocks), on machines without a GPU.
-  m.def("_split_for_blocks", [](const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& runs, uint32_t max_blocks) {
-    std::vector<gpu::CopyRun> in, out;
-    for (const auto& [dst, src, n] : runs) in.push_back({dst, src, n});
+  using Runs = std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>;  // (dst, src, nbytes)
+  auto to_runs = [](const Runs& runs) {
+    std::vector<gpu::CopyRun> out;
+    for (const auto& [dst, src, n] : runs) out.push_back({dst, src, n});
+    return out;
+  };
+  m.def("_split_for_blocks", [to_runs](const Runs& runs, uint32_t max_blocks) {
+    const std::vector<gpu::CopyRun> in = to_runs(runs);
+    std::vector<gpu::CopyRun> out;
     gpu::split_for_blocks(in.data(), in.size(), max_blocks, &out);
-    std::vector<std::tuple<uint64_t, uint64_t, uint64_t>> pieces;
+    Runs pieces;
     for (const auto& r : out) pieces.emplace_back(r.dst, r.src, r.nbytes);
     return pieces;
   }, py::arg("runs"), py::arg("max_blocks"));
   m.attr("_split_grain") = gpu::kSplitGrain;
-  m.def("_layers_per_fence", [](const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& pieces,
-                                uint32_t max_blocks, uint64_t fence_bytes, size_t num_layers) {
-    std::vector<gpu::CopyRun> in;
-    for (const auto& [dst, src, n] : pieces) in.push_back({dst, src, n});
-    return gpu::layers_per_fence(in, max_blocks, fence_bytes, num_layers);
+  m.def("_layers_per_fence", [to_runs](const Runs& pieces, uint32_t max_blocks, uint64_t fence_bytes,
+                                       size_t num_layers) {
+    return gpu::layers_per_fence(to_runs(pieces), max_blocks, fence_bytes, num_layers);
   }, py::arg("pieces"), py::arg("max_blocks"), py::arg("fence_bytes"), py::arg("num_layers"));
   m.def("cma_threads_default", [] {
     const unsigned n = cma_threads_from_env();

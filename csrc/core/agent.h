@@ -326,8 +326,12 @@ class Agent {
   std::atomic<uint64_t> gpu_direct_flush_devices_{0};
   void fail_send(const std::shared_ptr<SendState>& send, ErrorKind kind, const std::string& why);
   bool copies_landed(const SendState& send);  // no copy of ours still writes into the peer's memory for `send`
-  bool copy_over(int device, uint64_t ticket);  // done, or failed (writes nothing more)
-  bool copy_failed(int device, uint64_t ticket);
+  // Where the copies up to `ticket` on `device`'s queue stand. Failed: the queue reported an error at or before it
+  // (done() throws for it every time: one failed copy means the context failed); `why` says which. A failed copy
+  // writes nothing more, so Done and Failed are both over.
+  enum class CopyState { Running, Done, Failed };
+  CopyState copy_state(int device, uint64_t ticket, std::string* why = nullptr);
+  bool copy_over(int device, uint64_t ticket) { return copy_state(device, ticket) != CopyState::Running; }
   uint64_t record_after_launch(gpu::CopyQueue& queue);  // record(); drains the queue first if that fails
   bool abort_may_go(SendState& send);         // ... and its writes on ordered rails are counted (posts them)
   bool flush_deferred_aborts();

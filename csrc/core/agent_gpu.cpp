@@ -241,24 +241,14 @@ uint64_t Agent::record_after_launch(gpu::CopyQueue& queue) {
 }
 
 // A copy whose queue reports an error writes nothing more (a failed launch never ran; a failed context runs
-// nothing): over, for deciding when an ABORT may go. Throwing here instead kept a failed send's ABORT from ever
-// being deferred, and its receiver waited for its own deadline.
-bool Agent::copy_over(int device, uint64_t ticket) {
+// nothing): callers retire it instead of letting done()'s throw come back every turn (a failed send's ABORT was
+// never deferred; staged batches were posted twice).
+Agent::CopyState Agent::copy_state(int device, uint64_t ticket, std::string* why) {
   try {
-    return copy_queue(device).done(ticket);
-  } catch (const Error&) {
-    return true;
-  }
-}
-
-// The queue reported an error at or before `ticket` (CopyQueue::done throws for it every time; one failed copy
-// means the device's context failed, and no later one on it completes either).
-bool Agent::copy_failed(int device, uint64_t ticket) {
-  try {
-    (void)copy_queue(device).done(ticket);
-    return false;
-  } catch (const Error&) {
-    return true;
+    return copy_queue(device).done(ticket) ? CopyState::Done : CopyState::Running;
+  } catch (const Error& e) {
+    if (why) *why = e.what();
+    return CopyState::Failed;
   }
 }
 
@@ -354,11 +344,12 @@ void Agent::submit_staged_copy_outs(CmaWorkers& workers, const std::vector<size_
     StagedOp& op = staged_[i];
     SendState& send = *op.send;
     if (op.cma || op.copied_out || std::find(waiting.begin(), waiting.end(), &send) != waiting.end()) continue;
-    if (op.ticket && !copy_over(send.copy_device, op.ticket)) {
+    const CopyState copied_in = op.ticket ? copy_state(send.copy_device, op.ticket) : CopyState::Done;
+    if (copied_in == CopyState::Running) {
       waiting.push_back(&send);
       continue;
     }
-    if (op.ticket && copy_failed(send.copy_device, op.ticket)) continue;  // never copied out: advance_staged fails it
+    if (copied_in == CopyState::Failed) continue;  // never copied out: advance_staged fails it
     if (!send.staged_to_cma || send.state() != TransferState::Pending || send.aborted || send.peer->lost) continue;
     ops.resize(op.num_writes);
     staged_cma_ops(op, ops.data());
@@ -440,7 +431,8 @@ bool Agent::advance_staged(size_t& budget) {
     StagedOp& op = staged_[i];
     SendState& send = *op.send;
     if (std::find(waiting.begin(), waiting.end(), &send) != waiting.end()) continue;
-    if (op.ticket && copy_failed(send.copy_device, op.ticket)) {
+    const CopyState copied_in = op.ticket ? copy_state(send.copy_device, op.ticket) : CopyState::Done;
+    if (copied_in == CopyState::Failed) {
       // The copy into the slot failed (the device reported an error): the batch is never written, the slot goes
       // back once (a failed copy writes it no more), and the send fails. Throwing here instead came back every
       // turn before the ops were compacted: batches posted twice, slots released twice and shared.
@@ -452,7 +444,7 @@ bool Agent::advance_staged(size_t& budget) {
       any = true;
       continue;
     }
-    const bool landed = !(op.ticket && !copy_over(send.copy_device, op.ticket)) &&
+    const bool landed = copied_in == CopyState::Done &&
                         !(op.cma && !op.cma->done());  // else the copy engines or workers still use the slot
     // A copy-out on this thread takes from the turn's copy share (messages and completions come between shares).
     const bool copy_here = send.staged_to_cma && !op.copied_out && !op.cma;

@@ -164,14 +164,9 @@ bool Agent::advance_landings() {
   bool any = false;
   while (!pending_landings_.empty()) {
     PendingLanding& p = pending_landings_.front();
-    bool landed = false;
     std::string failed;
-    try {
-      landed = copy_queue(p.device).done(p.ticket);
-    } catch (const Error& e) {
-      failed = e.what();
-    }
-    if (!failed.empty()) {
+    const CopyState copied = copy_state(p.device, p.ticket, &failed);
+    if (copied == CopyState::Failed) {
       // The copy into the GPU pool failed (the device reported an error): its transfer can never complete. Fail
       // it naming why and count the batch on the aborted slot, as for a refused one, so the sender's total is
       // reached; the landing slot goes back (a failed copy reads it no more).
@@ -183,7 +178,7 @@ bool Agent::advance_landings() {
       any = true;
       continue;
     }
-    if (!landed) break;
+    if (copied == CopyState::Running) break;
     finish_landing(p.peer, p.imm, p.index);
     pending_landings_.pop_front();
     any = true;
