@@ -144,7 +144,7 @@ def test_max_peers_from_the_environment(monkeypatch):
 
 
 def test_a_landing_ring_too_large_for_max_peers_is_refused_at_creation():
-    """The landing ring (max_peers x landing_slots x landing_slot_bytes) is pinned and registered whole when a pool
+    """The landing ring (max_peers x landing_slots x landing_slot_bytes) is allocated and registered whole when a pool
     first needs it; a product past 16 GiB is refused when the Agent is made, naming the three factors."""
     with pytest.raises(errors.InvalidArgument, match=r"landing ring of max_peers x landing_slots x landing_slot_bytes "
                                                      r"= 1024 x 64 x 1048576 bytes \(65536 MiB\) is more than the 16 GiB"):

@@ -487,7 +487,7 @@ uint32_t Agent::register_pool(const std::string& name, const LayoutSpec& layout,
     gpu_direct_flush_devices_.fetch_or(uint64_t{1} << pool->device, std::memory_order_acq_rel);
   pool->landing = !fabric_registers || options_.landing == "always";
   pool->landing_offered = !pool->landing && offers_landing(layout, on_gpu);
-  if (pool->landing || pool->landing_offered) ensure_landing();
+  if (pool->landing || pool->landing_offered) ensure_landing(on_gpu ? pool->device : -1);
   PoolInfo exposed{name, layout, {}, pool->landing, pool->landing_offered};
   for (size_t i = 0; i < regions.size(); ++i) {
     const uint64_t key = (static_cast<uint64_t>(pools_.size() + 1) << 16) | i;
@@ -1042,7 +1042,7 @@ std::shared_ptr<SendState> Agent::send(const std::shared_ptr<PeerState>& peer, u
   if (choice.path == SendPath::Cma || choice.path == SendPath::CudaIpc) max_write = 64ull << 20;
   uint64_t batch_bytes = 0;
   if (choice.path == SendPath::Staged) {
-    ensure_staging();
+    ensure_staging(src->on_gpu ? src->device : -1);  // host sources fill the slots with memcpy: no GPU needed
     const uint64_t slot = options_.staging_slot_bytes;
     KVXFER_CHECK(src->layout.chunk_bytes <= slot, InvalidArgument,
                  "a chunk of pool '" << src->name << "' is " << src->layout.chunk_bytes << " bytes, larger than a "

@@ -290,10 +290,15 @@ class Agent {
   static bool lives_in_this_process(uint64_t epoch);
   void premap_ipc_pools(PeerState& peer);  // add_peer (caller thread): map a same-host peer's GPU pools now
   uint64_t count_staged_ops(const SendState& send) const;
-  void ensure_staging();  // caller thread: creates and registers the bounce ring on the first staged send
+  // Caller thread: creates and registers the bounce ring on the first staged send, page-locked for `device` (the
+  // source pool's GPU; -1 for host sources), or page-locks the ring a host source made when a GPU source first
+  // needs it.
+  void ensure_staging(int device);
   size_t staged_pieces(const SendState& send) const;
   // landing (receiver side)
-  void ensure_landing();  // pools_mu_ held: creates and registers the ring on the first landing pool
+  // transport_mu_ and pools_mu_ held: creates and registers the ring on the first landing pool, page-locked for
+  // `device` (the pool's GPU, whose copies drain it; -1 for a host pool), or page-locks it for the first GPU pool.
+  void ensure_landing(int device);
   void on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm);
   uint8_t* landing_slot(uint32_t xfer_slot, uint32_t index) const;  // our slot `index` of xfer_slot's window
   void finish_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm, uint32_t index);

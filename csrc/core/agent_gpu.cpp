@@ -32,17 +32,20 @@ namespace {
 constexpr size_t kStagedCopyOutsInFlight = 4;  // bounce slots whose CMA copy-out runs on the workers at once
 }  // namespace
 
-void Agent::ensure_staging() {
+void Agent::ensure_staging(int device) {
   std::lock_guard<std::mutex> domain(transport_mu_);  // the ring registers with the transport
   std::lock_guard<std::mutex> lock(staging_mu_);
-  if (staging_) return;
+  if (staging_) {
+    staging_->pin_for(device);
+    return;
+  }
   KVXFER_CHECK(options_.staging_slots >= 2 && options_.staging_slot_bytes >= 4096, InvalidArgument,
                "staging needs at least 2 slots of at least 4096 bytes (got " << options_.staging_slots << " x "
                                                                              << options_.staging_slot_bytes << ")");
   // Not populated: a batch into landing slots fills only the first landing slot's worth of each 4 MiB slot, and
   // slots are reused last-in first-out, so a host-pool sender touches a few MiB of the 64, not all of them.
   staging_ = std::make_unique<StagingRing>(*transport_, options_.staging_slot_bytes, options_.staging_slots,
-                                           StagingRing::kDefaultKey, /*populate=*/false);
+                                           StagingRing::kDefaultKey, /*populate=*/false, device);
 }
 
 size_t Agent::staged_pieces(const SendState& send) const {
@@ -294,7 +297,7 @@ bool Agent::post_staged_layer(const std::shared_ptr<SendState>& owner, SendState
     uint64_t ticket = 0;
     if (send.copy_device >= 0) {
       gpu::CopyQueue& queue = copy_queue(send.copy_device);
-      queue.copy(dsts.data(), srcs.data(), sizes.data(), n, /*device_reachable=*/staging_->pinned());
+      queue.copy(dsts.data(), srcs.data(), sizes.data(), n, /*device_reachable=*/staging_->device_reachable());
       ticket = queue.record();
     } else {
       for (size_t k = 0; k < n; ++k) std::memcpy(dsts[k], srcs[k], sizes[k]);

@@ -15,11 +15,14 @@
 
 namespace kvxfer {
 
-void Agent::ensure_landing() {  // transport_mu_ and pools_mu_ held (register_pool)
-  if (landing_) return;
+void Agent::ensure_landing(int device) {  // transport_mu_ and pools_mu_ held (register_pool)
+  if (landing_) {
+    landing_->pin_for(device);
+    return;
+  }
   landing_ = std::make_unique<StagingRing>(*transport_, options_.landing_slot_bytes,
                                            static_cast<size_t>(options_.max_peers) * options_.landing_slots,
-                                           kLandingRingKey, /*populate=*/false);
+                                           kLandingRingKey, /*populate=*/false, device);
   info_.landing_addr = reinterpret_cast<uint64_t>(landing_->base());
   info_.landing_rkey = landing_->rkey();
   expose_to_peers(landing_->base(), landing_->slot_bytes() * landing_->num_slots(), info_.landing_rkey);
@@ -113,7 +116,7 @@ void Agent::on_landing(const std::shared_ptr<PeerState>& peer, uint32_t imm) {
     return;
   }
   gpu::CopyQueue& queue = copy_queue(pool->device);
-  queue.copy(dsts, srcs, sizes, n, /*device_reachable=*/landing_->pinned());
+  queue.copy(dsts, srcs, sizes, n, /*device_reachable=*/landing_->device_reachable());
   pending_landings_.push_back({peer, counted, index, pool->device, queue.record()});
 }
 

@@ -378,11 +378,11 @@ CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
   impl_->max_blocks = static_cast<uint32_t>(std::max(1, sms) * 4);
   if (impl_->mode != CopyMode::CopyEngine) {
     // No pinned memory to spare (nullptr): every batch goes to the copy engines.
-    impl_->ring.base = static_cast<cuda::CopyDesc*>(alloc_pinned(kDescRingEntries * sizeof(cuda::CopyDesc)));
+    impl_->ring.base = static_cast<cuda::CopyDesc*>(alloc_pinned(kDescRingEntries * sizeof(cuda::CopyDesc), device));
     impl_->ring.capacity = impl_->ring.base ? kDescRingEntries : 0;
     if (impl_->ring.base && impl_->launch == LaunchMode::Batched) {
       // Without either, copy_layers is unavailable and layers go one launch and one event each.
-      impl_->done_words = static_cast<volatile uint64_t*>(alloc_pinned(kDoneWords * sizeof(uint64_t)));
+      impl_->done_words = static_cast<volatile uint64_t*>(alloc_pinned(kDoneWords * sizeof(uint64_t), device));
       void* counts = nullptr;
       if (impl_->done_words &&
           cudaMalloc(&counts, cuda::kMaxGatherLayers * sizeof(uint32_t)) == cudaSuccess &&
@@ -394,7 +394,7 @@ CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
       } else {
         if (counts) cudaFree(counts);
         cudaGetLastError();
-        free_pinned(const_cast<uint64_t*>(impl_->done_words));
+        free_pinned(const_cast<uint64_t*>(impl_->done_words), device);
         impl_->done_words = nullptr;
       }
     }
@@ -407,8 +407,8 @@ CopyQueue::~CopyQueue() {
   for (auto& [t, ev] : impl_->pending) cudaEventDestroy(ev);
   for (auto ev : impl_->spare) cudaEventDestroy(ev);
   if (impl_->stream) cudaStreamDestroy(impl_->stream);
-  free_pinned(impl_->ring.base);
-  free_pinned(const_cast<uint64_t*>(impl_->done_words));
+  free_pinned(impl_->ring.base, device_);
+  free_pinned(const_cast<uint64_t*>(impl_->done_words), device_);
   if (impl_->arrivals) cudaFree(impl_->arrivals);
   cudaGetLastError();
 }
@@ -571,8 +571,9 @@ void CopyQueue::drain() {
   cudaStreamSynchronize(impl_->stream);
 }
 
-void* alloc_pinned(size_t nbytes) {
-  if (!available()) return nullptr;
+void* alloc_pinned(size_t nbytes, int device) {
+  if (device < 0 || !available()) return nullptr;
+  CurrentDevice on(device);
   void* p = nullptr;
   if (cudaHostAlloc(&p, nbytes, cudaHostAllocPortable | cudaHostAllocMapped) != cudaSuccess) {
     cudaGetLastError();
@@ -581,8 +582,34 @@ void* alloc_pinned(size_t nbytes) {
   return p;
 }
 
-void free_pinned(void* p) {
-  if (p) cudaFreeHost(p);
+void free_pinned(void* p, int device) {
+  if (!p) return;
+  CurrentDevice on(device);  // (a thread without a context would otherwise get GPU 0's to free it)
+  cudaFreeHost(p);
+  cudaGetLastError();
+}
+
+HostPin pin_host(void* p, size_t nbytes, int device) {
+  if (device < 0 || !available()) return HostPin::None;
+  CurrentDevice on(device);
+  if (cudaHostRegister(p, nbytes, cudaHostRegisterPortable | cudaHostRegisterMapped) != cudaSuccess) {
+    cudaGetLastError();
+    return HostPin::None;
+  }
+  int same_address = 0;
+  void* dev = nullptr;
+  const bool mapped =
+      cudaDeviceGetAttribute(&same_address, cudaDevAttrCanUseHostPointerForRegisteredMem, device) == cudaSuccess &&
+      same_address && cudaHostGetDevicePointer(&dev, p, 0) == cudaSuccess && dev == p;
+  cudaGetLastError();
+  return mapped ? HostPin::Mapped : HostPin::Pinned;
+}
+
+void unpin_host(void* p, int device) {
+  if (!p) return;
+  CurrentDevice on(device);
+  cudaHostUnregister(p);
+  cudaGetLastError();
 }
 
 #else  // no CUDA in this build
@@ -631,8 +658,10 @@ bool CopyQueue::can_copy_layers(size_t, uint64_t) const { return false; }
 bool CopyQueue::copy_layers(const RelCopy*, size_t, const LayerBases*, size_t, uint64_t*) { no_cuda("a GPU copy"); }
 bool CopyQueue::layer_landed(uint64_t, uint64_t) { no_cuda("a GPU copy"); }
 void CopyQueue::drain() {}
-void* alloc_pinned(size_t) { return nullptr; }
-void free_pinned(void*) {}
+void* alloc_pinned(size_t, int) { return nullptr; }
+void free_pinned(void*, int) {}
+HostPin pin_host(void*, size_t, int) { return HostPin::None; }
+void unpin_host(void*, int) {}
 
 #endif
 

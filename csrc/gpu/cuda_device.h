@@ -149,9 +149,17 @@ class CopyQueue {
   int device_;
 };
 
-// Page-locked host memory (cudaHostAlloc, portable + mapped) when a GPU is usable, else nullptr.
-void* alloc_pinned(size_t nbytes);
-void free_pinned(void* p);
+// Page-locked host memory (cudaHostAlloc, portable + mapped) for copies by `device`, made with that device current
+// (the calling thread keeps its device, or its lack of a context: no context appears on GPU 0 of a rank that uses
+// GPU 3); nullptr when device < 0 or no GPU is usable. Under unified addressing its device pointer is its address.
+void* alloc_pinned(size_t nbytes, int device);
+void free_pinned(void* p, int device);
+// Page-locks memory allocated elsewhere (cudaHostRegister, portable + mapped) for copies by `device`. Mapped: its
+// address is also its device pointer (cudaDevAttrCanUseHostPointerForRegisteredMem), so kernels may read and write
+// it; Pinned: only the copy engines may use it; None: it could not be page-locked (copies still work, slower).
+enum class HostPin { None, Pinned, Mapped };
+HostPin pin_host(void* p, size_t nbytes, int device);
+void unpin_host(void* p, int device);
 
 }  // namespace gpu
 }  // namespace kvxfer

@@ -6,10 +6,14 @@
 // copy has landed posts the network write from the slot; the slot comes back when that write completes. With
 // several slots in flight the copy of batch i overlaps the write of batch i-1.
 //
-// Memory: page-locked (cudaHostAlloc) when a GPU is usable, so device-to-host copies run at copy-engine speed;
-// otherwise page-aligned ordinary memory (host-source staging, which tests and benchmarks the same pipeline).
-// Threading: progress thread only, except the constructor.
+// Memory: page-locked and mapped (cudaHostAlloc) when made for a GPU's copies, so device-to-host copies run at
+// copy-engine speed and gather kernels reach it; otherwise page-aligned ordinary memory (host sources: a process
+// that moves only host memory never creates a CUDA context, not even on a machine with GPUs). A ring made for host
+// sources is page-locked in place (pin_for) when a GPU first needs it.
+// Threading: progress thread only, except the constructor and pin_for (the caller holds the agent's
+// transport_mu_, which the progress thread holds while it works).
 #pragma once
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -26,15 +30,21 @@ class StagingRing {
 
   // populate: touch every page now (no page faults in the pipeline). Off for a ring most of whose slots may never
   // be written (landing slots: a peer's share is touched only once it sends through them).
+  // device: the GPU whose copies fill or drain the slots (page-locked for it), or -1 for host sources only.
   StagingRing(Transport& transport, size_t slot_bytes, size_t num_slots, uint64_t key = kDefaultKey,
-              bool populate = true);
+              bool populate = true, int device = -1);
   ~StagingRing();
   StagingRing(const StagingRing&) = delete;
   StagingRing& operator=(const StagingRing&) = delete;
 
   size_t slot_bytes() const { return slot_bytes_; }
   size_t num_slots() const { return num_slots_; }
-  bool pinned() const { return pinned_; }
+  // Page-locks a ring made for host sources for copies by `device` (no-op once pinned; best effort: copies into
+  // memory that could not be page-locked still work, at pageable-memory speed).
+  void pin_for(int device);
+  bool pinned() const { return pinned_.load(std::memory_order_acquire); }
+  // Kernels of any GPU may use the slots' addresses (gather copies); else only the copy engines read them.
+  bool device_reachable() const { return reachable_.load(std::memory_order_acquire); }
   size_t free_slots() const { return free_.size(); }
   int acquire();  // a free slot, or -1 when all are in flight
   void release(int slot);
@@ -47,9 +57,13 @@ class StagingRing {
   Transport& transport_;
   size_t slot_bytes_, num_slots_;
   uint8_t* base_ = nullptr;
-  bool pinned_ = false;
+  enum class Owner { Mmap, CudaHostAlloc } owner_ = Owner::Mmap;
+  int pinned_device_ = -1;  // the device it was allocated or page-locked for
+  std::atomic<bool> pinned_{false}, reachable_{false};
   MemoryKey key_;
   std::vector<int> free_;
+
+  void free_memory();
 };
 
 }  // namespace kvxfer
