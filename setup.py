@@ -32,6 +32,8 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DKVXFER_VERSION={self.distribution.get_version()}",
         ]
+        if os.environ.get("KVXFER_CUDA_ARCHS"):  # e.g. "75;90" or "native": the GPUs whose kernels to build
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['KVXFER_CUDA_ARCHS']}")
         if "KVXFER_BUILD_CUDA" in os.environ:
             args.append(f"-DKVXFER_BUILD_CUDA={'ON' if os.environ['KVXFER_BUILD_CUDA'] == '1' else 'OFF'}")
         try:

@@ -186,7 +186,16 @@ def collect() -> dict:
             "fallback": _fallback_status(transports),
             "libfabric": _C.fabric_version() if _C.have_libfabric else None,
             "ucx": _C.ucx_version() if _C.have_ucx else None, "transports": transports,
-            "gpu_paths": gpu_paths, "topology": _topology()}
+            "gpu_paths": gpu_paths, "gpu_kernels": _gpu_kernels(), "topology": _topology()}
+
+
+def _gpu_kernels() -> dict:
+    """Which visible GPUs this build's kernels (gather copies, layer records, counter waits) run on. A GPU without
+    them copies on its copy engines only and refuses layer signals, naming the rebuild that fixes it."""
+    archs = getattr(_C, "cuda_archs", "")
+    if not _C.have_cuda or not _C.gpu_status()[0]:
+        return {"archs": archs, "devices": []}
+    return {"archs": archs, "devices": [(d, runs, how) for d, runs, how in _C.gpu_kernel_images()]}
 
 
 def main(argv=None) -> int:
@@ -205,6 +214,10 @@ def main(argv=None) -> int:
     print("GPU memory paths (chosen per send from where both pools live; Send.path says which):")
     for name, (usable, detail) in info["gpu_paths"].items():
         print(f"  {'yes' if usable else 'no ':3}  {name:10}  {detail}")
+    kernels = info["gpu_kernels"]
+    for device, runs, how in kernels["devices"]:
+        print(f"  {'yes' if runs else 'no ':3}  kernels    cuda:{device}: {how}"
+              + ("" if runs else "; its copies go to the copy engines and layer signals are refused"))
     topo = info["topology"]
     if topo["gpus"]:
         for g in topo["gpus"]:

@@ -85,6 +85,20 @@ void register_info(py::module_& m) {
     }
     return py::make_tuple(ok, why);
   });
+  m.attr("cuda_archs") = gpu::built_archs();
+  m.def("_kernel_image_for", [](int major, int minor, const std::string& archs) {
+    const gpu::KernelImage k = gpu::kernel_image_for(major, minor, archs);
+    return py::make_tuple(k.runs, k.how);
+  }, py::arg("major"), py::arg("minor"), py::arg("archs"));
+  m.def("gpu_kernel_images", [] {  // [(device, runs, how)] for every visible GPU
+    py::list out;
+    const int n = gpu::device_count();
+    for (int d = 0; d < n; ++d) {
+      const gpu::KernelImage k = gpu::kernel_image(d);
+      out.append(py::make_tuple(d, k.runs, k.how));
+    }
+    return out;
+  });
   m.def("gpu_devices", [] {
     py::list out;
     const int n = gpu::device_count();

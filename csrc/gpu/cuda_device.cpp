@@ -86,6 +86,16 @@ int device_count() {
   return n;
 }
 
+KernelImage kernel_image(int device) {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return {false, "cuda:" + std::to_string(device) + " did not answer for its compute capability"};
+  }
+  return kernel_image_for(major, minor, built_archs());
+}
+
 std::string pci_bus_id(int device) {
   char id[32] = {0};
   if (cudaDeviceGetPCIBusId(id, sizeof(id), device) != cudaSuccess) {
@@ -364,6 +374,10 @@ CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
   impl_->mode = copy_mode_from_env();  // both before anything is created: a bad value throws with nothing to free
   impl_->launch = launch_mode_from_env();
   impl_->fence_bytes = fence_bytes_from_env();
+  const KernelImage image = kernel_image(device);
+  KVXFER_CHECK(image.runs || impl_->mode != CopyMode::Kernel, TransportUnavailable,
+               "KVXFER_GPU_COPY=kernel on cuda:" << device << ": " << image.how);
+  if (!image.runs) impl_->mode = CopyMode::CopyEngine;  // copies on the copy engines need no kernel of ours
   KVXFER_CUDA_CHECK(cudaSetDevice(device), TransportUnavailable, "cudaSetDevice(" << device << ")");
   // Non-blocking: never ordered behind the legacy default stream, so the model's stream and ours never wait on
   // each other except through the events the caller asks for.
@@ -371,7 +385,7 @@ CopyQueue::CopyQueue(int device) : impl_(new Impl), device_(device) {
                     "cudaStreamCreateWithFlags on cuda:" << device);
   // Best effort (a kernel without an image for this GPU fails at its launch, with the launch's error): kernels
   // loaded lazily could stall their first launch behind a counter-wait kernel spinning for that very copy.
-  (void)cuda::preload_kernels(device);
+  if (image.runs) (void)cuda::preload_kernels(device);
   int sms = 0;
   KVXFER_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), TransportUnavailable,
                     "querying the multiprocessor count of cuda:" << device);
@@ -628,6 +642,7 @@ bool available(std::string* why) {
   return false;
 }
 int device_count() { return 0; }
+KernelImage kernel_image(int) { return {false, "this kvxfer build has no CUDA"}; }
 std::string pci_bus_id(int) { return ""; }
 int device_by_pci_bus_id(const std::string&) { return -1; }
 bool can_access_peer(int, int) { return false; }

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu/kernel_archs.h"
 #include "gpu/vmm.h"
 
 namespace kvxfer {
@@ -27,6 +28,10 @@ int device_count();
 // The CUDA driver's entry point `name` from libcuda.so.1 (opened once, on first use: cudart is static and the
 // driver may be missing), or nullptr when the library or the symbol is not there.
 void* driver_symbol(const char* name);
+// Whether this build's kernels (gather copies, layer records, counter waits) run on `device`, and how
+// (gpu/kernel_archs.h), from its compute capability (no context made); runs=false with the reason when they do not,
+// or when the device cannot be queried.
+KernelImage kernel_image(int device);
 // PCI bus id ("0000:1b:00.0") of a device, or "" when unknown.
 std::string pci_bus_id(int device);
 // The local ordinal of the GPU at this PCI bus id, or -1 when this process cannot see it.

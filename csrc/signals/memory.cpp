@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/errors.h"
+#include "gpu/cuda_device.h"
 #ifdef KVXFER_HAVE_CUDA
 #include "cuda/api.cuh"
 #endif
@@ -60,6 +61,10 @@ MappedMemory::MappedMemory(size_t nbytes, bool want_device) : nbytes_(nbytes) {
     CudaStatus cs = cuda_status();
     if (cs.usable) {
 #ifdef KVXFER_HAVE_CUDA
+      // The words are for the record and wait kernels: refused here, naming the GPU, rather than at a first launch
+      // inside a captured graph.
+      const gpu::KernelImage image = gpu::kernel_image(cs.device);
+      KVXFER_CHECK(image.runs, TransportUnavailable, "layer signals on cuda:" << cs.device << ": " << image.how);
       if (!g_defer_frees) free_deferred();
       cudaError_t err = cuda::alloc_host_mapped(nbytes, &host_, &device_);
       KVXFER_CHECK(err == cudaSuccess, RegistrationFailed,
