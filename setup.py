@@ -32,8 +32,11 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DKVXFER_VERSION={self.distribution.get_version()}",
         ]
-        if os.environ.get("KVXFER_CUDA_ARCHS"):  # e.g. "75;90" or "native": the GPUs whose kernels to build
-            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['KVXFER_CUDA_ARCHS']}")
+        archs = os.environ.get("KVXFER_CUDA_ARCHS", "").strip()  # e.g. "75;90", "75 90" or "native"
+        # Given: the GPUs whose kernels to build. Not given: CMake's default (csrc/CMakeLists.txt), also in a build
+        # folder where an earlier KVXFER_CUDA_ARCHS is cached.
+        args.append(f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(archs.replace(',', ' ').split())}" if archs
+                    else "-UCMAKE_CUDA_ARCHITECTURES")
         if "KVXFER_BUILD_CUDA" in os.environ:
             args.append(f"-DKVXFER_BUILD_CUDA={'ON' if os.environ['KVXFER_BUILD_CUDA'] == '1' else 'OFF'}")
         try:

@@ -233,8 +233,16 @@ void flush_gpu_direct_writes(int device) {
 }
 
 void relax_graph_capture_for_this_thread() {
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) cudaGetLastError();  // no driver: nothing captures
+  // Through the driver: the runtime's cudaThreadExchangeStreamCaptureMode makes the current device's primary context
+  // (GPU 0's, ~500 MB, on a thread that has none: every agent's progress thread, host-only agents too), while the
+  // mode is the driver's per-thread state either way. No driver: nothing captures.
+  using InitFn = CUresult (*)(unsigned);
+  using ExchangeFn = CUresult (*)(CUstreamCaptureMode*);
+  static auto init = reinterpret_cast<InitFn>(driver_symbol("cuInit"));
+  static auto exchange = reinterpret_cast<ExchangeFn>(driver_symbol("cuThreadExchangeStreamCaptureMode"));
+  if (!init || !exchange || init(0) != CUDA_SUCCESS) return;
+  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+  (void)exchange(&mode);
 }
 
 IpcMapping::IpcMapping(const IpcHandle& handle, int local_device) : device_(local_device) {

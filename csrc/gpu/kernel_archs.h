@@ -19,7 +19,8 @@ struct KernelImage {
 // "NN-real" machine code only, "NN-virtual" PTX only; a suffix 'a' (90a) runs on that exact GPU only, 'f' (100f)
 // on its family. Machine code runs on GPUs of the same major version and an equal or higher minor one; PTX is
 // compiled by the driver for any GPU at or above it. "native", "all" and "all-major" cannot be checked here: taken
-// as running.
+// as running. (Desktop and data-center GPUs; Tegra parts such as Orin do not promise machine code compatibility
+// within a major version, and PTX needs a driver at least as new as the toolkit: neither is checked.)
 KernelImage kernel_image_for(int major, int minor, const std::string& archs);
 
 // The architectures this build's kernels were compiled for ("" in a build without CUDA).

@@ -47,7 +47,11 @@ CudaStatus cuda_status() {
   } else if ((err = cuda::current_device(&s.device)) != cudaSuccess) {
     s.why = std::string("cudaGetDevice failed: ") + cuda::error_string(err);
   } else {
-    s.usable = true;
+    // The words are for the record and wait kernels: a GPU this build has none for is not usable (engines then mark
+    // layers after a stream sync), rather than failing at a first launch inside a captured graph.
+    const gpu::KernelImage image = gpu::kernel_image(s.device);
+    s.usable = image.runs;
+    if (!image.runs) s.why = "cuda:" + std::to_string(s.device) + ": " + image.how;
   }
 #else
   s.why = "this kvxfer build has no CUDA (nvcc was not found at build time; rebuild with nvcc on PATH)";
@@ -61,10 +65,6 @@ MappedMemory::MappedMemory(size_t nbytes, bool want_device) : nbytes_(nbytes) {
     CudaStatus cs = cuda_status();
     if (cs.usable) {
 #ifdef KVXFER_HAVE_CUDA
-      // The words are for the record and wait kernels: refused here, naming the GPU, rather than at a first launch
-      // inside a captured graph.
-      const gpu::KernelImage image = gpu::kernel_image(cs.device);
-      KVXFER_CHECK(image.runs, TransportUnavailable, "layer signals on cuda:" << cs.device << ": " << image.how);
       if (!g_defer_frees) free_deferred();
       cudaError_t err = cuda::alloc_host_mapped(nbytes, &host_, &device_);
       KVXFER_CHECK(err == cudaSuccess, RegistrationFailed,

@@ -11,7 +11,7 @@
 namespace kvxfer {
 
 struct CudaStatus {
-  bool usable = false;  // built with CUDA, a driver and at least one device
+  bool usable = false;  // built with CUDA, a driver, at least one device, and kernels for the current one
   int device = -1;      // the calling thread's current device when usable
   std::string why;      // when not usable: what is missing, for the error message
 };

@@ -50,8 +50,8 @@ print("active primary contexts:", active)
 
 def test_a_process_moving_only_host_memory_creates_no_cuda_context():
     """Host sources fill the bounce slots with memcpy and a host pool drains the landing slots with memcpy: neither
-    ring is page-locked, and the process ends with no active primary context on any GPU (were one there, the
-    likely makers are the progress thread's cudaThreadExchangeStreamCaptureMode or a ring's cudaHostAlloc)."""
+    ring is page-locked, and the process ends with no active primary context on any GPU (the progress thread sets
+    its capture mode through the driver: the runtime's call made GPU 0's context, mscclpp PR #757)."""
     out = subprocess.run([sys.executable, "-c", HOST_ONLY], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          check=False, env={**os.environ, "FI_TCP_IFACE": "lo"})
     assert out.returncode == 0, out.stdout + out.stderr

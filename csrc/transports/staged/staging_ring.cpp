@@ -47,7 +47,8 @@ void StagingRing::free_memory() {
 }
 
 void StagingRing::pin_for(int device) {
-  if (pinned_ || device < 0) return;
+  if (pinned_ || pin_tried_ || device < 0) return;
+  pin_tried_ = true;  // a refusal is not retried at every send (each try locks the whole ring again)
   const gpu::HostPin pin = gpu::pin_host(base_, slot_bytes_ * num_slots_, device);
   if (pin == gpu::HostPin::None) return;
   pinned_device_ = device;

@@ -59,6 +59,7 @@ class StagingRing {
   uint8_t* base_ = nullptr;
   enum class Owner { Mmap, CudaHostAlloc } owner_ = Owner::Mmap;
   int pinned_device_ = -1;  // the device it was allocated or page-locked for
+  bool pin_tried_ = false;  // pin_for (callers hold the agent's transport_mu_)
   std::atomic<bool> pinned_{false}, reachable_{false};
   MemoryKey key_;
   std::vector<int> free_;
