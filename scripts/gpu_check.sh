@@ -56,7 +56,7 @@ for step in "${steps[@]}"; do
       $PY -c 'from tests.gpu.conftest import gpu_skip_reason as r; import sys; w = r(); print("GPU tests:", w or "will run"); sys.exit(1 if w else 0)' ||
         { echo "GPU tests would all skip: stopping (nvidia-smi's driver must be new enough for the toolkit that built kvxfer)"; exit 3; }
       timeout ${KVXFER_TEST_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider -o addopts="" -rA $TO ${KVXFER_XDIST:-} tests/gpu tests/test_gpu_paths.py \
-        tests/test_staged.py tests/test_landing.py --deselect tests/gpu/test_engine_gpu.py::test_demo_quick_on_the_gpu \
+        tests/test_staged.py tests/test_landing.py tests/test_kernel_archs.py --deselect tests/gpu/test_engine_gpu.py::test_demo_quick_on_the_gpu \
         2>&1 | tee "$OUT/tests_gpu.log" | tail -60 || rc=1 ;;
     demo)  # kvxfer-demo --quick on the GPU, both deployments (tests/gpu/test_engine_gpu.py)
       timeout 450 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rA \
