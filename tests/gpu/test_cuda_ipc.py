@@ -288,3 +288,43 @@ def test_cuda_ipc_between_two_agents_of_one_process():
         np.testing.assert_array_equal(got.cpu().numpy(), want)
     a.close()
     b.close()
+
+
+@requires_gpu
+def test_cupy_arrays_register_and_send_over_cuda_ipc():
+    """A pool of cupy arrays (read through __cuda_array_interface__; kvxfer never imports cupy) registers like torch
+    tensors and reaches a GPU pool of another process by CUDA IPC: bytes exact, guards untouched."""
+    cp = pytest.importorskip("cupy")
+    from tests.conftest import RemoteSender
+    from tests.gpu.gpu_peer import serve_receiver
+
+    receiver = RemoteSender(serve_receiver)
+    agent = None
+    try:
+        layout = kvxfer.KVLayout.vllm_flash(*ARGS)
+        md = receiver.call("init", ("auto", "vllm_flash", 13, list(ARGS), "cuda:0", {}))
+        src_host = make_pool(layout, 13)
+        src = [cp.asarray(a) for a in src_host]
+        cp.cuda.runtime.deviceSynchronize()  # the uploads landed before kvxfer's stream (not ordered after) reads
+        agent = kvxfer.Agent("cupy-sender", interface="lo", timeout_s=30)
+        agent.register_pool(src, layout)
+        peer = agent.add_peer(md)
+        receiver.call("add_peer", agent.metadata())
+        agent.wait_connected(peer, 20)
+        rng = np.random.default_rng(13)
+        src_ids = rng.choice(layout.num_blocks, 24, replace=False).astype(np.int32)
+        dst_ids = rng.choice(layout.num_blocks, 24, replace=False).astype(np.int32)
+        expected = make_pool(layout, 13 + 1000)
+        apply(layout, src_host, expected, src_ids, dst_ids, range(layout.num_layers))
+        receiver.call("recv", (3, dst_ids.tolist()))
+        send = agent.send(peer, 3, src_ids, dst_ids)
+        send.all_ready()
+        send.wait(timeout_s=30)
+        assert receiver.call("wait", (3, 30)) == "DONE"
+        assert send.path == "cuda_ipc"
+        for got, want in zip(receiver.call("read", None), expected):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        if agent is not None:
+            agent.close()
+        receiver.close()
