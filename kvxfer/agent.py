@@ -11,6 +11,7 @@ engine's request keys, scoped per peer. Python never loops per block: ids go to 
 """
 from __future__ import annotations
 
+import operator
 import os
 import time
 
@@ -99,6 +100,9 @@ def _gpu_pci(gpu) -> str:
     if hasattr(gpu, "device") and not isinstance(gpu, str):  # a tensor
         gpu = gpu.device
     if hasattr(gpu, "index") and hasattr(gpu, "type"):  # a torch.device; "cuda" alone is the current one
+        if gpu.type != "cuda":
+            raise InvalidArgument(f"gpu={gpu!r} is not a CUDA device: pass a CUDA ordinal, 'cuda:N', a CUDA tensor "
+                                  "or device, or a PCI bus id (or leave gpu out for a host-only agent)")
         if gpu.index is None:
             import torch
 
@@ -274,7 +278,7 @@ class Agent:
             raise InvalidArgument(f"peer {peer.name} exposes no pool {dst_pool!r} (it exposes {names})")
         path, reason = self._c.choose_path(peer._h, self._pool(pool).index, names.index(dst_pool) if dst_pool else 0)
         if path == "cuda_ipc":
-            reason += _gpu_link_note(self._pool(pool), peer)
+            reason += _gpu_link_note(self._pool(pool), peer._h.pool_gpu_pci_ids(names.index(dst_pool) if dst_pool else 0))
         return path, reason
 
     def check_peer(self, peer: Peer, *, pool=None, dst_pool: str = "") -> None:
@@ -445,15 +449,16 @@ class Agent:
         self.close()
 
 
-def _gpu_link_note(pool: Pool, peer: Peer) -> str:
+def _gpu_link_note(pool: Pool, dst_gpu_pci_ids) -> str:
     """'; link: nvlink' (or pcie / same-gpu) between our pool's GPU and the peer's, from NVML when it is there."""
     from kvxfer import topology
 
-    gpus, _ = topology.gpus()
+    gpus, _ = topology.gpus()  # never raises: NVML errors leave GPUs out
     device = pool._regions[0].device
     pci = {d: p.lower() for d, p in _C.gpu_devices()}.get(device, "")  # CUDA ordinals != NVML indexes in general
     ours = next((g for g in gpus if g.pci == topology._norm_pci(pci)), None) if pci else None
-    theirs = next((g for g in gpus if g.pci in peer._h.gpu_pci_ids), None)
+    theirs_pci = {topology._norm_pci(p) for p in dst_gpu_pci_ids}
+    theirs = next((g for g in gpus if g.pci in theirs_pci), None)
     return f"; link: {topology.link(ours, theirs)}" if ours and theirs else ""
 
 
@@ -470,4 +475,12 @@ def _xfer(xfer_id) -> int:
 
 
 def _is_raw_range(obj) -> bool:
-    return isinstance(obj, tuple) and len(obj) == 3 and all(isinstance(v, int) for v in obj)
+    """A (ptr, nbytes, device) tuple of integers: Python ints or numpy ones (np.int64 is not an int subclass)."""
+    if not (isinstance(obj, tuple) and len(obj) == 3):
+        return False
+    try:
+        for v in obj:
+            operator.index(v)
+    except TypeError:
+        return False
+    return True

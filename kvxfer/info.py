@@ -117,11 +117,18 @@ def _topology() -> dict:
     gpus, why = topology.gpus()
     sysfs = envs.get("KVXFER_SYSFS")
     nics = topology.nics(sysfs)
+    # NVML numbers GPUs its own way (all of them, PCI order); CUDA ordinals follow CUDA_VISIBLE_DEVICES and its
+    # device order: rows are named by CUDA ordinal, matched through the PCI bus id.
+    cuda_of = {}
+    if _C.have_cuda and _C.gpu_status()[0]:
+        cuda_of = {topology._norm_pci(p.lower()): d for d, p in _C.gpu_devices()}
+    name = {g.index: (f"cuda:{cuda_of[g.pci]}" if g.pci in cuda_of else f"nvml{g.index} (not visible to CUDA here)")
+            for g in gpus}
     rows = []
     for g in gpus:
         near = topology.nearest_nic(g.pci, nics, sysfs)
-        links = {o.index: topology.link(g, o) for o in gpus if o.index != g.index}
-        rows.append({"gpu": g.index, "name": g.name, "pci": g.pci, "numa": g.numa_node,
+        links = {name[o.index]: topology.link(g, o) for o in gpus if o.index != g.index}
+        rows.append({"gpu": name[g.index], "nvml_index": g.index, "name": g.name, "pci": g.pci, "numa": g.numa_node,
                      "nearest_nic": near.name if near else None, "links": links})
     return {"gpus": rows, "gpus_why": why, "nics": [(n.name, n.kind, n.pci, n.numa_node) for n in nics]}
 
@@ -221,8 +228,8 @@ def main(argv=None) -> int:
     topo = info["topology"]
     if topo["gpus"]:
         for g in topo["gpus"]:
-            links = ", ".join(f"gpu{k}:{v}" for k, v in g["links"].items()) or "no other GPU"
-            print(f"  gpu{g['gpu']} {g['name']} {g['pci']} numa {g['numa']}: nearest NIC {g['nearest_nic']}; {links}")
+            links = ", ".join(f"{k} {v}" for k, v in g["links"].items()) or "no other GPU"
+            print(f"  {g['gpu']} {g['name']} {g['pci']} numa {g['numa']}: nearest NIC {g['nearest_nic']}; {links}")
     else:
         print(f"  topology: no GPUs listed ({topo['gpus_why'] or 'none found'})")
     print(f"  NICs with a PCI position: {', '.join(n[0] + ' (' + n[1] + ')' for n in topo['nics']) or 'none'}")

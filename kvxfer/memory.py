@@ -46,7 +46,7 @@ def as_region(obj) -> MemoryRegion:
         if isinstance(stream, int) and stream > 0:  # work queued on it (a fill) lands before kvxfer's streams use it
             from kvxfer import _C
 
-            _C.cuda_stream_synchronize(stream)
+            _C.cuda_stream_synchronize(stream, int(device))
         return MemoryRegion(cai["data"][0], int(nbytes), int(device))
     if hasattr(obj, "__array_interface__"):  # numpy
         if not obj.flags["C_CONTIGUOUS"]:

@@ -182,6 +182,9 @@ class DeviceCounter:
     def wait_on_stream(self, layer: int | None = None, stream=None, *, timeout_s: float = 30.0) -> None:
         """Enqueue a spin-wait on `stream` until `layer` (None: every layer) of the attached recv is done.
         Capturable in a CUDA graph; the k-th execution per layer waits for the k-th attach()."""
+        if layer is not None and (not isinstance(layer, int) or layer < 0):
+            raise InvalidArgument(f"layer={layer!r}: a layer index (0 to {self.num_layers - 1}), or None for every "
+                                  "layer")
         self._c.wait_on_stream(-1 if layer is None else layer, _stream_handle(stream), timeout_s)
 
     def sync(self) -> int:

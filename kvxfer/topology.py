@@ -151,25 +151,35 @@ def _nvml():
 
 
 def gpus() -> tuple[list[Gpu], str]:
-    """(GPUs seen by NVML, "" or why none could be listed)."""
+    """(GPUs seen by NVML, "" or why some or all could not be listed). Never raises: NVML errors leave GPUs out."""
     nvml, why = _nvml()
     if nvml is None:
         return [], why
-    out = []
-    for i in range(nvml.nvmlDeviceGetCount()):
-        h = nvml.nvmlDeviceGetHandleByIndex(i)
-        name = nvml.nvmlDeviceGetName(h)
-        pci = _norm_pci(_text(nvml.nvmlDeviceGetPciInfo(h).busId))
+    out, skipped = [], []
+    try:
+        count = nvml.nvmlDeviceGetCount()
+    except nvml.NVMLError as e:
+        return [], f"NVML could not count GPUs: {e}"
+    for i in range(count):
+        try:  # a GPU NVML cannot describe (lost, no permission) is left out, not a crash of info or path_to
+            h = nvml.nvmlDeviceGetHandleByIndex(i)
+            name = nvml.nvmlDeviceGetName(h)
+            pci = _norm_pci(_text(nvml.nvmlDeviceGetPciInfo(h).busId))
+        except nvml.NVMLError as e:
+            skipped.append(f"NVML GPU {i}: {e}")
+            continue
         peers = []
         for link in range(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18)):
             try:
                 if nvml.nvmlDeviceGetNvLinkState(h, link) != nvml.NVML_FEATURE_ENABLED:
                     continue
                 peers.append(_norm_pci(_text(nvml.nvmlDeviceGetNvLinkRemotePciInfo(h, link).busId)))
+            except nvml.NVMLError_NotSupported:
+                break  # no NVLink on this device
             except nvml.NVMLError:
-                break  # no more links on this device (or NVLink not supported)
+                continue  # this link: inactive or unreadable; later ones may be up
         out.append(Gpu(i, _text(name), pci, _numa_node(f"/sys/bus/pci/devices/{pci}"), tuple(sorted(set(peers)))))
-    return out, ""
+    return out, "; ".join(skipped)
 
 
 def link(a: Gpu, b: Gpu) -> str:

@@ -127,6 +127,10 @@ def test_agent_gpu_option(monkeypatch):
     # No GPU here: a CUDA ordinal cannot be placed, and the error says what to pass instead.
     with pytest.raises(errors.InvalidArgument, match="gpu=0: no such CUDA device here.*PCI bus id"):
         kvxfer.Agent("gpu-nic-0", transport="tcp", gpu=0)
+    torch = pytest.importorskip("torch")
+    for cpu in (torch.device("cpu"), torch.zeros(1)):  # not the current GPU in disguise: refused by name
+        with pytest.raises(errors.InvalidArgument, match=r"gpu=.*cpu.* is not a CUDA device.*host-only agent"):
+            kvxfer.Agent("gpu-nic-cpu", transport="tcp", gpu=cpu)
     # A PCI bus id needs no CUDA. Tests stay on loopback, so the only NIC offered is lo, given a PCI position.
     monkeypatch.setattr(topology, "nics", lambda sysfs="/sys": [topology.Nic("lo", "net", "0000:00:09.0", -1,
                                                                              ("0000:00:09.0",))])

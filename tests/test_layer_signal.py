@@ -58,6 +58,16 @@ def test_import_and_host_fallback_without_gpu(pair):
     sig.close()
 
 
+def test_device_counter_wait_refuses_a_negative_layer():
+    """-1 is the C++ side's "every layer": a caller's negative index must not silently become a wait for all."""
+    c = kvxfer.DeviceCounter(LAYERS, device=False)
+    for bad in (-1, -2):
+        with pytest.raises(errors.InvalidArgument, match=rf"layer={bad}: a layer index \(0 to {LAYERS - 1}\), or None"):
+            c.wait_on_stream(bad, stream=0)
+    with pytest.raises(errors.InvalidArgument, match=f"layer {LAYERS} is outside this DeviceCounter's {LAYERS} layers"):
+        c.wait_on_stream(LAYERS, stream=0)
+
+
 def test_each_forward_goes_to_its_binding_bytes_and_counters_exact(pair):
     a, b, peer_b, peer_a, layout, src, dst = pair
     before = [x.copy() for x in dst]

@@ -39,6 +39,17 @@ def test_raw_ranges_move_the_bytes_they_name():
         np.testing.assert_array_equal(got, want)
 
 
+def test_one_raw_range_of_numpy_integers_is_one_region():
+    """(ptr, nbytes, device) as numpy integers (what arithmetic on .ctypes.data or array sizes gives) is a raw range,
+    not a list of three things to register."""
+    layout = kvxfer.KVLayout.contiguous(16, 4096)
+    buf = np.zeros(16 * 4096, np.uint8)
+    a = kvxfer.Agent("reg-np-int", transport="tcp", interface="lo")
+    pool = a.register_pool((np.int64(buf.ctypes.data), np.int64(buf.nbytes), np.int32(-1)), layout)
+    assert [(r.addr, r.nbytes, r.device) for r in pool._regions] == [(buf.ctypes.data, buf.nbytes, -1)]
+    a.close()
+
+
 def test_torch_cpu_tensors_per_layer_and_stacked():
     torch = pytest.importorskip("torch", reason="torch not installed (scripts/setup.sh installs torch==2.13.0)")
     shape = (2, LAYOUT.num_blocks, LAYOUT.block_size, LAYOUT.num_kv_heads, LAYOUT.head_dim)

@@ -33,6 +33,17 @@ void bind_transfer(py::class_<T, std::shared_ptr<T>>& c) {
            py::arg("layer"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>());
 }
 
+std::vector<std::string> pool_gpu_pci_ids(const PeerState& p, size_t pool) {
+  std::vector<std::string> ids;  // lower case, like sysfs
+  for (const auto& r : p.info.pools[pool].regions)
+    if (r.device >= 0 && !r.pci_bus_id.empty()) {
+      std::string id = r.pci_bus_id;
+      for (auto& ch : id) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      ids.push_back(id);
+    }
+  return ids;
+}
+
 }  // namespace
 
 void register_agent(py::module_& m) {
@@ -93,14 +104,13 @@ void register_agent(py::module_& m) {
       .def_property_readonly("fingerprint", [](const PeerState& p) { return p.info.fingerprint(); })
       .def_property_readonly("gpu_pci_ids", [](const PeerState& p) {
         std::vector<std::string> ids;  // PCI bus ids of the GPUs behind the peer's pools (lower case, like sysfs)
-        for (const auto& pool : p.info.pools)
-          for (const auto& r : pool.regions)
-            if (r.device >= 0 && !r.pci_bus_id.empty()) {
-              std::string id = r.pci_bus_id;
-              for (auto& ch : id) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-              ids.push_back(id);
-            }
+        for (size_t i = 0; i < p.info.pools.size(); ++i)
+          for (auto& id : pool_gpu_pci_ids(p, i)) ids.push_back(std::move(id));
         return ids;
+      })
+      .def("pool_gpu_pci_ids", [](const PeerState& p, size_t pool) {
+        KVXFER_CHECK(pool < p.info.pools.size(), InvalidArgument, "peer has no pool " << pool);
+        return pool_gpu_pci_ids(p, pool);  // the GPUs behind that one pool (a send's destination)
       })
       .def_property_readonly("region_sharing", [](const PeerState& p) {
         std::vector<std::string> out;  // per region of every pool: how a same-host peer can map it

@@ -74,8 +74,8 @@ void register_info(py::module_& m) {
   m.attr("have_cuda") = false;
 #endif
 
-  m.def("cuda_stream_synchronize", [](uint64_t stream) { gpu::synchronize_stream(stream); },
-        py::call_guard<py::gil_scoped_release>());
+  m.def("cuda_stream_synchronize", [](uint64_t stream, int device) { gpu::synchronize_stream(stream, device); },
+        py::arg("stream"), py::arg("device"), py::call_guard<py::gil_scoped_release>());
   m.def("gpu_status", [] {
     std::string why;
     bool ok;

@@ -93,6 +93,7 @@ __global__ void gather_layers_kernel(const CopyDesc* rel, uint32_t n, const Laye
 cudaError_t launch_gather_copy(const CopyDesc* descs, uint32_t n, uint32_t max_blocks, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const uint32_t blocks = n < max_blocks ? n : max_blocks;
+  (void)cudaGetLastError();  // only this launch's error is returned, not an earlier call's
   gather_copy_kernel<<<blocks, kThreads, 0, stream>>>(descs, n);
   return cudaGetLastError();
 }
@@ -102,6 +103,7 @@ cudaError_t launch_gather_layers(const CopyDesc* rel, uint32_t n, const LayerCop
                                  uint32_t max_blocks, cudaStream_t stream) {
   if (n == 0 || num_layers == 0 || num_layers > kMaxGatherLayers || layers_per_fence == 0) return cudaErrorInvalidValue;
   const uint32_t blocks = n < max_blocks ? n : max_blocks;
+  (void)cudaGetLastError();  // only this launch's error is returned, not an earlier call's
   gather_layers_kernel<<<blocks, kThreads, 0, stream>>>(rel, n, layers, num_layers, layers_per_fence, arrivals,
                                                         done_words);
   return cudaGetLastError();

@@ -20,6 +20,7 @@ __global__ void layer_signal_kernel(volatile uint64_t* host_slots, uint64_t* dev
 
 cudaError_t launch_layer_signal(volatile uint64_t* host_slots, uint64_t* dev_counts, uint32_t layer,
                                 cudaStream_t stream) {
+  (void)cudaGetLastError();  // only this launch's error is returned, not an earlier call's
   layer_signal_kernel<<<1, 1, 0, stream>>>(host_slots, dev_counts, layer);
   return cudaGetLastError();
 }
@@ -62,6 +63,7 @@ cudaError_t launch_counter_wait(const volatile uint32_t* host_words, const volat
                                 volatile uint32_t* error_word, uint32_t* dev_waits, int layer, uint32_t num_layers,
                                 uint64_t timeout_ns, cudaStream_t stream) {
   if (num_layers > kMaxWaitLayers) return cudaErrorInvalidValue;
+  (void)cudaGetLastError();  // only this launch's error is returned, not an earlier call's
   counter_wait_kernel<<<1, 1, 0, stream>>>(host_words, fail_word, error_word, dev_waits, layer, num_layers,
                                            timeout_ns);
   return cudaGetLastError();

@@ -211,9 +211,12 @@ void enable_peer_access(int device, int peer) {
                         << "; without peer-to-peer between them, send from a pool on cuda:" << peer << ")");
 }
 
-void synchronize_stream(uint64_t stream) {
+void synchronize_stream(uint64_t stream, int device) {
+  // The default streams (1 legacy, 2 per-thread) are the current device's: the array's device is made current.
+  CurrentDevice on(device, "synchronizing the array's stream");
   KVXFER_CUDA_CHECK(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)), TransportUnavailable,
-                    "cudaStreamSynchronize of the array's stream 0x" << std::hex << stream << std::dec);
+                    "cudaStreamSynchronize of the array's stream 0x" << std::hex << stream << std::dec << " on cuda:"
+                                                                     << device);
 }
 
 bool gpu_direct_writes_need_flush(int device) {
@@ -659,7 +662,7 @@ void enable_peer_access(int device, int peer) {
 }
 void relax_graph_capture_for_this_thread() {}
 bool gpu_direct_writes_need_flush(int) { return false; }
-void synchronize_stream(uint64_t) { no_cuda("synchronizing a CUDA stream"); }
+void synchronize_stream(uint64_t, int) { no_cuda("synchronizing a CUDA stream"); }
 void flush_gpu_direct_writes(int) {}
 DeviceRange describe_device_range(uint64_t, uint64_t, int device, const std::string& what, bool) {
   no_cuda(what + " on cuda:" + std::to_string(device));

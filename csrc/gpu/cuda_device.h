@@ -52,9 +52,10 @@ void relax_graph_capture_for_this_thread();
 // InvalidArgument naming a bad one: called when an agent is created, so a typo fails there and not on the progress
 // thread at its first GPU copy. Nothing to check in a build without CUDA.
 void check_copy_environment();
-// Waits for the work queued on a cudaStream_t (an integer handle, as __cuda_array_interface__ gives it: 1 is the
-// legacy default stream, 2 the per-thread one). Throws TransportUnavailable naming the error.
-void synchronize_stream(uint64_t stream);
+// Waits for the work queued on a cudaStream_t of `device` (an integer handle, as __cuda_array_interface__ gives it:
+// 1 is the legacy default stream, 2 the per-thread one, both the device's). Throws TransportUnavailable naming the
+// error.
+void synchronize_stream(uint64_t stream, int device);
 // Whether writes a NIC makes into `device`'s memory (GPU-direct RDMA) can be seen by the device's own work before
 // a flush (cudaDevAttrGPUDirectRDMAWritesOrdering below Owner: they need flush_gpu_direct_writes first).
 bool gpu_direct_writes_need_flush(int device);

@@ -44,9 +44,9 @@ def cma_limit_gbps(workload: Workload, src: list[np.ndarray], peer_pid: int, dst
         for (sr, srows), (dr, drows) in zip(chunk_rows(lay, src_ids), chunk_rows(lay, dst_ids)):
             s_addr.append(np.uint64(src[sr].ctypes.data) + srows.astype(np.uint64) * np.uint64(lay.chunk_bytes))
             d_addr.append(np.uint64(dst_bases[dr]) + drows.astype(np.uint64) * np.uint64(lay.chunk_bytes))
-    reps = 1 if workload.rotate else k
-    s = np.ascontiguousarray(np.tile(np.concatenate(s_addr), reps))
-    d = np.ascontiguousarray(np.tile(np.concatenate(d_addr), reps))
+    tiles = 1 if workload.rotate else k  # the rotating sweep already listed k transfers' chunks
+    s = np.ascontiguousarray(np.tile(np.concatenate(s_addr), tiles))
+    d = np.ascontiguousarray(np.tile(np.concatenate(d_addr), tiles))
     n = np.full(s.size, lay.chunk_bytes, np.uint64)
     seconds = min(_C.cma_copy_seconds(peer_pid, s, d, n) for _ in range(reps))
     return workload.nbytes * k / seconds / 1e9

@@ -52,17 +52,19 @@ def place(host_arrays: list[np.ndarray], where: str) -> list:
 
 
 def fill(pool: list, value: int) -> None:
-    on_gpu = False
+    devices = set()
     for a in pool:
         if isinstance(a, np.ndarray):
             a.fill(value)
         else:
             a.fill_(value)
-            on_gpu |= a.is_cuda
-    if on_gpu:  # filled on torch's stream; a peer's copies on streams of their own are not ordered after it
+            if a.is_cuda:
+                devices.add(a.device)
+    if devices:  # filled on torch's streams; a peer's copies on streams of their own are not ordered after them
         import torch
 
-        torch.cuda.synchronize()
+        for device in devices:  # (synchronize() alone waits for the current device only)
+            torch.cuda.synchronize(device)
 
 
 def to_host(pool: list) -> list[np.ndarray]:
@@ -81,19 +83,23 @@ def copy_limit_gbps(nbytes: int, src: str, dst: str, reps: int = 5) -> tuple[flo
 
 def copy_limit_seconds(nbytes: int, src: str, dst: str, reps: int = 5) -> float:
     """The device's own copy of nbytes in the direction a GPU path moves them (device-to-device, or to/from pinned
-    host memory): the best of reps after a warm-up copy. src/dst: cpu, cuda or cuda:N."""
+    host memory): the best of reps after a warm-up copy. src/dst: cpu, cuda or cuda:N. Small sizes copy k times
+    per timing (64 MiB in all, as the CPU limits do) and count a k-th of it: one small copy between two
+    synchronizes times the launch and the synchronize, not the copy."""
     import torch
 
     device = src if is_gpu(src) else dst
+    k = max(1, -(-(64 << 20) // nbytes))
     a = torch.empty(nbytes, dtype=torch.uint8, device=src if is_gpu(src) else "cpu", pin_memory=not is_gpu(src))
     b = torch.empty(nbytes, dtype=torch.uint8, device=dst if is_gpu(dst) else "cpu", pin_memory=not is_gpu(dst))
     best = float("inf")
     with torch.cuda.device(device):
-        for rep in range(reps + 1):  # the first copy warms up
+        for rep in range(reps + 1):  # the first round warms up
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            b.copy_(a, non_blocking=True)
+            for _ in range(k):
+                b.copy_(a, non_blocking=True)
             torch.cuda.synchronize()
             if rep:
-                best = min(best, time.perf_counter() - t0)
+                best = min(best, (time.perf_counter() - t0) / k)
     return best

@@ -184,10 +184,12 @@ class Driver:
                 verified, detail = rep["verified"], rep["detail"]
         finally:
             agent.close()
-        path = timing["send_path"] if gpu else peer.path
-        path = path if cfg.staging == "auto" else f"staged->{path}"
-        if cfg.landing == "always":  # the sender stages too, and writes over the fabric into the landing slots
-            path = f"staged->{fabric}->landing"
+        if gpu:  # the path the sends took (cuda_ipc is chosen ahead of staging and landing)
+            path = timing["send_path"]
+        else:
+            path = peer.path if cfg.staging == "auto" else f"staged->{peer.path}"
+            if cfg.landing == "always":  # the sender stages too, and writes over the fabric into the landing slots
+                path = f"staged->{fabric}->landing"
         rec = {"transport": cfg.transport, "path": path, "provider": provider, "domain": domain,
                "rails": cfg.rails, "pattern": workload.pattern, "model": workload.label,
                "nbytes": workload.nbytes, "blocks": workload.blocks, "depth": workload.depth,

@@ -24,7 +24,7 @@ SMALL = ("--tokens", "512", "--sweep", "none", "--iters", "3", "--quiet")
 ])
 def test_kvxfer_bench_gpu_pools(args, path, limit):
     r = subprocess.run([sys.executable, "-m", "kvxfer.bench.cli", *args, *SMALL, "--timeout", "60"],
-                       capture_output=True, text=True, env=ENV, timeout=300)
+                       capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0, r.stderr
     row = next(line for line in r.stdout.splitlines() if line.startswith("paged"))
     assert re.search(rf"^paged\s+\S+\s+{path}\s", row), r.stdout
