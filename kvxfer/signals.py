@@ -90,7 +90,9 @@ class LayerSignal:
     why_host = property(lambda self: self._c.why_host)
 
     def record(self, layer: int, stream=None) -> None:
-        """Enqueue layer's record on `stream` (default: torch's current stream). Capturable; never waits."""
+        """Enqueue layer's record on `stream` (default: torch's current stream). Capturable; never waits. One
+        forward at a time per signal: records of the same layer from two streams running at once (overlapped
+        micro-batches) can race on the layer's count; give each concurrent stream a LayerSignal of its own."""
         self._c.record(layer, _stream_handle(stream))
 
     def bind(self, sends) -> int:
