@@ -51,6 +51,24 @@ def run_and_check(remote, agent, peer, layout, dst, dst_host, seed, xfer):
     return path, reason
 
 
+def send_exact_to_remote(agent, peer, receiver, layout, src_host, seed, xfer, n=24):
+    """n random blocks of every layer from `agent`'s pool (whose bytes are src_host) into a serve_receiver peer's
+    GPU pool (guard pattern make_pool(seed + 1000)) over CUDA IPC: the whole pool read back equals the reference."""
+    rng = np.random.default_rng(seed)
+    src_ids = rng.choice(layout.num_blocks, n, replace=False).astype(np.int32)
+    dst_ids = rng.choice(layout.num_blocks, n, replace=False).astype(np.int32)
+    expected = make_pool(layout, seed + 1000)
+    apply(layout, src_host, expected, src_ids, dst_ids, range(layout.num_layers))
+    receiver.call("recv", (xfer, dst_ids.tolist()))
+    send = agent.send(peer, xfer, src_ids, dst_ids)
+    send.all_ready()
+    send.wait(timeout_s=30)
+    assert receiver.call("wait", (xfer, 30)) == "DONE"
+    assert send.path == "cuda_ipc"
+    for got, want in zip(receiver.call("read", None), expected):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.fixture(params=["kernel", "copy_engine"])
 def remote_copy_mode(request, monkeypatch):
     """A sender whose GPU copies run as the gather kernel, or on the copy engines (KVXFER_GPU_COPY)."""
@@ -215,19 +233,7 @@ def test_expandable_segments_pool_is_reached_through_vmm_handles(monkeypatch, ar
         receiver.call("add_peer", agent.metadata())
         agent.wait_connected(peer, 20)
         assert set(peer._h.region_sharing) == {"vmm"}, peer._h.region_sharing  # not legacy IPC handles
-        rng = np.random.default_rng(12)
-        src_ids = rng.choice(layout.num_blocks, 24, replace=False).astype(np.int32)
-        dst_ids = rng.choice(layout.num_blocks, 24, replace=False).astype(np.int32)
-        expected = make_pool(layout, 12 + 1000)
-        apply(layout, src, expected, src_ids, dst_ids, range(layout.num_layers))
-        receiver.call("recv", (7, dst_ids.tolist()))
-        send = agent.send(peer, 7, src_ids, dst_ids)
-        send.all_ready()
-        send.wait(timeout_s=30)
-        assert receiver.call("wait", (7, 30)) == "DONE"
-        assert send.path == "cuda_ipc"
-        for got, want in zip(receiver.call("read", None), expected):
-            np.testing.assert_array_equal(got, want)
+        send_exact_to_remote(agent, peer, receiver, layout, src, seed=12, xfer=7)
     finally:
         receiver.close()
 
@@ -311,19 +317,7 @@ def test_cupy_arrays_register_and_send_over_cuda_ipc():
         peer = agent.add_peer(md)
         receiver.call("add_peer", agent.metadata())
         agent.wait_connected(peer, 20)
-        rng = np.random.default_rng(13)
-        src_ids = rng.choice(layout.num_blocks, 24, replace=False).astype(np.int32)
-        dst_ids = rng.choice(layout.num_blocks, 24, replace=False).astype(np.int32)
-        expected = make_pool(layout, 13 + 1000)
-        apply(layout, src_host, expected, src_ids, dst_ids, range(layout.num_layers))
-        receiver.call("recv", (3, dst_ids.tolist()))
-        send = agent.send(peer, 3, src_ids, dst_ids)
-        send.all_ready()
-        send.wait(timeout_s=30)
-        assert receiver.call("wait", (3, 30)) == "DONE"
-        assert send.path == "cuda_ipc"
-        for got, want in zip(receiver.call("read", None), expected):
-            np.testing.assert_array_equal(got, want)
+        send_exact_to_remote(agent, peer, receiver, layout, src_host, seed=13, xfer=3)
     finally:
         if agent is not None:
             agent.close()
